@@ -1,0 +1,1 @@
+"""U-ViT library: networks, data, training and evaluation engines shared by the entry scripts."""

@@ -1,0 +1,113 @@
+"""Scaled dot-product attention with a choice of kernel, chosen once and logged once.
+
+Backends (all compute softmax(q k^T * scale) v, no mask, no dropout):
+
+- 'sdpa':     torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient /
+              math kernels picked by PyTorch). The default.
+- 'xformers': xformers.ops.memory_efficient_attention. Used only when xformers imports AND the
+              tensors are on CUDA; otherwise the call falls back to 'sdpa' (logged once).
+- 'math':     an explicit softmax, the readable reference the other two are tested against.
+
+The choice is made once per process: `set_attention_backend(name)`, else the environment
+variable UVIT_ATTENTION, else 'auto' ('xformers' on CUDA when installed, else 'sdpa'). Nothing is
+imported or logged at import time; the resolved backend is logged the first time it is used.
+
+Precision: q, k, v are passed to the kernel in the dtype they arrive in. Under fp16/bf16 autocast
+they are already low precision (the qkv Linear ran under autocast), and we do NOT upcast them to
+float32 as the original U-ViT did, because an fp32 input keeps the flash kernels from running.
+The explicit-softmax path does take its softmax in float32 for stability (scores only).
+
+qk_scale is honoured by every backend (default head_dim ** -0.5). The original's SDPA and
+xformers paths ignored it; no published config sets it, so published numbers are unaffected.
+"""
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from libs.errors import ConfigError
+from libs.logging_utils import log_once
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "sdpa", "xformers", "math")
+ENV_VAR = "UVIT_ATTENTION"
+
+_requested = None  # set by set_attention_backend or, at first use, from the environment
+_xformers_ops = None  # the xformers.ops module once imported, False if it cannot be
+
+
+def set_attention_backend(name):
+    """Choose the attention backend for this process: 'auto', 'sdpa', 'xformers' or 'math'."""
+    global _requested
+    if name not in BACKENDS:
+        raise ConfigError(f"unknown attention backend '{name}'; choose one of {', '.join(BACKENDS)} "
+                          f"(via set_attention_backend or the {ENV_VAR} environment variable)")
+    _requested = name
+
+
+def get_attention_backend():
+    """The requested backend name (before the per-device fallback), reading UVIT_ATTENTION once."""
+    if _requested is None:
+        set_attention_backend(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
+    return _requested
+
+
+def _xformers():
+    """xformers.ops, or None when it is not installed (the import is tried once)."""
+    global _xformers_ops
+    if _xformers_ops is None:
+        try:
+            import xformers.ops as xops
+            _xformers_ops = xops
+        except Exception:  # ImportError, or a broken build raising anything at import
+            _xformers_ops = False
+    return _xformers_ops or None
+
+
+def resolve_backend(device):
+    """The backend that actually runs for tensors on `device` (a torch.device)."""
+    requested = get_attention_backend()
+    if requested in ("sdpa", "math"):
+        return requested
+    usable = device.type == "cuda" and _xformers() is not None
+    if requested == "xformers" and not usable and not torch.compiler.is_compiling():
+        why = "tensors are not on CUDA" if device.type != "cuda" else "xformers is not installed"
+        log_once(logger, f"attention backend 'xformers' requested but {why}; using 'sdpa'", logging.WARNING)
+    return "xformers" if usable else "sdpa"
+
+
+def _sdpa(q, k, v, scale):
+    return F.scaled_dot_product_attention(q, k, v, scale=scale)
+
+
+def _xformers_attention(q, k, v, scale):
+    # xformers wants (B, L, H, Dh); ours are (B, H, L, Dh).
+    out = _xformers().memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    return out.transpose(1, 2)  # (B, H, L, Dh)
+
+
+def _math(q, k, v, scale):
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, L, L)
+    # Softmax of the scores in float32: the reference path values accuracy over speed.
+    attn = scores.float().softmax(dim=-1).to(v.dtype)  # (B, H, L, L)
+    return attn @ v  # (B, H, L, Dh)
+
+
+# Looked up at call time (not bound at import) so tests can wrap a kernel and see what it receives.
+KERNELS = {"sdpa": _sdpa, "xformers": _xformers_attention, "math": _math}
+
+
+def attention(q, k, v, scale=None):
+    """softmax(q k^T * scale) v.
+
+    q, k, v: (B, H, L, Dh), any float dtype (not upcast). scale: float, default Dh ** -0.5.
+    Returns (B, H, L, Dh) in the dtype of the kernel's output (that of q under autocast).
+    """
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    backend = resolve_backend(q.device)
+    if not torch.compiler.is_compiling():  # logging inside a compiled graph would break it
+        log_once(logger, f"attention backend: {backend} (requested '{get_attention_backend()}')")
+    return KERNELS[backend](q, k, v, scale)

@@ -1,0 +1,62 @@
+"""U-ViT for text-to-image diffusion (Bao et al., arXiv 2209.12152, MS-COCO models).
+
+The same trunk as libs/uvit.py; the condition is a sequence of CLIP text-encoder states, each
+mapped to one token by `context_embed`. Token order: [time token, context tokens, patch tokens].
+"""
+import torch
+import torch.nn as nn
+
+from libs.errors import InputError
+from libs.uvit_layers import UViTBase
+
+
+class UViT(UViTBase):
+    """Text-conditional U-ViT; keywords are the `config.nnet` entries of the MS-COCO configs.
+
+    clip_dim: width of the text-encoder states (768 for CLIP ViT-L/14);
+    num_clip_token: their number (77, CLIP's context length).
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4., qkv_bias=False, qk_scale=None, norm_layer=nn.LayerNorm, mlp_time_embed=False,
+                 use_checkpoint=False, clip_dim=768, num_clip_token=77, conv=True, skip=True):
+        super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
+                         mlp_time_embed=mlp_time_embed)
+        self.clip_dim = clip_dim
+        self.num_clip_token = num_clip_token
+        self.context_embed = nn.Linear(clip_dim, embed_dim)
+        self._build_trunk(extras=1 + num_clip_token, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                          qkv_bias=qkv_bias, qk_scale=qk_scale, norm_layer=norm_layer,
+                          use_checkpoint=use_checkpoint, conv=conv, skip=skip)
+
+    def forward(self, x, timesteps, context):
+        """Predict the noise in x.
+
+        x: (B, in_chans, img_size, img_size) latents; timesteps: (B,) or a scalar (n or 1000 t);
+        context: (B, num_clip_token, clip_dim) text-encoder states (float).
+        Returns (B, in_chans, img_size, img_size).
+        """
+        self._check_image(x)
+        timesteps = self._check_timesteps(timesteps, x)
+        self._check_context(context, x.shape[0])
+
+        patches = self.patch_embed(x)  # (B, L, D)
+        time_token = self._time_token(timesteps)  # (B, 1, D)
+        context_tokens = self.context_embed(context)  # (B, num_clip_token, D)
+        x = torch.cat([time_token, context_tokens, patches], dim=1)  # (B, 1 + num_clip_token + L, D)
+        return self._trunk(x)  # (B, C, H, W)
+
+    def _check_context(self, context, batch_size):
+        expected = (batch_size, self.num_clip_token, self.clip_dim)
+        if not isinstance(context, torch.Tensor) or tuple(context.shape) != expected:
+            got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+            raise InputError(f"context must have shape {expected} (B, num_clip_token, clip_dim), got {got}; "
+                             "encode the prompts with the CLIP text encoder of config.nnet (clip_dim, num_clip_token)")
+
+
+# Size presets of the MS-COCO models; pass img_size, in_chans, ... as the config does.
+def UViT_S_2(**kwargs): return UViT(patch_size=2, embed_dim=512, depth=12, num_heads=8, **kwargs)
+def UViT_S_deep_2(**kwargs): return UViT(patch_size=2, embed_dim=512, depth=16, num_heads=8, **kwargs)
+
+
+UViT_models = {'U-ViT-S/2': UViT_S_2, 'U-ViT-S-deep/2': UViT_S_deep_2}

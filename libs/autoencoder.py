@@ -1,0 +1,595 @@
+"""The KL-f8 autoencoder of latent diffusion, frozen, as U-ViT's latent models use it.
+
+Architecture from Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models"
+(CVPR 2022), configuration of Stable Diffusion's first stage: a convolutional encoder that maps a
+(B, 3, H, W) image in [-1, 1] to the mean and log-variance of a diagonal Gaussian over a
+(B, 4, H/8, W/8) latent, and a decoder back to pixels. Parameter and buffer names follow the
+original release exactly, so `assets/stable-diffusion/autoencoder_kl.pth` (from the U-ViT release)
+loads with strict key matching (`../shared/reference/autoencoder_kl_keys.json`).
+
+Beyond the original:
+- the model can be built without a checkpoint (random init, for tests);
+- a checkpoint may carry its own architecture, ``{'ddconfig': ..., 'embed_dim': ..., 'state_dict': ...}``,
+  so tests and small experiments can point a config's ``autoencoder.pretrained_path`` at a tiny model;
+- Hugging Face diffusers-format weights (e.g. sd-vae-ft-ema / sd-vae-ft-mse
+  ``diffusion_pytorch_model.safetensors``, the autoencoders DiT uses) are converted on load
+  (`diffusers_to_ours_state_dict`, a table of renaming rules that is a bijection, tested).
+
+Conventions: images (B, 3, H, W) float in [-1, 1]; moments (B, 2 * embed_dim, H/8, W/8) holding
+(mean, logvar) in that order along channels; latents z = scale_factor * (mean + std * noise).
+"""
+import json
+import logging
+import os
+import pickle
+import re
+import zipfile
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from libs.errors import CheckpointError, InputError, MissingFileError
+
+logger = logging.getLogger(__name__)
+
+# Stable Diffusion's first-stage configuration (ldm `kl-f8`), the one every U-ViT latent model uses.
+SD_KL_F8_DDCONFIG = dict(
+    double_z=True,
+    z_channels=4,
+    resolution=256,
+    in_channels=3,
+    out_ch=3,
+    ch=128,
+    ch_mult=(1, 2, 4, 4),
+    num_res_blocks=2,
+    attn_resolutions=(),
+    dropout=0.0,
+)
+SD_EMBED_DIM = 4
+# Latent scaling of Stable Diffusion (unit variance of the scaled ImageNet latents). The MS-COCO
+# config overrides it with 0.23010 in its own config file.
+SD_LATENT_SCALE = 0.18215
+# Log-variance clamp of ldm's DiagonalGaussianDistribution.
+LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
+DOWNSAMPLE_FACTOR = 8
+
+DEFAULT_PATH = "assets/stable-diffusion/autoencoder_kl.pth"
+_WHERE_TO_GET_IT = (
+    "Download the Stable Diffusion autoencoder of the U-ViT release (autoencoder_kl.pth, or "
+    "autoencoder_kl_ema.pth for the *huge* configs) and put it at assets/stable-diffusion/, or point "
+    "config.autoencoder.pretrained_path at a diffusers KL-f8 'diffusion_pytorch_model.safetensors'."
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+def _group_norm(channels):
+    return nn.GroupNorm(num_groups=32, num_channels=channels, eps=1e-6, affine=True)
+
+
+class ResnetBlock(nn.Module):
+    """GroupNorm-SiLU-Conv twice plus a (1x1 conv when channels change) shortcut; no time input."""
+
+    def __init__(self, in_channels, out_channels, dropout=0.0):
+        super().__init__()
+        self.norm1 = _group_norm(in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = _group_norm(out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        if in_channels != out_channels:
+            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
+
+    def forward(self, x):  # (B, C_in, H, W) -> (B, C_out, H, W)
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        if hasattr(self, "nin_shortcut"):
+            x = self.nin_shortcut(x)
+        return x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H*W positions, projections as 1x1 convs (ldm's 'vanilla')."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.norm = _group_norm(channels)
+        self.q = nn.Conv2d(channels, channels, 1)
+        self.k = nn.Conv2d(channels, channels, 1)
+        self.v = nn.Conv2d(channels, channels, 1)
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, x):  # (B, C, H, W)
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        # (B, 1, HW, C): one head of width C; SDPA's default scale C^-0.5 is ldm's scale.
+        q, k, v = (proj(h).reshape(B, 1, C, H * W).transpose(-1, -2) for proj in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)  # (B, 1, HW, C)
+        h = h.transpose(-1, -2).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv after asymmetric zero padding (right/bottom only), as ldm does."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, C, H/2, W/2)
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    """Nearest-neighbour x2 then a 3x3 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, C, 2H, 2W)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class _Level(nn.Module):
+    """One resolution level; a plain container so the key names read `down.{i}.block.{j}`."""
+
+
+class _Mid(nn.Module):
+    def __init__(self, channels, dropout):
+        super().__init__()
+        self.block_1 = ResnetBlock(channels, channels, dropout)
+        self.attn_1 = AttnBlock(channels)
+        self.block_2 = ResnetBlock(channels, channels, dropout)
+
+    def forward(self, x):
+        return self.block_2(self.attn_1(self.block_1(x)))
+
+
+class Encoder(nn.Module):
+    """(B, in_channels, H, W) -> (B, 2*z_channels if double_z else z_channels, H/2^(L-1), W/2^(L-1))."""
+
+    def __init__(self, *, ch, ch_mult, num_res_blocks, attn_resolutions, dropout=0.0, in_channels,
+                 resolution, z_channels, double_z=True, **ignored):
+        super().__init__()
+        self.num_resolutions = len(ch_mult)
+        self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
+        in_mult = (1,) + tuple(ch_mult)
+        res = resolution
+        self.down = nn.ModuleList()
+        for i, mult in enumerate(ch_mult):
+            level = _Level()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            block_in = ch * in_mult[i]
+            for _ in range(num_res_blocks):
+                level.block.append(ResnetBlock(block_in, ch * mult, dropout))
+                block_in = ch * mult
+                if res in attn_resolutions:
+                    level.attn.append(AttnBlock(block_in))
+            if i != self.num_resolutions - 1:
+                level.downsample = Downsample(block_in)
+                res //= 2
+            self.down.append(level)
+        self.mid = _Mid(block_in, dropout)
+        self.norm_out = _group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels, 3, padding=1)
+
+    def forward(self, x):
+        h = self.conv_in(x)
+        for level in self.down:
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn) > 0:
+                    h = level.attn[j](h)
+            if hasattr(level, "downsample"):
+                h = level.downsample(h)
+        h = self.mid(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """(B, z_channels, h, w) -> (B, out_ch, h*2^(L-1), w*2^(L-1)); levels stored low-res last as in ldm."""
+
+    def __init__(self, *, ch, out_ch, ch_mult, num_res_blocks, attn_resolutions, dropout=0.0, resolution,
+                 z_channels, **ignored):
+        super().__init__()
+        self.num_resolutions = len(ch_mult)
+        block_in = ch * ch_mult[-1]
+        res = resolution // 2 ** (self.num_resolutions - 1)
+        self.conv_in = nn.Conv2d(z_channels, block_in, 3, padding=1)
+        self.mid = _Mid(block_in, dropout)
+        levels = []
+        for i in reversed(range(self.num_resolutions)):
+            level = _Level()
+            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
+            for _ in range(num_res_blocks + 1):
+                level.block.append(ResnetBlock(block_in, ch * ch_mult[i], dropout))
+                block_in = ch * ch_mult[i]
+                if res in attn_resolutions:
+                    level.attn.append(AttnBlock(block_in))
+            if i != 0:
+                level.upsample = Upsample(block_in)
+                res *= 2
+            levels.insert(0, level)  # up[0] is the full-resolution level, executed last
+        self.up = nn.ModuleList(levels)
+        self.norm_out = _group_norm(block_in)
+        self.conv_out = nn.Conv2d(block_in, out_ch, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))
+        for level in reversed(self.up):
+            for j, block in enumerate(level.block):
+                h = block(h)
+                if len(level.attn) > 0:
+                    h = level.attn[j](h)
+            if hasattr(level, "upsample"):
+                h = level.upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+# ----------------------------------------------------------------------------------------------
+# The frozen autoencoder.
+
+
+class FrozenAutoencoderKL(nn.Module):
+    """KL autoencoder with U-ViT's latent interface; always frozen and in eval mode.
+
+    ddconfig: the ldm Encoder/Decoder settings (see SD_KL_F8_DDCONFIG).
+    embed_dim: latent channels (4 for KL-f8).
+    pretrained_path: optional checkpoint (original .pth, self-describing dict, or diffusers
+        safetensors / directory); None keeps the random initialisation.
+    scale_factor: multiplies latents after sampling and divides them before decoding.
+    """
+
+    def __init__(self, ddconfig, embed_dim, pretrained_path=None, scale_factor=SD_LATENT_SCALE):
+        super().__init__()
+        ddconfig = dict(ddconfig)
+        if not ddconfig.get("double_z", True):
+            raise InputError("FrozenAutoencoderKL needs ddconfig['double_z'] = True (the encoder must output mean and logvar).")
+        self.ddconfig = ddconfig
+        self.embed_dim = int(embed_dim)
+        self.scale_factor = float(scale_factor)
+        self.downsample_factor = 2 ** (len(ddconfig["ch_mult"]) - 1)
+        self.encoder = Encoder(**ddconfig)
+        self.decoder = Decoder(**ddconfig)
+        self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * self.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(self.embed_dim, ddconfig["z_channels"], 1)
+        if pretrained_path is not None:
+            self.load_weights(pretrained_path)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode=True):
+        """Frozen: stays in eval mode whatever is asked (the trainer may call .train() on everything)."""
+        return super().train(False)
+
+    def load_weights(self, path):
+        """Load `path` strictly (any supported format); CheckpointError on mismatch."""
+        state_dict = read_state_dict(path, num_resolutions=len(self.ddconfig["ch_mult"]))
+        load_strict(self, state_dict, source=path)
+        logger.info("loaded autoencoder weights from %s", path)
+
+    # -- latent interface -----------------------------------------------------------------------
+
+    def encode_moments(self, x):
+        """x: (B, 3, H, W) in [-1, 1], H and W multiples of 8 -> (B, 2*embed_dim, H/8, W/8) (mean, logvar)."""
+        _check_image(x, self.ddconfig["in_channels"], self.downsample_factor)
+        return self.quant_conv(self.encoder(x))
+
+    def sample(self, moments, generator=None):
+        """moments: (B, 2*embed_dim, h, w) -> z = scale_factor * (mean + exp(logvar/2) * noise), (B, embed_dim, h, w).
+
+        logvar is clamped to [-30, 20] as in ldm's DiagonalGaussianDistribution. `generator` seeds
+        the noise (on the moments' device); None uses torch's default generator.
+        """
+        if moments.dim() != 4 or moments.shape[1] != 2 * self.embed_dim:
+            raise InputError(f"moments must be (B, {2 * self.embed_dim}, h, w) (mean, logvar); got {tuple(moments.shape)}.")
+        return sample_from_moments(moments, self.scale_factor, generator)
+
+    def encode(self, x, generator=None):
+        """x: (B, 3, H, W) in [-1, 1] -> scaled latent sample (B, embed_dim, H/8, W/8)."""
+        return self.sample(self.encode_moments(x), generator)
+
+    def decode(self, z):
+        """z: scaled latents (B, embed_dim, h, w) -> images (B, 3, 8h, 8w), roughly in [-1, 1] (not clamped)."""
+        if z.dim() != 4 or z.shape[1] != self.embed_dim:
+            raise InputError(f"latents must be (B, {self.embed_dim}, h, w); got {tuple(z.shape)}.")
+        return self.decoder(self.post_quant_conv(z / self.scale_factor))
+
+    def decode_in_chunks(self, z, chunk=50):
+        """decode() `chunk` latents at a time so that decoding 50k samples never holds all activations."""
+        if chunk < 1:
+            raise InputError(f"chunk must be >= 1, got {chunk}.")
+        return torch.cat([self.decode(part) for part in z.split(chunk)], dim=0)
+
+    def forward(self, inputs, fn):
+        """fn in {'encode_moments', 'encode', 'decode'}: the original's dispatch, kept for drop-in use."""
+        if fn not in ("encode_moments", "encode", "decode"):
+            raise InputError(f"unknown autoencoder function '{fn}'; use 'encode_moments', 'encode' or 'decode'.")
+        return getattr(self, fn)(inputs)
+
+
+def sample_from_moments(moments, scale_factor, generator=None):
+    """moments (B, 2C, h, w) = (mean, logvar) -> scale_factor * (mean + std * eps), (B, C, h, w).
+
+    The reparameterised sample of ldm's DiagonalGaussianDistribution, scaled. Used by the
+    feature datasets' training path too, so it does not need a model.
+    """
+    mean, logvar = moments.chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))
+    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return scale_factor * (mean + std * noise)
+
+
+def _check_image(x, channels, factor):
+    if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != channels:
+        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+        raise InputError(f"images must be a (B, {channels}, H, W) tensor in [-1, 1]; got {shape}.")
+    if x.shape[2] % factor or x.shape[3] % factor:
+        raise InputError(f"image height and width must be multiples of {factor}; got {tuple(x.shape[2:])}. Crop or resize first.")
+    if not torch.isfinite(x).all():
+        raise InputError("images contain NaN or infinite values; check the data loader.")
+
+
+def get_model(pretrained_path=DEFAULT_PATH, scale_factor=SD_LATENT_SCALE):
+    """Build the frozen autoencoder from a checkpoint.
+
+    pretrained_path: the original U-ViT release file (a plain state dict with the SD KL-f8 keys),
+        a self-describing dict ``{'ddconfig', 'embed_dim', 'state_dict'}`` (its architecture is used),
+        a diffusers ``.safetensors`` file (SD KL-f8 architecture, or the ``config.json`` next to it)
+        or a diffusers model directory.
+    scale_factor: latent scale; 0.18215 for ImageNet, the MS-COCO config passes 0.23010.
+    """
+    path = _require_checkpoint(pretrained_path)
+    ddconfig, embed_dim = SD_KL_F8_DDCONFIG, SD_EMBED_DIM
+    described = _read_self_description(path)
+    if described is not None:
+        ddconfig, embed_dim = described
+    else:
+        config_json = _diffusers_config_path(path)
+        if config_json is not None:
+            ddconfig, embed_dim = ddconfig_from_diffusers_config(config_json)
+    return FrozenAutoencoderKL(ddconfig, embed_dim, pretrained_path=path, scale_factor=scale_factor)
+
+
+def save_self_describing(model, path):
+    """Write `model` as ``{'ddconfig', 'embed_dim', 'state_dict'}`` atomically, loadable by get_model."""
+    from libs.io_utils import atomic_torch_save
+
+    ddconfig = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.ddconfig.items()}
+    atomic_torch_save({"ddconfig": ddconfig, "embed_dim": model.embed_dim,
+                       "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading checkpoints.
+
+
+def _require_checkpoint(path):
+    if path is None or not os.path.exists(path):
+        raise MissingFileError(f"autoencoder weights not found at '{path}'. {_WHERE_TO_GET_IT}")
+    return path
+
+
+def _safetensors_file(path):
+    if os.path.isdir(path):
+        f = os.path.join(path, "diffusion_pytorch_model.safetensors")
+        if not os.path.isfile(f):
+            raise MissingFileError(f"'{path}' is a directory without diffusion_pytorch_model.safetensors. {_WHERE_TO_GET_IT}")
+        return f
+    return path if path.endswith(".safetensors") else None
+
+
+def _diffusers_config_path(path):
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    if _safetensors_file(path) is None:
+        return None
+    c = os.path.join(folder, "config.json")
+    return c if os.path.isfile(c) else None
+
+
+def ddconfig_from_diffusers_config(config_json):
+    """diffusers AutoencoderKL config.json -> (ddconfig, embed_dim) for our classes."""
+    try:
+        with open(config_json) as f:
+            c = json.load(f)
+        widths = list(c["block_out_channels"])
+        ddconfig = dict(SD_KL_F8_DDCONFIG)
+        ddconfig.update(ch=widths[0], ch_mult=tuple(w // widths[0] for w in widths),
+                        num_res_blocks=int(c.get("layers_per_block", 2)), in_channels=int(c.get("in_channels", 3)),
+                        out_ch=int(c.get("out_channels", 3)), z_channels=int(c.get("latent_channels", 4)),
+                        resolution=int(c.get("sample_size", 256)))
+        if int(c.get("norm_num_groups", 32)) != 32:
+            raise CheckpointError(f"{config_json}: norm_num_groups={c['norm_num_groups']} is not supported (KL-f8 uses 32).")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"cannot read the diffusers autoencoder config {config_json}: {e}") from e
+    return ddconfig, ddconfig["z_channels"]
+
+
+def _torch_load(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
+        raise CheckpointError(f"cannot read autoencoder checkpoint '{path}' (truncated or corrupt?): {e}. "
+                              f"Download it again. {_WHERE_TO_GET_IT}") from e
+
+
+def _read_self_description(path):
+    if _safetensors_file(path) is not None:
+        return None
+    obj = _torch_load(path)
+    if isinstance(obj, dict) and "ddconfig" in obj:
+        try:
+            return dict(obj["ddconfig"]), int(obj["embed_dim"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"'{path}' has a 'ddconfig' entry but no valid 'embed_dim': {e}") from e
+    return None
+
+
+def read_state_dict(path, num_resolutions=len(SD_KL_F8_DDCONFIG["ch_mult"])):
+    """Read any supported autoencoder checkpoint and return a state dict in our key layout.
+
+    Accepted: a plain state dict (the U-ViT release), ``{'state_dict': ...}`` (self-describing files
+    and ldm training checkpoints, whose ``first_stage_model.`` prefix is stripped and whose ``loss.``
+    entries - the discriminator - are dropped), and diffusers safetensors (keys converted).
+    """
+    path = _require_checkpoint(path)
+    st = _safetensors_file(path)
+    if st is not None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(st)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"cannot read safetensors file '{st}' (truncated or corrupt?): {e}") from e
+    else:
+        sd = _torch_load(path)
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
+        raise CheckpointError(f"'{path}' does not hold an autoencoder state dict (a mapping of names to tensors).")
+    if any(k.startswith("first_stage_model.") for k in sd):
+        sd = {k[len("first_stage_model."):]: v for k, v in sd.items() if k.startswith("first_stage_model.")}
+    sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
+    if is_diffusers_state_dict(sd):
+        sd = diffusers_to_ours_state_dict(sd, num_resolutions)
+    return sd
+
+
+def load_strict(model, state_dict, source="state dict"):
+    """load_state_dict(strict=True) with a CheckpointError that names the first differing keys/shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    wrong = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+             for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+        if wrong:
+            parts.append(f"{len(wrong)} with another shape (e.g. {wrong[:3]})")
+        raise CheckpointError(f"autoencoder checkpoint {source} does not match the model ({model.ddconfig}): "
+                              + "; ".join(parts) + ". Is it a KL-f8 autoencoder with this configuration?")
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f"autoencoder checkpoint {source} holds NaN/inf in {bad[:3]}; it is corrupt, download it again.")
+    model.load_state_dict(state_dict, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# diffusers <-> original key names.
+#
+# Rules, applied to the key with its leading 'encoder.' / 'decoder.' kept. {i}, {j} are integers;
+# diffusers numbers the decoder's up blocks from low to high resolution, ldm from high to low, so
+# the up index is mirrored: ours = num_resolutions - 1 - theirs. Attention projections are
+# nn.Linear (C, C) in diffusers and 1x1 nn.Conv2d (C, C, 1, 1) here: the weight is reshaped.
+# Each rule maps a disjoint set of keys onto a disjoint set, so the whole map is a bijection
+# between the two layouts of the same architecture (checked by tests on random models).
+
+_KEY_RULES = [  # (diffusers regex, ours template)
+    (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", "encoder.down.{0}.block.{1}.{2}"),
+    (r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", "encoder.down.{0}.downsample.conv.{1}"),
+    (r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", "decoder.up.{U0}.block.{1}.{2}"),
+    (r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", "decoder.up.{U0}.upsample.conv.{1}"),
+    (r"(encoder|decoder)\.mid_block\.resnets\.0\.(.+)", "{0}.mid.block_1.{1}"),
+    (r"(encoder|decoder)\.mid_block\.resnets\.1\.(.+)", "{0}.mid.block_2.{1}"),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.group_norm\.(.+)", "{0}.mid.attn_1.norm.{1}"),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.to_q\.(.+)", "{0}.mid.attn_1.q.{1}"),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.to_k\.(.+)", "{0}.mid.attn_1.k.{1}"),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.to_v\.(.+)", "{0}.mid.attn_1.v.{1}"),
+    (r"(encoder|decoder)\.mid_block\.attentions\.0\.to_out\.0\.(.+)", "{0}.mid.attn_1.proj_out.{1}"),
+    (r"(encoder|decoder)\.conv_norm_out\.(.+)", "{0}.norm_out.{1}"),
+    (r"(encoder|decoder|quant_conv|post_quant_conv)(\..+)?", None),  # identical names (conv_in, conv_out, quant convs)
+]
+# Inside resnets diffusers calls the 1x1 shortcut conv_shortcut, ldm nin_shortcut.
+_RESNET_PARTS = {"conv_shortcut": "nin_shortcut"}
+# Checkpoints saved by diffusers < 0.14 (e.g. the sd-vae-ft-* .bin files) use older attention names.
+_LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_ATTN_PROJ = re.compile(r".*\.mid\.attn_1\.(q|k|v|proj_out)\.weight$")
+
+
+def is_diffusers_state_dict(sd):
+    return any(".mid_block." in k or ".down_blocks." in k or ".up_blocks." in k for k in sd)
+
+
+def _legacy_to_current(key):
+    m = re.match(r"(.*\.mid_block\.attentions\.0\.)(query|key|value|proj_attn)\.(weight|bias)$", key)
+    return f"{m.group(1)}{_LEGACY_ATTENTION[m.group(2)]}.{m.group(3)}" if m else key
+
+
+def diffusers_to_ours_key(key, num_resolutions):
+    """One diffusers AutoencoderKL key -> our key. CheckpointError for keys outside the KL-f8 layout."""
+    key = _legacy_to_current(key)
+    for pattern, template in _KEY_RULES:
+        m = re.fullmatch(pattern, key)
+        if m is None:
+            continue
+        if template is None:
+            if ".down_blocks." in key or ".up_blocks." in key or ".mid_block." in key:
+                break
+            return key.replace(".conv_shortcut.", ".nin_shortcut.")
+        groups = list(m.groups())
+        if "{U0}" in template:  # mirrored decoder level index
+            groups[0] = str(num_resolutions - 1 - int(groups[0]))
+            template = template.replace("{U0}", "{0}")
+        out = template.format(*groups)
+        for theirs, ours in _RESNET_PARTS.items():
+            out = out.replace(f".{theirs}.", f".{ours}.")
+        return out
+    raise CheckpointError(f"diffusers autoencoder key '{key}' has no counterpart in the KL-f8 layout "
+                          "(only DownEncoderBlock2D/UpDecoderBlock2D autoencoders without per-level attention are supported).")
+
+
+def ours_to_diffusers_key(key, num_resolutions):
+    """Inverse of diffusers_to_ours_key (current diffusers names, not the legacy ones)."""
+    inverse = [
+        (r"encoder\.down\.(\d+)\.block\.(\d+)\.(.+)", lambda g: f"encoder.down_blocks.{g[0]}.resnets.{g[1]}.{g[2]}"),
+        (r"encoder\.down\.(\d+)\.downsample\.conv\.(.+)", lambda g: f"encoder.down_blocks.{g[0]}.downsamplers.0.conv.{g[1]}"),
+        (r"decoder\.up\.(\d+)\.block\.(\d+)\.(.+)",
+         lambda g: f"decoder.up_blocks.{num_resolutions - 1 - int(g[0])}.resnets.{g[1]}.{g[2]}"),
+        (r"decoder\.up\.(\d+)\.upsample\.conv\.(.+)",
+         lambda g: f"decoder.up_blocks.{num_resolutions - 1 - int(g[0])}.upsamplers.0.conv.{g[1]}"),
+        (r"(encoder|decoder)\.mid\.block_1\.(.+)", lambda g: f"{g[0]}.mid_block.resnets.0.{g[1]}"),
+        (r"(encoder|decoder)\.mid\.block_2\.(.+)", lambda g: f"{g[0]}.mid_block.resnets.1.{g[1]}"),
+        (r"(encoder|decoder)\.mid\.attn_1\.norm\.(.+)", lambda g: f"{g[0]}.mid_block.attentions.0.group_norm.{g[1]}"),
+        (r"(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.(.+)", lambda g: f"{g[0]}.mid_block.attentions.0.to_{g[1]}.{g[2]}"),
+        (r"(encoder|decoder)\.mid\.attn_1\.proj_out\.(.+)", lambda g: f"{g[0]}.mid_block.attentions.0.to_out.0.{g[1]}"),
+        (r"(encoder|decoder)\.norm_out\.(.+)", lambda g: f"{g[0]}.conv_norm_out.{g[1]}"),
+    ]
+    for pattern, build in inverse:
+        m = re.fullmatch(pattern, key)
+        if m is not None:
+            return build(m.groups()).replace(".nin_shortcut.", ".conv_shortcut.")
+    if re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\..+|(quant_conv|post_quant_conv)\..+", key):
+        return key
+    raise CheckpointError(f"autoencoder key '{key}' has no diffusers counterpart.")
+
+
+def diffusers_to_ours_state_dict(sd, num_resolutions=len(SD_KL_F8_DDCONFIG["ch_mult"])):
+    """Convert a diffusers AutoencoderKL state dict (current or legacy names) to our layout."""
+    out = {}
+    for key, value in sd.items():
+        new = diffusers_to_ours_key(key, num_resolutions)
+        if new in out:
+            raise CheckpointError(f"diffusers checkpoint maps two keys onto '{new}' (both legacy and current attention names?).")
+        if _ATTN_PROJ.match(new) and value.dim() == 2:
+            value = value[:, :, None, None]  # Linear (C, C) -> 1x1 conv (C, C, 1, 1)
+        out[new] = value
+    return out
+
+
+def ours_to_diffusers_state_dict(sd, num_resolutions=len(SD_KL_F8_DDCONFIG["ch_mult"])):
+    """Convert our state dict to the current diffusers AutoencoderKL layout (attention weights as Linear)."""
+    out = {}
+    for key, value in sd.items():
+        if _ATTN_PROJ.match(key) and value.dim() == 4:
+            value = value[:, :, 0, 0]
+        out[ours_to_diffusers_key(key, num_resolutions)] = value
+    return out

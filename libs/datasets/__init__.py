@@ -1,0 +1,72 @@
+"""Dataset registry: `data = get_dataset(name, **kwargs)`.
+
+Each name maps to 'module:Class'; the module is imported only when the dataset is asked for,
+so a dataset whose module or optional dependency is missing never breaks the others.
+See docs/datasets.md for the on-disk formats and how to add a dataset.
+"""
+import importlib
+import inspect
+
+from libs.errors import ConfigError
+
+DATASETS = {
+    'digits': 'libs.datasets.digits:Digits',
+    'cifar10': 'libs.datasets.cifar10:CIFAR10',
+    'celeba': 'libs.datasets.celeba:CelebA',
+    'imagenet': 'libs.datasets.imagenet:ImageNet',
+    'image_folder': 'libs.datasets.image_folder:ImageFolder',
+    # Precomputed autoencoder moments (and CLIP contexts), written by scripts/extract_*.py.
+    'imagenet256_features': 'libs.datasets.features:ImageNetFeatures',
+    'imagenet512_features': 'libs.datasets.features:ImageNetFeatures',
+    'mscoco256_features': 'libs.datasets.features:MSCOCOFeatures',
+}
+
+# Fixed arguments implied by the name (the two ImageNet feature sets share one class).
+_IMPLIED_KWARGS = {
+    'imagenet256_features': {'resolution': 256},
+    'imagenet512_features': {'resolution': 512},
+}
+
+
+def get_dataset_class(name):
+    """The class registered under `name`; ConfigError for an unknown name or a missing module."""
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}.")
+    module_name, class_name = DATASETS[name].split(':')
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name:
+            raise
+        raise ConfigError(f"dataset {name!r} needs the module {module_name}, which is not available in this "
+                          "checkout (it is written separately); update the code.") from e
+    try:
+        return getattr(module, class_name)
+    except AttributeError as e:
+        raise ConfigError(f"dataset {name!r}: {module_name} defines no {class_name}.") from e
+
+
+def get_dataset(name, **kwargs):
+    """Build the dataset `name` (see DATASETS) with its keyword arguments.
+
+    Unknown or misspelled keyword arguments raise ConfigError listing the accepted ones.
+    Returns an object with .train, .data_shape, .kind, .num_classes, .fid_stat, .sample_labels.
+    """
+    cls = get_dataset_class(name)
+    kwargs = {**_IMPLIED_KWARGS.get(name, {}), **kwargs}
+    params = inspect.signature(cls.__init__).parameters
+    takes_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = [p for p in params if p != 'self' and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown and not takes_var_kwargs:
+        raise ConfigError(f"dataset {name!r} does not take {', '.join(map(repr, unknown))}; "
+                          f"it accepts: {', '.join(accepted) or 'no arguments'}.")
+    missing = [p for p in accepted if params[p].default is inspect.Parameter.empty
+               and params[p].kind is not inspect.Parameter.VAR_POSITIONAL and p not in kwargs]
+    if missing:
+        raise ConfigError(f"dataset {name!r} needs {', '.join(map(repr, missing))} "
+                          f"(set config.dataset.{missing[0]}).")
+    return cls(**kwargs)
+
+
+__all__ = ['DATASETS', 'get_dataset', 'get_dataset_class']

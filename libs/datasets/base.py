@@ -1,0 +1,217 @@
+"""What every dataset shares: the `DatasetBase` description, the two torch Datasets
+(in-memory tensors and image files), the ADM crops and the flip.
+
+Randomness (flips, random crops) is drawn from torch's default generator only, never from
+Python's `random` or numpy's global state: the engine seeds torch in every DataLoader worker
+and saves its state, which is what makes an exact resume possible.
+"""
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from libs.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.webp', '.gif', '.tif', '.tiff')
+
+# Stable Diffusion's KL-f8 autoencoder: 4 latent channels, 8x spatial downsampling.
+LATENT_CHANNELS = 4
+LATENT_DOWNSAMPLE = 8
+
+
+class DatasetBase:
+    """A training set plus what the engine needs to know about it.
+
+    Attributes:
+        train: torch Dataset whose items are dicts {'x': (C, H, W) float32 in [-1, 1]} plus
+            'y' (int64 scalar) when the data is labelled.
+        data_shape: shape of x0 the network sees: (C, H, W) for pixels, the latent shape
+            (4, H/8, W/8) for kind 'images_for_autoencoder'.
+        kind: 'pixels' or 'images_for_autoencoder' (raw images the training script encodes).
+        num_classes: number of data classes, 0 for unlabelled data.
+        fid_stat: path of the FID reference statistics (may not exist yet), or None.
+    """
+
+    def __init__(self, train, data_shape, kind='pixels', num_classes=0, fid_stat=None, class_counts=None):
+        self.train = train
+        self.data_shape = tuple(int(s) for s in data_shape)
+        self.kind = kind
+        self.num_classes = int(num_classes)
+        self.fid_stat = fid_stat
+        # Per-class training counts; when given, sample_labels follows the empirical class
+        # frequencies as the original did (torch.multinomial over the counts, with replacement).
+        self.class_counts = None if class_counts is None else torch.as_tensor(class_counts, dtype=torch.float64)
+
+    def sample_labels(self, n, generator=None):
+        """(n,) int64 labels to sample with: empirical training-class frequencies when the
+        counts are known, uniform over the classes otherwise."""
+        if self.num_classes == 0:
+            raise ConfigError(
+                f"{type(self).__name__} has no class labels, so there are no labels to sample; "
+                "use config.train.mode='uncond' for this dataset.")
+        if self.class_counts is not None:
+            return torch.multinomial(self.class_counts, int(n), replacement=True, generator=generator)
+        return torch.randint(0, self.num_classes, (int(n),), generator=generator, dtype=torch.int64)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}(n={len(self.train)}, data_shape={self.data_shape}, kind={self.kind!r}, "
+                f"num_classes={self.num_classes}, fid_stat={self.fid_stat!r})")
+
+
+def class_counts_of(labels, num_classes):
+    """(num_classes,) int64 count of each label value."""
+    return torch.bincount(torch.as_tensor(labels, dtype=torch.int64), minlength=num_classes)
+
+
+def maybe_flip(x, random_flip):
+    """Horizontally flip x (C, H, W) with probability 1/2, drawing from torch's default RNG."""
+    if random_flip and torch.rand(()) < 0.5:
+        return x.flip(-1)
+    return x
+
+
+def uint8_to_unit_range(arr):
+    """(H, W, C) uint8 numpy array -> (C, H, W) float32 tensor in [-1, 1]."""
+    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
+    return x / 127.5 - 1.0
+
+
+class TensorImageDataset(Dataset):
+    """Images held in memory.
+
+    images: (N, C, H, W) uint8 in [0, 255] (kept as uint8 to spare memory) or float32 in [-1, 1].
+    labels: (N,) int64 or None.
+    """
+
+    def __init__(self, images, labels=None, random_flip=False):
+        if images.ndim != 4:
+            raise InputError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
+        if labels is not None and len(labels) != len(images):
+            raise InputError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.int64)
+        self.random_flip = random_flip
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, idx):
+        x = self.images[idx]
+        x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
+        item = {'x': maybe_flip(x, self.random_flip)}
+        if self.labels is not None:
+            item['y'] = self.labels[idx]
+        return item
+
+
+class ImageFileDataset(Dataset):
+    """Images read from files, preprocessed by `transform`.
+
+    transform: PIL RGB image -> PIL image of the training size (crops, resizes; may draw
+    from torch's default RNG).
+    """
+
+    def __init__(self, paths, labels=None, transform=None, random_flip=False):
+        if labels is not None and len(labels) != len(paths):
+            raise InputError(f"{len(paths)} images but {len(labels)} labels")
+        self.paths = list(paths)
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.int64)
+        self.transform = transform
+        self.random_flip = random_flip
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, idx):
+        img = load_rgb(self.paths[idx])
+        if self.transform is not None:
+            img = self.transform(img)
+        item = {'x': maybe_flip(uint8_to_unit_range(np.asarray(img)), self.random_flip)}
+        if self.labels is not None:
+            item['y'] = self.labels[idx]
+        return item
+
+
+def load_rgb(path):
+    """Open an image file as an RGB PIL image; InputError naming the file if it is unreadable."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert('RGB')
+    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+        raise InputError(f"cannot read image '{path}' ({e}). The file is corrupt or not an image: "
+                         "replace or delete it.") from e
+
+
+def list_images(folder, recursive=True):
+    """Sorted paths of the image files under `folder` (by extension, case-insensitive)."""
+    found = []
+    if recursive:
+        for root, dirs, files in os.walk(folder, followlinks=True):
+            dirs.sort()
+            found.extend(os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+    else:
+        found = [os.path.join(folder, f) for f in os.listdir(folder)
+                 if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f))]
+    return sorted(found)
+
+
+def _box_halve_then_bicubic(img, smaller_side):
+    """Resize so the smaller side is `smaller_side`: BOX-halve while the image is at least twice
+    as large (better downsampling quality than one big bicubic step), then one BICUBIC resize.
+    This is the preprocessing of guided-diffusion (ADM), which U-ViT reused for ImageNet."""
+    from PIL import Image
+
+    while min(img.size) >= 2 * smaller_side:
+        img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
+    scale = smaller_side / min(img.size)
+    return img.resize((round(img.width * scale), round(img.height * scale)), resample=Image.BICUBIC)
+
+
+def adm_center_crop(img, size):
+    """ADM centre crop: PIL image -> (size x size) PIL image (offsets rounded down)."""
+    img = _box_halve_then_bicubic(img, size)
+    left, top = (img.width - size) // 2, (img.height - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def adm_random_crop(img, size, min_crop_frac=0.8, max_crop_frac=1.0):
+    """ADM random crop: resize so the smaller side is uniform in
+    [ceil(size / max_crop_frac), ceil(size / min_crop_frac)], then a uniformly placed
+    (size x size) crop. Random numbers come from torch's default generator."""
+    lo = math.ceil(size / max_crop_frac)
+    hi = math.ceil(size / min_crop_frac)
+    smaller_side = int(torch.randint(lo, hi + 1, ()).item())
+    img = _box_halve_then_bicubic(img, smaller_side)
+    top = int(torch.randint(0, img.height - size + 1, ()).item())
+    left = int(torch.randint(0, img.width - size + 1, ()).item())
+    return img.crop((left, top, left + size, top + size))
+
+
+def resolve_kind(kind, resolution, name):
+    """Pick 'pixels' or 'images_for_autoencoder' (default: the autoencoder from 256 pixels up,
+    the resolutions of the paper's latent models) and return (kind, data_shape)."""
+    if kind is None:
+        kind = 'images_for_autoencoder' if resolution >= 256 else 'pixels'
+    if kind == 'pixels':
+        return kind, (3, resolution, resolution)
+    if kind == 'images_for_autoencoder':
+        if resolution % LATENT_DOWNSAMPLE:
+            raise ConfigError(f"{name}: resolution {resolution} must be a multiple of {LATENT_DOWNSAMPLE} "
+                              "to be encoded by the KL-f8 autoencoder.")
+        r = resolution // LATENT_DOWNSAMPLE
+        return kind, (LATENT_CHANNELS, r, r)
+    raise ConfigError(f"{name}: kind must be 'pixels' or 'images_for_autoencoder', got {kind!r}.")
+
+
+def check_resolution(resolution, name):
+    if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
+        raise ConfigError(f"{name}: resolution must be a positive integer, got {resolution!r}.")
+    return int(resolution)

@@ -1,0 +1,110 @@
+"""Shared defaults of every training config (one place).
+
+Each paper config calls `get_config()` from here and states only what differs, with the values
+of the original release (baofff/U-ViT, configs/*.py). Keys are the original's, so the
+original's override flags (`--config.nnet.depth=16`, `--config.train.batch_size=512`) work
+unchanged; keys the original did not have are marked "ours".
+"""
+import ml_collections
+
+
+def d(**kwargs):
+    """A ConfigDict from keyword arguments (the original configs' helper)."""
+    return ml_collections.ConfigDict(initial_dictionary=kwargs)
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+
+    config.seed = 1234  # every upstream config; process r seeds its generators with seed + r
+    config.pred = 'noise_pred'  # the network regresses the noise eps (LSimple); the discrete scripts ignore it
+    config.z_shape = None  # (C, h, w) of the autoencoder latent; None = pixel space (train.py)
+
+    # Stable Diffusion KL-f8 autoencoder; only the latent scripts read it.
+    config.autoencoder = d(
+        pretrained_path='',  # path of autoencoder_kl.pth; '' = none (pixel-space configs)
+        scale_factor=0.18215,  # Stable Diffusion's latent scaling (libs/autoencoder.py get_model default)
+    )
+
+    config.train = d(
+        n_steps=500000,  # optimizer steps
+        batch_size=128,  # GLOBAL batch: split evenly over the processes (ConfigError if it does not divide)
+        mode='cond',  # 'cond' (class labels) | 'uncond'; train.py only
+        log_interval=10,  # steps between log lines (loss, lr, grad norm, images/s): also the host-sync period
+        eval_interval=5000,  # steps between sample grids in <workdir>/samples/<step>.png
+        save_interval=50000,  # steps between checkpoints (+ FID when the reference statistics exist)
+        keep_last_ckpts=0,  # ours: keep only the last K checkpoints (never the best-FID one); 0 = keep all
+        skip_nonfinite_steps=0,  # ours: skip up to this many NaN/inf-loss steps (checked every step: one host
+        #                          sync per step); 0 = stop at the first one (checked every log_interval)
+    )
+
+    config.optimizer = d(
+        name='adamw',
+        lr=0.0002,  # peak learning rate, reached after the warm-up
+        weight_decay=0.03,  # decoupled (AdamW) decay
+        betas=(0.99, 0.99),  # the ImageNet configs' (beta1, beta2)
+        no_decay_for_embeddings_norms_biases=False,  # ours: True exempts pos_embed, norms and biases from
+        #                                              weight decay; False = the original (decay on everything)
+    )
+
+    config.lr_scheduler = d(
+        name='customized',  # 'customized': factor min(step / warmup_steps, 1) (first step at lr 0, then
+        #                     constant, as the original); 'cosine': the same warm-up, then cosine to 0 at n_steps
+        warmup_steps=5000,  # steps
+    )
+
+    config.ema_rate = 0.9999  # ours (the original hard-codes it): ema <- rate * ema + (1 - rate) * online
+    config.grad_clip = 0.0  # ours: max global L2 norm of the gradients; 0 = no clipping (as every paper config)
+    config.compile = False  # ours: torch.compile the network (first steps are slow while it compiles)
+    config.tf32 = True  # ours: TF32 matmuls/convolutions on Ampere+ GPUs (no effect on the CPU)
+
+    # config.nnet is set whole by each config: it is exactly the original's network dict.
+    config.nnet = d(name='uvit')
+
+    config.dataset = d(
+        name='',  # registry name in libs/datasets (get_dataset); other keys are passed to it as keyword arguments
+        cfg=False,  # train with classifier-free guidance dropout of the condition
+        p_uncond=0.0,  # probability of replacing the condition by the null label / empty context
+    )
+
+    config.sample = d(
+        sample_steps=50,  # solver steps (= network evaluations) of the final evaluation
+        n_samples=50000,  # images scored by the final evaluation (the paper's FID-50k)
+        mini_batch_size=50,  # images per process per call
+        algorithm='dpm_solver',  # the paper protocol of the script's time kind (see libs/sampling.py)
+        cfg=False,  # guided sampling (needs a model trained with dataset.cfg)
+        scale=0.0,  # guidance scale s of eps_c + s * (eps_c - eps_u) (the original's convention)
+        path='',  # folder for the sample PNGs of eval*.py; '' = a temporary one
+    )
+
+    # ours: sample grids written every eval_interval (from the EMA network).
+    config.grid = d(
+        n_rows=10,  # class models: one row per class (at most n_rows classes, evenly spaced); text: prompts
+        n_cols=10,  # images per row
+        steps=50,  # solver steps
+        algorithm='',  # '' = the original's grid sampler: the probability-flow ODE for continuous time,
+        #                DPM-Solver for discrete time
+        scale=-1.0,  # guidance scale for grids; < 0 = config.sample.scale when config.sample.cfg, else 0
+    )
+
+    # ours: FID of every checkpoint during training (the original: 10k samples, DPM-Solver 50 steps,
+    # without guidance).
+    config.fid = d(
+        n_samples=10000,  # images per checkpoint
+        steps=50,  # DPM-Solver steps
+        inception_weights=None,  # path of pt_inception-2015-12-05 weights; None = the default location
+    )
+
+    config.wandb = d(
+        enabled=False,  # ours: opt in to wandb; training never needs an account or the network
+        mode='offline',  # 'offline' writes <workdir>/wandb, to be synced later with `wandb sync`
+        project='uvit',
+    )
+
+    config.dataloader = d(
+        num_workers=-1,  # worker processes per training process; -1 = min(8, CPU cores per process)
+        pin_memory=True,  # page-locked host batches for faster host-to-GPU copies (ignored without a GPU)
+        persistent_workers=True,  # keep workers alive (the sampler is infinite, so they are never restarted)
+    )
+
+    return config

@@ -1,0 +1,154 @@
+"""Infinite, resumable, rank-sharded data loading.
+
+The global sample stream is the concatenation of per-epoch permutations of the dataset, epoch e
+drawn from a torch.Generator seeded with (seed, e). The position in that stream counts samples
+consumed by all processes together; each global batch is the next `batch_size` stream entries,
+rank r taking entries r, r + W, r + 2W, ... (W = world size). Saving the position is enough to
+resume the exact data order, whatever the number of workers.
+
+Augmentation (flips, random crops) draws from torch's default generator inside the dataset.
+To make it reproducible after a resume, every item is produced with the CPU generator seeded
+from (seed, stream position), so sample k of the stream gets the same flip in any run.
+"""
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+
+from libs.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+_MIX = 1_000_003  # a prime: (seed, k) -> seed * _MIX + k keeps nearby seeds' streams apart
+_MOD = 2 ** 63 - 1
+
+
+def mix_seed(seed: int, k: int) -> int:
+    """A torch seed for the pair (seed, k)."""
+    return (int(seed) * _MIX + int(k)) % _MOD
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """(n,) int64: the order of epoch `epoch`, a function of (seed, epoch) only."""
+    g = torch.Generator().manual_seed(mix_seed(seed, epoch))
+    return torch.randperm(n, generator=g)
+
+
+class InfiniteSampler(Sampler):
+    """Yields (dataset index, stream position) pairs of one rank forever, from `start` on.
+
+    n: dataset length; start: global stream position (samples consumed by all ranks) to begin at.
+    """
+
+    def __init__(self, n: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
+                 start: int = 0):
+        if n <= 0:
+            raise ConfigError("the training set is empty: check config.dataset.path")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside world size {world_size}")
+        self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
+        self.start = int(start)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        return epoch_permutation(self.n, self.seed, epoch) if self.shuffle else torch.arange(self.n)
+
+    def __iter__(self):
+        pos = self.start + self.rank
+        epoch, perm = None, None
+        while True:
+            e, offset = divmod(pos, self.n)
+            if e != epoch:
+                epoch, perm = e, self.order(e)
+            yield int(perm[offset]), pos
+            pos += self.world_size
+
+
+class PositionSeeded(Dataset):
+    """Wraps a dataset so that item (index, position) is made with torch's CPU generator seeded
+    from (seed, position). In the main process the caller's generator state is put back."""
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset, self.seed = dataset, seed
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, key):
+        index, position = key
+        in_worker = get_worker_info() is not None
+        saved = None if in_worker else torch.get_rng_state()
+        torch.manual_seed(mix_seed(self.seed, position))
+        try:
+            return self.dataset[index]
+        finally:
+            if saved is not None:
+                torch.set_rng_state(saved)
+
+
+def _seed_worker(seed: int, rank: int, start: int):
+    """worker_init_fn: seeds python/numpy in a worker from (seed, rank, start position, worker id),
+    for datasets that use them (ours use torch, seeded per item)."""
+    def init(worker_id):
+        s = mix_seed(mix_seed(mix_seed(seed, rank), start), worker_id)
+        random.seed(s)
+        np.random.seed(s % 2 ** 32)
+    return init
+
+
+def resolve_num_workers(num_workers: int, local_world_size: int = 1) -> int:
+    """-1 -> min(8, CPU cores per process); otherwise the value itself."""
+    if num_workers < 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+        return max(0, min(8, cores // max(local_world_size, 1) - 1))
+    return int(num_workers)
+
+
+class ResumableLoader:
+    """An endless iterator of per-rank batches whose position can be saved and restored.
+
+    batch_size: per-process batch; the global batch is batch_size * world_size.
+    `state_dict()` = {'position': samples consumed by all ranks, 'seed', 'dataset_len'}.
+    """
+
+    def __init__(self, dataset: Dataset, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
+                 shuffle: bool = True, prefetch_factor: int = 2):
+        self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
+        self.seed, self.shuffle = seed, shuffle
+        self.num_workers, self.pin_memory, self.persistent_workers = num_workers, pin_memory, persistent_workers
+        self.prefetch_factor = prefetch_factor
+        self.position = 0
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.world_size
+
+    def state_dict(self) -> dict:
+        return {'position': self.position, 'seed': self.seed, 'dataset_len': len(self.dataset)}
+
+    def load_state_dict(self, state: dict):
+        if state.get('dataset_len') not in (None, len(self.dataset)):
+            logger.warning("the training set had %s items when the checkpoint was written and has %d now: the "
+                           "data order after resuming differs from the interrupted run's", state['dataset_len'],
+                           len(self.dataset))
+        if state.get('seed') not in (None, self.seed):
+            logger.warning("data seed changed from %s to %s since the checkpoint", state['seed'], self.seed)
+        self.position = int(state['position'])
+
+    def __iter__(self):
+        sampler = InfiniteSampler(len(self.dataset), rank=self.rank, world_size=self.world_size, seed=self.seed,
+                                  shuffle=self.shuffle, start=self.position)
+        workers = self.num_workers > 0
+        loader = DataLoader(
+            PositionSeeded(self.dataset, self.seed), batch_size=self.batch_size, sampler=sampler, drop_last=True,
+            num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and workers,
+            prefetch_factor=self.prefetch_factor if workers else None,
+            worker_init_fn=_seed_worker(self.seed, self.rank, self.position) if workers else None)
+        for batch in loader:
+            # Counted when handed to the training loop, not when prefetched.
+            self.position += self.global_batch_size
+            yield batch

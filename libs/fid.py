@@ -1,0 +1,257 @@
+"""FID and Inception Score statistics: PNG quantisation, streaming moments, the distances.
+
+FID (Heusel et al. 2017, arXiv 1706.08500) fits a Gaussian to the 2048-d pool3 features of
+the FID Inception network (tools/inception.py) on each image set and reports
+    d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+Inception Score (Salimans et al. 2016, arXiv 1606.03498):
+    IS = exp(E_x KL(p(y|x) || p(y))), averaged over `splits` contiguous chunks of the samples.
+
+Statistics are accumulated as float64 sums (count, sum of features, sum of outer products,
+and per IS split: count, sum of p(y|x), sum of sum_y p log p) so that any number of batches
+from any number of processes merge exactly by addition, and no feature matrix of 50,000 x
+2048 is ever held.
+"""
+import logging
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from libs.errors import InputError, MissingFileError
+from libs.io_utils import atomic_savez
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ("bmp", "jpg", "jpeg", "pgm", "png", "ppm", "tif", "tiff", "webp")  # as pytorch-fid
+DEFAULT_IS_SPLITS = 10  # Salimans et al.'s reference code and every published IS table
+
+
+def quantize_like_png(x):
+    """x: (B, 3, H, W) float in [0, 1] -> float32 equal to a save_image PNG read back by ToTensor.
+
+    torchvision's save_image stores uint8(clamp(255 x + 0.5, 0, 255)) (round half up, computed
+    in float32) and ToTensor divides by 255, so FID computed in-process equals FID on the PNGs.
+    """
+    if not torch.is_tensor(x) or x.ndim != 4:
+        raise InputError(f"expected images as a (B, 3, H, W) tensor, got {type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}")
+    x = x.float()
+    if not torch.isfinite(x).all():
+        bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
+        raise InputError(f"images {bad[:10]} (batch positions) contain NaN or inf: the sampler diverged; check the "
+                         f"checkpoint, the guidance scale and the number of steps")
+    return x.mul(255).add(0.5).clamp(0, 255).to(torch.uint8).float().div(255)
+
+
+def split_ids(indices, n_total, splits):
+    """IS split of each global sample index: contiguous chunks of n_total // splits, as the original."""
+    return torch.div(torch.as_tensor(indices, dtype=torch.long) * splits, n_total, rounding_mode="floor")
+
+
+class InceptionStatistics:
+    """Streaming float64 moments of Inception features and IS sums; mergeable across processes.
+
+    dims: feature size (2048 for FID). splits: number of IS splits (0 = no IS).
+    """
+
+    def __init__(self, dims=2048, splits=DEFAULT_IS_SPLITS, num_classes=1008, device="cpu"):
+        self.dims, self.splits, self.num_classes = dims, splits, num_classes
+        kw = dict(dtype=torch.float64, device=device)
+        self.n = torch.zeros((), **kw)
+        self.feature_sum = torch.zeros(dims, **kw)
+        self.outer_sum = torch.zeros(dims, dims, **kw)
+        self.split_n = torch.zeros(max(splits, 1), **kw)
+        self.split_p_sum = torch.zeros(max(splits, 1), num_classes, **kw)
+        self.split_plogp_sum = torch.zeros(max(splits, 1), **kw)
+
+    def _tensors(self):
+        return [self.n, self.feature_sum, self.outer_sum, self.split_n, self.split_p_sum, self.split_plogp_sum]
+
+    def update(self, features, logits=None, splits_of_batch=None):
+        """features: (b, dims); logits: (b, num_classes) or None; splits_of_batch: (b,) int in [0, splits)."""
+        if features.ndim != 2 or features.shape[1] != self.dims:
+            raise InputError(f"expected features of shape (b, {self.dims}), got {tuple(features.shape)}")
+        f = features.to(self.feature_sum.device, torch.float64)
+        self.n += f.shape[0]
+        self.feature_sum += f.sum(0)
+        self.outer_sum.addmm_(f.t(), f)
+        if logits is None or self.splits == 0:
+            return
+        if splits_of_batch is None:
+            raise InputError("splits_of_batch is needed with logits (see libs.fid.split_ids)")
+        logp = torch.log_softmax(logits.to(self.feature_sum.device, torch.float64), dim=1)
+        p = logp.exp()
+        s = torch.as_tensor(splits_of_batch, device=p.device, dtype=torch.long)
+        self.split_n.index_add_(0, s, torch.ones_like(s, dtype=torch.float64))
+        self.split_p_sum.index_add_(0, s, p)
+        self.split_plogp_sum.index_add_(0, s, (p * logp).sum(1))
+
+    def reduce(self, accelerator=None):
+        """Sum the statistics of all processes in place (one collective; every rank must call it)."""
+        if accelerator is None or accelerator.num_processes == 1:
+            return self
+        flat = torch.cat([t.reshape(-1) for t in self._tensors()]).to(accelerator.device)
+        flat = accelerator.reduce(flat, reduction="sum")
+        offset = 0
+        for t in self._tensors():
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()
+        return self
+
+    def mean_and_covariance(self):
+        """(mu (dims,), sigma (dims, dims)) as float64 numpy, sigma unbiased like numpy.cov."""
+        n = float(self.n)
+        if n < 2:
+            raise InputError(f"FID needs at least 2 images, got {int(n)}")
+        mu = self.feature_sum / n
+        sigma = (self.outer_sum - n * torch.outer(mu, mu)) / (n - 1)
+        sigma = (sigma + sigma.t()) / 2  # remove rounding asymmetry
+        return mu.cpu().numpy(), sigma.cpu().numpy()
+
+    def inception_score(self):
+        """(mean, std) over the non-empty splits of exp(mean_x sum_y p log p - sum_y pbar log pbar)."""
+        if self.splits == 0 or float(self.split_n.sum()) == 0:
+            return float("nan"), float("nan")
+        scores = []
+        for k in range(self.splits):
+            nk = float(self.split_n[k])
+            if nk == 0:
+                continue
+            pbar = self.split_p_sum[k] / nk
+            entropy_of_mean = -(pbar * torch.log(pbar.clamp_min(1e-300))).sum()
+            scores.append(math.exp(float(self.split_plogp_sum[k]) / nk + float(entropy_of_mean)))
+        return float(np.mean(scores)), float(np.std(scores))
+
+
+def frechet_distance(mu1, sigma1, mu2, sigma2):
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2); float64, symmetric square root.
+
+    Tr((S1 S2)^(1/2)) = Tr((S1^(1/2) S2 S1^(1/2))^(1/2)), and the matrix on the right is symmetric
+    positive semi-definite, so both roots come from eigh (no complex arithmetic, unlike
+    scipy.linalg.sqrtm of the non-symmetric S1 S2). Rounding can make tiny eigenvalues negative;
+    they are clipped to 0, with a warning when they are not tiny.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    d = mu1.shape[0]
+    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
+        raise InputError(f"mismatched FID statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}; "
+                         f"both sides must come from the same Inception layer (2048-d pool3)")
+    for name, a in (("mu1", mu1), ("sigma1", s1), ("mu2", mu2), ("sigma2", s2)):
+        if not np.isfinite(a).all():
+            raise InputError(f"FID statistics {name} contain NaN or inf")
+    w1, v1 = np.linalg.eigh((s1 + s1.T) / 2)
+    _warn_if_negative(w1, "sigma1")
+    root1 = (v1 * np.sqrt(np.clip(w1, 0, None))) @ v1.T
+    m = root1 @ s2 @ root1
+    w = np.linalg.eigvalsh((m + m.T) / 2)
+    _warn_if_negative(w, "sqrt(sigma1) sigma2 sqrt(sigma1)")
+    tr_covmean = np.sqrt(np.clip(w, 0, None)).sum()
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+def _warn_if_negative(eigenvalues, what):
+    scale = max(abs(eigenvalues).max(), 1e-300)
+    if eigenvalues.min() < -1e-6 * scale:
+        logger.warning("%s has a negative eigenvalue %.3g (largest %.3g): the covariance is not positive "
+                       "semi-definite beyond rounding; the FID may be inaccurate", what, eigenvalues.min(), scale)
+
+
+def load_statistics(path):
+    """(mu, sigma) float64 from an .npz with arrays 'mu' and 'sigma' (pytorch-fid / upstream format)."""
+    if path is None or not os.path.isfile(path):
+        raise MissingFileError(
+            f"FID reference statistics not found at '{path}'. Download the published file into assets/fid_stats/ "
+            f"(see the README) or compute it from your images: python tools/compute_fid_stats.py --path=<image folder> "
+            f"--output={path}")
+    try:
+        with np.load(path) as f:
+            mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
+    except Exception as e:
+        raise InputError(f"cannot read FID statistics '{path}' ({type(e).__name__}: {e}); it must be an .npz with "
+                         f"arrays 'mu' (2048,) and 'sigma' (2048, 2048). Recompute it with tools/compute_fid_stats.py") from e
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise InputError(f"FID statistics '{path}' have mu {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise InputError(f"FID statistics '{path}' contain NaN or inf; recompute them with tools/compute_fid_stats.py")
+    return mu, sigma
+
+
+def save_statistics(path, stats, source):
+    """Write mu, sigma (float64), n and a description of the source atomically to `path`."""
+    mu, sigma = stats.mean_and_covariance()
+    atomic_savez(path, mu=mu, sigma=sigma, n=np.int64(stats.n), source=np.array(str(source)))
+    logger.info("wrote FID statistics of %d images (%s) to %s", int(stats.n), source, path)
+
+
+@torch.no_grad()
+def accumulate(stats, model, images, splits_of_batch=None):
+    """Feed a batch (b, 3, H, W) in [0, 1] (already quantised) through `model` into `stats`.
+
+    Runs in float32 with autocast off: fp16 features would shift the FID.
+    """
+    device = next(model.parameters()).device
+    images = images.to(device, non_blocking=True)
+    with torch.autocast(device_type=device.type, enabled=False):
+        if stats.splits and stats.dims == 2048:
+            features, logits = model(images, with_logits=True)
+        else:
+            features, logits = model(images, dims=stats.dims), None
+    stats.update(features, logits, splits_of_batch)
+
+
+class ImageFolder(torch.utils.data.Dataset):
+    """The images of one folder (not recursive), sorted by name, as float (3, H, W) in [0, 1].
+
+    Read like pytorch-fid: PIL -> RGB -> ToTensor.
+    """
+
+    def __init__(self, path):
+        if not os.path.isdir(path):
+            raise MissingFileError(f"image folder '{path}' does not exist")
+        self.files = sorted(os.path.join(path, f) for f in os.listdir(path)
+                            if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
+        if not self.files:
+            raise MissingFileError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder '{path}'")
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        try:
+            with Image.open(self.files[i]) as im:
+                a = np.asarray(im.convert("RGB"))
+        except Exception as e:
+            raise InputError(f"cannot read image '{self.files[i]}' ({type(e).__name__}: {e}); remove or replace it") from e
+        return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div(255)
+
+
+def _collate_same_size(batch):
+    sizes = {tuple(x.shape) for x in batch}
+    if len(sizes) > 1:
+        raise InputError(f"images of different sizes {sorted(sizes)} in one folder; resize them to one size first")
+    return torch.stack(batch)
+
+
+def dataset_statistics(dataset, model, batch_size=50, num_workers=0, splits=DEFAULT_IS_SPLITS, dims=2048,
+                       accelerator=None, desc="Inception features"):
+    """InceptionStatistics of a dataset of (3, H, W) images in [0, 1], sharded over processes if given.
+
+    Items are split as rank::world_size and the result is reduced over processes.
+    """
+    n = len(dataset)
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = next(model.parameters()).device
+    stats = InceptionStatistics(dims=dims, splits=splits, device=device)
+    order = torch.arange(rank, n, world)
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, order.tolist()), batch_size=batch_size,
+                                         num_workers=num_workers, collate_fn=_collate_same_size)
+    start = 0
+    for images in tqdm(loader, desc=desc, disable=rank != 0, unit="batch"):
+        idx = order[start:start + images.shape[0]]
+        start += images.shape[0]
+        accumulate(stats, model, images, split_ids(idx, n, splits) if splits else None)
+    return stats.reduce(accelerator)

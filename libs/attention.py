@@ -90,8 +90,8 @@ def _xformers_attention(q, k, v, scale):
 
 def _math(q, k, v, scale):
     scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, L, L)
-    # Softmax of the scores in float32: the reference path values accuracy over speed.
-    attn = scores.float().softmax(dim=-1).to(v.dtype)  # (B, H, L, L)
+    # Softmax of the scores in at least float32: the reference path values accuracy over speed.
+    attn = scores.softmax(dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)  # (B, H, L, L)
     return attn @ v  # (B, H, L, Dh)
 
 

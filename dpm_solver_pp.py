@@ -1,0 +1,620 @@
+"""DPM-Solver and DPM-Solver++ for VP diffusion models, with the public API of the official code.
+
+Three objects with narrow interfaces:
+
+- `NoiseScheduleVP`: the marginal x_t = alpha_t x0 + sigma_t eps (alpha_t^2 + sigma_t^2 = 1) as functions
+  of continuous time t, its half-log-SNR lambda_t = log(alpha_t / sigma_t) and the inverse t(lambda).
+- `model_wrapper(...)`: turns a network (noise / x0 / v / score prediction, optionally with classifier-free
+  guidance) into `model_fn(x, t_continuous)` returning the noise prediction.
+- `DPM_Solver`: the exponential-integrator solvers of the probability-flow ODE.
+
+References (formulas only; the code is written from the papers):
+- Lu, Zhou, Bao, Chen, Li, Zhu 2022, "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model
+  Sampling in Around 10 Steps", arXiv 2206.00927: noise-prediction solvers of orders 1-3 (eq. 3.7,
+  Algorithms 1-2), DPM-Solver-fast order lists and the adaptive step size (Appendix C).
+- Lu, Zhou, Bao, Chen, Li, Zhu 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
+  Probabilistic Models", arXiv 2211.01095: data-prediction solvers, singlestep and multistep (2M, 3M).
+- Nichol & Dhariwal 2021, arXiv 2102.09672: the cosine schedule.
+- Saharia et al. 2022 (Imagen), arXiv 2205.11487: dynamic thresholding.
+
+One formula serves both parameterisations. With the noise predictor the exact solution from s to t is
+x_t = (alpha_t/alpha_s) x_s - alpha_t int_{lambda_s}^{lambda_t} e^{-lambda} eps(lambda) d lambda (DPM-Solver
+eq. 3.4); with the data predictor it is x_t = (sigma_t/sigma_s) x_s + sigma_t int e^{lambda} x0(lambda) d lambda
+(DPM-Solver++ eq. 8): the same expression after exchanging alpha <-> sigma and lambda -> -lambda. So every
+update below is written once in terms of
+
+    ratio = keep_t / keep_s,  mu_t,  H          with
+    noise prediction: keep = alpha, mu = sigma, H = +h
+    data prediction:  keep = sigma, mu = alpha, H = -h,      h = lambda_t - lambda_s,
+
+and the Taylor terms use the phi functions psi_1(H) = e^H - 1, psi_2 = psi_1/H - 1, psi_3 = psi_2/H - 1/2.
+
+Deliberate differences from the official code (each one documented where it happens):
+- `model_wrapper` maps solver time to network time with `network_time`; the defaults are U-ViT's
+  (continuous schedules: 999 t, discrete: N t), not the official (t, and 1000 (t - 1/N)).
+- Solver arithmetic runs in float32 even when `x` or the network output is float16/bfloat16 (model
+  outputs are upcast), and in float64 when `x` is float64 (the official code builds float32 time tensors).
+- The multistep solver has no read-before-assignment bug (known_quirks 6), warms up with lower orders for
+  any number of steps, and accepts steps < order.
+"""
+import logging
+import math
+
+import torch
+
+from libs.errors import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+SCHEDULES = ("discrete", "linear", "cosine")
+MODEL_TYPES = ("noise", "x_start", "v", "score")
+GUIDANCE_TYPES = ("uncond", "classifier-free")
+ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++")
+SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
+METHODS = ("singlestep", "multistep", "singlestep_fixed", "adaptive")
+
+# Continuous-time U-ViT networks see 999 * t (sde.ScoreModel of the original).
+CONTINUOUS_NETWORK_TIME_SCALE = 999.0
+
+
+def _solver_dtype(dtype):
+    """float64 stays float64; every other dtype (float32, float16, bfloat16) is solved in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _as_time(t):
+    """t as a floating tensor (float64 if given as a Python number or an integer tensor)."""
+    t = torch.as_tensor(t)
+    if not t.is_floating_point():
+        t = t.to(torch.float64)
+    return t
+
+
+def _interp(x, xp, fp):
+    """Piecewise-linear interpolation of the table (xp, fp), extrapolated linearly beyond both ends.
+
+    x: any shape; xp: (K,) strictly increasing, K >= 2; fp: (K,). Returns x's shape and dtype.
+    """
+    xp = xp.to(device=x.device, dtype=x.dtype)
+    fp = fp.to(device=x.device, dtype=x.dtype)
+    # Segment k spans [xp[k], xp[k+1]]; points outside the table use the first / last segment.
+    k = torch.searchsorted(xp, x.contiguous().reshape(-1)).reshape(x.shape) - 1
+    k = k.clamp(0, xp.shape[0] - 2)
+    x0, x1, f0, f1 = xp[k], xp[k + 1], fp[k], fp[k + 1]
+    return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
+
+
+class NoiseScheduleVP:
+    """The marginals of a variance-preserving diffusion, x_t = alpha_t x0 + sigma_t eps.
+
+    schedule='discrete' (give `betas` or `alphas_cumprod`, length N): log alpha at the knots t_n = n/N is
+        (1/2) log abar_n, and log alpha(t) is piecewise linear in t between knots (linear beyond them), as
+        in the official DPM-Solver code (sampling_protocols.md section 2). The usable range is [1/N, 1].
+    schedule='linear': beta(t) = beta_0 + t (beta_1 - beta_0), log alpha_t = -(beta_1 - beta_0) t^2/4 - beta_0 t/2
+        (Song et al. 2021, VP-SDE), t in [0, 1].
+    schedule='cosine': alpha_t = cos(pi/2 (t + s)/(1 + s)) / cos(pi/2 s / (1 + s)), s = 0.008 (Nichol &
+        Dhariwal 2021), t in [0, T] with T ~ 0.9946 where beta(t) reaches 999.
+
+    All methods take t as a tensor of any shape (or a number) and compute in t's floating dtype. The discrete
+    tables are kept in float64 and cast to t's dtype when used.
+    """
+
+    def __init__(self, schedule="discrete", betas=None, alphas_cumprod=None, continuous_beta_0=0.1,
+                 continuous_beta_1=20.0):
+        if schedule not in SCHEDULES:
+            raise ConfigError(f"unknown noise schedule '{schedule}'; known: {', '.join(SCHEDULES)}")
+        self.schedule = schedule
+        if schedule == "discrete":
+            if (betas is None) == (alphas_cumprod is None):
+                raise ConfigError("NoiseScheduleVP('discrete') needs exactly one of betas= or alphas_cumprod=")
+            if betas is not None:
+                betas = torch.as_tensor(betas).to(torch.float64)
+                self._check_table(betas, "betas", 0.0, 1.0)
+                log_alphas = 0.5 * torch.cumsum(torch.log1p(-betas), dim=0)
+            else:
+                alphas_cumprod = torch.as_tensor(alphas_cumprod).to(torch.float64)
+                self._check_table(alphas_cumprod, "alphas_cumprod", 0.0, 1.0)
+                log_alphas = 0.5 * torch.log(alphas_cumprod)
+            self.total_N = log_alphas.shape[0]
+            self.T = 1.0
+            self.t_array = torch.arange(1, self.total_N + 1, dtype=torch.float64) / self.total_N  # (N,) t_n = n/N
+            self.log_alpha_array = log_alphas  # (N,)
+        elif schedule == "linear":
+            if not (0 <= continuous_beta_0 < continuous_beta_1):
+                raise ConfigError(f"linear schedule needs 0 <= beta_0 < beta_1, got {continuous_beta_0}, {continuous_beta_1}")
+            self.beta_0, self.beta_1 = float(continuous_beta_0), float(continuous_beta_1)
+            self.total_N = 1000
+            self.T = 1.0
+        else:
+            self.cosine_s = 0.008
+            self.cosine_beta_max = 999.0
+            # Stop where beta(t) = pi tan(.)/(1+s) would exceed beta_max (alpha -> 0 at t = 1).
+            self.T = (math.atan(self.cosine_beta_max * (1 + self.cosine_s) / math.pi) * 2 * (1 + self.cosine_s)
+                      / math.pi - self.cosine_s)
+            self.cosine_log_alpha_0 = math.log(math.cos(self.cosine_s / (1 + self.cosine_s) * math.pi / 2))
+            self.total_N = 1000
+
+    @staticmethod
+    def _check_table(v, name, lo, hi):
+        if v.ndim != 1 or v.shape[0] < 2:
+            raise InputError(f"{name} must be a 1-D table with at least 2 entries, got shape {tuple(v.shape)}")
+        if not torch.isfinite(v).all() or (v <= lo).any() or (v >= hi).any():
+            raise InputError(f"{name} must be finite and strictly inside ({lo}, {hi})")
+
+    def __repr__(self):
+        if self.schedule == "linear":
+            return f"NoiseScheduleVP('linear', continuous_beta_0={self.beta_0}, continuous_beta_1={self.beta_1})"
+        if self.schedule == "discrete":
+            return f"NoiseScheduleVP('discrete', N={self.total_N})"
+        return "NoiseScheduleVP('cosine')"
+
+    def marginal_log_mean_coeff(self, t):
+        """log alpha_t."""
+        t = _as_time(t)
+        if self.schedule == "discrete":
+            return _interp(t, self.t_array, self.log_alpha_array)
+        if self.schedule == "linear":
+            return -0.25 * t ** 2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
+        return torch.log(torch.cos((t + self.cosine_s) / (1.0 + self.cosine_s) * math.pi / 2.0)) - self.cosine_log_alpha_0
+
+    def marginal_alpha(self, t):
+        """alpha_t = sqrt(abar_t)."""
+        return torch.exp(self.marginal_log_mean_coeff(t))
+
+    def marginal_std(self, t):
+        """sigma_t = sqrt(1 - alpha_t^2); expm1 keeps it accurate where alpha_t ~ 1."""
+        return torch.sqrt(-torch.expm1(2.0 * self.marginal_log_mean_coeff(t)))
+
+    def marginal_log_std(self, t):
+        """log sigma_t."""
+        return 0.5 * torch.log(-torch.expm1(2.0 * self.marginal_log_mean_coeff(t)))
+
+    def marginal_lambda(self, t):
+        """lambda_t = log alpha_t - log sigma_t (half the log-SNR)."""
+        log_mean = self.marginal_log_mean_coeff(t)
+        return log_mean - 0.5 * torch.log(-torch.expm1(2.0 * log_mean))
+
+    def inverse_lambda(self, lamb):
+        """t(lambda), the inverse of marginal_lambda: closed form (linear, cosine) or table interpolation (discrete)."""
+        lamb = _as_time(lamb)
+        # log alpha = -(1/2) log(1 + e^{-2 lambda}) for any VP schedule.
+        log_alpha = -0.5 * torch.logaddexp(torch.zeros_like(lamb), -2.0 * lamb)
+        if self.schedule == "linear":
+            # Root of (b1-b0) t^2/4 + b0 t/2 = L/2, L = -2 log alpha, written without cancellation.
+            L = -2.0 * log_alpha
+            return 2.0 * L / (torch.sqrt(self.beta_0 ** 2 + 2.0 * (self.beta_1 - self.beta_0) * L) + self.beta_0)
+        if self.schedule == "discrete":
+            return _interp(log_alpha, torch.flip(self.log_alpha_array, [0]), torch.flip(self.t_array, [0]))
+        u = torch.acos(torch.exp(log_alpha + self.cosine_log_alpha_0))
+        return u * 2.0 * (1.0 + self.cosine_s) / math.pi - self.cosine_s
+
+    def beta(self, t):
+        """beta(t) = -2 d(log alpha_t)/dt, the VP-SDE diffusion rate (our addition; Euler-Maruyama needs it).
+
+        Forward SDE: dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw. For 'discrete' it is the slope of the
+        piecewise-linear log alpha (constant on each knot interval).
+        """
+        t = _as_time(t)
+        if self.schedule == "linear":
+            return self.beta_0 + t * (self.beta_1 - self.beta_0)
+        if self.schedule == "cosine":
+            u = (t + self.cosine_s) / (1.0 + self.cosine_s) * math.pi / 2.0
+            return math.pi / (1.0 + self.cosine_s) * torch.tan(u)
+        tp = self.t_array.to(device=t.device, dtype=t.dtype)
+        lp = self.log_alpha_array.to(device=t.device, dtype=t.dtype)
+        k = (torch.searchsorted(tp, t.contiguous().reshape(-1)).reshape(t.shape) - 1).clamp(0, tp.shape[0] - 2)
+        return -2.0 * (lp[k + 1] - lp[k]) / (tp[k + 1] - tp[k])
+
+
+def default_network_time(noise_schedule):
+    """U-ViT's map from solver time t to the network's time input.
+
+    Continuous schedules: 999 t (the original's ScoreModel). Discrete: N t (the original's
+    eval_ldm_discrete.py / eval_t2i_discrete.py feed N t, fractional between training's integers n).
+    The official DPM-Solver instead feeds t (continuous) and 1000 (t - 1/N) (discrete); pass
+    `network_time=` to `model_wrapper` to get those.
+    """
+    if noise_schedule.schedule == "discrete":
+        n = float(noise_schedule.total_N)
+        return lambda t: n * t
+    return lambda t: CONTINUOUS_NETWORK_TIME_SCALE * t
+
+
+def _expand_dims(v, ndim):
+    """(B,) -> (B, 1, ..., 1) with `ndim` dims in total, for broadcasting against x."""
+    return v.reshape(v.shape + (1,) * (ndim - v.ndim))
+
+
+def _cat_condition(c, u):
+    if isinstance(c, dict):
+        if set(c) != set(u):
+            raise InputError(f"condition and unconditional_condition must have the same keys, got {sorted(c)} and {sorted(u)}")
+        return {k: torch.cat([u[k], c[k]], dim=0) for k in c}
+    return torch.cat([u, c], dim=0)
+
+
+def _call(model, x, t_input, cond, model_kwargs):
+    """Call the network; a dict condition goes in as keyword arguments, a tensor as the third positional one."""
+    if cond is None:
+        return model(x, t_input, **model_kwargs)
+    if isinstance(cond, dict):
+        return model(x, t_input, **cond, **model_kwargs)
+    return model(x, t_input, cond, **model_kwargs)
+
+
+def model_wrapper(model, noise_schedule, model_type="noise", model_kwargs=None, guidance_type="uncond",
+                  condition=None, unconditional_condition=None, guidance_scale=1.0, network_time=None):
+    """Wrap a network into `model_fn(x, t_continuous) -> noise prediction`, as the official DPM-Solver API.
+
+    model: called as model(x, t_input, **model_kwargs), or with the condition added (a dict condition as
+        keyword arguments, a tensor condition as the third positional argument).
+    model_type: what the network predicts: 'noise' (eps), 'x_start' (x0), 'v' (alpha eps - sigma x0,
+        Salimans & Ho 2022) or 'score' (grad log p_t = -eps / sigma_t).
+    guidance_type: 'uncond', or 'classifier-free' with the official convention
+        eps = eps_u + guidance_scale * (eps_c - eps_u), computed in one forward on [uncond; cond]
+        (guidance_scale = 1 is no guidance; U-ViT's `scale` s corresponds to guidance_scale = s + 1).
+        model_kwargs are passed unchanged (not concatenated) to that doubled batch.
+    network_time: callable t_continuous (B,) -> network time input (B,); default `default_network_time`.
+
+    The returned model_fn takes x (B, ...) and t_continuous (B,) and returns eps (B, ...) in x's dtype: the
+    network output is upcast (e.g. from bf16 under autocast) so that the solver arithmetic stays in float32.
+    """
+    if model_type not in MODEL_TYPES:
+        raise ConfigError(f"unknown model_type '{model_type}'; known: {', '.join(MODEL_TYPES)}")
+    if guidance_type not in GUIDANCE_TYPES:
+        raise ConfigError(f"unknown guidance_type '{guidance_type}'; known: {', '.join(GUIDANCE_TYPES)}")
+    if guidance_type == "classifier-free" and (condition is None or unconditional_condition is None):
+        raise ConfigError("guidance_type='classifier-free' needs both condition= and unconditional_condition=")
+    model_kwargs = dict(model_kwargs or {})
+    ns = noise_schedule
+    to_input = network_time if network_time is not None else default_network_time(ns)
+
+    def raw_output(x, t_continuous):
+        t_input = to_input(t_continuous)
+        if guidance_type == "classifier-free" and guidance_scale != 1.0:
+            x_in = torch.cat([x, x], dim=0)
+            t_in = torch.cat([t_input, t_input], dim=0)
+            out = _call(model, x_in, t_in, _cat_condition(condition, unconditional_condition), model_kwargs)
+            out_u, out_c = out.to(x.dtype).chunk(2, dim=0)
+            return out_u + guidance_scale * (out_c - out_u)
+        return _call(model, x, t_input, condition, model_kwargs).to(x.dtype)
+
+    def model_fn(x, t_continuous):
+        out = raw_output(x, t_continuous)
+        if out.shape != x.shape:
+            raise InputError(f"the network returned shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}")
+        if model_type == "noise":
+            return out
+        t = t_continuous.to(x.dtype)
+        alpha = _expand_dims(ns.marginal_alpha(t), x.ndim)
+        sigma = _expand_dims(ns.marginal_std(t), x.ndim)
+        if model_type == "x_start":
+            return (x - alpha * out) / sigma
+        if model_type == "v":
+            return alpha * out + sigma * x
+        return -sigma * out
+
+    return model_fn
+
+
+class DPM_Solver:
+    """DPM-Solver (algorithm_type='dpmsolver', noise prediction) and DPM-Solver++ ('dpmsolver++', data prediction).
+
+    model_fn(x, t_continuous) -> eps, e.g. from `model_wrapper`. correcting_x0_fn: None,
+    'dynamic_thresholding' (Imagen; needs 'dpmsolver++') or a callable (x0, t) -> x0 applied to every data
+    prediction.
+    """
+
+    def __init__(self, model_fn, noise_schedule, algorithm_type="dpmsolver++", correcting_x0_fn=None,
+                 thresholding_max_val=1.0, dynamic_thresholding_ratio=0.995):
+        if algorithm_type not in ALGORITHM_TYPES:
+            raise ConfigError(f"unknown algorithm_type '{algorithm_type}'; known: {', '.join(ALGORITHM_TYPES)}")
+        if correcting_x0_fn == "dynamic_thresholding":
+            correcting_x0_fn = self.dynamic_thresholding_fn
+        elif correcting_x0_fn is not None and not callable(correcting_x0_fn):
+            raise ConfigError(f"correcting_x0_fn must be None, 'dynamic_thresholding' or a callable, got {correcting_x0_fn!r}")
+        if correcting_x0_fn is not None and algorithm_type == "dpmsolver":
+            # The noise-prediction solver never forms x0, so a correction would silently do nothing.
+            raise ConfigError("correcting_x0_fn acts on data predictions; use algorithm_type='dpmsolver++' with it")
+        self.model = lambda x, t: model_fn(x, t.expand(x.shape[0]))
+        self.noise_schedule = noise_schedule
+        self.algorithm_type = algorithm_type
+        self.predict_x0 = algorithm_type == "dpmsolver++"
+        self.correcting_x0_fn = correcting_x0_fn
+        self.thresholding_max_val = thresholding_max_val
+        self.dynamic_thresholding_ratio = dynamic_thresholding_ratio
+        self.nfe = 0
+
+    # ----- model evaluations -----
+
+    def dynamic_thresholding_fn(self, x0, t=None):
+        """Imagen's dynamic thresholding: clip x0 to the per-sample `ratio` quantile of |x0| (at least max_val) and rescale."""
+        flat = x0.abs().reshape(x0.shape[0], -1)
+        s = torch.quantile(flat.float(), self.dynamic_thresholding_ratio, dim=1).to(x0.dtype)
+        s = _expand_dims(torch.clamp(s, min=self.thresholding_max_val), x0.ndim)
+        return torch.maximum(torch.minimum(x0, s), -s) / s
+
+    def noise_prediction_fn(self, x, t):
+        """eps_theta(x, t); t is a scalar tensor."""
+        self.nfe += 1
+        return self.model(x, t)
+
+    def data_prediction_fn(self, x, t):
+        """x0_theta(x, t) = (x - sigma_t eps_theta) / alpha_t, then correcting_x0_fn if any."""
+        ns = self.noise_schedule
+        x0 = (x - ns.marginal_std(t) * self.noise_prediction_fn(x, t)) / ns.marginal_alpha(t)
+        if self.correcting_x0_fn is not None:
+            x0 = self.correcting_x0_fn(x0, t)
+        return x0
+
+    def model_fn(self, x, t):
+        """The prediction the chosen algorithm integrates: x0 for 'dpmsolver++', eps for 'dpmsolver'."""
+        return self.data_prediction_fn(x, t) if self.predict_x0 else self.noise_prediction_fn(x, t)
+
+    # ----- time grids -----
+
+    def get_time_steps(self, skip_type, t_T, t_0, N, device, dtype=torch.float64):
+        """(N+1,) decreasing times from t_T to t_0: uniform in lambda ('logSNR'), in t, or in sqrt(t)."""
+        if skip_type not in SKIP_TYPES:
+            raise ConfigError(f"unknown skip_type '{skip_type}'; known: {', '.join(SKIP_TYPES)}")
+        ns = self.noise_schedule
+        # Built in float64 and then cast, so a float32 grid is the correctly rounded float64 grid.
+        t_T = torch.tensor(float(t_T), dtype=torch.float64, device=device)
+        t_0 = torch.tensor(float(t_0), dtype=torch.float64, device=device)
+        if skip_type == "logSNR":
+            lam = torch.linspace(float(ns.marginal_lambda(t_T)), float(ns.marginal_lambda(t_0)), N + 1,
+                                 dtype=torch.float64, device=device)
+            ts = ns.inverse_lambda(lam)
+        elif skip_type == "time_uniform":
+            ts = torch.linspace(float(t_T), float(t_0), N + 1, dtype=torch.float64, device=device)
+        else:
+            ts = torch.linspace(float(t_T) ** 0.5, float(t_0) ** 0.5, N + 1, dtype=torch.float64, device=device) ** 2
+        return ts.to(dtype)
+
+    def get_orders_and_timesteps_for_singlestep_solver(self, steps, order, skip_type, t_T, t_0, device,
+                                                       dtype=torch.float64):
+        """Orders of the singlestep solver (DPM-Solver-fast, Lu et al. 2022a, Appendix C) and its outer grid.
+
+        The orders use exactly `steps` model calls: order 3 -> K = steps//3 + 1 intervals with orders
+        [3]*(K-2)+[2,1], [3]*(K-1)+[1] or [3]*(K-1)+[2] for steps % 3 == 0, 1, 2; order 2 -> [2]*(steps//2)
+        (+[1] if odd); order 1 -> [1]*steps. With skip_type='logSNR' the K outer intervals are uniform in
+        lambda; otherwise the outer points are taken from the `steps`-interval grid of that skip type, each
+        order-k step spanning k grid intervals (whose inner points become its stage points).
+        Returns (timesteps_outer (K+1,), orders list of K ints).
+        """
+        if order == 3:
+            K = steps // 3 + 1
+            if steps % 3 == 0:
+                orders = [3] * (K - 2) + [2, 1]
+            elif steps % 3 == 1:
+                orders = [3] * (K - 1) + [1]
+            else:
+                orders = [3] * (K - 1) + [2]
+        elif order == 2:
+            orders = [2] * (steps // 2) + [1] * (steps % 2)
+        elif order == 1:
+            orders = [1] * steps
+        else:
+            raise ConfigError(f"singlestep DPM-Solver supports order 1, 2 or 3, got {order}")
+        orders = [o for o in orders if o > 0]
+        if skip_type == "logSNR":
+            outer = self.get_time_steps(skip_type, t_T, t_0, len(orders), device, dtype)
+        else:
+            idx = torch.cumsum(torch.tensor([0] + orders), dim=0).to(device)
+            outer = self.get_time_steps(skip_type, t_T, t_0, steps, device, dtype)[idx]
+        return outer, orders
+
+    # ----- updates -----
+
+    def _coefficients(self, s, t):
+        """(ratio, mu_t, H, h) of the exponential integrator from s to t (see the module docstring)."""
+        ns = self.noise_schedule
+        h = ns.marginal_lambda(t) - ns.marginal_lambda(s)
+        if self.predict_x0:
+            return torch.exp(ns.marginal_log_std(t) - ns.marginal_log_std(s)), ns.marginal_alpha(t), -h, h
+        return torch.exp(ns.marginal_log_mean_coeff(t) - ns.marginal_log_mean_coeff(s)), ns.marginal_std(t), h, h
+
+    def _time_at_fraction(self, s, h, r):
+        """The time whose lambda is lambda_s + r h."""
+        return self.noise_schedule.inverse_lambda(self.noise_schedule.marginal_lambda(s) + r * h)
+
+    def singlestep_dpm_solver_update(self, x, s, t, order, r1=None, r2=None, model_s=None, return_stages=False):
+        """One singlestep DPM-Solver(++) step of `order` (1-3) from s to t (scalar tensors), order*1 model calls.
+
+        Stage points are at lambda_s + r1 h and lambda_s + r2 h (defaults 1/2 for order 2, 1/3 and 2/3 for
+        order 3). Formulas: DPM-Solver eq. (3.7) / Algorithms 4-5 and DPM-Solver++ Algorithm 1 (and its
+        third-order counterpart), in the unified (ratio, mu, H) form.
+        Returns x_t, or (x_t, [model_s, model_s1, ...]) with return_stages=True.
+        """
+        if order not in (1, 2, 3):
+            raise ConfigError(f"singlestep DPM-Solver supports order 1, 2 or 3, got {order}")
+        if model_s is None:
+            model_s = self.model_fn(x, s)
+        ratio, mu_t, H, h = self._coefficients(s, t)
+        psi1 = torch.expm1(H)
+        stages = [model_s]
+        # First-order (DDIM-like) part shared by all orders.
+        x_t = ratio * x - mu_t * psi1 * model_s
+        if order >= 2:
+            r1 = (0.5 if order == 2 else 1.0 / 3.0) if r1 is None else r1
+            s1 = self._time_at_fraction(s, h, r1)
+            ratio1, mu_1, H1, _ = self._coefficients(s, s1)
+            u1 = ratio1 * x - mu_1 * torch.expm1(H1) * model_s
+            model_s1 = self.model_fn(u1, s1)
+            stages.append(model_s1)
+            if order == 2:
+                # Second-order correction from the difference of the two stage predictions.
+                x_t = x_t - (0.5 / r1) * mu_t * psi1 * (model_s1 - model_s)
+            else:
+                r2 = 2.0 / 3.0 if r2 is None else r2
+                s2 = self._time_at_fraction(s, h, r2)
+                ratio2, mu_2, H2, _ = self._coefficients(s, s2)
+                psi2_s2 = torch.expm1(H2) / H2 - 1.0
+                u2 = (ratio2 * x - mu_2 * torch.expm1(H2) * model_s
+                      - (r2 / r1) * mu_2 * psi2_s2 * (model_s1 - model_s))
+                model_s2 = self.model_fn(u2, s2)
+                stages.append(model_s2)
+                # Third-order correction.
+                x_t = x_t - (1.0 / r2) * mu_t * (psi1 / H - 1.0) * (model_s2 - model_s)
+        return (x_t, stages) if return_stages else x_t
+
+    def multistep_dpm_solver_update(self, x, model_prev_list, t_prev_list, t, order):
+        """One multistep DPM-Solver(++) step to t reusing the last `order` model values (no new model call).
+
+        model_prev_list / t_prev_list: the previous predictions and their times, most recent last.
+        Order 2 is DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2); order 3 adds the second divided difference
+        (3M). In the unified form: x_t = ratio x - mu_t [psi1 m0 + psi2 D1 + psi3 D2].
+        """
+        if order not in (1, 2, 3) or len(model_prev_list) < order:
+            raise ConfigError(f"multistep order {order} needs {order} previous model values, have {len(model_prev_list)}")
+        ns = self.noise_schedule
+        s = t_prev_list[-1]
+        ratio, mu_t, H, h = self._coefficients(s, t)
+        m0 = model_prev_list[-1]
+        psi1 = torch.expm1(H)
+        if order == 1:
+            return ratio * x - mu_t * psi1 * m0
+        lam0, lam1 = ns.marginal_lambda(s), ns.marginal_lambda(t_prev_list[-2])
+        r0 = (lam0 - lam1) / h
+        D1_0 = (m0 - model_prev_list[-2]) / r0  # ~ h * dm/dlambda
+        if order == 2:
+            return ratio * x - mu_t * psi1 * m0 - 0.5 * mu_t * psi1 * D1_0
+        lam2 = ns.marginal_lambda(t_prev_list[-3])
+        r1 = (lam1 - lam2) / h
+        D1_1 = (model_prev_list[-2] - model_prev_list[-3]) / r1
+        D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)  # ~ h * dm/dlambda, second-order accurate
+        D2 = (D1_0 - D1_1) / (r0 + r1)  # ~ h^2/2 * d2m/dlambda2
+        psi2 = psi1 / H - 1.0
+        psi3 = psi2 / H - 0.5
+        return ratio * x - mu_t * (psi1 * m0 + psi2 * D1 + psi3 * D2)
+
+    def dpm_solver_adaptive(self, x, order, t_T, t_0, h_init=0.05, atol=0.0078, rtol=0.05, theta=0.9, t_err=1e-5):
+        """Adaptive step size (Lu et al. 2022a, Appendix C, Algorithm 3): pair order k-1 with order k sharing stages.
+
+        The step is accepted when the RMS of (x_high - x_low) / max(atol, rtol max(|x_low|, |x_prev|)) is <= 1
+        for every sample; h <- min(theta h E^{-1/order}, lambda_0 - lambda_s). Returns x at t_0.
+        """
+        if order not in (2, 3):
+            raise ConfigError(f"the adaptive solver pairs orders 1/2 or 2/3; order must be 2 or 3, got {order}")
+        ns = self.noise_schedule
+        dtype = x.dtype
+        s = torch.tensor(float(t_T), dtype=dtype, device=x.device)
+        t_end = torch.tensor(float(t_0), dtype=dtype, device=x.device)
+        lambda_s, lambda_0 = ns.marginal_lambda(s), ns.marginal_lambda(t_end)
+        h = torch.tensor(h_init, dtype=dtype, device=x.device)
+        x_prev = x
+        r1 = 0.5 if order == 2 else 1.0 / 3.0
+        while (s - t_end).abs() > t_err:
+            t = ns.inverse_lambda(lambda_s + h)
+            x_low, stages = self.singlestep_dpm_solver_update(x, s, t, order - 1, r1=r1, return_stages=True)
+            if order == 2:
+                x_high = self.singlestep_dpm_solver_update(x, s, t, 2, r1=r1, model_s=stages[0])
+            else:
+                # Reuse both stages of the order-2 step; only the third stage is new.
+                x_high = self._third_from_stages(x, s, t, stages, r1, 2.0 / 3.0)
+            delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
+            err = ((x_high - x_low) / delta).reshape(x.shape[0], -1)
+            E = err.pow(2).mean(dim=1).sqrt().max()
+            if E <= 1.0:
+                x, x_prev, s = x_high, x_low, t
+                lambda_s = ns.marginal_lambda(s)
+            h = torch.minimum(theta * h * E.clamp(min=1e-12) ** (-1.0 / order), lambda_0 - lambda_s)
+        logger.debug("adaptive DPM-Solver: %d model calls", self.nfe)
+        return x
+
+    def _third_from_stages(self, x, s, t, stages, r1, r2):
+        """Order-3 singlestep step whose first two stages (at s and at r1) were already evaluated."""
+        model_s, model_s1 = stages
+        ratio, mu_t, H, h = self._coefficients(s, t)
+        s2 = self._time_at_fraction(s, h, r2)
+        ratio2, mu_2, H2, _ = self._coefficients(s, s2)
+        u2 = (ratio2 * x - mu_2 * torch.expm1(H2) * model_s
+              - (r2 / r1) * mu_2 * (torch.expm1(H2) / H2 - 1.0) * (model_s1 - model_s))
+        model_s2 = self.model_fn(u2, s2)
+        psi1 = torch.expm1(H)
+        return ratio * x - mu_t * psi1 * model_s - (1.0 / r2) * mu_t * (psi1 / H - 1.0) * (model_s2 - model_s)
+
+    # ----- sampling -----
+
+    def sample(self, x, steps=20, t_start=None, t_end=None, order=2, skip_type="time_uniform", method="multistep",
+               lower_order_final=True, denoise_to_zero=False, return_intermediate=False, atol=0.0078, rtol=0.05):
+        """Integrate the probability-flow ODE from t_start (default T) to t_end (default 1/N) starting at x.
+
+        x: (B, ...) noise at t_start. Computed in float32 (float64 if x is float64); returns that dtype.
+        method: 'singlestep' (DPM-Solver-fast order list, NFE = steps), 'singlestep_fixed' (steps // order
+        steps of `order`), 'multistep' (NFE = steps; warm-up with orders 1..order-1; with lower_order_final
+        and steps < 10 the last steps drop order, as in the official code), 'adaptive' (steps ignored).
+        denoise_to_zero: one more call, returning the data prediction at t_end.
+        return_intermediate: also return the list of states after every outer step (first: x).
+        """
+        if method not in METHODS:
+            raise ConfigError(f"unknown method '{method}'; known: {', '.join(METHODS)}")
+        if skip_type not in SKIP_TYPES:
+            raise ConfigError(f"unknown skip_type '{skip_type}'; known: {', '.join(SKIP_TYPES)}")
+        if order not in (1, 2, 3):
+            raise ConfigError(f"order must be 1, 2 or 3, got {order}")
+        if method != "adaptive" and (not isinstance(steps, int) or steps < 1):
+            raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            raise InputError(f"x must be a floating-point tensor, got {type(x).__name__}")
+        if not torch.isfinite(x).all():
+            raise InputError("x contains NaN or Inf; the starting noise must be finite")
+        ns = self.noise_schedule
+        t_0 = 1.0 / ns.total_N if t_end is None else float(t_end)
+        t_T = ns.T if t_start is None else float(t_start)
+        if not (0.0 < t_0 < t_T <= ns.T + 1e-9):
+            raise ConfigError(f"need 0 < t_end < t_start <= T = {ns.T}, got t_end={t_0}, t_start={t_T}")
+        # Solver state in float32 or better: low-precision x (or autocast outputs) would lose the small
+        # differences the higher-order corrections are made of.
+        out_dtype = x.dtype
+        x = x.to(_solver_dtype(x.dtype))
+        dtype, device = x.dtype, x.device
+        self.nfe = 0
+        intermediates = [x]
+        if method == "adaptive":
+            x = self.dpm_solver_adaptive(x, order, t_T, t_0, atol=atol, rtol=rtol)
+            intermediates.append(x)
+        elif method == "multistep":
+            ts = self.get_time_steps(skip_type, t_T, t_0, steps, device, dtype)
+            t_prev, m_prev = [ts[0]], [self.model_fn(x, ts[0])]
+            for step in range(1, steps + 1):
+                step_order = min(order, step)  # warm-up: not enough history yet
+                if lower_order_final and steps < 10:
+                    # Few, large steps: high orders near t=0 are unstable (official code's rule).
+                    step_order = min(step_order, steps + 1 - step)
+                x = self.multistep_dpm_solver_update(x, m_prev, t_prev, ts[step], step_order)
+                intermediates.append(x)
+                t_prev.append(ts[step])
+                if step < steps:  # the final state needs no prediction
+                    m_prev.append(self.model_fn(x, ts[step]))
+                t_prev, m_prev = t_prev[-order:], m_prev[-order:]
+        else:
+            if method == "singlestep":
+                outer, orders = self.get_orders_and_timesteps_for_singlestep_solver(steps, order, skip_type, t_T, t_0,
+                                                                                   device, dtype)
+            else:
+                K = steps // order
+                if K < 1:
+                    raise ConfigError(f"singlestep_fixed needs steps >= order, got steps={steps}, order={order}")
+                orders = [order] * K
+                outer = self.get_time_steps(skip_type, t_T, t_0, K, device, dtype)
+            for i, step_order in enumerate(orders):
+                s, t = outer[i], outer[i + 1]
+                r1 = r2 = None
+                if step_order > 1:
+                    # Stage points: the inner points of the same grid type between s and t. On a logSNR grid
+                    # this gives r1 = 1/2 or (1/3, 2/3); on a time-uniform grid they are the skipped grid points.
+                    inner = self.get_time_steps(skip_type, float(s), float(t), step_order, device, torch.float64)
+                    lam = ns.marginal_lambda(inner).to(dtype)
+                    h = lam[-1] - lam[0]
+                    r1 = (lam[1] - lam[0]) / h
+                    r2 = (lam[2] - lam[0]) / h if step_order > 2 else None
+                x = self.singlestep_dpm_solver_update(x, s, t, step_order, r1=r1, r2=r2)
+                intermediates.append(x)
+        if denoise_to_zero:
+            x = self.data_prediction_fn(x, torch.tensor(t_0, dtype=dtype, device=device))
+            intermediates.append(x)
+        logger.debug("DPM-Solver %s %s order %d: %d model calls", self.algorithm_type, method, order, self.nfe)
+        if out_dtype == torch.float64:
+            x = x.to(out_dtype)
+        return (x, intermediates) if return_intermediate else x

@@ -1,0 +1,435 @@
+"""Config flags and validation: every mistake in a config or an override is caught before any work.
+
+- `define_config_flag()` is ml_collections' `DEFINE_config_file` whose overrides are checked
+  when the flags are parsed: a key that does not exist (a typo) is an error suggesting the
+  closest keys, a value of the wrong type an error naming the key and the expected type.
+- `parse_and_validate(config, world_size=...)` checks ranges and consistency (steps,
+  intervals, patch size, batch split, probabilities, names) and raises one ConfigError listing
+  every problem, each naming its key.
+- `workdir_for(config_path, overrides)` is the original's default run directory,
+  `workdir/<config name>/<hparams from the overrides>`.
+"""
+import ast
+import difflib
+import logging
+import math
+import numbers
+import os
+import re
+import sys
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+from libs.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+# Fallbacks for when the registries below cannot be imported (DESIGN.md's names).
+_DEFAULT_ALGORITHMS = ("dpm_solver", "dpm_solver++_2m", "dpm_solver++_3m", "euler_maruyama_sde", "euler_maruyama_ode")
+_OPTIMIZERS = ("adamw",)
+_DEFAULT_SCHEDULES = ("customized", "cosine")
+_NETWORKS = ("uvit", "uvit_t2i")
+_MODES = ("cond", "uncond")
+_PREDS = ("noise_pred",)
+
+
+# ----------------------------------------------------------------------------- key lookup
+
+def flat_keys(config, prefix=""):
+    """Every key of a (nested) config as a dotted path, parents included."""
+    keys = []
+    items = config.items() if hasattr(config, "items") else []
+    for k, v in items:
+        path = f"{prefix}{k}"
+        keys.append(path)
+        if isinstance(v, (ml_collections.ConfigDict, dict)):
+            keys.extend(flat_keys(v, path + "."))
+    return keys
+
+
+def suggest_keys(key, config, n=3):
+    """The existing leaf keys closest to `key` (difflib), best first."""
+    leaves = [k for k in flat_keys(config) if not isinstance(_lookup(config, k)[1], (ml_collections.ConfigDict, dict))]
+    close = difflib.get_close_matches(key, leaves, n=n, cutoff=0.7)
+    # A misspelled leaf under the right parent ('nnet.dpth') or a right leaf under a misspelled
+    # parent ('trian.n_steps') can score low against full paths: also match the last component.
+    leaf = key.rsplit(".", 1)[-1]
+    for k in leaves:
+        if len(close) >= n:
+            break
+        if k not in close and difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], n=1, cutoff=0.8):
+            close.append(k)
+    return close
+
+
+def _lookup(config, key):
+    """(found, value) of a dotted key."""
+    node = config
+    for part in key.split("."):
+        if isinstance(node, (ml_collections.ConfigDict, dict)) and part in node:
+            node = node[part]
+        else:
+            return False, None
+    return True, node
+
+
+def _unknown_key_message(key, config, flag_name="config"):
+    close = suggest_keys(key, config)
+    hint = ("did you mean " + " or ".join(f"--{flag_name}.{k}" for k in close) + "?") if close else (
+        f"the config has no key like it; its top-level keys are: {', '.join(sorted(config.keys()))}.")
+    return f"--{flag_name}.{key}: the config has no key '{key}'; {hint}"
+
+
+# ----------------------------------------------------------------------------- overrides
+
+def _parse_bool(text):
+    t = text.strip().lower()
+    if t in ("true", "t", "1", "yes"):
+        return True
+    if t in ("false", "f", "0", "no"):
+        return False
+    raise ValueError(text)
+
+
+def _check_value(key, current, text, flag_name="config"):
+    """Raise ConfigError when `text` cannot become a value of `current`'s type."""
+    if text is None or current is None:
+        return  # a bare boolean flag, or a field whose type the config leaves open
+    kind = None
+    try:
+        if isinstance(current, bool):
+            kind = "a boolean (true/false)"
+            _parse_bool(text)
+        elif isinstance(current, int):
+            kind = "an integer"
+            int(text, 0)  # what absl's IntegerParser accepts: '16', '0x10'
+        elif isinstance(current, float):
+            kind = "a number"
+            float(text)
+        elif isinstance(current, (tuple, list)) and current and all(_is_num(v) for v in current):
+            kind = f"a tuple of numbers like '{tuple(current)!r}'"
+            # '(0.9, 0.99)' or one element per repeated flag ('--config.x=0.9 --config.x=0.99')
+            value = ast.literal_eval(text)
+            if not all(_is_num(v) for v in (value if isinstance(value, (tuple, list)) else (value,))):
+                raise ValueError(text)
+    except (ValueError, SyntaxError):
+        raise ConfigError(f"--{flag_name}.{key}={text}: '{key}' takes {kind} (the config's value is "
+                          f"{current!r}); got {text!r}") from None
+
+
+def check_overrides(config, overrides, flag_name="config"):
+    """Check `overrides` ('--config.a.b=v', 'config.a.b=v' or 'a.b=v' strings) against `config`.
+
+    Raises ConfigError for a key the config does not have (suggesting the closest ones) or a
+    value that cannot take the key's type. Nothing is modified.
+    """
+    for key, text in _split_overrides(overrides, flag_name):
+        found, current = _lookup(config, key)
+        if not found:
+            raise ConfigError(_unknown_key_message(key, config, flag_name))
+        if isinstance(current, (ml_collections.ConfigDict, dict)):
+            continue
+        _check_value(key, current, text, flag_name)
+
+
+def _split_overrides(overrides, flag_name="config"):
+    pattern = re.compile(rf"^-{{0,2}}(?:no)?{re.escape(flag_name)}\.")
+    out = []
+    for item in overrides:
+        item = str(item)
+        name, sep, value = item.partition("=")
+        m = pattern.match(name)
+        if m:
+            key = name[m.end():]
+            if name.lstrip("-").startswith("no" + flag_name + ".") and not sep:
+                value, sep = "false", "="  # absl's --noconfig.flag form of a boolean
+        elif name.startswith("-"):
+            continue  # another flag (--workdir=...), not an override
+        else:
+            key = name
+        out.append((key, value if sep else None))
+    return out
+
+
+def config_overrides(argv=None, flag_name="config"):
+    """The `--config.*` arguments of argv (default sys.argv), in order."""
+    argv = sys.argv[1:] if argv is None else argv
+    pattern = re.compile(rf"^-{{1,2}}(no)?{re.escape(flag_name)}\.")
+    return [a for a in argv if pattern.match(a)]
+
+
+def _argv_overrides(argv, flag_name):
+    """Overrides in argv, joining the space-separated form `--config.a.b value`."""
+    out = []
+    pattern = re.compile(rf"^-{{1,2}}(no)?{re.escape(flag_name)}\.")
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if pattern.match(arg):
+            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("-") \
+                    and not pattern.match(arg).group(1):
+                out.append(f"{arg}={argv[i + 1]}")
+                i += 1
+            else:
+                out.append(arg)
+        i += 1
+    return out
+
+
+class _CheckedConfigFileParser(flags.ArgumentParser):
+    """Wraps ml_collections' config-file parser: loads the file, then checks the overrides against it.
+
+    ml_collections applies overrides after this parser returns and answers a misspelled key
+    with an AttributeError traceback; checking here turns it into absl's clean usage error
+    ("FATAL Flags parsing error: ...") carrying our message.
+    """
+
+    def __init__(self, inner, name, argv):
+        self._inner = inner
+        self.name = name
+        self._argv = argv
+
+    def parse(self, path):
+        file = str(path).split(":", 1)[0]
+        if not os.path.isfile(file):
+            raise ConfigError(_missing_config_message(file))
+        config = self._inner.parse(path)
+        if isinstance(config, (ml_collections.ConfigDict, dict)):
+            argv = sys.argv if self._argv is None else self._argv
+            check_overrides(config, _argv_overrides(list(argv[1:]), self.name), self.name)
+        return config
+
+    def flag_type(self):
+        return self._inner.flag_type()
+
+
+def _missing_config_message(file):
+    folder = os.path.dirname(file) or "."
+    candidates = sorted(f for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_")) \
+        if os.path.isdir(folder) else []
+    close = difflib.get_close_matches(os.path.basename(file), candidates, n=3, cutoff=0.5)
+    shown = [c if folder == "." else os.path.join(folder, c) for c in close]
+    hint = ("did you mean " + " or ".join(shown) + "?") if close else \
+        "give a config file such as configs/digits_uvit_tiny.py."
+    return f"config file '{file}' not found; {hint}"
+
+
+def define_config_flag(name="config", default=None, help_string="path of the training configuration file",
+                       lock_config=False, flag_values=flags.FLAGS, sys_argv=None):
+    """`config_flags.DEFINE_config_file` whose overrides are checked at parse time.
+
+    lock_config=False as the original U-ViT scripts. Returns the flag holder (`.value` is the config).
+    """
+    holder = config_flags.DEFINE_config_file(name, default, help_string, flag_values=flag_values,
+                                             lock_config=lock_config, sys_argv=sys_argv)
+    flag = flag_values[name]
+    flag.parser = _CheckedConfigFileParser(flag.parser, name, sys_argv)
+    return holder
+
+
+# ----------------------------------------------------------------------------- workdir
+
+def workdir_for(config_path, overrides, root="workdir"):
+    """`root/<config name>/<hparams>`, the original's default run directory.
+
+    hparams joins `leaf=value` of every override ('--config.nnet.depth=16' -> 'depth=16'),
+    'default' when there are none; dataset paths are left out and other path values shortened
+    to their stem, as the original did.
+    """
+    config_name = os.path.splitext(os.path.basename(str(config_path).split(":", 1)[0]))[0]
+    parts = []
+    for key, value in _split_overrides(overrides):
+        if key.startswith("dataset.path") or value is None:
+            continue
+        leaf = key.rsplit(".", 1)[-1]
+        if leaf.endswith("path"):
+            value = os.path.splitext(os.path.basename(value.rstrip("/")))[0]
+        value = re.sub(r"[^\w.,()+=-]", "_", value)  # no '/' or spaces in a directory name
+        parts.append(f"{leaf}={value}")
+    return os.path.join(root, config_name, "-".join(parts) or "default")
+
+
+# ----------------------------------------------------------------------------- validation
+
+class _Checker:
+    """Collects every problem so the user fixes them in one go."""
+
+    def __init__(self, config):
+        self.config = config
+        self.problems = []
+
+    def get(self, key):
+        return _lookup(self.config, key)
+
+    def fail(self, key, msg):
+        self.problems.append(f"config.{key}: {msg}")
+
+    def number(self, key, *, integer=False, low=None, high=None, low_open=False, high_open=False, required=False,
+               allow_none=False, meaning=""):
+        found, value = self.get(key)
+        if not found:
+            if required:
+                self.fail(key, f"is missing; set it in the config file{meaning}")
+            return None
+        if value is None and allow_none:
+            return None
+        want = "an integer" if integer else "a number"
+        ok_type = isinstance(value, numbers.Integral) if integer else isinstance(value, numbers.Real)
+        if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
+            self.fail(key, f"= {value!r} must be {want}{meaning}")
+            return None
+        if low is not None and (value <= low if low_open else value < low):
+            self.fail(key, f"= {value!r} must be {'>' if low_open else '>='} {low}{_range(low, high, low_open, high_open)}{meaning}")
+            return None
+        if high is not None and (value >= high if high_open else value > high):
+            self.fail(key, f"= {value!r} must be {'<' if high_open else '<='} {high}{_range(low, high, low_open, high_open)}{meaning}")
+            return None
+        return value
+
+    def choice(self, key, allowed, *, allow_empty=False):
+        found, value = self.get(key)
+        if not found or (allow_empty and value in ("", None)):
+            return None
+        if value not in allowed:
+            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            self.fail(key, f"= {value!r} is not one of {', '.join(repr(a) for a in allowed)}{hint}")
+            return None
+        return value
+
+
+def _range(low, high, low_open, high_open):
+    if low is None or high is None:
+        return ""
+    return f" (allowed: {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'})"
+
+
+def _known_algorithms():
+    try:
+        from libs import sampling
+    except ImportError:
+        return _DEFAULT_ALGORITHMS
+    for attr in ("ALGORITHMS", "SAMPLERS", "ALGORITHM_NAMES"):
+        names = getattr(sampling, attr, None)
+        if names:
+            return tuple(names)
+    return _DEFAULT_ALGORITHMS
+
+
+def _known_schedules():
+    try:
+        from libs.optim import SCHEDULES
+        return tuple(SCHEDULES)
+    except ImportError:
+        return _DEFAULT_SCHEDULES
+
+
+def parse_and_validate(config, *, world_size):
+    """Raise one ConfigError listing every out-of-range or inconsistent value, each naming its key.
+
+    Sections a config does not have are not checked (eval configs have no train section).
+    `world_size`: the number of processes the global batch is split over.
+    """
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ConfigError(f"world_size={world_size!r} must be a positive integer (the number of processes)")
+    c = _Checker(config)
+
+    c.number("seed", integer=True)
+    c.choice("pred", _PREDS)
+
+    # Training lengths and intervals: steps, all > 0.
+    c.number("train.n_steps", integer=True, low=0, low_open=True, meaning=" (optimizer steps to train)")
+    for key in ("train.log_interval", "train.eval_interval", "train.save_interval"):
+        c.number(key, integer=True, low=0, low_open=True, meaning=" (steps)")
+    c.number("train.keep_last_ckpts", integer=True, low=0, meaning=" (0 keeps every checkpoint)")
+    c.number("train.skip_nonfinite_steps", integer=True, low=0, meaning=" (0 stops at the first NaN/inf loss)")
+    c.choice("train.mode", _MODES)
+    batch = c.number("train.batch_size", integer=True, low=0, low_open=True, meaning=" (global batch size)")
+    if batch is not None and batch % world_size != 0:
+        lower, upper = batch - batch % world_size, batch - batch % world_size + world_size
+        c.fail("train.batch_size", f"= {batch} does not split over {world_size} processes: the global batch must "
+                                   f"be a multiple of the number of processes (e.g. "
+                                   f"--config.train.batch_size={lower or upper} or {upper}), or launch with a "
+                                   f"number of processes that divides {batch}")
+
+    # Optimizer and schedule.
+    c.choice("optimizer.name", _OPTIMIZERS)
+    c.number("optimizer.lr", low=0, low_open=True, meaning=" (peak learning rate)")
+    c.number("optimizer.weight_decay", low=0)
+    found, betas = c.get("optimizer.betas")
+    if found and not (isinstance(betas, (tuple, list)) and len(betas) == 2
+                      and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
+        c.fail("optimizer.betas", f"= {betas!r} must be two numbers in [0, 1), e.g. (0.99, 0.999)")
+    c.choice("lr_scheduler.name", _known_schedules())
+    c.number("lr_scheduler.warmup_steps", integer=True, low=0, meaning=" (steps)")
+    c.number("ema_rate", low=0, high=1, high_open=True, meaning=" (ema <- rate * ema + (1 - rate) * online)")
+    c.number("grad_clip", low=0, allow_none=True, meaning=" (max gradient norm; 0 = no clipping)")
+
+    # Network geometry.
+    c.choice("nnet.name", _NETWORKS)
+    img = c.number("nnet.img_size", integer=True, low=0, low_open=True)
+    patch = c.number("nnet.patch_size", integer=True, low=0, low_open=True)
+    if img is not None and patch is not None and img % patch != 0:
+        c.fail("nnet.patch_size", f"= {patch} does not divide nnet.img_size = {img}: the image must split into whole "
+                                  f"patches (use a divisor of {img}, e.g. {_divisor_near(img, patch)})")
+    for key in ("nnet.depth", "nnet.embed_dim", "nnet.num_heads", "nnet.in_chans"):
+        c.number(key, integer=True, low=0, low_open=True)
+    c.number("nnet.mlp_ratio", low=0, low_open=True)
+    found_e, embed = c.get("nnet.embed_dim")
+    found_h, heads = c.get("nnet.num_heads")
+    if (found_e and found_h and _is_int(embed) and _is_int(heads) and embed > 0 and heads > 0
+            and embed % heads != 0):
+        c.fail("nnet.num_heads", f"= {heads} does not divide nnet.embed_dim = {embed} (each head gets "
+                                 f"embed_dim / num_heads channels)")
+    found_z, z_shape = c.get("z_shape")
+    if found_z and z_shape is not None:
+        if not (isinstance(z_shape, (tuple, list)) and len(z_shape) == 3 and all(_is_int(s) and s > 0 for s in z_shape)):
+            c.fail("z_shape", f"= {z_shape!r} must be (channels, height, width) of the autoencoder latent, e.g. (4, 32, 32)")
+        else:
+            found_c, chans = c.get("nnet.in_chans")
+            if found_c and _is_int(chans) and chans != z_shape[0]:
+                c.fail("nnet.in_chans", f"= {chans} differs from z_shape[0] = {z_shape[0]} (the latent's channels)")
+            if img is not None and img != z_shape[1]:
+                c.fail("nnet.img_size", f"= {img} differs from z_shape[1] = {z_shape[1]} (the network sees latents)")
+
+    # Data.
+    c.number("dataset.p_uncond", low=0, high=1, meaning=" (probability of dropping the condition)")
+    found_cfg, cfg = c.get("dataset.cfg")
+    found_p, p_uncond = c.get("dataset.p_uncond")
+    if found_cfg and cfg and found_p and _is_num(p_uncond) and p_uncond == 0:
+        c.fail("dataset.p_uncond", "= 0 with dataset.cfg = True: guidance training needs a probability > 0 "
+                                   "(the paper uses 0.1 or 0.15)")
+
+    # Sampling.
+    algorithms = _known_algorithms()
+    c.number("sample.sample_steps", integer=True, low=0, low_open=True, meaning=" (solver steps)")
+    c.number("sample.n_samples", integer=True, low=0, low_open=True)
+    c.number("sample.mini_batch_size", integer=True, low=0, low_open=True, meaning=" (images per process per call)")
+    c.choice("sample.algorithm", algorithms)
+    c.number("sample.scale", meaning=" (guidance scale)")
+    c.choice("grid.algorithm", algorithms, allow_empty=True)
+    c.number("grid.steps", integer=True, low=0, low_open=True)
+    c.number("grid.n_rows", integer=True, low=0, low_open=True)
+    c.number("grid.n_cols", integer=True, low=0, low_open=True)
+    c.number("fid.n_samples", integer=True, low=0)
+    c.number("fid.steps", integer=True, low=0, low_open=True)
+
+    if c.problems:
+        if len(c.problems) == 1:
+            raise ConfigError(c.problems[0])
+        raise ConfigError(f"{len(c.problems)} problems in the config:\n  " + "\n  ".join(c.problems))
+
+
+def _is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _divisor_near(n, k):
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: (abs(d - k), d))

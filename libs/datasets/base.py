@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from libs.errors import ConfigError, InputError
+from libs.errors import ConfigError, InputError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -35,11 +35,14 @@ class DatasetBase:
         kind: 'pixels' or 'images_for_autoencoder' (raw images the training script encodes).
         num_classes: number of data classes, 0 for unlabelled data.
         fid_stat: path of the FID reference statistics (may not exist yet), or None.
+        image_shape: (C, H, W) of the items' 'x' (equal to data_shape for pixels).
     """
 
-    def __init__(self, train, data_shape, kind='pixels', num_classes=0, fid_stat=None, class_counts=None):
+    def __init__(self, train, data_shape, kind='pixels', num_classes=0, fid_stat=None, class_counts=None,
+                 image_shape=None):
         self.train = train
         self.data_shape = tuple(int(s) for s in data_shape)
+        self.image_shape = self.data_shape if image_shape is None else tuple(int(s) for s in image_shape)
         self.kind = kind
         self.num_classes = int(num_classes)
         self.fid_stat = fid_stat
@@ -76,8 +79,9 @@ def maybe_flip(x, random_flip):
 
 
 def uint8_to_unit_range(arr):
-    """(H, W, C) uint8 numpy array -> (C, H, W) float32 tensor in [-1, 1]."""
-    x = torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1).float()
+    """(H, W, C) uint8 array or RGB PIL image -> (C, H, W) float32 tensor in [-1, 1]."""
+    # np.array copies: arrays viewing PIL images are read-only, which torch warns about.
+    x = torch.from_numpy(np.array(arr, dtype=np.uint8)).permute(2, 0, 1).float()
     return x / 127.5 - 1.0
 
 
@@ -131,7 +135,7 @@ class ImageFileDataset(Dataset):
         img = load_rgb(self.paths[idx])
         if self.transform is not None:
             img = self.transform(img)
-        item = {'x': maybe_flip(uint8_to_unit_range(np.asarray(img)), self.random_flip)}
+        item = {'x': maybe_flip(uint8_to_unit_range(img), self.random_flip)}
         if self.labels is not None:
             item['y'] = self.labels[idx]
         return item
@@ -215,3 +219,15 @@ def check_resolution(resolution, name):
     if isinstance(resolution, bool) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
         raise ConfigError(f"{name}: resolution must be a positive integer, got {resolution!r}.")
     return int(resolution)
+
+
+def check_dataset_path(path, name, how):
+    """`path` as a str; ConfigError when config.dataset.path is unset, MissingFileError when absent."""
+    if path is None or (isinstance(path, str) and not path.strip()):
+        raise ConfigError(f"{name}: config.dataset.path is not set. {how}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"{name}: config.dataset.path must be a folder path, got {path!r}.")
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise MissingFileError(f"{name}: dataset folder '{path}' does not exist. {how}")
+    return path

@@ -1,0 +1,168 @@
+"""Latent feature datasets: ImageNet 256/512 moments with labels, MS-COCO 256 moments with CLIP contexts.
+
+Items carry the autoencoder moments (mean, logvar), not latents: the engine draws
+z = scale_factor * (mean + std * noise) afresh every step (libs/family.py prepare_batch), as the
+original did. Both the packed format and the original one-file-per-sample layout are read
+(libs/features.py describes them).
+
+Folder layouts (config.dataset.path):
+- imagenet{256,512}_features: the features themselves (packed: manifest.json + shards; original:
+  0.npy, 1.npy, ... each holding (moments, label)). Written by scripts/extract_imagenet_feature.py.
+- mscoco256_features: `train/` and `val/` feature folders (packed, or the original {i}.npy +
+  {i}_{k}.npy), `empty_context.npy` (77, 768), and the visualisation prompts: `vis_prompts.json` +
+  `vis_contexts.npy` (K, 77, 768), or the original `run_vis/{i}.npy` (prompt, context) pairs.
+  Written by scripts/extract_mscoco_feature.py, extract_empty_feature.py, extract_test_prompt_feature.py.
+"""
+import json
+import logging
+import os
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from libs.datasets.base import DatasetBase
+from libs.errors import CheckpointError, ConfigError, MissingFileError
+from libs.features import open_features
+
+logger = logging.getLogger(__name__)
+
+LATENT_KIND = "latent_moments"
+IMAGENET_CLASSES = 1000
+FID_STATS = {
+    ("imagenet", 256): "assets/fid_stats/fid_stats_imagenet256_guided_diffusion.npz",
+    ("imagenet", 512): "assets/fid_stats/fid_stats_imagenet512_guided_diffusion.npz",
+    ("mscoco", 256): "assets/fid_stats/fid_stats_mscoco256_val.npz",
+}
+EMPTY_CONTEXT_FILE = "empty_context.npy"
+VIS_PROMPTS_FILE, VIS_CONTEXTS_FILE = "vis_prompts.json", "vis_contexts.npy"
+
+
+def _latent_shape(moments_shape):
+    c, h, w = moments_shape
+    return (c // 2, h, w)
+
+
+class LabelledMoments(Dataset):
+    """Items {'moments': (2C, h, w) float32, 'y': int64 scalar} from a feature reader."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __len__(self):
+        return len(self.reader)
+
+    def __getitem__(self, i):
+        return {"moments": torch.from_numpy(self.reader.moments(i)),
+                "y": torch.tensor(self.reader.label(i), dtype=torch.int64)}
+
+
+class CaptionedMoments(Dataset):
+    """Items {'moments': (2C, h, w) float32, 'context': (77, D) float32}: one of the sample's captions,
+    drawn uniformly with torch's default generator on every access (the engine seeds it per worker)."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __len__(self):
+        return len(self.reader)
+
+    def __getitem__(self, i):
+        k = int(torch.randint(self.reader.num_contexts(i), ()).item())
+        return {"moments": torch.from_numpy(self.reader.moments(i)),
+                "context": torch.from_numpy(self.reader.context(i, k))}
+
+
+class ImageNetFeatures(DatasetBase):
+    """ImageNet 256 or 512 autoencoder moments (each image and its horizontal flip) with class labels.
+
+    path: the feature folder. resolution: 256 or 512 (implied by the registry name).
+    num_classes: number of data classes (1000; smaller for toy sets). The null class of guidance
+    training is appended by the config (nnet.num_classes = num_classes + 1), not here.
+    Labels to sample are uniform over the classes, as the original's imagenet*_features.
+    """
+
+    def __init__(self, path, resolution=256, num_classes=IMAGENET_CLASSES):
+        how = (f"extract them with `python scripts/extract_imagenet_feature.py --resolution {resolution} "
+               f"--imagenet_train <ImageNet train folder> --output {path}` (accelerate launch for several GPUs)")
+        reader = open_features(path, how)
+        expected = (8, resolution // 8, resolution // 8)
+        if tuple(reader.moments_shape) != expected:
+            raise ConfigError(f"features in '{path}' have moments of shape {tuple(reader.moments_shape)}, but "
+                              f"resolution {resolution} needs {expected}; point config.dataset.path at the "
+                              f"imagenet{resolution}_features folder.")
+        if not reader.has_labels:
+            raise CheckpointError(f"features in '{path}' carry no class labels; they are not ImageNet features.")
+        if reader.layout == "packed":  # cheap here; 2.5M pickled files would take minutes, so not checked
+            top = int(reader.labels().max())
+            if top >= num_classes:
+                raise ConfigError(f"features in '{path}' have label {top} but num_classes={num_classes}; set "
+                                  f"--config.dataset.num_classes={top + 1}.")
+        super().__init__(LabelledMoments(reader), _latent_shape(reader.moments_shape), kind=LATENT_KIND,
+                         num_classes=num_classes, fid_stat=FID_STATS.get(("imagenet", resolution)))
+        self.resolution = resolution
+        logger.info("ImageNet %d features: %d entries (%s layout) in %s", resolution, len(reader), reader.layout, path)
+
+
+class MSCOCOFeatures(DatasetBase):
+    """MS-COCO 256 autoencoder moments with the CLIP contexts of every caption.
+
+    path: the folder with train/, val/, empty_context.npy and the visualisation prompts.
+    Attributes beyond DatasetBase: test (val2014 items, for FID contexts; None when absent),
+    empty_context (77, D) float32 numpy (None when absent), vis_prompts (list of K str),
+    vis_contexts (K, 77, D) float32 numpy.
+    """
+
+    def __init__(self, path, resolution=256):
+        if not os.path.isdir(path):
+            raise MissingFileError(
+                f"MS-COCO features folder '{path}' does not exist. Extract them with `python "
+                f"scripts/extract_mscoco_feature.py --coco_root <COCO folder> --output {path}`, then "
+                f"scripts/extract_empty_feature.py and scripts/extract_test_prompt_feature.py with --output {path}.")
+        train = open_features(os.path.join(path, "train"),
+                              f"run `python scripts/extract_mscoco_feature.py --split train --output {path}`")
+        if not train.has_contexts:
+            raise CheckpointError(f"features in '{path}/train' carry no caption contexts; they are not MS-COCO features.")
+        val_dir = os.path.join(path, "val")
+        test = open_features(val_dir) if os.path.isdir(val_dir) else None
+        if test is None:
+            logger.warning("no val/ features in %s: FID contexts are unavailable (extract --split val)", path)
+        super().__init__(CaptionedMoments(train), _latent_shape(train.moments_shape), kind=LATENT_KIND,
+                         num_classes=0, fid_stat=FID_STATS.get(("mscoco", resolution)))
+        self.test = None if test is None else CaptionedMoments(test)
+        self.empty_context = _load_empty_context(path)
+        self.vis_prompts, self.vis_contexts = _load_vis(path)
+        if self.vis_contexts is None:
+            self.vis_contexts = np.zeros((0, *train.context(0, 0).shape), dtype=np.float32)
+        logger.info("MS-COCO features: %d train images (%s layout), %s val, %d visualisation prompts in %s",
+                    len(train), train.layout, "no" if test is None else len(test), len(self.vis_prompts), path)
+
+
+def _load_empty_context(path):
+    f = os.path.join(path, EMPTY_CONTEXT_FILE)
+    if not os.path.isfile(f):
+        logger.warning("%s not found: guidance training needs it (run scripts/extract_empty_feature.py --output %s)",
+                       f, path)
+        return None
+    return np.asarray(np.load(f), dtype=np.float32)
+
+
+def _load_vis(path):
+    """(prompts, contexts (K, 77, D)) from vis_prompts.json + vis_contexts.npy, or the original run_vis/."""
+    pj, cj = os.path.join(path, VIS_PROMPTS_FILE), os.path.join(path, VIS_CONTEXTS_FILE)
+    if os.path.isfile(pj) and os.path.isfile(cj):
+        with open(pj) as f:
+            prompts = json.load(f)
+        contexts = np.asarray(np.load(cj), dtype=np.float32)
+        if len(prompts) != len(contexts):
+            raise CheckpointError(f"{pj} lists {len(prompts)} prompts but {cj} holds {len(contexts)} contexts; "
+                                  "run scripts/extract_test_prompt_feature.py again.")
+        return list(prompts), contexts
+    run_vis = os.path.join(path, "run_vis")
+    if os.path.isdir(run_vis):
+        files = sorted((f for f in os.listdir(run_vis) if f.endswith(".npy") and f[:-4].isdigit()),
+                       key=lambda f: int(f[:-4]))
+        pairs = [np.load(os.path.join(run_vis, f), allow_pickle=True) for f in files]
+        return [str(p[0]) for p in pairs], np.stack([np.asarray(p[1], dtype=np.float32) for p in pairs])
+    logger.warning("no visualisation prompts in %s (run scripts/extract_test_prompt_feature.py --output %s)", path, path)
+    return [], None

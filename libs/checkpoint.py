@@ -109,7 +109,7 @@ class _HashingWriter:
         self._f.flush()
 
 
-def _save_file(obj, path):
+def _save_file(obj, path, final_path):
     """torch.save `obj` to `path`, fsynced; returns {'size', 'sha256'}; SaveError on I/O failure."""
     try:
         with open(path, "wb") as f:
@@ -123,13 +123,13 @@ def _save_file(obj, path):
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise SaveError(_io_message(path, e)) from e
+        raise SaveError(_io_message(final_path, os.path.basename(path), e)) from e
     return {"size": writer.size, "sha256": writer.sha256.hexdigest()}
 
 
-def _io_message(path, e):
+def _io_message(final_path, name, e):
     what = "the disk is full" if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
-    return (f"could not write checkpoint file '{path}': {what}. Nothing was replaced: the previous "
+    return (f"could not write checkpoint '{final_path}' (file {name}): {what}. Nothing was replaced: the previous "
             f"checkpoint is intact. Free space (or lower config.train.keep_last / point --workdir at a "
             f"larger disk) and rerun the same command to resume.")
 
@@ -406,7 +406,7 @@ def save_checkpoint(ckpt_root, step, *, nnet, nnet_ema, optimizer, lr_scheduler,
         os.makedirs(tmp)
         records = {}
         for name, obj in contents.items():
-            records[name] = _save_file(obj, os.path.join(tmp, name))
+            records[name] = _save_file(obj, os.path.join(tmp, name), final_path)
         marker = json.dumps({"format": FORMAT_VERSION, "step": step, "files": records}, indent=1)
         try:
             with open(os.path.join(tmp, MARKER), "w") as f:
@@ -414,7 +414,7 @@ def save_checkpoint(ckpt_root, step, *, nnet, nnet_ema, optimizer, lr_scheduler,
                 f.flush()
                 os.fsync(f.fileno())
         except OSError as e:
-            raise SaveError(_io_message(os.path.join(tmp, MARKER), e)) from e
+            raise SaveError(_io_message(final_path, MARKER, e)) from e
         _fsync_tree(tmp)
     _mark_verified(final_path)
     logger.info("saved checkpoint '%s'", final_path)

@@ -54,6 +54,10 @@ def atomic_path(path):
         else:
             os.replace(tmp, path)
         _fsync_dir(parent)
+    except SaveError:
+        # Already says which file failed and why (raised inside the block): do not wrap it twice.
+        _remove(tmp)
+        raise
     except OSError as e:
         _remove(tmp)
         raise SaveError(f"could not write '{path}': {e.strerror or e}. The previous version, if any, is unchanged.") from e

@@ -15,7 +15,7 @@ from libs.errors import ConfigError, InputError, MissingFileError
 
 
 def _to_unit(arr_hwc_uint8):
-    return torch.from_numpy(arr_hwc_uint8).permute(2, 0, 1).float() / 127.5 - 1
+    return torch.from_numpy(np.array(arr_hwc_uint8)).permute(2, 0, 1).float() / 127.5 - 1
 
 
 def _flip_pattern(dataset, originals):
@@ -53,6 +53,11 @@ def test_unknown_and_missing_kwargs(tmp_path):
     with pytest.raises(ConfigError) as e:
         get_dataset('imagenet', path=str(tmp_path))
     assert 'resolution' in str(e.value)
+
+
+def test_name_implied_kwargs_cannot_be_contradicted():
+    with pytest.raises(ConfigError, match='resolution'):
+        get_dataset('imagenet256_features', path='x', resolution=512)
 
 
 def test_missing_module_is_a_config_error(monkeypatch):

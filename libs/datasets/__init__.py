@@ -53,7 +53,12 @@ def get_dataset(name, **kwargs):
     Returns an object with .train, .data_shape, .kind, .num_classes, .fid_stat, .sample_labels.
     """
     cls = get_dataset_class(name)
-    kwargs = {**_IMPLIED_KWARGS.get(name, {}), **kwargs}
+    implied = _IMPLIED_KWARGS.get(name, {})
+    for key, value in implied.items():
+        if key in kwargs and kwargs[key] != value:
+            raise ConfigError(f"dataset {name!r} implies {key}={value!r}, but config.dataset.{key}={kwargs[key]!r}; "
+                              f"remove it or pick the dataset name that matches.")
+    kwargs = {**implied, **kwargs}
     params = inspect.signature(cls.__init__).parameters
     takes_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     accepted = [p for p in params if p != 'self' and params[p].kind is not inspect.Parameter.VAR_KEYWORD]

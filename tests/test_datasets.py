@@ -313,7 +313,7 @@ def test_imagenet_labels_shapes_and_kinds(imagenet_root):
     assert data.data_shape == (3, 16, 16) and data.kind == 'pixels' and data.fid_stat is None
     for i in range(len(data.train)):
         item = data.train[i]
-        synset = os.path.basename(data.train.paths[i]).split('_')[0]
+        synset = os.path.basename(data.train.path(i)).split('_')[0]
         assert int(item['y']) == sorted(SYNSETS).index(synset) and item['y'].dtype == torch.int64
         assert item['x'].shape == (3, 16, 16) and -1 <= item['x'].min() and item['x'].max() <= 1
     assert get_dataset('imagenet', path=str(imagenet_root), resolution=64).fid_stat == \
@@ -377,13 +377,13 @@ def test_image_folder_with_classes(tmp_path):
     data = get_dataset('image_folder', path=str(tmp_path), resolution=16, random_flip=False)
     assert data.classes == ['apple', 'zebra'] and data.num_classes == 2
     assert len(data.train) == 3 and data.data_shape == (3, 16, 16) and data.kind == 'pixels'
-    labels = {os.path.basename(p): int(data.train[i]['y']) for i, p in enumerate(data.train.paths)}
+    labels = {os.path.basename(data.train.path(i)): int(data.train[i]['y']) for i in range(len(data.train))}
     assert labels == {'c.JPG': 0, 'a.png': 1, 'b.jpg': 1}
     got = np.bincount(data.sample_labels(30000, torch.Generator().manual_seed(0)).numpy(), minlength=2) / 30000
     np.testing.assert_allclose(got, [1 / 3, 2 / 3], atol=0.015)  # 5 binomial std
     # Centre crop of a 24x20 image at 16: bicubic resize to 19x16 then columns 1..16 (ADM rule),
     # computed here with PIL directly.
-    i = data.train.paths.index(str(tmp_path / 'zebra' / 'a.png'))
+    i = [data.train.path(k) for k in range(3)].index(str(tmp_path / 'zebra' / 'a.png'))
     ref = Image.open(tmp_path / 'zebra' / 'a.png').convert('RGB').resize((19, 16), Image.BICUBIC)
     ref = np.asarray(ref)[:, 1:17]
     torch.testing.assert_close(data.train[i]['x'], _to_unit(ref), atol=1e-6, rtol=0)

@@ -93,7 +93,7 @@ class NoiseScheduleVP:
     schedule='linear': beta(t) = beta_0 + t (beta_1 - beta_0), log alpha_t = -(beta_1 - beta_0) t^2/4 - beta_0 t/2
         (Song et al. 2021, VP-SDE), t in [0, 1].
     schedule='cosine': alpha_t = cos(pi/2 (t + s)/(1 + s)) / cos(pi/2 s / (1 + s)), s = 0.008 (Nichol &
-        Dhariwal 2021), t in [0, T] with T ~ 0.9946 where beta(t) reaches 999.
+        Dhariwal 2021), t in [0, T] with T ~ 0.998 where beta(t) reaches 999.
 
     All methods take t as a tensor of any shape (or a number) and compute in t's floating dtype. The discrete
     tables are kept in float64 and cast to t's dtype when used.

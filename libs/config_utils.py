@@ -50,18 +50,23 @@ def flat_keys(config, prefix=""):
 
 
 def suggest_keys(key, config, n=3):
-    """The existing leaf keys closest to `key` (difflib), best first."""
+    """The existing leaf keys closest to `key` (difflib), best first; only near-ties of the best."""
     leaves = [k for k in flat_keys(config) if not isinstance(_lookup(config, k)[1], (ml_collections.ConfigDict, dict))]
-    close = difflib.get_close_matches(key, leaves, n=n, cutoff=0.7)
-    # A misspelled leaf under the right parent ('nnet.dpth') or a right leaf under a misspelled
-    # parent ('trian.n_steps') can score low against full paths: also match the last component.
     leaf = key.rsplit(".", 1)[-1]
-    for k in leaves:
-        if len(close) >= n:
-            break
-        if k not in close and difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1]], n=1, cutoff=0.8):
-            close.append(k)
-    return close
+
+    def score(k):
+        # The full path catches a misspelled section ('trian.n_steps'); the last component alone a
+        # key under the wrong section ('train.lr' -> 'optimizer.lr'), slightly discounted.
+        full = difflib.SequenceMatcher(None, key, k).ratio()
+        last = difflib.SequenceMatcher(None, leaf, k.rsplit(".", 1)[-1]).ratio()
+        prefix = 0.8 if len(leaf) >= 3 and k.rsplit(".", 1)[-1].startswith(leaf) else 0.0  # 'ema' -> 'ema_rate'
+        return max(full, 0.95 * last, prefix)
+
+    scored = sorted(((score(k), k) for k in leaves), key=lambda sk: (-sk[0], sk[1]))
+    if not scored or scored[0][0] < 0.7:
+        return []
+    best = scored[0][0]
+    return [k for s, k in scored[:n] if s >= best - 0.08]
 
 
 def _lookup(config, key):

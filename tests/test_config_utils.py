@@ -1,0 +1,181 @@
+"""Config flags and validation: typos, wrong types, out-of-range values, workdir naming."""
+import glob
+import importlib
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+from absl import flags
+
+from libs.config_utils import (check_overrides, config_overrides, define_config_flag, parse_and_validate,
+                               suggest_keys, workdir_for)
+from libs.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def base():
+    from configs.base import get_config
+    config = get_config()
+    config.nnet = ml_collections.ConfigDict(dict(name="uvit", img_size=32, patch_size=2, in_chans=3, embed_dim=64,
+                                                 depth=2, num_heads=2, mlp_ratio=4, num_classes=-1))
+    return config
+
+
+def paper_configs():
+    files = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+    return [os.path.splitext(os.path.basename(f))[0] for f in files if not os.path.basename(f).startswith(("_", "base"))]
+
+
+@pytest.mark.parametrize("name", paper_configs())
+def test_every_shipped_config_is_valid(name):
+    config = importlib.import_module(f"configs.{name}").get_config()
+    # The README's launch: 8 processes (or 1 for the CPU demo); every global batch must split over them.
+    world = 1 if config.train.batch_size % 8 else 8
+    parse_and_validate(config, world_size=world)
+
+
+def test_config_without_optional_sections_is_fine():
+    parse_and_validate(ml_collections.ConfigDict({"nnet": {"name": "uvit", "img_size": 8, "patch_size": 2}}),
+                       world_size=3)
+    parse_and_validate(ml_collections.ConfigDict(), world_size=1)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("train.n_steps", -5, "config.train.n_steps: = -5 must be > 0"),
+    ("train.n_steps", 0, "config.train.n_steps: = 0 must be > 0"),
+    ("train.save_interval", 0, "config.train.save_interval: = 0 must be > 0"),
+    ("train.log_interval", 2.5, "config.train.log_interval: = 2.5 must be an integer"),
+    ("optimizer.lr", 0.0, "config.optimizer.lr: = 0.0 must be > 0"),
+    ("optimizer.lr", float("nan"), "config.optimizer.lr: = nan must be a number"),
+    ("optimizer.name", "adam_w", "config.optimizer.name: = 'adam_w' is not one of 'adamw' (did you mean 'adamw'?)"),
+    ("lr_scheduler.name", "cosin", "config.lr_scheduler.name: = 'cosin' is not one of"),
+    ("ema_rate", 1.0, "config.ema_rate: = 1.0 must be < 1 (allowed: [0, 1))"),
+    ("dataset.p_uncond", 1.5, "config.dataset.p_uncond: = 1.5 must be <= 1 (allowed: [0, 1])"),
+    ("sample.algorithm", "ddim", "config.sample.algorithm: = 'ddim' is not one of"),
+    ("optimizer.betas", (0.9, 1.2), "config.optimizer.betas: = (0.9, 1.2) must be two numbers in [0, 1)"),
+    ("nnet.patch_size", 3, "config.nnet.patch_size: = 3 does not divide nnet.img_size = 32"),
+    ("nnet.num_heads", 3, "config.nnet.num_heads: = 3 does not divide nnet.embed_dim = 64"),
+    ("grad_clip", -1.0, "config.grad_clip: = -1.0 must be >= 0"),
+])
+def test_out_of_range_values_name_the_key(key, value, expected):
+    config = base()
+    parent, leaf = key.rsplit(".", 1) if "." in key else ("", key)
+    if parent:  # rebuilt, because ConfigDict refuses to turn an int field into a float
+        config[parent] = ml_collections.ConfigDict({**config[parent].to_dict(), leaf: value})
+    else:
+        config[leaf] = value
+    with pytest.raises(ConfigError) as info:
+        parse_and_validate(config, world_size=1)
+    assert str(info.value).startswith(expected), str(info.value)
+
+
+def test_batch_that_does_not_split_over_processes():
+    config = base()
+    config.train.batch_size = 100
+    with pytest.raises(ConfigError) as info:
+        parse_and_validate(config, world_size=8)
+    msg = str(info.value)
+    assert msg.startswith("config.train.batch_size: = 100 does not split over 8 processes")
+    assert "--config.train.batch_size=96 or 104" in msg
+    parse_and_validate(config, world_size=4)  # 100 = 4 x 25 is fine
+
+
+def test_every_problem_is_reported_at_once():
+    config = base()
+    config.train.n_steps = -1
+    config.optimizer.lr = -1.0
+    with pytest.raises(ConfigError) as info:
+        parse_and_validate(config, world_size=1)
+    msg = str(info.value)
+    assert msg.startswith("2 problems in the config:") and "train.n_steps" in msg and "optimizer.lr" in msg
+
+
+def test_latent_shape_must_match_the_network():
+    config = base()
+    config.z_shape = (4, 32, 32)
+    with pytest.raises(ConfigError, match=r"config.nnet.in_chans: = 3 differs from z_shape\[0\] = 4"):
+        parse_and_validate(config, world_size=1)
+
+
+def test_typo_override_suggests_the_closest_keys():
+    config = base()
+    with pytest.raises(ConfigError) as info:
+        check_overrides(config, ["--config.nnet.dpth=4"])
+    assert str(info.value) == "--config.nnet.dpth: the config has no key 'nnet.dpth'; did you mean --config.nnet.depth?"
+    with pytest.raises(ConfigError, match=r"did you mean --config\.train\.batch_size\?"):
+        check_overrides(config, ["--config.trian.batch_size=4"])
+    assert suggest_keys("optimizer.weight_decy", config)[0] == "optimizer.weight_decay"
+    check_overrides(config, ["--config.nnet.depth=4", "--workdir=x", "train.n_steps=3"])  # all fine
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("--config.nnet.depth=abc", "--config.nnet.depth=abc: 'nnet.depth' takes an integer"),
+    ("--config.train.n_steps=1.5", "--config.train.n_steps=1.5: 'train.n_steps' takes an integer"),
+    ("--config.optimizer.lr=fast", "--config.optimizer.lr=fast: 'optimizer.lr' takes a number"),
+    ("--config.dataset.cfg=maybe", "--config.dataset.cfg=maybe: 'dataset.cfg' takes a boolean"),
+    ("--config.optimizer.betas=high", "--config.optimizer.betas=high: 'optimizer.betas' takes a tuple of numbers"),
+])
+def test_wrong_type_names_the_key(override, expected):
+    with pytest.raises(ConfigError) as info:
+        check_overrides(base(), [override])
+    assert str(info.value).startswith(expected)
+
+
+def test_right_types_pass():
+    check_overrides(base(), ["--config.optimizer.lr=1e-3", "--config.optimizer.lr=1", "--config.dataset.cfg=true",
+                             "--config.optimizer.betas=(0.9, 0.99)", "--config.seed=0x10"])
+
+
+def _flag_values(argv):
+    fv = flags.FlagValues()
+    holder = define_config_flag("config", flag_values=fv, sys_argv=argv)
+    fv(argv)
+    return holder
+
+
+def test_config_flag_parses_and_applies_overrides():
+    cfg = os.path.join(ROOT, "configs", "cifar10_uvit_small.py")
+    holder = _flag_values(["train.py", f"--config={cfg}", "--config.nnet.depth=4", "--config.optimizer.lr=1e-3"])
+    assert holder.value.nnet.depth == 4 and holder.value.optimizer.lr == 1e-3
+
+
+def test_config_flag_typo_is_a_clean_flags_error():
+    cfg = os.path.join(ROOT, "configs", "cifar10_uvit_small.py")
+    with pytest.raises(flags.IllegalFlagValueError, match=r"did you mean --config\.nnet\.depth\?"):
+        _flag_values(["train.py", f"--config={cfg}", "--config.nnet.dpth=4"])
+    with pytest.raises(flags.IllegalFlagValueError, match="config file '.*cifar_uvit_small.py' not found; did you mean"):
+        _flag_values(["train.py", f"--config={os.path.join(ROOT, 'configs', 'cifar_uvit_small.py')}"])
+
+
+def test_user_sees_one_line_not_a_traceback(tmp_path):
+    script = tmp_path / "script.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {ROOT!r})\nfrom absl import app\n"
+        "from libs.config_utils import define_config_flag\nC = define_config_flag()\n"
+        "app.run(lambda argv: None)\n")
+    out = subprocess.run([sys.executable, str(script), f"--config={ROOT}/configs/cifar10_uvit_small.py",
+                          "--config.train.batch_sise=64"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert "--config.train.batch_sise: the config has no key 'train.batch_sise'; did you mean " \
+           "--config.train.batch_size?" in out.stderr
+
+
+@pytest.mark.parametrize("config_path, overrides, expected", [
+    ("configs/cifar10_uvit_small.py", [], "workdir/cifar10_uvit_small/default"),
+    ("configs/mscoco_uvit_small.py", ["--config.nnet.depth=16"], "workdir/mscoco_uvit_small/depth=16"),
+    ("configs/x.py", ["--config.nnet.depth=16", "--config.train.batch_size=64", "--workdir=y"],
+     "workdir/x/depth=16-batch_size=64"),
+    ("configs/x.py", ["--config.dataset.path=/data/in", "--config.autoencoder.pretrained_path=/a/b/kl.pth"],
+     "workdir/x/pretrained_path=kl"),
+])
+def test_workdir_is_the_originals(config_path, overrides, expected):
+    assert workdir_for(config_path, overrides) == expected
+
+
+def test_config_overrides_picks_only_config_flags():
+    argv = ["--config=c.py", "--config.a=1", "--workdir=w", "--noconfig.b", "--configx=2"]
+    assert config_overrides(argv) == ["--config.a=1", "--noconfig.b"]

@@ -374,6 +374,8 @@ def test_image_folder_with_classes(tmp_path):
     _save(tmp_path / 'apple' / 'c.JPG', seed=3)
     (tmp_path / 'empty_class').mkdir()
     (tmp_path / 'zebra' / 'notes.txt').write_text('not an image')
+    (tmp_path / 'zebra' / '._a.png').write_bytes(b'macOS resource fork, not an image')
+    _save(tmp_path / '.hidden_class' / 'x.png')
     data = get_dataset('image_folder', path=str(tmp_path), resolution=16, random_flip=False)
     assert data.classes == ['apple', 'zebra'] and data.num_classes == 2
     assert len(data.train) == 3 and data.data_shape == (3, 16, 16) and data.kind == 'pixels'

@@ -161,15 +161,19 @@ def load_rgb(path):
 
 
 def list_images(folder, recursive=True):
-    """Sorted paths of the image files under `folder` (by extension, case-insensitive)."""
+    """Sorted paths of the image files under `folder` (by extension, case-insensitive). Hidden files
+    and folders are skipped (e.g. macOS '._x.jpg' resource forks, which are not images)."""
+    def wanted(name):
+        return not name.startswith('.') and name.lower().endswith(IMAGE_EXTENSIONS)
+
     found = []
     if recursive:
         for root, dirs, files in os.walk(folder, followlinks=True):
-            dirs.sort()
-            found.extend(os.path.join(root, f) for f in files if f.lower().endswith(IMAGE_EXTENSIONS))
+            dirs[:] = sorted(d for d in dirs if not d.startswith('.'))
+            found.extend(os.path.join(root, f) for f in files if wanted(f))
     else:
         found = [os.path.join(folder, f) for f in os.listdir(folder)
-                 if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(folder, f))]
+                 if wanted(f) and os.path.isfile(os.path.join(folder, f))]
     return sorted(found)
 
 

@@ -131,24 +131,69 @@ class ShardWriter:
             self.labels[start:stop] = np.asarray(labels, dtype=np.int64)
         self.filled[start:stop] = True
 
+    def set_caption_counts(self, counts):
+        """counts: number of captions of each of the shard's n samples (sums to the contexts' rows)."""
+        offsets = np.zeros(self.n + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum(counts)
+        if len(counts) != self.n or offsets[-1] != len(self.contexts):
+            raise InputError(f"{len(counts)} caption counts summing to {offsets[-1]} do not match the shard's "
+                             f"{self.n} samples and {len(self.contexts)} contexts.")
+        self.context_offsets[:] = offsets
+        return offsets
+
+    def write_context_rows(self, row, contexts):
+        """Store contexts (m, 77, D) as rows row..row+m-1 (captions of all samples, in sample order)."""
+        contexts = np.asarray(contexts)
+        if not np.isfinite(contexts).all():
+            raise InputError(f"contexts of shard {self.index} rows {row}..{row + len(contexts) - 1} hold NaN/inf; "
+                             "check the CLIP weights.")
+        self.contexts[row:row + len(contexts)] = contexts
+
     def write_contexts(self, contexts_per_sample):
         """contexts_per_sample: list over the shard's samples of (K_i, 77, D) arrays, in sample order."""
-        offsets = np.zeros(self.n + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum([len(c) for c in contexts_per_sample])
-        if len(contexts_per_sample) != self.n or offsets[-1] != len(self.contexts):
-            raise InputError("contexts do not match the shard's sample and caption counts.")
+        offsets = self.set_caption_counts([len(c) for c in contexts_per_sample])
         for i, c in enumerate(contexts_per_sample):
-            self.contexts[offsets[i]:offsets[i + 1]] = c
-        self.context_offsets[:] = offsets
+            self.write_context_rows(int(offsets[i]), c)
 
     def commit(self, record=None):
-        """Rename the arrays into place, then write the shard record (the completion marker)."""
+        """Rename the arrays into place, then write the shard record (the completion marker).
+
+        record: JSON-able facts kept with the shard; extraction scripts put 'source_range' and
+        'settings' there for pending_shards to check on resume.
+        """
         if not self.filled.all():
             raise InputError(f"shard {self.index}: {int((~self.filled).sum())} of {self.n} samples were never written.")
         self._close(None, None, None)
         record = dict(record or {})
         record.update(index=self.index, n=self.n, moments_shape=list(self.moments_shape), dtype=self.dtype)
         atomic_write_bytes(json.dumps(record, indent=1).encode(), os.path.join(self.folder, shard_name(self.index) + ".json"))
+
+
+def _normalise(obj):
+    return json.loads(json.dumps(obj))
+
+
+def pending_shards(folder, plan, rank=0, world=1, settings=None):
+    """This process's shards, plan[rank::world], that are not complete yet.
+
+    Shards already complete must have been written from the same source range with the same
+    `settings` (a JSON-able dict: resolution, autoencoder, dtype...); otherwise the folder mixes two
+    extractions and InputError says so rather than silently combining them.
+    """
+    settings = _normalise(settings or {})
+    todo = []
+    for k, start, stop in plan[rank::world]:
+        if not shard_is_complete(folder, k):
+            todo.append((k, start, stop))
+            continue
+        with open(os.path.join(folder, shard_name(k) + ".json")) as f:
+            record = json.load(f)
+        if record.get("source_range") != [start, stop] or record.get("settings", {}) != settings:
+            raise InputError(f"'{folder}' already holds {shard_name(k)} from an extraction with other settings "
+                             f"(range {record.get('source_range')} vs {[start, stop]}, settings "
+                             f"{record.get('settings')} vs {settings}); use the same flags to resume, or a new "
+                             "output folder.")
+    return todo
 
 
 def write_manifest(folder, num_shards, info=None):

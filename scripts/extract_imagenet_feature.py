@@ -1,0 +1,141 @@
+"""Encode the ImageNet training set into autoencoder moments for imagenet{256,512}_features.
+
+Every image is centre-cropped as guided-diffusion (ADM) does it (BOX halving, BICUBIC resize of the
+short side, centre crop), scaled to [-1, 1], and encoded together with its horizontal flip: entry
+2i holds the moments of image i and entry 2i+1 those of its mirror image, both with the label of
+image i = the index of its class folder among the sorted class folders (torchvision ImageFolder's rule).
+
+Output: the packed format of libs/features.py, shard by shard; a stopped run resumes where it
+stopped (finished shards are skipped). Several processes split the shards:
+
+    python scripts/extract_imagenet_feature.py --imagenet_train assets/datasets/ImageNet/train \\
+        --resolution 256 --output assets/datasets/imagenet256_features
+    accelerate launch --num_processes 8 scripts/extract_imagenet_feature.py ...   # same flags
+"""
+import argparse
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.data import DataLoader, Dataset  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from libs import features  # noqa: E402
+from libs.autoencoder import DEFAULT_PATH, get_model  # noqa: E402
+from libs.datasets.base import adm_center_crop, list_images, load_rgb, uint8_to_unit_range  # noqa: E402
+from libs.errors import InputError, MissingFileError, UViTError  # noqa: E402
+from libs.logging_utils import setup_logging  # noqa: E402
+
+logger = logging.getLogger("extract_imagenet_feature")
+
+
+def list_imagenet(root):
+    """(paths, labels, class names): class folders sorted by name, images sorted within each."""
+    if not os.path.isdir(root):
+        raise MissingFileError(f"ImageNet training folder '{root}' not found. Pass --imagenet_train <folder with "
+                               "one sub-folder per class (n01440764/, ...)>.")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        raise InputError(f"'{root}' has no class sub-folders; ImageNet's train folder holds one folder per class.")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        found = list_images(os.path.join(root, name))
+        paths += found
+        labels += [label] * len(found)
+    if not paths:
+        raise InputError(f"no images under '{root}'.")
+    return paths, labels, classes
+
+
+class CenterCropped(Dataset):
+    """Image i -> ((3, R, R) float32 in [-1, 1], label)."""
+
+    def __init__(self, paths, labels, resolution):
+        self.paths, self.labels, self.resolution = paths, labels, resolution
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        img = adm_center_crop(load_rgb(self.paths[i]), self.resolution)
+        return uint8_to_unit_range(np.asarray(img)), self.labels[i]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--imagenet_train", required=True, help="ImageNet train folder (one sub-folder per class)")
+    p.add_argument("--output", required=True, help="feature folder to write (config.dataset.path)")
+    p.add_argument("--resolution", type=int, default=256, help="crop size in pixels (256 or 512; multiple of 8)")
+    p.add_argument("--autoencoder", default=DEFAULT_PATH, help="autoencoder checkpoint (see libs/autoencoder.py)")
+    p.add_argument("--batch_size", type=int, default=64, help="images per forward pass (x2 with the flips)")
+    p.add_argument("--shard_size", type=int, default=2048, help="images per shard (the unit of resuming)")
+    p.add_argument("--dtype", default="float32", choices=features.STORAGE_DTYPES, help="storage precision")
+    p.add_argument("--num_workers", type=int, default=8, help="image decoding processes per extraction process")
+    p.add_argument("--autocast", default="no", choices=["no", "fp16", "bf16"],
+                   help="run the encoder under autocast (faster on GPUs; not bit-identical to the original's fp32)")
+    return p.parse_args(argv)
+
+
+def encode_shard(args, state, autoencoder, data, k, start, stop, settings):
+    loader = DataLoader(torch.utils.data.Subset(data, range(start, stop)), batch_size=args.batch_size,
+                        num_workers=args.num_workers, shuffle=False)
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.autocast)
+    with features.ShardWriter(args.output, k, 2 * (stop - start), autoencoder_moments_shape(autoencoder, args),
+                              dtype=args.dtype, with_labels=True) as writer:
+        pos = 0
+        for x, y in loader:
+            x = x.to(state.device)
+            with torch.no_grad(), torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):
+                moments = autoencoder.encode_moments(torch.cat([x, x.flip(-1)])).float().cpu()
+            b = len(x)
+            # Interleave: entry 2i = image i, 2i+1 = its flip.
+            inter = torch.stack([moments[:b], moments[b:]], dim=1).flatten(0, 1)
+            writer.write(pos, inter.numpy(), y.repeat_interleave(2).numpy())
+            pos += 2 * b
+            yield b
+        writer.commit({"source_range": [start, stop], "settings": settings})
+
+
+def autoencoder_moments_shape(autoencoder, args):
+    r = args.resolution // autoencoder.downsample_factor
+    return (2 * autoencoder.embed_dim, r, r)
+
+
+def main(argv=None):
+    from accelerate import PartialState
+
+    args = parse_args(argv)
+    state = PartialState()
+    setup_logging(state.is_main_process)
+    if args.resolution % 8:
+        raise InputError(f"--resolution must be a multiple of 8, got {args.resolution}.")
+    paths, labels, classes = list_imagenet(args.imagenet_train)
+    autoencoder = get_model(args.autoencoder).to(state.device)
+    settings = {"resolution": args.resolution, "autoencoder": os.path.abspath(args.autoencoder),
+                "dtype": args.dtype, "autocast": args.autocast, "num_images": len(paths), "flip": True}
+    plan = features.plan_shards(len(paths), args.shard_size)
+    todo = features.pending_shards(args.output, plan, state.process_index, state.num_processes, settings)
+    logger.info("%d images in %d classes -> %d shards; process %d/%d has %d left", len(paths), len(classes),
+                len(plan), state.process_index, state.num_processes, len(todo))
+    data = CenterCropped(paths, labels, args.resolution)
+    with tqdm(total=sum(stop - start for _, start, stop in todo), unit="img", disable=not state.is_main_process,
+              desc="encode") as bar:
+        for k, start, stop in todo:
+            for n in encode_shard(args, state, autoencoder, data, k, start, stop, settings):
+                bar.update(n)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        manifest = features.write_manifest(args.output, len(plan), info={**settings, "classes": classes})
+        logger.info("wrote %d feature entries to %s", manifest["num_samples"], args.output)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UViTError as e:
+        logging.getLogger("extract_imagenet_feature").error("%s", e)
+        sys.exit(1)

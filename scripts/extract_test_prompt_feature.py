@@ -1,0 +1,106 @@
+"""Encode the fixed visualisation prompts with CLIP: the rows of text-to-image sample grids.
+
+Writes <output>/vis_prompts.json (the K prompts) and <output>/vis_contexts.npy ((K, 77, 768) float32).
+By default the prompts are the twelve MS-COCO val2014 captions the original used for its training
+grids (run_vis); --prompts_file gives others, one per line. Skips the work when both files exist
+and hold the same prompts (use --overwrite to redo).
+
+    python scripts/extract_test_prompt_feature.py --output assets/datasets/coco256_features
+"""
+import argparse
+import json
+import logging
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder  # noqa: E402
+from libs.errors import InputError, MissingFileError, UViTError  # noqa: E402
+from libs.io_utils import atomic_write_bytes  # noqa: E402
+from libs.logging_utils import setup_logging  # noqa: E402
+
+logger = logging.getLogger("extract_test_prompt_feature")
+VIS_PROMPTS_FILE, VIS_CONTEXTS_FILE = "vis_prompts.json", "vis_contexts.npy"
+
+# MS-COCO val2014 captions, the original's visualisation prompts.
+DEFAULT_PROMPTS = [
+    "A green train is coming down the tracks.",
+    "A group of skiers are preparing to ski down a mountain.",
+    "A small kitchen with a low ceiling.",
+    "A group of elephants walking in muddy water.",
+    "A living area with a television and a table.",
+    "A road with traffic lights, street lights and cars.",
+    "A bus driving in a city area with traffic signs.",
+    "A bus pulls over to the curb close to an intersection.",
+    "A group of people are walking and one is holding an umbrella.",
+    "A baseball player taking a swing at an incoming ball.",
+    "A city street line with brick buildings and trees.",
+    "A close up of a plate of broccoli and sauce.",
+]
+
+
+def read_prompts(path):
+    """Non-empty lines of a UTF-8 text file."""
+    if not os.path.isfile(path):
+        raise MissingFileError(f"prompts file '{path}' not found (one prompt per line).")
+    with open(path, encoding="utf-8") as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise InputError(f"prompts file '{path}' holds no prompts.")
+    return prompts
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", required=True, help="feature root (config.dataset.path)")
+    p.add_argument("--prompts_file", default=None, help="text file, one prompt per line (default: the built-in list)")
+    p.add_argument("--clip", default=CLIP_VERSION, help="CLIP text model: hub id (local cache) or directory")
+    p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
+    p.add_argument("--batch_size", type=int, default=64)
+    p.add_argument("--overwrite", action="store_true", help="recompute even if the files exist")
+    return p.parse_args(argv)
+
+
+def _up_to_date(prompts_path, contexts_path, prompts):
+    if not (os.path.isfile(prompts_path) and os.path.isfile(contexts_path)):
+        return False
+    with open(prompts_path) as f:
+        return json.load(f) == prompts
+
+
+def main(argv=None):
+    import io
+
+    from accelerate import PartialState
+
+    args = parse_args(argv)
+    state = PartialState()
+    setup_logging(state.is_main_process)
+    prompts = read_prompts(args.prompts_file) if args.prompts_file else list(DEFAULT_PROMPTS)
+    prompts_path = os.path.join(args.output, VIS_PROMPTS_FILE)
+    contexts_path = os.path.join(args.output, VIS_CONTEXTS_FILE)
+    if state.is_main_process:  # a dozen prompts: nothing to split between processes
+        if _up_to_date(prompts_path, contexts_path, prompts) and not args.overwrite:
+            logger.info("%s is up to date; nothing to do (--overwrite to recompute)", contexts_path)
+        else:
+            clip = FrozenCLIPEmbedder(args.clip, device=args.device)
+            contexts = np.concatenate([clip(prompts[i:i + args.batch_size]).cpu().numpy()
+                                       for i in range(0, len(prompts), args.batch_size)]).astype(np.float32)
+            buf = io.BytesIO()
+            np.save(buf, contexts)
+            # Contexts first, prompts last: the prompts file names what the contexts hold.
+            atomic_write_bytes(buf.getvalue(), contexts_path)
+            atomic_write_bytes(json.dumps(prompts, indent=1).encode(), prompts_path)
+            logger.info("wrote %d prompt contexts %s to %s", len(prompts), contexts.shape, contexts_path)
+    state.wait_for_everyone()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except UViTError as e:
+        logging.getLogger("extract_test_prompt_feature").error("%s", e)
+        sys.exit(1)

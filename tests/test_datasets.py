@@ -165,6 +165,7 @@ def test_cifar10_dataloader_workers_reproducible(cifar_root):
         return [(b['x'], b['y']) for b in loader]
 
     a, b = run(), run()
+    assert a[0][0].shape == (50, 3, 32, 32) and a[0][1].shape == (50,) and a[0][1].dtype == torch.int64
     assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(a, b))
 
 
@@ -323,6 +324,13 @@ def test_imagenet_labels_shapes_and_kinds(imagenet_root):
     assert big.image_shape == (3, 256, 256) and big.train[0]['x'].shape == (3, 256, 256)
     assert big.fid_stat == 'assets/fid_stats/fid_stats_imagenet256_guided_diffusion.npz'
     assert get_dataset('imagenet', path=str(imagenet_root), resolution=512).data_shape == (4, 64, 64)
+
+
+def test_imagenet_rejects_other_layouts(tmp_path):
+    _save(tmp_path / 'train' / 'n01000001' / 'n01000001_1.JPEG', fmt='JPEG')
+    _save(tmp_path / 'train' / 'n01000001' / '0002.png')
+    with pytest.raises(ConfigError, match='image_folder'):
+        get_dataset('imagenet', path=str(tmp_path), resolution=16)
 
 
 def test_imagenet_sample_labels_empirical(imagenet_root):

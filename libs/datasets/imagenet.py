@@ -16,7 +16,7 @@ import os
 
 from libs.datasets.base import (DatasetBase, ImageFileDataset, adm_center_crop, adm_random_crop, check_dataset_path,
                                 check_resolution, class_counts_of, list_images, resolve_kind)
-from libs.errors import MissingFileError
+from libs.errors import ConfigError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,15 @@ class ImageNet(DatasetBase):
         if not files:
             raise MissingFileError(f"imagenet: no images under '{train_dir}'. {HOW_TO_PREPARE}")
         synsets = [synset_of(f) for f in files]
+        # Labels come from the file names, as the original; a tree whose names do not start with their
+        # folder's synset (e.g. re-encoded '0001.png' files) would give every file its own class.
+        prefix = len(os.path.join(train_dir, ''))
+        odd = next((f for f, s in zip(files, synsets) if f[prefix:].split(os.sep, 1)[0] != s), None)
+        if odd is not None:
+            raise ConfigError(
+                f"imagenet: '{odd}' is not named <synset>_<n>.JPEG inside its synset folder train/<synset>/, the "
+                f"layout of ILSVRC2012_img_train.tar. {HOW_TO_PREPARE} For images laid out otherwise (one "
+                "folder per class, any file names) use config.dataset.name='image_folder'.")
         self.classes = sorted(set(synsets))
         index = {s: i for i, s in enumerate(self.classes)}
         labels = [index[s] for s in synsets]

@@ -32,7 +32,8 @@ class DatasetBase:
             'y' (int64 scalar) when the data is labelled.
         data_shape: shape of x0 the network sees: (C, H, W) for pixels, the latent shape
             (4, H/8, W/8) for kind 'images_for_autoencoder'.
-        kind: 'pixels' or 'images_for_autoencoder' (raw images the training script encodes).
+        kind: 'pixels', 'images_for_autoencoder' (raw images the training script encodes) or
+            'latent_moments' (precomputed autoencoder moments, libs/datasets/features.py).
         num_classes: number of data classes, 0 for unlabelled data.
         fid_stat: path of the FID reference statistics (may not exist yet), or None.
         image_shape: (C, H, W) of the items' 'x' (equal to data_shape for pixels).
@@ -106,7 +107,8 @@ class TensorImageDataset(Dataset):
 
     def __getitem__(self, idx):
         x = self.images[idx]
-        x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float()
+        # clone: a float item must not be a view into the dataset, which in-place ops would corrupt.
+        x = x.float() / 127.5 - 1.0 if x.dtype == torch.uint8 else x.float().clone()
         item = {'x': maybe_flip(x, self.random_flip)}
         if self.labels is not None:
             item['y'] = self.labels[idx]

@@ -9,8 +9,9 @@ Backends (all compute softmax(q k^T * scale) v, no mask, no dropout):
 - 'math':     an explicit softmax, the readable reference the other two are tested against.
 
 The choice is made once per process: `set_attention_backend(name)`, else the environment
-variable UVIT_ATTENTION, else 'auto' ('xformers' on CUDA when installed, else 'sdpa'). Nothing is
-imported or logged at import time; the resolved backend is logged the first time it is used.
+variable UVIT_ATTENTION (read at import), else 'auto' ('xformers' on CUDA when installed, else
+'sdpa'). xformers is imported when a network is built (`prepare`), never at import; nothing is
+printed; the resolved backend is logged once, the first time it is used outside torch.compile.
 
 Precision: q, k, v are passed to the kernel in the dtype they arrive in. Under fp16/bf16 autocast
 they are already low precision (the qkv Linear ran under autocast), and we do NOT upcast them to
@@ -34,24 +35,48 @@ logger = logging.getLogger(__name__)
 BACKENDS = ("auto", "sdpa", "xformers", "math")
 ENV_VAR = "UVIT_ATTENTION"
 
-_requested = None  # set by set_attention_backend or, at first use, from the environment
+
+def _normalise(name):
+    return (name or "auto").strip().lower()
+
+
+# Read once, here; validated by `prepare` / first use so that a bad value cannot break an import.
+_requested = _normalise(os.environ.get(ENV_VAR))
 _xformers_ops = None  # the xformers.ops module once imported, False if it cannot be
 
 
-def set_attention_backend(name):
-    """Choose the attention backend for this process: 'auto', 'sdpa', 'xformers' or 'math'."""
-    global _requested
+def _validate(name):
     if name not in BACKENDS:
         raise ConfigError(f"unknown attention backend '{name}'; choose one of {', '.join(BACKENDS)} "
                           f"(via set_attention_backend or the {ENV_VAR} environment variable)")
+
+
+def set_attention_backend(name=None):
+    """Choose the attention backend for this process: 'auto', 'sdpa', 'xformers' or 'math'.
+
+    None re-reads the UVIT_ATTENTION environment variable (default 'auto').
+    """
+    global _requested
+    name = _normalise(os.environ.get(ENV_VAR) if name is None else name)
+    _validate(name)
     _requested = name
+    prepare()
 
 
 def get_attention_backend():
-    """The requested backend name (before the per-device fallback), reading UVIT_ATTENTION once."""
-    if _requested is None:
-        set_attention_backend(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
+    """The requested backend name (before the per-device fallback)."""
+    _validate(_requested)
     return _requested
+
+
+def prepare():
+    """Validate the request and import xformers if it may be used.
+
+    Called when a network is built, so that nothing is imported or mutated inside the forward
+    pass (torch.compile cannot trace a global changing inside a checkpointed block).
+    """
+    if get_attention_backend() in ("auto", "xformers"):
+        _xformers()
 
 
 def _xformers():

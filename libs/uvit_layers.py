@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 import torch.utils.checkpoint
 
+from libs import attention as attention_backends
 from libs.attention import attention
 from libs.errors import InputError
 
@@ -155,6 +156,7 @@ class UViTBase(nn.Module):
 
     def __init__(self, img_size, patch_size, in_chans, embed_dim, mlp_time_embed):
         super().__init__()
+        attention_backends.prepare()  # fail early on a bad UVIT_ATTENTION; import xformers outside forward
         if img_size % patch_size:
             raise InputError(f"img_size {img_size} is not divisible by patch_size {patch_size}")
         self.img_size = img_size

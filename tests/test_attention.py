@@ -67,12 +67,19 @@ def test_unknown_backend_is_a_config_error():
         attn_mod.set_attention_backend("flash3")
 
 
-def test_environment_variable_is_read_once(monkeypatch):
-    attn_mod._requested = None
-    monkeypatch.setenv(attn_mod.ENV_VAR, "math")
+def test_environment_variable(monkeypatch):
+    monkeypatch.setenv(attn_mod.ENV_VAR, "MATH ")
+    attn_mod.set_attention_backend(None)
     assert attn_mod.get_attention_backend() == "math"
-    monkeypatch.setenv(attn_mod.ENV_VAR, "sdpa")
+    monkeypatch.setenv(attn_mod.ENV_VAR, "sdpa")  # chosen once: a later change is not seen
     assert attn_mod.get_attention_backend() == "math"
+
+
+def test_bad_environment_value_fails_at_model_build_not_import(monkeypatch):
+    from libs.uvit import UViT
+    monkeypatch.setattr(attn_mod, "_requested", "flash9")
+    with pytest.raises(ConfigError, match="flash9.*UVIT_ATTENTION"):
+        UViT(img_size=8, patch_size=2, embed_dim=16, depth=2, num_heads=2)
 
 
 def test_backend_is_logged_once(monkeypatch, caplog):

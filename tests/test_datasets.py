@@ -260,6 +260,18 @@ def test_celeba_crop_geometry(celeba_root):
     assert len(seen) > 1
 
 
+def test_celeba_matches_torchvision_pipeline(celeba_root):
+    # The original's transform: torchvision crop(top=57, left=25, 128, 128), then Resize(64) on the
+    # PIL image, ToTensor, Normalize(0.5, 0.5).
+    import torchvision.transforms as T
+    import torchvision.transforms.functional as TF
+
+    data = get_dataset('celeba', path=str(celeba_root), random_flip=False)
+    img = Image.open(celeba_root / 'img_align_celeba' / '000002.jpg').convert('RGB')
+    ref = T.Normalize(0.5, 0.5)(T.ToTensor()(T.Resize(64)(TF.crop(img, 57, 25, 128, 128))))
+    torch.testing.assert_close(data.train[1]['x'], ref, atol=1e-6, rtol=0)
+
+
 def test_celeba_kaggle_csv_and_missing_split_list(tmp_path, celeba_root):
     img_dir = tmp_path / 'celeba' / 'img_align_celeba'  # torchvision's layout <path>/celeba/...
     img_dir.mkdir(parents=True)

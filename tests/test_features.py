@@ -199,6 +199,13 @@ def test_mscoco_features_dataset(tmp_path):
     np.testing.assert_array_equal(data.empty_context, empty)
     assert data.vis_prompts == ["a cat", "a dog"] and np.array_equal(data.vis_contexts, vis)
     assert len(data.test) == 2
+    # FID contexts: a fixed table over val images (val = moments[:2], contexts[:2]), same for any split.
+    table = data.fid_contexts[torch.arange(4)]
+    assert table.shape == (4, 77, 16)
+    for i in range(4):
+        assert any(torch.equal(table[i], torch.from_numpy(c)) for cs in contexts[:2] for c in cs)
+        assert torch.equal(data.fid_contexts[torch.tensor([i])][0], table[i])
+    assert torch.equal(table[0], table[2]) and not torch.equal(table[0], table[1])  # wraps after the 2 images
     # Caption drawn uniformly per access from torch's default generator: all 3 appear, seeded = reproducible.
     torch.manual_seed(0)
     seen = [which_caption(data.train[0]["context"], contexts[0]) for _ in range(60)]

@@ -35,6 +35,7 @@ FID_STATS = {
     ("mscoco", 256): "assets/fid_stats/fid_stats_mscoco256_val.npz",
 }
 EMPTY_CONTEXT_FILE = "empty_context.npy"
+FID_CONTEXT_SEED = 1234  # the configs' seed; fixes which val captions FID images are drawn with
 VIS_PROMPTS_FILE, VIS_CONTEXTS_FILE = "vis_prompts.json", "vis_contexts.npy"
 
 
@@ -73,6 +74,35 @@ class CaptionedMoments(Dataset):
                 "context": torch.from_numpy(self.reader.context(i, k))}
 
 
+class FIDContexts:
+    """Contexts for FID sampling: image index i -> one caption context of a val2014 image.
+
+    The original drew them from a shuffled val loader (one random caption per image); here image i
+    gets val image perm[i mod N] and one of its captions, both drawn from a generator seeded with
+    FID_CONTEXT_SEED, so every process and every run (and any batch split) uses the same table.
+    contexts[indices] -> (b, 77, D) float32 tensor for a LongTensor / sequence of indices.
+    """
+
+    def __init__(self, reader, seed=None):
+        self.reader = reader
+        g = torch.Generator().manual_seed(FID_CONTEXT_SEED if seed is None else seed)
+        self.perm = torch.randperm(len(reader), generator=g)
+        self.choice = torch.rand(len(reader), generator=g, dtype=torch.float64)
+
+    def __len__(self):
+        return len(self.reader)
+
+    def _one(self, i):
+        j = int(self.perm[int(i) % len(self.reader)])
+        k = min(int(self.choice[j] * self.reader.num_contexts(j)), self.reader.num_contexts(j) - 1)
+        return torch.from_numpy(self.reader.context(j, k))
+
+    def __getitem__(self, indices):
+        if isinstance(indices, (int, np.integer)) or (torch.is_tensor(indices) and indices.dim() == 0):
+            return self._one(indices)
+        return torch.stack([self._one(i) for i in torch.as_tensor(indices).reshape(-1).tolist()])
+
+
 class ImageNetFeatures(DatasetBase):
     """ImageNet 256 or 512 autoencoder moments (each image and its horizontal flip) with class labels.
 
@@ -108,7 +138,8 @@ class MSCOCOFeatures(DatasetBase):
     """MS-COCO 256 autoencoder moments with the CLIP contexts of every caption.
 
     path: the folder with train/, val/, empty_context.npy and the visualisation prompts.
-    Attributes beyond DatasetBase: test (val2014 items, for FID contexts; None when absent),
+    Attributes beyond DatasetBase: test (val2014 items; None when absent), fid_contexts (the
+    val2014 caption contexts to sample FID images with, indexed by image index; None when absent),
     empty_context (77, D) float32 numpy (None when absent), vis_prompts (list of K str),
     vis_contexts (K, 77, D) float32 numpy.
     """
@@ -130,6 +161,7 @@ class MSCOCOFeatures(DatasetBase):
         super().__init__(CaptionedMoments(train), _latent_shape(train.moments_shape), kind=LATENT_KIND,
                          num_classes=0, fid_stat=FID_STATS.get(("mscoco", resolution)))
         self.test = None if test is None else CaptionedMoments(test)
+        self.fid_contexts = None if test is None else FIDContexts(test)
         self.empty_context = _load_empty_context(path)
         self.vis_prompts, self.vis_contexts = _load_vis(path)
         if self.vis_contexts is None:

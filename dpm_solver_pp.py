@@ -486,7 +486,7 @@ class DPM_Solver:
         D2 = (D1_0 - D1_1) / (r0 + r1)  # ~ h^2/2 * d2m/dlambda2
         psi2 = psi1 / H - 1.0
         psi3 = psi2 / H - 0.5
-        return ratio * x - mu_t * (psi1 * m0 + psi2 * D1 + psi3 * D2)
+        return ratio * x - mu_t * (psi1 * m0 + psi2 * D1 + 2.0 * psi3 * D2)
 
     def dpm_solver_adaptive(self, x, order, t_T, t_0, h_init=0.05, atol=0.0078, rtol=0.05, theta=0.9, t_err=1e-5):
         """Adaptive step size (Lu et al. 2022a, Appendix C, Algorithm 3): pair order k-1 with order k sharing stages.

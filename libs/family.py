@@ -170,10 +170,11 @@ class Family:
         return {'context': c}, (None if null is None else {'context': null.to(c).expand_as(c)})
 
     def generate(self, nnet, diffusion, noise, *, cond=None, uncond=None, algorithm='dpm_solver', steps=50,
-                 scale=0.0, autoencoder=None, decode_chunk=50) -> torch.Tensor:
+                 scale=0.0, autoencoder=None, decode_chunk=50, generator=None) -> torch.Tensor:
         """Run the sampler from `noise` (B, *shape) and return images (B, 3, H, W) float32 in [0, 1].
 
         scale: guidance scale s of eps_c + s (eps_c - eps_u) (the original's convention); 0 = no guidance.
+        generator: noise source of the SDE sampler (one torch.Generator per image for exact sharding).
         Latents are decoded `decode_chunk` at a time.
         """
         from libs.sampling import sample
@@ -182,7 +183,7 @@ class Family:
             raise InputError("guided sampling (scale > 0) needs the unconditional inputs (null label / empty context)")
         with torch.no_grad():
             x0 = sample(nnet, diffusion, noise, algorithm=algorithm, steps=steps, cond=cond,
-                        uncond=uncond if scale > 0 else None, scale=scale)
+                        uncond=uncond if scale > 0 else None, scale=scale, generator=generator)
             if self.data == 'latents':
                 if autoencoder is None:
                     raise InputError("decoding latents needs the autoencoder (config.autoencoder.pretrained_path)")
@@ -212,14 +213,17 @@ class Family:
         Image i uses noise seeded by (seed, i) and condition labels[i] / contexts[i] (tables indexed by
         the global image index), so any split of the indices over processes gives the same images.
         """
+        from libs.evaluation import index_generators
+
         def generate_fn(indices):
             indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
+            generator = index_generators(seed, indices, device) if algorithm == 'euler_maruyama_sde' else None
             noise = per_index_noise(indices, seed, shape, device)
             cond, uncond = self.conditions(labels=None if labels is None else labels[indices],
                                            contexts=None if contexts is None else contexts[indices],
                                            null=null, device=device)
             return self.generate(nnet, diffusion, noise, cond=cond, uncond=uncond, algorithm=algorithm, steps=steps,
-                                 scale=scale, autoencoder=autoencoder, decode_chunk=decode_chunk)
+                                 scale=scale, autoencoder=autoencoder, decode_chunk=decode_chunk, generator=generator)
         return generate_fn
 
 

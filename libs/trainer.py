@@ -1,0 +1,476 @@
+"""The one training loop behind train.py, train_ldm.py, train_ldm_discrete.py and train_t2i_discrete.py.
+
+`train(config, workdir, family)` reads top to bottom: accelerate setup, model, data, resume, the
+hot loop, then grids, checkpoints and evaluation at their intervals. What differs between the
+four scripts lives in the `Family` (libs/family.py).
+
+Hot loop rule: no host synchronisation per step. Loss and non-finite counts accumulate in device
+tensors and are read every `log_interval` steps (and before every checkpoint). The only per-step
+sync is the opt-in `config.train.skip_nonfinite_steps > 0`.
+"""
+import dataclasses
+import json
+import logging
+import math
+import os
+import time
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from libs.errors import ConfigError, TrainingDivergedError
+from libs.io_utils import atomic_write_bytes
+from libs.logging_utils import log_once, setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+def dataset_kwargs(config) -> dict:
+    """config.dataset without the keys the engine itself reads (name, cfg, p_uncond)."""
+    return {k: v for k, v in config.dataset.to_dict().items() if k not in ('name', 'cfg', 'p_uncond')}
+
+
+def write_json(obj, path):
+    """Write `obj` as indented JSON, atomically."""
+    atomic_write_bytes((json.dumps(obj, indent=1, sort_keys=True, default=str) + '\n').encode(), path)
+
+
+def to_device(batch: dict, device) -> dict:
+    """Move a loader batch to `device` (asynchronously from pinned memory)."""
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def check_global_batch(batch_size: int, world_size: int) -> int:
+    """The per-process batch; ConfigError when the global batch does not split evenly."""
+    if batch_size <= 0 or batch_size % world_size:
+        raise ConfigError(f"config.train.batch_size={batch_size} is the global batch and must be a positive "
+                          f"multiple of the number of processes ({world_size}); e.g. "
+                          f"--config.train.batch_size={max(world_size, batch_size // world_size * world_size)}")
+    return batch_size // world_size
+
+
+def grid_scale(config) -> float:
+    """Guidance scale of sample grids: config.grid.scale, or config.sample's when negative."""
+    if config.grid.scale >= 0:
+        return float(config.grid.scale)
+    return float(config.sample.scale) if config.sample.cfg else 0.0
+
+
+def eval_shard(accelerator, n: int):
+    """This process's share of image indices 0..n-1 (strided, so shards differ by at most one)."""
+    return torch.arange(n)[accelerator.process_index::accelerator.num_processes]
+
+
+def generate_all(accelerator, generate_fn, n: int, mini_batch_size: int) -> torch.Tensor:
+    """All n images (n, 3, H, W) on the CPU of every process, each made by the process owning its index."""
+    from accelerate.utils import gather_object
+
+    mine = eval_shard(accelerator, n)
+    parts = [(idx, generate_fn(idx).cpu()) for idx in mine.split(max(mini_batch_size, 1))] if len(mine) else []
+    gathered = gather_object(parts) if accelerator.num_processes > 1 else parts
+    out = None
+    for idx, images in gathered:
+        if out is None:
+            out = torch.empty((n, *images.shape[1:]), dtype=images.dtype)
+        out[idx] = images
+    return out
+
+
+def fid_unavailable(config, data) -> str:
+    """'' when FID can be computed, else the reason it cannot (said once)."""
+    if not data.fid_stat or not os.path.exists(data.fid_stat):
+        return (f"the FID reference statistics of dataset {config.dataset.name!r} are missing "
+                f"({data.fid_stat or 'none defined'}); see docs/datasets.md to make them")
+    weights = config.fid.inception_weights
+    if weights and not os.path.exists(weights):
+        return f"config.fid.inception_weights={weights!r} does not exist"
+    return ''
+
+
+def run_fid(accelerator, generate_fn, config, data, n_samples, mini_batch_size):
+    """FID of generate_fn's images against data.fid_stat through libs.evaluation; None when impossible."""
+    from libs.errors import MissingFileError
+    from libs.evaluation import evaluate
+
+    try:
+        return evaluate(accelerator, generate_fn, n_samples, mini_batch_size, data.fid_stat, config.seed,
+                        inception_weights=config.fid.inception_weights)
+    except MissingFileError as e:
+        log_once(logger, f"FID skipped: {e}", logging.WARNING)
+        return None
+
+
+@dataclasses.dataclass
+class Run:
+    """What the helpers of one training run share (built once by `train`)."""
+    config: Any
+    workdir: str
+    family: Any
+    accelerator: Any
+    data: Any
+    nnet: torch.nn.Module  # the bare online network (what is saved)
+    nnet_ema: torch.nn.Module
+    optimizer: Any
+    lr_scheduler: Any
+    loader: Any
+    diffusion: Any
+    autoencoder: Any
+    shape: tuple  # x0 shape the network sees: pixels (C, H, W) or the latent shape
+    null: Any  # null label / empty context of guidance, or None
+    n_nonfinite: torch.Tensor  # device counter of NaN/inf losses, never reset
+    history: dict = dataclasses.field(default_factory=lambda: {'fid': {}, 'score': {}})
+    wandb_run: Any = None
+
+    @property
+    def ckpt_root(self):
+        return os.path.join(self.workdir, 'ckpts')
+
+    @property
+    def device(self):
+        return self.accelerator.device
+
+    def forked_rng(self):
+        """Evaluation draws from its own seeds and must not move the training generators."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == 'cuda' else [])
+
+    def sampling_conditions(self, n):
+        """(labels, contexts) tables for evaluating n images: labels from the dataset's sampling
+        distribution seeded by config.seed; text contexts from the dataset's `fid_contexts`."""
+        labels = contexts = None
+        if self.family.condition == 'label':
+            labels = self.data.sample_labels(n, torch.Generator().manual_seed(self.config.seed))
+        elif self.family.condition == 'text':
+            contexts = getattr(self.data, 'fid_contexts', None)
+        return labels, contexts
+
+
+def check_finite(r: Run, step: int):
+    """Raise TrainingDivergedError when any process saw a NaN/inf loss (one host sync)."""
+    from libs.checkpoint import latest_checkpoint
+
+    bad = int(r.accelerator.reduce(r.n_nonfinite.clone(), 'sum').item())
+    if bad:
+        good = latest_checkpoint(r.ckpt_root)
+        raise TrainingDivergedError(
+            f"the loss became NaN or infinite ({bad} time(s)) by step {step}; nothing was saved after it. The last "
+            f"good checkpoint is {good or 'none (no checkpoint yet)'}. Lower config.optimizer.lr, set config.grad_clip "
+            f"(e.g. 1.0) or config.train.skip_nonfinite_steps, and rerun the same command to resume from it.")
+
+
+def save(r: Run, step: int) -> str:
+    """Checkpoint ckpts/<step>.ckpt (rank 0 writes, all ranks take part); never writes diverged weights."""
+    from libs import checkpoint as ckpt
+
+    check_finite(r, step)
+    rng = ckpt.capture_rng_states_all_ranks()  # collective: every rank's generators
+    path = ckpt.checkpoint_path(r.ckpt_root, step)
+    if r.accelerator.is_main_process:
+        fids = r.history['fid']
+        best = min(fids, key=fids.get) if fids else None
+        scaler = r.accelerator.scaler
+        train_state = {'rng': rng, 'data': r.loader.state_dict(), 'history': r.history,
+                       'scaler': scaler.state_dict() if scaler is not None else None}
+        path = ckpt.save_checkpoint(r.ckpt_root, step, nnet=r.nnet, nnet_ema=r.nnet_ema, optimizer=r.optimizer,
+                                    lr_scheduler=r.lr_scheduler, train_state=train_state,
+                                    keep_last=r.config.train.keep_last_ckpts or None,
+                                    protect=() if best is None else (int(best),))
+    r.accelerator.wait_for_everyone()
+    return path
+
+
+def write_grid(r: Run, step: int):
+    """samples/<step>.png from the EMA network: one row per class or prompt (main process only)."""
+    from libs.sample_grid import save_grid
+
+    g = r.config.grid
+    labels, contexts, n = r.family.grid_conditions(r.data, g.n_rows, g.n_cols)
+    gen = r.family.make_generate_fn(
+        r.nnet_ema, r.diffusion, shape=r.shape, seed=r.config.seed, device=r.device,
+        algorithm=g.algorithm or r.family.default_grid_algorithm(), steps=g.steps, scale=grid_scale(r.config),
+        null=r.null, labels=labels, contexts=contexts, autoencoder=r.autoencoder)
+    with r.forked_rng(), r.accelerator.autocast():
+        images = gen(torch.arange(n))
+    save_grid(images, os.path.join(r.workdir, 'samples', f"{step}.png"), g.n_cols)
+
+
+def evaluate_checkpoint(r: Run, step: int):
+    """FID (when possible) and the dataset's sample metric of the EMA network at `step`; into r.history
+    and <workdir>/score.json. Unguided, with DPM-Solver config.fid.steps, as the original's training FID."""
+    cfg = r.config
+    labels, contexts = r.sampling_conditions(cfg.fid.n_samples)
+    gen = r.family.make_generate_fn(r.nnet_ema, r.diffusion, shape=r.shape, seed=cfg.seed, device=r.device,
+                                    algorithm='dpm_solver', steps=cfg.fid.steps, scale=0.0, labels=labels,
+                                    contexts=contexts, autoencoder=r.autoencoder)
+    with r.forked_rng(), r.accelerator.autocast():
+        reason = fid_unavailable(cfg, r.data) or \
+            ('the dataset gives no captions to sample with' if r.family.condition == 'text' and contexts is None else '')
+        if reason:
+            log_once(logger, f"FID skipped during training: {reason}. Training goes on.", logging.WARNING)
+        else:
+            result = run_fid(r.accelerator, gen, cfg, r.data, cfg.fid.n_samples, cfg.sample.mini_batch_size)
+            if result is not None:
+                r.history['fid'][step] = float(result['fid'])
+                logger.info("step %d: FID-%d %.3f (unguided, %d DPM-Solver steps)", step, result['n'], result['fid'],
+                            cfg.fid.steps)
+        if hasattr(r.data, 'sample_metric'):
+            images = generate_all(r.accelerator, gen, cfg.fid.n_samples, cfg.sample.mini_batch_size)
+            score = r.data.sample_metric(images, labels)
+            r.history['score'][step] = score
+            logger.info("step %d: %s", step, ', '.join(f"{k} {v:.4f}" for k, v in score.items()))
+    if r.accelerator.is_main_process:
+        write_json({'step': step, **r.history}, os.path.join(r.workdir, 'score.json'))
+        if r.wandb_run is not None:
+            logs = {f"eval/{k}": v for k, v in r.history['score'].get(step, {}).items()}
+            if step in r.history['fid']:
+                logs['eval/fid'] = r.history['fid'][step]
+            r.wandb_run.log(logs, step=step)
+
+
+def final_evaluation(r: Run):
+    """Evaluate with config.sample: the best-FID checkpoint's EMA network when FID was computed, otherwise
+    (datasets with a sample metric, e.g. digits) the final EMA network. Writes <workdir>/final_eval.json."""
+    from libs import checkpoint as ckpt
+    from libs.nnet import load_nnet_state_dict
+
+    has_metric = hasattr(r.data, 'sample_metric')
+    if not r.history['fid'] and not has_metric:
+        return None
+    s = r.config.sample
+    scale = float(s.scale) if s.cfg else 0.0
+    result = {'sample': {k: s[k] for k in ('algorithm', 'sample_steps', 'n_samples', 'cfg', 'scale')}}
+    if r.history['fid']:
+        best = min(r.history['fid'], key=r.history['fid'].get)
+        result['checkpoint'] = ckpt.checkpoint_path(r.ckpt_root, best)
+        load_nnet_state_dict(r.nnet_ema, ckpt.load_nnet_weights(result['checkpoint']))
+    labels, contexts = r.sampling_conditions(s.n_samples)
+    gen = r.family.make_generate_fn(r.nnet_ema, r.diffusion, shape=r.shape, seed=r.config.seed, device=r.device,
+                                    algorithm=s.algorithm, steps=s.sample_steps, scale=scale, null=r.null,
+                                    labels=labels, contexts=contexts, autoencoder=r.autoencoder)
+    with r.forked_rng(), r.accelerator.autocast():
+        if r.history['fid']:
+            fid = run_fid(r.accelerator, gen, r.config, r.data, s.n_samples, s.mini_batch_size)
+            if fid is not None:
+                result.update(fid)
+        if has_metric:
+            images = generate_all(r.accelerator, gen, s.n_samples, s.mini_batch_size)
+            result.update(r.data.sample_metric(images, labels))
+    logger.info("final evaluation (%s, %d steps, guidance scale %g, %d samples): %s", s.algorithm, s.sample_steps,
+                scale, s.n_samples, {k: v for k, v in result.items() if k != 'sample'})
+    if r.accelerator.is_main_process:
+        write_json(result, os.path.join(r.workdir, 'final_eval.json'))
+    return result
+
+
+def train(config, workdir: str, family):
+    """Train `config` in `workdir` (ckpts/, samples/, train.log, score.json); resumes from the latest
+    complete checkpoint there. Returns {'step', 'checkpoint', 'preempted', 'score', 'fid', 'final'}."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from libs import checkpoint as ckpt
+    from libs.config_utils import parse_and_validate
+    from libs.data_loader import ResumableLoader, resolve_num_workers
+    from libs.datasets import get_dataset
+    from libs.ema import EMAUpdater, make_ema
+    from libs.nnet import build_nnet
+    from libs.optim import build_lr_scheduler, build_optimizer
+    from libs.preemption import PreemptionHandler
+    from sde import build_diffusion
+
+    # Setup accelerate: DDP over processes; mixed precision from `accelerate launch --mixed_precision`.
+    torch.backends.cuda.matmul.allow_tf32 = bool(config.tf32)
+    torch.backends.cudnn.allow_tf32 = bool(config.tf32)
+    accelerator = Accelerator()
+    device, is_main = accelerator.device, accelerator.is_main_process
+    if is_main:
+        os.makedirs(os.path.join(workdir, 'ckpts'), exist_ok=True)
+        os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+    accelerator.wait_for_everyone()
+    setup_logging(is_main, os.path.join(workdir, 'train.log'))
+    local_batch = check_global_batch(config.train.batch_size, accelerator.num_processes)
+    parse_and_validate(config, world_size=accelerator.num_processes)
+    set_seed(config.seed, device_specific=True)  # process r: seed + r, so ranks draw different noise
+    family = family.for_config(config)
+    logger.info("%d process(es) on %s, mixed precision %s, global batch %d (%d per process), %s",
+                accelerator.num_processes, device, accelerator.mixed_precision, config.train.batch_size, local_batch,
+                family)
+    if is_main:
+        write_json(config.to_dict(), os.path.join(workdir, 'config.json'))
+
+    # Setup data:
+    data = get_dataset(config.dataset.name, **dataset_kwargs(config))
+    family.check(config, data)
+    p_uncond = float(config.dataset.p_uncond) if config.dataset.cfg else 0.0
+    num_workers = resolve_num_workers(config.dataloader.num_workers, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
+    loader = ResumableLoader(data.train, batch_size=local_batch, rank=accelerator.process_index,
+                             world_size=accelerator.num_processes, seed=config.seed, num_workers=num_workers,
+                             pin_memory=config.dataloader.pin_memory,
+                             persistent_workers=config.dataloader.persistent_workers)
+    autoencoder = None
+    if family.data == 'latents':
+        from libs.autoencoder import get_model
+        autoencoder = get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor).to(device)
+
+    # Create model: the EMA copy starts equal to the online network, as the original's.
+    nnet = build_nnet(config.nnet).to(device)
+    nnet_ema = make_ema(nnet)
+    optimizer = build_optimizer(nnet, config.optimizer)
+    # Not prepared by accelerate, which would step it once per process per optimizer step.
+    lr_scheduler = build_lr_scheduler(optimizer, config.lr_scheduler, config.train.n_steps)
+    train_nnet, optimizer = accelerator.prepare(nnet, optimizer)
+    if config.compile:
+        train_nnet = torch.compile(train_nnet)
+    ema = EMAUpdater(nnet_ema, nnet)
+    logger.info("network %s: %.2fM parameters", config.nnet.name, sum(p.numel() for p in nnet.parameters()) / 1e6)
+    r = Run(config=config, workdir=workdir, family=family, accelerator=accelerator, data=data, nnet=nnet,
+            nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader,
+            diffusion=build_diffusion(family.time), autoencoder=autoencoder,
+            shape=tuple(config.z_shape) if family.data == 'latents' else tuple(data.data_shape),
+            null=family.null_condition(config, data),
+            n_nonfinite=torch.zeros((), dtype=torch.int64, device=device))
+
+    # Resume: network, EMA, optimizer, scheduler, step, every rank's RNG states, data position.
+    step = 0
+    last_ckpt = ckpt.latest_checkpoint(r.ckpt_root)
+    if last_ckpt is not None:
+        state = ckpt.load_checkpoint(last_ckpt, nnet=nnet, nnet_ema=nnet_ema, optimizer=optimizer,
+                                     lr_scheduler=lr_scheduler)
+        step = int(state['step'])
+        if 'rng' in state:
+            ckpt.restore_rng_state(state['rng'])
+        # A checkpoint of the original code has no data position: continue after the samples its steps used.
+        loader.load_state_dict(state.get('data', {'position': step * config.train.batch_size}))
+        if state.get('scaler') is not None and accelerator.scaler is not None:
+            accelerator.scaler.load_state_dict(state['scaler'])
+        r.history = state.get('history', r.history)
+        logger.info("resuming at step %d from %s", step, last_ckpt)
+
+    if is_main and config.wandb.enabled:
+        import wandb
+        r.wandb_run = wandb.init(project=config.wandb.project, mode=config.wandb.mode, dir=workdir,
+                                 config=config.to_dict(), id=os.path.basename(os.path.normpath(workdir)),
+                                 resume='allow')
+
+    # Train:
+    n_steps, log_every = int(config.train.n_steps), int(config.train.log_interval)
+    params = [p for p in nnet.parameters() if p.requires_grad]
+    clip = float(config.grad_clip) if config.grad_clip > 0 else math.inf  # inf: measure the norm, never clip
+    loss_sum, grad_norm = torch.zeros((), device=device), torch.zeros((), device=device)
+    skipped, last_log_step, last_log_time = 0, step, time.time()
+    data_iter = iter(loader)
+    train_nnet.train()
+    bar = tqdm(total=n_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc='train')
+    with PreemptionHandler() as preemption:
+        while step < n_steps:
+            batch = to_device(next(data_iter), device)
+            x0, cond = family.prepare_batch(batch, autoencoder)
+            cond = family.drop_condition(cond, p_uncond, r.null)
+            loss = r.diffusion.loss(train_nnet, x0, **cond).mean()
+            if config.train.skip_nonfinite_steps > 0:
+                # The opt-in per-step sync; all ranks agree, so they skip the same steps.
+                if accelerator.reduce((~torch.isfinite(loss)).to(torch.int64), 'sum').item():
+                    skipped += 1
+                    logger.warning("non-finite loss before step %d: skipped (%d of at most %d)", step + 1, skipped,
+                                   config.train.skip_nonfinite_steps)
+                    if skipped > config.train.skip_nonfinite_steps:
+                        r.n_nonfinite += 1
+                        check_finite(r, step + 1)
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+            accelerator.backward(loss)
+            log_now = (step + 1) % log_every == 0 or step + 1 == n_steps
+            if config.grad_clip > 0 or log_now:
+                grad_norm = accelerator.clip_grad_norm_(params, clip)
+            optimizer.step()
+            lr_scheduler.step()
+            ema.update(config.ema_rate)
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            loss_sum += loss.detach()
+            r.n_nonfinite += (~torch.isfinite(loss.detach())).to(torch.int64)
+            bar.update(1)
+
+            if log_now:  # the hot loop's one host sync per log_interval
+                check_finite(r, step)
+                mean_loss, mean_norm = accelerator.reduce(torch.stack([loss_sum, grad_norm.float()]), 'mean').tolist()
+                now = time.time()
+                metrics = {'loss': mean_loss / (step - last_log_step), 'lr': lr_scheduler.get_last_lr()[0],
+                           'grad_norm': mean_norm,
+                           'images_per_s': (step - last_log_step) * config.train.batch_size / max(now - last_log_time,
+                                                                                                 1e-9)}
+                logger.info("step %d/%d: %s", step, n_steps, ', '.join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
+                if r.wandb_run is not None:
+                    r.wandb_run.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+                loss_sum.zero_()
+                last_log_step, last_log_time = step, now
+
+            # Sample grid:
+            if step % config.train.eval_interval == 0 or step == n_steps:
+                if is_main:
+                    write_grid(r, step)
+                accelerator.wait_for_everyone()
+
+            # Save checkpoint, then evaluate it:
+            if step % config.train.save_interval == 0 or step == n_steps:
+                last_ckpt = save(r, step)
+                evaluate_checkpoint(r, step)
+                last_log_time = time.time()  # evaluation time is not training throughput
+
+            # Preemption: save and stop on SIGTERM/SIGINT.
+            if preemption.should_stop(accelerator=accelerator, step=step):
+                if ckpt.checkpoint_step(last_ckpt or '') != step:
+                    last_ckpt = save(r, step)
+                bar.close()
+                logger.warning(preemption.resume_message(step, last_ckpt))
+                return {'step': step, 'checkpoint': last_ckpt, 'preempted': True, 'final': None,
+                        'score': r.history['score'].get(step), 'fid': r.history['fid'].get(step)}
+    bar.close()
+
+    # Final evaluation: the best checkpoint by FID, with config.sample (guided when configured).
+    final = final_evaluation(r)
+    if r.wandb_run is not None:
+        r.wandb_run.log({f"final/{k}": v for k, v in (final or {}).items() if isinstance(v, (int, float))}, step=step)
+        r.wandb_run.finish()
+    logger.info("done at step %d; last checkpoint %s", step, last_ckpt)
+    return {'step': step, 'checkpoint': last_ckpt, 'preempted': False, 'final': final,
+            'score': r.history['score'].get(step), 'fid': r.history['fid'].get(step)}
+
+
+# -- command line shared by the four train*.py scripts ----------------------------------------------
+
+def define_flags():
+    """--config (file + --config.a.b=value overrides), --workdir, --dry_run."""
+    from absl import flags
+
+    from libs.config_utils import define_config_flag
+
+    define_config_flag('config')
+    flags.DEFINE_string('workdir', None, "run directory (ckpts/, samples/, train.log); default "
+                                         "workdir/<config name>/<hparams from the overrides>")
+    flags.DEFINE_bool('dry_run', False, "resolve and validate the config, write it to the workdir, and exit")
+
+
+def main_for(family):
+    """The absl main of a train*.py script that trains `family`."""
+    def main(argv):
+        from absl import flags
+        from ml_collections import config_flags
+
+        from libs.config_utils import config_overrides, parse_and_validate, workdir_for
+
+        FLAGS = flags.FLAGS
+        config = FLAGS.config
+        workdir = FLAGS.workdir or workdir_for(config_flags.get_config_filename(FLAGS['config']), config_overrides())
+        if FLAGS.dry_run:
+            setup_logging(True, None)
+            world_size = int(os.environ.get('WORLD_SIZE', 1))
+            check_global_batch(config.train.batch_size, world_size)
+            parse_and_validate(config, world_size=world_size)
+            family.for_config(config)
+            write_json(config.to_dict(), os.path.join(workdir, 'config.json'))
+            logger.info("dry run: the config is valid; written to %s", os.path.join(workdir, 'config.json'))
+            return
+        train(config, workdir, family)
+    return main

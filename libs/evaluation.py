@@ -15,6 +15,7 @@ while rank 0 computes, which the original risked on long evaluations).
 import logging
 import math
 import os
+import sys
 import time
 
 import numpy as np
@@ -24,7 +25,7 @@ from tqdm import tqdm
 
 from libs import fid
 from libs.data_loader import mix_seed
-from libs.errors import ConfigError, InputError
+from libs.errors import ConfigError, InputError, UViTError
 from libs.io_utils import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -106,3 +107,109 @@ def evaluate(accelerator, generate_fn, n_samples, mini_batch_size, fid_stat, see
     is_mean, is_std = stats.inception_score()
     logger.info("scored %d images in %.1f s: FID %.4f, IS %.3f +- %.3f", n, time.time() - start, value, is_mean, is_std)
     return {"fid": value, "inception_score": is_mean, "inception_score_std": is_std, "n": n}
+
+
+# -- the engine of eval.py, eval_ldm.py, eval_ldm_discrete.py, eval_t2i_discrete.py ----------------
+
+def define_flags():
+    """--config (file + --config.a.b=value overrides), --nnet_path, --output_path, --inception_weights."""
+    from absl import flags
+
+    from libs.config_utils import define_config_flag
+
+    define_config_flag("config", help_string="path of the configuration file (configs/X.py)")
+    flags.DEFINE_string("nnet_path", None, "network weights: a .pth state dict or a checkpoint directory "
+                                           "(<workdir>/ckpts/<step>.ckpt, whose EMA network is used)", required=True)
+    flags.DEFINE_string("output_path", None, "log file to append the evaluation log to")
+    flags.DEFINE_string("inception_weights", None, "pt_inception-2015-12-05-6726825d.pth; default: the torch hub "
+                                                   "cache (config.fid.inception_weights when set)")
+
+
+def main_for(family):
+    """The absl main of an eval*.py script that evaluates `family`."""
+    def main(argv):
+        from absl import flags
+        from ml_collections import config_flags
+
+        del argv
+        f = flags.FLAGS
+        try:
+            run_evaluation(f.config, f.nnet_path, family, output_path=f.output_path,
+                           inception_weights=f.inception_weights,
+                           config_path=config_flags.get_config_filename(f["config"]))
+        except UViTError as e:  # a user error: its message says what to do, a traceback would bury it
+            logger.error("%s", e)
+            sys.exit(1)
+    return main
+
+
+def run_evaluation(config, nnet_path, family, output_path=None, inception_weights=None, config_path=None):
+    """Sample config.sample.n_samples images with the protocol of config.sample and score them.
+
+    The protocol: config.sample.algorithm ('dpm_solver' = the paper's solver for the family's time
+    kind), sample_steps, guidance scale (when config.sample.cfg), labels drawn by the dataset's
+    sample_labels (seeded by config.seed) or the dataset's FID caption contexts, latents decoded by
+    the autoencoder in chunks. Returns the dict of `evaluate` (on every rank).
+    """
+    from accelerate import Accelerator
+
+    from libs.checkpoint import load_nnet_weights
+    from libs.config_utils import parse_and_validate
+    from libs.datasets import get_dataset
+    from libs.logging_utils import setup_logging
+    from libs.nnet import build_nnet, load_nnet_state_dict
+    from libs.trainer import dataset_kwargs
+    from sde import build_diffusion
+
+    if config is None:
+        raise ConfigError("no config given: pass --config=configs/<name>.py")
+    accelerator = Accelerator()
+    device = accelerator.device
+    setup_logging(accelerator.is_main_process, output_path)
+    torch.backends.cuda.matmul.allow_tf32 = bool(config.get("tf32", True))
+    torch.backends.cudnn.allow_tf32 = bool(config.get("tf32", True))
+    parse_and_validate(config, world_size=accelerator.num_processes)
+    family = family.for_config(config)
+    s = config.sample
+    scale = float(s.scale) if s.cfg else 0.0
+
+    # Data: shapes, labels / captions to sample with, the reference statistics.
+    data = get_dataset(config.dataset.name, **dataset_kwargs(config))
+    family.check(config, data)
+    shape = tuple(config.z_shape) if family.data == "latents" else tuple(data.data_shape)
+    labels = contexts = None
+    if family.condition == "label":
+        labels = data.sample_labels(int(s.n_samples), torch.Generator().manual_seed(int(config.seed)))
+    elif family.condition == "text":
+        contexts = getattr(data, "fid_contexts", None)
+        if contexts is None:
+            raise ConfigError(f"dataset {config.dataset.name!r} gives no caption contexts to sample with (the "
+                              f"MS-COCO val2014 features); extract them with scripts/extract_mscoco_feature.py")
+    null = family.null_condition(config, data) if scale > 0 else None
+
+    # Models.
+    nnet = build_nnet(config.nnet)
+    load_nnet_state_dict(nnet, load_nnet_weights(nnet_path))
+    nnet = nnet.to(device).eval().requires_grad_(False)
+    autoencoder = None
+    if family.data == "latents":
+        from libs.autoencoder import get_model
+
+        autoencoder = get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor).to(device)
+    diffusion = build_diffusion(family.time)
+    generate_fn = family.make_generate_fn(nnet, diffusion, shape=shape, seed=int(config.seed), device=device,
+                                          algorithm=s.algorithm, steps=int(s.sample_steps), scale=scale, null=null,
+                                          labels=labels, contexts=contexts, autoencoder=autoencoder)
+    logger.info("evaluating %s (%s) on %d process(es), mixed precision %s: %s, %d steps, guidance scale %g, "
+                "%d samples", nnet_path, family, accelerator.num_processes, accelerator.mixed_precision, s.algorithm,
+                s.sample_steps, scale, s.n_samples)
+
+    # Sample and score.
+    weights = inception_weights or config.get("fid", {}).get("inception_weights", None)
+    with accelerator.autocast():
+        result = evaluate(accelerator, generate_fn, int(s.n_samples), int(s.mini_batch_size), data.fid_stat,
+                          int(config.seed), inception_weights=weights, keep_path=s.get("path", "") or None)
+    logger.info("config=%s nnet_path=%s sampler=%s steps=%d scale=%g n_samples=%d FID=%.4f IS=%.3f",
+                config_path or config.dataset.name, nnet_path, s.algorithm, s.sample_steps, scale, result["n"],
+                result["fid"], result["inception_score"])
+    return result

@@ -1,0 +1,114 @@
+"""Write FID reference statistics (mu, sigma, n, source) of an image folder or a dataset config.
+
+    python tools/compute_fid_stats.py --path=my_images/ --output=assets/fid_stats/my_data.npz
+    python tools/compute_fid_stats.py --config=configs/cifar10_uvit_small.py \\
+        --output=assets/fid_stats/fid_stats_cifar10_train_pytorch.npz
+    accelerate launch --num_processes 8 tools/compute_fid_stats.py --config=...   # sharded over GPUs
+
+With --config the dataset's training images ('x' in [-1, 1]) are mapped to [0, 1], quantised as
+PNGs would be, and scored with random flips turned off, so the statistics describe the data
+itself. The output is written atomically: an interrupted run leaves any previous file intact.
+"""
+import logging
+import os
+import sys
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+from absl import app, flags
+
+from libs import fid
+from libs.errors import ConfigError, UViTError
+
+logger = logging.getLogger(__name__)
+
+
+class DatasetImages(torch.utils.data.Dataset):
+    """A libs.datasets training set seen as images (3, H, W) in [0, 1], quantised like a PNG."""
+
+    def __init__(self, train):
+        self.train = train
+
+    def __len__(self):
+        return len(self.train)
+
+    def __getitem__(self, i):
+        x = self.train[i]["x"]
+        x = ((x.float() + 1) / 2).clamp(0, 1)
+        if x.shape[0] == 1:
+            x = x.expand(3, -1, -1)
+        return fid.quantize_like_png(x[None])[0]
+
+
+def dataset_images(config):
+    """(images dataset, description) of a config's training set."""
+    from libs.datasets import get_dataset
+
+    kwargs = {k: v for k, v in config.dataset.to_dict().items() if k not in ("name", "cfg", "p_uncond")}
+    if "random_flip" in kwargs:
+        kwargs["random_flip"] = False  # reference statistics of the data, not of its augmentation
+    data = get_dataset(config.dataset.name, **kwargs)
+    if data.kind == "latent_moments":
+        raise ConfigError(f"dataset {config.dataset.name!r} stores autoencoder latents, not images; compute the "
+                          f"statistics from the image folder instead (--path=<folder of the original images>)")
+    return DatasetImages(data.train), f"dataset {config.dataset.name} ({kwargs})"
+
+
+def compute(output, path=None, config=None, batch_size=50, num_workers=0, weights_path=None, splits=0):
+    """Write the statistics of `path` (an image folder) or `config` (its training set) to `output`."""
+    from accelerate import Accelerator
+
+    from tools.inception import load_fid_inception
+
+    if (path is None) == (config is None):
+        raise ConfigError("give exactly one of --path (an image folder) and --config (a dataset config)")
+    if not output.endswith(".npz"):
+        raise ConfigError(f"--output must end in .npz (got {output!r})")
+    accelerator = Accelerator()
+    if path is not None:
+        images, source = fid.ImageFolder(path), f"image folder {os.path.abspath(path)}"
+    else:
+        images, source = dataset_images(config)
+    model = load_fid_inception(weights_path, device=accelerator.device)
+    stats = fid.dataset_statistics(images, model, batch_size=batch_size, num_workers=num_workers, splits=splits,
+                                   accelerator=accelerator, desc="reference statistics")
+    if accelerator.is_main_process:
+        fid.save_statistics(output, stats, source)
+    accelerator.wait_for_everyone()
+    return stats
+
+
+def main(argv):
+    from libs.logging_utils import setup_logging
+
+    del argv
+    f = flags.FLAGS
+    setup_logging(int(os.environ.get("RANK", 0)) == 0)
+    try:
+        compute(f.output, path=f.path, config=f.config, batch_size=f.batch_size, num_workers=f.num_workers,
+                weights_path=f.inception_weights)
+    except UViTError as e:
+        logger.error("%s", e)
+        sys.exit(1)
+
+
+def define_flags():
+    from ml_collections import config_flags
+
+    try:
+        from libs.config_utils import define_config_flag
+    except ImportError:
+        define_config_flag = config_flags.DEFINE_config_file
+    define_config_flag("config", None, "dataset config (configs/X.py) whose training images are described")
+    flags.DEFINE_string("path", None, "folder of images (png, jpg, ...) to describe")
+    flags.DEFINE_string("output", None, "the .npz to write (mu, sigma, n, source)", required=True)
+    flags.DEFINE_integer("batch_size", 50, "images per Inception forward")
+    flags.DEFINE_integer("num_workers", 0, "data loader worker processes")
+    flags.DEFINE_string("inception_weights", None, "pt_inception-2015-12-05-6726825d.pth (default: torch hub cache)")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -147,3 +147,46 @@ def test_accelerate_launch_two_processes(setup):
     assert len(a) == len(b)
     for i in range(len(a)):
         np.testing.assert_allclose(a.moments(i), b.moments(i), atol=1e-5, rtol=1e-4)
+
+
+TRAIN_CONFIG = """
+from configs.imagenet256_uvit_large import get_config as paper_config
+
+
+def get_config():
+    config = paper_config()
+    config.autoencoder.pretrained_path = {ae!r}
+    # 256-pixel features (the dataset name implies 256) -> (4, 32, 32) latents; a tiny network on them.
+    config.nnet.update(patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=4, use_checkpoint=False)
+    config.dataset.update(path={features!r}, num_classes=3)
+    config.train.update(n_steps=2, batch_size=2, log_interval=1, eval_interval=2, save_interval=2)
+    config.lr_scheduler.warmup_steps = 1
+    config.grid.update(n_rows=1, n_cols=1, steps=2)
+    config.fid.update(n_samples=2, steps=2)
+    config.sample.update(sample_steps=2, n_samples=2, mini_batch_size=2)
+    config.dataloader.update(num_workers=0, pin_memory=False, persistent_workers=False)
+    return config
+"""
+
+
+def test_end_to_end_extract_256_and_train_ldm(tmp_path):
+    """Tiny ImageNet-style folder -> extract_imagenet_feature.py at 256 -> 2 steps of train_ldm.py."""
+    import subprocess
+    import sys
+
+    write_imagenet_folder(str(tmp_path / "train"), {"n01": [(300, 256)], "n02": [(256, 280)], "n03": [(256, 256)]})
+    ae_path = write_tiny_autoencoder(str(tmp_path / "ae.pth"))
+    features = tmp_path / "imagenet256_features"
+    load_script("extract_imagenet_feature").main([
+        "--imagenet_train", str(tmp_path / "train"), "--output", str(features), "--resolution", "256",
+        "--autoencoder", ae_path, "--batch_size", "3", "--num_workers", "0"])
+    assert F.open_features(str(features)).labels().tolist() == [0, 0, 1, 1, 2, 2]
+    config = tmp_path / "config.py"
+    config.write_text(TRAIN_CONFIG.format(ae=ae_path, features=str(features)))
+    workdir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "train_ldm.py", f"--config={config}", f"--workdir={workdir}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (workdir / "train.log").read_text()
+    assert "step 2/2" in log and "loss nan" not in log
+    assert (workdir / "ckpts" / "2.ckpt").is_dir() and (workdir / "samples" / "2.png").is_file()

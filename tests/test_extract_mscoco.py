@@ -150,3 +150,49 @@ def test_missing_inputs(coco, tmp_path):
     with pytest.raises(InputError, match="not a COCO captions annotation file"):
         script.main(["--coco_root", str(tmp_path / "bad_coco"), "--output", str(tmp_path / "o"), "--split", "val",
                      "--autoencoder", ae, "--clip", clip])
+
+
+TRAIN_CONFIG = """
+from configs.mscoco_uvit_small import get_config as paper_config
+
+
+def get_config():
+    config = paper_config()
+    config.z_shape = (4, {r}, {r})
+    config.autoencoder.pretrained_path = {ae!r}
+    config.nnet.update(img_size={r}, patch_size=2, embed_dim=32, depth=2, num_heads=2, clip_dim=32)
+    config.dataset.path = {features!r}
+    config.train.update(n_steps=3, batch_size=2, log_interval=1, eval_interval=3, save_interval=3)
+    config.lr_scheduler.warmup_steps = 1
+    config.grid.update(n_rows=2, n_cols=1, steps=2)
+    config.fid.update(n_samples=2, steps=2)
+    config.sample.update(sample_steps=2, n_samples=2, mini_batch_size=2)
+    config.dataloader.update(num_workers=0, pin_memory=False, persistent_workers=False)
+    return config
+"""
+
+
+def test_end_to_end_extract_train_sample(coco):
+    """Tiny COCO -> features (fixture) -> 3 steps of train_t2i_discrete.py -> sample_t2i_discrete.py, 2 prompts."""
+    import subprocess
+    import sys
+
+    import sample_t2i_discrete
+    from PIL import Image
+
+    tmp, out, _, ae, clip = coco
+    config = tmp / "train_config.py"
+    config.write_text(TRAIN_CONFIG.format(r=RES // 8, ae=ae, features=str(out)))
+    workdir = tmp / "run"
+    proc = subprocess.run([sys.executable, "train_t2i_discrete.py", f"--config={config}", f"--workdir={workdir}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log = (workdir / "train.log").read_text()
+    assert "step 3/3" in log and "loss nan" not in log
+    assert (workdir / "samples" / "3.png").is_file()  # grid of the vis prompts, decoded by the autoencoder
+    paths = sample_t2i_discrete.main([f"--config={config}", f"--nnet_path={workdir / 'ckpts' / '3.ckpt'}",
+                                      f"--clip={clip}", "--steps=2", "--device=cpu", f"--output_dir={tmp / 'samples'}",
+                                      "the cat", "a dog"])
+    assert len(paths) == 2
+    for p in paths:
+        assert np.asarray(Image.open(p)).shape == (RES, RES, 3)

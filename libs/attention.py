@@ -16,10 +16,11 @@ printed; the resolved backend is logged once, the first time it is used outside 
 Precision: q, k, v are passed to the kernel in the dtype they arrive in. Under fp16/bf16 autocast
 they are already low precision (the qkv Linear ran under autocast), and we do NOT upcast them to
 float32 as the original U-ViT did, because an fp32 input keeps the flash kernels from running.
-The explicit-softmax path does take its softmax in float32 for stability (scores only).
+The explicit-softmax path takes its softmax in at least float32 for stability (scores only).
 
-qk_scale is honoured by every backend (default head_dim ** -0.5). The original's SDPA and
-xformers paths ignored it; no published config sets it, so published numbers are unaffected.
+qk_scale is honoured by every backend (default head_dim ** -0.5). The original's SDPA path
+ignored it (../shared/reference/known_quirks.md item 3), as did its xformers call; no published
+config sets it, so published numbers are unaffected.
 """
 import logging
 import os

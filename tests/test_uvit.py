@@ -12,7 +12,7 @@ from timm.models.vision_transformer import Block as TimmBlock
 
 from libs import attention as attn_mod
 from libs import uvit, uvit_t2i
-from libs.errors import InputError
+from libs.errors import ConfigError, InputError
 from libs.uvit_layers import Block, timestep_embedding, unpatchify
 
 TINY = dict(img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=4, num_heads=4)
@@ -351,7 +351,7 @@ def test_bad_context_raises(context, match):
 
 
 def test_bad_construction_raises():
-    with pytest.raises(InputError, match="divisible by patch_size"):
+    with pytest.raises(ConfigError, match="divisible by patch_size"):
         uvit.UViT(**{**TINY, "img_size": 9})
-    with pytest.raises(InputError, match="num_heads"):
+    with pytest.raises(ConfigError, match="num_heads"):
         uvit.UViT(**{**TINY, "num_heads": 5})

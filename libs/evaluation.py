@@ -69,7 +69,18 @@ def evaluate(accelerator, generate_fn, n_samples, mini_batch_size, fid_stat, see
     keep_path: folder to also write the samples to as <index>.png (None = write nothing).
     Returns {'fid', 'inception_score', 'inception_score_std', 'n'} (the same on every rank).
     """
+    device = accelerator.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        return _evaluate(accelerator, generate_fn, n_samples, mini_batch_size, fid_stat, seed, inception_weights,
+                         keep_path, is_splits, desc)
+
+
+def _evaluate(accelerator, generate_fn, n_samples, mini_batch_size, fid_stat, seed, inception_weights, keep_path,
+              is_splits, desc):
     ref_mu, ref_sigma = fid.load_statistics(fid_stat)  # fail before hours of sampling, not after
+    if ref_mu.shape != (2048,):
+        raise InputError(f"FID statistics '{fid_stat}' are {ref_mu.shape[0]}-d; FID uses the 2048-d pool3 features. "
+                         f"Recompute them with tools/compute_fid_stats.py")
     from tools.inception import load_fid_inception
 
     device = accelerator.device
@@ -80,10 +91,8 @@ def evaluate(accelerator, generate_fn, n_samples, mini_batch_size, fid_stat, see
     stats = fid.InceptionStatistics(splits=splits, device=device)
     if keep_path and accelerator.is_main_process:
         os.makedirs(keep_path, exist_ok=True)
-    fork_devices = [torch.cuda.current_device()] if device.type == "cuda" else []
     start = time.time()
-    with torch.random.fork_rng(devices=fork_devices), \
-            tqdm(total=sum(len(b) for b in batches), desc=desc, unit="img", disable=not accelerator.is_main_process) as bar:
+    with tqdm(total=sum(len(b) for b in batches), desc=desc, unit="img", disable=not accelerator.is_main_process) as bar:
         for indices in batches:
             torch.manual_seed(mix_seed(seed, int(indices[0])))
             images = generate_fn(indices)
@@ -101,9 +110,7 @@ def evaluate(accelerator, generate_fn, n_samples, mini_batch_size, fid_stat, see
     if n != n_samples:  # internal invariant of the sharding
         raise RuntimeError(f"scored {n} images instead of {n_samples}")
     mu, sigma = stats.mean_and_covariance()
-    if mu.shape != ref_mu.shape:
-        raise InputError(f"FID statistics '{fid_stat}' are {ref_mu.shape[0]}-d but the features are {mu.shape[0]}-d")
-    value = fid.frechet_distance(mu, sigma, ref_mu, ref_sigma)
+    value = fid.frechet_distance(mu, sigma, ref_mu, ref_sigma, device=device if device.type == "cuda" else None)
     is_mean, is_std = stats.inception_score()
     logger.info("scored %d images in %.1f s: FID %.4f, IS %.3f +- %.3f", n, time.time() - start, value, is_mean, is_std)
     return {"fid": value, "inception_score": is_mean, "inception_score_std": is_std, "n": n}

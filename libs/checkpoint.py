@@ -130,7 +130,7 @@ def _save_file(obj, path, final_path):
 def _io_message(final_path, name, e):
     what = "the disk is full" if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) else (e.strerror or str(e))
     return (f"could not write checkpoint '{final_path}' (file {name}): {what}. Nothing was replaced: the previous "
-            f"checkpoint is intact. Free space (or lower config.train.keep_last / point --workdir at a "
+            f"checkpoint is intact. Free space (or lower config.train.keep_last_ckpts / point --workdir at a "
             f"larger disk) and rerun the same command to resume.")
 
 
@@ -160,7 +160,8 @@ def _torch_load(path, weights_only=True):
 
 def _corrupt_message(path, e):
     size = os.path.getsize(path) if os.path.exists(path) else 0
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    # torch's own text goes on about how files get corrupted: its first sentence is what matters.
+    first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
     return (f"checkpoint file '{path}' ({size} bytes) is truncated or corrupt and cannot be loaded "
             f"({first}). Copy it again from its source, or use an earlier checkpoint directory "
             f"(ckpts/<step>.ckpt).")
@@ -368,7 +369,7 @@ def _check_free_space(ckpt_root, needed, final_path):
         raise SaveError(
             f"not enough disk space to write checkpoint '{final_path}': it needs about "
             f"{needed / 2**20:.1f} MiB and {free / 2**20:.1f} MiB are free. Nothing was written: the previous "
-            f"checkpoint is intact. Free space (or lower config.train.keep_last / point --workdir at a larger "
+            f"checkpoint is intact. Free space (or lower config.train.keep_last_ckpts / point --workdir at a larger "
             f"disk) and rerun the same command to resume.")
 
 

@@ -120,8 +120,7 @@ def _check_value(key, current, text, flag_name="config"):
             if not all(_is_num(v) for v in (value if isinstance(value, (tuple, list)) else (value,))):
                 raise ValueError(text)
     except (ValueError, SyntaxError):
-        raise ConfigError(f"--{flag_name}.{key}={text}: '{key}' takes {kind} (the config's value is "
-                          f"{current!r}); got {text!r}") from None
+        raise ConfigError(f"--{flag_name}.{key}={text}: '{key}' takes {kind}; got {text!r}") from None
 
 
 def check_overrides(config, overrides, flag_name="config"):
@@ -214,7 +213,9 @@ def _missing_config_message(file):
     folder = os.path.dirname(file) or "."
     candidates = sorted(f for f in os.listdir(folder) if f.endswith(".py") and not f.startswith("_")) \
         if os.path.isdir(folder) else []
-    close = difflib.get_close_matches(os.path.basename(file), candidates, n=3, cutoff=0.5)
+    name = os.path.basename(file)
+    scored = sorted(((difflib.SequenceMatcher(None, name, c).ratio(), c) for c in candidates), reverse=True)
+    close = [c for r, c in scored[:3] if r >= 0.6 and r >= scored[0][0] - 0.08]
     shown = [c if folder == "." else os.path.join(folder, c) for c in close]
     hint = ("did you mean " + " or ".join(shown) + "?") if close else \
         "give a config file such as configs/digits_uvit_tiny.py."
@@ -269,27 +270,32 @@ class _Checker:
         return _lookup(self.config, key)
 
     def fail(self, key, msg):
-        self.problems.append(f"config.{key}: {msg}")
+        self.problems.append(f"config.{key} {msg}")
 
     def number(self, key, *, integer=False, low=None, high=None, low_open=False, high_open=False, required=False,
                allow_none=False, meaning=""):
         found, value = self.get(key)
         if not found:
             if required:
-                self.fail(key, f"is missing; set it in the config file{meaning}")
+                self.fail(key, f"is missing: set it in the config file{meaning}")
             return None
         if value is None and allow_none:
             return None
         want = "an integer" if integer else "a number"
         ok_type = isinstance(value, numbers.Integral) if integer else isinstance(value, numbers.Real)
         if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
-            self.fail(key, f"= {value!r} must be {want}{meaning}")
+            self.fail(key, f"= {value!r}: must be {want}{meaning}")
             return None
-        if low is not None and (value <= low if low_open else value < low):
-            self.fail(key, f"= {value!r} must be {'>' if low_open else '>='} {low}{_range(low, high, low_open, high_open)}{meaning}")
-            return None
-        if high is not None and (value >= high if high_open else value > high):
-            self.fail(key, f"= {value!r} must be {'<' if high_open else '<='} {high}{_range(low, high, low_open, high_open)}{meaning}")
+        too_low = low is not None and (value <= low if low_open else value < low)
+        too_high = high is not None and (value >= high if high_open else value > high)
+        if too_low or too_high:
+            if low is not None and high is not None:
+                bound = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+            elif too_low:
+                bound = f"{'>' if low_open else '>='} {low}"
+            else:
+                bound = f"{'<' if high_open else '<='} {high}"
+            self.fail(key, f"= {value!r}: must be {bound}{meaning}")
             return None
         return value
 
@@ -300,15 +306,9 @@ class _Checker:
         if value not in allowed:
             close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
-            self.fail(key, f"= {value!r} is not one of {', '.join(repr(a) for a in allowed)}{hint}")
+            self.fail(key, f"= {value!r}: not one of {', '.join(repr(a) for a in allowed)}{hint}")
             return None
         return value
-
-
-def _range(low, high, low_open, high_open):
-    if low is None or high is None:
-        return ""
-    return f" (allowed: {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'})"
 
 
 def _known_algorithms():
@@ -354,7 +354,7 @@ def parse_and_validate(config, *, world_size):
     batch = c.number("train.batch_size", integer=True, low=0, low_open=True, meaning=" (global batch size)")
     if batch is not None and batch % world_size != 0:
         lower, upper = batch - batch % world_size, batch - batch % world_size + world_size
-        c.fail("train.batch_size", f"= {batch} does not split over {world_size} processes: the global batch must "
+        c.fail("train.batch_size", f"= {batch}: does not split over {world_size} processes: the global batch must "
                                    f"be a multiple of the number of processes (e.g. "
                                    f"--config.train.batch_size={lower or upper} or {upper}), or launch with a "
                                    f"number of processes that divides {batch}")
@@ -366,7 +366,7 @@ def parse_and_validate(config, *, world_size):
     found, betas = c.get("optimizer.betas")
     if found and not (isinstance(betas, (tuple, list)) and len(betas) == 2
                       and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
-        c.fail("optimizer.betas", f"= {betas!r} must be two numbers in [0, 1), e.g. (0.99, 0.999)")
+        c.fail("optimizer.betas", f"= {betas!r}: must be two numbers in [0, 1), e.g. (0.99, 0.999)")
     c.choice("lr_scheduler.name", _known_schedules())
     c.number("lr_scheduler.warmup_steps", integer=True, low=0, meaning=" (steps)")
     c.number("ema_rate", low=0, high=1, high_open=True, meaning=" (ema <- rate * ema + (1 - rate) * online)")
@@ -377,8 +377,8 @@ def parse_and_validate(config, *, world_size):
     img = c.number("nnet.img_size", integer=True, low=0, low_open=True)
     patch = c.number("nnet.patch_size", integer=True, low=0, low_open=True)
     if img is not None and patch is not None and img % patch != 0:
-        c.fail("nnet.patch_size", f"= {patch} does not divide nnet.img_size = {img}: the image must split into whole "
-                                  f"patches (use a divisor of {img}, e.g. {_divisor_near(img, patch)})")
+        c.fail("nnet.patch_size", f"= {patch}: does not divide nnet.img_size = {img}: the image must split into whole "
+                                  f"patches (use a divisor of {img}: {_divisors_near(img, patch)})")
     for key in ("nnet.depth", "nnet.embed_dim", "nnet.num_heads", "nnet.in_chans"):
         c.number(key, integer=True, low=0, low_open=True)
     c.number("nnet.mlp_ratio", low=0, low_open=True)
@@ -386,18 +386,18 @@ def parse_and_validate(config, *, world_size):
     found_h, heads = c.get("nnet.num_heads")
     if (found_e and found_h and _is_int(embed) and _is_int(heads) and embed > 0 and heads > 0
             and embed % heads != 0):
-        c.fail("nnet.num_heads", f"= {heads} does not divide nnet.embed_dim = {embed} (each head gets "
+        c.fail("nnet.num_heads", f"= {heads}: does not divide nnet.embed_dim = {embed} (each head gets "
                                  f"embed_dim / num_heads channels)")
     found_z, z_shape = c.get("z_shape")
     if found_z and z_shape is not None:
         if not (isinstance(z_shape, (tuple, list)) and len(z_shape) == 3 and all(_is_int(s) and s > 0 for s in z_shape)):
-            c.fail("z_shape", f"= {z_shape!r} must be (channels, height, width) of the autoencoder latent, e.g. (4, 32, 32)")
+            c.fail("z_shape", f"= {z_shape!r}: must be (channels, height, width) of the autoencoder latent, e.g. (4, 32, 32)")
         else:
             found_c, chans = c.get("nnet.in_chans")
             if found_c and _is_int(chans) and chans != z_shape[0]:
-                c.fail("nnet.in_chans", f"= {chans} differs from z_shape[0] = {z_shape[0]} (the latent's channels)")
+                c.fail("nnet.in_chans", f"= {chans}: differs from z_shape[0] = {z_shape[0]} (the latent's channels)")
             if img is not None and img != z_shape[1]:
-                c.fail("nnet.img_size", f"= {img} differs from z_shape[1] = {z_shape[1]} (the network sees latents)")
+                c.fail("nnet.img_size", f"= {img}: differs from z_shape[1] = {z_shape[1]} (the network sees latents)")
 
     # Data.
     c.number("dataset.p_uncond", low=0, high=1, meaning=" (probability of dropping the condition)")
@@ -435,6 +435,9 @@ def _is_num(v):
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _divisor_near(n, k):
+def _divisors_near(n, k):
+    """The divisors of n just below and above k, e.g. (16, 3) -> '2 or 4'."""
     divisors = [d for d in range(1, n + 1) if n % d == 0]
-    return min(divisors, key=lambda d: (abs(d - k), d))
+    below = [d for d in divisors if d < k]
+    above = [d for d in divisors if d > k]
+    return " or ".join(str(d) for d in (below[-1:] + above[:1]))

@@ -1,0 +1,371 @@
+"""Every bad input the README's table lists, and the message the user sees for it.
+
+Each case is a test: it must raise the documented kind of error (or log the documented warning)
+with a message that says what is wrong and what to do. The table in docs/robustness.md is
+rendered from these same cases and checked here, so it cannot drift; after changing a message,
+regenerate it with
+
+    python tests/test_bad_inputs.py
+"""
+import dataclasses
+import errno
+import logging
+import os
+import re
+import sys
+import tempfile
+import types
+from typing import Callable
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+from libs.errors import CheckpointError, ConfigError, MissingFileError, TrainingDivergedError  # noqa: E402
+from libs.io_utils import SaveError  # noqa: E402
+
+DOC = os.path.join(ROOT, "docs", "robustness.md")
+START, END = "<!-- bad-inputs-table:start -->", "<!-- bad-inputs-table:end -->"
+DIGITS = os.path.join(ROOT, "configs", "digits_uvit_tiny.py")
+WARNING = "warning"
+USAGE = "usage error, exit status 1"  # absl prints the line and exits before main runs
+
+
+@dataclasses.dataclass
+class Case:
+    id: str
+    what: str  # what the user did, as the table shows it
+    trigger: Callable  # trigger(tmp) raises the error, or returns the logged warning for kind=WARNING
+    kind: object  # the exception class, or WARNING
+    says: tuple  # fragments the message must contain: the culprit and what to do
+    shown_as: str = ""  # the table's "error" column when it is not the exception's name
+
+
+# ----------------------------------------------------------------------------- triggers
+
+def _flags(*args):
+    """Parse a train.py command line; returns absl's one-line error as the user sees it."""
+    from absl import flags
+
+    from libs.config_utils import define_config_flag
+    argv = ["train.py", f"--config={DIGITS}", *args] if not any(a.startswith("--config=") for a in args) \
+        else ["train.py", *args]
+    fv = flags.FlagValues()
+    define_config_flag("config", flag_values=fv, sys_argv=argv)
+    try:
+        fv(argv)
+    except flags.Error as e:
+        # absl.app prints exactly this line (then the usage hint) and exits with status 1.
+        raise ConfigError(f"FATAL Flags parsing error: {e}") from e
+
+
+def _validate(world_size=1, **changes):
+    """parse_and_validate on the digits config with `changes` ({'train.n_steps': -10})."""
+    import ml_collections
+
+    from configs.digits_uvit_tiny import get_config
+    from libs.config_utils import parse_and_validate
+    config = get_config()
+    for key, value in changes.items():
+        section, leaf = key.rsplit(".", 1) if "." in key else (None, key)
+        if section is None:
+            config[leaf] = value
+        else:  # rebuilt: ConfigDict refuses type changes, which a config file may well contain
+            config[section] = ml_collections.ConfigDict({**config[section].to_dict(), leaf: value})
+    parse_and_validate(config, world_size=world_size)
+
+
+def _tiny_run(width=8):
+    net, ema = torch.nn.Linear(width, width), torch.nn.Linear(width, width)
+    opt = torch.optim.AdamW(net.parameters())
+    return dict(nnet=net, nnet_ema=ema, optimizer=opt, lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1))
+
+
+def _saved_checkpoints(tmp, steps=(100, 200)):
+    from libs.checkpoint import save_checkpoint
+    torch.manual_seed(0)
+    return [save_checkpoint(os.path.join(tmp, "ckpts"), s, **_tiny_run(), train_state={}) for s in steps]
+
+
+def _truncate(path, size):
+    with open(path, "r+b") as f:
+        f.truncate(size)
+
+
+def nnet_path_truncated(tmp):
+    from libs.checkpoint import load_nnet_weights
+    _, newest = _saved_checkpoints(tmp)
+    _truncate(os.path.join(newest, "nnet_ema.pth"), 500)
+    load_nnet_weights(newest)
+
+
+def nnet_path_truncated_file(tmp):
+    from libs.checkpoint import load_nnet_weights
+    path = os.path.join(tmp, "nnet_ema.pth")
+    torch.save(torch.nn.Linear(8, 8).state_dict(), path)
+    _truncate(path, 500)
+    load_nnet_weights(path)
+
+
+def nnet_path_missing(tmp):
+    from libs.checkpoint import load_nnet_weights
+    load_nnet_weights(os.path.join(tmp, "ckpts", "300.ckpt"))
+
+
+def nnet_path_not_a_state_dict(tmp):
+    from libs.checkpoint import load_nnet_weights
+    path = os.path.join(tmp, "optimizer.pth")
+    torch.save(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()).state_dict(), path)
+    load_nnet_weights(path)
+
+
+def checkpoint_of_another_config(tmp):
+    from libs.checkpoint import load_checkpoint, save_checkpoint
+    from libs.nnet import build_nnet
+    cfg = dict(name="uvit", img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
+               num_classes=11)
+    small = build_nnet(cfg)
+    opt = torch.optim.AdamW(small.parameters())
+    path = save_checkpoint(os.path.join(tmp, "ckpts"), 100, nnet=small, nnet_ema=small, optimizer=opt,
+                           lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1), train_state={})
+    load_checkpoint(path, nnet=build_nnet({**cfg, "embed_dim": 64, "num_heads": 4}), nnet_ema=None, optimizer=None,
+                    lr_scheduler=None)
+
+
+def _warnings_of(fn, logger_name):
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    logger = logging.getLogger(logger_name)
+    handler, old_level = Keep(level=logging.WARNING), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.WARNING)
+    try:
+        fn()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
+    return "\n".join(records)
+
+
+def resume_truncated_newest(tmp):
+    import libs.checkpoint as ckpt
+    _, newest = _saved_checkpoints(tmp)
+    _truncate(os.path.join(newest, "optimizer.pth"), 500)
+    ckpt._verified.clear()
+    message = _warnings_of(lambda: ckpt.latest_checkpoint(os.path.join(tmp, "ckpts")), "libs.checkpoint")
+    return message
+
+
+def disk_full(tmp, monkeypatch):
+    import libs.checkpoint as ckpt
+    _saved_checkpoints(tmp, steps=(100,))
+
+    def no_space(self, data):
+        self.error = OSError(errno.ENOSPC, "No space left on device")
+        raise self.error
+
+    monkeypatch.setattr(ckpt._HashingWriter, "write", no_space)
+    ckpt.save_checkpoint(os.path.join(tmp, "ckpts"), 200, **_tiny_run(), train_state={})
+
+
+def keep_last_zero(tmp):
+    from libs.checkpoint import save_checkpoint
+    save_checkpoint(os.path.join(tmp, "ckpts"), 100, **_tiny_run(), train_state={}, keep_last=0)
+
+
+def nan_loss(tmp):
+    from libs.trainer import check_finite
+    _, damaged = _saved_checkpoints(tmp, steps=(100, 150))
+    _truncate(os.path.join(damaged, "nnet.pth"), 10)  # a damaged newer one must not be named as good
+    run = types.SimpleNamespace(
+        accelerator=types.SimpleNamespace(reduce=lambda t, op: t), n_nonfinite=torch.tensor(3),
+        ckpt_root=os.path.join(tmp, "ckpts"))
+    import libs.checkpoint as ckpt
+    ckpt._verified.clear()
+    check_finite(run, 160)
+
+
+def dataset_missing(tmp):
+    from libs.datasets import get_dataset
+    get_dataset("cifar10", path=os.path.join(tmp, "assets", "datasets", "cifar10"))
+
+
+def autoencoder_missing(tmp):
+    from libs.autoencoder import get_model
+    get_model(os.path.join(tmp, "assets", "stable-diffusion", "autoencoder_kl.pth"))
+
+
+def fid_stats_missing(tmp):
+    from libs.fid import load_statistics
+    load_statistics(os.path.join(tmp, "assets", "fid_stats", "fid_stats_cifar10_train_pytorch.npz"))
+
+
+CASES = [
+    # Command line and config.
+    Case("typo-override", "`--config.nnet.dpth=4` (a typo)", lambda tmp: _flags("--config.nnet.dpth=4"), ConfigError,
+         ("no key 'nnet.dpth'", "did you mean --config.nnet.depth?"), shown_as=USAGE),
+    Case("typo-section", "`--config.trian.batch_size=64`", lambda tmp: _flags("--config.trian.batch_size=64"),
+         ConfigError, ("did you mean --config.train.batch_size?",), shown_as=USAGE),
+    Case("wrong-type-int", "`--config.train.n_steps=1e5` (an integer key)",
+         lambda tmp: _flags("--config.train.n_steps=1e5"), ConfigError, ("'train.n_steps' takes an integer", "'1e5'"), shown_as=USAGE),
+    Case("wrong-type-bool", "`--config.dataset.cfg=yes please`", lambda tmp: _flags("--config.dataset.cfg=yes please"),
+         ConfigError, ("'dataset.cfg' takes a boolean",), shown_as=USAGE),
+    Case("config-file-typo", "`--config=configs/digits_uvit_tiy.py`",
+         lambda tmp: _flags(f"--config={os.path.join(ROOT, 'configs', 'digits_uvit_tiy.py')}"), ConfigError,
+         ("not found", "did you mean", "digits_uvit_tiny.py"), shown_as=USAGE),
+    Case("negative-steps", "`train.n_steps = -10`", lambda tmp: _validate(**{"train.n_steps": -10}), ConfigError,
+         ("config.train.n_steps", "must be > 0")),
+    Case("zero-interval", "`train.save_interval = 0`", lambda tmp: _validate(**{"train.save_interval": 0}),
+         ConfigError, ("config.train.save_interval", "must be > 0")),
+    Case("float-interval", "`train.log_interval = 2.5`", lambda tmp: _validate(**{"train.log_interval": 2.5}),
+         ConfigError, ("config.train.log_interval", "must be an integer")),
+    Case("patch-size", "`nnet.patch_size = 3` with `nnet.img_size = 16`",
+         lambda tmp: _validate(**{"nnet.img_size": 16, "nnet.patch_size": 3}), ConfigError,
+         ("config.nnet.patch_size", "does not divide nnet.img_size = 16", "2 or 4")),
+    Case("heads", "`nnet.num_heads = 3` with `nnet.embed_dim = 128`",
+         lambda tmp: _validate(**{"nnet.embed_dim": 128, "nnet.num_heads": 3}),
+         ConfigError, ("config.nnet.num_heads", "does not divide nnet.embed_dim = 128")),
+    Case("batch-split", "`train.batch_size = 100` on 8 processes",
+         lambda tmp: _validate(world_size=8, **{"train.batch_size": 100}), ConfigError,
+         ("config.train.batch_size", "does not split over 8 processes", "--config.train.batch_size=96 or 104")),
+    Case("p-uncond", "`dataset.p_uncond = 1.5`", lambda tmp: _validate(**{"dataset.p_uncond": 1.5}), ConfigError,
+         ("config.dataset.p_uncond", "must be in [0, 1]")),
+    Case("lr-zero", "`optimizer.lr = 0`", lambda tmp: _validate(**{"optimizer.lr": 0.0}), ConfigError,
+         ("config.optimizer.lr", "must be > 0")),
+    Case("betas", "`optimizer.betas = (0.9, 1.5)`", lambda tmp: _validate(**{"optimizer.betas": (0.9, 1.5)}),
+         ConfigError, ("config.optimizer.betas", "two numbers in [0, 1)")),
+    Case("ema-rate", "`ema_rate = 1.0`", lambda tmp: _validate(ema_rate=1.0), ConfigError,
+         ("config.ema_rate", "must be in [0, 1)")),
+    Case("optimizer-name", "`optimizer.name = 'adam'`", lambda tmp: _validate(**{"optimizer.name": "adam"}),
+         ConfigError, ("config.optimizer.name", "did you mean 'adamw'?")),
+    Case("scheduler-name", "`lr_scheduler.name = 'cosin'`", lambda tmp: _validate(**{"lr_scheduler.name": "cosin"}),
+         ConfigError, ("config.lr_scheduler.name", "did you mean 'cosine'?")),
+    Case("sampler-name", "`sample.algorithm = 'dpm_solver++'`",
+         lambda tmp: _validate(**{"sample.algorithm": "dpm_solver++"}), ConfigError,
+         ("config.sample.algorithm", "not one of", "'dpm_solver++_2m'")),
+    Case("several", "`train.n_steps = 0` and `optimizer.lr = -1`",
+         lambda tmp: _validate(**{"train.n_steps": 0, "optimizer.lr": -1.0}), ConfigError,
+         ("2 problems in the config", "config.train.n_steps", "config.optimizer.lr")),
+    # Checkpoints.
+    Case("nnet-path-truncated", "`--nnet_path` a checkpoint directory whose nnet_ema.pth was cut short",
+         nnet_path_truncated, CheckpointError, ("nnet_ema.pth", "truncated", "earlier checkpoint")),
+    Case("nnet-path-truncated-file", "`--nnet_path` a truncated .pth file", nnet_path_truncated_file, CheckpointError,
+         ("nnet_ema.pth", "truncated or corrupt", "Copy it again")),
+    Case("nnet-path-missing", "`--nnet_path` a path that does not exist", nnet_path_missing, MissingFileError,
+         ("300.ckpt", "not found")),
+    Case("nnet-path-optimizer", "`--nnet_path` an optimizer.pth", nnet_path_not_a_state_dict, CheckpointError,
+         ("optimizer.pth", "not a network state dict", "nnet_ema.pth")),
+    Case("checkpoint-mismatch", "resuming with a config whose network differs from the checkpoint's",
+         checkpoint_of_another_config, CheckpointError, ("nnet.pth", "different shapes", "config.nnet")),
+    Case("resume-truncated", "rerunning after the newest checkpoint was damaged (resume goes on from the previous "
+         "one)", resume_truncated_newest, WARNING, ("skipping checkpoint", "200.ckpt", "optimizer.pth", "truncated")),
+    Case("disk-full", "disk full while writing a checkpoint", disk_full, SaveError,
+         ("200.ckpt", "the disk is full", "previous checkpoint is intact")),
+    Case("keep-last", "`keep_last=0`", keep_last_zero, CheckpointError, ("keep_last=0", "positive integer")),
+    # Training.
+    Case("nan-loss", "the loss becomes NaN (e.g. a far too large learning rate)", nan_loss, TrainingDivergedError,
+         ("step 160", "100.ckpt", "Lower config.optimizer.lr")),
+    # Missing files.
+    Case("dataset-missing", "`config.dataset.path` does not exist (CIFAR10)", dataset_missing, MissingFileError,
+         ("cifar10", "does not exist", "Download")),
+    Case("autoencoder-missing", "the autoencoder weights are not there", autoencoder_missing, MissingFileError,
+         ("autoencoder_kl.pth", "not found")),
+    Case("fid-stats-missing", "the FID reference statistics are not there", fid_stats_missing, MissingFileError,
+         ("fid_stats_cifar10_train_pytorch.npz",)),
+]
+
+
+# ----------------------------------------------------------------------------- running and rendering
+
+def run_case(case, tmp, monkeypatch):
+    """The message the user sees for `case` (paths under `tmp` shown as <tmp>); checks its kind."""
+    args = (tmp, monkeypatch) if case.trigger is disk_full else (tmp,)
+    if case.kind == WARNING:
+        message = case.trigger(*args)
+        assert message, f"{case.id}: no warning was logged"
+    else:
+        with pytest.raises(case.kind) as info:
+            case.trigger(*args)
+        message = str(info.value)
+    return normalize(message, tmp)
+
+
+def normalize(message, tmp):
+    message = message.replace(os.path.realpath(tmp), "<tmp>").replace(str(tmp), "<tmp>")
+    return message.replace(ROOT + os.sep, "")
+
+
+def render_table(messages):
+    rows = ["| bad input | error | what the user sees |", "|---|---|---|"]
+    for case in CASES:
+        kind = case.shown_as or ("warning (logged)" if case.kind == WARNING else f"`{case.kind.__name__}`")
+        text = messages[case.id].replace("|", "\\|").replace("\n", "<br>")
+        rows.append(f"| {case.what} | {kind} | {text} |")
+    return "\n".join(rows)
+
+
+_seen = {}  # id -> message, filled by the parametrized tests so the table test need not rerun them
+
+
+def all_messages():
+    messages = dict(_seen)
+    mp = pytest.MonkeyPatch()
+    try:
+        for case in CASES:
+            if case.id in messages:
+                continue
+            with tempfile.TemporaryDirectory() as tmp:
+                messages[case.id] = run_case(case, tmp, mp)
+            mp.undo()
+    finally:
+        mp.undo()
+    return messages
+
+
+def documented_table():
+    with open(DOC) as f:
+        text = f.read()
+    if START not in text or END not in text:
+        return None
+    return text.split(START, 1)[1].split(END, 1)[0].strip()
+
+
+# ----------------------------------------------------------------------------- tests
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_gives_the_documented_message(case, tmp_path, monkeypatch):
+    message = run_case(case, str(tmp_path), monkeypatch)
+    _seen[case.id] = message
+    missing = [s for s in case.says if s not in message]
+    assert not missing, f"{case.id}: the message lacks {missing}:\n{message}"
+    assert "Traceback" not in message
+
+
+def test_table_in_docs_is_generated_from_these_cases():
+    table = documented_table()
+    assert table is not None, f"{DOC} lacks the {START} ... {END} section"
+    assert table == render_table(all_messages()), \
+        "docs/robustness.md's table is out of date: regenerate it with `python tests/test_bad_inputs.py`"
+
+
+def test_every_case_has_a_distinct_id():
+    assert len({c.id for c in CASES}) == len(CASES)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.ERROR)  # the warning cases' messages go into the table, not the console
+    table = render_table(all_messages())
+    with open(DOC) as f:
+        text = f.read()
+    head, _, rest = text.partition(START)
+    _, _, tail = rest.partition(END)
+    with open(DOC, "w") as f:
+        f.write(f"{head}{START}\n{table}\n{END}{tail}")
+    print(f"wrote the table of {len(CASES)} bad inputs to {DOC}")

@@ -18,6 +18,7 @@ Beyond the original:
 Conventions: images (B, 3, H, W) float in [-1, 1]; moments (B, 2 * embed_dim, H/8, W/8) holding
 (mean, logvar) in that order along channels; latents z = scale_factor * (mean + std * noise).
 """
+import contextlib
 import json
 import logging
 import os
@@ -253,12 +254,19 @@ class FrozenAutoencoderKL(nn.Module):
         self.embed_dim = int(embed_dim)
         self.scale_factor = float(scale_factor)
         self.downsample_factor = 2 ** (len(ddconfig["ch_mult"]) - 1)
-        self.encoder = Encoder(**ddconfig)
-        self.decoder = Decoder(**ddconfig)
-        self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * self.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(self.embed_dim, ddconfig["z_channels"], 1)
+        state_dict = None
         if pretrained_path is not None:
-            self.load_weights(pretrained_path)
+            state_dict = read_state_dict(pretrained_path, num_resolutions=len(ddconfig["ch_mult"]))
+        # With weights to load, skip the random initialisation (seconds for 84M parameters on a CPU):
+        # build on the meta device and adopt the loaded tensors.
+        with torch.device("meta") if state_dict is not None else contextlib.nullcontext():
+            self.encoder = Encoder(**ddconfig)
+            self.decoder = Decoder(**ddconfig)
+            self.quant_conv = nn.Conv2d(2 * ddconfig["z_channels"], 2 * self.embed_dim, 1)
+            self.post_quant_conv = nn.Conv2d(self.embed_dim, ddconfig["z_channels"], 1)
+        if state_dict is not None:
+            load_strict(self, state_dict, source=pretrained_path, assign=True)
+            logger.info("loaded autoencoder weights from %s", pretrained_path)
         self.requires_grad_(False)
         super().train(False)
 
@@ -267,9 +275,8 @@ class FrozenAutoencoderKL(nn.Module):
         return super().train(False)
 
     def load_weights(self, path):
-        """Load `path` strictly (any supported format); CheckpointError on mismatch."""
-        state_dict = read_state_dict(path, num_resolutions=len(self.ddconfig["ch_mult"]))
-        load_strict(self, state_dict, source=path)
+        """Load `path` strictly into this (already built) model; CheckpointError on mismatch."""
+        load_strict(self, read_state_dict(path, num_resolutions=len(self.ddconfig["ch_mult"])), source=path)
         logger.info("loaded autoencoder weights from %s", path)
 
     # -- latent interface -----------------------------------------------------------------------
@@ -330,7 +337,9 @@ def _check_image(x, channels, factor):
         raise InputError(f"images must be a (B, {channels}, H, W) tensor in [-1, 1]; got {shape}.")
     if x.shape[2] % factor or x.shape[3] % factor:
         raise InputError(f"image height and width must be multiples of {factor}; got {tuple(x.shape[2:])}. Crop or resize first.")
-    if not torch.isfinite(x).all():
+    # Checked on the CPU only: on a GPU it would cost a host sync per batch in the training loop.
+    # NaN moments are still caught before anything is written (libs/features.ShardWriter.write).
+    if x.device.type == "cpu" and not torch.isfinite(x).all():
         raise InputError("images contain NaN or infinite values; check the data loader.")
 
 
@@ -345,14 +354,26 @@ def get_model(pretrained_path=DEFAULT_PATH, scale_factor=SD_LATENT_SCALE):
     """
     path = _require_checkpoint(pretrained_path)
     ddconfig, embed_dim = SD_KL_F8_DDCONFIG, SD_EMBED_DIM
-    described = _read_self_description(path)
-    if described is not None:
-        ddconfig, embed_dim = described
+    raw = _read_raw(path)
+    if isinstance(raw, dict) and "ddconfig" in raw:
+        try:
+            ddconfig, embed_dim = dict(raw["ddconfig"]), int(raw["embed_dim"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"'{path}' has a 'ddconfig' entry but no valid 'embed_dim': {e}") from e
     else:
         config_json = _diffusers_config_path(path)
         if config_json is not None:
             ddconfig, embed_dim = ddconfig_from_diffusers_config(config_json)
-    return FrozenAutoencoderKL(ddconfig, embed_dim, pretrained_path=path, scale_factor=scale_factor)
+    return FrozenAutoencoderKL(ddconfig, embed_dim, pretrained_path=_Preloaded(path, raw), scale_factor=scale_factor)
+
+
+class _Preloaded(str):
+    """A checkpoint path whose content was already read (so get_model reads the file once)."""
+
+    def __new__(cls, path, content):
+        obj = super().__new__(cls, path)
+        obj.content = content
+        return obj
 
 
 def save_self_describing(model, path):
@@ -417,16 +438,18 @@ def _torch_load(path):
                               f"Download it again. {_WHERE_TO_GET_IT}") from e
 
 
-def _read_self_description(path):
-    if _safetensors_file(path) is not None:
-        return None
-    obj = _torch_load(path)
-    if isinstance(obj, dict) and "ddconfig" in obj:
-        try:
-            return dict(obj["ddconfig"]), int(obj["embed_dim"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"'{path}' has a 'ddconfig' entry but no valid 'embed_dim': {e}") from e
-    return None
+def _read_raw(path):
+    """The object stored at `path`: a torch-loaded object or a safetensors state dict."""
+    st = _safetensors_file(path)
+    if st is None:
+        return _torch_load(path)
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(st)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise CheckpointError(f"cannot read safetensors file '{st}' (truncated or corrupt?): {e}") from e
 
 
 def read_state_dict(path, num_resolutions=len(SD_KL_F8_DDCONFIG["ch_mult"])):
@@ -436,20 +459,9 @@ def read_state_dict(path, num_resolutions=len(SD_KL_F8_DDCONFIG["ch_mult"])):
     and ldm training checkpoints, whose ``first_stage_model.`` prefix is stripped and whose ``loss.``
     entries - the discriminator - are dropped), and diffusers safetensors (keys converted).
     """
-    path = _require_checkpoint(path)
-    st = _safetensors_file(path)
-    if st is not None:
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            sd = load_file(st)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"cannot read safetensors file '{st}' (truncated or corrupt?): {e}") from e
-    else:
-        sd = _torch_load(path)
-        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-            sd = sd["state_dict"]
+    sd = path.content if isinstance(path, _Preloaded) else _read_raw(_require_checkpoint(path))
+    if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+        sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):
         raise CheckpointError(f"'{path}' does not hold an autoencoder state dict (a mapping of names to tensors).")
     if any(k.startswith("first_stage_model.") for k in sd):
@@ -457,11 +469,23 @@ def read_state_dict(path, num_resolutions=len(SD_KL_F8_DDCONFIG["ch_mult"])):
     sd = {k: v for k, v in sd.items() if not k.startswith("loss.")}
     if is_diffusers_state_dict(sd):
         sd = diffusers_to_ours_state_dict(sd, num_resolutions)
-    return sd
+    # Half-precision files (some diffusers uploads) load into the float32 model, as load_state_dict would.
+    return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
 
 
-def load_strict(model, state_dict, source="state dict"):
-    """load_state_dict(strict=True) with a CheckpointError that names the first differing keys/shapes."""
+def _all_finite(t):
+    # min/max propagate NaN and expose inf; several times faster than isfinite().all() on a CPU.
+    if t.numel() == 0:
+        return True
+    lo, hi = t.aminmax()
+    return bool(torch.isfinite(lo) and torch.isfinite(hi))
+
+
+def load_strict(model, state_dict, source="state dict", assign=False):
+    """load_state_dict(strict=True) with a CheckpointError that names the first differing keys/shapes.
+
+    assign: adopt the given tensors instead of copying (for models built on the meta device).
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -477,10 +501,10 @@ def load_strict(model, state_dict, source="state dict"):
             parts.append(f"{len(wrong)} with another shape (e.g. {wrong[:3]})")
         raise CheckpointError(f"autoencoder checkpoint {source} does not match the model ({model.ddconfig}): "
                               + "; ".join(parts) + ". Is it a KL-f8 autoencoder with this configuration?")
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not _all_finite(v)]
     if bad:
         raise CheckpointError(f"autoencoder checkpoint {source} holds NaN/inf in {bad[:3]}; it is corrupt, download it again.")
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict(state_dict, strict=True, assign=assign)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -288,8 +288,16 @@ def _remove_stale_temporaries(ckpt_root):
         pid = int(m.group(2))
         if pid != os.getpid() and _pid_alive(pid):
             continue  # another live process on this host may be writing it
+        path = os.path.join(ckpt_root, name)
+        final = checkpoint_path(ckpt_root, int(m.group(1)))
+        if name.endswith(".old") and not os.path.exists(final) and not checkpoint_problems(path):
+            # Re-saving an existing step moves the old copy aside before renaming the new one in;
+            # a kill between the two renames leaves the old, complete copy here: put it back.
+            os.rename(path, final)
+            logger.warning("restored '%s' from '%s', left by a save interrupted while replacing it", final, name)
+            continue
         logger.info("removing '%s', left by an interrupted checkpoint save", name)
-        shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def _pid_alive(pid):

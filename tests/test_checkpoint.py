@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import libs.checkpoint as ckpt
-from libs.checkpoint import (capture_rng_state, latest_checkpoint, load_checkpoint, load_nnet_weights,
+from libs.checkpoint import (capture_rng_state, checkpoint_problems, latest_checkpoint, load_checkpoint, load_nnet_weights,
                              restore_rng_state, save_checkpoint)
 from libs.errors import CheckpointError, MissingFileError
 from libs.io_utils import SaveError
@@ -272,6 +272,19 @@ def test_stale_temporary_of_a_dead_process_is_removed_on_next_save(tmp_path):
     assert latest_checkpoint(root) is None
     save(root, 30)
     assert sorted(os.listdir(root)) == ["30.ckpt"]
+
+
+def test_old_copy_moved_aside_by_an_interrupted_resave_is_put_back(tmp_path):
+    root = str(tmp_path)
+    good = save(root, 20)
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    # What io_utils.atomic_path leaves when killed between its two renames while replacing 20.ckpt.
+    aside = os.path.join(root, f".20.ckpt.tmp-{proc.pid}-xyz.old")
+    os.rename(good, aside)
+    save(root, 30)
+    assert sorted(os.listdir(root)) == ["20.ckpt", "30.ckpt"]
+    assert not checkpoint_problems(good)
 
 
 _WRITER = textwrap.dedent("""

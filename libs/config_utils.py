@@ -157,23 +157,24 @@ def _split_overrides(overrides, flag_name="config"):
     return out
 
 
-def config_overrides(argv=None, flag_name="config"):
-    """The `--config.*` arguments of argv (default sys.argv), in order."""
-    argv = sys.argv[1:] if argv is None else argv
+def config_overrides(argv=None, flag_name="config", config=None):
+    """The `--config.*` overrides of argv (default sys.argv), in order, each as '--config.a.b=value'.
+
+    The space-separated form `--config.a.b value` is joined, except for boolean keys of `config`
+    (absl never gives a boolean flag the next argument).
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
     pattern = re.compile(rf"^-{{1,2}}(no)?{re.escape(flag_name)}\.")
-    return [a for a in argv if pattern.match(a)]
-
-
-def _argv_overrides(argv, flag_name):
-    """Overrides in argv, joining the space-separated form `--config.a.b value`."""
     out = []
-    pattern = re.compile(rf"^-{{1,2}}(no)?{re.escape(flag_name)}\.")
     i = 0
     while i < len(argv):
         arg = argv[i]
-        if pattern.match(arg):
-            if "=" not in arg and i + 1 < len(argv) and not argv[i + 1].startswith("-") \
-                    and not pattern.match(arg).group(1):
+        m = pattern.match(arg)
+        if m:
+            key = arg[m.end():]
+            boolean = config is not None and isinstance(_lookup(config, key)[1], bool)
+            if "=" not in arg and not m.group(1) and not boolean and i + 1 < len(argv) \
+                    and not argv[i + 1].startswith("-"):
                 out.append(f"{arg}={argv[i + 1]}")
                 i += 1
             else:
@@ -202,7 +203,7 @@ class _CheckedConfigFileParser(flags.ArgumentParser):
         config = self._inner.parse(path)
         if isinstance(config, (ml_collections.ConfigDict, dict)):
             argv = sys.argv if self._argv is None else self._argv
-            check_overrides(config, _argv_overrides(list(argv[1:]), self.name), self.name)
+            check_overrides(config, config_overrides(argv[1:], self.name, config), self.name)
         return config
 
     def flag_type(self):

@@ -177,5 +177,13 @@ def test_workdir_is_the_originals(config_path, overrides, expected):
 
 
 def test_config_overrides_picks_only_config_flags():
-    argv = ["--config=c.py", "--config.a=1", "--workdir=w", "--noconfig.b", "--configx=2"]
-    assert config_overrides(argv) == ["--config.a=1", "--noconfig.b"]
+    argv = ["--config=c.py", "--config.a=1", "--workdir=w", "--noconfig.b", "--configx=2", "--config.c", "3",
+            "--config.flag", "extra"]
+    config = ml_collections.ConfigDict({"a": 0, "b": True, "c": 0, "flag": False})
+    assert config_overrides(argv, config=config) == ["--config.a=1", "--noconfig.b", "--config.c=3", "--config.flag"]
+
+
+def test_space_separated_override_is_checked():
+    cfg = os.path.join(ROOT, "configs", "cifar10_uvit_small.py")
+    with pytest.raises(flags.IllegalFlagValueError, match="'nnet.depth' takes an integer; got 'deep'"):
+        _flag_values(["train.py", f"--config={cfg}", "--config.nnet.depth", "deep"])

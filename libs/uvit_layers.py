@@ -214,7 +214,7 @@ class UViTBase(nn.Module):
             timesteps = timesteps.expand(B)
         if timesteps.shape != (B,):
             raise InputError(f"timesteps must have shape ({B},) (one per image) or be a scalar, got {tuple(timesteps.shape)}")
-        return timesteps
+        return timesteps.to(x.device)  # a no-op when already there
 
     # Shared forward pieces.
 

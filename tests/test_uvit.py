@@ -355,3 +355,22 @@ def test_bad_construction_raises():
         uvit.UViT(**{**TINY, "img_size": 9})
     with pytest.raises(ConfigError, match="num_heads"):
         uvit.UViT(**{**TINY, "num_heads": 5})
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_backends_agree(dtype):
+    torch.manual_seed(0)
+    model = uvit.UViT(**{**TINY, "img_size": 16, "embed_dim": 128}, num_classes=5, use_checkpoint=True).cuda().train()
+    x, t, y = torch.randn(4, 3, 16, 16, device="cuda"), torch.rand(4, device="cuda") * 999, torch.tensor([0, 1, 2, 4], device="cuda")
+    outs = {}
+    for backend in ("math", "sdpa", "xformers"):
+        attn_mod.set_attention_backend(backend)
+        model.zero_grad()
+        with torch.autocast("cuda", dtype=dtype):
+            out = model(x, t, y)
+        out.float().pow(2).mean().backward()
+        outs[backend] = (out.float(), model.mid_block.attn.qkv.weight.grad.clone())
+    for backend in ("sdpa", "xformers"):
+        torch.testing.assert_close(outs[backend][0], outs["math"][0], atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(outs[backend][1], outs["math"][1], atol=2e-2, rtol=5e-2)

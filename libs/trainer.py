@@ -120,6 +120,7 @@ class Run:
     null: Any  # null label / empty context of guidance, or None
     n_nonfinite: torch.Tensor  # device counter of NaN/inf losses, never reset
     history: dict = dataclasses.field(default_factory=lambda: {'fid': {}, 'score': {}})
+    logged: list = dataclasses.field(default_factory=list)  # the metrics of every log line of this process's run
     wandb_run: Any = None
 
     @property
@@ -264,7 +265,8 @@ def final_evaluation(r: Run):
 
 def train(config, workdir: str, family):
     """Train `config` in `workdir` (ckpts/, samples/, train.log, score.json); resumes from the latest
-    complete checkpoint there. Returns {'step', 'checkpoint', 'preempted', 'score', 'fid', 'final'}."""
+    complete checkpoint there. Returns {'step', 'checkpoint', 'preempted', 'score', 'fid', 'final', 'run'}
+    ('run': the Run with the networks, optimizer, scheduler and logged metrics, for notebooks and tests)."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -400,6 +402,7 @@ def train(config, workdir: str, family):
                            'images_per_s': (step - last_log_step) * config.train.batch_size / max(now - last_log_time,
                                                                                                  1e-9)}
                 logger.info("step %d/%d: %s", step, n_steps, ', '.join(f"{k} {v:.4g}" for k, v in metrics.items()))
+                r.logged.append({'step': step, **metrics})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
                 if r.wandb_run is not None:
                     r.wandb_run.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
@@ -425,7 +428,7 @@ def train(config, workdir: str, family):
                 bar.close()
                 logger.warning(preemption.resume_message(step, last_ckpt))
                 return {'step': step, 'checkpoint': last_ckpt, 'preempted': True, 'final': None,
-                        'score': r.history['score'].get(step), 'fid': r.history['fid'].get(step)}
+                        'score': r.history['score'].get(step), 'fid': r.history['fid'].get(step), 'run': r}
     bar.close()
 
     # Final evaluation: the best checkpoint by FID, with config.sample (guided when configured).
@@ -435,7 +438,7 @@ def train(config, workdir: str, family):
         r.wandb_run.finish()
     logger.info("done at step %d; last checkpoint %s", step, last_ckpt)
     return {'step': step, 'checkpoint': last_ckpt, 'preempted': False, 'final': final,
-            'score': r.history['score'].get(step), 'fid': r.history['fid'].get(step)}
+            'score': r.history['score'].get(step), 'fid': r.history['fid'].get(step), 'run': r}
 
 
 # -- command line shared by the four train*.py scripts ----------------------------------------------

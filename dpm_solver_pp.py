@@ -36,6 +36,9 @@ Deliberate differences from the official code (each one documented where it happ
   outputs are upcast), and in float64 when `x` is float64 (the official code builds float32 time tensors).
 - The multistep solver has no read-before-assignment bug (known_quirks 6), warms up with lower orders for
   any number of steps, and accepts steps < order.
+- Multistep order 3 weights the second divided difference by 2 psi_3, the exact Taylor coefficient (the
+  official code and diffusers use psi_3, which leaves their 3M second order); see
+  `multistep_dpm_solver_update`. U-ViT never used the multistep path, so no published sample depends on it.
 """
 import logging
 import math
@@ -462,8 +465,12 @@ class DPM_Solver:
         """One multistep DPM-Solver(++) step to t reusing the last `order` model values (no new model call).
 
         model_prev_list / t_prev_list: the previous predictions and their times, most recent last.
-        Order 2 is DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2); order 3 adds the second divided difference
-        (3M). In the unified form: x_t = ratio x - mu_t [psi1 m0 + psi2 D1 + psi3 D2].
+        Order 2 is DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2). Order 3 (3M) integrates the quadratic
+        through the last three predictions exactly: with D1 ~ h m' and D2 ~ h^2 m''/2 (divided differences
+        in lambda), x_t = ratio x - mu_t [psi1 m0 + psi2 D1 + 2 psi3 D2], since
+        int_0^h e^{H - u} u^2/2 du = h^2 psi3 (for H = h). The official code and diffusers weight D2 by psi3,
+        which halves the second-derivative term and makes their 3M second order; ours is exact for quadratic
+        predictions (tests/test_solver_convergence.py) and converges at third order.
         """
         if order not in (1, 2, 3) or len(model_prev_list) < order:
             raise ConfigError(f"multistep order {order} needs {order} previous model values, have {len(model_prev_list)}")

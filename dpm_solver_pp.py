@@ -42,6 +42,7 @@ Deliberate differences from the official code (each one documented where it happ
 """
 import logging
 import math
+import numbers
 
 import torch
 
@@ -63,6 +64,11 @@ CONTINUOUS_NETWORK_TIME_SCALE = 999.0
 def _solver_dtype(dtype):
     """float64 stays float64; every other dtype (float32, float16, bfloat16) is solved in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _is_positive_int(n):
+    """True for Python / numpy integers >= 1 (not bools, not floats)."""
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
 
 
 def _as_time(t):
@@ -560,7 +566,7 @@ class DPM_Solver:
             raise ConfigError(f"unknown skip_type '{skip_type}'; known: {', '.join(SKIP_TYPES)}")
         if order not in (1, 2, 3):
             raise ConfigError(f"order must be 1, 2 or 3, got {order}")
-        if method != "adaptive" and (not isinstance(steps, int) or steps < 1):
+        if method != "adaptive" and not _is_positive_int(steps):
             raise ConfigError(f"steps must be a positive integer, got {steps!r}")
         if not torch.is_tensor(x) or not x.is_floating_point():
             raise InputError(f"x must be a floating-point tensor, got {type(x).__name__}")

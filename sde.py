@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from dpm_solver_pp import NoiseScheduleVP
+from dpm_solver_pp import NoiseScheduleVP, _is_positive_int
 from libs.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -138,7 +138,7 @@ class ContinuousVP:
         sequence of B generators (one per sample, so a sample's path does not depend on its batch).
         Returns x at t = 0 in x_T's dtype (at least float32).
         """
-        if not isinstance(steps, int) or steps < 1:
+        if not _is_positive_int(steps):
             raise ConfigError(f"Euler-Maruyama needs steps >= 1, got {steps!r}")
         x = x_T.to(torch.float64 if x_T.dtype == torch.float64 else torch.float32)
         grid = torch.cat([torch.zeros(1, dtype=torch.float64),

@@ -16,7 +16,7 @@ import logging
 
 import torch
 
-from dpm_solver_pp import DPM_Solver, model_wrapper
+from dpm_solver_pp import DPM_Solver, _is_positive_int, model_wrapper
 from libs.errors import ConfigError, InputError
 from sde import ScoreModel
 
@@ -64,7 +64,7 @@ def _check_inputs(x_T, steps, scale):
         raise InputError(f"x_T must be a floating tensor (B, ...), got {getattr(x_T, 'shape', type(x_T).__name__)}")
     if not torch.isfinite(x_T).all():
         raise InputError("x_T contains NaN or Inf; the starting noise must be finite")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not _is_positive_int(steps):
         raise ConfigError(f"steps must be a positive integer, got {steps!r}")
     scale = float(scale)
     if scale != scale or abs(scale) == float("inf"):
@@ -87,6 +87,11 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"unknown sampling algorithm '{algorithm}'; known: {', '.join(ALGORITHMS)}")
     scale = _check_inputs(x_T, steps, scale)
+    for name, kwargs in (("cond", cond), ("uncond", uncond)):
+        for k, v in (kwargs or {}).items():
+            if torch.is_tensor(v) and (v.ndim == 0 or v.shape[0] != x_T.shape[0]):
+                raise InputError(f"{name}['{k}'] has shape {tuple(v.shape)}; it must be batched like x_T "
+                                 f"({x_T.shape[0]} samples along dim 0)")
     eps_fn = guided_noise_fn(nnet, cond, uncond, scale)
     ns = diffusion.schedule
     continuous = diffusion.time_kind == "continuous"

@@ -217,7 +217,24 @@ def test_validation_errors():
         sample(net, d, x, cond={"y": torch.zeros(2, dtype=torch.long)}, scale=1.0)
     with pytest.raises(InputError, match="same keys"):
         sample(net, d, x, cond={"y": torch.zeros(2)}, uncond={"context": torch.zeros(2)}, scale=1.0)
+    with pytest.raises(InputError, match="batched like x_T"):
+        sample(net, d, x, cond={"y": torch.zeros(3, dtype=torch.long)}, uncond={"y": torch.zeros(3)}, scale=1.0)
     with pytest.raises(ConfigError, match="finite"):
         sample(net, d, x, scale=float("nan"))
     with pytest.raises(InputError, match="x_T"):
         sample(net, d, torch.zeros(3, dtype=torch.long))
+
+
+@pytest.mark.cuda
+def test_cuda_autocast_sampling_matches_cpu():
+    d = build_diffusion("discrete")
+    lin = torch.nn.Linear(6, 6)
+    x = torch.randn(4, 6)
+    ref = sample(lambda x_, t_: lin(x_) * 0.1, d, x, algorithm="dpm_solver++_3m", steps=12)
+    lin_cuda = lin.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        got = sample(lambda x_, t_: lin_cuda(x_) * 0.1, d, x.cuda(), algorithm="dpm_solver++_3m", steps=12)
+    assert got.dtype == torch.float32 and got.is_cuda
+    torch.testing.assert_close(got.cpu(), ref, rtol=0.05, atol=0.05)
+    loss = d.loss(lambda x_, n: lin_cuda(x_), torch.randn(4, 6, device="cuda"))
+    assert loss.shape == (4,) and loss.dtype == torch.float32 and loss.is_cuda

@@ -179,15 +179,27 @@ def _two_folders(tmp_path, n=4):
     return str(a), str(b)
 
 
-def test_folder_statistics_equal_pytorch_fid(tmp_path, weights_file, monkeypatch):
+def test_reference_statistics_of_folder_and_config_equal_pytorch_fid(tmp_path, weights_file, monkeypatch):
+    """tools/compute_fid_stats.py on a folder equals pytorch-fid's statistics; on a dataset config of the
+    same images (their training set read as [-1, 1] tensors) it equals the folder's."""
+    from configs.base import get_config
+    from tools import compute_fid_stats
+
     monkeypatch.setattr(pf_inception, "load_state_dict_from_url", lambda *a, **k: torch.load(weights_file))
-    a, _ = _two_folders(tmp_path, n=3)
+    a, _ = _two_folders(tmp_path, n=2)
     mu_ref, sigma_ref = pf_score.compute_statistics_of_path(a, pf_inception.InceptionV3([3]), 50, 2048, "cpu", 0)
-    net = inception.load_fid_inception(weights_file)
-    mu, sigma = fid_score.statistics_of_path(a, lambda: net, num_workers=0)
-    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
-    np.testing.assert_allclose(mu, mu_ref, rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(sigma, sigma_ref, rtol=1e-3, atol=1e-5 * np.abs(sigma_ref).max())
+
+    compute_fid_stats.compute(str(tmp_path / "folder.npz"), path=a, weights_path=weights_file)
+    config = get_config()
+    config.dataset.update(name="image_folder", path=a, resolution=24, random_flip=True)
+    compute_fid_stats.compute(str(tmp_path / "config.npz"), config=config, weights_path=weights_file)
+    with np.load(tmp_path / "folder.npz") as f, np.load(tmp_path / "config.npz") as g:
+        assert int(f["n"]) == int(g["n"]) == 2 and "image folder" in str(f["source"])
+        assert f["mu"].shape == (2048,) and f["sigma"].shape == (2048, 2048)
+        np.testing.assert_allclose(f["mu"], mu_ref, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(f["sigma"], sigma_ref, rtol=1e-3, atol=1e-5 * np.abs(sigma_ref).max())
+        np.testing.assert_allclose(g["mu"], f["mu"], rtol=1e-5, atol=1e-6)  # flips were turned off
+        np.testing.assert_allclose(g["sigma"], f["sigma"], rtol=1e-4, atol=1e-6 * np.abs(sigma_ref).max())
 
 
 @pytest.mark.slow  # scipy's sqrtm of a 2048 x 2048 matrix inside pytorch-fid takes minutes on 2 cores

@@ -405,7 +405,6 @@ class DPM_Solver:
             orders = [1] * steps
         else:
             raise ConfigError(f"singlestep DPM-Solver supports order 1, 2 or 3, got {order}")
-        orders = [o for o in orders if o > 0]
         if skip_type == "logSNR":
             outer = self.get_time_steps(skip_type, t_T, t_0, len(orders), device, dtype)
         else:
@@ -528,6 +527,9 @@ class DPM_Solver:
             delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
             err = ((x_high - x_low) / delta).reshape(x.shape[0], -1)
             E = err.pow(2).mean(dim=1).sqrt().max()
+            if not torch.isfinite(E):
+                # A NaN error estimate would never accept a step: fail instead of looping forever.
+                raise InputError(f"adaptive DPM-Solver: the model output became NaN/Inf near t = {float(s):.4g}")
             if E <= 1.0:
                 x, x_prev, s = x_high, x_low, t
                 lambda_s = ns.marginal_lambda(s)

@@ -366,6 +366,9 @@ def test_solver_validation():
         solver.sample(torch.full((2, 3), float("nan")))
     with pytest.raises(ConfigError, match="algorithm_type"):
         DPM_Solver(lambda x, t: x, ns, algorithm_type="ddim")
+    nan_solver = DPM_Solver(lambda x, t: x * float("nan"), ns)
+    with pytest.raises(InputError, match="NaN"):
+        nan_solver.sample(x, method="adaptive", order=2)
 
 
 def test_dtypes_low_precision_inputs_are_solved_in_float32():

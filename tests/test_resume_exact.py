@@ -171,6 +171,8 @@ def test_resumed_run_equals_uninterrupted_run_bit_for_bit(runs):
     for i in a["state"]:
         for k in a["state"][i]:
             assert torch.equal(a["state"][i][k], b["state"][i][k]), (i, k)
+    la, lb = _load(ref, N_STEPS, "lr_scheduler.pth"), _load(res, N_STEPS, "lr_scheduler.pth")
+    assert la["last_epoch"] == lb["last_epoch"] == N_STEPS and la["_last_lr"] == lb["_last_lr"]
     sa, sb = _load(ref, N_STEPS, "train_state.pth"), _load(res, N_STEPS, "train_state.pth")
     assert sa["step"] == sb["step"] == N_STEPS
     assert sa["data"] == sb["data"]

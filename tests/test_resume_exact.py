@@ -156,10 +156,10 @@ def _loader_draws_from_global_rng():
 
 
 def test_resumed_run_equals_uninterrupted_run_bit_for_bit(runs):
-    if _loader_draws_from_global_rng():
-        pytest.xfail("libs/data_loader.py: ResumableLoader.__iter__ builds a DataLoader without generator=, whose "
-                     "iterator draws a base seed from torch's global CPU generator after the RNG states were "
-                     "restored; pass generator=torch.Generator().manual_seed(self.seed) (verified bit-exact then)")
+    # The likeliest cause of a mismatch, named precisely (it was once the case).
+    assert not _loader_draws_from_global_rng(), (
+        "libs/data_loader.py: starting the loader's iterator draws from torch's global CPU generator after the RNG "
+        "states were restored; give the DataLoader its own generator=")
     ref, res = runs["dirs"]["reference"], runs["dirs"]["interrupted"]
     assert f"resuming at step {runs['stopped_at']}" in runs["resumed"][1]
     for name in ("nnet.pth", "nnet_ema.pth"):

@@ -128,6 +128,7 @@ class NoiseScheduleVP:
             self.T = 1.0
             self.t_array = torch.arange(1, self.total_N + 1, dtype=torch.float64) / self.total_N  # (N,) t_n = n/N
             self.log_alpha_array = log_alphas  # (N,)
+            self._table_cache = {}
         elif schedule == "linear":
             if not (0 <= continuous_beta_0 < continuous_beta_1):
                 raise ConfigError(f"linear schedule needs 0 <= beta_0 < beta_1, got {continuous_beta_0}, {continuous_beta_1}")
@@ -150,6 +151,18 @@ class NoiseScheduleVP:
         if not torch.isfinite(v).all() or (v <= lo).any() or (v >= hi).any():
             raise InputError(f"{name} must be finite and strictly inside ({lo}, {hi})")
 
+    def tables(self, device, dtype):
+        """Discrete schedules: the (N,) tables (t_n, log alpha_n) on `device` in `dtype`, copied there once.
+
+        Cached because a host-to-device copy from pageable memory waits for the GPU: doing it every
+        training step or solver stage would serialise the host with the device.
+        """
+        key = (torch.device(device), dtype)
+        if key not in self._table_cache:
+            self._table_cache[key] = (self.t_array.to(device=device, dtype=dtype),
+                                      self.log_alpha_array.to(device=device, dtype=dtype))
+        return self._table_cache[key]
+
     def __repr__(self):
         if self.schedule == "linear":
             return f"NoiseScheduleVP('linear', continuous_beta_0={self.beta_0}, continuous_beta_1={self.beta_1})"
@@ -161,7 +174,8 @@ class NoiseScheduleVP:
         """log alpha_t."""
         t = _as_time(t)
         if self.schedule == "discrete":
-            return _interp(t, self.t_array, self.log_alpha_array)
+            t_tab, la_tab = self.tables(t.device, t.dtype)
+            return _interp(t, t_tab, la_tab)
         if self.schedule == "linear":
             return -0.25 * t ** 2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
         return torch.log(torch.cos((t + self.cosine_s) / (1.0 + self.cosine_s) * math.pi / 2.0)) - self.cosine_log_alpha_0
@@ -193,7 +207,8 @@ class NoiseScheduleVP:
             L = -2.0 * log_alpha
             return 2.0 * L / (torch.sqrt(self.beta_0 ** 2 + 2.0 * (self.beta_1 - self.beta_0) * L) + self.beta_0)
         if self.schedule == "discrete":
-            return _interp(log_alpha, torch.flip(self.log_alpha_array, [0]), torch.flip(self.t_array, [0]))
+            t_tab, la_tab = self.tables(log_alpha.device, log_alpha.dtype)
+            return _interp(log_alpha, torch.flip(la_tab, [0]), torch.flip(t_tab, [0]))
         u = torch.acos(torch.exp(log_alpha + self.cosine_log_alpha_0))
         return u * 2.0 * (1.0 + self.cosine_s) / math.pi - self.cosine_s
 
@@ -209,8 +224,7 @@ class NoiseScheduleVP:
         if self.schedule == "cosine":
             u = (t + self.cosine_s) / (1.0 + self.cosine_s) * math.pi / 2.0
             return math.pi / (1.0 + self.cosine_s) * torch.tan(u)
-        tp = self.t_array.to(device=t.device, dtype=t.dtype)
-        lp = self.log_alpha_array.to(device=t.device, dtype=t.dtype)
+        tp, lp = self.tables(t.device, t.dtype)
         k = (torch.searchsorted(tp, t.contiguous().reshape(-1)).reshape(t.shape) - 1).clamp(0, tp.shape[0] - 2)
         return -2.0 * (lp[k + 1] - lp[k]) / (tp[k + 1] - tp[k])
 

@@ -204,7 +204,8 @@ class DiscreteVP:
         B = x0.shape[0]
         n = torch.randint(1, self.N + 1, (B,), generator=generator, device=x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        log_alpha = self.schedule.log_alpha_array.to(x0.device)[n - 1]
+        _, log_alpha_table = self.schedule.tables(x0.device, torch.float64)
+        log_alpha = log_alpha_table[n - 1]
         alpha = _expand(torch.exp(log_alpha), x0).to(x0.dtype)
         sigma = _expand(torch.sqrt(-torch.expm1(2.0 * log_alpha)), x0).to(x0.dtype)
         return _per_sample_mse(eps, nnet(alpha * x0 + sigma * eps, n, **cond))

@@ -40,3 +40,23 @@ def require_path(path, what, how):
     if path is None or not os.path.exists(path):
         raise MissingFileError(f"{what} not found at '{path}'. {how}")
     return path
+
+
+def exit_on_user_error(main):
+    """Wrap a script's main(argv): a UViTError ends the program with its message and status 1.
+
+    The message already says what is wrong and what to do, so the user gets that one line, not
+    a traceback. Set UVIT_TRACEBACK=1 to get the traceback (for bug reports).
+    """
+    import functools
+
+    @functools.wraps(main)
+    def wrapped(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UViTError as e:
+            if os.environ.get("UVIT_TRACEBACK"):
+                raise
+            raise SystemExit(f"{type(e).__name__}: {e}") from None
+
+    return wrapped

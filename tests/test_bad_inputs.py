@@ -357,6 +357,22 @@ def test_table_in_docs_is_generated_from_these_cases():
         "docs/robustness.md's table is out of date: regenerate it with `python tests/test_bad_inputs.py`"
 
 
+def test_scripts_show_the_message_without_a_traceback(monkeypatch):
+    from libs.errors import exit_on_user_error
+
+    def main(argv):
+        _validate(**{"train.n_steps": -10})
+
+    monkeypatch.delenv("UVIT_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as info:
+        exit_on_user_error(main)(["train.py"])
+    assert info.value.code == "ConfigError: config.train.n_steps = -10: must be > 0 (optimizer steps to train)"
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+    monkeypatch.setenv("UVIT_TRACEBACK", "1")
+    with pytest.raises(ConfigError):
+        exit_on_user_error(main)(["train.py"])
+
+
 def test_every_case_has_a_distinct_id():
     assert len({c.id for c in CASES}) == len(CASES)
 

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from libs.errors import CheckpointError, MissingFileError
-from libs.io_utils import SaveError, atomic_path
+from libs.io_utils import SaveError, atomic_path, fsync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -424,24 +424,11 @@ def save_checkpoint(ckpt_root, step, *, nnet, nnet_ema, optimizer, lr_scheduler,
                 os.fsync(f.fileno())
         except OSError as e:
             raise SaveError(_io_message(final_path, MARKER, e)) from e
-        _fsync_tree(tmp)
+        fsync_dir(tmp)  # the files' names, before the directory is renamed into place
     _mark_verified(final_path)
     logger.info("saved checkpoint '%s'", final_path)
     prune_checkpoints(ckpt_root, keep_last, protect)
     return final_path
-
-
-def _fsync_tree(path):
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # ----------------------------------------------------------------------------- load

@@ -19,7 +19,8 @@ class SaveError(UViTError, OSError):
     """Writing a file failed (typically: disk full); the previous file is intact."""
 
 
-def _fsync_dir(path):
+def fsync_dir(path):
+    """Flush a directory's entries (new or renamed names) to disk; best effort."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -53,7 +54,7 @@ def atomic_path(path):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, path)
-        _fsync_dir(parent)
+        fsync_dir(parent)
     except SaveError:
         # Already says which file failed and why (raised inside the block): do not wrap it twice.
         _remove(tmp)

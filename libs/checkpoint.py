@@ -332,12 +332,17 @@ def _protected_steps(protect):
     return steps
 
 
+def _check_keep_last(keep_last):
+    if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, (int, np.integer))
+                                  or keep_last < 1):
+        raise CheckpointError(f"keep_last={keep_last!r} must be a positive integer (or None to keep every checkpoint)")
+
+
 def prune_checkpoints(ckpt_root, keep_last, protect=()):
     """Delete all but the newest `keep_last` checkpoints, never those whose step is in `protect`."""
+    _check_keep_last(keep_last)
     if keep_last is None:
         return []
-    if isinstance(keep_last, bool) or not isinstance(keep_last, (int, np.integer)) or keep_last < 1:
-        raise CheckpointError(f"keep_last={keep_last!r} must be a positive integer (or None to keep every checkpoint)")
     protected = _protected_steps(protect)
     deleted = []
     for i, (step, path) in enumerate(list_checkpoints(ckpt_root)):
@@ -396,6 +401,8 @@ def save_checkpoint(ckpt_root, step, *, nnet, nnet_ema, optimizer, lr_scheduler,
     if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
         raise CheckpointError(f"step={step!r} must be a non-negative integer")
     step = int(step)
+    _check_keep_last(keep_last)  # before writing: a bad argument must not leave a half-done job
+    _protected_steps(protect)
     os.makedirs(ckpt_root, exist_ok=True)
     _remove_stale_temporaries(ckpt_root)
     final_path = checkpoint_path(ckpt_root, step)

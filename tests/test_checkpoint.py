@@ -218,6 +218,7 @@ def test_keep_last_never_deletes_protected(tmp_path):
     assert sorted(os.listdir(root)) == ["20.ckpt", "50.ckpt"]
     with pytest.raises(CheckpointError, match="keep_last"):
         save(root, 60, keep_last=0)
+    assert sorted(os.listdir(root)) == ["20.ckpt", "50.ckpt"]  # refused before writing anything
 
 
 def test_checkpoint_of_another_network_names_the_keys(tmp_path):

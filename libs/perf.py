@@ -192,10 +192,21 @@ def optimizer_flags(kind, device):
 
 
 def set_optimizer_kind(optimizer, kind, device):
-    """Switch an existing AdamW between for-loop / foreach / fused in place (the state is shared:
-    all three keep the same per-parameter 'step', 'exp_avg', 'exp_avg_sq')."""
+    """Switch an existing AdamW between for-loop / foreach / fused in place.
+
+    The three keep the same per-parameter state ('step', 'exp_avg', 'exp_avg_sq'); only the
+    'step' counter's device differs on CUDA (on the device for fused, on the host otherwise), so
+    it is moved when the kind changes.
+    """
+    flags = optimizer_flags(kind, device)
     for group in optimizer.param_groups:
-        group.update(optimizer_flags(kind, device))
+        if group.get("fused") == flags["fused"] and group.get("foreach") == flags["foreach"]:
+            continue
+        group.update(flags)
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and "step" in state and not group.get("capturable", False):
+                state["step"] = state["step"].to(p.device if flags["fused"] else "cpu")
 
 
 @torch.no_grad()

@@ -1,0 +1,540 @@
+"""U-ViT benchmark suite: prints one markdown table per section.
+
+Sections (--only picks one or several, comma-separated; default all):
+  train     training-step throughput (images/s) and peak memory of U-ViT-S/2 (CIFAR10 config) and
+            U-ViT-L/2 on 4x32x32 latents (ImageNet 256 config; U-ViT-H/2 too on CUDA), gradient
+            checkpointing off and on; the step is the trainer's (libs.perf.OPTIMIZED: SDPA, foreach /
+            fused AdamW, foreach EMA, no per-step sync). Forward MACs counted analytically; MFU on CUDA.
+  ablation  the plain step (explicit-softmax attention, for-loop AdamW, Python-loop EMA, loss.item()
+            every step) against the optimized one and each optimisation removed in turn, all in ONE
+            process on one model, interleaved (A B C ... A B C ...), so the ratios share the noise.
+  sample    sampling throughput at --sample-nfe DPM-Solver steps: unguided; guided with batched
+            classifier-free guidance (one forward of 2B) and with two forwards of B (the original).
+  features  autoencoder encode (KL-f8, 256x256 -> moments) and FID Inception statistics throughput,
+            default and channels-last. Random weights: the speed does not depend on them.
+  data      latent-feature loading: the packed memory-mapped format vs the original file per sample
+            (libs.features), through the training dataset class and a DataLoader.
+
+Every setting of train / sample / features / data runs in a fresh subprocess, so its peak memory is
+its own: peak RSS (getrusage ru_maxrss; includes the ~0.7 GB of the imported stack) on the CPU,
+torch.cuda.max_memory_allocated on CUDA. Figures are medians of --steps timed repetitions after
+--warmup untimed ones.
+
+    python benchmarks/benchmark.py --device cpu --only ablation --batch 32 --steps 3
+    python benchmarks/benchmark.py --device cpu --only train,sample,features,data
+    python benchmarks/benchmark.py --device cuda --only train --models H/2-latent --batch 128 \\
+        --precision bf16 --steps 20 --warmup 5           # the H100 MFU measurement
+
+CPU figures on a shared 2-core machine are noisy (tens of percent between runs): compare ratios
+measured in one run, not absolute seconds across runs.
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+SECTIONS = ("train", "ablation", "sample", "features", "data")
+# Network configs: the paper configs' nnet dicts (configs/*.py) and their diffusion time kind.
+MODELS = {
+    "S/2-cifar10": ("configs.cifar10_uvit_small", "continuous"),
+    "L/2-latent": ("configs.imagenet256_uvit_large", "continuous"),
+    "H/2-latent": ("configs.imagenet256_uvit_huge", "discrete"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch", type=int, default=None, help="training batch of U-ViT-S/2 (and of the latent models "
+                   "on CUDA); default 32 on the CPU, 128 on CUDA")
+    p.add_argument("--latent-batch", type=int, default=None, help="training batch of the latent models; default "
+                   "4 on the CPU (U-ViT-L/2 is 6x the work of S/2 per image), --batch on CUDA")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (train and sample "
+                   "sections; in the ablation an extra 'optimized + compile' variant)")
+    p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
+    p.add_argument("--steps", type=int, default=3, help="timed repetitions per setting (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
+    p.add_argument("--models", default=None, help="train section models, comma-separated keys of "
+                   f"{list(MODELS)}; default S/2-cifar10,L/2-latent (+ H/2-latent on CUDA)")
+    p.add_argument("--checkpointing", default="off,on", help="train section: off, on or off,on")
+    p.add_argument("--ablation-extras", default="fused", help="ablation: extra variants beyond the remove-one "
+                   "rows, comma-separated of fused (fused AdamW), bf16, fp16 (autocast); '' for none. bf16 is "
+                   "left out by default: without AVX512-BF16/AMX it is emulated (~7x slower matmuls here)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in every worker; 0 = "
+                   "PyTorch's default (one per core)")
+    p.add_argument("--sample-batch", type=int, default=None, help="images per sampling call (default 8 CPU, 64 CUDA)")
+    p.add_argument("--sample-nfe", type=int, default=50, help="DPM-Solver steps (network evaluations) per sample")
+    p.add_argument("--sample-model", default=None, help="sample section model (default S/2-cifar10 with 10 "
+                   "classes + null on the CPU, L/2-latent on CUDA)")
+    p.add_argument("--data-items", type=int, default=4096, help="data section: feature entries written per layout")
+    p.add_argument("--tf32", type=int, default=1, choices=[0, 1], help="TF32 matmuls on CUDA (config.tf32)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    cuda = args.device == "cuda"
+    args.batch = args.batch or (128 if cuda else 32)
+    args.latent_batch = args.latent_batch or (args.batch if cuda else 4)
+    args.sample_batch = args.sample_batch or (64 if cuda else 8)
+    args.models = args.models or ("S/2-cifar10,L/2-latent,H/2-latent" if cuda else "S/2-cifar10,L/2-latent")
+    args.sample_model = args.sample_model or ("L/2-latent" if cuda else "S/2-cifar10")
+    bad = set(args.only.split(",")) - set(SECTIONS)
+    if bad:
+        p.error(f"unknown sections {sorted(bad)}; choose from {SECTIONS}")
+    return args
+
+
+# -- helpers shared by the workers -------------------------------------------------------------------
+
+def nnet_config(model, **overrides):
+    """The model's config.nnet as a dict, with overrides."""
+    import importlib
+
+    import inspect
+
+    from libs.nnet import NNETS
+
+    module, _ = MODELS[model]
+    nnet = importlib.import_module(module).get_config().nnet.to_dict()
+    # The network's defaults for what the config leaves out (e.g. in_chans=3), so the MAC count sees them.
+    defaults = {k: p.default for k, p in inspect.signature(NNETS[nnet["name"]].__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty and k != "norm_layer"}
+    return {**defaults, **nnet, **overrides}
+
+
+def peak_memory_gb(device):
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
+
+
+def sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, steps, warmup):
+    """Median seconds of fn() over `steps` calls after `warmup` calls; also the list."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), times
+
+
+def setup_device(args):
+    import torch
+
+    from libs import perf
+
+    device = torch.device(args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        perf.configure_tf32(bool(args.tf32))
+        torch.cuda.reset_peak_memory_stats(device)
+    return device
+
+
+def batch_inputs(cfg, batch, device, generator_seed=0):
+    """x0 (B, C, H, W) and the condition kwargs of a model config."""
+    import torch
+
+    g = torch.Generator().manual_seed(generator_seed)
+    x0 = torch.randn(batch, cfg["in_chans"], cfg["img_size"], cfg["img_size"], generator=g).to(device)
+    cond = {}
+    if cfg.get("num_classes", -1) > 0:
+        cond["y"] = torch.randint(0, cfg["num_classes"], (batch,), generator=g).to(device)
+    return x0, cond
+
+
+def make_train_step(model, batch_size, device, options, use_checkpoint):
+    """A libs.perf.TrainStep of a paper config (its optimizer and warm-up settings), inputs included."""
+    import torch
+
+    from libs import perf
+    from libs.nnet import build_nnet
+    from sde import build_diffusion
+    import importlib
+
+    module, time_kind = MODELS[model]
+    config = importlib.import_module(module).get_config()
+    cfg = nnet_config(model, use_checkpoint=use_checkpoint)
+    torch.manual_seed(0)
+    nnet = build_nnet(cfg).to(device)
+    nnet.train()
+    scaler = torch.amp.GradScaler(device.type) if options.precision == "fp16" else None
+    # warmup_steps 0: the benchmark's first steps should not run at lr 0 (the speed is the same).
+    step = perf.TrainStep(nnet, build_diffusion(time_kind), config.optimizer, dict(name="customized", warmup_steps=0),
+                          n_steps=config.train.n_steps, ema_rate=config.ema_rate, options=options, grad_scaler=scaler)
+    x0, cond = batch_inputs(cfg, batch_size, device)
+    return step, cfg, x0, cond
+
+
+# -- workers (each runs in its own process) ------------------------------------------------------------
+
+def worker_train(args, spec):
+    import torch
+
+    from libs import perf
+
+    device = setup_device(args)
+    options = perf.OPTIMIZED.replace(precision=args.precision, compile=args.compile)
+    step, cfg, x0, cond = make_train_step(spec["model"], spec["batch"], device, options, spec["checkpointing"])
+    median, times = timed(lambda: step(x0, **cond), device, args.steps, args.warmup)
+    macs = perf.uvit_forward_macs(**cfg)["total"]
+    out = dict(spec, step_s=median, times=times, images_per_s=spec["batch"] / median, peak_gb=peak_memory_gb(device),
+               fwd_gmacs=macs / 1e9, params_m=sum(p.numel() for p in step.nnet.parameters()) / 1e6,
+               threads=torch.get_num_threads())
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = perf.peak_tflops(name, args.precision if args.precision != "fp32" else ("tf32" if args.tf32 else "fp32"))
+        out.update(gpu=name, peak_tflops=peak, **perf.mfu(out["images_per_s"], macs, peak))
+    return out
+
+
+ABLATION_BASE = ["plain", "optimized", "- SDPA (math attention)", "- foreach AdamW (for-loop)",
+                 "- foreach EMA (Python loop)", "- no sync (loss.item() every step)"]
+
+
+def ablation_variants(args):
+    """{row name: StepOptions}: plain, optimized, optimized minus each switch, and the extras."""
+    from libs import perf
+
+    o = perf.OPTIMIZED
+    variants = {
+        "plain": perf.PLAIN,
+        "optimized": o,
+        "- SDPA (math attention)": o.replace(attention="math"),
+        "- foreach AdamW (for-loop)": o.replace(optimizer="for-loop"),
+        "- foreach EMA (Python loop)": o.replace(ema="loop"),
+        "- no sync (loss.item() every step)": o.replace(sync_every_step=True),
+    }
+    extras = [e for e in args.ablation_extras.split(",") if e]
+    if "fused" in extras:
+        variants["+ fused AdamW"] = o.replace(optimizer="fused")
+    if "bf16" in extras:
+        variants["+ bf16 autocast"] = o.replace(precision="bf16")
+    if "fp16" in extras:
+        variants["+ fp16 autocast"] = o.replace(precision="fp16")
+    if args.compile:
+        variants["+ torch.compile"] = o.replace(compile=True)
+    return variants
+
+
+def worker_ablation(args, spec):
+    """All variants on one model and one optimizer state, interleaved round by round."""
+    device = setup_device(args)
+    variants = ablation_variants(args)
+    step, cfg, x0, cond = make_train_step(spec["model"], spec["batch"], device, variants["plain"], False)
+    times = {name: [] for name in variants}
+    for name, options in variants.items():  # warm-up: first-call costs (allocator, compile) of every variant
+        for _ in range(args.warmup):
+            step(x0, options=options, **cond)
+    for _ in range(args.steps):
+        for name, options in variants.items():
+            sync(device)
+            start = time.perf_counter()
+            step(x0, options=options, **cond)
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return dict(spec, times=times, peak_gb=peak_memory_gb(device))
+
+
+class TwoForwards:
+    """A network wrapper that runs a guided batch [x; x] as two forwards of B (the original's guidance)."""
+
+    def __init__(self, nnet):
+        self.nnet = nnet
+
+    def __call__(self, x, t, **cond):
+        import torch
+
+        B = x.shape[0] // 2
+        first = self.nnet(x[:B], t[:B], **{k: v[:B] for k, v in cond.items()})
+        second = self.nnet(x[B:], t[B:], **{k: v[B:] for k, v in cond.items()})
+        return torch.cat([first, second], dim=0)
+
+
+def worker_sample(args, spec):
+    import torch
+
+    from libs import perf
+    from libs.nnet import build_nnet
+    from libs.sampling import sample
+    from sde import build_diffusion
+
+    device = setup_device(args)
+    cfg = nnet_config(spec["model"], use_checkpoint=False, **spec.get("overrides", {}))
+    torch.manual_seed(0)
+    nnet = build_nnet(cfg).to(device).eval().requires_grad_(False)
+    net = perf.maybe_compile(nnet, args.compile)
+    if spec["guidance"] == "two forwards":
+        net = TwoForwards(net)
+    diffusion = build_diffusion(MODELS[spec["model"]][1])
+    x_T, cond = batch_inputs(cfg, spec["batch"], device)
+    scale, uncond = 0.0, None
+    if spec["guidance"] != "none":
+        scale = 0.4  # ImageNet 256's guidance scale; the cost does not depend on it
+        uncond = {"y": torch.full_like(cond["y"], cfg["num_classes"] - 1)}
+    amp = perf.AUTOCAST_DTYPES[args.precision]
+
+    def run():
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            sample(net, diffusion, x_T, algorithm="dpm_solver", steps=spec["nfe"], cond=cond, uncond=uncond,
+                   scale=scale)
+
+    median, times = timed(run, device, args.steps, args.warmup)
+    return dict(spec, s=median, times=times, images_per_s=spec["batch"] / median, peak_gb=peak_memory_gb(device))
+
+
+def worker_features(args, spec):
+    import torch
+
+    from libs import perf
+
+    device = setup_device(args)
+    torch.manual_seed(0)
+    B = spec["batch"]
+    if spec["what"] == "autoencoder encode":
+        from libs.autoencoder import SD_EMBED_DIM, SD_KL_F8_DDCONFIG, FrozenAutoencoderKL
+
+        model = FrozenAutoencoderKL(SD_KL_F8_DDCONFIG, SD_EMBED_DIM).to(device)
+        x = torch.rand(B, 3, 256, 256, device=device) * 2 - 1
+        fn = model.encode_moments
+    else:
+        from libs.fid import InceptionStatistics, accumulate
+        from tools.inception import FIDInceptionV3, random_state_dict
+
+        model = FIDInceptionV3()
+        model.load_state_dict(random_state_dict())
+        model = model.to(device)
+        x = torch.rand(B, 3, spec["image_size"], spec["image_size"], device=device)
+        stats = InceptionStatistics(device=device)
+
+        def fn(images):
+            accumulate(stats, model, images)
+    if spec["channels_last"]:
+        perf.to_channels_last(model)
+        x = x.contiguous(memory_format=torch.channels_last)
+    amp = perf.AUTOCAST_DTYPES[args.precision] if spec["what"] == "autoencoder encode" else None
+
+    def run():
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            fn(x)
+
+    median, times = timed(run, device, args.steps, args.warmup)
+    return dict(spec, s=median, times=times, images_per_s=B / median, peak_gb=peak_memory_gb(device))
+
+
+def write_feature_layouts(folder, n, shape=(8, 32, 32), shard_size=1024):
+    """The same n (moments, label) entries in the packed format and in the original per-file layout."""
+    import numpy as np
+
+    from libs.features import ShardWriter, plan_shards, write_manifest
+
+    rng = np.random.default_rng(0)
+    packed, per_file = os.path.join(folder, "packed"), os.path.join(folder, "per_file")
+    os.makedirs(per_file, exist_ok=True)
+    plan = plan_shards(n, shard_size)
+    for k, start, stop in plan:
+        moments = rng.standard_normal((stop - start, *shape), dtype=np.float32)
+        labels = rng.integers(0, 1000, stop - start)
+        with ShardWriter(packed, k, stop - start, shape, with_labels=True) as w:
+            w.write(0, moments, labels)
+            w.commit()
+        for j in range(stop - start):  # the original's files: a pickled object array (moments, label)
+            obj = np.empty(2, dtype=object)
+            obj[0], obj[1] = moments[j], int(labels[j])
+            np.save(os.path.join(per_file, f"{start + j}.npy"), obj, allow_pickle=True)
+    write_manifest(packed, len(plan))
+    return packed, per_file
+
+
+def worker_data(args, spec):
+    import torch
+
+    from libs.data_loader import ResumableLoader
+    from libs.datasets.features import LabelledMoments
+    from libs.features import open_features
+
+    device = torch.device("cpu")
+    reader = open_features(spec["folder"])
+    loader = ResumableLoader(LabelledMoments(reader), batch_size=spec["batch"], seed=0,
+                             num_workers=spec["workers"], persistent_workers=True)
+    it = iter(loader)
+    n_batches = max(1, spec["items"] // spec["batch"] // 2)  # half an epoch per repetition
+
+    def run():
+        for _ in range(n_batches):
+            next(it)
+
+    median, times = timed(run, device, args.steps, args.warmup)
+    return dict(spec, layout=reader.layout, s=median, times=times,
+                samples_per_s=n_batches * spec["batch"] / median, peak_gb=peak_memory_gb(device))
+
+
+WORKERS = {"train": worker_train, "ablation": worker_ablation, "sample": worker_sample,
+           "features": worker_features, "data": worker_data}
+
+
+# -- the parent: run settings in subprocesses, print tables ----------------------------------------------
+
+def run_setting(section, spec):
+    """Run one setting in a fresh interpreter; its result dict (or {'error': ...})."""
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(dict(spec, section=section)),
+           *[a for a in sys.argv[1:]]]
+    res = subprocess.run(cmd, capture_output=True, text=True)
+    if res.returncode != 0:
+        tail = res.stderr.strip().splitlines()[-1:] or ["(no output)"]
+        sys.stderr.write(res.stderr[-3000:])
+        return dict(spec, error=f"exit {res.returncode}: {tail[0][:200]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def header(cols):
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+
+
+def row(values):
+    print("| " + " | ".join(str(v) for v in values) + " |", flush=True)
+
+
+def fmt(x, digits=2):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def section_train(args, mem):
+    print(f"\n### Training step ({args.precision}{', compiled' if args.compile else ''}; zero_grad, loss, backward, "
+          f"AdamW, LR scheduler, EMA; the trainer's optimized step)\n")
+    cols = ["model", "batch", "checkpointing", "step (s)", "images/s", mem, "fwd GMACs/img", "params (M)"]
+    if args.device == "cuda":
+        cols += ["MFU (3x MACs)", "MFU (2 FLOP/MAC)"]
+    header(cols)
+    for model in args.models.split(","):
+        batch = args.batch if model.startswith("S/") else args.latent_batch
+        for ck in args.checkpointing.split(","):
+            r = run_setting("train", dict(model=model, batch=batch, checkpointing=ck == "on"))
+            if "error" in r:
+                row([model, batch, ck, r["error"]])
+                continue
+            values = [model, batch, ck, fmt(r["step_s"]), fmt(r["images_per_s"], 1), fmt(r["peak_gb"]),
+                      fmt(r["fwd_gmacs"], 1), fmt(r["params_m"], 1)]
+            if args.device == "cuda":
+                values += [f"{100 * r['mfu_macs']:.1f}%" if r.get("mfu_macs") else "-",
+                           f"{100 * r['mfu_flops']:.1f}%" if r.get("mfu_flops") else "-"]
+            row(values)
+            if args.device == "cuda":
+                print(f"<!-- {r.get('gpu')}: peak {r.get('peak_tflops')} TFLOP/s; steps/s {1 / r['step_s']:.2f} -->")
+
+
+def section_ablation(args, mem):
+    model = "S/2-cifar10"
+    print(f"\n### Ablation: {model}, batch {args.batch}, fp32 unless stated; one process, variants interleaved "
+          f"({args.steps} rounds after {args.warmup} warm-up)\n")
+    r = run_setting("ablation", dict(model=model, batch=args.batch))
+    if "error" in r:
+        print(r["error"])
+        return
+    plain = statistics.median(r["times"]["plain"])
+    opt = statistics.median(r["times"]["optimized"])
+    header(["variant", "step (s), median", "all rounds (s)", "images/s", "speed-up vs plain",
+            "vs optimized"])
+    for name, times in r["times"].items():
+        m = statistics.median(times)
+        row([name, fmt(m), ", ".join(f"{t:.2f}" for t in times), fmt(args.batch / m, 2), f"{plain / m:.3f}x",
+             f"{m / opt:.3f}x time"])
+    print(f"\npeak {mem} of the ablation process: {r['peak_gb']:.2f} GB (all variants share one model and state)")
+
+
+def section_sample(args, mem):
+    model = args.sample_model
+    overrides = {}
+    if MODELS[model][0].endswith("cifar10_uvit_small"):
+        overrides = {"num_classes": 11}  # guidance needs labels: CIFAR10's 10 classes + the null class
+    print(f"\n### Sampling: {model}{' (class-conditional, 10 + null classes)' if overrides else ''}, "
+          f"DPM-Solver {args.sample_nfe} steps, batch {args.sample_batch}, {args.precision}\n")
+    header(["guidance", "network batch", "s / call", "images/s", mem])
+    for guidance in ("none", "batched (one forward of 2B)", "two forwards"):
+        key = "batched" if guidance.startswith("batched") else guidance
+        r = run_setting("sample", dict(model=model, overrides=overrides, batch=args.sample_batch, nfe=args.sample_nfe,
+                                       guidance=key))
+        if "error" in r:
+            row([guidance, r["error"]])
+            continue
+        nb = {"none": "B", "batched": "2B", "two forwards": "2 x B"}[key]
+        row([guidance, nb, fmt(r["s"]), fmt(r["images_per_s"], 3), fmt(r["peak_gb"])])
+
+
+def section_features(args, mem):
+    ae_batch = 2 if args.device == "cpu" else 32
+    inc_batch = 16 if args.device == "cpu" else 200
+    print(f"\n### Feature extraction and FID statistics ({'random weights; '}autoencoder in {args.precision}, "
+          f"Inception always fp32)\n")
+    header(["what", "input", "batch", "layout", "s / batch", "images/s", mem])
+    for what, batch, size in (("autoencoder encode", ae_batch, 256), ("FID Inception statistics", inc_batch, 32)):
+        for cl in (False, True):
+            r = run_setting("features", dict(what=what, batch=batch, image_size=size, channels_last=cl))
+            layout = "channels-last" if cl else "contiguous"
+            if "error" in r:
+                row([what, f"{size}x{size}", batch, layout, r["error"]])
+                continue
+            row([what, f"{size}x{size}", batch, layout, fmt(r["s"], 3), fmt(r["images_per_s"], 2), fmt(r["peak_gb"])])
+
+
+def section_data(args, mem):
+    batch = 64
+    print(f"\n### Latent feature loading: {args.data_items} ImageNet-256 entries (8x32x32 float32 moments + "
+          f"label), batch {batch}, page cache warm\n")
+    header(["layout", "DataLoader workers", "samples/s", "peak RSS (GB)"])
+    with tempfile.TemporaryDirectory(prefix="uvit-bench-data-") as folder:
+        packed, per_file = write_feature_layouts(folder, args.data_items)
+        for workers in (0, 1):
+            for name, path in (("packed memmap", packed), ("file per sample", per_file)):
+                r = run_setting("data", dict(folder=path, items=args.data_items, batch=batch, workers=workers))
+                if "error" in r:
+                    row([name, workers, r["error"]])
+                    continue
+                row([name, workers, fmt(r["samples_per_s"], 0), fmt(r["peak_gb"])])
+
+
+def main():
+    args = parse_args()
+    if args.worker:
+        spec = json.loads(args.worker)
+        print(json.dumps(WORKERS[spec.pop("section")](args, spec)))
+        return
+    import torch
+
+    mem = "peak CUDA alloc (GB)" if args.device == "cuda" else "peak RSS (GB)"
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+               f"{args.threads or torch.get_num_threads()} threads")
+    if args.device == "cuda" and torch.cuda.is_available():
+        machine = f"{torch.cuda.get_device_name()} ({machine})"
+    print(f"U-ViT benchmark | device {args.device} | {machine} | torch {torch.__version__} | {args.precision} | "
+          f"compile {args.compile} | median of {args.steps} after {args.warmup} warm-up | "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    for section in args.only.split(","):
+        globals()[f"section_{section}"](args, mem)
+
+
+if __name__ == "__main__":
+    main()

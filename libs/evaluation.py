@@ -183,6 +183,10 @@ def run_evaluation(config, nnet_path, family, output_path=None, inception_weight
     # Data: shapes, labels / captions to sample with, the reference statistics.
     data = get_dataset(config.dataset.name, **dataset_kwargs(config))
     family.check(config, data)
+    if not data.fid_stat:
+        raise ConfigError(f"dataset {config.dataset.name!r} defines no FID reference statistics, so FID cannot be "
+                          f"computed for it; for your own images compute them with tools/compute_fid_stats.py and "
+                          f"name them in the config (image_folder datasets: config.dataset.fid_stat='<file.npz>')")
     shape = tuple(config.z_shape) if family.data == "latents" else tuple(data.data_shape)
     labels = contexts = None
     if family.condition == "label":

@@ -591,7 +591,7 @@ class DPM_Solver:
         ns = self.noise_schedule
         t_0 = 1.0 / ns.total_N if t_end is None else float(t_end)
         t_T = ns.T if t_start is None else float(t_start)
-        if not (0.0 < t_0 < t_T <= ns.T + 1e-9):
+        if not (0.0 < t_0 < t_T <= ns.T * (1.0 + 1e-6)):  # tolerance: times that went through float32
             raise ConfigError(f"need 0 < t_end < t_start <= T = {ns.T}, got t_end={t_0}, t_start={t_T}")
         # Solver state in float32 or better: low-precision x (or autocast outputs) would lose the small
         # differences the higher-order corrections are made of.

@@ -283,7 +283,9 @@ def train(config, workdir: str, family):
     # Setup accelerate: DDP over processes; mixed precision from `accelerate launch --mixed_precision`.
     torch.backends.cuda.matmul.allow_tf32 = bool(config.tf32)
     torch.backends.cudnn.allow_tf32 = bool(config.tf32)
-    accelerator = Accelerator()
+    # cpu=True without CUDA lets torchrun-started processes (`accelerate launch --multi_gpu`) form a gloo group;
+    # accelerate's own `--cpu --num_processes N` starts a single process unless MPI is set up.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     device, is_main = accelerator.device, accelerator.is_main_process
     if is_main:
         os.makedirs(os.path.join(workdir, 'ckpts'), exist_ok=True)
@@ -292,7 +294,6 @@ def train(config, workdir: str, family):
     setup_logging(is_main, os.path.join(workdir, 'train.log'))
     local_batch = check_global_batch(config.train.batch_size, accelerator.num_processes)
     parse_and_validate(config, world_size=accelerator.num_processes)
-    set_seed(config.seed, device_specific=True)  # process r: seed + r, so ranks draw different noise
     family = family.for_config(config)
     logger.info("%d process(es) on %s, mixed precision %s, global batch %d (%d per process), %s",
                 accelerator.num_processes, device, accelerator.mixed_precision, config.train.batch_size, local_batch,
@@ -314,7 +315,9 @@ def train(config, workdir: str, family):
         from libs.autoencoder import get_model
         autoencoder = get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor).to(device)
 
-    # Create model: the EMA copy starts equal to the online network, as the original's.
+    # Create model: the same initialisation on every process (and for any number of processes); the EMA
+    # copy starts equal to the online network, as the original's.
+    set_seed(config.seed)
     nnet = build_nnet(config.nnet).to(device)
     nnet_ema = make_ema(nnet)
     optimizer = build_optimizer(nnet, config.optimizer)
@@ -324,6 +327,7 @@ def train(config, workdir: str, family):
     if config.compile:
         train_nnet = torch.compile(train_nnet)
     ema = EMAUpdater(nnet_ema, nnet)
+    set_seed(config.seed, device_specific=True)  # process r: seed + r, so ranks draw different noise
     logger.info("network %s: %.2fM parameters", config.nnet.name, sum(p.numel() for p in nnet.parameters()) / 1e6)
     r = Run(config=config, workdir=workdir, family=family, accelerator=accelerator, data=data, nnet=nnet,
             nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader,

@@ -1,0 +1,115 @@
+"""The training engine in one process on the digits config: learning, exact resume, NaN handling."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from configs.digits_uvit_tiny import get_config
+from libs.errors import TrainingDivergedError
+from libs.family import PIXELS_CONTINUOUS
+from libs.trainer import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models: one thread avoids oversubscribing a shared 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_config(**train):
+    config = get_config()
+    config.nnet.update(embed_dim=32, depth=2, num_heads=2)
+    config.train.update({'batch_size': 32, 'log_interval': 3, 'eval_interval': 1000, 'save_interval': 1000, **train})
+    config.lr_scheduler.warmup_steps = 2
+    config.grid.update(n_rows=2, n_cols=2, steps=2)
+    config.fid.update(n_samples=8, steps=2)
+    config.sample.update(n_samples=8, sample_steps=2, mini_batch_size=8)
+    return config
+
+
+def params(module):
+    return torch.cat([p.detach().flatten() for p in module.parameters()])
+
+
+def test_digits_loss_falls(tmp_path):
+    config = tiny_config(n_steps=80, log_interval=10)
+    config.nnet.update(embed_dim=64, num_heads=4)
+    config.optimizer.lr = 3e-3
+    out = train(config, str(tmp_path), PIXELS_CONTINUOUS)
+    losses = [m['loss'] for m in out['run'].logged]
+    assert len(losses) == 8
+    # An untrained network's output is unrelated to the noise, so E (eps - f)^2 = 1 + E f^2 >= 1 per element.
+    assert losses[0] > 0.8
+    assert losses[-1] < 0.5 * losses[0]
+    assert os.path.exists(tmp_path / 'samples' / '80.png')
+    score = json.loads((tmp_path / 'score.json').read_text())
+    assert set(score['score']['80']) == {'digit_accuracy', 'pixel_fd'}
+    final = json.loads((tmp_path / 'final_eval.json').read_text())
+    assert 0.0 <= final['digit_accuracy'] <= 1.0 and final['sample']['scale'] == config.sample.scale
+
+
+def test_resume_continues_exactly(tmp_path):
+    straight = train(tiny_config(n_steps=6, save_interval=3), str(tmp_path / 'a'), PIXELS_CONTINUOUS)
+    first = train(tiny_config(n_steps=3), str(tmp_path / 'b'), PIXELS_CONTINUOUS)
+    assert first['step'] == 3 and os.path.isdir(tmp_path / 'b' / 'ckpts' / '3.ckpt')
+    resumed = train(tiny_config(n_steps=6), str(tmp_path / 'b'), PIXELS_CONTINUOUS)
+    a, b = straight['run'], resumed['run']
+    assert resumed['step'] == 6 and b.lr_scheduler.last_epoch == a.lr_scheduler.last_epoch == 6
+    assert b.lr_scheduler.get_last_lr() == a.lr_scheduler.get_last_lr()
+    assert b.loader.state_dict() == a.loader.state_dict()
+    # Same data order, timesteps, noise and dropout after the resume: identical weights, EMA and moments.
+    assert torch.equal(params(b.nnet), params(a.nnet))
+    assert torch.equal(params(b.nnet_ema), params(a.nnet_ema))
+    assert not torch.equal(params(b.nnet_ema), params(b.nnet))
+    sa, sb = a.optimizer.state_dict()['state'], b.optimizer.state_dict()['state']
+    assert all(torch.equal(sa[k]['exp_avg_sq'], sb[k]['exp_avg_sq']) for k in sa)
+    assert [m['loss'] for m in b.logged] == [m['loss'] for m in a.logged if m['step'] > 3]
+
+
+def nan_after(monkeypatch, k, times=None):
+    """Make the diffusion loss NaN from its k-th call on (`times` calls, or forever)."""
+    import sde
+
+    original, calls = sde.ContinuousVP.loss, {'n': 0}
+
+    def loss(self, *args, **kwargs):
+        calls['n'] += 1
+        out = original(self, *args, **kwargs)
+        if calls['n'] >= k and (times is None or calls['n'] < k + times):
+            return out * float('nan')
+        return out
+    monkeypatch.setattr(sde.ContinuousVP, 'loss', loss)
+
+
+def test_nan_loss_stops_and_saves_nothing_corrupt(tmp_path, monkeypatch):
+    nan_after(monkeypatch, 5)
+    with pytest.raises(TrainingDivergedError) as err:
+        train(tiny_config(n_steps=8, log_interval=4, save_interval=2), str(tmp_path), PIXELS_CONTINUOUS)
+    message = str(err.value)
+    assert 'by step 6' in message and '4.ckpt' in message
+    assert sorted(os.listdir(tmp_path / 'ckpts')) == ['2.ckpt', '4.ckpt']
+
+
+def test_skip_nonfinite_steps(tmp_path, monkeypatch):
+    nan_after(monkeypatch, 3, times=2)
+    out = train(tiny_config(n_steps=5, skip_nonfinite_steps=2), str(tmp_path), PIXELS_CONTINUOUS)
+    run = out['run']
+    assert out['step'] == 5 and torch.isfinite(params(run.nnet)).all()
+    assert run.loader.state_dict()['position'] == 7 * 32  # two skipped batches were consumed
+
+
+def test_dry_run_writes_the_resolved_config(tmp_path):
+    cmd = [sys.executable, 'train.py', '--config=configs/digits_uvit_tiny.py', '--dry_run',
+           f'--workdir={tmp_path}', '--config.train.batch_size=96']
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    written = json.loads((tmp_path / 'config.json').read_text())
+    assert written['train']['batch_size'] == 96 and written['nnet']['num_classes'] == 11
+    assert not os.path.exists(tmp_path / 'ckpts')  # nothing trained

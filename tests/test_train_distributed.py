@@ -1,0 +1,81 @@
+"""Two CPU processes on the digits config: DDP over gloo, the global batch split, identical replicas,
+one checkpoint written by rank 0, and a second launch resuming from it.
+
+Launched as `accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU=true: with
+accelerate 1.x, `--cpu --num_processes 2` starts ONE process unless MPI is configured, while the
+torchrun launcher behind --multi_gpu starts two, which form a gloo group on the CPU.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+WORKER = '''
+import json, sys
+sys.path.insert(0, {root!r})
+import torch
+from configs.digits_uvit_tiny import get_config
+from libs.family import PIXELS_CONTINUOUS
+from libs.trainer import train
+
+workdir, overrides = sys.argv[1], json.loads(sys.argv[2])
+config = get_config()
+config.update_from_flattened_dict(overrides)
+out = train(config, workdir, PIXELS_CONTINUOUS)
+r = out['run']
+torch.save({{'rank': r.accelerator.process_index, 'world': r.accelerator.num_processes, 'step': out['step'],
+            'local_batch': r.loader.batch_size, 'position': r.loader.state_dict()['position'],
+            'params': torch.cat([p.detach().flatten() for p in r.nnet.parameters()]),
+            'ema': torch.cat([p.detach().flatten() for p in r.nnet_ema.parameters()])}},
+           f"{{workdir}}/rank{{r.accelerator.process_index}}.pt")
+'''
+
+OVERRIDES = {'nnet.embed_dim': 32, 'nnet.depth': 2, 'nnet.num_heads': 2, 'train.batch_size': 16,
+             'train.log_interval': 1, 'train.eval_interval': 1000, 'lr_scheduler.warmup_steps': 1,
+             'grid.n_rows': 2, 'grid.n_cols': 2, 'grid.steps': 2, 'fid.n_samples': 4, 'fid.steps': 2,
+             'sample.n_samples': 4, 'sample.sample_steps': 2, 'sample.mini_batch_size': 4}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def launch(worker, workdir, **overrides):
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+           '--mixed_precision', 'no', '--dynamo_backend', 'no', '--main_process_port', str(free_port()),
+           str(worker), str(workdir), json.dumps({**OVERRIDES, **overrides})]
+    env = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONPATH': ROOT, 'ACCELERATE_USE_CPU': 'true'}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return [torch.load(workdir / f'rank{r}.pt') for r in range(2)]
+
+
+def test_two_process_training_and_resume(tmp_path):
+    worker = tmp_path / 'worker.py'
+    worker.write_text(WORKER.format(root=ROOT))
+    workdir = tmp_path / 'run'
+
+    ranks = launch(worker, workdir, **{'train.n_steps': 2, 'train.save_interval': 2})
+    assert [r['rank'] for r in ranks] == [0, 1] and all(r['world'] == 2 for r in ranks)
+    assert all(r['local_batch'] == 8 for r in ranks)  # global batch 16 split over 2 processes
+    assert all(r['position'] == 2 * 16 for r in ranks)  # the global stream advanced by 2 global batches
+    # The ranks saw different samples and noise, so equal weights mean the gradients were all-reduced.
+    assert torch.equal(ranks[0]['params'], ranks[1]['params'])
+    assert torch.equal(ranks[0]['ema'], ranks[1]['ema'])
+    assert sorted(os.listdir(workdir / 'ckpts')) == ['2.ckpt']  # one directory, no leftover temporaries
+    assert os.path.exists(workdir / 'ckpts' / '2.ckpt' / 'COMPLETE')
+
+    ranks = launch(worker, workdir, **{'train.n_steps': 4, 'train.save_interval': 2})
+    assert all(r['step'] == 4 and r['position'] == 4 * 16 for r in ranks)
+    assert torch.equal(ranks[0]['params'], ranks[1]['params'])
+    assert sorted(os.listdir(workdir / 'ckpts')) == ['2.ckpt', '4.ckpt']
+    log = (workdir / 'train.log').read_text()
+    assert 'resuming at step 2' in log
+    assert log.count('saved checkpoint') == 2  # rank 0 alone logs and writes

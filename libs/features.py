@@ -58,6 +58,19 @@ def plan_shards(num_items, shard_size):
     return [(k, s, min(s + shard_size, num_items)) for k, s in enumerate(range(0, num_items, shard_size))]
 
 
+def remove_stale_temporaries(folder, index):
+    """Delete temporaries of shard `index` left by a killed run (they can be gigabytes).
+
+    Safe because a shard belongs to exactly one process of a run (plan[rank::world]); do not run
+    two extractions into the same folder at the same time.
+    """
+    prefix = f".{shard_name(index)}."
+    for name in os.listdir(folder):
+        if name.startswith(prefix) and ".tmp-" in name:
+            logger.info("removing %s left by an interrupted extraction", name)
+            os.remove(os.path.join(folder, name))
+
+
 def shard_is_complete(folder, index):
     """True when the shard's record exists (it is written after all of the shard's arrays)."""
     return os.path.isfile(os.path.join(folder, shard_name(index) + ".json"))
@@ -78,6 +91,7 @@ class ShardWriter:
             raise InputError(f"feature storage dtype must be one of {STORAGE_DTYPES}, got {dtype!r}.")
         os.makedirs(folder, exist_ok=True)
         self.folder, self.index, self.n, self.dtype = folder, index, int(n), dtype
+        remove_stale_temporaries(folder, index)
         self.moments_shape = tuple(int(s) for s in moments_shape)
         self._contexts = []
         self._stack = []  # open atomic_path contexts, committed together

@@ -99,6 +99,18 @@ def test_interrupted_shard_leaves_nothing_and_manifest_refuses(tmp_path):
         F.open_features(folder)
 
 
+def test_killed_run_temporaries_are_removed_when_the_shard_is_redone(tmp_path):
+    stale = tmp_path / ".shard_00001.moments.npy.tmp-999-abc"
+    stale.write_bytes(b"x" * 100)
+    other = tmp_path / ".shard_00002.moments.npy.tmp-999-abc"
+    other.write_bytes(b"x")
+    with F.ShardWriter(str(tmp_path), 1, 1, (8, 2, 2)) as w:
+        assert not stale.exists() and other.exists()
+        w.write(0, np.zeros((1, 8, 2, 2)))
+        w.commit()
+    assert F.shard_is_complete(str(tmp_path), 1)
+
+
 def test_nan_moments_rejected(tmp_path):
     with F.ShardWriter(str(tmp_path), 0, 1, (8, 2, 2)) as w:
         with pytest.raises(InputError, match="NaN"):

@@ -75,6 +75,16 @@ def test_frechet_distance_general_equals_scipy_sqrtm_and_pytorch_fid():
         assert fid.frechet_distance(mu1, x, mu1, y) == pytest.approx(expected, rel=1e-6)
 
 
+def test_frechet_distance_warns_on_a_covariance_that_is_not_psd(caplog):
+    with caplog.at_level("WARNING", logger="libs.fid"):
+        fid.frechet_distance(np.zeros(2), np.diag([1.0, -0.5]), np.zeros(2), np.diag([-1.0, 2.0]))
+    assert "negative eigenvalue" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="libs.fid"):
+        fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.diag([1.0, 0.0]))
+    assert caplog.text == ""  # a singular (PSD) covariance is normal for few images
+
+
 def test_frechet_distance_rejects_mismatched_or_nan():
     with pytest.raises(InputError, match="mismatched"):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
@@ -243,3 +253,14 @@ def test_missing_paths_and_bad_statistics(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(MissingFileError, match="no images"):
         fid.ImageFolder(str(tmp_path / "empty"))
+
+
+@pytest.mark.cuda
+def test_statistics_on_cuda_equal_cpu(weights_file):
+    net = inception.load_fid_inception(weights_file)
+    x = fid.quantize_like_png(torch.rand(2, 3, 32, 32))
+    cpu, gpu = fid.InceptionStatistics(splits=0), fid.InceptionStatistics(splits=0, device="cuda")
+    fid.accumulate(cpu, net, x)
+    fid.accumulate(gpu, net.to("cuda"), x.cuda())
+    for a, b in zip(cpu.mean_and_covariance(), gpu.mean_and_covariance()):
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-3 * np.abs(a).max())  # cuDNN may use TF32

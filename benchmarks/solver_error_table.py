@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dpm_solver_pp import DPM_Solver, NoiseScheduleVP, model_wrapper  # noqa: E402
+from dpm_solver_pp import DPM_Solver, model_wrapper  # noqa: E402
 from sde import build_diffusion  # noqa: E402
 
 

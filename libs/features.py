@@ -298,6 +298,26 @@ class PackedFeatures:
         k, j = self._locate(i)
         return int(self._map(k, "labels")[j])
 
+    def _gather(self, indices, part, dtype):
+        """Rows `indices` of array `part` across shards, one fancy-indexing read per shard touched."""
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
+            raise IndexError(f"feature indices out of range [0, {len(self)})")
+        shard = np.searchsorted(np.asarray(self._starts[1:]), idx, side="right")
+        first = self._map(int(shard[0]), part) if len(idx) else None
+        out = np.empty((len(idx), *(first.shape[1:] if first is not None else ())), dtype=dtype)
+        for k in np.unique(shard):
+            sel = shard == k
+            out[sel] = self._map(int(k), part)[idx[sel] - int(self._starts[k])]
+        return out
+
+    def moments_many(self, indices):
+        """(b, 2*C_z, h, w) float32 moments of `indices` (faster than b calls of moments())."""
+        return self._gather(indices, "moments", np.float32)
+
+    def labels_many(self, indices):
+        return self._gather(indices, "labels", np.int64)
+
     def labels(self):
         """(N,) int64 labels of all samples."""
         return np.concatenate([np.asarray(self._map(k, "labels")) for k in range(len(self._names))])
@@ -378,6 +398,12 @@ class PerFileFeatures:
 
     def label(self, i):
         return self._load(i)[1]
+
+    def moments_many(self, indices):
+        return np.stack([self.moments(int(i)) for i in indices]).astype(np.float32, copy=False)
+
+    def labels_many(self, indices):
+        return np.array([self.label(int(i)) for i in indices], dtype=np.int64)
 
     def labels(self):
         return np.array([self.label(i) for i in range(self._n)], dtype=np.int64)

@@ -173,6 +173,11 @@ def test_imagenet_features_dataset_packed_and_per_file(tmp_path):
         assert torch.equal(item["moments"], torch.from_numpy(moments[5])) and int(item["y"]) == 2
         y = data.sample_labels(5000, torch.Generator().manual_seed(0))
         assert y.min() >= 0 and y.max() < 1000 and len(torch.unique(y)) > 900  # uniform over 1000 classes
+        # Batched access (DataLoader's __getitems__) gives the per-item results, across shard boundaries.
+        idx = [5, 0, 3, 3, 1]
+        batch = data.train.__getitems__(idx)
+        for i, item in zip(idx, batch):
+            assert torch.equal(item["moments"], data.train[i]["moments"]) and int(item["y"]) == labels[i]
     loader = torch.utils.data.DataLoader(get_dataset("imagenet256_features", path=str(tmp_path / "packed")).train,
                                          batch_size=3, num_workers=2)
     batches = list(loader)
@@ -226,6 +231,12 @@ def test_mscoco_features_dataset(tmp_path):
     again = [which_caption(data.train[0]["context"], contexts[0]) for _ in range(60)]
     assert seen == again
     assert torch.equal(data.train[2]["moments"], torch.from_numpy(moments[2]))
+    torch.manual_seed(3)
+    single = [data.train[i] for i in (2, 0, 1, 0)]
+    torch.manual_seed(3)
+    batch = data.train.__getitems__([2, 0, 1, 0])
+    for a, b in zip(single, batch):
+        assert torch.equal(a["moments"], b["moments"]) and torch.equal(a["context"], b["context"])
 
 
 def test_mscoco_original_run_vis(tmp_path):

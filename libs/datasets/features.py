@@ -57,6 +57,12 @@ class LabelledMoments(Dataset):
         return {"moments": torch.from_numpy(self.reader.moments(i)),
                 "y": torch.tensor(self.reader.label(i), dtype=torch.int64)}
 
+    def __getitems__(self, indices):
+        """A whole batch at once (torch's DataLoader calls this when present): one read per shard."""
+        moments = torch.from_numpy(self.reader.moments_many(indices))
+        labels = torch.from_numpy(self.reader.labels_many(indices))
+        return [{"moments": m, "y": y} for m, y in zip(moments, labels)]
+
 
 class CaptionedMoments(Dataset):
     """Items {'moments': (2C, h, w) float32, 'context': (77, D) float32}: one of the sample's captions,
@@ -72,6 +78,15 @@ class CaptionedMoments(Dataset):
         k = int(torch.randint(self.reader.num_contexts(i), ()).item())
         return {"moments": torch.from_numpy(self.reader.moments(i)),
                 "context": torch.from_numpy(self.reader.context(i, k))}
+
+    def __getitems__(self, indices):
+        """A whole batch at once; captions drawn in index order, as per-item access would."""
+        moments = torch.from_numpy(self.reader.moments_many(indices))
+        items = []
+        for m, i in zip(moments, indices):
+            k = int(torch.randint(self.reader.num_contexts(int(i)), ()).item())
+            items.append({"moments": m, "context": torch.from_numpy(self.reader.context(int(i), k))})
+        return items
 
 
 class FIDContexts:

@@ -322,8 +322,8 @@ class FrozenAutoencoderKL(nn.Module):
 def sample_from_moments(moments, scale_factor, generator=None):
     """moments (B, 2C, h, w) = (mean, logvar) -> scale_factor * (mean + std * eps), (B, C, h, w).
 
-    The reparameterised sample of ldm's DiagonalGaussianDistribution, scaled. Used by the
-    feature datasets' training path too, so it does not need a model.
+    The reparameterised sample of ldm's DiagonalGaussianDistribution, scaled; a function so that
+    code holding only stored moments (no autoencoder weights) can draw latents too.
     """
     mean, logvar = moments.chunk(2, dim=1)
     std = torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))

@@ -15,21 +15,23 @@ def get_config():
     config = base_config()
     config.seed = 1234
     config.train.update(
-        n_steps=1200,  # ~5 min on 2 otherwise idle CPU cores
+        n_steps=1500,  # ~5 min on 2 otherwise idle CPU cores
         batch_size=64,  # global batch; 1,797 images, so 28 optimizer steps per epoch
         mode='cond',
         log_interval=50,
         eval_interval=500,  # a grid every 500 steps shows the progress
-        save_interval=1200,  # one checkpoint (+ score) at the end
+        save_interval=1500,  # one checkpoint (+ score) at the end
     )
-    config.optimizer.update(lr=0.001, weight_decay=0.03, betas=(0.9, 0.99))  # a small net tolerates a larger lr
+    config.optimizer.update(lr=0.002, weight_decay=0.03, betas=(0.9, 0.99))  # a small net tolerates a larger lr
     config.lr_scheduler.update(name='customized', warmup_steps=100)
     # 16x16 images (nearest-upsampled 8x8 digits), 4x4 patches: 16 tokens of width 96, 7 blocks (depth 6).
     # num_classes = 10 digits + the null label 10 of guidance training.
     config.nnet = d(name='uvit', img_size=16, patch_size=4, in_chans=1, embed_dim=96, depth=6, num_heads=4,
                     mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=11)
     config.dataset.update(name='digits', resolution=16, cfg=True, p_uncond=0.1)
-    config.ema_rate = 0.999  # 0.9999 averages over ~10k steps: longer than this whole run
+    # The EMA keeps weight rate^n_steps on the random initialisation: 0.9999 (or even 0.999: 22% after 1,500
+    # steps) gives noise images in so short a run; 0.99 averages over the last ~100 steps.
+    config.ema_rate = 0.99
     config.grid.update(n_rows=10, n_cols=10, steps=50, scale=-1.0)
     # The score: 1,000 samples (enough for a 64-d covariance), DPM-Solver 25 steps, guidance 1.
     config.sample.update(sample_steps=25, n_samples=1000, mini_batch_size=500, algorithm='dpm_solver', cfg=True,

@@ -76,17 +76,28 @@ class PositionSeeded(Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getitem__(self, key):
-        index, position = key
+    def _seeded(self, position, fn, *args):
         in_worker = get_worker_info() is not None
         saved = None if in_worker else torch.get_rng_state()
         # The CPU generator only (torch.manual_seed would also reseed every CUDA device: ~100x slower).
         torch.default_generator.manual_seed(mix_seed(self.seed, position))
         try:
-            return self.dataset[index]
+            return fn(*args)
         finally:
             if saved is not None:
                 torch.set_rng_state(saved)
+
+    def __getitem__(self, key):
+        index, position = key
+        return self._seeded(position, self.dataset.__getitem__, index)
+
+    def __getitems__(self, keys):
+        """A whole batch (DataLoader uses this when present): datasets that read batches at once (the packed
+        latent features) keep doing so, seeded once from the batch's first position; a resume restarts at a
+        batch boundary, so the batches and their draws are the same."""
+        if not hasattr(self.dataset, '__getitems__'):
+            return [self[k] for k in keys]
+        return self._seeded(keys[0][1], self.dataset.__getitems__, [index for index, _ in keys])
 
 
 def _seed_worker(seed: int, rank: int, start: int):

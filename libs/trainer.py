@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -355,8 +356,9 @@ def train(config, workdir: str, family):
     if is_main and config.wandb.enabled:
         import wandb
         r.wandb_run = wandb.init(project=config.wandb.project, mode=config.wandb.mode, dir=workdir,
-                                 config=config.to_dict(), id=os.path.basename(os.path.normpath(workdir)),
-                                 resume='allow')
+                                 config=config.to_dict(), resume='allow',
+                                 # One wandb run per workdir, continued on resume.
+                                 id=re.sub(r'[^\w.-]', '_', os.path.abspath(workdir))[-64:])
 
     # Train:
     n_steps, log_every = int(config.train.n_steps), int(config.train.log_interval)

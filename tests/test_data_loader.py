@@ -86,3 +86,25 @@ def test_main_process_generator_is_left_alone():
 def test_num_workers_auto():
     assert resolve_num_workers(3) == 3
     assert 0 <= resolve_num_workers(-1) <= 8
+
+
+class Batched(Flippy):
+    """A dataset that reads whole batches (like the packed latent features)."""
+
+    calls = 0
+
+    def __getitems__(self, indices):
+        Batched.calls += 1
+        return [self[i] for i in indices]
+
+
+def test_batch_reading_datasets_are_read_in_batches_and_resume_exactly():
+    data = Batched(10)
+    full = batches(ResumableLoader(data, batch_size=3, seed=4), 4)
+    assert Batched.calls == 4
+    first = ResumableLoader(data, batch_size=3, seed=4)
+    batches(first, 2)
+    resumed = ResumableLoader(data, batch_size=3, seed=4)
+    resumed.load_state_dict(first.state_dict())
+    for a, b in zip(full[2:], batches(resumed, 2)):
+        assert torch.equal(a['i'], b['i']) and torch.equal(a['aug'], b['aug'])

@@ -1,0 +1,50 @@
+"""The latent families end to end on tiny packed features and a tiny random autoencoder:
+train_ldm_discrete.py's family (moments -> latents, discrete time, labels with guidance dropout)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from configs.imagenet256_uvit_huge import get_config
+from libs import features as F
+from libs.family import LATENTS_DISCRETE
+from libs.trainer import train
+from tests.tiny_models import write_tiny_autoencoder
+
+
+def write_features(folder, n=8, num_classes=3):
+    rng = np.random.default_rng(0)
+    moments = rng.standard_normal((n, 8, 32, 32)).astype(np.float32)
+    moments[:, 4:] = -4.0  # small logvar: latents close to the means
+    labels = np.arange(n) % num_classes
+    with F.ShardWriter(folder, 0, n, moments.shape[1:], dtype='float32', with_labels=True) as w:
+        w.write(0, moments, labels)
+        w.commit()
+    F.write_manifest(folder, 1)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: one thread avoids oversubscribing a shared 2-core machine
+    yield
+    torch.set_num_threads(n)
+
+
+def test_latent_discrete_training_runs_and_writes_decoded_grid(tmp_path):
+    write_features(str(tmp_path / 'features'))
+    config = get_config()
+    config.autoencoder.pretrained_path = write_tiny_autoencoder(str(tmp_path / 'ae.pth'))
+    config.dataset.update(path=str(tmp_path / 'features'), num_classes=3)
+    config.nnet.update(patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=4, use_checkpoint=False)
+    config.train.update(n_steps=3, batch_size=4, log_interval=1, eval_interval=1000, save_interval=1000)
+    config.lr_scheduler.warmup_steps = 1
+    config.grid.update(n_rows=2, n_cols=1, steps=2)
+    out = train(config, str(tmp_path / 'run'), LATENTS_DISCRETE)
+    assert out['step'] == 3 and all(np.isfinite(m['loss']) for m in out['run'].logged)
+    assert os.path.isdir(tmp_path / 'run' / 'ckpts' / '3.ckpt')
+    with Image.open(tmp_path / 'run' / 'samples' / '3.png') as grid:
+        # One column, two classes; 32x32 latents decode to 256x256 pixels; 2-pixel padding.
+        assert grid.size == (256 + 4, 2 * 256 + 6)

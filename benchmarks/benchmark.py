@@ -70,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--ablation-extras", default="fused", help="ablation: extra variants beyond the remove-one "
                    "rows, comma-separated of fused (fused AdamW), bf16, fp16 (autocast); '' for none. bf16 is "
                    "left out by default: without AVX512-BF16/AMX it is emulated (~7x slower matmuls here)")
+    p.add_argument("--ablation-only", default="", help="ablation: keep only these variants (comma-separated "
+                   "name prefixes, e.g. 'plain,optimized'); '' keeps all")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in every worker; 0 = "
                    "PyTorch's default (one per core)")
     p.add_argument("--sample-batch", type=int, default=None, help="images per sampling call (default 8 CPU, 64 CUDA)")
@@ -236,23 +238,31 @@ def ablation_variants(args):
         variants["+ fp16 autocast"] = o.replace(precision="fp16")
     if args.compile:
         variants["+ torch.compile"] = o.replace(compile=True)
+    keep = [k for k in args.ablation_only.split(",") if k]
+    if keep:
+        variants = {n: v for n, v in variants.items() if n in ("plain", "optimized") or any(n.startswith(k) for k in keep)}
     return variants
 
 
 def worker_ablation(args, spec):
-    """All variants on one model and one optimizer state, interleaved round by round."""
+    """All variants on one model and one optimizer state, interleaved round by round.
+
+    Round r visits the variants in an order rotated by r, so that a load trend on a shared machine
+    does not always favour the same variant; speed-ups are medians of per-round ratios.
+    """
     device = setup_device(args)
     variants = ablation_variants(args)
+    names = list(variants)
     step, cfg, x0, cond = make_train_step(spec["model"], spec["batch"], device, variants["plain"], False)
-    times = {name: [] for name in variants}
-    for name, options in variants.items():  # warm-up: first-call costs (allocator, compile) of every variant
-        for _ in range(args.warmup):
-            step(x0, options=options, **cond)
-    for _ in range(args.steps):
-        for name, options in variants.items():
+    for _ in range(args.warmup):  # first-call costs (allocator, kernels) of both attention paths and optimizers
+        for name in ("plain", "optimized", *(n for n in names if variants[n].compile)):
+            step(x0, options=variants[name], **cond)
+    times = {name: [] for name in names}
+    for r in range(args.steps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             sync(device)
             start = time.perf_counter()
-            step(x0, options=options, **cond)
+            step(x0, options=variants[name], **cond)
             sync(device)
             times[name].append(time.perf_counter() - start)
     return dict(spec, times=times, peak_gb=peak_memory_gb(device))
@@ -422,6 +432,11 @@ def fmt(x, digits=2):
     return "-" if x is None else f"{x:.{digits}f}"
 
 
+def rate(x):
+    """A throughput with 3 significant digits (0.0123, 1.23, 123)."""
+    return "-" if x is None else f"{x:.3g}"
+
+
 def section_train(args, mem):
     print(f"\n### Training step ({args.precision}{', compiled' if args.compile else ''}; zero_grad, loss, backward, "
           f"AdamW, LR scheduler, EMA; the trainer's optimized step)\n")
@@ -436,7 +451,7 @@ def section_train(args, mem):
             if "error" in r:
                 row([model, batch, ck, r["error"]])
                 continue
-            values = [model, batch, ck, fmt(r["step_s"]), fmt(r["images_per_s"], 1), fmt(r["peak_gb"]),
+            values = [model, batch, ck, fmt(r["step_s"]), rate(r["images_per_s"]), fmt(r["peak_gb"]),
                       fmt(r["fwd_gmacs"], 1), fmt(r["params_m"], 1)]
             if args.device == "cuda":
                 values += [f"{100 * r['mfu_macs']:.1f}%" if r.get("mfu_macs") else "-",
@@ -454,15 +469,17 @@ def section_ablation(args, mem):
     if "error" in r:
         print(r["error"])
         return
-    plain = statistics.median(r["times"]["plain"])
-    opt = statistics.median(r["times"]["optimized"])
-    header(["variant", "step (s), median", "all rounds (s)", "images/s", "speed-up vs plain",
-            "vs optimized"])
-    for name, times in r["times"].items():
+    t = r["times"]
+    rounds = range(len(t["plain"]))
+    header(["variant", "step (s), median", "all rounds (s)", "images/s", "speed-up vs plain (median of rounds)",
+            "time vs optimized (median of rounds)"])
+    for name, times in t.items():
         m = statistics.median(times)
-        row([name, fmt(m), ", ".join(f"{t:.2f}" for t in times), fmt(args.batch / m, 2), f"{plain / m:.3f}x",
-             f"{m / opt:.3f}x time"])
-    print(f"\npeak {mem} of the ablation process: {r['peak_gb']:.2f} GB (all variants share one model and state)")
+        vs_plain = statistics.median(t["plain"][i] / times[i] for i in rounds)
+        vs_opt = statistics.median(times[i] / t["optimized"][i] for i in rounds)
+        row([name, fmt(m), ", ".join(f"{x:.2f}" for x in times), rate(args.batch / m), f"{vs_plain:.3f}x",
+             f"{vs_opt:.3f}"])
+    print(f"\n{mem} of the ablation process: {r['peak_gb']:.2f} GB (all variants share one model and state)")
 
 
 def section_sample(args, mem):
@@ -481,7 +498,7 @@ def section_sample(args, mem):
             row([guidance, r["error"]])
             continue
         nb = {"none": "B", "batched": "2B", "two forwards": "2 x B"}[key]
-        row([guidance, nb, fmt(r["s"]), fmt(r["images_per_s"], 3), fmt(r["peak_gb"])])
+        row([guidance, nb, fmt(r["s"]), rate(r["images_per_s"]), fmt(r["peak_gb"])])
 
 
 def section_features(args, mem):
@@ -497,7 +514,7 @@ def section_features(args, mem):
             if "error" in r:
                 row([what, f"{size}x{size}", batch, layout, r["error"]])
                 continue
-            row([what, f"{size}x{size}", batch, layout, fmt(r["s"], 3), fmt(r["images_per_s"], 2), fmt(r["peak_gb"])])
+            row([what, f"{size}x{size}", batch, layout, fmt(r["s"], 3), rate(r["images_per_s"]), fmt(r["peak_gb"])])
 
 
 def section_data(args, mem):
@@ -513,7 +530,7 @@ def section_data(args, mem):
                 if "error" in r:
                     row([name, workers, r["error"]])
                     continue
-                row([name, workers, fmt(r["samples_per_s"], 0), fmt(r["peak_gb"])])
+                row([name, workers, rate(r["samples_per_s"]), fmt(r["peak_gb"])])
 
 
 def main():

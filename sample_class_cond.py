@@ -66,12 +66,18 @@ def define_common_flags(fv, argv):
                       flag_values=fv)
 
 
-def parse_flags(fv, argv):
-    """Parse argv (argv[0] = program name) into fv; returns the positional arguments."""
+def parse_flags(fv, argv, doc):
+    """Parse argv (argv[0] = program name) into fv; returns the positional arguments.
+
+    --help prints `doc` and the flags, then exits.
+    """
+    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
+        sys.stdout.write(f"{doc}\nflags:\n{fv.get_help()}\n")
+        raise SystemExit(0)
     try:
         rest = fv(argv)
     except flags.Error as e:
-        raise ConfigError(f"{e}\nRun with --helpfull for the flags.") from e
+        raise ConfigError(f"{e}\nRun with --help for the flags.") from e
     if fv.config is None:
         raise ConfigError("--config is required, e.g. --config=configs/imagenet256_uvit_large.py")
     if not fv.nnet_path:
@@ -183,7 +189,7 @@ def main(argv=None):
     flags.DEFINE_list("class_ids", None, "comma-separated class indices (default: DiT's 8 demo classes for "
                       "1000-class models)", flag_values=fv)
     flags.DEFINE_integer("n_per_class", 4, "images per class (one grid row per class)", flag_values=fv)
-    extra = parse_flags(fv, argv)
+    extra = parse_flags(fv, argv, __doc__)
     if extra:
         raise ConfigError(f"unexpected arguments {extra}; give classes with --class_ids=207,360")
     setup_logging(True)

@@ -61,7 +61,7 @@ def main(argv=None):
     flags.DEFINE_string("clip", CLIP_VERSION, "CLIP text encoder: hub id (local cache) or directory", flag_values=fv)
     flags.DEFINE_string("empty_context", None, "(77, 768) .npy context of \"\" for guidance (default: encode \"\" "
                         "with --clip)", flag_values=fv)
-    prompts = parse_flags(fv, argv)
+    prompts = parse_flags(fv, argv, __doc__)
     if fv.prompts_file:
         prompts += read_prompts(fv.prompts_file)
     if not prompts:

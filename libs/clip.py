@@ -48,6 +48,11 @@ class FrozenCLIPEmbedder(nn.Module):
         from transformers import CLIPTextModel, CLIPTokenizer
 
         source = _resolve(version)
+        looks_like_path = version.startswith(("/", ".", "~")) or version.count("/") > 1
+        if looks_like_path and not os.path.isdir(source):
+            raise MissingFileError(
+                f"CLIP folder '{version}' does not exist. Give a folder holding a CLIPTokenizer and a CLIPTextModel "
+                f"(e.g. `huggingface-cli download {CLIP_VERSION} --local-dir {LOCAL_CLIP_DIR}`) or a hub id.")
         try:
             self.tokenizer = CLIPTokenizer.from_pretrained(source, local_files_only=not allow_download)
             self.transformer = CLIPTextModel.from_pretrained(source, local_files_only=not allow_download)

@@ -209,3 +209,23 @@ def test_errors(tmp_path, pair):
         ours.encode_moments(torch.full((1, 3, 16, 16), float("nan")))
     with pytest.raises(InputError, match="latents"):
         ours.decode(torch.zeros(1, 8, 2, 2))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_matches_fp32(pair, dtype):
+    _, ours = pair
+    model = ae.FrozenAutoencoderKL(TINY, 4)
+    ae.load_strict(model, ours.state_dict())
+    model = model.cuda()
+    x = (torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1).cuda()
+    with torch.no_grad():
+        ref_m = model.encode_moments(x)
+        ref_x = model.decode_in_chunks(ref_m[:, :4], chunk=3)
+        with torch.autocast("cuda", dtype=dtype):
+            m = model.encode_moments(x)
+            out = model.decode_in_chunks(m[:, :4], chunk=3)
+    tol = 2e-2 if dtype == torch.float16 else 8e-2
+    assert torch.isfinite(out).all()
+    assert (m.float() - ref_m).abs().max() <= tol * ref_m.abs().max()
+    assert (out.float() - ref_x).abs().max() <= tol * ref_x.abs().max() + tol

@@ -125,7 +125,7 @@ def test_check_rejects_mismatched_num_classes():
     from configs.digits_uvit_tiny import get_config
 
     class Data:
-        kind, num_classes, data_shape = 'pixels', 10, (1, 16, 16)
+        kind, num_classes, data_shape = 'pixels', 10, (1, 8, 8)
     config = get_config()
     PIXELS_CONTINUOUS.check(config, Data())
     config.nnet.num_classes = 10  # forgot the null label of guidance training

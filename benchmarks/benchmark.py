@@ -8,6 +8,9 @@ Sections (--only picks one or several, comma-separated; default all):
   ablation  the plain step (explicit-softmax attention, for-loop AdamW, Python-loop EMA, loss.item()
             every step) against the optimized one and each optimisation removed in turn, all in ONE
             process on one model, interleaved (A B C ... A B C ...), so the ratios share the noise.
+  update    the parameter update alone on U-ViT-S/2's 44M parameters: AdamW for-loop / foreach / fused
+            and the EMA as a Python loop / one torch._foreach_lerp_, interleaved (precise where the
+            whole-step ablation is too noisy to resolve a few percent).
   sample    sampling throughput at --sample-nfe DPM-Solver steps: unguided; guided with batched
             classifier-free guidance (one forward of 2B) and with two forwards of B (the original).
   features  autoencoder encode (KL-f8, 256x256 -> moments) and FID Inception statistics throughput,
@@ -42,7 +45,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-SECTIONS = ("train", "ablation", "sample", "features", "data")
+SECTIONS = ("train", "ablation", "update", "sample", "features", "data")
 # Network configs: the paper configs' nnet dicts (configs/*.py) and their diffusion time kind.
 MODELS = {
     "S/2-cifar10": ("configs.cifar10_uvit_small", "continuous"),
@@ -268,6 +271,45 @@ def worker_ablation(args, spec):
     return dict(spec, times=times, peak_gb=peak_memory_gb(device))
 
 
+def worker_update(args, spec):
+    """AdamW step and EMA update alone, each implementation on its own state, interleaved."""
+    import torch
+
+    from libs import perf
+    from libs.ema import EMAUpdater, make_ema
+    from libs.nnet import build_nnet
+
+    device = setup_device(args)
+    torch.manual_seed(0)
+    nnet = build_nnet(nnet_config(spec["model"])).to(device)
+    for p in nnet.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    params = list(nnet.parameters())
+    fns = {}
+    for kind in ("for-loop", "foreach", "fused"):
+        opt = torch.optim.AdamW(params, lr=1e-9, weight_decay=0.03, betas=(0.99, 0.999),
+                                **perf.optimizer_flags(kind, device))
+        fns[f"AdamW {kind}"] = opt.step
+    ema = make_ema(nnet)
+    updater = EMAUpdater(ema, nnet)
+    fns["EMA Python loop"] = lambda: perf.ema_update_loop(updater.ema_params, updater.online_params, 0.9999)
+    fns["EMA foreach_lerp"] = lambda: updater.update(0.9999)
+    fns["loss.item() (host sync)"] = lambda: torch.zeros((), device=device).add_(1).item()
+    names = list(fns)
+    for fn in fns.values():
+        for _ in range(args.warmup):
+            fn()
+    times = {n: [] for n in names}
+    for r in range(max(args.steps, 5)):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            sync(device)
+            start = time.perf_counter()
+            fns[name]()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return dict(spec, times=times, n_params=sum(p.numel() for p in params))
+
+
 class TwoForwards:
     """A network wrapper that runs a guided batch [x; x] as two forwards of B (the original's guidance)."""
 
@@ -401,7 +443,7 @@ def worker_data(args, spec):
                 samples_per_s=n_batches * spec["batch"] / median, peak_gb=peak_memory_gb(device))
 
 
-WORKERS = {"train": worker_train, "ablation": worker_ablation, "sample": worker_sample,
+WORKERS = {"train": worker_train, "ablation": worker_ablation, "update": worker_update, "sample": worker_sample,
            "features": worker_features, "data": worker_data}
 
 
@@ -434,7 +476,9 @@ def fmt(x, digits=2):
 
 def rate(x):
     """A throughput with 3 significant digits (0.0123, 1.23, 123)."""
-    return "-" if x is None else f"{x:.3g}"
+    if x is None:
+        return "-"
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
 
 
 def section_train(args, mem):
@@ -480,6 +524,19 @@ def section_ablation(args, mem):
         row([name, fmt(m), ", ".join(f"{x:.2f}" for x in times), rate(args.batch / m), f"{vs_plain:.3f}x",
              f"{vs_opt:.3f}"])
     print(f"\n{mem} of the ablation process: {r['peak_gb']:.2f} GB (all variants share one model and state)")
+
+
+def section_update(args, mem):
+    model = "S/2-cifar10"
+    print(f"\n### Parameter update alone: {model} parameters, interleaved, median of {max(args.steps, 5)} rounds\n")
+    r = run_setting("update", dict(model=model))
+    if "error" in r:
+        print(r["error"])
+        return
+    header(["update", "time (ms), median", "all rounds (ms)"])
+    for name, times in r["times"].items():
+        row([name, fmt(1e3 * statistics.median(times), 1), ", ".join(f"{1e3 * t:.0f}" for t in times)])
+    print(f"\n{r['n_params'] / 1e6:.1f}M parameters")
 
 
 def section_sample(args, mem):

@@ -370,7 +370,8 @@ def train(config, workdir: str, family):
     data_iter = iter(loader)
     train_nnet.train()
     bar = tqdm(total=n_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc='train')
-    with PreemptionHandler() as preemption:
+    # Processes agree on stopping by an all-reduce; on logging steps only, so other steps stay sync-free.
+    with PreemptionHandler(sync_every=log_every) as preemption:
         while step < n_steps:
             batch = to_device(next(data_iter), device)
             x0, cond = family.prepare_batch(batch, autoencoder)

@@ -74,7 +74,7 @@ def get_config():
         algorithm='dpm_solver',  # the paper protocol of the script's time kind (see libs/sampling.py)
         cfg=False,  # guided sampling (needs a model trained with dataset.cfg)
         scale=0.0,  # guidance scale s of eps_c + s * (eps_c - eps_u) (the original's convention)
-        path='',  # folder for the sample PNGs of eval*.py; '' = a temporary one
+        path='',  # folder to also keep eval*.py's sample PNGs in; '' = none are written (FID is computed in-process)
     )
 
     # ours: sample grids written every eval_interval (from the EMA network).

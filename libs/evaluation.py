@@ -15,17 +15,15 @@ while rank 0 computes, which the original risked on long evaluations).
 import logging
 import math
 import os
-import sys
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm import tqdm
 
 from libs import fid
 from libs.data_loader import mix_seed
-from libs.errors import ConfigError, InputError, UViTError
+from libs.errors import ConfigError, InputError, exit_on_user_error
 from libs.io_utils import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -140,14 +138,10 @@ def main_for(family):
 
         del argv
         f = flags.FLAGS
-        try:
-            run_evaluation(f.config, f.nnet_path, family, output_path=f.output_path,
-                           inception_weights=f.inception_weights,
-                           config_path=config_flags.get_config_filename(f["config"]))
-        except UViTError as e:  # a user error: its message says what to do, a traceback would bury it
-            logger.error("%s", e)
-            sys.exit(1)
-    return main
+        run_evaluation(f.config, f.nnet_path, family, output_path=f.output_path,
+                       inception_weights=f.inception_weights,
+                       config_path=config_flags.get_config_filename(f["config"]))
+    return exit_on_user_error(main)
 
 
 def run_evaluation(config, nnet_path, family, output_path=None, inception_weights=None, config_path=None):

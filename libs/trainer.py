@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from libs.errors import ConfigError, TrainingDivergedError
+from libs.errors import TrainingDivergedError, exit_on_user_error
 from libs.io_utils import atomic_write_bytes
 from libs.logging_utils import log_once, setup_logging
 
@@ -40,15 +40,6 @@ def write_json(obj, path):
 def to_device(batch: dict, device) -> dict:
     """Move a loader batch to `device` (asynchronously from pinned memory)."""
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def check_global_batch(batch_size: int, world_size: int) -> int:
-    """The per-process batch; ConfigError when the global batch does not split evenly."""
-    if batch_size <= 0 or batch_size % world_size:
-        raise ConfigError(f"config.train.batch_size={batch_size} is the global batch and must be a positive "
-                          f"multiple of the number of processes ({world_size}); e.g. "
-                          f"--config.train.batch_size={max(world_size, batch_size // world_size * world_size)}")
-    return batch_size // world_size
 
 
 def grid_scale(config) -> float:
@@ -294,8 +285,8 @@ def train(config, workdir: str, family):
         os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
     accelerator.wait_for_everyone()
     setup_logging(is_main, os.path.join(workdir, 'train.log'))
-    local_batch = check_global_batch(config.train.batch_size, accelerator.num_processes)
-    parse_and_validate(config, world_size=accelerator.num_processes)
+    parse_and_validate(config, world_size=accelerator.num_processes)  # includes: the global batch splits evenly
+    local_batch = config.train.batch_size // accelerator.num_processes
     family = family.for_config(config)
     logger.info("%d process(es) on %s, mixed precision %s, global batch %d (%d per process), %s",
                 accelerator.num_processes, device, accelerator.mixed_precision, config.train.batch_size, local_batch,
@@ -477,11 +468,10 @@ def main_for(family):
         if FLAGS.dry_run:
             setup_logging(True, None)
             world_size = int(os.environ.get('WORLD_SIZE', 1))
-            check_global_batch(config.train.batch_size, world_size)
             parse_and_validate(config, world_size=world_size)
             family.for_config(config)
             write_json(config.to_dict(), os.path.join(workdir, 'config.json'))
             logger.info("dry run: the config is valid; written to %s", os.path.join(workdir, 'config.json'))
             return
         train(config, workdir, family)
-    return main
+    return exit_on_user_error(main)

@@ -11,7 +11,6 @@ import dataclasses
 import errno
 import logging
 import os
-import re
 import sys
 import tempfile
 import types

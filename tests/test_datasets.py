@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from libs import datasets as ds
 from libs.datasets import DATASETS, get_dataset
 from libs.errors import ConfigError, InputError, MissingFileError
 

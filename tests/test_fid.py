@@ -1,5 +1,4 @@
 """FID math against closed forms, numpy/scipy and pytorch-fid; PNG quantisation; folder == in-process."""
-import math
 import os
 import subprocess
 import sys

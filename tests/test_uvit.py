@@ -87,7 +87,7 @@ def _reference_forward(model, x, t, cond_tokens):
         ref.load_state_dict({k: v for k, v in blk.state_dict().items() if not k.startswith("skip_linear")})
         return ref
 
-    D, p, C = model.embed_dim, model.patch_size, model.in_chans
+    D, p = model.embed_dim, model.patch_size
     patches = einops.rearrange(x, "B C (h p1) (w p2) -> B (h w) (C p1 p2)", p1=p, p2=p)
     patches = patches @ model.patch_embed.proj.weight.reshape(D, -1).T + model.patch_embed.proj.bias
     half = D // 2

@@ -81,7 +81,8 @@ def test_t2i_two_prompts_write_images_grid_and_prompt_list(tiny):
     for p in paths:
         assert read_png(p).shape == (16, 16, 3)
     grid = read_png(out / "grid.png")
-    assert grid.shape == (16 + 4, 2 * 16 + 6, 3)  # torchvision make_grid, padding 2
+    # torchvision make_grid, padding 2; libs.sample_grid enlarges images under 32 px by pixel repetition (16 -> 32)
+    assert grid.shape == (32 + 4, 2 * 32 + 6, 3)
     assert json.loads((out / "prompts.json").read_text()) == {"000_00": "the cat", "001_00": "a dog on the grass"}
     assert not np.array_equal(read_png(paths[0]), read_png(paths[1]))
 
@@ -158,7 +159,7 @@ def test_class_cond_writes_rows_per_class(tiny):
     paths = sample_class_cond.main(cls_args(tiny, out, "--class_ids=0,2", "--n_per_class=2"))
     assert [os.path.basename(p) for p in paths] == ["0000_class0.png", "0001_class0.png", "0002_class2.png",
                                                     "0003_class2.png"]
-    assert read_png(out / "grid.png").shape == (2 * 16 + 6, 2 * 16 + 6, 3)
+    assert read_png(out / "grid.png").shape == (2 * 32 + 6, 2 * 32 + 6, 3)  # 16 px images enlarged to 32
     # Same class, different seeds-per-index: different images; rerun: identical.
     assert not np.array_equal(read_png(paths[0]), read_png(paths[1]))
     again = sample_class_cond.main(cls_args(tiny, tiny["tmp"] / "cls2", "--class_ids=0,2", "--n_per_class=2",

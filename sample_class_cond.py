@@ -20,7 +20,7 @@ import sys
 import torch
 from absl import flags
 
-from libs.errors import ConfigError, InputError, UViTError
+from libs.errors import ConfigError, InputError, exit_on_user_error
 
 logger = logging.getLogger("sample_class_cond")
 
@@ -235,8 +235,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UViTError as e:
-        logging.getLogger("sample_class_cond").error("%s", e)
-        sys.exit(1)
+    exit_on_user_error(main)()  # a user error: its one-line message, no traceback

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from absl import flags
 
-from libs.errors import ConfigError, InputError, MissingFileError, UViTError
+from libs.errors import ConfigError, InputError, MissingFileError, exit_on_user_error
 from sample_class_cond import (define_common_flags, generate_batches, load_models, parse_flags, sample_shape,
                                sampling_settings, write_images)
 
@@ -106,8 +106,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UViTError as e:
-        logging.getLogger("sample_t2i_discrete").error("%s", e)
-        sys.exit(1)
+    exit_on_user_error(main)()  # a user error: its one-line message, no traceback

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder  # noqa: E402
-from libs.errors import UViTError  # noqa: E402
+from libs.errors import exit_on_user_error  # noqa: E402
 from libs.io_utils import atomic_path  # noqa: E402
 from libs.logging_utils import setup_logging  # noqa: E402
 
@@ -58,8 +58,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UViTError as e:
-        logging.getLogger("extract_empty_feature").error("%s", e)
-        sys.exit(1)
+    exit_on_user_error(main)()  # a user error: its one-line message, no traceback

@@ -27,7 +27,7 @@ from tqdm import tqdm  # noqa: E402
 from libs import features  # noqa: E402
 from libs.autoencoder import DEFAULT_PATH, get_model  # noqa: E402
 from libs.datasets.base import adm_center_crop, list_images, load_rgb, uint8_to_unit_range  # noqa: E402
-from libs.errors import InputError, MissingFileError, UViTError  # noqa: E402
+from libs.errors import InputError, MissingFileError, exit_on_user_error  # noqa: E402
 from libs.logging_utils import setup_logging  # noqa: E402
 
 logger = logging.getLogger("extract_imagenet_feature")
@@ -134,8 +134,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except UViTError as e:
-        logging.getLogger("extract_imagenet_feature").error("%s", e)
-        sys.exit(1)
+    exit_on_user_error(main)()  # a user error: its one-line message, no traceback

@@ -270,12 +270,12 @@ def train(config, workdir: str, family):
     from libs.ema import EMAUpdater, make_ema
     from libs.nnet import build_nnet
     from libs.optim import build_lr_scheduler, build_optimizer
+    from libs.perf import configure_tf32, maybe_compile
     from libs.preemption import PreemptionHandler
     from sde import build_diffusion
 
     # Setup accelerate: DDP over processes; mixed precision from `accelerate launch --mixed_precision`.
-    torch.backends.cuda.matmul.allow_tf32 = bool(config.tf32)
-    torch.backends.cudnn.allow_tf32 = bool(config.tf32)
+    configure_tf32(config.tf32)
     # cpu=True without CUDA lets torchrun-started processes (`accelerate launch --multi_gpu`) form a gloo group;
     # accelerate's own `--cpu --num_processes N` starts a single process unless MPI is set up.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
@@ -317,8 +317,7 @@ def train(config, workdir: str, family):
     # Not prepared by accelerate, which would step it once per process per optimizer step.
     lr_scheduler = build_lr_scheduler(optimizer, config.lr_scheduler, config.train.n_steps)
     train_nnet, optimizer = accelerator.prepare(nnet, optimizer)
-    if config.compile:
-        train_nnet = torch.compile(train_nnet)
+    train_nnet = maybe_compile(train_nnet, config.compile)
     ema = EMAUpdater(nnet_ema, nnet)
     set_seed(config.seed, device_specific=True)  # process r: seed + r, so ranks draw different noise
     logger.info("network %s: %.2fM parameters", config.nnet.name, sum(p.numel() for p in nnet.parameters()) / 1e6)

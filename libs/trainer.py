@@ -73,7 +73,7 @@ def fid_unavailable(config, data) -> str:
     """'' when FID can be computed, else the reason it cannot (said once)."""
     if not data.fid_stat or not os.path.exists(data.fid_stat):
         return (f"the FID reference statistics of dataset {config.dataset.name!r} are missing "
-                f"({data.fid_stat or 'none defined'}); docs/evaluation.md says how to make them "
+                f"({data.fid_stat or 'none defined'}); the README's 'Evaluation' section says how to make them "
                 f"(tools/compute_fid_stats.py)")
     weights = config.fid.inception_weights
     if weights and not os.path.exists(weights):

@@ -200,7 +200,9 @@ def evaluate_checkpoint(r: Run, step: int):
         reason = fid_unavailable(cfg, r.data) or \
             ('the dataset gives no captions to sample with' if r.family.condition == 'text' and contexts is None else '')
         if reason:
-            log_once(logger, f"FID skipped during training: {reason}. Training goes on.", logging.WARNING)
+            # A dataset that defines no statistics (digits: it has its own score) is not a problem to warn about.
+            level = logging.WARNING if r.data.fid_stat or not hasattr(r.data, 'sample_metric') else logging.INFO
+            log_once(logger, f"FID skipped during training: {reason}. Training goes on.", level)
         else:
             result = run_fid(r.accelerator, gen, cfg, r.data, cfg.fid.n_samples, cfg.sample.mini_batch_size)
             if result is not None:

@@ -1,7 +1,7 @@
-"""Every bad input the README's table lists, and the message the user sees for it.
+"""Every bad input the table in docs/robustness.md lists, and the message the user sees for it.
 
 Each case is a test: it must raise the documented kind of error (or log the documented warning)
-with a message that says what is wrong and what to do. The table in README.md (section 'Never lose a run') is
+with a message that says what is wrong and what to do. The table in docs/robustness.md is
 rendered from these same cases and checked here, so it cannot drift; after changing a message,
 regenerate it with
 
@@ -26,7 +26,7 @@ if ROOT not in sys.path:
 from libs.errors import CheckpointError, ConfigError, MissingFileError, TrainingDivergedError  # noqa: E402
 from libs.io_utils import SaveError  # noqa: E402
 
-DOC = os.path.join(ROOT, "README.md")
+DOC = os.path.join(ROOT, "docs", "robustness.md")
 START, END = "<!-- bad-inputs-table:start -->", "<!-- bad-inputs-table:end -->"
 DIGITS = os.path.join(ROOT, "configs", "digits_uvit_tiny.py")
 WARNING = "warning"
@@ -353,7 +353,7 @@ def test_table_in_docs_is_generated_from_these_cases():
     table = documented_table()
     assert table is not None, f"{DOC} lacks the {START} ... {END} section"
     assert table == render_table(all_messages()), \
-        "README.md's bad-input table is out of date: regenerate it with `python tests/test_bad_inputs.py`"
+        "docs/robustness.md's bad-input table is out of date: regenerate it with `python tests/test_bad_inputs.py`"
 
 
 def test_scripts_show_the_message_without_a_traceback(monkeypatch):

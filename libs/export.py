@@ -12,6 +12,7 @@ import logging
 import os
 
 import ml_collections
+import torch
 
 from libs import export_format
 from libs.checkpoint import checkpoint_step, load_nnet_weights
@@ -73,8 +74,6 @@ def _step_of(path):
     """The training step of a `<step>.ckpt` directory (its name, else its step.pth), or None."""
     step = checkpoint_step(path)
     if step is None and os.path.isdir(path) and os.path.isfile(os.path.join(path, "step.pth")):
-        import torch  # heavy
-
         step = int(torch.load(os.path.join(path, "step.pth"), map_location="cpu", weights_only=True))
     return step
 

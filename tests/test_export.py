@@ -202,3 +202,36 @@ def test_tool_exports_a_run_checkpoint_and_reports_errors_in_one_line(tmp_path):
     assert bad.returncode == 1
     assert bad.stderr.strip().splitlines()[-1].startswith('MissingFileError: checkpoint not found')
     assert 'Traceback' not in bad.stderr
+
+
+def test_push_to_hub_uploads_the_folder_and_nothing_else(tmp_path, monkeypatch):
+    # Offline: a stand-in for huggingface_hub.HfApi records what would be sent.
+    import huggingface_hub
+
+    from libs.export import push_to_hub
+
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token=None):
+            calls.append(('token', token))
+
+        def create_repo(self, repo_id, **kwargs):
+            calls.append(('create', repo_id, kwargs['private']))
+            return f'https://huggingface.co/{repo_id}'
+
+        def upload_folder(self, folder_path, repo_id, **kwargs):
+            calls.append(('upload', sorted(os.listdir(folder_path)), repo_id))
+
+    monkeypatch.setattr(huggingface_hub, 'HfApi', FakeApi)
+    config = tiny_config()
+    torch.save(trained_weights(config).state_dict(), tmp_path / 'w.pth')
+    folder = export_model(str(tmp_path / 'w.pth'), tmp_path / 'export', config)
+    assert push_to_hub(folder, 'me/tiny', private=True) == 'https://huggingface.co/me/tiny'
+    assert calls[1:] == [('create', 'me/tiny', True),
+                         ('upload', ['README.md', 'config.json', 'model.safetensors'], 'me/tiny')]
+    os.remove(os.path.join(folder, 'config.json'))
+    calls.clear()
+    with pytest.raises(MissingFileError):
+        push_to_hub(folder, 'me/tiny')
+    assert calls == []  # an incomplete folder is never uploaded

@@ -11,6 +11,9 @@ With `resize`, two tensors may differ from the network's and are adapted (one lo
   are; the patch tokens, a g x g grid in row-major order (PatchEmbed), are resized bicubically to the
   network's grid (torch.nn.functional.interpolate, align_corners=False), as ViT fine-tuning at a
   new resolution does (Dosovitskiy et al., arXiv 2010.11929, sec. 3.2).
+- An unconditional source into a class-conditional network: the label embedding and the label token's
+  position (the first extra token) keep the network's initialisation, everything else is the source's;
+  the reverse drops them.
 Any other difference (width, depth, patch size, channels) stays the strict loader's error.
 """
 import logging
@@ -74,6 +77,8 @@ def resize_pos_embed(source, extras, grid):
         raise CheckpointError(f"the checkpoint's pos_embed has {source.shape[1]} tokens, which is not {extras} extra "
                               f"tokens plus a square grid of patches: it comes from a network with another condition "
                               f"(class / text / none); fine-tune from a checkpoint of the same kind")
+    if g == grid:
+        return source.clone()
     D = source.shape[2]
     patches = source[:, extras:].float().reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g)
     patches = F.interpolate(patches, size=(grid, grid), mode="bicubic", align_corners=False)  # (1, D, grid, grid)
@@ -82,25 +87,51 @@ def resize_pos_embed(source, extras, grid):
 
 
 def adapt_state_dict(nnet, state_dict, source_null, target_null):
-    """`state_dict` with label_emb / pos_embed resized to `nnet`'s shapes where they differ; (dict, adapted names)."""
+    """`state_dict` with label_emb / pos_embed adapted to `nnet`'s shapes where they differ; (dict, adapted names).
+
+    A class-conditional U-ViT has one extra token more than an unconditional one (the label token,
+    first), so a label embedding may also be added (unconditional -> class model: every row and the
+    label token's position keep the network's initialisation) or dropped (class -> unconditional).
+    """
     model = _unwrap_model(nnet)
     own = model.state_dict()
     out, adapted = dict(state_dict), []
-    if set(out) != set(own):
-        return out, adapted  # another kind of network (condition, depth): the strict loader says what differs
-    src, dst = out.get(LABEL_KEY), own.get(LABEL_KEY)
-    if src is not None and dst is not None and src.shape != dst.shape and src.shape[1:] == dst.shape[1:]:
-        out[LABEL_KEY], how = resize_label_embedding(src, dst, source_null, target_null)
-        logger.info("init: %s %s -> %s: %s", LABEL_KEY, tuple(src.shape), tuple(dst.shape), how)
+    label_added = LABEL_KEY in own and LABEL_KEY not in out
+    label_dropped = LABEL_KEY in out and LABEL_KEY not in own
+    if (set(out) ^ set(own)) - {LABEL_KEY}:
+        return out, adapted  # another kind of network (depth, text vs class): the strict loader says what differs
+    if label_added:
+        out[LABEL_KEY] = own[LABEL_KEY].detach().clone()
+        logger.info("init: %s new %s: the source is unconditional; every row keeps the network's initialisation",
+                    LABEL_KEY, tuple(own[LABEL_KEY].shape))
         adapted.append(LABEL_KEY)
+    elif label_dropped:
+        logger.info("init: %s %s dropped: the network is unconditional", LABEL_KEY, tuple(out.pop(LABEL_KEY).shape))
+        adapted.append(LABEL_KEY)
+    else:
+        src, dst = out.get(LABEL_KEY), own.get(LABEL_KEY)
+        if src is not None and src.shape != dst.shape and src.shape[1:] == dst.shape[1:]:
+            out[LABEL_KEY], how = resize_label_embedding(src, dst, source_null, target_null)
+            logger.info("init: %s %s -> %s: %s", LABEL_KEY, tuple(src.shape), tuple(dst.shape), how)
+            adapted.append(LABEL_KEY)
     src, dst = out.get(POS_KEY), own.get(POS_KEY)
     if src is not None and dst is not None and src.shape != dst.shape and src.shape[2] == dst.shape[2]:
         extras = model.extras
+        source_extras = extras - int(label_added) + int(label_dropped)
         grid = math.isqrt(dst.shape[1] - extras)
-        out[POS_KEY] = resize_pos_embed(src, extras, grid).to(dst.dtype)
-        g = math.isqrt(src.shape[1] - extras)
-        logger.info("init: %s %s -> %s: %d extra tokens kept, patch grid %dx%d -> %dx%d (bicubic)", POS_KEY,
-                    tuple(src.shape), tuple(dst.shape), extras, g, g, grid, grid)
+        new = resize_pos_embed(src, source_extras, grid).to(dst.dtype)  # (1, source_extras + grid^2, D)
+        if label_added:
+            new = torch.cat([dst[:, :1], new], dim=1)  # the label token comes first
+            kept = f"{source_extras} extra token(s) kept, the label token's new"
+        elif label_dropped:
+            new = new[:, 1:]
+            kept = f"the label token dropped, {extras} extra token(s) kept"
+        else:
+            kept = f"{extras} extra token(s) kept"
+        out[POS_KEY] = new
+        g = math.isqrt(src.shape[1] - source_extras)
+        logger.info("init: %s %s -> %s: %s, patch grid %dx%d -> %dx%d%s", POS_KEY, tuple(src.shape),
+                    tuple(dst.shape), kept, g, g, grid, grid, " (bicubic)" if g != grid else "")
         adapted.append(POS_KEY)
     return out, adapted
 

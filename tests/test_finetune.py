@@ -117,6 +117,34 @@ def test_exported_source_says_whether_it_has_a_null_class(tmp_path):
     assert torch.equal(target.label_emb.weight[5:], before[5:])  # classes 5, 6 and the null class are new
 
 
+def test_unconditional_source_into_a_class_model(tmp_path, caplog):
+    # CIFAR10-like unconditional U-ViT -> a 10-class model with guidance (11 labels), grid 4x4 -> 6x6.
+    source = net(seed=0, num_classes=-1)
+    target = net(seed=1, num_classes=11, img_size=12)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with caplog.at_level(logging.INFO, logger='libs.finetune'):
+        assert init_weights(target, saved(tmp_path, source), resize=True) == ['label_emb.weight', 'pos_embed']
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith('init: ')]
+    assert len(lines) == 2 and 'the source is unconditional' in lines[0] and "the label token's new" in lines[1]
+    src = source.state_dict()
+    assert torch.equal(target.label_emb.weight, before['label_emb.weight'])
+    assert torch.equal(target.pos_embed[:, 0], before['pos_embed'][:, 0])  # the label token: network's init
+    assert torch.equal(target.pos_embed[:, 1], src['pos_embed'][:, 0])  # the time token: the source's
+    expected = F.interpolate(grid_of(src['pos_embed'], 1, 4), size=(6, 6), mode='bicubic', align_corners=False)
+    assert torch.allclose(grid_of(target.pos_embed.detach(), 2, 6), expected, atol=1e-6)
+    for k in src:
+        if k != 'pos_embed':
+            assert torch.equal(target.state_dict()[k], src[k]), k
+
+
+def test_class_source_into_an_unconditional_model(tmp_path):
+    source = net(seed=0, num_classes=5)
+    target = net(seed=1, num_classes=-1)  # same grid: the patch positions are copied exactly
+    assert init_weights(target, saved(tmp_path, source), resize=True) == ['label_emb.weight', 'pos_embed']
+    assert torch.equal(target.pos_embed, source.pos_embed[:, 1:])
+    assert not hasattr(target, 'label_emb')
+
+
 def test_checkpoint_directory_source(tmp_path):
     source = net(seed=0)
     ckpt = tmp_path / 'ckpts' / '100.ckpt'
@@ -139,7 +167,7 @@ def test_text_network_keeps_its_context_tokens(tmp_path):
     assert torch.allclose(grid_of(target.pos_embed.detach(), 4, 2), expected, atol=1e-6)
 
 
-@pytest.mark.parametrize('change', [dict(patch_size=4), dict(depth=4), dict(embed_dim=32), dict(num_classes=-1)])
+@pytest.mark.parametrize('change', [dict(patch_size=4), dict(depth=4), dict(embed_dim=32), dict(in_chans=4)])
 def test_other_differences_stay_errors(tmp_path, change):
     src = saved(tmp_path, net(seed=0))
     with pytest.raises(CheckpointError, match='does not match'):

@@ -1,5 +1,4 @@
 """Gradient accumulation: k micro-batches of b give the loss, gradients and step of one batch of k*b."""
-import contextlib
 
 import pytest
 import torch

@@ -1,5 +1,6 @@
 """tools/download.py without a network: the name table against the release's facts and the configs,
 the command line, the one-line failures, atomic placement with the checks, and gdown's resume."""
+import collections
 import hashlib
 import importlib
 import json
@@ -126,6 +127,40 @@ def test_resume_and_link_parsing_reach_gdown(tmp_path, monkeypatch):
         dl.drive_fetch('https://drive.google.com/drive/folders/1AbC', out)
     with pytest.raises(InputError, match='not a Google Drive file link'):
         dl.drive_fetch('https://example.com/model.pth', out)
+
+
+def test_folder_link_finds_the_named_files_by_name(tmp_path, monkeypatch):
+    Entry = collections.namedtuple('Entry', 'id path local_path')  # what gdown lists
+    listing = [Entry('1Cifar', 'fid_stats/fid_stats_cifar10_train_pytorch.npz', 'x'),
+               Entry('1Coco', 'fid_stats/fid_stats_mscoco256_val.npz', 'x'), Entry('1Other', 'notes.txt', 'x')]
+    listed = []
+    monkeypatch.setattr(gdown, 'download_folder', lambda **kw: listed.append(kw) or listing)
+    link = 'https://drive.google.com/drive/folders/1FidStats?usp=sharing'
+    seen = []
+    paths = dl.download(['fid_stats_mscoco256_val', 'fid_stats_cifar10_train_pytorch'], source=link,
+                        root=str(tmp_path), fetcher=writer(PAYLOAD, seen))
+    assert [s for s, _ in seen] == ['1Coco', '1Cifar']
+    assert paths == [str(tmp_path / 'assets' / 'fid_stats' / n) for n in
+                     ('fid_stats_mscoco256_val.npz', 'fid_stats_cifar10_train_pytorch.npz')]
+    assert listed[0]['url'] == link and listed[0]['skip_download'] is True  # listing only, no bulk download
+    # Everything present: no network at all.
+    monkeypatch.setattr(gdown, 'download_folder', pytest.fail)
+    dl.download(['fid_stats_mscoco256_val'], source=link, root=str(tmp_path), fetcher=pytest.fail)
+    # A folder without the named file says what it holds.
+    monkeypatch.setattr(gdown, 'download_folder', lambda **kw: listing)
+    with pytest.raises(InputError, match='holds fid_stats_cifar10_train_pytorch.npz, .*not fid_stats_imagenet64'):
+        dl.download(['fid_stats_imagenet64_guided_diffusion'], source=link, root=str(tmp_path), fetcher=pytest.fail)
+
+
+def test_folder_listing_offline_is_one_line(tmp_path, monkeypatch):
+    def offline(**kwargs):
+        raise requests.exceptions.ConnectionError('Max retries exceeded')
+
+    monkeypatch.setattr(gdown, 'download_folder', offline)
+    with pytest.raises(MissingFileError, match='cannot reach Google Drive') as e:
+        dl.download(['autoencoder_kl', 'autoencoder_kl_ema'], source='https://drive.google.com/drive/folders/1SD',
+                    root=str(tmp_path))
+    assert '\n' not in str(e.value) and 'autoencoder_kl_ema.pth' in str(e.value)
 
 
 PAYLOAD = b'\x80\x02 pretend checkpoint bytes' * 100

@@ -8,7 +8,8 @@
 The original release (github.com/baofff/U-ViT, README, pretrained models) hosts every file on
 Google Drive; gdown fetches it with a progress bar and resumes a partial download when run again.
 Give --id=<Google Drive link or file id> (the link from that README) for a file whose id the
-table below does not hold. A file is written under a temporary name in its folder, checked (size
+table below does not hold; a folder link (the release shares the FID statistics and the
+autoencoders as folders) serves every named file it holds. A file is written under a temporary name in its folder, checked (size
 and sha256 where known, and that it is not an HTML page), then renamed into place, so the target
 either does not exist or is the whole file. An existing target is kept: delete it to fetch again.
 
@@ -17,6 +18,7 @@ the same name and the eval script of its kind (eval.py, eval_ldm.py, eval_ldm_di
     python eval.py --config=configs/cifar10_uvit_small.py --nnet_path=assets/ckpts/cifar10_uvit_small.pth
 (mscoco_uvit_small_deep: configs/mscoco_uvit_small.py with --config.nnet.depth=16).
 """
+import contextlib
 import dataclasses
 import hashlib
 import logging
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = "https://github.com/baofff/U-ViT"
+ROOT_HELP = "the targets listed by --help"
 CHECKPOINT_DIR = "assets/ckpts"  # ignored by git, like the other assets folders
 
 
@@ -125,11 +128,33 @@ def check(file, path):
         raise CheckpointError(f"{file.name}: sha256 differs from the release's file; {where_to_get(file)}")
 
 
+@contextlib.contextmanager
+def drive_errors(subject, how):
+    """Turn a network failure or a refusal by Google Drive into a one-line MissingFileError."""
+    try:
+        yield
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
+        raise MissingFileError(f"cannot reach Google Drive ({type(e).__name__}) for {subject}: {how}") from e
+    except gdown.exceptions.DownloadError as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MissingFileError(f"Google Drive refused {subject} ({reason}): {how}") from e
+
+
+def is_folder_link(source):
+    return "://" in source and "/folders/" in source
+
+
+def folder_ids(link):
+    """{file name: Google Drive file id} of the files in a shared Google Drive folder (and its sub-folders)."""
+    entries = gdown.download_folder(url=link, skip_download=True, quiet=True)
+    return {os.path.basename(e.path): e.id for e in entries}
+
+
 def drive_id(source):
-    """The file id of a Google Drive link (or `source` itself when it is already an id)."""
+    """The file id of a Google Drive file link (or `source` itself when it is already an id)."""
     if "://" not in source:
         return source
-    if "/folders/" in source:
+    if is_folder_link(source):
         raise InputError(f"--id={source} is a Google Drive folder; open it and give the link of the file itself")
     file_id, _ = gdown.parse_url.parse_url(source)
     if not file_id:
@@ -155,13 +180,8 @@ def fetch(file, root=ROOT, source=None, fetcher=drive_fetch):
         raise MissingFileError(f"no Google Drive id is known for {file.name}: {where_to_get(file)}")
     os.makedirs(os.path.dirname(target), exist_ok=True)
     partial = target + ".unverified"  # same folder, so the final rename is atomic
-    try:
+    with drive_errors(file.name, where_to_get(file)):
         fetcher(source, partial)
-    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
-        raise MissingFileError(f"cannot reach Google Drive ({type(e).__name__}): {where_to_get(file)}") from e
-    except gdown.exceptions.DownloadError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MissingFileError(f"Google Drive refused {file.name} ({reason}): {where_to_get(file)}") from e
     try:
         check(file, partial)
     except CheckpointError:
@@ -185,17 +205,34 @@ def selected(names, everything):
 def download(names=(), everything=False, source=None, root=ROOT, fetcher=drive_fetch):
     """Fetch the named files (or all of them); returns their paths."""
     files = selected(names, everything)
-    if source is not None and len(files) != 1:
-        raise InputError("--id names one file's link: give exactly one name with it")
+    if source is not None and len(files) != 1 and not is_folder_link(source):
+        raise InputError("--id=<file link or id> is one file's: give exactly one name with it (a folder link may "
+                         "serve several)")
     todo = [f for f in files if not os.path.exists(os.path.join(root, f.target))]
-    unknown = [f for f in todo if (source or f.drive_id) is None]
+    sources = {f.name: f.drive_id for f in todo}
+    if source is not None and todo:
+        sources.update(folder_sources(source, todo) if is_folder_link(source) else {todo[0].name: source})
+    unknown = [f for f in todo if sources[f.name] is None]
     if len(unknown) > 1:  # known before any download: say it once
         raise MissingFileError(
             f"no Google Drive id is known for {', '.join(f.name for f in unknown)}: download them from the original "
-            f"release's links ({RELEASE}, README, pretrained models) and put them at the targets listed by --help "
+            f"release's links ({RELEASE}, README, pretrained models) and put them at {ROOT_HELP} "
             f"(checkpoints in {CHECKPOINT_DIR}/, autoencoders in assets/stable-diffusion/, FID statistics in "
-            f"assets/fid_stats/), or fetch them one at a time with <name> --id=<its Google Drive link>")
-    return [fetch(f, root=root, source=source, fetcher=fetcher) for f in files]
+            f"assets/fid_stats/), or give their Google Drive link: <name> --id=<file link>, <names> --id=<folder link>")
+    return [fetch(f, root=root, source=sources.get(f.name), fetcher=fetcher) for f in files]
+
+
+def folder_sources(link, files):
+    """{name: Google Drive file id} of `files`, found by file name in the shared folder `link`
+    (the original release shares the FID statistics and the autoencoders as folders)."""
+    how = f"download {', '.join(os.path.basename(f.target) for f in files)} from {link} by hand into {ROOT_HELP}"
+    with drive_errors(f"the folder {link}", how):
+        ids = folder_ids(link)
+    missing = [os.path.basename(f.target) for f in files if os.path.basename(f.target) not in ids]
+    if missing:
+        raise InputError(f"the folder {link} holds {', '.join(sorted(ids)) or 'no files'} but not "
+                         f"{', '.join(missing)}; give the link of the folder or file that holds them")
+    return {f.name: ids[os.path.basename(f.target)] for f in files}
 
 
 @exit_on_user_error
@@ -209,8 +246,8 @@ def main(argv):
 
 def define_flags():
     flags.DEFINE_bool("all", False, "fetch every file listed above")
-    flags.DEFINE_string("id", None, "Google Drive link or file id of the one named file (from the original "
-                        "release's README), for a file whose id the table does not hold")
+    flags.DEFINE_string("id", None, "Google Drive link or id of the one named file, or link of a folder holding "
+                        "the named files (from the original release's README), for files whose id the table lacks")
     flags.DEFINE_string("root", ROOT, "folder the targets are relative to (the repository root)")
 
 

@@ -8,10 +8,12 @@
 The original release (github.com/baofff/U-ViT, README, pretrained models) hosts every file on
 Google Drive; gdown fetches it with a progress bar and resumes a partial download when run again.
 Give --id=<Google Drive link or file id> (the link from that README) for a file whose id the
-table below does not hold; a folder link (the release shares the FID statistics and the
-autoencoders as folders) serves every named file it holds. A file is written under a temporary name in its folder, checked (size
-and sha256 where known, and that it is not an HTML page), then renamed into place, so the target
-either does not exist or is the whole file. An existing target is kept: delete it to fetch again.
+table below does not hold; a folder link (that README links the FID statistics and the
+autoencoders as folders) serves every named file it holds:
+    python tools/download.py fid_stats_cifar10_train_pytorch fid_stats_mscoco256_val --id=<folder link>
+A file is written under a temporary name in its folder, checked (size and sha256 where known, and
+that it is not an HTML page), then renamed into place, so the target either does not exist or is
+the whole file. An existing target is kept: delete it to fetch again.
 
 Checkpoints (the EMA network weights) go to assets/ckpts/<name>.pth; evaluate one with the config of
 the same name and the eval script of its kind (eval.py, eval_ldm.py, eval_ldm_discrete.py, eval_t2i_discrete.py):
@@ -39,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = "https://github.com/baofff/U-ViT"
-ROOT_HELP = "the targets listed by --help"
+TARGETS_HELP = "the targets listed by --help"
 CHECKPOINT_DIR = "assets/ckpts"  # ignored by git, like the other assets folders
 
 
@@ -216,7 +218,7 @@ def download(names=(), everything=False, source=None, root=ROOT, fetcher=drive_f
     if len(unknown) > 1:  # known before any download: say it once
         raise MissingFileError(
             f"no Google Drive id is known for {', '.join(f.name for f in unknown)}: download them from the original "
-            f"release's links ({RELEASE}, README, pretrained models) and put them at {ROOT_HELP} "
+            f"release's links ({RELEASE}, README, pretrained models) and put them at {TARGETS_HELP} "
             f"(checkpoints in {CHECKPOINT_DIR}/, autoencoders in assets/stable-diffusion/, FID statistics in "
             f"assets/fid_stats/), or give their Google Drive link: <name> --id=<file link>, <names> --id=<folder link>")
     return [fetch(f, root=root, source=sources.get(f.name), fetcher=fetcher) for f in files]
@@ -224,8 +226,8 @@ def download(names=(), everything=False, source=None, root=ROOT, fetcher=drive_f
 
 def folder_sources(link, files):
     """{name: Google Drive file id} of `files`, found by file name in the shared folder `link`
-    (the original release shares the FID statistics and the autoencoders as folders)."""
-    how = f"download {', '.join(os.path.basename(f.target) for f in files)} from {link} by hand into {ROOT_HELP}"
+    (the original README links the FID statistics and the autoencoders as folders)."""
+    how = f"download {', '.join(os.path.basename(f.target) for f in files)} from {link} by hand into {TARGETS_HELP}"
     with drive_errors(f"the folder {link}", how):
         ids = folder_ids(link)
     missing = [os.path.basename(f.target) for f in files if os.path.basename(f.target) not in ids]

@@ -4,9 +4,8 @@ Writes <output>/empty_context.npy, a (77, 768) float32 array (the original's fil
 Guidance training replaces a caption's context by it with probability p_uncond, and guided sampling
 uses it as eps_u's condition. Skips the work when the file exists (use --overwrite to redo).
 
-    python scripts/extract_empty_feature.py --output assets/datasets/coco256_features
+    python scripts/extract_empty_feature.py --output=assets/datasets/coco256_features
 """
-import argparse
 import logging
 import os
 import sys
@@ -14,11 +13,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from absl import flags  # noqa: E402
 
 from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder  # noqa: E402
 from libs.errors import exit_on_user_error  # noqa: E402
 from libs.io_utils import atomic_path  # noqa: E402
 from libs.logging_utils import setup_logging  # noqa: E402
+from tools.cli import parse_flags  # noqa: E402
 
 logger = logging.getLogger("extract_empty_feature")
 EMPTY_CONTEXT_FILE = "empty_context.npy"
@@ -31,13 +33,17 @@ def save_npy(array, path):
             np.save(f, array)
 
 
+def define_flags(fv):
+    flags.DEFINE_string("output", None, "feature root (config.dataset.path)", flag_values=fv)
+    flags.mark_flag_as_required("output", flag_values=fv)
+    flags.DEFINE_string("clip", CLIP_VERSION, "CLIP text model: hub id (local cache) or directory", flag_values=fv)
+    flags.DEFINE_string("device", "cuda" if torch.cuda.is_available() else "cpu", "torch device", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "recompute even if the file exists", flag_values=fv)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", required=True, help="feature root (config.dataset.path)")
-    p.add_argument("--clip", default=CLIP_VERSION, help="CLIP text model: hub id (local cache) or directory")
-    p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
-    p.add_argument("--overwrite", action="store_true", help="recompute even if the file exists")
-    return p.parse_args(argv)
+    """The flags of `argv` (the arguments after the program name; None: sys.argv[1:])."""
+    return parse_flags(define_flags, argv, __doc__)[0]
 
 
 def main(argv=None):

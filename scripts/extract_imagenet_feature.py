@@ -8,11 +8,10 @@ image i = the index of its class folder among the sorted class folders (torchvis
 Output: the packed format of libs/features.py, shard by shard; a stopped run resumes where it
 stopped (finished shards are skipped). Several processes split the shards:
 
-    python scripts/extract_imagenet_feature.py --imagenet_train assets/datasets/ImageNet/train \\
-        --resolution 256 --output assets/datasets/imagenet256_features
+    python scripts/extract_imagenet_feature.py --imagenet_train=assets/datasets/ImageNet/train \\
+        --resolution=256 --output=assets/datasets/imagenet256_features
     accelerate launch --num_processes 8 scripts/extract_imagenet_feature.py ...   # same flags
 """
-import argparse
 import logging
 import os
 import sys
@@ -21,6 +20,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from absl import flags  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -29,6 +29,7 @@ from libs.autoencoder import DEFAULT_PATH, get_model  # noqa: E402
 from libs.datasets.base import adm_center_crop, list_images, load_rgb, uint8_to_unit_range  # noqa: E402
 from libs.errors import InputError, MissingFileError, exit_on_user_error  # noqa: E402
 from libs.logging_utils import setup_logging  # noqa: E402
+from tools.cli import parse_flags  # noqa: E402
 
 logger = logging.getLogger("extract_imagenet_feature")
 
@@ -65,19 +66,26 @@ class CenterCropped(Dataset):
         return uint8_to_unit_range(np.asarray(img)), self.labels[i]
 
 
+def define_flags(fv):
+    flags.DEFINE_string("imagenet_train", None, "ImageNet train folder (one sub-folder per class)", flag_values=fv)
+    flags.DEFINE_string("output", None, "feature folder to write (config.dataset.path)", flag_values=fv)
+    for name in ("imagenet_train", "output"):
+        flags.mark_flag_as_required(name, flag_values=fv)
+    flags.DEFINE_integer("resolution", 256, "crop size in pixels (256 or 512; multiple of 8)", flag_values=fv)
+    flags.DEFINE_string("autoencoder", DEFAULT_PATH, "autoencoder checkpoint (see libs/autoencoder.py)",
+                        flag_values=fv)
+    flags.DEFINE_integer("batch_size", 64, "images per forward pass (x2 with the flips)", flag_values=fv)
+    flags.DEFINE_integer("shard_size", 2048, "images per shard (the unit of resuming)", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", features.STORAGE_DTYPES, "storage precision", flag_values=fv)
+    flags.DEFINE_integer("num_workers", 8, "image decoding processes per extraction process", flag_values=fv)
+    flags.DEFINE_enum("autocast", "no", ["no", "fp16", "bf16"],
+                      "run the encoder under autocast (faster on GPUs; not bit-identical to the original's fp32)",
+                      flag_values=fv)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--imagenet_train", required=True, help="ImageNet train folder (one sub-folder per class)")
-    p.add_argument("--output", required=True, help="feature folder to write (config.dataset.path)")
-    p.add_argument("--resolution", type=int, default=256, help="crop size in pixels (256 or 512; multiple of 8)")
-    p.add_argument("--autoencoder", default=DEFAULT_PATH, help="autoencoder checkpoint (see libs/autoencoder.py)")
-    p.add_argument("--batch_size", type=int, default=64, help="images per forward pass (x2 with the flips)")
-    p.add_argument("--shard_size", type=int, default=2048, help="images per shard (the unit of resuming)")
-    p.add_argument("--dtype", default="float32", choices=features.STORAGE_DTYPES, help="storage precision")
-    p.add_argument("--num_workers", type=int, default=8, help="image decoding processes per extraction process")
-    p.add_argument("--autocast", default="no", choices=["no", "fp16", "bf16"],
-                   help="run the encoder under autocast (faster on GPUs; not bit-identical to the original's fp32)")
-    return p.parse_args(argv)
+    """The flags of `argv` (the arguments after the program name; None: sys.argv[1:])."""
+    return parse_flags(define_flags, argv, __doc__)[0]
 
 
 def encode_shard(args, state, autoencoder, data, k, start, stop, settings):

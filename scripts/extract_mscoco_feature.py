@@ -10,9 +10,8 @@ Expected input layout (--coco_root): train2014/, val2014/, annotations/captions_
 Output: the packed format of libs/features.py, resumable shard by shard, split across processes by
 `accelerate launch`. Then run extract_empty_feature.py and extract_test_prompt_feature.py.
 
-    python scripts/extract_mscoco_feature.py --coco_root assets/datasets/coco --output assets/datasets/coco256_features
+    python scripts/extract_mscoco_feature.py --coco_root=assets/datasets/coco --output=assets/datasets/coco256_features
 """
-import argparse
 import json
 import logging
 import os
@@ -22,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from absl import flags  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -31,6 +31,7 @@ from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder  # noqa: E402
 from libs.datasets.base import load_rgb, uint8_to_unit_range  # noqa: E402
 from libs.errors import InputError, MissingFileError, exit_on_user_error  # noqa: E402
 from libs.logging_utils import setup_logging  # noqa: E402
+from tools.cli import parse_flags  # noqa: E402
 
 logger = logging.getLogger("extract_mscoco_feature")
 SPLITS = {"train": ("train2014", "captions_train2014.json"), "val": ("val2014", "captions_val2014.json")}
@@ -87,19 +88,26 @@ class CocoImages(Dataset):
         return uint8_to_unit_range(center_square_lanczos(load_rgb(self.items[i][0]), self.resolution))
 
 
+def define_flags(fv):
+    flags.DEFINE_string("coco_root", None, "folder with train2014/, val2014/, annotations/", flag_values=fv)
+    flags.DEFINE_string("output", None, "feature root (config.dataset.path); writes train/ and val/",
+                        flag_values=fv)
+    for name in ("coco_root", "output"):
+        flags.mark_flag_as_required(name, flag_values=fv)
+    flags.DEFINE_enum("split", "both", ["train", "val", "both"], "which split(s) to encode", flag_values=fv)
+    flags.DEFINE_integer("resolution", 256, "image size in pixels (multiple of 8)", flag_values=fv)
+    flags.DEFINE_string("autoencoder", DEFAULT_PATH, "autoencoder checkpoint (see libs/autoencoder.py)",
+                        flag_values=fv)
+    flags.DEFINE_string("clip", CLIP_VERSION, "CLIP text model: hub id (local cache) or directory", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 64, "images (and caption batches) per forward pass", flag_values=fv)
+    flags.DEFINE_integer("shard_size", 512, "images per shard (the unit of resuming)", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", features.STORAGE_DTYPES, "storage precision", flag_values=fv)
+    flags.DEFINE_integer("num_workers", 8, "image decoding processes per extraction process", flag_values=fv)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--coco_root", required=True, help="folder with train2014/, val2014/, annotations/")
-    p.add_argument("--output", required=True, help="feature root (config.dataset.path); writes train/ and val/")
-    p.add_argument("--split", default="both", choices=["train", "val", "both"])
-    p.add_argument("--resolution", type=int, default=256, help="image size in pixels (multiple of 8)")
-    p.add_argument("--autoencoder", default=DEFAULT_PATH, help="autoencoder checkpoint (see libs/autoencoder.py)")
-    p.add_argument("--clip", default=CLIP_VERSION, help="CLIP text model: hub id (local cache) or directory")
-    p.add_argument("--batch_size", type=int, default=64, help="images (and caption batches) per forward pass")
-    p.add_argument("--shard_size", type=int, default=512, help="images per shard (the unit of resuming)")
-    p.add_argument("--dtype", default="float32", choices=features.STORAGE_DTYPES, help="storage precision")
-    p.add_argument("--num_workers", type=int, default=8, help="image decoding processes per extraction process")
-    return p.parse_args(argv)
+    """The flags of `argv` (the arguments after the program name; None: sys.argv[1:])."""
+    return parse_flags(define_flags, argv, __doc__)[0]
 
 
 def encode_shard(args, state, autoencoder, clip, items, k, start, stop, folder, settings):

@@ -5,9 +5,8 @@ By default the prompts are the twelve MS-COCO val2014 captions the original used
 grids (run_vis); --prompts_file gives others, one per line. Skips the work when both files exist
 and hold the same prompts (use --overwrite to redo).
 
-    python scripts/extract_test_prompt_feature.py --output assets/datasets/coco256_features
+    python scripts/extract_test_prompt_feature.py --output=assets/datasets/coco256_features
 """
-import argparse
 import json
 import logging
 import os
@@ -16,11 +15,14 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from absl import flags  # noqa: E402
 
 from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder  # noqa: E402
 from libs.errors import InputError, MissingFileError, exit_on_user_error  # noqa: E402
 from libs.io_utils import atomic_write_bytes  # noqa: E402
 from libs.logging_utils import setup_logging  # noqa: E402
+from tools.cli import parse_flags  # noqa: E402
 
 logger = logging.getLogger("extract_test_prompt_feature")
 VIS_PROMPTS_FILE, VIS_CONTEXTS_FILE = "vis_prompts.json", "vis_contexts.npy"
@@ -53,15 +55,20 @@ def read_prompts(path):
     return prompts
 
 
+def define_flags(fv):
+    flags.DEFINE_string("output", None, "feature root (config.dataset.path)", flag_values=fv)
+    flags.mark_flag_as_required("output", flag_values=fv)
+    flags.DEFINE_string("prompts_file", None, "text file, one prompt per line (default: the built-in list)",
+                        flag_values=fv)
+    flags.DEFINE_string("clip", CLIP_VERSION, "CLIP text model: hub id (local cache) or directory", flag_values=fv)
+    flags.DEFINE_string("device", "cuda" if torch.cuda.is_available() else "cpu", "torch device", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 64, "prompts per CLIP forward pass", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "recompute even if the files exist", flag_values=fv)
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", required=True, help="feature root (config.dataset.path)")
-    p.add_argument("--prompts_file", default=None, help="text file, one prompt per line (default: the built-in list)")
-    p.add_argument("--clip", default=CLIP_VERSION, help="CLIP text model: hub id (local cache) or directory")
-    p.add_argument("--device", default="cuda" if __import__("torch").cuda.is_available() else "cpu")
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--overwrite", action="store_true", help="recompute even if the files exist")
-    return p.parse_args(argv)
+    """The flags of `argv` (the arguments after the program name; None: sys.argv[1:])."""
+    return parse_flags(define_flags, argv, __doc__)[0]
 
 
 def _up_to_date(prompts_path, contexts_path, prompts):

@@ -7,15 +7,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# Reference facts about the published release live beside the checkout (../shared/reference).
-REFERENCE_DIR = os.environ.get("UVIT_REFERENCE_DIR", os.path.join(os.path.dirname(ROOT), "shared", "reference"))
 
 
 @pytest.fixture(scope="session")
 def reference_dir():
-    if not os.path.isdir(REFERENCE_DIR):
-        pytest.skip(f"reference facts not found at {REFERENCE_DIR}")
-    return REFERENCE_DIR
+    """tests/data: facts about the original release (baofff/U-ViT at commit ce55170): its configs'
+    values, the state-dict keys and shapes of its networks and of its autoencoder."""
+    return os.path.join(ROOT, "tests", "data")
 
 
 @pytest.fixture(autouse=True)

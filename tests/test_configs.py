@@ -1,5 +1,5 @@
-"""Every paper config against the published release's facts (an independent source):
-the network dicts of uvit_checkpoints.json and the tables of configs_summary.md, parsed here."""
+"""Every paper config against the original release's facts (an independent source), kept in tests/data:
+the network dicts of uvit_checkpoints.json and the config tables of release_configs.json."""
 import ast
 import importlib
 import json
@@ -30,28 +30,12 @@ def load_config(name, overrides=None):
     return config
 
 
-def markdown_tables(text):
-    """{first header cell: [row dicts]} of every pipe table in `text`."""
-    tables, lines = {}, text.splitlines()
-    i = 0
-    while i < len(lines):
-        if lines[i].startswith('|') and i + 1 < len(lines) and re.match(r'^\|[-| ]+\|$', lines[i + 1]):
-            header = [c.strip() for c in lines[i].strip('|').split('|')]
-            rows, i = [], i + 2
-            while i < len(lines) and lines[i].startswith('|'):
-                rows.append(dict(zip(header, (c.strip() for c in lines[i].strip('|').split('|')))))
-                i += 1
-            tables.setdefault(header[1], rows)
-        else:
-            i += 1
-    return tables
-
-
 @pytest.fixture(scope='module')
 def summary(reference_dir):
-    with open(os.path.join(reference_dir, 'configs_summary.md')) as f:
-        text = f.read()
-    return text, markdown_tables(text)
+    """(the notes' text, {table: [row dicts of verbatim cells]})."""
+    with open(os.path.join(reference_dir, 'release_configs.json')) as f:
+        facts = json.load(f)
+    return '\n'.join(facts['notes']), {k: facts[k] for k in ('training', 'data', 'sampling')}
 
 
 @pytest.fixture(scope='module')
@@ -89,7 +73,7 @@ def test_deep_mscoco_override_equals_release(reference_nnets):
 
 def test_training_table(summary):
     text, tables = summary
-    rows = tables['train script (time)']
+    rows = tables['training']
     assert len(rows) == 10
     for row in rows:
         config = load_config(*row_config(row['config']))
@@ -126,7 +110,7 @@ def test_training_table(summary):
 
 def test_data_table(summary):
     _, tables = summary
-    rows = tables['dataset name']
+    rows = tables['data']
     assert len(rows) == 10
     for row in rows:
         config = load_config(*row_config(row['config']))
@@ -149,7 +133,7 @@ def test_data_table(summary):
 
 def test_sampling_table(summary):
     _, tables = summary
-    rows = tables['eval script']
+    rows = tables['sampling']
     assert len(rows) == 10
     for row in rows:
         config = load_config(*row_config(row['config']))

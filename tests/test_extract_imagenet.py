@@ -8,7 +8,7 @@ import torch
 
 from libs import features as F
 from libs.autoencoder import get_model
-from libs.errors import InputError, MissingFileError
+from libs.errors import ConfigError, InputError, MissingFileError
 from tests.tiny_models import write_tiny_autoencoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -49,15 +49,15 @@ def setup(tmp_path_factory):
 
 
 def run(module, tmp, ae_path, out, *extra):
-    module.main(["--imagenet_train", str(tmp / "train"), "--output", str(out), "--resolution", str(RES),
-                 "--autoencoder", ae_path, "--batch_size", "2", "--num_workers", "0", *extra])
+    module.main([f"--imagenet_train={tmp / 'train'}", f"--output={out}", f"--resolution={RES}",
+                 f"--autoencoder={ae_path}", "--batch_size=2", "--num_workers=0", *extra])
 
 
 def test_extracts_moments_of_images_and_flips_with_sorted_class_labels(setup):
     tmp, images, ae_path = setup
     script = load_script("extract_imagenet_feature")
     out = tmp / "features"
-    run(script, tmp, ae_path, out, "--shard_size", "2")
+    run(script, tmp, ae_path, out, "--shard_size=2")
     reader = F.open_features(str(out))
     paths = sorted(images, key=lambda p: (os.path.basename(os.path.dirname(p)), p))
     assert len(reader) == 2 * len(paths) == 10
@@ -88,20 +88,20 @@ def test_resume_skips_finished_shards_and_refuses_other_settings(setup):
     tmp, _, ae_path = setup
     script = load_script("extract_imagenet_feature")
     out = tmp / "resume"
-    run(script, tmp, ae_path, out, "--shard_size", "2")
+    run(script, tmp, ae_path, out, "--shard_size=2")
     first = F.open_features(str(out))
     before = [first.moments(i) for i in range(len(first))]
     # Simulate a run killed during shard 1: its record and the manifest are gone.
     os.remove(out / "shard_00001.json")
     os.remove(out / "manifest.json")
     stamp0 = os.stat(out / "shard_00000.moments.npy").st_mtime_ns
-    run(script, tmp, ae_path, out, "--shard_size", "2")
+    run(script, tmp, ae_path, out, "--shard_size=2")
     assert os.stat(out / "shard_00000.moments.npy").st_mtime_ns == stamp0  # finished shard not redone
     again = F.open_features(str(out))
     for i, m in enumerate(before):
         np.testing.assert_array_equal(again.moments(i), m)
     with pytest.raises(InputError, match="other settings"):
-        run(script, tmp, ae_path, out, "--shard_size", "3")
+        run(script, tmp, ae_path, out, "--shard_size=3")
 
 
 def test_pending_shards_split_between_processes():
@@ -114,18 +114,22 @@ def test_pending_shards_split_between_processes():
 def test_missing_inputs(setup, tmp_path):
     tmp, _, ae_path = setup
     script = load_script("extract_imagenet_feature")
+    with pytest.raises(ConfigError, match="--imagenet_train"):  # required
+        script.main([f"--output={tmp_path / 'o'}"])
+    with pytest.raises(ConfigError, match="imagenet-train"):  # flags are written with underscores
+        script.main([f"--imagenet-train={tmp / 'train'}", f"--output={tmp_path / 'o'}"])
     with pytest.raises(MissingFileError, match="--imagenet_train"):
-        script.main(["--imagenet_train", str(tmp_path / "nope"), "--output", str(tmp_path / "o"),
-                     "--autoencoder", ae_path])
+        script.main([f"--imagenet_train={tmp_path / 'nope'}", f"--output={tmp_path / 'o'}",
+                     f"--autoencoder={ae_path}"])
     with pytest.raises(MissingFileError, match="assets/stable-diffusion"):
-        script.main(["--imagenet_train", str(tmp / "train"), "--output", str(tmp_path / "o"),
-                     "--autoencoder", str(tmp_path / "no_ae.pth")])
+        script.main([f"--imagenet_train={tmp / 'train'}", f"--output={tmp_path / 'o'}",
+                     f"--autoencoder={tmp_path / 'no_ae.pth'}"])
     bad = tmp_path / "bad" / "n00"
     os.makedirs(bad)
     (bad / "broken.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(InputError, match="broken.jpg"):
-        script.main(["--imagenet_train", str(tmp_path / "bad"), "--output", str(tmp_path / "o2"),
-                     "--autoencoder", ae_path, "--resolution", "64", "--num_workers", "0"])
+        script.main([f"--imagenet_train={tmp_path / 'bad'}", f"--output={tmp_path / 'o2'}",
+                     f"--autoencoder={ae_path}", "--resolution=64", "--num_workers=0"])
 
 
 @pytest.mark.slow
@@ -136,12 +140,12 @@ def test_accelerate_launch_two_processes(setup):
 
     tmp, _, ae_path = setup
     out1, out2 = tmp / "one", tmp / "two"
-    run(load_script("extract_imagenet_feature"), tmp, ae_path, out1, "--shard_size", "1")
+    run(load_script("extract_imagenet_feature"), tmp, ae_path, out1, "--shard_size=1")
     subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                     os.path.join(ROOT, "scripts", "extract_imagenet_feature.py"),
-                    "--imagenet_train", str(tmp / "train"), "--output", str(out2), "--resolution", str(RES),
-                    "--autoencoder", ae_path, "--batch_size", "2", "--num_workers", "0", "--shard_size", "1"],
+                    f"--imagenet_train={tmp / 'train'}", f"--output={out2}", f"--resolution={RES}",
+                    f"--autoencoder={ae_path}", "--batch_size=2", "--num_workers=0", "--shard_size=1"],
                    check=True, cwd=ROOT, timeout=600)
     a, b = F.open_features(str(out1)), F.open_features(str(out2))
     assert len(a) == len(b)
@@ -178,8 +182,8 @@ def test_end_to_end_extract_256_and_train_ldm(tmp_path):
     ae_path = write_tiny_autoencoder(str(tmp_path / "ae.pth"))
     features = tmp_path / "imagenet256_features"
     load_script("extract_imagenet_feature").main([
-        "--imagenet_train", str(tmp_path / "train"), "--output", str(features), "--resolution", "256",
-        "--autoencoder", ae_path, "--batch_size", "2", "--num_workers", "0"])
+        f"--imagenet_train={tmp_path / 'train'}", f"--output={features}", "--resolution=256",
+        f"--autoencoder={ae_path}", "--batch_size=2", "--num_workers=0"])
     assert F.open_features(str(features)).labels().tolist() == [0, 0, 1, 1]
     config = tmp_path / "config.py"
     config.write_text(TRAIN_CONFIG.format(ae=ae_path, features=str(features)))

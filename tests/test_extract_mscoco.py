@@ -66,12 +66,12 @@ def coco(tmp_path_factory):
     ae = write_tiny_autoencoder(str(tmp / "ae.pth"))
     clip = write_tiny_clip(str(tmp / "clip"), hidden_size=32)
     out = tmp / "features"
-    common = ["--output", str(out), "--clip", clip]
-    load_script("extract_mscoco_feature").main(["--coco_root", str(tmp / "coco"), "--resolution", str(RES),
-                                                "--autoencoder", ae, "--batch_size", "2", "--shard_size", "2",
-                                                "--num_workers", "0", *common])
-    load_script("extract_empty_feature").main(common + ["--device", "cpu"])
-    load_script("extract_test_prompt_feature").main(common + ["--device", "cpu"])
+    common = [f"--output={out}", f"--clip={clip}"]
+    load_script("extract_mscoco_feature").main([f"--coco_root={tmp / 'coco'}", f"--resolution={RES}",
+                                                f"--autoencoder={ae}", "--batch_size=2", "--shard_size=2",
+                                                "--num_workers=0", *common])
+    load_script("extract_empty_feature").main(common + ["--device=cpu"])
+    load_script("extract_test_prompt_feature").main(common + ["--device=cpu"])
     return tmp, out, pixels, ae, clip
 
 
@@ -123,7 +123,7 @@ def test_prompt_file_and_skip_when_up_to_date(coco, tmp_path):
     script = load_script("extract_test_prompt_feature")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the cat\n\n  a dog  \n")
-    args = ["--output", str(tmp_path / "o"), "--clip", clip_dir, "--prompts_file", str(prompts), "--device", "cpu"]
+    args = [f"--output={tmp_path / 'o'}", f"--clip={clip_dir}", f"--prompts_file={prompts}", "--device=cpu"]
     script.main(args)
     assert json.loads((tmp_path / "o" / "vis_prompts.json").read_text()) == ["the cat", "a dog"]
     stamp = os.stat(tmp_path / "o" / "vis_contexts.npy").st_mtime_ns
@@ -131,25 +131,25 @@ def test_prompt_file_and_skip_when_up_to_date(coco, tmp_path):
     assert os.stat(tmp_path / "o" / "vis_contexts.npy").st_mtime_ns == stamp
     (tmp_path / "empty.txt").write_text("\n")
     with pytest.raises(InputError, match="no prompts"):
-        script.main(args[:-4] + ["--prompts_file", str(tmp_path / "empty.txt"), "--device", "cpu"])
+        script.main(args[:-2] + [f"--prompts_file={tmp_path / 'empty.txt'}", "--device=cpu"])
 
 
 def test_missing_inputs(coco, tmp_path):
     tmp, _, _, ae, clip = coco
     script = load_script("extract_mscoco_feature")
     with pytest.raises(MissingFileError, match="annotations"):
-        script.main(["--coco_root", str(tmp_path), "--output", str(tmp_path / "o"), "--autoencoder", ae,
-                     "--clip", clip])
+        script.main([f"--coco_root={tmp_path}", f"--output={tmp_path / 'o'}", f"--autoencoder={ae}",
+                     f"--clip={clip}"])
     with pytest.raises(MissingFileError, match="clip-vit-large-patch14"):
-        script.main(["--coco_root", str(tmp / "coco"), "--output", str(tmp_path / "o"), "--autoencoder", ae,
-                     "--clip", str(tmp_path / "no_clip"), "--split", "val"])
+        script.main([f"--coco_root={tmp / 'coco'}", f"--output={tmp_path / 'o'}", f"--autoencoder={ae}",
+                     f"--clip={tmp_path / 'no_clip'}", "--split=val"])
     bad = tmp_path / "bad_coco" / "annotations"
     os.makedirs(bad)
     os.makedirs(tmp_path / "bad_coco" / "val2014")
     (bad / "captions_val2014.json").write_text(json.dumps({"images": [{"id": 1}]}))
     with pytest.raises(InputError, match="not a COCO captions annotation file"):
-        script.main(["--coco_root", str(tmp_path / "bad_coco"), "--output", str(tmp_path / "o"), "--split", "val",
-                     "--autoencoder", ae, "--clip", clip])
+        script.main([f"--coco_root={tmp_path / 'bad_coco'}", f"--output={tmp_path / 'o'}", "--split=val",
+                     f"--autoencoder={ae}", f"--clip={clip}"])
 
 
 TRAIN_CONFIG = """

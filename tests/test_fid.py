@@ -13,7 +13,7 @@ from torchvision.utils import save_image
 import pytorch_fid.fid_score as pf_score
 import pytorch_fid.inception as pf_inception
 from libs import fid
-from libs.errors import InputError, MissingFileError
+from libs.errors import ConfigError, InputError, MissingFileError
 from tools import fid_score, inception
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -234,11 +234,36 @@ def test_cli_compares_two_npz_files_without_weights(tmp_path):
     np.savez(tmp_path / "1.npz", mu=np.zeros(5), sigma=s1)
     np.savez(tmp_path / "2.npz", mu=np.ones(5), sigma=s2)
     out = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "fid_score.py"), str(tmp_path / "1.npz"),
-                          str(tmp_path / "2.npz"), "--weights", str(tmp_path / "absent.pth")],
+                          str(tmp_path / "2.npz"), f"--weights={tmp_path / 'absent.pth'}"],
                          capture_output=True, text=True, cwd=str(tmp_path), timeout=120)
     assert out.returncode == 0, out.stderr
     value = float(out.stdout.split("FID:")[1])
     assert value == pytest.approx(fid.frechet_distance(np.zeros(5), s1, np.ones(5), s2), abs=1e-6)
+
+
+def test_cli_flags_are_absl_with_underscores(tmp_path):
+    rng = np.random.default_rng(5)
+    s1, s2 = _random_spd(4, rng), _random_spd(4, rng)
+    np.savez(tmp_path / "1.npz", mu=np.zeros(4), sigma=s1)
+    np.savez(tmp_path / "2.npz", mu=np.full(4, 2.0), sigma=s2)
+    paths = [str(tmp_path / "1.npz"), str(tmp_path / "2.npz")]
+    got = fid_score.main([*paths, "--batch_size=8", "--num_workers=0", "--device=cpu"])
+    assert got == pytest.approx(fid.frechet_distance(np.zeros(4), s1, np.full(4, 2.0), s2), abs=1e-9)
+    with pytest.raises(ConfigError, match="batch-size"):  # the old argparse spelling
+        fid_score.main([*paths, "--batch-size=8"])
+    with pytest.raises(ConfigError, match="expected 2 .path_1, path_2"):
+        fid_score.main(paths[:1])
+    with pytest.raises(ConfigError, match="dims"):
+        fid_score.main([*paths, "--dims=100"])
+
+
+def test_cli_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        fid_score.main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(fid_score.__doc__) and "--batch_size" in out and "--num_workers" in out
+    assert "--undefok" not in out  # absl's own flags are not the tool's
 
 
 def test_missing_paths_and_bad_statistics(tmp_path):

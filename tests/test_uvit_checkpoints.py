@@ -1,4 +1,4 @@
-"""The published checkpoints' layout (../shared/reference/uvit_checkpoints.json), the network
+"""The published checkpoints' layout (tests/data/uvit_checkpoints.json), the network
 registry and the strict state-dict loader."""
 import json
 import os

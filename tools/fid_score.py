@@ -1,11 +1,11 @@
 """FID between two image sets, each a folder of images or an .npz with 'mu' and 'sigma'.
 
     python tools/fid_score.py samples/ assets/fid_stats/fid_stats_cifar10_train_pytorch.npz
+    python tools/fid_score.py samples/ other_samples/ --batch_size=100 --device=cuda:1
 
 Same network, preprocessing and statistics as pytorch-fid (see tools/inception.py), so the
 number is comparable with the paper's. The math lives in libs/fid.py.
 """
-import argparse
 import logging
 import os
 import sys
@@ -14,9 +14,11 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
+from absl import flags
 
 from libs import fid
-from libs.errors import MissingFileError, UViTError
+from libs.errors import MissingFileError, exit_on_user_error
+from tools.cli import parse_flags
 from tools.inception import load_fid_inception
 
 logger = logging.getLogger(__name__)
@@ -63,24 +65,25 @@ def calculate_fid_given_paths(paths, batch_size=50, device=None, dims=2048, weig
     return fid.frechet_distance(m1, s1, m2, s2)
 
 
+def define_flags(fv):
+    flags.DEFINE_integer("batch_size", 50, "images per Inception forward", flag_values=fv)
+    flags.DEFINE_string("device", None, "cuda, cuda:0 or cpu (default: cuda if available)", flag_values=fv)
+    flags.DEFINE_enum("dims", "2048", ["64", "192", "768", "2048"], "Inception feature width (the paper: 2048)",
+                      flag_values=fv)
+    flags.DEFINE_integer("num_workers", None, "data loader workers (default min(8, cpus))", flag_values=fv)
+    flags.DEFINE_string("weights", None, "pt_inception-2015-12-05-6726825d.pth (default: torch hub cache)",
+                        flag_values=fv)
+
+
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("path", nargs=2, help="image folders or .npz statistics files")
-    parser.add_argument("--batch-size", type=int, default=50)
-    parser.add_argument("--device", default=None, help="cuda, cuda:0 or cpu (default: cuda if available)")
-    parser.add_argument("--dims", type=int, default=2048, choices=[64, 192, 768, 2048])
-    parser.add_argument("--num-workers", type=int, default=None, help="data loader workers (default min(8, cpus))")
-    parser.add_argument("--weights", default=None, help="pt_inception-2015-12-05-6726825d.pth (default: torch hub cache)")
-    args = parser.parse_args(argv)
+    """argv: two paths (image folders or .npz statistics files) and the flags; None: sys.argv[1:].
+    Returns the FID."""
+    fv, paths = parse_flags(define_flags, argv, __doc__, positional=("path_1", "path_2"))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
-    try:
-        value = calculate_fid_given_paths(args.path, args.batch_size, args.device, args.dims, args.weights, args.num_workers)
-    except UViTError as e:
-        logger.error("%s", e)
-        return 1
+    value = calculate_fid_given_paths(paths, fv.batch_size, fv.device, int(fv.dims), fv.weights, fv.num_workers)
     logger.info("FID: %.6f", value)
-    return 0
+    return value
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_on_user_error(main)()  # a user error: its one-line message, no traceback

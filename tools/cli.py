@@ -1,0 +1,33 @@
+"""Command-line flags of the tools and feature scripts: absl flags with underscores, as the entry
+scripts, parsed into a fresh FlagValues per call so that `main(argv)` also runs from Python (tests)."""
+import sys
+
+from absl import flags
+
+from libs.errors import ConfigError
+
+
+def parse_flags(define, argv, doc, positional=()):
+    """Declare the flags with `define(fv)` and parse `argv` (the arguments after the program name;
+    None: sys.argv[1:]). Returns (fv, the positional arguments, as many as `positional` names).
+
+    --help prints `doc` and the flags, then exits with status 0; an unknown, malformed or missing
+    required flag, or a wrong number of positional arguments, raises ConfigError.
+    """
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    fv = flags.FlagValues()
+    define(fv)
+    if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv):
+        own = "\n".join(fv.module_help(m) for m in fv.flags_by_module_dict() if not m.startswith("absl."))
+        sys.stdout.write(f"{doc}\nflags:\n{own}\n")
+        raise SystemExit(0)
+    try:
+        rest = fv([sys.argv[0], *argv])
+    except flags.Error as e:
+        raise ConfigError(f"{e} Run with --help for the flags.") from e
+    rest = rest[1:]
+    if len(rest) != len(positional):
+        wanted = f"{len(positional)} ({', '.join(positional)})" if positional else "no"
+        raise ConfigError(f"expected {wanted} arguments besides the flags, got {len(rest)}: {' '.join(rest)}. "
+                          f"Flags are written --name=value; run with --help for them.")
+    return fv, rest

@@ -5,7 +5,7 @@ Architecture from Rombach et al., "High-Resolution Image Synthesis with Latent D
 (B, 3, H, W) image in [-1, 1] to the mean and log-variance of a diagonal Gaussian over a
 (B, 4, H/8, W/8) latent, and a decoder back to pixels. Parameter and buffer names follow the
 original release exactly, so `assets/stable-diffusion/autoencoder_kl.pth` (from the U-ViT release)
-loads with strict key matching (`../shared/reference/autoencoder_kl_keys.json`).
+loads with strict key matching (tests/test_autoencoder.py checks the release's key list).
 
 Beyond the original:
 - the model can be built without a checkpoint (random init, for tests);
@@ -13,7 +13,8 @@ Beyond the original:
   so tests and small experiments can point a config's ``autoencoder.pretrained_path`` at a tiny model;
 - Hugging Face diffusers-format weights (e.g. sd-vae-ft-ema / sd-vae-ft-mse
   ``diffusion_pytorch_model.safetensors``, the autoencoders DiT uses) are converted on load
-  (`diffusers_to_ours_state_dict`, a table of renaming rules that is a bijection, tested).
+  (`diffusers_to_ours_state_dict`, a table of renaming rules that maps the diffusers keys one to one
+  onto ours, tested).
 
 Conventions: images (B, 3, H, W) float in [-1, 1]; moments (B, 2 * embed_dim, H/8, W/8) holding
 (mean, logvar) in that order along channels; latents z = scale_factor * (mean + std * noise).
@@ -376,15 +377,6 @@ class _Preloaded(str):
         return obj
 
 
-def save_self_describing(model, path):
-    """Write `model` as ``{'ddconfig', 'embed_dim', 'state_dict'}`` atomically, loadable by get_model."""
-    from libs.io_utils import atomic_torch_save
-
-    ddconfig = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.ddconfig.items()}
-    atomic_torch_save({"ddconfig": ddconfig, "embed_dim": model.embed_dim,
-                       "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # Reading checkpoints.
 
@@ -514,7 +506,7 @@ def load_strict(model, state_dict, source="state dict", assign=False):
 # diffusers numbers the decoder's up blocks from low to high resolution, ldm from high to low, so
 # the up index is mirrored: ours = num_resolutions - 1 - theirs. Attention projections are
 # nn.Linear (C, C) in diffusers and 1x1 nn.Conv2d (C, C, 1, 1) here: the weight is reshaped.
-# Each rule maps a disjoint set of keys onto a disjoint set, so the whole map is a bijection
+# Each rule maps a disjoint set of keys onto a disjoint set, so the whole map is one to one
 # between the two layouts of the same architecture (checked by tests on random models).
 
 _KEY_RULES = [  # (diffusers regex, ours template)
@@ -571,31 +563,6 @@ def diffusers_to_ours_key(key, num_resolutions):
                           "(only DownEncoderBlock2D/UpDecoderBlock2D autoencoders without per-level attention are supported).")
 
 
-def ours_to_diffusers_key(key, num_resolutions):
-    """Inverse of diffusers_to_ours_key (current diffusers names, not the legacy ones)."""
-    inverse = [
-        (r"encoder\.down\.(\d+)\.block\.(\d+)\.(.+)", lambda g: f"encoder.down_blocks.{g[0]}.resnets.{g[1]}.{g[2]}"),
-        (r"encoder\.down\.(\d+)\.downsample\.conv\.(.+)", lambda g: f"encoder.down_blocks.{g[0]}.downsamplers.0.conv.{g[1]}"),
-        (r"decoder\.up\.(\d+)\.block\.(\d+)\.(.+)",
-         lambda g: f"decoder.up_blocks.{num_resolutions - 1 - int(g[0])}.resnets.{g[1]}.{g[2]}"),
-        (r"decoder\.up\.(\d+)\.upsample\.conv\.(.+)",
-         lambda g: f"decoder.up_blocks.{num_resolutions - 1 - int(g[0])}.upsamplers.0.conv.{g[1]}"),
-        (r"(encoder|decoder)\.mid\.block_1\.(.+)", lambda g: f"{g[0]}.mid_block.resnets.0.{g[1]}"),
-        (r"(encoder|decoder)\.mid\.block_2\.(.+)", lambda g: f"{g[0]}.mid_block.resnets.1.{g[1]}"),
-        (r"(encoder|decoder)\.mid\.attn_1\.norm\.(.+)", lambda g: f"{g[0]}.mid_block.attentions.0.group_norm.{g[1]}"),
-        (r"(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.(.+)", lambda g: f"{g[0]}.mid_block.attentions.0.to_{g[1]}.{g[2]}"),
-        (r"(encoder|decoder)\.mid\.attn_1\.proj_out\.(.+)", lambda g: f"{g[0]}.mid_block.attentions.0.to_out.0.{g[1]}"),
-        (r"(encoder|decoder)\.norm_out\.(.+)", lambda g: f"{g[0]}.conv_norm_out.{g[1]}"),
-    ]
-    for pattern, build in inverse:
-        m = re.fullmatch(pattern, key)
-        if m is not None:
-            return build(m.groups()).replace(".nin_shortcut.", ".conv_shortcut.")
-    if re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\..+|(quant_conv|post_quant_conv)\..+", key):
-        return key
-    raise CheckpointError(f"autoencoder key '{key}' has no diffusers counterpart.")
-
-
 def diffusers_to_ours_state_dict(sd, num_resolutions=len(SD_KL_F8_DDCONFIG["ch_mult"])):
     """Convert a diffusers AutoencoderKL state dict (current or legacy names) to our layout."""
     out = {}
@@ -606,14 +573,4 @@ def diffusers_to_ours_state_dict(sd, num_resolutions=len(SD_KL_F8_DDCONFIG["ch_m
         if _ATTN_PROJ.match(new) and value.dim() == 2:
             value = value[:, :, None, None]  # Linear (C, C) -> 1x1 conv (C, C, 1, 1)
         out[new] = value
-    return out
-
-
-def ours_to_diffusers_state_dict(sd, num_resolutions=len(SD_KL_F8_DDCONFIG["ch_mult"])):
-    """Convert our state dict to the current diffusers AutoencoderKL layout (attention weights as Linear)."""
-    out = {}
-    for key, value in sd.items():
-        if _ATTN_PROJ.match(key) and value.dim() == 4:
-            value = value[:, :, 0, 0]
-        out[ours_to_diffusers_key(key, num_resolutions)] = value
     return out

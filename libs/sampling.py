@@ -3,14 +3,17 @@
     x0 = sample(nnet, diffusion, x_T, algorithm='dpm_solver', steps=50, cond={'y': y}, uncond={'y': null}, scale=0.4)
 
 Algorithms (`ALGORITHMS`):
-- 'dpm_solver': the U-ViT paper protocol of the diffusion's time kind (sampling_protocols.md 4a / 4c):
+- 'dpm_solver': the U-ViT paper protocol of the diffusion's time kind (the original's eval scripts):
   continuous -> DPM-Solver (noise prediction), singlestep order 3, logSNR grid, t from 1 to 1e-4;
   discrete -> DPM-Solver++ (data prediction), singlestep order 3, time-uniform grid, t from 1 to 1/N.
   Both use exactly `steps` network calls. Kept as published so published checkpoints give published samples.
 - 'dpm_solver++_2m', 'dpm_solver++_3m': multistep DPM-Solver++ (Lu et al. 2022b) on a logSNR grid over the
   same time range, `steps` network calls; lower error than the paper protocols at the same cost (README.md, 'Diffusion processes and samplers').
 - 'euler_maruyama_sde', 'euler_maruyama_ode': the original's Euler-Maruyama on the reverse SDE / Euler on the
-  probability-flow ODE (sampling_protocols.md 4b), continuous diffusions only.
+  probability-flow ODE (its sde.py sampler), continuous diffusions only.
+
+Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598) is implemented once, in `guided_noise_fn`;
+the solvers see only the guided noise prediction.
 """
 import logging
 
@@ -32,7 +35,8 @@ CONTINUOUS_T_END = 1e-4
 def guided_noise_fn(nnet, cond=None, uncond=None, scale=0.0):
     """eps(x, t_input) of `nnet` with classifier-free guidance in U-ViT's convention.
 
-    eps = eps_c + scale * (eps_c - eps_u), i.e. DiT / diffusers' eps_u + w (eps_c - eps_u) with w = scale + 1
+    eps = eps_c + scale * (eps_c - eps_u), i.e. DiT / diffusers' / the official DPM-Solver's
+    eps_u + w (eps_c - eps_u) with w = scale + 1
     (the original's configs: scale 0.4 / 0.7 for ImageNet 256 / 512, 1.0 for MS-COCO). With scale > 0 the
     conditional and unconditional passes are ONE forward on the concatenated batch [x; x], [t; t],
     [cond[k]; uncond[k]] for every keyword k. scale == 0 makes only the conditional call.

@@ -183,48 +183,11 @@ def test_network_time_defaults_and_override():
     torch.testing.assert_close(seen[2], torch.tensor([499.0, 999.0]))
 
 
-def _label_net(calls):
-    emb = torch.randn(11, 4, generator=torch.Generator().manual_seed(1))
-
-    def net(x, t_input, y=None):
-        calls.append(x.shape[0])
-        return torch.tanh(x * (1 + t_input.reshape(-1, 1) / 1000)) + emb[y]
-
-    return net
-
-
-def test_classifier_free_guidance_is_one_batched_call_equal_to_two_separate_calls():
-    calls = []
-    net = _label_net(calls)
-    ns = SCHEDULES["linear"]()
-    x = torch.randn(5, 4)
-    t = torch.rand(5)
-    y = torch.tensor([0, 3, 3, 7, 9])
-    null = torch.full((5,), 10)
-    w = 2.5
-    fn = model_wrapper(net, ns, guidance_type="classifier-free", condition={"y": y},
-                       unconditional_condition={"y": null}, guidance_scale=w)
-    got = fn(x, t)
-    assert calls == [10]  # one forward on the doubled batch
-    eps_c, eps_u = net(x, 999 * t, y=y), net(x, 999 * t, y=null)
-    torch.testing.assert_close(got, eps_u + w * (eps_c - eps_u), rtol=1e-5, atol=1e-5)
-    # guidance_scale 1 is the conditional model alone, with a single un-doubled call.
-    calls.clear()
-    fn1 = model_wrapper(net, ns, guidance_type="classifier-free", condition={"y": y},
-                        unconditional_condition={"y": null}, guidance_scale=1.0)
-    torch.testing.assert_close(fn1(x, t), eps_c)
-    assert calls == [5]
-
-
 def test_model_wrapper_validation():
     ns = SCHEDULES["linear"]()
     net = lambda x, t: x  # noqa: E731
     with pytest.raises(ConfigError, match="model_type"):
         model_wrapper(net, ns, model_type="eps")
-    with pytest.raises(ConfigError, match="guidance_type"):
-        model_wrapper(net, ns, guidance_type="classifier")
-    with pytest.raises(ConfigError, match="unconditional_condition"):
-        model_wrapper(net, ns, guidance_type="classifier-free", condition={"y": torch.zeros(1)})
     bad = model_wrapper(lambda x, t: x[:, :2], ns)
     with pytest.raises(InputError, match="shape"):
         bad(torch.zeros(3, 4), torch.ones(3))

@@ -72,6 +72,16 @@ def _is_positive_int(n):
     return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
 
 
+def check_start(x, steps, name="x"):
+    """InputError unless x is finite floating noise (B, ...); ConfigError unless steps (None: unchecked) is >= 1."""
+    if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim < 2:
+        raise InputError(f"{name} must be a floating tensor (B, ...), got {getattr(x, 'shape', type(x).__name__)}")
+    if not torch.isfinite(x).all():
+        raise InputError(f"{name} contains NaN or Inf; the starting noise must be finite")
+    if steps is not None and not _is_positive_int(steps):
+        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+
+
 def _as_time(t):
     """t as a floating tensor (float64 if given as a Python number or an integer tensor)."""
     t = torch.as_tensor(t)
@@ -531,12 +541,7 @@ class DPM_Solver:
             raise ConfigError(f"unknown skip_type '{skip_type}'; known: {', '.join(SKIP_TYPES)}")
         if order not in (1, 2, 3):
             raise ConfigError(f"order must be 1, 2 or 3, got {order}")
-        if method != "adaptive" and not _is_positive_int(steps):
-            raise ConfigError(f"steps must be a positive integer, got {steps!r}")
-        if not torch.is_tensor(x) or not x.is_floating_point():
-            raise InputError(f"x must be a floating-point tensor, got {type(x).__name__}")
-        if not torch.isfinite(x).all():
-            raise InputError("x contains NaN or Inf; the starting noise must be finite")
+        check_start(x, None if method == "adaptive" else steps)
         ns = self.noise_schedule
         t_0 = 1.0 / ns.total_N if t_end is None else float(t_end)
         t_T = ns.T if t_start is None else float(t_start)

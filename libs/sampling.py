@@ -19,7 +19,7 @@ import logging
 
 import torch
 
-from dpm_solver_pp import DPM_Solver, _is_positive_int, model_wrapper
+from dpm_solver_pp import DPM_Solver, check_start, model_wrapper
 from libs.errors import ConfigError, InputError
 from sde import ScoreModel
 
@@ -64,12 +64,7 @@ def guided_noise_fn(nnet, cond=None, uncond=None, scale=0.0):
 
 
 def _check_inputs(x_T, steps, scale):
-    if not torch.is_tensor(x_T) or not x_T.is_floating_point() or x_T.ndim < 2:
-        raise InputError(f"x_T must be a floating tensor (B, ...), got {getattr(x_T, 'shape', type(x_T).__name__)}")
-    if not torch.isfinite(x_T).all():
-        raise InputError("x_T contains NaN or Inf; the starting noise must be finite")
-    if not _is_positive_int(steps):
-        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    check_start(x_T, steps, "x_T")
     scale = float(scale)
     if scale != scale or abs(scale) == float("inf"):
         raise ConfigError(f"guidance scale must be finite, got {scale}")

@@ -109,7 +109,7 @@ class NoiseScheduleVP:
 
     schedule='discrete' (give `betas` or `alphas_cumprod`, length N): log alpha at the knots t_n = n/N is
         (1/2) log abar_n, and log alpha(t) is piecewise linear in t between knots (linear beyond them), as
-        in the official DPM-Solver code (sampling_protocols.md section 2). The usable range is [1/N, 1].
+        in the official DPM-Solver code. The usable range is [1/N, 1].
     schedule='linear': beta(t) = beta_0 + t (beta_1 - beta_0), log alpha_t = -(beta_1 - beta_0) t^2/4 - beta_0 t/2
         (Song et al. 2021, VP-SDE), t in [0, 1].
     schedule='cosine': alpha_t = cos(pi/2 (t + s)/(1 + s)) / cos(pi/2 s / (1 + s)), s = 0.008 (Nichol &

@@ -6,7 +6,7 @@ memory is its own: peak RSS on the CPU (getrusage), torch.cuda.max_memory_alloca
 
 A step is: noise the batch (VP, as in training), forward, MSE to the noise, backward; that is
 the "fwd+bwd" figure. With --optimizer the step also runs AdamW (the CIFAR10 config's settings)
-and zero_grad, timed apart, which is the protocol of ../shared/reference/cpu_baseline.md.
+and zero_grad, timed apart, so the update's share of a step shows.
 --mode sample times one forward without gradients instead.
 
     python benchmarks/bench_uvit.py --device cpu --batch 32 --steps 3 --optimizer
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=-1)
     p.add_argument("--conv", type=int, default=1, choices=[0, 1])
-    p.add_argument("--optimizer", action="store_true", help="also time an AdamW step (cpu_baseline.md protocol)")
+    p.add_argument("--optimizer", action="store_true", help="also time an AdamW step and zero_grad, apart")
     p.add_argument("--mode", default="train", choices=["train", "sample"])
     p.add_argument("--checkpointing", default="off,on", help="settings to run: off, on or off,on")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

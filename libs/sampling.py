@@ -8,7 +8,8 @@ Algorithms (`ALGORITHMS`):
   discrete -> DPM-Solver++ (data prediction), singlestep order 3, time-uniform grid, t from 1 to 1/N.
   Both use exactly `steps` network calls. Kept as published so published checkpoints give published samples.
 - 'dpm_solver++_2m', 'dpm_solver++_3m': multistep DPM-Solver++ (Lu et al. 2022b) on a logSNR grid over the
-  same time range, `steps` network calls; lower error than the paper protocols at the same cost (README.md, 'Diffusion processes and samplers').
+  same time range, `steps` network calls; lower error than the paper protocols at the same cost
+  (benchmarks/solver_error_table.py).
 - 'euler_maruyama_sde', 'euler_maruyama_ode': the original's Euler-Maruyama on the reverse SDE / Euler on the
   probability-flow ODE (its sde.py sampler), continuous diffusions only.
 

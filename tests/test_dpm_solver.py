@@ -47,10 +47,10 @@ def test_linear_schedule_published_values():
     ns = SCHEDULES["linear"]()
     t = torch.tensor([1.0, 1e-4], dtype=torch.float64)
     alpha, sigma, lam = ns.marginal_alpha(t), ns.marginal_std(t), ns.marginal_lambda(t)
-    # Values stated in sampling_protocols.md section 2.
+    # The VP-SDE linear schedule's values at t = 1 and t = 1e-4 (beta 0.1 -> 20), to the digits usually quoted.
     assert float(alpha[0]) == pytest.approx(6.57e-3, rel=1e-3)
     assert float(sigma[0]) == pytest.approx(0.99998, abs=1e-5)
-    assert float(lam[0]) == pytest.approx(-5.03, abs=6e-3)  # -5.025, rounded away from 0 in the doc
+    assert float(lam[0]) == pytest.approx(-5.03, abs=6e-3)  # -5.025, usually quoted as -5.03
     assert float(alpha[1]) == pytest.approx(0.999995, abs=1e-6)
     assert float(sigma[1]) == pytest.approx(3.18e-3, rel=2e-3)
     assert float(lam[1]) == pytest.approx(5.75, abs=5e-3)
@@ -224,7 +224,8 @@ def test_singlestep_order_lists_use_exactly_steps_calls(steps):
 
 
 def test_fifty_step_fast_orders_and_stage_points():
-    """sampling_protocols.md 4a: 17 intervals, orders 3 x16 then 2; stage points at 1/3, 2/3 (1/2) in lambda."""
+    """The continuous paper protocol at 50 steps: 17 intervals, orders 3 x16 then 2; stage points at 1/3, 2/3
+    (1/2) in lambda."""
     ns = SCHEDULES["linear"]()
     record = []
     solver = counting_gaussian_solver(ns, "dpmsolver", 999.0, record)
@@ -247,7 +248,7 @@ def test_fifty_step_fast_orders_and_stage_points():
 
 
 def test_time_uniform_singlestep_stage_points_are_the_grid_points():
-    """sampling_protocols.md 4c/6: at 50 steps the network sees 1000 - 19.98 k, k = 0..49."""
+    """The discrete paper protocol: at 50 steps the network sees 1000 - 19.98 k, k = 0..49."""
     ns = SCHEDULES["discrete"]()
     record = []
     solver = counting_gaussian_solver(ns, "dpmsolver++", 1000.0, record)

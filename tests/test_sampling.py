@@ -67,7 +67,7 @@ def test_dpm_solver_is_the_paper_protocol(kind):
 
 
 def test_discrete_protocol_network_inputs_at_50_steps():
-    """sampling_protocols.md section 6: 1000, 980.02, ..., 40.96, 20.98; NFE = steps."""
+    """The original discrete protocol feeds the network 1000, 980.02, ..., 40.96, 20.98; NFE = steps."""
     d = build_diffusion("discrete")
     record = []
     sample(gaussian_net(d, record), d, torch.randn(2, 3), algorithm="dpm_solver", steps=50)

@@ -29,6 +29,8 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.machine import describe_machine  # noqa: E402
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,6 +168,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
+    print(describe_machine())
     with tempfile.TemporaryDirectory() as tmp:
         results = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                    "images": args.images, "resolution": args.resolution, "entries": args.entries,

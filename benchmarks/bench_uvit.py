@@ -27,6 +27,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from benchmarks.machine import describe_machine  # noqa: E402
+
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -132,11 +134,9 @@ def main():
     if args.worker:
         print(json.dumps(worker(args, use_checkpoint=os.environ["BENCH_CKPT"] == "on")))
         return
-    import platform
-    import torch
     print(f"{args.model} img {args.img_size} in_chans {args.in_chans} classes {args.num_classes} | batch {args.batch} | "
-          f"{args.mode} | {args.precision} | attention {args.attention} | device {args.device} | torch {torch.__version__} | "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+          f"{args.mode} | {args.precision} | attention {args.attention} | device {args.device} | "
+          f"{describe_machine(args.device)}")
     print(f"median of {args.steps} steps after {args.warmup} warm-up, each setting in a fresh process")
     rows = []
     for setting in args.checkpointing.split(","):

@@ -53,7 +53,7 @@ def frechet_seconds(device, with_sqrtm):
     t_ours = time.perf_counter() - start
     t_ref = float("nan")
     if with_sqrtm:
-        from pytorch_fid.fid_score import calculate_frechet_distance
+        from pytorch_fid.fid_score import calculate_frechet_distance  # optional
 
         start = time.perf_counter()
         ref = calculate_frechet_distance(mu, s1, mu, s2)

@@ -27,7 +27,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import torch  # noqa: E402
+
 from benchmarks.machine import describe_machine  # noqa: E402
+from libs.attention import resolve_backend, set_attention_backend  # noqa: E402
+from libs.uvit import UViT_models  # noqa: E402
 
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
@@ -53,17 +57,12 @@ def parse_args(argv=None):
 
 
 def _sync(device):
-    import torch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def worker(args, use_checkpoint):
     """Run one setting in this process; return a dict of figures."""
-    import torch
-    from libs.attention import resolve_backend, set_attention_backend
-    from libs.uvit import UViT_models
-
     device = torch.device(args.device)
     set_attention_backend(args.attention)
     torch.manual_seed(0)

@@ -52,14 +52,17 @@ import torch  # noqa: E402
 from benchmarks import step_variants  # noqa: E402
 from benchmarks.flops import mfu, peak_tflops, uvit_forward_macs  # noqa: E402
 from benchmarks.machine import describe_machine  # noqa: E402
+from libs.autoencoder import SD_EMBED_DIM, SD_KL_F8_DDCONFIG, FrozenAutoencoderKL  # noqa: E402
 from libs.data_loader import ResumableLoader  # noqa: E402
 from libs.datasets.features import LabelledMoments  # noqa: E402
 from libs.ema import EMAUpdater, make_ema  # noqa: E402
 from libs.features import ShardWriter, open_features, plan_shards, write_manifest  # noqa: E402
+from libs.fid import InceptionStatistics, accumulate  # noqa: E402
 from libs.nnet import NNETS, build_nnet  # noqa: E402
 from libs.perf import configure_tf32, maybe_compile  # noqa: E402
 from libs.sampling import sample  # noqa: E402
 from sde import build_diffusion  # noqa: E402
+from tools.inception import FIDInceptionV3, random_state_dict  # noqa: E402
 
 SECTIONS = ("train", "ablation", "update", "sample", "features", "data")
 # The paper configs whose network, optimizer and diffusion the benchmark runs.
@@ -343,23 +346,19 @@ def worker_features(args, spec):
     torch.manual_seed(0)
     B = spec["batch"]
     if spec["what"] == "autoencoder encode":
-        from libs.autoencoder import SD_EMBED_DIM, SD_KL_F8_DDCONFIG, FrozenAutoencoderKL
-
         model = FrozenAutoencoderKL(SD_KL_F8_DDCONFIG, SD_EMBED_DIM).to(device)
         x = torch.rand(B, 3, 256, 256, device=device) * 2 - 1
         fn = model.encode_moments
     else:
-        from libs.fid import InceptionStatistics, accumulate
-        from tools.inception import FIDInceptionV3, random_state_dict
-
         model = FIDInceptionV3()
         model.load_state_dict(random_state_dict())
         model = model.to(device)
         x = torch.rand(B, 3, spec["image_size"], spec["image_size"], device=device)
         stats = InceptionStatistics(device=device)
+        splits = torch.zeros(B, dtype=torch.long)  # every image in Inception-score split 0
 
         def fn(images):
-            accumulate(stats, model, images)
+            accumulate(stats, model, images, splits)
     if spec["channels_last"]:
         model.to(memory_format=torch.channels_last)  # NHWC: what oneDNN / cuDNN convolutions prefer
         x = x.contiguous(memory_format=torch.channels_last)

@@ -85,7 +85,7 @@ def _xformers():
     global _xformers_ops
     if _xformers_ops is None:
         try:
-            import xformers.ops as xops
+            import xformers.ops as xops  # optional
             _xformers_ops = xops
         except Exception:  # ImportError, or a broken build raising anything at import
             _xformers_ops = False

@@ -435,8 +435,8 @@ def _read_raw(path):
     st = _safetensors_file(path)
     if st is None:
         return _torch_load(path)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError  # heavy: only diffusers-format files need it
+    from safetensors.torch import load_file  # heavy
 
     try:
         return load_file(st)

@@ -137,7 +137,29 @@ class Upsample(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level; a plain container so the key names read `down.{i}.block.{j}`."""
+    """One resolution level: n ResnetBlocks, each followed by an AttnBlock when `attention`, then an
+    optional resampling layer the caller stores as `downsample` or `upsample` (keys read `down.{i}.block.{j}`).
+    `.channels` is its output width."""
+
+    def __init__(self, block_in, width, n_blocks, attention, dropout):
+        super().__init__()
+        self.block, self.attn = nn.ModuleList(), nn.ModuleList()
+        for _ in range(n_blocks):
+            self.block.append(ResnetBlock(block_in, width, dropout))
+            block_in = width
+            if attention:
+                self.attn.append(AttnBlock(width))
+        self.channels = width
+
+    def forward(self, h):
+        for j, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn) > 0:
+                h = self.attn[j](h)
+        for name in ("downsample", "upsample"):
+            if hasattr(self, name):
+                h = getattr(self, name)(h)
+        return h
 
 
 class _Mid(nn.Module):
@@ -163,14 +185,8 @@ class Encoder(nn.Module):
         res = resolution
         self.down = nn.ModuleList()
         for i, mult in enumerate(ch_mult):
-            level = _Level()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            block_in = ch * in_mult[i]
-            for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(block_in, ch * mult, dropout))
-                block_in = ch * mult
-                if res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+            level = _Level(ch * in_mult[i], ch * mult, num_res_blocks, res in attn_resolutions, dropout)
+            block_in = level.channels
             if i != self.num_resolutions - 1:
                 level.downsample = Downsample(block_in)
                 res //= 2
@@ -182,12 +198,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[j](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = level(h)
         h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -205,13 +216,8 @@ class Decoder(nn.Module):
         self.mid = _Mid(block_in, dropout)
         levels = []
         for i in reversed(range(self.num_resolutions)):
-            level = _Level()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, ch * ch_mult[i], dropout))
-                block_in = ch * ch_mult[i]
-                if res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+            level = _Level(block_in, ch * ch_mult[i], num_res_blocks + 1, res in attn_resolutions, dropout)
+            block_in = level.channels
             if i != 0:
                 level.upsample = Upsample(block_in)
                 res *= 2
@@ -223,12 +229,7 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[j](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 

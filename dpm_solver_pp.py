@@ -62,7 +62,7 @@ METHODS = ("singlestep", "multistep", "singlestep_fixed", "adaptive")
 CONTINUOUS_TIME_SCALE = 999.0
 
 
-def _solver_dtype(dtype):
+def solver_dtype(dtype):
     """float64 stays float64; every other dtype (float32, float16, bfloat16) is solved in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -90,6 +90,11 @@ def _as_time(t):
     return t
 
 
+def _segment(x, xp):
+    """Index k of the table segment [xp[k], xp[k+1]] holding each x; the first / last segment beyond the ends."""
+    return (torch.searchsorted(xp, x.contiguous().reshape(-1)).reshape(x.shape) - 1).clamp(0, xp.shape[0] - 2)
+
+
 def _interp(x, xp, fp):
     """Piecewise-linear interpolation of the table (xp, fp), extrapolated linearly beyond both ends.
 
@@ -97,9 +102,7 @@ def _interp(x, xp, fp):
     """
     xp = xp.to(device=x.device, dtype=x.dtype)
     fp = fp.to(device=x.device, dtype=x.dtype)
-    # Segment k spans [xp[k], xp[k+1]]; points outside the table use the first / last segment.
-    k = torch.searchsorted(xp, x.contiguous().reshape(-1)).reshape(x.shape) - 1
-    k = k.clamp(0, xp.shape[0] - 2)
+    k = _segment(x, xp)
     x0, x1, f0, f1 = xp[k], xp[k + 1], fp[k], fp[k + 1]
     return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
 
@@ -236,7 +239,7 @@ class NoiseScheduleVP:
             u = (t + self.cosine_s) / (1.0 + self.cosine_s) * math.pi / 2.0
             return math.pi / (1.0 + self.cosine_s) * torch.tan(u)
         tp, lp = self.tables(t.device, t.dtype)
-        k = (torch.searchsorted(tp, t.contiguous().reshape(-1)).reshape(t.shape) - 1).clamp(0, tp.shape[0] - 2)
+        k = _segment(t, tp)
         return -2.0 * (lp[k + 1] - lp[k]) / (tp[k + 1] - tp[k])
 
 
@@ -550,7 +553,7 @@ class DPM_Solver:
         # Solver state in float32 or better: low-precision x (or autocast outputs) would lose the small
         # differences the higher-order corrections are made of.
         out_dtype = x.dtype
-        x = x.to(_solver_dtype(x.dtype))
+        x = x.to(solver_dtype(x.dtype))
         dtype, device = x.dtype, x.device
         self.nfe = 0
         intermediates = [x]

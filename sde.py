@@ -18,7 +18,7 @@ import logging
 
 import torch
 
-from dpm_solver_pp import CONTINUOUS_TIME_SCALE, NoiseScheduleVP, _expand_dims, _is_positive_int
+from dpm_solver_pp import CONTINUOUS_TIME_SCALE, NoiseScheduleVP, _expand_dims, _is_positive_int, solver_dtype
 from libs.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -130,7 +130,7 @@ class ContinuousVP:
         """
         if not _is_positive_int(steps):
             raise ConfigError(f"Euler-Maruyama needs steps >= 1, got {steps!r}")
-        x = x_T.to(torch.float64 if x_T.dtype == torch.float64 else torch.float32)
+        x = x_T.to(solver_dtype(x_T.dtype))
         grid = torch.cat([torch.zeros(1, dtype=torch.float64),
                           torch.linspace(EM_T_MIN, 1.0, steps, dtype=torch.float64)]).to(device=x.device, dtype=x.dtype)
         drift_fn = self.reverse_sde_drift if sde else self.pf_ode_drift

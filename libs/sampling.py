@@ -20,7 +20,7 @@ import logging
 
 import torch
 
-from dpm_solver_pp import DPM_Solver, check_start, model_wrapper
+from dpm_solver_pp import DPM_Solver, check_start, model_wrapper, solver_dtype
 from libs.errors import ConfigError, InputError
 from sde import ScoreModel
 
@@ -52,7 +52,7 @@ def guided_noise_fn(nnet, cond=None, uncond=None, scale=0.0):
             raise InputError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
 
     def eps_fn(x, t_input):
-        out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out_dtype = solver_dtype(x.dtype)
         if scale == 0.0:
             return nnet(x, t_input, **cond).to(out_dtype)
         B = x.shape[0]
@@ -95,7 +95,7 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
     eps_fn = guided_noise_fn(nnet, cond, uncond, scale)
     ns = diffusion.schedule
     continuous = diffusion.time_kind == "continuous"
-    x = x_T.to(torch.float64 if x_T.dtype == torch.float64 else torch.float32)
+    x = x_T.to(solver_dtype(x_T.dtype))
 
     if algorithm.startswith("euler_maruyama"):
         if not continuous:

@@ -5,8 +5,8 @@ and the EMA update, built either the straightforward way (`PLAIN`: explicit-soft
 for-loop AdamW, Python-loop EMA, a host sync per step) or the way libs/trainer.py does it
 (`OPTIMIZED`: SDPA, fused AdamW from libs.optim, `torch._foreach_lerp_` EMA from libs.ema,
 no per-step sync), one switch at a time, so that benchmarks/benchmark.py can measure each
-optimisation on its own. tests/test_optimized_step.py checks the trainer's own step against a hand
-computation; this module only times.
+optimisation on its own. tests/test_optimized_step.py checks the numbers of the library's step
+against a hand computation; this module only times.
 """
 import contextlib
 import dataclasses

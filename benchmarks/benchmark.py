@@ -91,8 +91,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpointing", default="off,on", help="train section: off, on or off,on")
     p.add_argument("--ablation-extras", default="foreach", help="ablation: extra variants beyond the remove-one "
                    "rows, comma-separated of foreach (multi-tensor AdamW instead of fused), bf16, fp16 (autocast); "
-                   "'' for none. bf16 is "
-                   "left out by default: without AVX512-BF16/AMX it is emulated (~7x slower matmuls here)")
+                   "'' for none. bf16 is left out by default: without AVX512-BF16/AMX it is emulated (~7x slower "
+                   "matmuls)")
     p.add_argument("--ablation-only", default="", help="ablation: keep only these variants (comma-separated "
                    "name prefixes, e.g. 'plain,optimized'); '' keeps all")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in every worker; 0 = "

@@ -4,8 +4,9 @@ Three objects with narrow interfaces:
 
 - `NoiseScheduleVP`: the marginal x_t = alpha_t x0 + sigma_t eps (alpha_t^2 + sigma_t^2 = 1) as functions
   of continuous time t, its half-log-SNR lambda_t = log(alpha_t / sigma_t) and the inverse t(lambda).
-- `model_wrapper(...)`: turns a network (noise / x0 / v / score prediction, optionally with classifier-free
-  guidance) into `model_fn(x, t_continuous)` returning the noise prediction.
+- `model_wrapper(...)`: turns a network (noise / x0 / v / score prediction) into `model_fn(x, t_continuous)`
+  returning the noise prediction. Classifier-free guidance is applied to the network before it is wrapped
+  (`libs.sampling.guided_noise_fn`, U-ViT's convention), so there is one guidance implementation.
 - `DPM_Solver`: the exponential-integrator solvers of the probability-flow ODE.
 
 References (formulas only; the code is written from the papers):
@@ -34,8 +35,8 @@ Deliberate differences from the official code (each one documented where it happ
   (continuous schedules: 999 t, discrete: N t), not the official (t, and 1000 (t - 1/N)).
 - Solver arithmetic runs in float32 even when `x` or the network output is float16/bfloat16 (model
   outputs are upcast), and in float64 when `x` is float64 (the official code builds float32 time tensors).
-- The multistep solver has no read-before-assignment bug (known_quirks 6), warms up with lower orders for
-  any number of steps, and accepts steps < order.
+- The multistep solver warms up with lower orders for any number of steps (the official code reads a
+  variable before assigning it when steps < order) and accepts steps < order.
 - Multistep order 3 weights the second divided difference by 2 psi_3, the exact Taylor coefficient (the
   official code and diffusers use psi_3, which leaves their 3M second order); see
   `multistep_dpm_solver_update`. U-ViT never used the multistep path, so no published sample depends on it.
@@ -52,16 +53,16 @@ logger = logging.getLogger(__name__)
 
 SCHEDULES = ("discrete", "linear", "cosine")
 MODEL_TYPES = ("noise", "x_start", "v", "score")
-GUIDANCE_TYPES = ("uncond", "classifier-free")
 ALGORITHM_TYPES = ("dpmsolver", "dpmsolver++")
 SKIP_TYPES = ("time_uniform", "logSNR", "time_quadratic")
 METHODS = ("singlestep", "multistep", "singlestep_fixed", "adaptive")
 
-# Continuous-time U-ViT networks see 999 * t (sde.ScoreModel of the original).
-CONTINUOUS_NETWORK_TIME_SCALE = 999.0
+# Continuous-time U-ViT networks see 999 t (the original's ScoreModel), so t = 1 maps to the last of 1000
+# steps. sde.ContinuousVP.network_time uses this constant too.
+CONTINUOUS_TIME_SCALE = 999.0
 
 
-def _solver_dtype(dtype):
+def solver_dtype(dtype):
     """float64 stays float64; every other dtype (float32, float16, bfloat16) is solved in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -69,6 +70,16 @@ def _solver_dtype(dtype):
 def _is_positive_int(n):
     """True for Python / numpy integers >= 1 (not bools, not floats)."""
     return isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 1
+
+
+def check_start(x, steps, name="x"):
+    """InputError unless x is finite floating noise (B, ...); ConfigError unless steps (None: unchecked) is >= 1."""
+    if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim < 2:
+        raise InputError(f"{name} must be a floating tensor (B, ...), got {getattr(x, 'shape', type(x).__name__)}")
+    if not torch.isfinite(x).all():
+        raise InputError(f"{name} contains NaN or Inf; the starting noise must be finite")
+    if steps is not None and not _is_positive_int(steps):
+        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
 
 
 def _as_time(t):
@@ -79,6 +90,11 @@ def _as_time(t):
     return t
 
 
+def _segment(x, xp):
+    """Index k of the table segment [xp[k], xp[k+1]] holding each x; the first / last segment beyond the ends."""
+    return (torch.searchsorted(xp, x.contiguous().reshape(-1)).reshape(x.shape) - 1).clamp(0, xp.shape[0] - 2)
+
+
 def _interp(x, xp, fp):
     """Piecewise-linear interpolation of the table (xp, fp), extrapolated linearly beyond both ends.
 
@@ -86,9 +102,7 @@ def _interp(x, xp, fp):
     """
     xp = xp.to(device=x.device, dtype=x.dtype)
     fp = fp.to(device=x.device, dtype=x.dtype)
-    # Segment k spans [xp[k], xp[k+1]]; points outside the table use the first / last segment.
-    k = torch.searchsorted(xp, x.contiguous().reshape(-1)).reshape(x.shape) - 1
-    k = k.clamp(0, xp.shape[0] - 2)
+    k = _segment(x, xp)
     x0, x1, f0, f1 = xp[k], xp[k + 1], fp[k], fp[k + 1]
     return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
 
@@ -98,7 +112,7 @@ class NoiseScheduleVP:
 
     schedule='discrete' (give `betas` or `alphas_cumprod`, length N): log alpha at the knots t_n = n/N is
         (1/2) log abar_n, and log alpha(t) is piecewise linear in t between knots (linear beyond them), as
-        in the official DPM-Solver code (sampling_protocols.md section 2). The usable range is [1/N, 1].
+        in the official DPM-Solver code. The usable range is [1/N, 1].
     schedule='linear': beta(t) = beta_0 + t (beta_1 - beta_0), log alpha_t = -(beta_1 - beta_0) t^2/4 - beta_0 t/2
         (Song et al. 2021, VP-SDE), t in [0, 1].
     schedule='cosine': alpha_t = cos(pi/2 (t + s)/(1 + s)) / cos(pi/2 s / (1 + s)), s = 0.008 (Nichol &
@@ -225,7 +239,7 @@ class NoiseScheduleVP:
             u = (t + self.cosine_s) / (1.0 + self.cosine_s) * math.pi / 2.0
             return math.pi / (1.0 + self.cosine_s) * torch.tan(u)
         tp, lp = self.tables(t.device, t.dtype)
-        k = (torch.searchsorted(tp, t.contiguous().reshape(-1)).reshape(t.shape) - 1).clamp(0, tp.shape[0] - 2)
+        k = _segment(t, tp)
         return -2.0 * (lp[k + 1] - lp[k]) / (tp[k + 1] - tp[k])
 
 
@@ -240,7 +254,7 @@ def default_network_time(noise_schedule):
     if noise_schedule.schedule == "discrete":
         n = float(noise_schedule.total_N)
         return lambda t: n * t
-    return lambda t: CONTINUOUS_NETWORK_TIME_SCALE * t
+    return lambda t: CONTINUOUS_TIME_SCALE * t
 
 
 def _expand_dims(v, ndim):
@@ -248,35 +262,12 @@ def _expand_dims(v, ndim):
     return v.reshape(v.shape + (1,) * (ndim - v.ndim))
 
 
-def _cat_condition(c, u):
-    if isinstance(c, dict):
-        if set(c) != set(u):
-            raise InputError(f"condition and unconditional_condition must have the same keys, got {sorted(c)} and {sorted(u)}")
-        return {k: torch.cat([u[k], c[k]], dim=0) for k in c}
-    return torch.cat([u, c], dim=0)
-
-
-def _call(model, x, t_input, cond, model_kwargs):
-    """Call the network; a dict condition goes in as keyword arguments, a tensor as the third positional one."""
-    if cond is None:
-        return model(x, t_input, **model_kwargs)
-    if isinstance(cond, dict):
-        return model(x, t_input, **cond, **model_kwargs)
-    return model(x, t_input, cond, **model_kwargs)
-
-
-def model_wrapper(model, noise_schedule, model_type="noise", model_kwargs=None, guidance_type="uncond",
-                  condition=None, unconditional_condition=None, guidance_scale=1.0, network_time=None):
+def model_wrapper(model, noise_schedule, model_type="noise", network_time=None):
     """Wrap a network into `model_fn(x, t_continuous) -> noise prediction`, as the official DPM-Solver API.
 
-    model: called as model(x, t_input, **model_kwargs), or with the condition added (a dict condition as
-        keyword arguments, a tensor condition as the third positional argument).
+    model: called as model(x, t_input); bind conditions and guidance first (libs.sampling.guided_noise_fn).
     model_type: what the network predicts: 'noise' (eps), 'x_start' (x0), 'v' (alpha eps - sigma x0,
         Salimans & Ho 2022) or 'score' (grad log p_t = -eps / sigma_t).
-    guidance_type: 'uncond', or 'classifier-free' with the official convention
-        eps = eps_u + guidance_scale * (eps_c - eps_u), computed in one forward on [uncond; cond]
-        (guidance_scale = 1 is no guidance; U-ViT's `scale` s corresponds to guidance_scale = s + 1).
-        model_kwargs are passed unchanged (not concatenated) to that doubled batch.
     network_time: callable t_continuous (B,) -> network time input (B,); default `default_network_time`.
 
     The returned model_fn takes x (B, ...) and t_continuous (B,) and returns eps (B, ...) in x's dtype: the
@@ -284,26 +275,11 @@ def model_wrapper(model, noise_schedule, model_type="noise", model_kwargs=None, 
     """
     if model_type not in MODEL_TYPES:
         raise ConfigError(f"unknown model_type '{model_type}'; known: {', '.join(MODEL_TYPES)}")
-    if guidance_type not in GUIDANCE_TYPES:
-        raise ConfigError(f"unknown guidance_type '{guidance_type}'; known: {', '.join(GUIDANCE_TYPES)}")
-    if guidance_type == "classifier-free" and (condition is None or unconditional_condition is None):
-        raise ConfigError("guidance_type='classifier-free' needs both condition= and unconditional_condition=")
-    model_kwargs = dict(model_kwargs or {})
     ns = noise_schedule
     to_input = network_time if network_time is not None else default_network_time(ns)
 
-    def raw_output(x, t_continuous):
-        t_input = to_input(t_continuous)
-        if guidance_type == "classifier-free" and guidance_scale != 1.0:
-            x_in = torch.cat([x, x], dim=0)
-            t_in = torch.cat([t_input, t_input], dim=0)
-            out = _call(model, x_in, t_in, _cat_condition(condition, unconditional_condition), model_kwargs)
-            out_u, out_c = out.to(x.dtype).chunk(2, dim=0)
-            return out_u + guidance_scale * (out_c - out_u)
-        return _call(model, x, t_input, condition, model_kwargs).to(x.dtype)
-
     def model_fn(x, t_continuous):
-        out = raw_output(x, t_continuous)
+        out = model(x, to_input(t_continuous)).to(x.dtype)
         if out.shape != x.shape:
             raise InputError(f"the network returned shape {tuple(out.shape)} for an input of shape {tuple(x.shape)}")
         if model_type == "noise":
@@ -440,30 +416,31 @@ class DPM_Solver:
         """The time whose lambda is lambda_s + r h."""
         return self.noise_schedule.inverse_lambda(self.noise_schedule.marginal_lambda(s) + r * h)
 
-    def singlestep_dpm_solver_update(self, x, s, t, order, r1=None, r2=None, model_s=None, return_stages=False):
-        """One singlestep DPM-Solver(++) step of `order` (1-3) from s to t (scalar tensors), order*1 model calls.
+    def singlestep_dpm_solver_update(self, x, s, t, order, r1=None, r2=None, stages=(), return_stages=False):
+        """One singlestep DPM-Solver(++) step of `order` (1-3) from s to t (scalar tensors), order model calls.
 
         Stage points are at lambda_s + r1 h and lambda_s + r2 h (defaults 1/2 for order 2, 1/3 and 2/3 for
         order 3). Formulas: DPM-Solver eq. (3.7) / Algorithms 4-5 and DPM-Solver++ Algorithm 1 (and its
         third-order counterpart), in the unified (ratio, mu, H) form.
+        stages: model values already computed at s (and at the r1 point) by a lower-order step from the same x;
+        they are reused, not recomputed (the adaptive solver's pairs).
         Returns x_t, or (x_t, [model_s, model_s1, ...]) with return_stages=True.
         """
         if order not in (1, 2, 3):
             raise ConfigError(f"singlestep DPM-Solver supports order 1, 2 or 3, got {order}")
-        if model_s is None:
-            model_s = self.model_fn(x, s)
+        stages = list(stages) or [self.model_fn(x, s)]
+        model_s = stages[0]
         ratio, mu_t, H, h = self._coefficients(s, t)
         psi1 = torch.expm1(H)
-        stages = [model_s]
         # First-order (DDIM-like) part shared by all orders.
         x_t = ratio * x - mu_t * psi1 * model_s
         if order >= 2:
             r1 = (0.5 if order == 2 else 1.0 / 3.0) if r1 is None else r1
-            s1 = self._time_at_fraction(s, h, r1)
-            ratio1, mu_1, H1, _ = self._coefficients(s, s1)
-            u1 = ratio1 * x - mu_1 * torch.expm1(H1) * model_s
-            model_s1 = self.model_fn(u1, s1)
-            stages.append(model_s1)
+            if len(stages) < 2:
+                s1 = self._time_at_fraction(s, h, r1)
+                ratio1, mu_1, H1, _ = self._coefficients(s, s1)
+                stages.append(self.model_fn(ratio1 * x - mu_1 * torch.expm1(H1) * model_s, s1))
+            model_s1 = stages[1]
             if order == 2:
                 # Second-order correction from the difference of the two stage predictions.
                 x_t = x_t - (0.5 / r1) * mu_t * psi1 * (model_s1 - model_s)
@@ -533,11 +510,8 @@ class DPM_Solver:
         while (s - t_end).abs() > t_err:
             t = ns.inverse_lambda(lambda_s + h)
             x_low, stages = self.singlestep_dpm_solver_update(x, s, t, order - 1, r1=r1, return_stages=True)
-            if order == 2:
-                x_high = self.singlestep_dpm_solver_update(x, s, t, 2, r1=r1, model_s=stages[0])
-            else:
-                # Reuse both stages of the order-2 step; only the third stage is new.
-                x_high = self._third_from_stages(x, s, t, stages, r1, 2.0 / 3.0)
+            # The higher order reuses the lower one's stages: one new model call per attempt.
+            x_high = self.singlestep_dpm_solver_update(x, s, t, order, r1=r1, stages=stages)
             delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
             err = ((x_high - x_low) / delta).reshape(x.shape[0], -1)
             E = err.pow(2).mean(dim=1).sqrt().max()
@@ -550,18 +524,6 @@ class DPM_Solver:
             h = torch.minimum(theta * h * E.clamp(min=1e-12) ** (-1.0 / order), lambda_0 - lambda_s)
         logger.debug("adaptive DPM-Solver: %d model calls", self.nfe)
         return x
-
-    def _third_from_stages(self, x, s, t, stages, r1, r2):
-        """Order-3 singlestep step whose first two stages (at s and at r1) were already evaluated."""
-        model_s, model_s1 = stages
-        ratio, mu_t, H, h = self._coefficients(s, t)
-        s2 = self._time_at_fraction(s, h, r2)
-        ratio2, mu_2, H2, _ = self._coefficients(s, s2)
-        u2 = (ratio2 * x - mu_2 * torch.expm1(H2) * model_s
-              - (r2 / r1) * mu_2 * (torch.expm1(H2) / H2 - 1.0) * (model_s1 - model_s))
-        model_s2 = self.model_fn(u2, s2)
-        psi1 = torch.expm1(H)
-        return ratio * x - mu_t * psi1 * model_s - (1.0 / r2) * mu_t * (psi1 / H - 1.0) * (model_s2 - model_s)
 
     # ----- sampling -----
 
@@ -582,12 +544,7 @@ class DPM_Solver:
             raise ConfigError(f"unknown skip_type '{skip_type}'; known: {', '.join(SKIP_TYPES)}")
         if order not in (1, 2, 3):
             raise ConfigError(f"order must be 1, 2 or 3, got {order}")
-        if method != "adaptive" and not _is_positive_int(steps):
-            raise ConfigError(f"steps must be a positive integer, got {steps!r}")
-        if not torch.is_tensor(x) or not x.is_floating_point():
-            raise InputError(f"x must be a floating-point tensor, got {type(x).__name__}")
-        if not torch.isfinite(x).all():
-            raise InputError("x contains NaN or Inf; the starting noise must be finite")
+        check_start(x, None if method == "adaptive" else steps)
         ns = self.noise_schedule
         t_0 = 1.0 / ns.total_N if t_end is None else float(t_end)
         t_T = ns.T if t_start is None else float(t_start)
@@ -596,7 +553,7 @@ class DPM_Solver:
         # Solver state in float32 or better: low-precision x (or autocast outputs) would lose the small
         # differences the higher-order corrections are made of.
         out_dtype = x.dtype
-        x = x.to(_solver_dtype(x.dtype))
+        x = x.to(solver_dtype(x.dtype))
         dtype, device = x.dtype, x.device
         self.nfe = 0
         intermediates = [x]

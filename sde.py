@@ -6,8 +6,8 @@ samplers, so the two cannot disagree, and maps solver time to the network's time
 - `ContinuousVP`: the VP-SDE of Song et al. 2021 ("Score-Based Generative Modeling through Stochastic
   Differential Equations", arXiv 2011.13456), dx = -beta(t) x/2 dt + sqrt(beta(t)) dw, t in [0, 1], with the
   linear (beta 0.1 -> 20) or cosine schedule. Training loss LSimple (Ho et al. 2020, arXiv 2006.11239):
-  t ~ U(0, 1), network fed 999 t. Reverse SDE, probability-flow ODE and Euler-Maruyama (section 4b of
-  sampling_protocols.md).
+  t ~ U(0, 1), network fed 999 t. Reverse SDE, probability-flow ODE and the original's Euler-Maruyama
+  sampler.
 - `DiscreteVP`: the "scaled linear" betas of Stable Diffusion (Rombach et al. 2022), n uniform in 1..1000,
   network fed the integer n in training and N t when sampling.
 
@@ -18,13 +18,11 @@ import logging
 
 import torch
 
-from dpm_solver_pp import NoiseScheduleVP, _is_positive_int
+from dpm_solver_pp import CONTINUOUS_TIME_SCALE, NoiseScheduleVP, _expand_dims, _is_positive_int, solver_dtype
 from libs.errors import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
 
-# Continuous-time networks see 999 t (the original's ScoreModel), so t = 1 maps to the last of 1000 steps.
-CONTINUOUS_TIME_SCALE = 999.0
 # Euler-Maruyama grid of the original: linspace(EM_T_MIN, 1, S) with a final step to t = 0.
 EM_T_MIN = 1e-3
 
@@ -42,11 +40,6 @@ def _per_sample_mse(eps, pred):
     if pred.shape != eps.shape:
         raise InputError(f"the network returned shape {tuple(pred.shape)}, expected the input shape {tuple(eps.shape)}")
     return (eps.float() - pred.float()).pow(2).reshape(eps.shape[0], -1).mean(dim=1)
-
-
-def _expand(v, x):
-    """(B,) -> (B, 1, ..., 1) matching x's rank."""
-    return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
 
 
 def _check_x0(x0):
@@ -74,12 +67,13 @@ class ScoreModel:
         """x0_hat = (x - sigma_t eps_hat) / alpha_t."""
         ns = self.diffusion.schedule
         t = t.to(x.dtype)
-        return (x - _expand(ns.marginal_std(t), x) * self.noise_pred(x, t)) / _expand(ns.marginal_alpha(t), x)
+        alpha, sigma = _expand_dims(ns.marginal_alpha(t), x.ndim), _expand_dims(ns.marginal_std(t), x.ndim)
+        return (x - sigma * self.noise_pred(x, t)) / alpha
 
     def score(self, x, t):
         """grad_x log p_t(x) ~ -eps_hat / sigma_t."""
         t = t.to(x.dtype)
-        return -self.noise_pred(x, t) / _expand(self.diffusion.schedule.marginal_std(t), x)
+        return -self.noise_pred(x, t) / _expand_dims(self.diffusion.schedule.marginal_std(t), x.ndim)
 
 
 class ContinuousVP:
@@ -110,23 +104,19 @@ class ContinuousVP:
         B = x0.shape[0]
         t = torch.rand(B, generator=generator, device=x0.device, dtype=torch.float32)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        alpha = _expand(self.schedule.marginal_alpha(t), x0).to(x0.dtype)
-        sigma = _expand(self.schedule.marginal_std(t), x0).to(x0.dtype)
+        alpha = _expand_dims(self.schedule.marginal_alpha(t), x0.ndim).to(x0.dtype)
+        sigma = _expand_dims(self.schedule.marginal_std(t), x0.ndim).to(x0.dtype)
         return _per_sample_mse(eps, nnet(alpha * x0 + sigma * eps, self.network_time(t), **cond))
 
     def reverse_sde_drift(self, score_model, x, t):
         """Drift of the reverse SDE (Anderson 1982; Song et al. 2021 eq. 6): -beta x/2 - beta score. t: (B,)."""
-        beta = _expand(self.schedule.beta(t.to(x.dtype)), x)
+        beta = _expand_dims(self.schedule.beta(t.to(x.dtype)), x.ndim)
         return -0.5 * beta * x - beta * score_model.score(x, t)
 
     def pf_ode_drift(self, score_model, x, t):
         """Drift of the probability-flow ODE (Song et al. 2021 eq. 13): -beta x/2 - beta score/2. t: (B,)."""
-        beta = _expand(self.schedule.beta(t.to(x.dtype)), x)
+        beta = _expand_dims(self.schedule.beta(t.to(x.dtype)), x.ndim)
         return -0.5 * beta * x - 0.5 * beta * score_model.score(x, t)
-
-    def diffusion_coeff(self, t):
-        """sqrt(beta(t))."""
-        return self.schedule.beta(t).sqrt()
 
     def euler_maruyama(self, score_model, x_T, steps, sde=True, generator=None):
         """Euler-Maruyama on the reverse SDE (sde=True) or Euler on the PF-ODE, with the original's grid.
@@ -140,7 +130,7 @@ class ContinuousVP:
         """
         if not _is_positive_int(steps):
             raise ConfigError(f"Euler-Maruyama needs steps >= 1, got {steps!r}")
-        x = x_T.to(torch.float64 if x_T.dtype == torch.float64 else torch.float32)
+        x = x_T.to(solver_dtype(x_T.dtype))
         grid = torch.cat([torch.zeros(1, dtype=torch.float64),
                           torch.linspace(EM_T_MIN, 1.0, steps, dtype=torch.float64)]).to(device=x.device, dtype=x.dtype)
         drift_fn = self.reverse_sde_drift if sde else self.pf_ode_drift
@@ -206,8 +196,8 @@ class DiscreteVP:
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         _, log_alpha_table = self.schedule.tables(x0.device, torch.float64)
         log_alpha = log_alpha_table[n - 1]
-        alpha = _expand(torch.exp(log_alpha), x0).to(x0.dtype)
-        sigma = _expand(torch.sqrt(-torch.expm1(2.0 * log_alpha)), x0).to(x0.dtype)
+        alpha = _expand_dims(torch.exp(log_alpha), x0.ndim).to(x0.dtype)
+        sigma = _expand_dims(torch.sqrt(-torch.expm1(2.0 * log_alpha)), x0.ndim).to(x0.dtype)
         return _per_sample_mse(eps, nnet(alpha * x0 + sigma * eps, n, **cond))
 
 

@@ -17,6 +17,7 @@ CPU figures on shared machines are noisy: compare ratios within one run.
 import argparse
 import importlib.util
 import json
+import logging
 import os
 import statistics
 import sys
@@ -28,6 +29,13 @@ sys.path.insert(0, ROOT)
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from benchmarks.machine import describe_machine  # noqa: E402
+from libs import features as F  # noqa: E402
+from libs.autoencoder import SD_KL_F8_DDCONFIG, FrozenAutoencoderKL, get_model  # noqa: E402
+from libs.datasets.features import ImageNetFeatures  # noqa: E402
+from tests.tiny_models import write_tiny_autoencoder, write_tiny_clip  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -52,8 +60,6 @@ def load_script(name):
 
 def write_images(folder, n, classes=4, seed=0):
     """n random JPEGs of ImageNet-like sizes (about 400x350) in `classes` class folders."""
-    from PIL import Image
-
     rng = np.random.default_rng(seed)
     paths = []
     for i in range(n):
@@ -70,8 +76,6 @@ def write_images(folder, n, classes=4, seed=0):
 
 
 def bench_extraction(args, tmp):
-    from tests.tiny_models import write_tiny_autoencoder, write_tiny_clip
-
     results = {}
     folder = os.path.join(tmp, "imagenet")
     write_images(folder, args.images)
@@ -83,8 +87,6 @@ def bench_extraction(args, tmp):
     start = time.perf_counter()
     script.main(common + ["--output", os.path.join(tmp, "inet_features")])
     results["imagenet_extract_images_per_s"] = args.images / (time.perf_counter() - start)
-
-    from libs.autoencoder import SD_KL_F8_DDCONFIG, FrozenAutoencoderKL, get_model
 
     x = torch.rand(args.batch_size, 3, args.resolution, args.resolution) * 2 - 1
     models = {"tiny": get_model(ae)}
@@ -121,9 +123,6 @@ def bench_extraction(args, tmp):
 
 
 def bench_reading(args, tmp):
-    from libs import features as F
-    from libs.datasets.features import ImageNetFeatures
-
     rng = np.random.default_rng(0)
     n, shape = args.entries, (8, 32, 32)
     packed, per_file = os.path.join(tmp, "packed"), os.path.join(tmp, "per_file")
@@ -160,12 +159,11 @@ def bench_reading(args, tmp):
 
 
 def main(argv=None):
-    import logging
-
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
+    print(describe_machine())
     with tempfile.TemporaryDirectory() as tmp:
         results = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
                    "images": args.images, "resolution": args.resolution, "entries": args.entries,

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 import torch
 
+from benchmarks.machine import describe_machine
 from libs import fid
 from tools import inception
 
@@ -52,7 +53,7 @@ def frechet_seconds(device, with_sqrtm):
     t_ours = time.perf_counter() - start
     t_ref = float("nan")
     if with_sqrtm:
-        from pytorch_fid.fid_score import calculate_frechet_distance
+        from pytorch_fid.fid_score import calculate_frechet_distance  # optional
 
         start = time.perf_counter()
         ref = calculate_frechet_distance(mu, s1, mu, s2)
@@ -69,7 +70,7 @@ def main():
     p.add_argument("--sqrtm", action="store_true", help="also time pytorch-fid's scipy sqrtm (minutes on a CPU)")
     args = p.parse_args()
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, {os.cpu_count()} cores, "
+    print(f"{describe_machine('cuda' if torch.cuda.is_available() else 'cpu')} | "
           f"load average {load:.1f} (figures are only comparable on an idle machine)")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     for device in devices:

@@ -6,7 +6,7 @@ memory is its own: peak RSS on the CPU (getrusage), torch.cuda.max_memory_alloca
 
 A step is: noise the batch (VP, as in training), forward, MSE to the noise, backward; that is
 the "fwd+bwd" figure. With --optimizer the step also runs AdamW (the CIFAR10 config's settings)
-and zero_grad, timed apart, which is the protocol of ../shared/reference/cpu_baseline.md.
+and zero_grad, timed apart, so the update's share of a step shows.
 --mode sample times one forward without gradients instead.
 
     python benchmarks/bench_uvit.py --device cpu --batch 32 --steps 3 --optimizer
@@ -27,6 +27,12 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import torch  # noqa: E402
+
+from benchmarks.machine import describe_machine  # noqa: E402
+from libs.attention import resolve_backend, set_attention_backend  # noqa: E402
+from libs.uvit import UViT_models  # noqa: E402
+
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -43,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=-1)
     p.add_argument("--conv", type=int, default=1, choices=[0, 1])
-    p.add_argument("--optimizer", action="store_true", help="also time an AdamW step (cpu_baseline.md protocol)")
+    p.add_argument("--optimizer", action="store_true", help="also time an AdamW step and zero_grad, apart")
     p.add_argument("--mode", default="train", choices=["train", "sample"])
     p.add_argument("--checkpointing", default="off,on", help="settings to run: off, on or off,on")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -51,17 +57,12 @@ def parse_args(argv=None):
 
 
 def _sync(device):
-    import torch
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
 def worker(args, use_checkpoint):
     """Run one setting in this process; return a dict of figures."""
-    import torch
-    from libs.attention import resolve_backend, set_attention_backend
-    from libs.uvit import UViT_models
-
     device = torch.device(args.device)
     set_attention_backend(args.attention)
     torch.manual_seed(0)
@@ -132,11 +133,9 @@ def main():
     if args.worker:
         print(json.dumps(worker(args, use_checkpoint=os.environ["BENCH_CKPT"] == "on")))
         return
-    import platform
-    import torch
     print(f"{args.model} img {args.img_size} in_chans {args.in_chans} classes {args.num_classes} | batch {args.batch} | "
-          f"{args.mode} | {args.precision} | attention {args.attention} | device {args.device} | torch {torch.__version__} | "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+          f"{args.mode} | {args.precision} | attention {args.attention} | device {args.device} | "
+          f"{describe_machine(args.device)}")
     print(f"median of {args.steps} steps after {args.warmup} warm-up, each setting in a fresh process")
     rows = []
     for setting in args.checkpointing.split(","):

@@ -3,7 +3,7 @@
 Sections (--only picks one or several, comma-separated; default all):
   train     training-step throughput (images/s) and peak memory of U-ViT-S/2 (CIFAR10 config) and
             U-ViT-L/2 on 4x32x32 latents (ImageNet 256 config; U-ViT-H/2 too on CUDA), gradient
-            checkpointing off and on; the step is the trainer's (libs.perf.OPTIMIZED: SDPA, foreach /
+            checkpointing off and on; the step is the trainer's (step_variants.OPTIMIZED: SDPA,
             fused AdamW, foreach EMA, no per-step sync). Forward MACs counted analytically; MFU on CUDA.
   ablation  the plain step (explicit-softmax attention, for-loop AdamW, Python-loop EMA, loss.item()
             every step) against the optimized one and each optimisation removed in turn, all in ONE
@@ -32,9 +32,10 @@ CPU figures on a shared 2-core machine are noisy (tens of percent between runs):
 measured in one run, not absolute seconds across runs.
 """
 import argparse
+import importlib
+import inspect
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -45,12 +46,30 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks import step_variants  # noqa: E402
+from benchmarks.flops import mfu, peak_tflops, uvit_forward_macs  # noqa: E402
+from benchmarks.machine import describe_machine  # noqa: E402
+from libs.autoencoder import SD_EMBED_DIM, SD_KL_F8_DDCONFIG, FrozenAutoencoderKL  # noqa: E402
+from libs.data_loader import ResumableLoader  # noqa: E402
+from libs.datasets.features import LabelledMoments  # noqa: E402
+from libs.ema import EMAUpdater, make_ema  # noqa: E402
+from libs.features import ShardWriter, open_features, plan_shards, write_manifest  # noqa: E402
+from libs.fid import InceptionStatistics, accumulate  # noqa: E402
+from libs.nnet import NNETS, build_nnet  # noqa: E402
+from libs.perf import configure_tf32, maybe_compile  # noqa: E402
+from libs.sampling import sample  # noqa: E402
+from sde import build_diffusion  # noqa: E402
+from tools.inception import FIDInceptionV3, random_state_dict  # noqa: E402
+
 SECTIONS = ("train", "ablation", "update", "sample", "features", "data")
-# Network configs: the paper configs' nnet dicts (configs/*.py) and their diffusion time kind.
+# The paper configs whose network, optimizer and diffusion the benchmark runs.
 MODELS = {
-    "S/2-cifar10": ("configs.cifar10_uvit_small", "continuous"),
-    "L/2-latent": ("configs.imagenet256_uvit_large", "continuous"),
-    "H/2-latent": ("configs.imagenet256_uvit_huge", "discrete"),
+    "S/2-cifar10": "configs.cifar10_uvit_small",
+    "L/2-latent": "configs.imagenet256_uvit_large",
+    "H/2-latent": "configs.imagenet256_uvit_huge",
 }
 
 
@@ -70,9 +89,10 @@ def parse_args(argv=None):
     p.add_argument("--models", default=None, help="train section models, comma-separated keys of "
                    f"{list(MODELS)}; default S/2-cifar10,L/2-latent (+ H/2-latent on CUDA)")
     p.add_argument("--checkpointing", default="off,on", help="train section: off, on or off,on")
-    p.add_argument("--ablation-extras", default="fused", help="ablation: extra variants beyond the remove-one "
-                   "rows, comma-separated of fused (fused AdamW), bf16, fp16 (autocast); '' for none. bf16 is "
-                   "left out by default: without AVX512-BF16/AMX it is emulated (~7x slower matmuls here)")
+    p.add_argument("--ablation-extras", default="foreach", help="ablation: extra variants beyond the remove-one "
+                   "rows, comma-separated of foreach (multi-tensor AdamW instead of fused), bf16, fp16 (autocast); "
+                   "'' for none. bf16 is left out by default: without AVX512-BF16/AMX it is emulated (~7x slower "
+                   "matmuls)")
     p.add_argument("--ablation-only", default="", help="ablation: keep only these variants (comma-separated "
                    "name prefixes, e.g. 'plain,optimized'); '' keeps all")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in every worker; 0 = "
@@ -99,16 +119,22 @@ def parse_args(argv=None):
 
 # -- helpers shared by the workers -------------------------------------------------------------------
 
+def paper_config(model):
+    """The full config of a MODELS key."""
+    return importlib.import_module(MODELS[model]).get_config()
+
+
+def diffusion_of(config):
+    """The config's diffusion (sde.ContinuousVP / DiscreteVP), from config.diffusion.
+
+    Configs that predate the key default to 'continuous', as configs/base.py does.
+    """
+    return build_diffusion(config.get("diffusion", "continuous"))
+
+
 def nnet_config(model, **overrides):
     """The model's config.nnet as a dict, with overrides."""
-    import importlib
-
-    import inspect
-
-    from libs.nnet import NNETS
-
-    module, _ = MODELS[model]
-    nnet = importlib.import_module(module).get_config().nnet.to_dict()
+    nnet = paper_config(model).nnet.to_dict()
     # The network's defaults for what the config leaves out (e.g. in_chans=3), so the MAC count sees them.
     defaults = {k: p.default for k, p in inspect.signature(NNETS[nnet["name"]].__init__).parameters.items()
                 if p.default is not inspect.Parameter.empty and k != "norm_layer"}
@@ -116,16 +142,12 @@ def nnet_config(model, **overrides):
 
 
 def peak_memory_gb(device):
-    import torch
-
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
 
 
 def sync(device):
-    import torch
-
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -145,23 +167,17 @@ def timed(fn, device, steps, warmup):
 
 
 def setup_device(args):
-    import torch
-
-    from libs import perf
-
     device = torch.device(args.device)
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     if device.type == "cuda":
-        perf.configure_tf32(bool(args.tf32))
+        configure_tf32(bool(args.tf32))
         torch.cuda.reset_peak_memory_stats(device)
     return device
 
 
 def batch_inputs(cfg, batch, device, generator_seed=0):
     """x0 (B, C, H, W) and the condition kwargs of a model config."""
-    import torch
-
     g = torch.Generator().manual_seed(generator_seed)
     x0 = torch.randn(batch, cfg["in_chans"], cfg["img_size"], cfg["img_size"], generator=g).to(device)
     cond = {}
@@ -171,23 +187,15 @@ def batch_inputs(cfg, batch, device, generator_seed=0):
 
 
 def make_train_step(model, batch_size, device, options, use_checkpoint):
-    """A libs.perf.TrainStep of a paper config (its optimizer and warm-up settings), inputs included."""
-    import torch
-
-    from libs import perf
-    from libs.nnet import build_nnet
-    from sde import build_diffusion
-    import importlib
-
-    module, time_kind = MODELS[model]
-    config = importlib.import_module(module).get_config()
+    """A step_variants.TrainStep of a paper config (its optimizer, EMA rate and diffusion), inputs included."""
+    config = paper_config(model)
     cfg = nnet_config(model, use_checkpoint=use_checkpoint)
     torch.manual_seed(0)
     nnet = build_nnet(cfg).to(device)
     nnet.train()
     scaler = torch.amp.GradScaler(device.type) if options.precision == "fp16" else None
     # warmup_steps 0: the benchmark's first steps should not run at lr 0 (the speed is the same).
-    step = perf.TrainStep(nnet, build_diffusion(time_kind), config.optimizer, dict(name="customized", warmup_steps=0),
+    step = step_variants.TrainStep(nnet, diffusion_of(config), config.optimizer, dict(name="customized", warmup_steps=0),
                           n_steps=config.train.n_steps, ema_rate=config.ema_rate, options=options, grad_scaler=scaler)
     x0, cond = batch_inputs(cfg, batch_size, device)
     return step, cfg, x0, cond
@@ -196,45 +204,35 @@ def make_train_step(model, batch_size, device, options, use_checkpoint):
 # -- workers (each runs in its own process) ------------------------------------------------------------
 
 def worker_train(args, spec):
-    import torch
-
-    from libs import perf
-
     device = setup_device(args)
-    options = perf.OPTIMIZED.replace(precision=args.precision, compile=args.compile)
+    options = step_variants.OPTIMIZED.replace(precision=args.precision, compile=args.compile)
     step, cfg, x0, cond = make_train_step(spec["model"], spec["batch"], device, options, spec["checkpointing"])
     median, times = timed(lambda: step(x0, **cond), device, args.steps, args.warmup)
-    macs = perf.uvit_forward_macs(**cfg)["total"]
+    macs = uvit_forward_macs(**cfg)["total"]
     out = dict(spec, step_s=median, times=times, images_per_s=spec["batch"] / median, peak_gb=peak_memory_gb(device),
                fwd_gmacs=macs / 1e9, params_m=sum(p.numel() for p in step.nnet.parameters()) / 1e6,
                threads=torch.get_num_threads())
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = perf.peak_tflops(name, args.precision if args.precision != "fp32" else ("tf32" if args.tf32 else "fp32"))
-        out.update(gpu=name, peak_tflops=peak, **perf.mfu(out["images_per_s"], macs, peak))
+        peak = peak_tflops(name, args.precision if args.precision != "fp32" else ("tf32" if args.tf32 else "fp32"))
+        out.update(gpu=name, peak_tflops=peak, **mfu(out["images_per_s"], macs, peak))
     return out
-
-
-ABLATION_BASE = ["plain", "optimized", "- SDPA (math attention)", "- foreach AdamW (for-loop)",
-                 "- foreach EMA (Python loop)", "- no sync (loss.item() every step)"]
 
 
 def ablation_variants(args):
     """{row name: StepOptions}: plain, optimized, optimized minus each switch, and the extras."""
-    from libs import perf
-
-    o = perf.OPTIMIZED
+    o = step_variants.OPTIMIZED
     variants = {
-        "plain": perf.PLAIN,
+        "plain": step_variants.PLAIN,
         "optimized": o,
         "- SDPA (math attention)": o.replace(attention="math"),
-        "- foreach AdamW (for-loop)": o.replace(optimizer="for-loop"),
+        "- fused AdamW (for-loop)": o.replace(optimizer="for-loop"),
         "- foreach EMA (Python loop)": o.replace(ema="loop"),
         "- no sync (loss.item() every step)": o.replace(sync_every_step=True),
     }
     extras = [e for e in args.ablation_extras.split(",") if e]
-    if "fused" in extras:
-        variants["+ fused AdamW"] = o.replace(optimizer="fused")
+    if "foreach" in extras:
+        variants["foreach AdamW instead of fused"] = o.replace(optimizer="foreach")
     if "bf16" in extras:
         variants["+ bf16 autocast"] = o.replace(precision="bf16")
     if "fp16" in extras:
@@ -273,11 +271,7 @@ def worker_ablation(args, spec):
 
 def worker_update(args, spec):
     """AdamW step and EMA update alone, each implementation on its own state, interleaved."""
-    import torch
 
-    from libs import perf
-    from libs.ema import EMAUpdater, make_ema
-    from libs.nnet import build_nnet
 
     device = setup_device(args)
     torch.manual_seed(0)
@@ -288,11 +282,11 @@ def worker_update(args, spec):
     fns = {}
     for kind in ("for-loop", "foreach", "fused"):
         opt = torch.optim.AdamW(params, lr=1e-9, weight_decay=0.03, betas=(0.99, 0.999),
-                                **perf.optimizer_flags(kind, device))
+                                **step_variants.optimizer_flags(kind, device))
         fns[f"AdamW {kind}"] = opt.step
     ema = make_ema(nnet)
     updater = EMAUpdater(ema, nnet)
-    fns["EMA Python loop"] = lambda: perf.ema_update_loop(updater.ema_params, updater.online_params, 0.9999)
+    fns["EMA Python loop"] = lambda: step_variants.ema_update_loop(updater.ema_params, updater.online_params, 0.9999)
     fns["EMA foreach_lerp"] = lambda: updater.update(0.9999)
     fns["loss.item() (host sync)"] = lambda: torch.zeros((), device=device).add_(1).item()
     names = list(fns)
@@ -312,13 +306,10 @@ def worker_update(args, spec):
 
 class TwoForwards:
     """A network wrapper that runs a guided batch [x; x] as two forwards of B (the original's guidance)."""
-
     def __init__(self, nnet):
         self.nnet = nnet
 
     def __call__(self, x, t, **cond):
-        import torch
-
         B = x.shape[0] // 2
         first = self.nnet(x[:B], t[:B], **{k: v[:B] for k, v in cond.items()})
         second = self.nnet(x[B:], t[B:], **{k: v[B:] for k, v in cond.items()})
@@ -326,27 +317,20 @@ class TwoForwards:
 
 
 def worker_sample(args, spec):
-    import torch
-
-    from libs import perf
-    from libs.nnet import build_nnet
-    from libs.sampling import sample
-    from sde import build_diffusion
-
     device = setup_device(args)
     cfg = nnet_config(spec["model"], use_checkpoint=False, **spec.get("overrides", {}))
     torch.manual_seed(0)
     nnet = build_nnet(cfg).to(device).eval().requires_grad_(False)
-    net = perf.maybe_compile(nnet, args.compile)
+    net = maybe_compile(nnet, args.compile)
     if spec["guidance"] == "two forwards":
         net = TwoForwards(net)
-    diffusion = build_diffusion(MODELS[spec["model"]][1])
+    diffusion = diffusion_of(paper_config(spec["model"]))
     x_T, cond = batch_inputs(cfg, spec["batch"], device)
     scale, uncond = 0.0, None
     if spec["guidance"] != "none":
         scale = 0.4  # ImageNet 256's guidance scale; the cost does not depend on it
         uncond = {"y": torch.full_like(cond["y"], cfg["num_classes"] - 1)}
-    amp = perf.AUTOCAST_DTYPES[args.precision]
+    amp = step_variants.AUTOCAST_DTYPES[args.precision]
 
     def run():
         with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -358,35 +342,27 @@ def worker_sample(args, spec):
 
 
 def worker_features(args, spec):
-    import torch
-
-    from libs import perf
-
     device = setup_device(args)
     torch.manual_seed(0)
     B = spec["batch"]
     if spec["what"] == "autoencoder encode":
-        from libs.autoencoder import SD_EMBED_DIM, SD_KL_F8_DDCONFIG, FrozenAutoencoderKL
-
         model = FrozenAutoencoderKL(SD_KL_F8_DDCONFIG, SD_EMBED_DIM).to(device)
         x = torch.rand(B, 3, 256, 256, device=device) * 2 - 1
         fn = model.encode_moments
     else:
-        from libs.fid import InceptionStatistics, accumulate
-        from tools.inception import FIDInceptionV3, random_state_dict
-
         model = FIDInceptionV3()
         model.load_state_dict(random_state_dict())
         model = model.to(device)
         x = torch.rand(B, 3, spec["image_size"], spec["image_size"], device=device)
         stats = InceptionStatistics(device=device)
+        splits = torch.zeros(B, dtype=torch.long)  # every image in Inception-score split 0
 
         def fn(images):
-            accumulate(stats, model, images)
+            accumulate(stats, model, images, splits)
     if spec["channels_last"]:
-        perf.to_channels_last(model)
+        model.to(memory_format=torch.channels_last)  # NHWC: what oneDNN / cuDNN convolutions prefer
         x = x.contiguous(memory_format=torch.channels_last)
-    amp = perf.AUTOCAST_DTYPES[args.precision] if spec["what"] == "autoencoder encode" else None
+    amp = step_variants.AUTOCAST_DTYPES[args.precision] if spec["what"] == "autoencoder encode" else None
 
     def run():
         with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
@@ -398,9 +374,7 @@ def worker_features(args, spec):
 
 def write_feature_layouts(folder, n, shape=(8, 32, 32), shard_size=1024):
     """The same n (moments, label) entries in the packed format and in the original per-file layout."""
-    import numpy as np
 
-    from libs.features import ShardWriter, plan_shards, write_manifest
 
     rng = np.random.default_rng(0)
     packed, per_file = os.path.join(folder, "packed"), os.path.join(folder, "per_file")
@@ -421,12 +395,6 @@ def write_feature_layouts(folder, n, shape=(8, 32, 32), shard_size=1024):
 
 
 def worker_data(args, spec):
-    import torch
-
-    from libs.data_loader import ResumableLoader
-    from libs.datasets.features import LabelledMoments
-    from libs.features import open_features
-
     device = torch.device("cpu")
     reader = open_features(spec["folder"])
     loader = ResumableLoader(LabelledMoments(reader), batch_size=spec["batch"], seed=0,
@@ -542,7 +510,7 @@ def section_update(args, mem):
 def section_sample(args, mem):
     model = args.sample_model
     overrides = {}
-    if MODELS[model][0].endswith("cifar10_uvit_small"):
+    if MODELS[model].endswith("cifar10_uvit_small"):
         overrides = {"num_classes": 11}  # guidance needs labels: CIFAR10's 10 classes + the null class
     print(f"\n### Sampling: {model}{' (class-conditional, 10 + null classes)' if overrides else ''}, "
           f"DPM-Solver {args.sample_nfe} steps, batch {args.sample_batch}, {args.precision}\n")
@@ -596,14 +564,8 @@ def main():
         spec = json.loads(args.worker)
         print(json.dumps(WORKERS[spec.pop("section")](args, spec)))
         return
-    import torch
-
     mem = "peak CUDA alloc (GB)" if args.device == "cuda" else "peak RSS (GB)"
-    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-               f"{args.threads or torch.get_num_threads()} threads")
-    if args.device == "cuda" and torch.cuda.is_available():
-        machine = f"{torch.cuda.get_device_name()} ({machine})"
-    print(f"U-ViT benchmark | device {args.device} | {machine} | torch {torch.__version__} | {args.precision} | "
+    print(f"U-ViT benchmark | device {args.device} | {describe_machine(args.device, args.threads)} | {args.precision} | "
           f"compile {args.compile} | median of {args.steps} after {args.warmup} warm-up | "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     for section in args.only.split(","):

@@ -19,7 +19,7 @@ float32 as the original U-ViT did, because an fp32 input keeps the flash kernels
 The explicit-softmax path takes its softmax in at least float32 for stability (scores only).
 
 qk_scale is honoured by every backend (default head_dim ** -0.5). The original's SDPA path
-ignored it (../shared/reference/known_quirks.md item 3), as did its xformers call; no published
+ignored it (it never passed the scale to the kernel), as did its xformers call; no published
 config sets it, so published numbers are unaffected.
 """
 import logging
@@ -85,7 +85,7 @@ def _xformers():
     global _xformers_ops
     if _xformers_ops is None:
         try:
-            import xformers.ops as xops
+            import xformers.ops as xops  # optional
             _xformers_ops = xops
         except Exception:  # ImportError, or a broken build raising anything at import
             _xformers_ops = False

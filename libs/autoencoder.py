@@ -5,7 +5,7 @@ Architecture from Rombach et al., "High-Resolution Image Synthesis with Latent D
 (B, 3, H, W) image in [-1, 1] to the mean and log-variance of a diagonal Gaussian over a
 (B, 4, H/8, W/8) latent, and a decoder back to pixels. Parameter and buffer names follow the
 original release exactly, so `assets/stable-diffusion/autoencoder_kl.pth` (from the U-ViT release)
-loads with strict key matching (`../shared/reference/autoencoder_kl_keys.json`).
+loads with strict key matching (tests/test_autoencoder.py checks the release's key list).
 
 Beyond the original:
 - the model can be built without a checkpoint (random init, for tests);
@@ -13,7 +13,8 @@ Beyond the original:
   so tests and small experiments can point a config's ``autoencoder.pretrained_path`` at a tiny model;
 - Hugging Face diffusers-format weights (e.g. sd-vae-ft-ema / sd-vae-ft-mse
   ``diffusion_pytorch_model.safetensors``, the autoencoders DiT uses) are converted on load
-  (`diffusers_to_ours_state_dict`, a table of renaming rules that is a bijection, tested).
+  (`diffusers_to_ours_state_dict`, a table of renaming rules that maps the diffusers keys one to one
+  onto ours, tested).
 
 Conventions: images (B, 3, H, W) float in [-1, 1]; moments (B, 2 * embed_dim, H/8, W/8) holding
 (mean, logvar) in that order along channels; latents z = scale_factor * (mean + std * noise).
@@ -136,7 +137,29 @@ class Upsample(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level; a plain container so the key names read `down.{i}.block.{j}`."""
+    """One resolution level: n ResnetBlocks, each followed by an AttnBlock when `attention`, then an
+    optional resampling layer the caller stores as `downsample` or `upsample` (keys read `down.{i}.block.{j}`).
+    `.channels` is its output width."""
+
+    def __init__(self, block_in, width, n_blocks, attention, dropout):
+        super().__init__()
+        self.block, self.attn = nn.ModuleList(), nn.ModuleList()
+        for _ in range(n_blocks):
+            self.block.append(ResnetBlock(block_in, width, dropout))
+            block_in = width
+            if attention:
+                self.attn.append(AttnBlock(width))
+        self.channels = width
+
+    def forward(self, h):
+        for j, block in enumerate(self.block):
+            h = block(h)
+            if len(self.attn) > 0:
+                h = self.attn[j](h)
+        for name in ("downsample", "upsample"):
+            if hasattr(self, name):
+                h = getattr(self, name)(h)
+        return h
 
 
 class _Mid(nn.Module):
@@ -162,14 +185,8 @@ class Encoder(nn.Module):
         res = resolution
         self.down = nn.ModuleList()
         for i, mult in enumerate(ch_mult):
-            level = _Level()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            block_in = ch * in_mult[i]
-            for _ in range(num_res_blocks):
-                level.block.append(ResnetBlock(block_in, ch * mult, dropout))
-                block_in = ch * mult
-                if res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+            level = _Level(ch * in_mult[i], ch * mult, num_res_blocks, res in attn_resolutions, dropout)
+            block_in = level.channels
             if i != self.num_resolutions - 1:
                 level.downsample = Downsample(block_in)
                 res //= 2
@@ -181,12 +198,7 @@ class Encoder(nn.Module):
     def forward(self, x):
         h = self.conv_in(x)
         for level in self.down:
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[j](h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
+            h = level(h)
         h = self.mid(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
@@ -204,13 +216,8 @@ class Decoder(nn.Module):
         self.mid = _Mid(block_in, dropout)
         levels = []
         for i in reversed(range(self.num_resolutions)):
-            level = _Level()
-            level.block, level.attn = nn.ModuleList(), nn.ModuleList()
-            for _ in range(num_res_blocks + 1):
-                level.block.append(ResnetBlock(block_in, ch * ch_mult[i], dropout))
-                block_in = ch * ch_mult[i]
-                if res in attn_resolutions:
-                    level.attn.append(AttnBlock(block_in))
+            level = _Level(block_in, ch * ch_mult[i], num_res_blocks + 1, res in attn_resolutions, dropout)
+            block_in = level.channels
             if i != 0:
                 level.upsample = Upsample(block_in)
                 res *= 2
@@ -222,12 +229,7 @@ class Decoder(nn.Module):
     def forward(self, z):
         h = self.mid(self.conv_in(z))
         for level in reversed(self.up):
-            for j, block in enumerate(level.block):
-                h = block(h)
-                if len(level.attn) > 0:
-                    h = level.attn[j](h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
+            h = level(h)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -376,15 +378,6 @@ class _Preloaded(str):
         return obj
 
 
-def save_self_describing(model, path):
-    """Write `model` as ``{'ddconfig', 'embed_dim', 'state_dict'}`` atomically, loadable by get_model."""
-    from libs.io_utils import atomic_torch_save
-
-    ddconfig = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.ddconfig.items()}
-    atomic_torch_save({"ddconfig": ddconfig, "embed_dim": model.embed_dim,
-                       "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # Reading checkpoints.
 
@@ -443,8 +436,8 @@ def _read_raw(path):
     st = _safetensors_file(path)
     if st is None:
         return _torch_load(path)
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError  # heavy: only diffusers-format files need it
+    from safetensors.torch import load_file  # heavy
 
     try:
         return load_file(st)
@@ -514,7 +507,7 @@ def load_strict(model, state_dict, source="state dict", assign=False):
 # diffusers numbers the decoder's up blocks from low to high resolution, ldm from high to low, so
 # the up index is mirrored: ours = num_resolutions - 1 - theirs. Attention projections are
 # nn.Linear (C, C) in diffusers and 1x1 nn.Conv2d (C, C, 1, 1) here: the weight is reshaped.
-# Each rule maps a disjoint set of keys onto a disjoint set, so the whole map is a bijection
+# Each rule maps a disjoint set of keys onto a disjoint set, so the whole map is one to one
 # between the two layouts of the same architecture (checked by tests on random models).
 
 _KEY_RULES = [  # (diffusers regex, ours template)
@@ -571,31 +564,6 @@ def diffusers_to_ours_key(key, num_resolutions):
                           "(only DownEncoderBlock2D/UpDecoderBlock2D autoencoders without per-level attention are supported).")
 
 
-def ours_to_diffusers_key(key, num_resolutions):
-    """Inverse of diffusers_to_ours_key (current diffusers names, not the legacy ones)."""
-    inverse = [
-        (r"encoder\.down\.(\d+)\.block\.(\d+)\.(.+)", lambda g: f"encoder.down_blocks.{g[0]}.resnets.{g[1]}.{g[2]}"),
-        (r"encoder\.down\.(\d+)\.downsample\.conv\.(.+)", lambda g: f"encoder.down_blocks.{g[0]}.downsamplers.0.conv.{g[1]}"),
-        (r"decoder\.up\.(\d+)\.block\.(\d+)\.(.+)",
-         lambda g: f"decoder.up_blocks.{num_resolutions - 1 - int(g[0])}.resnets.{g[1]}.{g[2]}"),
-        (r"decoder\.up\.(\d+)\.upsample\.conv\.(.+)",
-         lambda g: f"decoder.up_blocks.{num_resolutions - 1 - int(g[0])}.upsamplers.0.conv.{g[1]}"),
-        (r"(encoder|decoder)\.mid\.block_1\.(.+)", lambda g: f"{g[0]}.mid_block.resnets.0.{g[1]}"),
-        (r"(encoder|decoder)\.mid\.block_2\.(.+)", lambda g: f"{g[0]}.mid_block.resnets.1.{g[1]}"),
-        (r"(encoder|decoder)\.mid\.attn_1\.norm\.(.+)", lambda g: f"{g[0]}.mid_block.attentions.0.group_norm.{g[1]}"),
-        (r"(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.(.+)", lambda g: f"{g[0]}.mid_block.attentions.0.to_{g[1]}.{g[2]}"),
-        (r"(encoder|decoder)\.mid\.attn_1\.proj_out\.(.+)", lambda g: f"{g[0]}.mid_block.attentions.0.to_out.0.{g[1]}"),
-        (r"(encoder|decoder)\.norm_out\.(.+)", lambda g: f"{g[0]}.conv_norm_out.{g[1]}"),
-    ]
-    for pattern, build in inverse:
-        m = re.fullmatch(pattern, key)
-        if m is not None:
-            return build(m.groups()).replace(".nin_shortcut.", ".conv_shortcut.")
-    if re.fullmatch(r"(encoder|decoder)\.(conv_in|conv_out)\..+|(quant_conv|post_quant_conv)\..+", key):
-        return key
-    raise CheckpointError(f"autoencoder key '{key}' has no diffusers counterpart.")
-
-
 def diffusers_to_ours_state_dict(sd, num_resolutions=len(SD_KL_F8_DDCONFIG["ch_mult"])):
     """Convert a diffusers AutoencoderKL state dict (current or legacy names) to our layout."""
     out = {}
@@ -606,14 +574,4 @@ def diffusers_to_ours_state_dict(sd, num_resolutions=len(SD_KL_F8_DDCONFIG["ch_m
         if _ATTN_PROJ.match(new) and value.dim() == 2:
             value = value[:, :, None, None]  # Linear (C, C) -> 1x1 conv (C, C, 1, 1)
         out[new] = value
-    return out
-
-
-def ours_to_diffusers_state_dict(sd, num_resolutions=len(SD_KL_F8_DDCONFIG["ch_mult"])):
-    """Convert our state dict to the current diffusers AutoencoderKL layout (attention weights as Linear)."""
-    out = {}
-    for key, value in sd.items():
-        if _ATTN_PROJ.match(key) and value.dim() == 4:
-            value = value[:, :, 0, 0]
-        out[ours_to_diffusers_key(key, num_resolutions)] = value
     return out

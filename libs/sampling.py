@@ -3,20 +3,24 @@
     x0 = sample(nnet, diffusion, x_T, algorithm='dpm_solver', steps=50, cond={'y': y}, uncond={'y': null}, scale=0.4)
 
 Algorithms (`ALGORITHMS`):
-- 'dpm_solver': the U-ViT paper protocol of the diffusion's time kind (sampling_protocols.md 4a / 4c):
+- 'dpm_solver': the U-ViT paper protocol of the diffusion's time kind (the original's eval scripts):
   continuous -> DPM-Solver (noise prediction), singlestep order 3, logSNR grid, t from 1 to 1e-4;
   discrete -> DPM-Solver++ (data prediction), singlestep order 3, time-uniform grid, t from 1 to 1/N.
   Both use exactly `steps` network calls. Kept as published so published checkpoints give published samples.
 - 'dpm_solver++_2m', 'dpm_solver++_3m': multistep DPM-Solver++ (Lu et al. 2022b) on a logSNR grid over the
-  same time range, `steps` network calls; lower error than the paper protocols at the same cost (README.md, 'Diffusion processes and samplers').
+  same time range, `steps` network calls; lower error than the paper protocols at the same cost
+  (benchmarks/solver_error_table.py).
 - 'euler_maruyama_sde', 'euler_maruyama_ode': the original's Euler-Maruyama on the reverse SDE / Euler on the
-  probability-flow ODE (sampling_protocols.md 4b), continuous diffusions only.
+  probability-flow ODE (its sde.py sampler), continuous diffusions only.
+
+Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598) is implemented once, in `guided_noise_fn`;
+the solvers see only the guided noise prediction.
 """
 import logging
 
 import torch
 
-from dpm_solver_pp import DPM_Solver, _is_positive_int, model_wrapper
+from dpm_solver_pp import DPM_Solver, check_start, model_wrapper, solver_dtype
 from libs.errors import ConfigError, InputError
 from sde import ScoreModel
 
@@ -32,7 +36,8 @@ CONTINUOUS_T_END = 1e-4
 def guided_noise_fn(nnet, cond=None, uncond=None, scale=0.0):
     """eps(x, t_input) of `nnet` with classifier-free guidance in U-ViT's convention.
 
-    eps = eps_c + scale * (eps_c - eps_u), i.e. DiT / diffusers' eps_u + w (eps_c - eps_u) with w = scale + 1
+    eps = eps_c + scale * (eps_c - eps_u), i.e. DiT / diffusers' / the official DPM-Solver's
+    eps_u + w (eps_c - eps_u) with w = scale + 1
     (the original's configs: scale 0.4 / 0.7 for ImageNet 256 / 512, 1.0 for MS-COCO). With scale > 0 the
     conditional and unconditional passes are ONE forward on the concatenated batch [x; x], [t; t],
     [cond[k]; uncond[k]] for every keyword k. scale == 0 makes only the conditional call.
@@ -47,7 +52,7 @@ def guided_noise_fn(nnet, cond=None, uncond=None, scale=0.0):
             raise InputError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
 
     def eps_fn(x, t_input):
-        out_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out_dtype = solver_dtype(x.dtype)
         if scale == 0.0:
             return nnet(x, t_input, **cond).to(out_dtype)
         B = x.shape[0]
@@ -60,12 +65,7 @@ def guided_noise_fn(nnet, cond=None, uncond=None, scale=0.0):
 
 
 def _check_inputs(x_T, steps, scale):
-    if not torch.is_tensor(x_T) or not x_T.is_floating_point() or x_T.ndim < 2:
-        raise InputError(f"x_T must be a floating tensor (B, ...), got {getattr(x_T, 'shape', type(x_T).__name__)}")
-    if not torch.isfinite(x_T).all():
-        raise InputError("x_T contains NaN or Inf; the starting noise must be finite")
-    if not _is_positive_int(steps):
-        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    check_start(x_T, steps, "x_T")
     scale = float(scale)
     if scale != scale or abs(scale) == float("inf"):
         raise ConfigError(f"guidance scale must be finite, got {scale}")
@@ -95,7 +95,7 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
     eps_fn = guided_noise_fn(nnet, cond, uncond, scale)
     ns = diffusion.schedule
     continuous = diffusion.time_kind == "continuous"
-    x = x_T.to(torch.float64 if x_T.dtype == torch.float64 else torch.float32)
+    x = x_T.to(solver_dtype(x_T.dtype))
 
     if algorithm.startswith("euler_maruyama"):
         if not continuous:

@@ -67,7 +67,7 @@ def test_dpm_solver_is_the_paper_protocol(kind):
 
 
 def test_discrete_protocol_network_inputs_at_50_steps():
-    """sampling_protocols.md section 6: 1000, 980.02, ..., 40.96, 20.98; NFE = steps."""
+    """The original discrete protocol feeds the network 1000, 980.02, ..., 40.96, 20.98; NFE = steps."""
     d = build_diffusion("discrete")
     record = []
     sample(gaussian_net(d, record), d, torch.randn(2, 3), algorithm="dpm_solver", steps=50)
@@ -157,12 +157,12 @@ def test_batched_guidance_equals_two_separate_calls():
 
     ref = sample(two_calls, d, x, steps=9)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
-    # DiT / diffusers convention with w = scale + 1 (model_wrapper's guidance_scale) gives the same samples.
-    fn = model_wrapper(net, d.schedule, guidance_type="classifier-free", condition={"y": y},
-                       unconditional_condition={"y": null}, guidance_scale=scale + 1, network_time=d.network_time)
-    ref2 = DPM_Solver(fn, d.schedule, algorithm_type="dpmsolver++").sample(
-        x, steps=9, t_start=1.0, t_end=1e-3, order=3, skip_type="time_uniform", method="singlestep")
-    torch.testing.assert_close(got, ref2, rtol=1e-5, atol=1e-6)
+    # DiT / diffusers / the official DPM-Solver: eps_u + w (eps_c - eps_u) with w = scale + 1, same samples.
+    def dit_convention(x_, t_):
+        eps_c, eps_u = net(x_, t_, y=y), net(x_, t_, y=null)
+        return eps_u + (scale + 1) * (eps_c - eps_u)
+
+    torch.testing.assert_close(got, sample(dit_convention, d, x, steps=9), rtol=1e-5, atol=1e-6)
 
 
 def test_guidance_with_text_contexts():

@@ -2,8 +2,8 @@
 
 Data x0 ~ N(0, s^2 I): eps*(x, t) = sigma_t x / v_t, v_t = alpha_t^2 s^2 + sigma_t^2, and the PF-ODE maps x_T
 at t_T to x_T sqrt(v_end / v_T). The solvers are linear maps here, so the relative max error over a small
-batch is the error of the scalar gain. Published figures of the upstream solvers on this same model
-(sampling_protocols.md 4c) are the independent check of protocol fidelity.
+batch is the error of the scalar gain. Figures measured with the official DPM-Solver code on this same
+model are the independent check of protocol fidelity.
 """
 import math
 
@@ -147,7 +147,7 @@ def test_best_solver_at_20_calls_is_below_2e_3():
     assert err < 2e-3
 
 
-# Published measurements of the upstream solvers on this model (sampling_protocols.md 4c), in percent,
+# Errors of the official DPM-Solver code's paper protocols on this model, in percent,
 # each checked to within half a unit of its last printed digit.
 CONTINUOUS_PROTOCOL = {10: (1.8, 0.05), 20: (1.2, 0.05), 50: (0.05, 0.005)}
 DISCRETE_PROTOCOL = {10: (14.0, 0.5), 20: (5.2, 0.05), 50: (1.5, 0.05)}
@@ -200,7 +200,8 @@ def test_cosine_schedule_solver_converges_to_the_exact_map():
 
 
 def test_discrete_schedule_logsnr_grid_is_far_better_than_the_protocol():
-    """known_quirks 11: on a logSNR grid the same solver is orders of magnitude more accurate than 1.5%."""
+    """The discrete protocol's time-uniform grid costs accuracy: on a logSNR grid the same solver is orders
+    of magnitude more accurate than its 1.5% at 50 steps."""
     err, _ = rel_error("dpmsolver++", 50, ns=sd_schedule(), time_scale=1000.0, t_end=1e-3, order=3,
                        skip_type="logSNR", method="singlestep")
     assert err < 1e-4

@@ -43,11 +43,21 @@ TINY_AE_DDCONFIG = dict(double_z=True, z_channels=4, resolution=32, in_channels=
                         ch_mult=[1, 1, 1, 1], num_res_blocks=1, attn_resolutions=[], dropout=0.0)
 
 
+def save_self_describing(model, path):
+    """Write a FrozenAutoencoderKL as ``{'ddconfig', 'embed_dim', 'state_dict'}``, loadable by
+    libs.autoencoder.get_model with its own architecture."""
+    import torch
+
+    ddconfig = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.ddconfig.items()}
+    torch.save({"ddconfig": ddconfig, "embed_dim": model.embed_dim,
+                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}, path)
+
+
 def write_tiny_autoencoder(path, seed=0):
     """Save a random self-describing autoencoder checkpoint loadable by libs.autoencoder.get_model."""
     import torch
 
-    from libs.autoencoder import FrozenAutoencoderKL, save_self_describing
+    from libs.autoencoder import FrozenAutoencoderKL
 
     torch.manual_seed(seed)
     save_self_describing(FrozenAutoencoderKL(TINY_AE_DDCONFIG, 4), path)

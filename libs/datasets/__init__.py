@@ -1,7 +1,7 @@
 """Dataset registry: `data = get_dataset(name, **kwargs)`.
 
 Each name maps to 'module:Class'; the module is imported only when the dataset is asked for,
-so a dataset whose module or optional dependency is missing never breaks the others.
+so a dataset whose optional dependency is missing never breaks the others.
 See the README's 'Datasets' section for the on-disk formats and how to add a dataset.
 """
 import importlib
@@ -29,28 +29,18 @@ _IMPLIED_KWARGS = {
 
 
 def get_dataset_class(name):
-    """The class registered under `name`; ConfigError for an unknown name or a missing module."""
+    """The class registered under `name`; ConfigError for an unknown name."""
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}.")
     module_name, class_name = DATASETS[name].split(':')
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        raise ConfigError(f"dataset {name!r} needs the module {module_name}, which is not available in this "
-                          "checkout (it is written separately); update the code.") from e
-    try:
-        return getattr(module, class_name)
-    except AttributeError as e:
-        raise ConfigError(f"dataset {name!r}: {module_name} defines no {class_name}.") from e
+    return getattr(importlib.import_module(module_name), class_name)
 
 
 def get_dataset(name, **kwargs):
     """Build the dataset `name` (see DATASETS) with its keyword arguments.
 
     Unknown or misspelled keyword arguments raise ConfigError listing the accepted ones.
-    Returns an object with .train, .data_shape, .kind, .num_classes, .fid_stat, .sample_labels.
+    Returns a DatasetBase: .train, .data_shape, .kind, .num_classes (libs/datasets/base.py).
     """
     cls = get_dataset_class(name)
     implied = _IMPLIED_KWARGS.get(name, {})

@@ -7,16 +7,10 @@ A `Family` is three choices, all read from the config:
 - condition: 'text' for the uvit_t2i network (CLIP context (77, 768)), 'none' with
   config.train.mode='uncond', else 'label' (class index y).
 
-| family (data, time, condition)          | trains with           | evaluates with        |
-|-----------------------------------------|-----------------------|-----------------------|
-| pixels, continuous, label / none        | train.py              | eval.py               |
-| latents, continuous, label / none       | train_ldm.py          | eval_ldm.py           |
-| latents, discrete, label / none         | train_ldm_discrete.py | eval_ldm_discrete.py  |
-| latents, discrete, text                 | train_t2i_discrete.py | eval_t2i_discrete.py  |
-
-Each entry script names the family it serves (the constants at the end) and stops with a
-ConfigError naming the right script when given a config of another family. `Sampler` is the one
-image-producing path used by sample grids, training-time FID, the eval and the sampling scripts.
+`SCRIPTS` names the train and eval script of each family. Each entry script names the family it
+serves (the constants at the end) and stops with a ConfigError naming the right script when given
+a config of another family. `Sampler` is the one image-producing path of sample grids,
+training-time FID, the eval and the sampling scripts.
 """
 import dataclasses
 import logging
@@ -30,10 +24,6 @@ from libs.sampling import sample
 from sde import build_diffusion
 
 logger = logging.getLogger(__name__)
-
-DATA_KINDS = ('pixels', 'latents')
-TIME_KINDS = ('continuous', 'discrete')
-CONDITION_KINDS = ('none', 'label', 'text')
 
 # (train script, eval script) of each (data, time, text?); other combinations have no script.
 SCRIPTS = {
@@ -72,15 +62,21 @@ def guidance_scale(config) -> float:
     return float(config.sample.scale) if config.sample.cfg else 0.0
 
 
+def _data_classes(config) -> int:
+    """The classes of a label config: config.nnet.num_classes without the null label of guidance training."""
+    return int(config.nnet.num_classes) - (1 if config.dataset.cfg else 0)
+
+
 def family_of(config, data=None) -> 'Family':
     """The family `config` trains and samples; with the training dataset `data`, also checks that they fit."""
     family = Family('latents' if config.get('z_shape') is not None else 'pixels', config.diffusion,
                     'text' if config.nnet.get('name') == 'uvit_t2i' else
                     'none' if config.train.get('mode', 'cond') == 'uncond' else 'label')
     if family.key not in SCRIPTS:
-        raise ConfigError(f"no script trains {family.data}-space {family.time}-time models: latent configs "
-                          f"(config.z_shape) may be continuous or discrete, pixel configs only "
-                          f"config.diffusion='continuous', text-to-image ones only 'discrete'")
+        raise ConfigError(f"no script trains {family.data[:-1]}-space models with config.diffusion={family.time!r}"
+                          f"{' and text' if family.condition == 'text' else ''}: latent configs (config.z_shape) "
+                          f"may be 'continuous' or 'discrete', pixel configs only 'continuous', text-to-image ones "
+                          f"only 'discrete'")
     if data is not None:
         family.check(config, data)
     return family
@@ -88,14 +84,9 @@ def family_of(config, data=None) -> 'Family':
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    data: str
-    time: str
-    condition: str
-
-    def __post_init__(self):
-        for field, kinds in (('data', DATA_KINDS), ('time', TIME_KINDS), ('condition', CONDITION_KINDS)):
-            if getattr(self, field) not in kinds:
-                raise ConfigError(f"{field} kind must be one of {kinds}, got {getattr(self, field)!r}")
+    data: str  # 'pixels' | 'latents'
+    time: str  # 'continuous' | 'discrete'
+    condition: str  # 'none' | 'label' | 'text'
 
     @property
     def key(self):
@@ -145,13 +136,11 @@ class Family:
         elif getattr(data, 'empty_context', None) is None and config.dataset.cfg:
             raise ConfigError(f"dataset {config.dataset.name!r} provides no empty_context, needed for guidance "
                               f"training (config.dataset.cfg=True)")
-        if self.data == 'latents' and tuple(data.data_shape) != tuple(config.z_shape):
-            raise ConfigError(f"config.z_shape={tuple(config.z_shape)} but the dataset's latents have shape "
-                              f"{tuple(data.data_shape)}")
-        if self.shape(config) != tuple(data.data_shape):
-            raise ConfigError(f"the network takes {self.shape(config)} (config.nnet.in_chans, img_size) but the data "
-                              f"is {tuple(data.data_shape)}: set --config.nnet.in_chans={data.data_shape[0]} "
-                              f"--config.nnet.img_size={data.data_shape[1]}")
+        nnet_shape = (config.nnet.get('in_chans', 3), config.nnet.img_size, config.nnet.img_size)
+        if not nnet_shape == self.shape(config) == tuple(data.data_shape):
+            raise ConfigError(f"the network takes {nnet_shape} (config.nnet.in_chans, img_size)"
+                              + (f", config.z_shape is {tuple(config.z_shape)}" if self.data == 'latents' else '')
+                              + f" and the data is {tuple(data.data_shape)}: make them equal")
 
     def shape(self, config) -> tuple:
         """(C, H, W) of x0 the network sees: config.z_shape for latents, (in_chans, img_size, img_size) for pixels."""
@@ -227,14 +216,13 @@ class Family:
         without the null label of guidance training) and seeded by config.seed; None for other families."""
         if self.condition != 'label':
             return None
-        k = int(config.nnet.num_classes) - (1 if config.dataset.cfg else 0)
-        return torch.randint(0, k, (int(n),), generator=torch.Generator().manual_seed(int(config.seed)))
+        return torch.randint(0, _data_classes(config), (int(n),), generator=torch.Generator().manual_seed(config.seed))
 
     def grid_conditions(self, config, vis_contexts, n_rows: int, n_cols: int):
         """Conditions of a sample grid, row-major: class models one row per class (at most n_rows
         classes, evenly spaced), text models one row per fixed prompt. Returns (labels, contexts, n)."""
         if self.condition == 'label':
-            k = int(config.nnet.num_classes) - (1 if config.dataset.cfg else 0)
+            k = _data_classes(config)
             classes = torch.linspace(0, k - 1, min(n_rows, k)).round().long()
             return classes.repeat_interleave(n_cols), None, len(classes) * n_cols
         if self.condition == 'text':

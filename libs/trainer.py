@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from libs import checkpoint as ckpt
 from libs.autoencoder import get_model
-from libs.datasets import get_dataset
+from libs.datasets import dataset_kwargs, get_dataset
 from libs.errors import MissingFileError, TrainingDivergedError, exit_on_user_error
 from libs.evaluation import evaluate, generate_all
 from libs.family import Sampler, guidance_scale
@@ -32,11 +32,6 @@ from libs.nnet import load_nnet_state_dict
 from libs.sample_grid import save_grid
 
 logger = logging.getLogger(__name__)
-
-
-def dataset_kwargs(config) -> dict:
-    """config.dataset without the keys the engine itself reads (name, cfg, p_uncond)."""
-    return {k: v for k, v in config.dataset.to_dict().items() if k not in ('name', 'cfg', 'p_uncond')}
 
 
 def write_json(obj, path):

@@ -36,6 +36,12 @@ def get_dataset_class(name):
     return getattr(importlib.import_module(module_name), class_name)
 
 
+def dataset_kwargs(config) -> dict:
+    """The keyword arguments of config.dataset's dataset: config.dataset without the keys the engine
+    itself reads (name, cfg, p_uncond)."""
+    return {k: v for k, v in config.dataset.to_dict().items() if k not in ('name', 'cfg', 'p_uncond')}
+
+
 def get_dataset(name, **kwargs):
     """Build the dataset `name` (see DATASETS) with its keyword arguments.
 
@@ -64,4 +70,4 @@ def get_dataset(name, **kwargs):
     return cls(**kwargs)
 
 
-__all__ = ['DATASETS', 'get_dataset', 'get_dataset_class']
+__all__ = ['DATASETS', 'dataset_kwargs', 'get_dataset', 'get_dataset_class']

@@ -231,6 +231,8 @@ def train(config, workdir: str, family):
     from libs.preemption import PreemptionHandler
     from sde import build_diffusion
 
+    family = family.for_config(config)  # before any work: a config of another family names its script
+
     # Setup accelerate: DDP over processes; mixed precision from `accelerate launch --mixed_precision`.
     configure_tf32(config.tf32)
     # cpu=True without CUDA lets torchrun-started processes (`accelerate launch --multi_gpu`) form a gloo group;
@@ -244,7 +246,6 @@ def train(config, workdir: str, family):
     setup_logging(is_main, os.path.join(workdir, 'train.log'))
     parse_and_validate(config, world_size=accelerator.num_processes)  # includes: the global batch splits evenly
     local_batch = config.train.batch_size // accelerator.num_processes
-    family = family.for_config(config)  # a config of another family stops here, naming its script
     logger.info("%d process(es) on %s, mixed precision %s, global batch %d (%d per process), %s",
                 accelerator.num_processes, device, accelerator.mixed_precision, config.train.batch_size, local_batch,
                 family)

@@ -8,8 +8,10 @@ import torch
 
 import libs.family
 from configs.digits_uvit_tiny import get_config as digits_config
+from configs.imagenet256_uvit_huge import get_config as huge_config
 from configs.mscoco_uvit_small import get_config as mscoco_config
-from libs.family import PIXELS_CONTINUOUS, TEXT_LATENTS_DISCRETE
+from libs.errors import ConfigError
+from libs.family import LATENTS_CONTINUOUS, PIXELS_CONTINUOUS, TEXT_LATENTS_DISCRETE
 from libs.trainer import train
 from tests.tiny_models import write_tiny_autoencoder
 from tools import inception
@@ -95,3 +97,11 @@ def test_fid_n_samples_zero_means_no_training_time_evaluation(tmp_path, spy):
     assert not os.path.exists(tmp_path / 'score.json')
     assert all(b != 0 for b, _ in spy)  # no empty evaluation was sampled
     assert os.path.exists(tmp_path / 'final_eval.json')  # the final evaluation uses config.sample
+
+
+def test_another_family_script_stops_before_any_work(tmp_path):
+    with pytest.raises(ConfigError, match=r"^this config is discrete-time .*: use train_ldm_discrete.py$"):
+        train(huge_config(), str(tmp_path / 'run'), LATENTS_CONTINUOUS)
+    with pytest.raises(ConfigError, match=r"^this config is .*: use train_t2i_discrete.py$"):
+        train(mscoco_config(), str(tmp_path / 'run'), PIXELS_CONTINUOUS)
+    assert not os.path.exists(tmp_path / 'run')  # nothing was written

@@ -230,25 +230,6 @@ class Family:
             return None, contexts.repeat_interleave(n_cols, dim=0), contexts.shape[0] * n_cols
         return None, None, n_rows * n_cols
 
-    def generate(self, nnet, diffusion, noise, *, cond=None, uncond=None, algorithm='dpm_solver', steps=50,
-                 scale=0.0, autoencoder=None, decode_chunk=50, generator=None) -> torch.Tensor:
-        """Run the sampler from `noise` (B, *shape) and return images (B, 3, H, W) float32 in [0, 1].
-
-        scale: guidance scale s of eps_c + s (eps_c - eps_u) (the original's convention); 0 = no guidance.
-        generator: noise source of the SDE sampler (one torch.Generator per image for exact sharding).
-        Latents are decoded `decode_chunk` at a time.
-        """
-        if scale > 0 and uncond is None:
-            raise InputError("guided sampling (scale > 0) needs the unconditional inputs (null label / empty context)")
-        with torch.no_grad():
-            x0 = sample(nnet, diffusion, noise, algorithm=algorithm, steps=steps, cond=cond,
-                        uncond=uncond if scale > 0 else None, scale=scale, generator=generator)
-            if self.data == 'latents':
-                if autoencoder is None:
-                    raise InputError("decoding latents needs the autoencoder (config.autoencoder.pretrained_path)")
-                x0 = autoencoder.decode_in_chunks(x0.to(next(autoencoder.parameters()).dtype), decode_chunk)
-        return to_unit_images(x0)
-
 
 @dataclasses.dataclass
 class Sampler:
@@ -270,26 +251,36 @@ class Sampler:
     def for_config(cls, config, family, nnet, device, autoencoder=None, null=None):
         return cls(family, nnet, family.shape(config), int(config.seed), device, autoencoder, null)
 
-    def generate_fn(self, algorithm, steps, scale, labels=None, contexts=None):
-        """generate_fn(indices: LongTensor (b,)) -> images (b, 3, H, W) float32 in [0, 1]."""
+    def generate_fn(self, algorithm, steps, scale, labels=None, contexts=None, decode_chunk=50):
+        """generate_fn(indices: LongTensor (b,)) -> images (b, 3, H, W) float32 in [0, 1].
+
+        scale: guidance scale s of eps_c + s (eps_c - eps_u) against `null` (the original's convention);
+        0 = unguided. Latents are decoded `decode_chunk` at a time.
+        """
+        if scale > 0 and self.null is None:
+            raise InputError("guided sampling (scale > 0) needs the null label / empty context")
+        if self.family.data == 'latents' and self.autoencoder is None:
+            raise InputError("decoding latents needs the autoencoder (config.autoencoder.pretrained_path)")
         diffusion = build_diffusion(self.family.time)
 
         def generate_fn(indices):
             indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
-            generator = index_generators(self.seed, indices, self.device) \
-                if algorithm == 'euler_maruyama_sde' else None
             cond = uncond = None
             if labels is not None:
                 cond = {'y': torch.as_tensor(labels[indices], dtype=torch.int64, device=self.device)}
-                uncond = None if self.null is None else {'y': torch.full_like(cond['y'], int(self.null))}
+                uncond = {'y': torch.full_like(cond['y'], int(self.null))} if scale > 0 else None
             elif contexts is not None:
                 c = torch.as_tensor(contexts[indices], dtype=torch.float32, device=self.device)
-                cond = {'context': c}
-                uncond = None if self.null is None else {'context': self.null.to(c).expand_as(c)}
-            return self.family.generate(self.nnet, diffusion, per_index_noise(indices, self.seed, self.shape,
-                                                                              self.device),
-                                        cond=cond, uncond=uncond, algorithm=algorithm, steps=steps, scale=scale,
-                                        autoencoder=self.autoencoder, generator=generator)
+                cond, uncond = {'context': c}, ({'context': self.null.to(c).expand_as(c)} if scale > 0 else None)
+            with torch.no_grad():
+                x0 = sample(self.nnet, diffusion, per_index_noise(indices, self.seed, self.shape, self.device),
+                            algorithm=algorithm, steps=steps, cond=cond, uncond=uncond, scale=scale,
+                            generator=index_generators(self.seed, indices, self.device)
+                            if algorithm == 'euler_maruyama_sde' else None)
+                if self.family.data == 'latents':
+                    ae = self.autoencoder
+                    x0 = ae.decode_in_chunks(x0.to(next(ae.parameters()).dtype), decode_chunk)
+            return to_unit_images(x0)
         return generate_fn
 
 

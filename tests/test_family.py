@@ -1,12 +1,13 @@
 """Family: the family of each config and the script that serves it, batches, guidance dropout, the
-sampling protocols, per-image noise, and generate() against closed forms."""
+sampling protocols, per-image noise, and the Sampler against closed forms."""
 import importlib
 import math
 import os
 
-import ml_collections
 import pytest
 import torch
+
+import libs.family
 
 from libs.errors import ConfigError
 from libs.family import (LATENTS_CONTINUOUS, LATENTS_DISCRETE, PIXELS_CONTINUOUS, SCRIPTS, TEXT_LATENTS_DISCRETE,
@@ -194,18 +195,16 @@ class ZeroEps(torch.nn.Module):
         return torch.zeros_like(x)
 
 
-def test_generate_with_zero_noise_prediction_matches_closed_form():
-    from sde import build_diffusion
-
+def test_generate_with_zero_noise_prediction_matches_closed_form(monkeypatch):
     # Continuous VP: log alpha_t = -(b1 - b0) t^2 / 4 - b0 t / 2, b0 = 0.1, b1 = 20; DPM-Solver ends at t = 1e-4.
     def log_alpha(t):
         return -(20 - 0.1) * t ** 2 / 4 - 0.1 * t / 2
     ratio = math.exp(log_alpha(1e-4) - log_alpha(1.0))
-    noise = per_index_noise(range(3), seed=0, shape=(1, 4, 4)) * 1e-3  # keep k * x inside [-1, 1]
-    y = torch.tensor([0, 1, 2])
-    images = PIXELS_CONTINUOUS.generate(ZeroEps(), build_diffusion('continuous'), noise, cond={'y': y},
-                                        uncond={'y': torch.full_like(y, 9)}, algorithm='dpm_solver', steps=6,
-                                        scale=1.0)
+    # Small starting noise keeps ratio * x inside [-1, 1].
+    monkeypatch.setattr(libs.family, 'per_index_noise', lambda *args: per_index_noise(*args) * 1e-3)
+    sampler = Sampler(PIXELS_CONTINUOUS, ZeroEps(), (1, 4, 4), seed=0, device='cpu', null=9)
+    images = sampler.generate_fn('dpm_solver', 6, 1.0, labels=torch.tensor([0, 1, 2]))(torch.arange(3))
+    noise = per_index_noise(range(3), 0, (1, 4, 4)) * 1e-3
     expected = ((ratio * noise.double() + 1) / 2).clamp(0, 1).expand(-1, 3, -1, -1)
     torch.testing.assert_close(images.double(), expected, rtol=1e-4, atol=1e-5)
 

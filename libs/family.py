@@ -114,9 +114,10 @@ class Family:
     def check(self, config, data):
         """ConfigError when the dataset, network and this family do not fit together."""
         if data.kind not in _DATASET_KINDS[self.data]:
-            raise ConfigError(f"dataset {config.dataset.name!r} gives {data.kind!r} data, which a {self.data[:-1]}-space "
-                              f"config cannot train on; " + ('set config.z_shape=None' if data.kind == 'pixels' else
-                                                              'set config.z_shape and config.autoencoder'))
+            raise ConfigError(f"dataset {config.dataset.name!r} gives {data.kind!r} data, which a "
+                              f"{self.data[:-1]}-space config cannot train on; "
+                              + ('set config.z_shape=None' if data.kind == 'pixels' else
+                                 'set config.z_shape and config.autoencoder'))
         num_classes = config.nnet.get('num_classes', -1)
         if self.condition == 'label':
             if data.num_classes <= 0:

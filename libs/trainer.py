@@ -99,12 +99,15 @@ class Run:
         """Evaluation draws from its own seeds and must not move the training generators."""
         return torch.random.fork_rng(devices=[self.device] if self.device.type == 'cuda' else [])
 
+    def sampler(self):
+        """The EMA network ready to sample (libs.family.Sampler)."""
+        return Sampler.for_config(self.config, self.family, self.nnet_ema, self.device, self.autoencoder, self.null)
+
     def generate_fn(self, use, n):
-        """(generate_fn of the EMA network with the protocol `use` of Family.protocol, labels of the n images)."""
+        """(generate_fn with the protocol `use` of Family.protocol, the labels of the n images or None)."""
         labels = self.family.sample_labels(self.config, n)
-        contexts = getattr(self.data, 'fid_contexts', None)
-        sampler = Sampler.for_config(self.config, self.family, self.nnet_ema, self.device, self.autoencoder, self.null)
-        return sampler.generate_fn(*self.family.protocol(self.config, use), labels=labels, contexts=contexts), labels
+        return self.sampler().generate_fn(*self.family.protocol(self.config, use), labels=labels,
+                                          contexts=getattr(self.data, 'fid_contexts', None)), labels
 
 
 def check_finite(r: Run, step: int):
@@ -146,8 +149,7 @@ def write_grid(r: Run, step: int):
     g = r.config.grid
     labels, contexts, n = r.family.grid_conditions(r.config, getattr(r.data, 'vis_contexts', None), g.n_rows,
                                                    g.n_cols)
-    sampler = Sampler.for_config(r.config, r.family, r.nnet_ema, r.device, r.autoencoder, r.null)
-    gen = sampler.generate_fn(*r.family.protocol(r.config, 'grid'), labels=labels, contexts=contexts)
+    gen = r.sampler().generate_fn(*r.family.protocol(r.config, 'grid'), labels=labels, contexts=contexts)
     with r.forked_rng(), r.accelerator.autocast():
         images = gen(torch.arange(n))
     save_grid(images, os.path.join(r.workdir, 'samples', f"{step}.png"), g.n_cols)
@@ -162,7 +164,8 @@ def evaluate_checkpoint(r: Run, step: int):
     gen, labels = r.generate_fn('fid', cfg.fid.n_samples)
     with r.forked_rng(), r.accelerator.autocast():
         reason = fid_unavailable(cfg) or ('the dataset gives no captions to sample with'
-                                          if r.family.condition == 'text' and r.data.fid_contexts is None else '')
+                                          if r.family.condition == 'text' and getattr(r.data, 'fid_contexts', None) is None
+                                          else '')
         if reason:
             # A dataset that defines no statistics (digits: it has its own score) is not a problem to warn about.
             level = logging.WARNING if cfg.fid.stat or not hasattr(r.data, 'sample_metric') else logging.INFO

@@ -29,7 +29,7 @@ from libs.checkpoint import load_nnet_weights
 from libs.config_utils import define_config_flag, parse_and_validate
 from libs.data_loader import mix_seed
 from libs.datasets.features import caption_contexts
-from libs.errors import ConfigError, InputError, exit_on_user_error
+from libs.errors import ConfigError, InputError, MissingFileError, exit_on_user_error
 from libs.family import Sampler
 from libs.io_utils import atomic_path
 from libs.logging_utils import setup_logging
@@ -197,6 +197,9 @@ def run_evaluation(config, nnet_path, family, output_path=None, inception_weight
     contexts = empty_context = None
     if family.condition == "text":
         contexts, empty_context = caption_contexts(config.dataset.path)
+        if scale > 0 and empty_context is None:
+            raise MissingFileError(f"guided sampling needs the empty prompt's context {config.dataset.path}/"
+                                   f"empty_context.npy: make it with scripts/extract_empty_feature.py")
     nnet, autoencoder = load_models(config, family, nnet_path, device)
     sampler = Sampler.for_config(config, family, nnet, device, autoencoder,
                                  family.null_condition(config, empty_context) if scale > 0 else None)

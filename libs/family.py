@@ -137,11 +137,11 @@ class Family:
         elif getattr(data, 'empty_context', None) is None and config.dataset.cfg:
             raise ConfigError(f"dataset {config.dataset.name!r} provides no empty_context, needed for guidance "
                               f"training (config.dataset.cfg=True)")
-        nnet_shape = (config.nnet.get('in_chans', 3), config.nnet.img_size, config.nnet.img_size)
-        if not nnet_shape == self.shape(config) == tuple(data.data_shape):
-            raise ConfigError(f"the network takes {nnet_shape} (config.nnet.in_chans, img_size)"
-                              + (f", config.z_shape is {tuple(config.z_shape)}" if self.data == 'latents' else '')
-                              + f" and the data is {tuple(data.data_shape)}: make them equal")
+        # The network's geometry against z_shape is a config rule (libs.config_utils); against the data, here.
+        if self.shape(config) != tuple(data.data_shape):
+            keys = 'config.z_shape' if self.data == 'latents' else 'config.nnet.in_chans, img_size'
+            raise ConfigError(f"the network takes {self.shape(config)} ({keys}) but dataset "
+                              f"{config.dataset.name!r} gives {tuple(data.data_shape)}: make them equal")
 
     def shape(self, config) -> tuple:
         """(C, H, W) of x0 the network sees: config.z_shape for latents, (in_chans, img_size, img_size) for pixels."""

@@ -222,3 +222,6 @@ def test_check_rejects_mismatched_num_classes():
     config.nnet.num_classes = 11
     with pytest.raises(ConfigError, match='z_shape=None'):
         LATENTS_DISCRETE.check(config, Data())
+    config.nnet.img_size = 16  # the digits are 8x8
+    with pytest.raises(ConfigError, match=r"takes \(1, 16, 16\) \(config.nnet.in_chans, img_size\).*\(1, 8, 8\)"):
+        PIXELS_CONTINUOUS.check(config, Data())

@@ -418,6 +418,8 @@ def test_image_folder_without_classes(tmp_path):
     item = data.train[0]
     assert set(item) == {'x'} and item['x'].shape == (3, 8, 8)
     big = get_dataset('image_folder', path=str(tmp_path), resolution=256)
+    with pytest.raises(ConfigError, match='config.fid.stat'):  # the key moved from config.dataset
+        get_dataset('image_folder', path=str(tmp_path), resolution=256, fid_stat='my_stats.npz')
     assert big.kind == 'images_for_autoencoder' and big.data_shape == (4, 32, 32)
     assert get_dataset('image_folder', path=str(tmp_path), resolution=256, kind='pixels').data_shape == (3, 256, 256)
 

@@ -61,7 +61,8 @@ def get_dataset(name, **kwargs):
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown and not takes_var_kwargs:
         raise ConfigError(f"dataset {name!r} does not take {', '.join(map(repr, unknown))}; "
-                          f"it accepts: {', '.join(accepted) or 'no arguments'}.")
+                          f"it accepts: {', '.join(accepted) or 'no arguments'}."
+                          + (" The FID statistics are config.fid.stat." if 'fid_stat' in unknown else ""))
     missing = [p for p in accepted if params[p].default is inspect.Parameter.empty
                and params[p].kind is not inspect.Parameter.VAR_POSITIONAL and p not in kwargs]
     if missing:

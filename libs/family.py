@@ -134,9 +134,9 @@ class Family:
                                   f"--config.nnet.num_classes=-1 (an unconditional network)")
             if config.dataset.cfg:
                 raise ConfigError("config.dataset.cfg=True needs a condition; set it False for unconditional training")
-        elif getattr(data, 'empty_context', None) is None and config.dataset.cfg:
+        elif getattr(data, 'empty_context', None) is None and (config.dataset.cfg or config.sample.cfg):
             raise ConfigError(f"dataset {config.dataset.name!r} provides no empty_context, needed for guidance "
-                              f"training (config.dataset.cfg=True)")
+                              f"(config.dataset.cfg / config.sample.cfg)")
         # The network's geometry against z_shape is a config rule (libs.config_utils); against the data, here.
         if self.shape(config) != tuple(data.data_shape):
             keys = 'config.z_shape' if self.data == 'latents' else 'config.nnet.in_chans, img_size'

@@ -20,6 +20,7 @@ from libs.errors import ConfigError, InputError, exit_on_user_error
 from libs.evaluation import load_models
 from libs.family import Sampler, family_of
 from libs.logging_utils import setup_logging
+from libs.perf import configure_tf32
 from libs.sampling_cli import define_common_flags, generate_batches, parse_flags, sampling_settings, write_images
 
 logger = logging.getLogger("sample_class_cond")
@@ -41,6 +42,7 @@ def main(argv=None):
         raise ConfigError(f"unexpected arguments {extra}; give classes with --class_ids=207,360")
     setup_logging(True)
     config, device = fv.config, torch.device(fv.device)
+    configure_tf32(config.tf32)
     family = family_of(config)
     if family.condition != "label":
         raise ConfigError(f"this config is not class-conditional ({family.condition} condition): "

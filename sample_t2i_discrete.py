@@ -26,6 +26,7 @@ from libs.evaluation import load_models
 from libs.family import Sampler, family_of
 from libs.io_utils import atomic_write_bytes
 from libs.logging_utils import setup_logging
+from libs.perf import configure_tf32
 from libs.sampling_cli import define_common_flags, generate_batches, parse_flags, sampling_settings, write_images
 
 logger = logging.getLogger("sample_t2i_discrete")
@@ -69,6 +70,7 @@ def main(argv=None):
         raise ConfigError(f"--n_per_prompt must be >= 1, got {fv.n_per_prompt}")
     setup_logging(True)
     config, device = fv.config, torch.device(fv.device)
+    configure_tf32(config.tf32)
     family = family_of(config)
     if family.condition != "text":
         raise ConfigError("sample_t2i_discrete.py samples text-to-image models (config.nnet.name='uvit_t2i'); "

@@ -104,7 +104,8 @@ def get_config():
     # FID: the reference statistics (read by training and eval*.py; no training data is opened for them), and the
     # FID of every checkpoint during training (the original: 10k samples, DPM-Solver 50 steps, guided as above).
     config.fid = d(
-        stat='',  # .npz of the reference 'mu' and 'sigma' (tools/compute_fid_stats.py); '' = no FID
+        # ours (the original's datasets named it): .npz of the reference 'mu' and 'sigma'; '' = no FID
+        stat='',
         n_samples=10000,  # ours: images per checkpoint; 0 = no FID (nor sample metric) during training
         steps=50,  # ours: DPM-Solver steps
         inception_weights=None,  # path of pt_inception-2015-12-05 weights; None = the default location

@@ -18,7 +18,7 @@ from absl import flags
 
 from libs.errors import ConfigError, InputError, exit_on_user_error
 from libs.evaluation import load_models
-from libs.family import Sampler, family_of
+from libs.family import Sampler, data_classes, family_of
 from libs.logging_utils import setup_logging
 from libs.perf import configure_tf32
 from libs.sampling_cli import define_common_flags, generate_batches, parse_flags, sampling_settings, write_images
@@ -47,10 +47,10 @@ def main(argv=None):
     if family.condition != "label":
         raise ConfigError(f"this config is not class-conditional ({family.condition} condition): "
                           + ("use sample_t2i_discrete.py" if family.condition == "text" else "there are no classes"))
-    num_classes = int(config.nnet.get("num_classes", 0) or 0)
-    n_data_classes = num_classes - 1 if config.dataset.get("cfg", False) else num_classes
+    n_data_classes = data_classes(config)
     if n_data_classes <= 0:
-        raise ConfigError(f"config.nnet.num_classes={num_classes}: this is not a class-conditional model.")
+        raise ConfigError(f"config.nnet.num_classes={config.nnet.get('num_classes')}: this is not a "
+                          "class-conditional model.")
     if fv.class_ids:
         try:
             class_ids = [int(c) for c in fv.class_ids]
@@ -66,7 +66,7 @@ def main(argv=None):
     if fv.n_per_class < 1:
         raise ConfigError(f"--n_per_class must be >= 1, got {fv.n_per_class}")
     algorithm, steps, scale, seed = sampling_settings(fv, config)
-    if scale > 0 and not config.dataset.get("cfg", False):
+    if scale > 0 and not config.dataset.cfg:
         raise ConfigError(f"--scale {scale} needs a model trained with guidance dropout (config.dataset.cfg); "
                           "use --scale=0")
 

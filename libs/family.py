@@ -62,9 +62,9 @@ def guidance_scale(config) -> float:
     return float(config.sample.scale) if config.sample.cfg else 0.0
 
 
-def _data_classes(config) -> int:
+def data_classes(config) -> int:
     """The classes of a label config: config.nnet.num_classes without the null label of guidance training."""
-    return int(config.nnet.num_classes) - (1 if config.dataset.cfg else 0)
+    return int(config.nnet.get('num_classes', -1)) - (1 if config.dataset.cfg else 0)
 
 
 def family_of(config, data=None) -> 'Family':
@@ -217,13 +217,13 @@ class Family:
         without the null label of guidance training) and seeded by config.seed; None for other families."""
         if self.condition != 'label':
             return None
-        return torch.randint(0, _data_classes(config), (int(n),), generator=torch.Generator().manual_seed(config.seed))
+        return torch.randint(0, data_classes(config), (int(n),), generator=torch.Generator().manual_seed(config.seed))
 
     def grid_conditions(self, config, vis_contexts, n_rows: int, n_cols: int):
         """Conditions of a sample grid, row-major: class models one row per class (at most n_rows
         classes, evenly spaced), text models one row per fixed prompt. Returns (labels, contexts, n)."""
         if self.condition == 'label':
-            k = _data_classes(config)
+            k = data_classes(config)
             classes = torch.linspace(0, k - 1, min(n_rows, k)).round().long()
             return classes.repeat_interleave(n_cols), None, len(classes) * n_cols
         if self.condition == 'text':

@@ -18,9 +18,7 @@ from absl import flags
 
 from libs.errors import ConfigError, InputError, exit_on_user_error
 from libs.evaluation import load_models
-from libs.family import Sampler, data_classes, family_of
-from libs.logging_utils import setup_logging
-from libs.perf import configure_tf32
+from libs.family import Sampler, data_classes
 from libs.sampling_cli import define_common_flags, generate_batches, parse_flags, sampling_settings, write_images
 
 logger = logging.getLogger("sample_class_cond")
@@ -37,16 +35,9 @@ def main(argv=None):
     flags.DEFINE_list("class_ids", None, "comma-separated class indices (default: DiT's 8 demo classes for "
                       "1000-class models)", flag_values=fv)
     flags.DEFINE_integer("n_per_class", 4, "images per class (one grid row per class)", flag_values=fv)
-    extra = parse_flags(fv, argv, __doc__)
+    extra, config, device, family = parse_flags(fv, argv, __doc__, "label")
     if extra:
         raise ConfigError(f"unexpected arguments {extra}; give classes with --class_ids=207,360")
-    setup_logging(True)
-    config, device = fv.config, torch.device(fv.device)
-    configure_tf32(config.tf32)
-    family = family_of(config)
-    if family.condition != "label":
-        raise ConfigError(f"this config is not class-conditional ({family.condition} condition): "
-                          + ("use sample_t2i_discrete.py" if family.condition == "text" else "there are no classes"))
     n_data_classes = data_classes(config)
     if n_data_classes <= 0:
         raise ConfigError(f"config.nnet.num_classes={config.nnet.get('num_classes')}: this is not a "

@@ -23,10 +23,8 @@ from absl import flags
 from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder
 from libs.errors import ConfigError, InputError, MissingFileError, exit_on_user_error
 from libs.evaluation import load_models
-from libs.family import Sampler, family_of
+from libs.family import Sampler
 from libs.io_utils import atomic_write_bytes
-from libs.logging_utils import setup_logging
-from libs.perf import configure_tf32
 from libs.sampling_cli import define_common_flags, generate_batches, parse_flags, sampling_settings, write_images
 
 logger = logging.getLogger("sample_t2i_discrete")
@@ -61,20 +59,13 @@ def main(argv=None):
     flags.DEFINE_string("clip", CLIP_VERSION, "CLIP text encoder: hub id (local cache) or directory", flag_values=fv)
     flags.DEFINE_string("empty_context", None, "(77, 768) .npy context of \"\" for guidance (default: encode \"\" "
                         "with --clip)", flag_values=fv)
-    prompts = parse_flags(fv, argv, __doc__)
+    prompts, config, device, family = parse_flags(fv, argv, __doc__, "text")
     if fv.prompts_file:
         prompts += read_prompts(fv.prompts_file)
     if not prompts:
         raise InputError("no prompts: give them as arguments (\"a red bus\" \"a cat\") or with --prompts_file.")
     if fv.n_per_prompt < 1:
         raise ConfigError(f"--n_per_prompt must be >= 1, got {fv.n_per_prompt}")
-    setup_logging(True)
-    config, device = fv.config, torch.device(fv.device)
-    configure_tf32(config.tf32)
-    family = family_of(config)
-    if family.condition != "text":
-        raise ConfigError("sample_t2i_discrete.py samples text-to-image models (config.nnet.name='uvit_t2i'); "
-                          "use sample_class_cond.py for class-conditional ones.")
     algorithm, steps, scale, seed = sampling_settings(fv, config)
 
     clip = FrozenCLIPEmbedder(fv.clip, device=device)

@@ -10,8 +10,10 @@ from tqdm import tqdm
 
 from libs.config_utils import define_config_flag
 from libs.errors import ConfigError
-from libs.family import guidance_scale
+from libs.family import family_of, guidance_scale
 from libs.io_utils import atomic_path
+from libs.logging_utils import setup_logging
+from libs.perf import configure_tf32
 from libs.sample_grid import save_grid
 
 
@@ -38,10 +40,12 @@ def define_common_flags(fv, argv):
                       flag_values=fv)
 
 
-def parse_flags(fv, argv, doc):
-    """Parse argv (argv[0] = program name) into fv; returns the positional arguments.
+def parse_flags(fv, argv, doc, condition):
+    """Parse argv (argv[0] = program name) into fv, set up logging and TF32 (config.tf32).
 
-    --help prints `doc` and the flags, then exits.
+    condition: what the script samples, 'label' or 'text'; another config is a ConfigError naming the
+    right script. --help prints `doc` and the flags, then exits.
+    Returns (positional arguments, config, device, family).
     """
     if any(a in ("-h", "--help", "--helpshort", "--helpfull") for a in argv[1:]):
         sys.stdout.write(f"{doc}\nflags:\n{fv.get_help()}\n")
@@ -56,7 +60,16 @@ def parse_flags(fv, argv, doc):
         raise ConfigError("--nnet_path is required: the network weights (.pth) or a ckpts/<step>.ckpt directory")
     if fv.batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {fv.batch_size}")
-    return rest[1:]
+    family = family_of(fv.config)
+    if family.condition != condition:
+        raise ConfigError("this config is text-to-image (config.nnet.name='uvit_t2i'): use sample_t2i_discrete.py"
+                          if family.condition == 'text' else
+                          "this config is unconditional: there are no classes to sample" if family.condition == 'none'
+                          else "this config is class-conditional, not text-to-image (config.nnet.name='uvit_t2i'): "
+                               "use sample_class_cond.py")
+    setup_logging(True)
+    configure_tf32(fv.config.tf32)
+    return rest[1:], fv.config, torch.device(fv.device), family
 
 
 def sampling_settings(fv, config):

@@ -13,7 +13,6 @@ a config of another family. `Sampler` is the one image-producing path of sample 
 training-time FID, the eval and the sampling scripts.
 """
 import dataclasses
-import logging
 from typing import Any
 
 import torch
@@ -22,8 +21,6 @@ from libs.data_loader import mix_seed
 from libs.errors import ConfigError, InputError
 from libs.sampling import sample
 from sde import build_diffusion
-
-logger = logging.getLogger(__name__)
 
 # (train script, eval script) of each (data, time, text?); other combinations have no script.
 SCRIPTS = {

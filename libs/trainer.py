@@ -80,7 +80,6 @@ class Run:
     loader: Any
     diffusion: Any
     autoencoder: Any
-    shape: tuple  # x0 shape the network sees: pixels (C, H, W) or the latent shape
     null: Any  # null label / empty context of guidance, or None
     n_nonfinite: torch.Tensor  # device counter of NaN/inf losses, never reset
     history: dict = dataclasses.field(default_factory=lambda: {'fid': {}, 'score': {}})
@@ -284,7 +283,7 @@ def train(config, workdir: str, family):
     r = Run(config=config, workdir=workdir, family=family, accelerator=accelerator, data=data, nnet=nnet,
             nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader,
             diffusion=build_diffusion(family.time), autoencoder=autoencoder,
-            shape=family.shape(config), null=family.null_condition(config, getattr(data, 'empty_context', None)),
+            null=family.null_condition(config, getattr(data, 'empty_context', None)),
             n_nonfinite=torch.zeros((), dtype=torch.int64, device=device))
 
     # Resume: network, EMA, optimizer, scheduler, step, every rank's RNG states, data position.

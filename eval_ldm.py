@@ -4,7 +4,9 @@
         --config=configs/imagenet256_uvit_large.py --nnet_path=imagenet256_uvit_large.pth --output_path=eval.log
 
 Samples config.sample.n_samples images with the config's protocol and logs FID and Inception
-Score; the engine (shared by the four eval scripts and training) is libs/evaluation.py.
+Score; the engine (shared by the four eval scripts and training) is libs/evaluation.py. Reads the
+weights, the autoencoder, the FID statistics config.fid.stat, never the training data.
+A config of another family (config.diffusion, z_shape, network) stops with the name of its script.
 """
 from absl import app
 

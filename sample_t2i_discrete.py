@@ -20,9 +20,12 @@ import numpy as np
 import torch
 from absl import flags
 
+from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder
 from libs.errors import ConfigError, InputError, MissingFileError, exit_on_user_error
-from sample_class_cond import (define_common_flags, generate_batches, load_models, parse_flags, sample_shape,
-                               sampling_settings, write_images)
+from libs.evaluation import load_models
+from libs.family import Sampler
+from libs.io_utils import atomic_write_bytes
+from libs.sampling_cli import define_common_flags, generate_batches, parse_flags, sampling_settings, write_images
 
 logger = logging.getLogger("sample_t2i_discrete")
 
@@ -47,11 +50,6 @@ def load_empty_context(path, shape):
 
 
 def main(argv=None):
-    from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder
-    from libs.family import TEXT_LATENTS_DISCRETE
-    from libs.logging_utils import setup_logging
-    from sde import build_diffusion
-
     argv = list(sys.argv if argv is None else ["sample_t2i_discrete.py", *argv])
     fv = flags.FlagValues()
     define_common_flags(fv, argv)
@@ -61,19 +59,14 @@ def main(argv=None):
     flags.DEFINE_string("clip", CLIP_VERSION, "CLIP text encoder: hub id (local cache) or directory", flag_values=fv)
     flags.DEFINE_string("empty_context", None, "(77, 768) .npy context of \"\" for guidance (default: encode \"\" "
                         "with --clip)", flag_values=fv)
-    prompts = parse_flags(fv, argv, __doc__)
+    prompts, config, device, family = parse_flags(fv, argv, __doc__, "text")
     if fv.prompts_file:
         prompts += read_prompts(fv.prompts_file)
     if not prompts:
         raise InputError("no prompts: give them as arguments (\"a red bus\" \"a cat\") or with --prompts_file.")
     if fv.n_per_prompt < 1:
         raise ConfigError(f"--n_per_prompt must be >= 1, got {fv.n_per_prompt}")
-    setup_logging(True)
-    config, device = fv.config, torch.device(fv.device)
-    if config.nnet.get("name") != "uvit_t2i" or config.get("z_shape") is None:
-        raise ConfigError("sample_t2i_discrete.py samples text-to-image latent models (config.nnet.name='uvit_t2i'); "
-                          "use sample_class_cond.py for class-conditional ones.")
-    scale, steps, algorithm, seed = sampling_settings(fv, config)
+    algorithm, steps, scale, seed = sampling_settings(fv, config)
 
     clip = FrozenCLIPEmbedder(fv.clip, device=device)
     context_shape = (config.nnet.num_clip_token, config.nnet.clip_dim)
@@ -86,19 +79,16 @@ def main(argv=None):
         null = load_empty_context(fv.empty_context, context_shape) if fv.empty_context else clip([""])[0].cpu()
     del clip  # free its memory before sampling
 
-    nnet, autoencoder = load_models(fv, config, device)
+    nnet, autoencoder = load_models(config, family, fv.nnet_path, device, fv.autoencoder)
     table = contexts.repeat_interleave(fv.n_per_prompt, dim=0)
-    generate_fn = TEXT_LATENTS_DISCRETE.make_generate_fn(
-        nnet, build_diffusion("discrete"), shape=sample_shape(config), seed=seed, device=device,
-        algorithm=algorithm, steps=steps, scale=scale, null=null, contexts=table, autoencoder=autoencoder)
+    generate_fn = Sampler(family, nnet, family.shape(config), seed, device, autoencoder, null).generate_fn(
+        algorithm, steps, scale, contexts=table)
     logger.info("sampling %d images for %d prompts: %s, %d steps, guidance scale %g, latent scale %g, seed %d, on %s",
                 len(table), len(prompts), algorithm, steps, scale, autoencoder.scale_factor, seed, device)
-    images = generate_batches(generate_fn, len(table), fv.batch_size, fv, device)
+    images = generate_batches(generate_fn, len(table), fv, device)
     names = [f"{p:03d}_{k:02d}" for p in range(len(prompts)) for k in range(fv.n_per_prompt)]
     n_cols = fv.n_per_prompt if fv.n_per_prompt > 1 else min(len(prompts), 8)
     paths = write_images(images, names, fv.output_dir, n_cols)
-    from libs.io_utils import atomic_write_bytes
-
     atomic_write_bytes(json.dumps({n: prompts[i // fv.n_per_prompt] for i, n in enumerate(names)}, indent=1).encode(),
                        os.path.join(fv.output_dir, "prompts.json"))
     logger.info("wrote %d images, grid.png and prompts.json to %s", len(paths), fv.output_dir)

@@ -3,7 +3,8 @@
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision fp16 train.py --config=configs/<config>.py
     python train.py --config=configs/<config>.py --config.train.batch_size=64 --workdir=runs/x   # one process
 
-The loop lives in libs/trainer.py; this script only names what it trains (libs/family.py).
+The loop lives in libs/trainer.py; this script only names the family it serves (libs/family.py): a
+config of another family (config.diffusion, z_shape, network) stops with the name of its script.
 """
 from absl import app
 

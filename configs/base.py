@@ -19,6 +19,10 @@ def get_config():
     config.seed = 1234  # every upstream config; process r seeds its generators with seed + r
     config.pred = 'noise_pred'  # the network regresses the noise eps (LSimple); the discrete scripts ignore it
     config.z_shape = None  # (C, h, w) of the autoencoder latent; None = pixel space (train.py)
+    # ours: the diffusion this config trains and samples: 'continuous' (VP-SDE; train.py, train_ldm.py) or
+    # 'discrete' (Stable Diffusion's 1000 betas; train_ldm_discrete.py, train_t2i_discrete.py). The paper's
+    # U-ViT-H ImageNet and MS-COCO configs set 'discrete', as the scripts the original ran them with.
+    config.diffusion = 'continuous'
 
     # Stable Diffusion KL-f8 autoencoder; only the latent scripts read it.
     config.autoencoder = d(
@@ -56,7 +60,11 @@ def get_config():
     config.ema_rate = 0.9999  # ours (the original hard-codes it): ema <- rate * ema + (1 - rate) * online
     config.grad_clip = 0.0  # ours: max global L2 norm of the gradients; 0 = no clipping (as every paper config)
     config.compile = False  # ours: torch.compile the network (first steps are slow while it compiles)
-    config.tf32 = True  # ours: TF32 matmuls/convolutions on Ampere+ GPUs (no effect on the CPU)
+    # ours: TF32 for float32 matmuls AND convolutions on Ampere+ GPUs (no effect on the CPU), in training and in
+    # the eval/sampling scripts. The original left PyTorch's defaults: matmul TF32 off, cuDNN convolution TF32
+    # on. Turned on here for speed: its runs were fp16 mixed precision, where the heavy matmuls do not use TF32
+    # at all, so it changes only the few float32 ops (~1e-3 relative). False = fp32 matmuls and convolutions.
+    config.tf32 = True
 
     # config.nnet is set whole by each config: it is exactly the original's network dict.
     config.nnet = d(name='uvit')
@@ -67,6 +75,12 @@ def get_config():
         p_uncond=0.0,  # probability of replacing the condition by the null label / empty context
     )
 
+    # Which numbers are guided (scale s of eps_c + s * (eps_c - eps_u), 0 = unguided):
+    # - eval*.py and <workdir>/final_eval.json: config.sample (guided with sample.scale when sample.cfg);
+    # - FID of every checkpoint during training (score.json): unguided for class models, guided with
+    #   sample.scale (when sample.cfg) for text-to-image ones, as the original's train scripts;
+    # - sample grids: grid.scale (default: sample.scale when sample.cfg);
+    # - sample_class_cond.py / sample_t2i_discrete.py: sample.scale when sample.cfg, or --scale.
     config.sample = d(
         sample_steps=50,  # solver steps (= network evaluations) of the final evaluation
         n_samples=50000,  # images scored by the final evaluation (the paper's FID-50k)
@@ -87,11 +101,13 @@ def get_config():
         scale=-1.0,  # guidance scale for grids; < 0 = config.sample.scale when config.sample.cfg, else 0
     )
 
-    # ours: FID of every checkpoint during training (the original: 10k samples, DPM-Solver 50 steps,
-    # without guidance).
+    # FID: the reference statistics (read by training and eval*.py; no training data is opened for them), and the
+    # FID of every checkpoint during training (the original: 10k samples, DPM-Solver 50 steps, guided as above).
     config.fid = d(
-        n_samples=10000,  # images per checkpoint
-        steps=50,  # DPM-Solver steps
+        # ours (the original's datasets named it): .npz of the reference 'mu' and 'sigma'; '' = no FID
+        stat='',
+        n_samples=10000,  # ours: images per checkpoint; 0 = no FID (nor sample metric) during training
+        steps=50,  # ours: DPM-Solver steps
         inception_weights=None,  # path of pt_inception-2015-12-05 weights; None = the default location
     )
 

@@ -10,6 +10,7 @@ def get_config():
     config.nnet = d(name='uvit', img_size=64, patch_size=4, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4,
                     qkv_bias=False, mlp_time_embed=False, num_classes=-1)
     config.dataset.update(name='celeba', path='assets/datasets/celeba', resolution=64)
+    config.fid.stat = 'assets/fid_stats/fid_stats_celeba64_train_50000_ddim.npz'
     # FID-50k with the reverse SDE, 1000 Euler-Maruyama steps, as the paper.
     config.sample.update(sample_steps=1000, n_samples=50000, mini_batch_size=500, algorithm='euler_maruyama_sde')
     return config

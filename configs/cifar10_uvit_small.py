@@ -10,6 +10,7 @@ def get_config():
     config.nnet = d(name='uvit', img_size=32, patch_size=2, embed_dim=512, depth=12, num_heads=8, mlp_ratio=4,
                     qkv_bias=False, mlp_time_embed=False, num_classes=-1)
     config.dataset.update(name='cifar10', path='assets/datasets/cifar10', random_flip=True)
+    config.fid.stat = 'assets/fid_stats/fid_stats_cifar10_train_pytorch.npz'
     # FID-50k with the reverse SDE, 1000 Euler-Maruyama steps, as the paper.
     config.sample.update(sample_steps=1000, n_samples=50000, mini_batch_size=500, algorithm='euler_maruyama_sde')
     return config

@@ -15,6 +15,7 @@ def get_config():
                     mlp_ratio=4, qkv_bias=False, mlp_time_embed=False, num_classes=1001, use_checkpoint=True)
     config.dataset.update(name='imagenet256_features', path='assets/datasets/imagenet256_features', cfg=True,
                           p_uncond=0.15)
+    config.fid.stat = 'assets/fid_stats/fid_stats_imagenet256_guided_diffusion.npz'
     config.sample.update(sample_steps=50, n_samples=50000, mini_batch_size=50, algorithm='dpm_solver', cfg=True,
                          scale=0.4)
     return config

@@ -10,5 +10,6 @@ def get_config():
     # Patch 4 on the 64x64 latents keeps the 256-token sequence of the 256 model.
     config.nnet.update(img_size=64, patch_size=4)
     config.dataset.update(name='imagenet512_features', path='assets/datasets/imagenet512_features')
+    config.fid.stat = 'assets/fid_stats/fid_stats_imagenet512_guided_diffusion.npz'
     config.sample.scale = 0.7
     return config

@@ -3,7 +3,7 @@
 `evaluate` is the one scoring path: the eval scripts (through `run_evaluation`) and training's
 periodic FID both call it. Image i of an evaluation is a function of (seed, i) only: the
 caller's `generate_fn` draws its noise with `libs.family.per_index_noise` (or the generators of
-`index_generators`), and labels / captions come from tables indexed by i. The indices
+`libs.family.index_generators`), and labels / captions come from tables indexed by i. The indices
 0..n_samples-1 are dealt to the processes as rank::world_size, so 1 or 8 processes make the
 same images (up to kernel nondeterminism) and exactly n_samples of them.
 
@@ -18,13 +18,24 @@ import os
 import time
 
 import torch
+from absl import flags
+from ml_collections import config_flags
 from PIL import Image
 from tqdm import tqdm
 
 from libs import fid
+from libs.autoencoder import get_model
+from libs.checkpoint import load_nnet_weights
+from libs.config_utils import define_config_flag, parse_and_validate
 from libs.data_loader import mix_seed
-from libs.errors import ConfigError, InputError, exit_on_user_error
+from libs.datasets.features import caption_contexts
+from libs.errors import ConfigError, InputError, MissingFileError, exit_on_user_error
+from libs.family import Sampler
 from libs.io_utils import atomic_path
+from libs.logging_utils import setup_logging
+from libs.nnet import build_nnet, load_nnet_state_dict
+from libs.perf import configure_tf32
+from tools.inception import load_fid_inception
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +51,6 @@ def shard_indices(n_samples, rank, world_size, mini_batch_size):
     mine = torch.arange(rank, n_samples, world_size, dtype=torch.long)
     n_batches = math.ceil(math.ceil(n_samples / world_size) / mini_batch_size)
     return [b for b in torch.tensor_split(mine, n_batches) if b.numel() > 0]
-
-
-def index_generators(seed, indices, device="cpu"):
-    """One torch.Generator per image, seeded by (seed, i): for noise a sampler draws per step (SDE)."""
-    return [torch.Generator(device=device).manual_seed(mix_seed(seed + 1, int(i))) for i in indices]
 
 
 def _write_pngs(images, indices, folder):
@@ -79,8 +85,6 @@ def _evaluate(accelerator, generate_fn, n_samples, mini_batch_size, fid_stat, se
     if ref_mu.shape != (2048,):
         raise InputError(f"FID statistics '{fid_stat}' are {ref_mu.shape[0]}-d; FID uses the 2048-d pool3 features. "
                          f"Recompute them with tools/compute_fid_stats.py")
-    from tools.inception import load_fid_inception
-
     device = accelerator.device
     inception = load_fid_inception(inception_weights, device=device)
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -114,14 +118,38 @@ def _evaluate(accelerator, generate_fn, n_samples, mini_batch_size, fid_stat, se
     return {"fid": value, "inception_score": is_mean, "inception_score_std": is_std, "n": n}
 
 
+def generate_all(accelerator, generate_fn, n_samples, mini_batch_size) -> torch.Tensor:
+    """All n_samples images (n, 3, H, W) on the CPU of every process, each made by the process owning its
+    index (the batches of `shard_indices`). For scores computed on the images themselves (digits)."""
+    from accelerate.utils import gather_object  # heavy
+
+    batches = shard_indices(n_samples, accelerator.process_index, accelerator.num_processes, mini_batch_size)
+    parts = [(idx, generate_fn(idx).cpu()) for idx in batches]
+    out = None
+    for idx, images in gather_object(parts) if accelerator.num_processes > 1 else parts:
+        if out is None:
+            out = torch.empty((n_samples, *images.shape[1:]), dtype=images.dtype)
+        out[idx] = images
+    return out
+
+
+def load_models(config, family, nnet_path, device, autoencoder_path=None):
+    """(network in eval mode, autoencoder or None) on `device` for sampling; the autoencoder (latent
+    families) from autoencoder_path or config.autoencoder.pretrained_path, with the config's scale factor."""
+    nnet = build_nnet(config.nnet)
+    load_nnet_state_dict(nnet, load_nnet_weights(nnet_path))
+    nnet = nnet.to(device).eval().requires_grad_(False)
+    autoencoder = None
+    if family.data == "latents":
+        autoencoder = get_model(autoencoder_path or config.autoencoder.pretrained_path,
+                                config.autoencoder.scale_factor).to(device)
+    return nnet, autoencoder
+
+
 # -- the engine of eval.py, eval_ldm.py, eval_ldm_discrete.py, eval_t2i_discrete.py ----------------
 
 def define_flags():
     """--config (file + --config.a.b=value overrides), --nnet_path, --output_path, --inception_weights."""
-    from absl import flags
-
-    from libs.config_utils import define_config_flag
-
     define_config_flag("config", help_string="path of the configuration file (configs/X.py)")
     flags.DEFINE_string("nnet_path", None, "network weights: a .pth state dict or a checkpoint directory "
                                            "(<workdir>/ckpts/<step>.ckpt, whose EMA network is used)", required=True)
@@ -133,9 +161,6 @@ def define_flags():
 def main_for(family):
     """The absl main of an eval*.py script that evaluates `family`."""
     def main(argv):
-        from absl import flags
-        from ml_collections import config_flags
-
         del argv
         f = flags.FLAGS
         run_evaluation(f.config, f.nnet_path, family, output_path=f.output_path,
@@ -147,74 +172,46 @@ def main_for(family):
 def run_evaluation(config, nnet_path, family, output_path=None, inception_weights=None, config_path=None):
     """Sample config.sample.n_samples images with the protocol of config.sample and score them.
 
-    The protocol: config.sample.algorithm ('dpm_solver' = the paper's solver for the family's time
-    kind), sample_steps, guidance scale (when config.sample.cfg), labels drawn by the dataset's
-    sample_labels (seeded by config.seed) or the dataset's FID caption contexts, latents decoded by
-    the autoencoder in chunks. Returns the dict of `evaluate` (on every rank).
+    Reads only the weights, the autoencoder (latent families), config.fid.stat and, for text-to-image,
+    the caption contexts of <config.dataset.path>/val and its empty_context.npy; never the training data.
+    The protocol (`Family.protocol(config, 'sample')`): config.sample.algorithm, sample_steps, guidance
+    scale (when config.sample.cfg); labels uniform over the config's classes (seeded by config.seed).
+    `family` is the script's: a config of another family is a ConfigError naming the right script.
+    Returns the dict of `evaluate` (on every rank).
     """
-    from accelerate import Accelerator
-
-    from libs.checkpoint import load_nnet_weights
-    from libs.config_utils import parse_and_validate
-    from libs.datasets import get_dataset
-    from libs.logging_utils import setup_logging
-    from libs.nnet import build_nnet, load_nnet_state_dict
-    from libs.trainer import dataset_kwargs
-    from sde import build_diffusion
+    from accelerate import Accelerator  # heavy
 
     if config is None:
         raise ConfigError("no config given: pass --config=configs/<name>.py")
+    family = family.for_config(config, "eval")
+    if not config.fid.stat:
+        raise ConfigError("config.fid.stat names no FID reference statistics, so FID cannot be computed; compute "
+                          "them with tools/compute_fid_stats.py and set --config.fid.stat=<file.npz>")
     accelerator = Accelerator()
     device = accelerator.device
     setup_logging(accelerator.is_main_process, output_path)
-    torch.backends.cuda.matmul.allow_tf32 = bool(config.get("tf32", True))
-    torch.backends.cudnn.allow_tf32 = bool(config.get("tf32", True))
+    configure_tf32(config.tf32)
     parse_and_validate(config, world_size=accelerator.num_processes)
-    family = family.for_config(config)
     s = config.sample
-    scale = float(s.scale) if s.cfg else 0.0
-
-    # Data: shapes, labels / captions to sample with, the reference statistics.
-    data = get_dataset(config.dataset.name, **dataset_kwargs(config))
-    family.check(config, data)
-    if not data.fid_stat:
-        raise ConfigError(f"dataset {config.dataset.name!r} defines no FID reference statistics, so FID cannot be "
-                          f"computed for it; for your own images compute them with tools/compute_fid_stats.py and "
-                          f"name them in the config (image_folder datasets: config.dataset.fid_stat='<file.npz>')")
-    shape = tuple(config.z_shape) if family.data == "latents" else tuple(data.data_shape)
-    labels = contexts = None
-    if family.condition == "label":
-        labels = data.sample_labels(int(s.n_samples), torch.Generator().manual_seed(int(config.seed)))
-    elif family.condition == "text":
-        contexts = getattr(data, "fid_contexts", None)
-        if contexts is None:
-            raise ConfigError(f"dataset {config.dataset.name!r} gives no caption contexts to sample with (the "
-                              f"MS-COCO val2014 features); extract them with scripts/extract_mscoco_feature.py")
-    null = family.null_condition(config, data) if scale > 0 else None
-
-    # Models.
-    nnet = build_nnet(config.nnet)
-    load_nnet_state_dict(nnet, load_nnet_weights(nnet_path))
-    nnet = nnet.to(device).eval().requires_grad_(False)
-    autoencoder = None
-    if family.data == "latents":
-        from libs.autoencoder import get_model
-
-        autoencoder = get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor).to(device)
-    diffusion = build_diffusion(family.time)
-    generate_fn = family.make_generate_fn(nnet, diffusion, shape=shape, seed=int(config.seed), device=device,
-                                          algorithm=s.algorithm, steps=int(s.sample_steps), scale=scale, null=null,
-                                          labels=labels, contexts=contexts, autoencoder=autoencoder)
+    algorithm, steps, scale = family.protocol(config, "sample")
+    contexts = empty_context = None
+    if family.condition == "text":
+        contexts, empty_context = caption_contexts(config.dataset.path)
+        if scale > 0 and empty_context is None:
+            raise MissingFileError(f"guided sampling needs the empty prompt's context {config.dataset.path}/"
+                                   f"empty_context.npy: make it with scripts/extract_empty_feature.py")
+    nnet, autoencoder = load_models(config, family, nnet_path, device)
+    sampler = Sampler.for_config(config, family, nnet, device, autoencoder,
+                                 family.null_condition(config, empty_context) if scale > 0 else None)
+    generate_fn = sampler.generate_fn(algorithm, steps, scale, family.sample_labels(config, s.n_samples), contexts)
     logger.info("evaluating %s (%s) on %d process(es), mixed precision %s: %s, %d steps, guidance scale %g, "
-                "%d samples", nnet_path, family, accelerator.num_processes, accelerator.mixed_precision, s.algorithm,
-                s.sample_steps, scale, s.n_samples)
-
-    # Sample and score.
-    weights = inception_weights or config.get("fid", {}).get("inception_weights", None)
+                "%d samples", nnet_path, family, accelerator.num_processes, accelerator.mixed_precision, algorithm,
+                steps, scale, s.n_samples)
+    weights = inception_weights or config.fid.inception_weights
     with accelerator.autocast():
-        result = evaluate(accelerator, generate_fn, int(s.n_samples), int(s.mini_batch_size), data.fid_stat,
+        result = evaluate(accelerator, generate_fn, int(s.n_samples), int(s.mini_batch_size), config.fid.stat,
                           int(config.seed), inception_weights=weights, keep_path=s.get("path", "") or None)
     logger.info("config=%s nnet_path=%s sampler=%s steps=%d scale=%g n_samples=%d FID=%.4f IS=%.3f",
-                config_path or config.dataset.name, nnet_path, s.algorithm, s.sample_steps, scale, result["n"],
+                config_path or config.dataset.name, nnet_path, algorithm, steps, scale, result["n"],
                 result["fid"], result["inception_score"])
     return result

@@ -1,35 +1,34 @@
-"""What differs between the four training scripts, as data.
+"""What a config trains and samples, as data, decided in one place (`family_of`).
 
-A `Family` is three choices:
-- data: 'pixels' (the network sees images in [-1, 1]) or 'latents' (it sees scale_factor * z of the
-  KL-f8 autoencoder, sampled from stored moments or encoded on the fly from images);
-- time: 'continuous' (VP-SDE, the network sees 999 t) or 'discrete' (SD betas, integer n);
-- condition: 'none', 'label' (class index y) or 'text' (CLIP context, (77, 768)).
+A `Family` is three choices, all read from the config:
+- data: 'latents' when config.z_shape is set (the network sees scale_factor * z of the KL-f8
+  autoencoder, sampled from stored moments or encoded on the fly), else 'pixels' (images in [-1, 1]);
+- time: config.diffusion, 'continuous' (VP-SDE, the network sees 999 t) or 'discrete' (SD betas, integer n);
+- condition: 'text' for the uvit_t2i network (CLIP context (77, 768)), 'none' with
+  config.train.mode='uncond', else 'label' (class index y).
 
-| script                  | data    | time       | condition                     |
-|-------------------------|---------|------------|-------------------------------|
-| train.py                | pixels  | continuous | label (none when train.mode='uncond') |
-| train_ldm.py            | latents | continuous | label                         |
-| train_ldm_discrete.py   | latents | discrete   | label                         |
-| train_t2i_discrete.py   | latents | discrete   | text                          |
-
-Everything else (the loop, checkpoints, logging) is shared in libs/trainer.py. `generate` is the
-one image-producing path used by sample grids, training-time FID and the eval scripts.
+`SCRIPTS` names the train and eval script of each family. Each entry script names the family it
+serves (the constants at the end) and stops with a ConfigError naming the right script when given
+a config of another family. `Sampler` is the one image-producing path of sample grids,
+training-time FID, the eval and the sampling scripts.
 """
 import dataclasses
-import logging
+from typing import Any
 
 import torch
 
 from libs.data_loader import mix_seed
 from libs.errors import ConfigError, InputError
+from libs.sampling import sample
+from sde import build_diffusion
 
-logger = logging.getLogger(__name__)
-
-DATA_KINDS = ('pixels', 'latents')
-TIME_KINDS = ('continuous', 'discrete')
-CONDITION_KINDS = ('none', 'label', 'text')
-
+# (train script, eval script) of each (data, time, text?); other combinations have no script.
+SCRIPTS = {
+    ('pixels', 'continuous', False): ('train.py', 'eval.py'),
+    ('latents', 'continuous', False): ('train_ldm.py', 'eval_ldm.py'),
+    ('latents', 'discrete', False): ('train_ldm_discrete.py', 'eval_ldm_discrete.py'),
+    ('latents', 'discrete', True): ('train_t2i_discrete.py', 'eval_t2i_discrete.py'),
+}
 # Dataset kinds (libs/datasets `data.kind`) each data kind can train on.
 _DATASET_KINDS = {'pixels': ('pixels',), 'latents': ('latent_moments', 'images_for_autoencoder')}
 
@@ -44,41 +43,78 @@ def per_index_noise(indices, seed: int, shape, device=None) -> torch.Tensor:
     return torch.stack(rows).to(device)
 
 
+def index_generators(seed, indices, device="cpu"):
+    """One torch.Generator per image, seeded by (seed, i): for noise a sampler draws per step (SDE)."""
+    return [torch.Generator(device=device).manual_seed(mix_seed(seed + 1, int(i))) for i in indices]
+
+
 def to_unit_images(x: torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) in [-1, 1] -> (B, 3, H, W) float32 in [0, 1] (grey images repeated to RGB)."""
     x = ((x.float() + 1) / 2).clamp_(0, 1)
     return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
 
 
+def guidance_scale(config) -> float:
+    """The guidance scale of config.sample: config.sample.scale when config.sample.cfg, else 0 (unguided)."""
+    return float(config.sample.scale) if config.sample.cfg else 0.0
+
+
+def data_classes(config) -> int:
+    """The classes of a label config: config.nnet.num_classes without the null label of guidance training."""
+    return int(config.nnet.get('num_classes', -1)) - (1 if config.dataset.cfg else 0)
+
+
+def family_of(config, data=None) -> 'Family':
+    """The family `config` trains and samples; with the training dataset `data`, also checks that they fit."""
+    family = Family('latents' if config.get('z_shape') is not None else 'pixels', config.diffusion,
+                    'text' if config.nnet.get('name') == 'uvit_t2i' else
+                    'none' if config.train.get('mode', 'cond') == 'uncond' else 'label')
+    if family.key not in SCRIPTS:
+        raise ConfigError(f"no script trains {family.data[:-1]}-space models with config.diffusion={family.time!r}"
+                          f"{' and text' if family.condition == 'text' else ''}: latent configs (config.z_shape) "
+                          f"may be 'continuous' or 'discrete', pixel configs only 'continuous', text-to-image ones "
+                          f"only 'discrete'")
+    if data is not None:
+        family.check(config, data)
+    return family
+
+
 @dataclasses.dataclass(frozen=True)
 class Family:
-    data: str
-    time: str
-    condition: str
+    data: str  # 'pixels' | 'latents'
+    time: str  # 'continuous' | 'discrete'
+    condition: str  # 'none' | 'label' | 'text'
 
-    def __post_init__(self):
-        for field, kinds in (('data', DATA_KINDS), ('time', TIME_KINDS), ('condition', CONDITION_KINDS)):
-            if getattr(self, field) not in kinds:
-                raise ValueError(f"Family.{field} must be one of {kinds}, got {getattr(self, field)!r}")
+    @property
+    def key(self):
+        return self.data, self.time, self.condition == 'text'
 
     # -- configuration ----------------------------------------------------------------------------
 
-    def for_config(self, config) -> 'Family':
-        """The family a config trains: class families become 'none' with config.train.mode='uncond'."""
-        mode = config.train.get('mode', 'cond')
-        if mode not in ('cond', 'uncond'):
-            raise ConfigError(f"config.train.mode={mode!r} must be 'cond' or 'uncond'")
-        if self.condition == 'label' and mode == 'uncond':
-            return dataclasses.replace(self, condition='none')
-        return self
+    def for_config(self, config, stage='train') -> 'Family':
+        """family_of(config) when this family's script serves it ('train' or 'eval' `stage`); else a
+        ConfigError naming the script that does."""
+        family = family_of(config)
+        if family.key == self.key:
+            return family
+        what = []
+        if family.time != self.time:
+            what.append(f"{family.time}-time (config.diffusion={family.time!r})")
+        if family.data != self.data:
+            what.append('latent-space (config.z_shape is set)' if family.data == 'latents' else
+                        'pixel-space (config.z_shape is None)')
+        if (family.condition == 'text') != (self.condition == 'text'):
+            what.append('text-to-image' if family.condition == 'text' else 'class-conditional or unconditional')
+        script = SCRIPTS[family.key][stage == 'eval']
+        raise ConfigError(f"this config is {', '.join(what)}: use {script}")
 
     def check(self, config, data):
         """ConfigError when the dataset, network and this family do not fit together."""
         if data.kind not in _DATASET_KINDS[self.data]:
-            script = 'train.py' if data.kind == 'pixels' else 'train_ldm.py / train_ldm_discrete.py / ' \
-                                                               'train_t2i_discrete.py'
-            raise ConfigError(f"dataset {config.dataset.name!r} gives {data.kind!r} data, which this script "
-                              f"({self.data} family) cannot train on; use {script}")
+            raise ConfigError(f"dataset {config.dataset.name!r} gives {data.kind!r} data, which a "
+                              f"{self.data[:-1]}-space config cannot train on; "
+                              + ('set config.z_shape=None' if data.kind == 'pixels' else
+                                 'set config.z_shape and config.autoencoder'))
         num_classes = config.nnet.get('num_classes', -1)
         if self.condition == 'label':
             if data.num_classes <= 0:
@@ -95,26 +131,28 @@ class Family:
                                   f"--config.nnet.num_classes=-1 (an unconditional network)")
             if config.dataset.cfg:
                 raise ConfigError("config.dataset.cfg=True needs a condition; set it False for unconditional training")
-        elif self.condition == 'text' and getattr(data, 'empty_context', None) is None and config.dataset.cfg:
+        elif getattr(data, 'empty_context', None) is None and (config.dataset.cfg or config.sample.cfg):
             raise ConfigError(f"dataset {config.dataset.name!r} provides no empty_context, needed for guidance "
-                              f"training (config.dataset.cfg=True)")
-        shape = tuple(config.z_shape) if self.data == 'latents' else tuple(data.data_shape)
-        if self.data == 'latents' and config.z_shape is None:
-            raise ConfigError("config.z_shape is not set; latent configs need it, e.g. (4, 32, 32)")
-        if self.data == 'latents' and tuple(data.data_shape) != shape:
-            raise ConfigError(f"config.z_shape={shape} but the dataset's latents have shape {tuple(data.data_shape)}")
-        nnet_shape = (config.nnet.get('in_chans', 3), config.nnet.img_size, config.nnet.img_size)
-        if nnet_shape != shape:
-            raise ConfigError(f"the network takes {nnet_shape} (config.nnet.in_chans, img_size) but the data is "
-                              f"{shape}: set --config.nnet.in_chans={shape[0]} --config.nnet.img_size={shape[1]}")
+                              f"(config.dataset.cfg / config.sample.cfg)")
+        # The network's geometry against z_shape is a config rule (libs.config_utils); against the data, here.
+        if self.shape(config) != tuple(data.data_shape):
+            keys = 'config.z_shape' if self.data == 'latents' else 'config.nnet.in_chans, img_size'
+            raise ConfigError(f"the network takes {self.shape(config)} ({keys}) but dataset "
+                              f"{config.dataset.name!r} gives {tuple(data.data_shape)}: make them equal")
 
-    def null_condition(self, config, data):
+    def shape(self, config) -> tuple:
+        """(C, H, W) of x0 the network sees: config.z_shape for latents, (in_chans, img_size, img_size) for pixels."""
+        if self.data == 'latents':
+            return tuple(config.z_shape)
+        return config.nnet.get('in_chans', 3), config.nnet.img_size, config.nnet.img_size
+
+    def null_condition(self, config, empty_context=None):
         """What replaces the condition for guidance: the null label num_classes - 1, or the empty
         prompt's context (77, 768); None for unconditional families."""
         if self.condition == 'label':
             return int(config.nnet.num_classes) - 1
-        if self.condition == 'text':
-            return torch.as_tensor(data.empty_context, dtype=torch.float32)
+        if self.condition == 'text' and empty_context is not None:
+            return torch.as_tensor(empty_context, dtype=torch.float32)
         return None
 
     # -- training ---------------------------------------------------------------------------------
@@ -127,13 +165,11 @@ class Family:
         """
         if self.data == 'pixels':
             x0 = batch['x']
+        elif autoencoder is None:
+            raise InputError("latent configs need the autoencoder (config.autoencoder.pretrained_path)")
         elif 'moments' in batch:
-            if autoencoder is None:
-                raise InputError("latent moments need the autoencoder (config.autoencoder.pretrained_path)")
             x0 = autoencoder.sample(batch['moments'])
         else:
-            if autoencoder is None:
-                raise InputError("images must be encoded by the autoencoder (config.autoencoder.pretrained_path)")
             with torch.no_grad():
                 x0 = autoencoder.encode(batch['x'])
         if self.condition == 'label':
@@ -158,76 +194,95 @@ class Family:
 
     # -- sampling ---------------------------------------------------------------------------------
 
-    def conditions(self, labels=None, contexts=None, null=None, device=None):
-        """(cond, uncond) kwargs for `generate`: labels (B,) or contexts (B, 77, 768); uncond uses
-        `null` (the null label or the empty context) and is None when null is None."""
-        if self.condition == 'none':
-            return None, None
-        if self.condition == 'label':
-            y = torch.as_tensor(labels, dtype=torch.int64, device=device)
-            return {'y': y}, (None if null is None else {'y': torch.full_like(y, int(null))})
-        c = torch.as_tensor(contexts, dtype=torch.float32, device=device)
-        return {'context': c}, (None if null is None else {'context': null.to(c).expand_as(c)})
-
-    def generate(self, nnet, diffusion, noise, *, cond=None, uncond=None, algorithm='dpm_solver', steps=50,
-                 scale=0.0, autoencoder=None, decode_chunk=50, generator=None) -> torch.Tensor:
-        """Run the sampler from `noise` (B, *shape) and return images (B, 3, H, W) float32 in [0, 1].
-
-        scale: guidance scale s of eps_c + s (eps_c - eps_u) (the original's convention); 0 = no guidance.
-        generator: noise source of the SDE sampler (one torch.Generator per image for exact sharding).
-        Latents are decoded `decode_chunk` at a time.
+    def protocol(self, config, use: str):
+        """(algorithm, steps, guidance scale) of each use of sampling; which numbers are guided:
+        - 'sample' (eval*.py, final_eval.json): config.sample, guided with config.sample.scale when config.sample.cfg;
+        - 'fid' (FID of every checkpoint in training): DPM-Solver with config.fid.steps; guided as 'sample' for
+          text models (the original's train_t2i_discrete.py), unguided for class models (its train*.py);
+        - 'grid' (training sample grids): config.grid; scale < 0 means the 'sample' scale.
         """
-        from libs.sampling import sample
+        if use == 'sample':
+            return config.sample.algorithm, int(config.sample.sample_steps), guidance_scale(config)
+        if use == 'fid':
+            return 'dpm_solver', int(config.fid.steps), guidance_scale(config) if self.condition == 'text' else 0.0
+        g = config.grid
+        return (g.algorithm or ('euler_maruyama_ode' if self.time == 'continuous' else 'dpm_solver'), int(g.steps),
+                float(g.scale) if g.scale >= 0 else guidance_scale(config))
 
-        if scale > 0 and uncond is None:
-            raise InputError("guided sampling (scale > 0) needs the unconditional inputs (null label / empty context)")
-        with torch.no_grad():
-            x0 = sample(nnet, diffusion, noise, algorithm=algorithm, steps=steps, cond=cond,
-                        uncond=uncond if scale > 0 else None, scale=scale, generator=generator)
-            if self.data == 'latents':
-                if autoencoder is None:
-                    raise InputError("decoding latents needs the autoencoder (config.autoencoder.pretrained_path)")
-                x0 = autoencoder.decode_in_chunks(x0.to(next(autoencoder.parameters()).dtype), decode_chunk)
-        return to_unit_images(x0)
+    def sample_labels(self, config, n: int):
+        """(n,) int64 class labels to evaluate with, uniform over the data classes (config.nnet.num_classes
+        without the null label of guidance training) and seeded by config.seed; None for other families."""
+        if self.condition != 'label':
+            return None
+        return torch.randint(0, data_classes(config), (int(n),), generator=torch.Generator().manual_seed(config.seed))
 
-    def default_grid_algorithm(self) -> str:
-        """The original's train-time grid sampler: the probability-flow ODE (continuous), DPM-Solver (discrete)."""
-        return 'euler_maruyama_ode' if self.time == 'continuous' else 'dpm_solver'
-
-    def grid_conditions(self, data, n_rows: int, n_cols: int):
+    def grid_conditions(self, config, vis_contexts, n_rows: int, n_cols: int):
         """Conditions of a sample grid, row-major: class models one row per class (at most n_rows
         classes, evenly spaced), text models one row per fixed prompt. Returns (labels, contexts, n)."""
         if self.condition == 'label':
-            k = min(n_rows, data.num_classes)
-            classes = torch.linspace(0, data.num_classes - 1, k).round().long()
-            return classes.repeat_interleave(n_cols), None, k * n_cols
+            k = data_classes(config)
+            classes = torch.linspace(0, k - 1, min(n_rows, k)).round().long()
+            return classes.repeat_interleave(n_cols), None, len(classes) * n_cols
         if self.condition == 'text':
-            contexts = torch.as_tensor(data.vis_contexts, dtype=torch.float32)[:n_rows]
+            contexts = torch.as_tensor(vis_contexts, dtype=torch.float32)[:n_rows]
             return None, contexts.repeat_interleave(n_cols, dim=0), contexts.shape[0] * n_cols
         return None, None, n_rows * n_cols
 
-    def make_generate_fn(self, nnet, diffusion, *, shape, seed, device, algorithm='dpm_solver', steps=50, scale=0.0,
-                         null=None, labels=None, contexts=None, autoencoder=None, decode_chunk=50):
-        """generate_fn(indices: LongTensor) -> images (b, 3, H, W) in [0, 1], for libs.evaluation.
 
-        Image i uses noise seeded by (seed, i) and condition labels[i] / contexts[i] (tables indexed by
-        the global image index), so any split of the indices over processes gives the same images.
+@dataclasses.dataclass
+class Sampler:
+    """A network ready to sample: `generate_fn` turns image indices into images.
+
+    Image i starts from noise seeded by (seed, i) and is conditioned on labels[i] / contexts[i]
+    (tables indexed by the global image index), so any split of the indices over processes and
+    batches gives the same images.
+    """
+    family: Family
+    nnet: Any
+    shape: tuple  # (C, H, W) of x0
+    seed: int
+    device: Any
+    autoencoder: Any = None  # latent families: decodes x0
+    null: Any = None  # null label / empty context of guidance, or None
+
+    @classmethod
+    def for_config(cls, config, family, nnet, device, autoencoder=None, null=None):
+        return cls(family, nnet, family.shape(config), int(config.seed), device, autoencoder, null)
+
+    def generate_fn(self, algorithm, steps, scale, labels=None, contexts=None, decode_chunk=50):
+        """generate_fn(indices: LongTensor (b,)) -> images (b, 3, H, W) float32 in [0, 1].
+
+        scale: guidance scale s of eps_c + s (eps_c - eps_u) against `null` (the original's convention);
+        0 = unguided. Latents are decoded `decode_chunk` at a time.
         """
-        from libs.evaluation import index_generators
+        if scale > 0 and self.null is None:
+            raise InputError("guided sampling (scale > 0) needs the null label / empty context")
+        if self.family.data == 'latents' and self.autoencoder is None:
+            raise InputError("decoding latents needs the autoencoder (config.autoencoder.pretrained_path)")
+        diffusion = build_diffusion(self.family.time)
 
         def generate_fn(indices):
             indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
-            generator = index_generators(seed, indices, device) if algorithm == 'euler_maruyama_sde' else None
-            noise = per_index_noise(indices, seed, shape, device)
-            cond, uncond = self.conditions(labels=None if labels is None else labels[indices],
-                                           contexts=None if contexts is None else contexts[indices],
-                                           null=null, device=device)
-            return self.generate(nnet, diffusion, noise, cond=cond, uncond=uncond, algorithm=algorithm, steps=steps,
-                                 scale=scale, autoencoder=autoencoder, decode_chunk=decode_chunk, generator=generator)
+            cond = uncond = None
+            if labels is not None:
+                cond = {'y': torch.as_tensor(labels[indices], dtype=torch.int64, device=self.device)}
+                uncond = {'y': torch.full_like(cond['y'], int(self.null))} if scale > 0 else None
+            elif contexts is not None:
+                c = torch.as_tensor(contexts[indices], dtype=torch.float32, device=self.device)
+                cond, uncond = {'context': c}, ({'context': self.null.to(c).expand_as(c)} if scale > 0 else None)
+            with torch.no_grad():
+                x0 = sample(self.nnet, diffusion, per_index_noise(indices, self.seed, self.shape, self.device),
+                            algorithm=algorithm, steps=steps, cond=cond, uncond=uncond, scale=scale,
+                            generator=index_generators(self.seed, indices, self.device)
+                            if algorithm == 'euler_maruyama_sde' else None)
+                if self.family.data == 'latents':
+                    ae = self.autoencoder
+                    x0 = ae.decode_in_chunks(x0.to(next(ae.parameters()).dtype), decode_chunk)
+            return to_unit_images(x0)
         return generate_fn
 
 
-PIXELS_CONTINUOUS = Family('pixels', 'continuous', 'label')  # train.py
-LATENTS_CONTINUOUS = Family('latents', 'continuous', 'label')  # train_ldm.py
-LATENTS_DISCRETE = Family('latents', 'discrete', 'label')  # train_ldm_discrete.py
-TEXT_LATENTS_DISCRETE = Family('latents', 'discrete', 'text')  # train_t2i_discrete.py
+PIXELS_CONTINUOUS = Family('pixels', 'continuous', 'label')  # train.py, eval.py
+LATENTS_CONTINUOUS = Family('latents', 'continuous', 'label')  # train_ldm.py, eval_ldm.py
+LATENTS_DISCRETE = Family('latents', 'discrete', 'label')  # train_ldm_discrete.py, eval_ldm_discrete.py
+TEXT_LATENTS_DISCRETE = Family('latents', 'discrete', 'text')  # train_t2i_discrete.py, eval_t2i_discrete.py

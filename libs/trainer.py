@@ -20,16 +20,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from libs.errors import TrainingDivergedError, exit_on_user_error
+from libs import checkpoint as ckpt
+from libs.autoencoder import get_model
+from libs.datasets import dataset_kwargs, get_dataset
+from libs.errors import MissingFileError, TrainingDivergedError, exit_on_user_error
+from libs.evaluation import evaluate, generate_all
+from libs.family import Sampler, guidance_scale
 from libs.io_utils import atomic_write_bytes
 from libs.logging_utils import log_once, setup_logging
+from libs.nnet import load_nnet_state_dict
+from libs.sample_grid import save_grid
 
 logger = logging.getLogger(__name__)
-
-
-def dataset_kwargs(config) -> dict:
-    """config.dataset without the keys the engine itself reads (name, cfg, p_uncond)."""
-    return {k: v for k, v in config.dataset.to_dict().items() if k not in ('name', 'cfg', 'p_uncond')}
 
 
 def write_json(obj, path):
@@ -42,52 +44,21 @@ def to_device(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def grid_scale(config) -> float:
-    """Guidance scale of sample grids: config.grid.scale, or config.sample's when negative."""
-    if config.grid.scale >= 0:
-        return float(config.grid.scale)
-    return float(config.sample.scale) if config.sample.cfg else 0.0
-
-
-def eval_shard(accelerator, n: int):
-    """This process's share of image indices 0..n-1 (strided, so shards differ by at most one)."""
-    return torch.arange(n)[accelerator.process_index::accelerator.num_processes]
-
-
-def generate_all(accelerator, generate_fn, n: int, mini_batch_size: int) -> torch.Tensor:
-    """All n images (n, 3, H, W) on the CPU of every process, each made by the process owning its index."""
-    from accelerate.utils import gather_object
-
-    mine = eval_shard(accelerator, n)
-    parts = [(idx, generate_fn(idx).cpu()) for idx in mine.split(max(mini_batch_size, 1))] if len(mine) else []
-    gathered = gather_object(parts) if accelerator.num_processes > 1 else parts
-    out = None
-    for idx, images in gathered:
-        if out is None:
-            out = torch.empty((n, *images.shape[1:]), dtype=images.dtype)
-        out[idx] = images
-    return out
-
-
-def fid_unavailable(config, data) -> str:
+def fid_unavailable(config) -> str:
     """'' when FID can be computed, else the reason it cannot (said once)."""
-    if not data.fid_stat or not os.path.exists(data.fid_stat):
-        return (f"the FID reference statistics of dataset {config.dataset.name!r} are missing "
-                f"({data.fid_stat or 'none defined'}); the README's 'Evaluation' section says how to make them "
-                f"(tools/compute_fid_stats.py)")
+    if not config.fid.stat or not os.path.exists(config.fid.stat):
+        return (f"the FID reference statistics config.fid.stat={config.fid.stat!r} are missing; the README's "
+                f"'Evaluation' section says how to make them (tools/compute_fid_stats.py)")
     weights = config.fid.inception_weights
     if weights and not os.path.exists(weights):
         return f"config.fid.inception_weights={weights!r} does not exist"
     return ''
 
 
-def run_fid(accelerator, generate_fn, config, data, n_samples, mini_batch_size):
-    """FID of generate_fn's images against data.fid_stat through libs.evaluation; None when impossible."""
-    from libs.errors import MissingFileError
-    from libs.evaluation import evaluate
-
+def run_fid(accelerator, generate_fn, config, n_samples, mini_batch_size):
+    """FID of generate_fn's images against config.fid.stat through libs.evaluation; None when impossible."""
     try:
-        return evaluate(accelerator, generate_fn, n_samples, mini_batch_size, data.fid_stat, config.seed,
+        return evaluate(accelerator, generate_fn, n_samples, mini_batch_size, config.fid.stat, config.seed,
                         inception_weights=config.fid.inception_weights)
     except MissingFileError as e:
         log_once(logger, f"FID skipped: {e}", logging.WARNING)
@@ -109,7 +80,6 @@ class Run:
     loader: Any
     diffusion: Any
     autoencoder: Any
-    shape: tuple  # x0 shape the network sees: pixels (C, H, W) or the latent shape
     null: Any  # null label / empty context of guidance, or None
     n_nonfinite: torch.Tensor  # device counter of NaN/inf losses, never reset
     history: dict = dataclasses.field(default_factory=lambda: {'fid': {}, 'score': {}})
@@ -128,15 +98,15 @@ class Run:
         """Evaluation draws from its own seeds and must not move the training generators."""
         return torch.random.fork_rng(devices=[self.device] if self.device.type == 'cuda' else [])
 
-    def sampling_conditions(self, n):
-        """(labels, contexts) tables for evaluating n images: labels from the dataset's sampling
-        distribution seeded by config.seed; text contexts from the dataset's `fid_contexts`."""
-        labels = contexts = None
-        if self.family.condition == 'label':
-            labels = self.data.sample_labels(n, torch.Generator().manual_seed(self.config.seed))
-        elif self.family.condition == 'text':
-            contexts = getattr(self.data, 'fid_contexts', None)
-        return labels, contexts
+    def sampler(self):
+        """The EMA network ready to sample (libs.family.Sampler)."""
+        return Sampler.for_config(self.config, self.family, self.nnet_ema, self.device, self.autoencoder, self.null)
+
+    def generate_fn(self, use, n):
+        """(generate_fn with the protocol `use` of Family.protocol, the labels of the n images or None)."""
+        labels = self.family.sample_labels(self.config, n)
+        return self.sampler().generate_fn(*self.family.protocol(self.config, use), labels=labels,
+                                          contexts=getattr(self.data, 'fid_contexts', None)), labels
 
 
 def check_finite(r: Run, step: int):
@@ -175,40 +145,36 @@ def save(r: Run, step: int) -> str:
 
 def write_grid(r: Run, step: int):
     """samples/<step>.png from the EMA network: one row per class or prompt (main process only)."""
-    from libs.sample_grid import save_grid
-
     g = r.config.grid
-    labels, contexts, n = r.family.grid_conditions(r.data, g.n_rows, g.n_cols)
-    gen = r.family.make_generate_fn(
-        r.nnet_ema, r.diffusion, shape=r.shape, seed=r.config.seed, device=r.device,
-        algorithm=g.algorithm or r.family.default_grid_algorithm(), steps=g.steps, scale=grid_scale(r.config),
-        null=r.null, labels=labels, contexts=contexts, autoencoder=r.autoencoder)
+    labels, contexts, n = r.family.grid_conditions(r.config, getattr(r.data, 'vis_contexts', None), g.n_rows,
+                                                   g.n_cols)
+    gen = r.sampler().generate_fn(*r.family.protocol(r.config, 'grid'), labels=labels, contexts=contexts)
     with r.forked_rng(), r.accelerator.autocast():
         images = gen(torch.arange(n))
     save_grid(images, os.path.join(r.workdir, 'samples', f"{step}.png"), g.n_cols)
 
 
 def evaluate_checkpoint(r: Run, step: int):
-    """FID (when possible) and the dataset's sample metric of the EMA network at `step`; into r.history
-    and <workdir>/score.json. Unguided, with DPM-Solver config.fid.steps, as the original's training FID."""
+    """FID (when possible) and the dataset's sample metric of the EMA network at `step`, with the 'fid'
+    protocol of Family.protocol; into r.history and <workdir>/score.json. config.fid.n_samples=0: nothing."""
     cfg = r.config
-    labels, contexts = r.sampling_conditions(cfg.fid.n_samples)
-    gen = r.family.make_generate_fn(r.nnet_ema, r.diffusion, shape=r.shape, seed=cfg.seed, device=r.device,
-                                    algorithm='dpm_solver', steps=cfg.fid.steps, scale=0.0, labels=labels,
-                                    contexts=contexts, autoencoder=r.autoencoder)
+    if cfg.fid.n_samples == 0:
+        return
+    gen, labels = r.generate_fn('fid', cfg.fid.n_samples)
     with r.forked_rng(), r.accelerator.autocast():
-        reason = fid_unavailable(cfg, r.data) or \
-            ('the dataset gives no captions to sample with' if r.family.condition == 'text' and contexts is None else '')
+        reason = fid_unavailable(cfg) or ('the dataset gives no captions to sample with'
+                                          if r.family.condition == 'text' and getattr(r.data, 'fid_contexts', None) is None
+                                          else '')
         if reason:
             # A dataset that defines no statistics (digits: it has its own score) is not a problem to warn about.
-            level = logging.WARNING if r.data.fid_stat or not hasattr(r.data, 'sample_metric') else logging.INFO
+            level = logging.WARNING if cfg.fid.stat or not hasattr(r.data, 'sample_metric') else logging.INFO
             log_once(logger, f"FID skipped during training: {reason}. Training goes on.", level)
         else:
-            result = run_fid(r.accelerator, gen, cfg, r.data, cfg.fid.n_samples, cfg.sample.mini_batch_size)
+            result = run_fid(r.accelerator, gen, cfg, cfg.fid.n_samples, cfg.sample.mini_batch_size)
             if result is not None:
                 r.history['fid'][step] = float(result['fid'])
-                logger.info("step %d: FID-%d %.3f (unguided, %d DPM-Solver steps)", step, result['n'], result['fid'],
-                            cfg.fid.steps)
+                logger.info("step %d: FID-%d %.3f (%d DPM-Solver steps, guidance scale %g)", step, result['n'],
+                            result['fid'], cfg.fid.steps, r.family.protocol(cfg, 'fid')[2])
         if hasattr(r.data, 'sample_metric'):
             images = generate_all(r.accelerator, gen, cfg.fid.n_samples, cfg.sample.mini_batch_size)
             score = r.data.sample_metric(images, labels)
@@ -224,35 +190,27 @@ def evaluate_checkpoint(r: Run, step: int):
 
 
 def final_evaluation(r: Run):
-    """Evaluate with config.sample: the best-FID checkpoint's EMA network when FID was computed, otherwise
-    (datasets with a sample metric, e.g. digits) the final EMA network. Writes <workdir>/final_eval.json."""
-    from libs import checkpoint as ckpt
-    from libs.nnet import load_nnet_state_dict
-
+    """Evaluate with the 'sample' protocol (config.sample, guided when configured): the best-FID checkpoint's
+    EMA network when FID was computed, otherwise (datasets with a sample metric, e.g. digits) the final EMA
+    network. Writes <workdir>/final_eval.json."""
     has_metric = hasattr(r.data, 'sample_metric')
     if not r.history['fid'] and not has_metric:
         return None
     s = r.config.sample
-    scale = float(s.scale) if s.cfg else 0.0
     result = {'sample': {k: s[k] for k in ('algorithm', 'sample_steps', 'n_samples', 'cfg', 'scale')}}
     if r.history['fid']:
         best = min(r.history['fid'], key=r.history['fid'].get)
         result['checkpoint'] = ckpt.checkpoint_path(r.ckpt_root, best)
         load_nnet_state_dict(r.nnet_ema, ckpt.load_nnet_weights(result['checkpoint']))
-    labels, contexts = r.sampling_conditions(s.n_samples)
-    gen = r.family.make_generate_fn(r.nnet_ema, r.diffusion, shape=r.shape, seed=r.config.seed, device=r.device,
-                                    algorithm=s.algorithm, steps=s.sample_steps, scale=scale, null=r.null,
-                                    labels=labels, contexts=contexts, autoencoder=r.autoencoder)
+    gen, labels = r.generate_fn('sample', s.n_samples)
     with r.forked_rng(), r.accelerator.autocast():
         if r.history['fid']:
-            fid = run_fid(r.accelerator, gen, r.config, r.data, s.n_samples, s.mini_batch_size)
-            if fid is not None:
-                result.update(fid)
+            result.update(run_fid(r.accelerator, gen, r.config, s.n_samples, s.mini_batch_size) or {})
         if has_metric:
             images = generate_all(r.accelerator, gen, s.n_samples, s.mini_batch_size)
             result.update(r.data.sample_metric(images, labels))
     logger.info("final evaluation (%s, %d steps, guidance scale %g, %d samples): %s", s.algorithm, s.sample_steps,
-                scale, s.n_samples, {k: v for k, v in result.items() if k != 'sample'})
+                guidance_scale(r.config), s.n_samples, {k: v for k, v in result.items() if k != 'sample'})
     if r.accelerator.is_main_process:
         write_json(result, os.path.join(r.workdir, 'final_eval.json'))
     return result
@@ -268,13 +226,14 @@ def train(config, workdir: str, family):
     from libs import checkpoint as ckpt
     from libs.config_utils import parse_and_validate
     from libs.data_loader import ResumableLoader, resolve_num_workers
-    from libs.datasets import get_dataset
     from libs.ema import EMAUpdater, make_ema
     from libs.nnet import build_nnet
     from libs.optim import build_lr_scheduler, build_optimizer
     from libs.perf import configure_tf32, maybe_compile
     from libs.preemption import PreemptionHandler
     from sde import build_diffusion
+
+    family = family.for_config(config)  # before any work: a config of another family names its script
 
     # Setup accelerate: DDP over processes; mixed precision from `accelerate launch --mixed_precision`.
     configure_tf32(config.tf32)
@@ -289,7 +248,6 @@ def train(config, workdir: str, family):
     setup_logging(is_main, os.path.join(workdir, 'train.log'))
     parse_and_validate(config, world_size=accelerator.num_processes)  # includes: the global batch splits evenly
     local_batch = config.train.batch_size // accelerator.num_processes
-    family = family.for_config(config)
     logger.info("%d process(es) on %s, mixed precision %s, global batch %d (%d per process), %s",
                 accelerator.num_processes, device, accelerator.mixed_precision, config.train.batch_size, local_batch,
                 family)
@@ -307,7 +265,6 @@ def train(config, workdir: str, family):
                              persistent_workers=config.dataloader.persistent_workers)
     autoencoder = None
     if family.data == 'latents':
-        from libs.autoencoder import get_model
         autoencoder = get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor).to(device)
 
     # Create model: the same initialisation on every process (and for any number of processes); the EMA
@@ -326,8 +283,7 @@ def train(config, workdir: str, family):
     r = Run(config=config, workdir=workdir, family=family, accelerator=accelerator, data=data, nnet=nnet,
             nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader,
             diffusion=build_diffusion(family.time), autoencoder=autoencoder,
-            shape=tuple(config.z_shape) if family.data == 'latents' else tuple(data.data_shape),
-            null=family.null_condition(config, data),
+            null=family.null_condition(config, getattr(data, 'empty_context', None)),
             n_nonfinite=torch.zeros((), dtype=torch.int64, device=device))
 
     # Resume: network, EMA, optimizer, scheduler, step, every rank's RNG states, data position.

@@ -194,8 +194,15 @@ def nan_loss(tmp):
 
 
 def dataset_missing(tmp):
+    import urllib.error
+    from unittest import mock
+
+    import torchvision
+
     from libs.datasets import get_dataset
-    get_dataset("cifar10", path=os.path.join(tmp, "assets", "datasets", "cifar10"))
+    # Offline: torchvision's downloader fails as it does without a network.
+    with mock.patch.object(torchvision.datasets, "CIFAR10", side_effect=urllib.error.URLError("no network")):
+        get_dataset("cifar10", path=os.path.join(tmp, "assets", "datasets", "cifar10"))
 
 
 def autoencoder_missing(tmp):
@@ -274,8 +281,8 @@ CASES = [
     Case("nan-loss", "the loss becomes NaN (e.g. a far too large learning rate)", nan_loss, TrainingDivergedError,
          ("step 160", "100.ckpt", "Lower config.optimizer.lr")),
     # Missing files.
-    Case("dataset-missing", "`config.dataset.path` does not exist (CIFAR10)", dataset_missing, MissingFileError,
-         ("cifar10", "does not exist", "Download")),
+    Case("dataset-missing", "CIFAR10 is not in `config.dataset.path` and cannot be downloaded (offline)",
+         dataset_missing, MissingFileError, ("CIFAR10", "could not be downloaded", "cifar-10-python.tar.gz")),
     Case("autoencoder-missing", "the autoencoder weights are not there", autoencoder_missing, MissingFileError,
          ("autoencoder_kl.pth", "not found")),
     Case("fid-stats-missing", "the FID reference statistics are not there", fid_stats_missing, MissingFileError,

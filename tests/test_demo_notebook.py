@@ -23,7 +23,7 @@ def run_notebook(tmp_path, monkeypatch, kind):
     env = {"UVIT_DEMO_ROOT": ROOT, "UVIT_DEMO_CONFIG": str(tmp_path / "config.py"),
            "UVIT_DEMO_NNET": str(tmp_path / "nnet.pth"), "UVIT_DEMO_STEPS": "2", "UVIT_DEMO_N_PER_ROW": "2",
            "UVIT_DEMO_DEVICE": "cpu", "UVIT_DEMO_OUTPUT": str(tmp_path / "grid.png"),
-           "UVIT_DEMO_TIME": "continuous" if kind == "class" else "discrete", "UVIT_DEMO_CLASS_IDS": "0,2",
+           "UVIT_DEMO_CLASS_IDS": "0,2",
            "UVIT_DEMO_PROMPTS": "the cat|a dog|the dog"}
     if kind == "text":
         env["UVIT_DEMO_CLIP"] = write_tiny_clip(str(tmp_path / "clip"), hidden_size=32)

@@ -9,6 +9,7 @@ from PIL import Image
 import pytorch_fid.inception as pf_inception
 from libs import evaluation, fid
 from libs.errors import InputError, MissingFileError
+from libs.family import index_generators
 from tools import inception
 
 
@@ -41,11 +42,18 @@ def test_shards_cover_every_index_exactly_once(n, world, batch):
 
 
 def test_index_generators_depend_only_on_seed_and_index():
-    a = [torch.randn(3, generator=g) for g in evaluation.index_generators(7, [4, 9, 2])]
-    b = [torch.randn(3, generator=g) for g in evaluation.index_generators(7, [2, 4])]
+    a = [torch.randn(3, generator=g) for g in index_generators(7, [4, 9, 2])]
+    b = [torch.randn(3, generator=g) for g in index_generators(7, [2, 4])]
     assert torch.equal(a[0], b[1]) and torch.equal(a[2], b[0])
-    c = [torch.randn(3, generator=g) for g in evaluation.index_generators(8, [4])]
+    c = [torch.randn(3, generator=g) for g in index_generators(8, [4])]
     assert not torch.equal(a[0], c[0])
+
+
+def test_generate_all_puts_every_image_at_its_index(accelerator):
+    def generate_fn(indices):
+        return indices.float()[:, None, None, None].expand(-1, 3, 2, 2)
+    out = evaluation.generate_all(accelerator, generate_fn, 7, 3)
+    assert out.shape == (7, 3, 2, 2) and torch.equal(out[:, 0, 0, 0], torch.arange(7).float())
 
 
 def _images_of(indices):

@@ -167,12 +167,9 @@ def test_imagenet_features_dataset_packed_and_per_file(tmp_path):
     for folder in ("packed", "orig"):
         data = get_dataset("imagenet256_features", path=str(tmp_path / folder))
         assert data.kind == "latent_moments" and data.data_shape == (4, 32, 32) and data.num_classes == 1000
-        assert data.fid_stat == "assets/fid_stats/fid_stats_imagenet256_guided_diffusion.npz"
         item = data.train[5]
         assert item["moments"].dtype == torch.float32 and item["y"].dtype == torch.int64
         assert torch.equal(item["moments"], torch.from_numpy(moments[5])) and int(item["y"]) == 2
-        y = data.sample_labels(5000, torch.Generator().manual_seed(0))
-        assert y.min() >= 0 and y.max() < 1000 and len(torch.unique(y)) > 900  # uniform over 1000 classes
         # Batched access (DataLoader's __getitems__) gives the per-item results, across shard boundaries.
         idx = [5, 0, 3, 3, 1]
         batch = data.train.__getitems__(idx)
@@ -212,7 +209,6 @@ def test_mscoco_features_dataset(tmp_path):
     np.save(root / "vis_contexts.npy", vis)
     data = get_dataset("mscoco256_features", path=str(root))
     assert data.kind == "latent_moments" and data.data_shape == (4, 32, 32) and data.num_classes == 0
-    assert data.fid_stat == "assets/fid_stats/fid_stats_mscoco256_val.npz"
     np.testing.assert_array_equal(data.empty_context, empty)
     assert data.vis_prompts == ["a cat", "a dog"] and np.array_equal(data.vis_contexts, vis)
     assert len(data.test) == 2

@@ -151,7 +151,7 @@ def test_t2i_errors(tiny):
 def cls_args(tiny, out, *extra):
     config, nnet = tiny["cls"]
     return [f"--config={config}", f"--nnet_path={nnet}", "--steps=3", "--device=cpu", f"--output_dir={out}",
-            "--time=continuous", *extra]
+            *extra]
 
 
 def test_class_cond_writes_rows_per_class(tiny):
@@ -174,6 +174,14 @@ def test_class_cond_errors(tiny):
         sample_class_cond.main(cls_args(tiny, out, "--class_ids=3"))
     with pytest.raises(ConfigError, match="--class_ids"):
         sample_class_cond.main(cls_args(tiny, out))
-    config, nnet = tiny["cls"]
-    with pytest.raises(ConfigError, match="--time"):
-        sample_class_cond.main([f"--config={config}", f"--nnet_path={nnet}", "--class_ids=0", "--device=cpu"])
+    t2i_config, t2i_nnet = tiny["t2i"]
+    with pytest.raises(ConfigError, match="use sample_t2i_discrete.py"):
+        sample_class_cond.main([f"--config={t2i_config}", f"--nnet_path={t2i_nnet}", "--class_ids=0", "--device=cpu"])
+
+
+def test_class_cond_samples_with_the_config_diffusion(tiny):
+    """The time kind comes from config.diffusion: the same weights sampled as a discrete-time model differ."""
+    continuous = sample_class_cond.main(cls_args(tiny, tiny["tmp"] / "c", "--class_ids=1", "--n_per_class=1"))
+    discrete = sample_class_cond.main(cls_args(tiny, tiny["tmp"] / "d", "--class_ids=1", "--n_per_class=1",
+                                               "--config.diffusion=discrete"))
+    assert not np.array_equal(read_png(continuous[0]), read_png(discrete[0]))

@@ -1,5 +1,6 @@
-"""The latent families end to end on tiny packed features and a tiny random autoencoder:
-train_ldm_discrete.py's family (moments -> latents, discrete time, labels with guidance dropout)."""
+"""The latent class families end to end on tiny packed features and a tiny random autoencoder:
+train_ldm.py's (continuous time) and train_ldm_discrete.py's (discrete time): moments -> latents, labels with
+guidance dropout, each from its paper config."""
 import os
 
 import numpy as np
@@ -7,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from configs.imagenet256_uvit_huge import get_config
+from configs.imagenet256_uvit_huge import get_config as huge_config
+from configs.imagenet256_uvit_large import get_config as large_config
 from libs import features as F
-from libs.family import LATENTS_DISCRETE
+from libs.family import LATENTS_CONTINUOUS, LATENTS_DISCRETE
 from libs.trainer import train
 from tests.tiny_models import write_tiny_autoencoder
 
@@ -33,7 +35,8 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def test_latent_discrete_training_runs_and_writes_decoded_grid(tmp_path):
+@pytest.mark.parametrize('get_config,family', [(large_config, LATENTS_CONTINUOUS), (huge_config, LATENTS_DISCRETE)])
+def test_latent_training_runs_and_writes_decoded_grid(tmp_path, get_config, family):
     write_features(str(tmp_path / 'features'))
     config = get_config()
     config.autoencoder.pretrained_path = write_tiny_autoencoder(str(tmp_path / 'ae.pth'))
@@ -42,7 +45,8 @@ def test_latent_discrete_training_runs_and_writes_decoded_grid(tmp_path):
     config.train.update(n_steps=3, batch_size=4, log_interval=1, eval_interval=1000, save_interval=1000)
     config.lr_scheduler.warmup_steps = 1
     config.grid.update(n_rows=2, n_cols=1, steps=2)
-    out = train(config, str(tmp_path / 'run'), LATENTS_DISCRETE)
+    out = train(config, str(tmp_path / 'run'), family)
+    assert out['run'].family.time == config.diffusion
     assert out['step'] == 3 and all(np.isfinite(m['loss']) for m in out['run'].logged)
     assert os.path.isdir(tmp_path / 'run' / 'ckpts' / '3.ckpt')
     with Image.open(tmp_path / 'run' / 'samples' / '3.png') as grid:

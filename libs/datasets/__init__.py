@@ -1,7 +1,7 @@
 """Dataset registry: `data = get_dataset(name, **kwargs)`.
 
 Each name maps to 'module:Class'; the module is imported only when the dataset is asked for,
-so a dataset whose module or optional dependency is missing never breaks the others.
+so a dataset whose optional dependency is missing never breaks the others.
 See the README's 'Datasets' section for the on-disk formats and how to add a dataset.
 """
 import importlib
@@ -29,28 +29,24 @@ _IMPLIED_KWARGS = {
 
 
 def get_dataset_class(name):
-    """The class registered under `name`; ConfigError for an unknown name or a missing module."""
+    """The class registered under `name`; ConfigError for an unknown name."""
     if name not in DATASETS:
         raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(sorted(DATASETS))}.")
     module_name, class_name = DATASETS[name].split(':')
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name != module_name:
-            raise
-        raise ConfigError(f"dataset {name!r} needs the module {module_name}, which is not available in this "
-                          "checkout (it is written separately); update the code.") from e
-    try:
-        return getattr(module, class_name)
-    except AttributeError as e:
-        raise ConfigError(f"dataset {name!r}: {module_name} defines no {class_name}.") from e
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def dataset_kwargs(config) -> dict:
+    """The keyword arguments of config.dataset's dataset: config.dataset without the keys the engine
+    itself reads (name, cfg, p_uncond)."""
+    return {k: v for k, v in config.dataset.to_dict().items() if k not in ('name', 'cfg', 'p_uncond')}
 
 
 def get_dataset(name, **kwargs):
     """Build the dataset `name` (see DATASETS) with its keyword arguments.
 
     Unknown or misspelled keyword arguments raise ConfigError listing the accepted ones.
-    Returns an object with .train, .data_shape, .kind, .num_classes, .fid_stat, .sample_labels.
+    Returns a DatasetBase: .train, .data_shape, .kind, .num_classes (libs/datasets/base.py).
     """
     cls = get_dataset_class(name)
     implied = _IMPLIED_KWARGS.get(name, {})
@@ -65,7 +61,8 @@ def get_dataset(name, **kwargs):
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown and not takes_var_kwargs:
         raise ConfigError(f"dataset {name!r} does not take {', '.join(map(repr, unknown))}; "
-                          f"it accepts: {', '.join(accepted) or 'no arguments'}.")
+                          f"it accepts: {', '.join(accepted) or 'no arguments'}."
+                          + (" The FID statistics are config.fid.stat." if 'fid_stat' in unknown else ""))
     missing = [p for p in accepted if params[p].default is inspect.Parameter.empty
                and params[p].kind is not inspect.Parameter.VAR_POSITIONAL and p not in kwargs]
     if missing:
@@ -74,4 +71,4 @@ def get_dataset(name, **kwargs):
     return cls(**kwargs)
 
 
-__all__ = ['DATASETS', 'get_dataset', 'get_dataset_class']
+__all__ = ['DATASETS', 'dataset_kwargs', 'get_dataset', 'get_dataset_class']

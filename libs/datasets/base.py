@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 
 from libs.errors import ConfigError, InputError, MissingFileError
@@ -35,41 +36,22 @@ class DatasetBase:
         kind: 'pixels', 'images_for_autoencoder' (raw images the training script encodes) or
             'latent_moments' (precomputed autoencoder moments, libs/datasets/features.py).
         num_classes: number of data classes, 0 for unlabelled data.
-        fid_stat: path of the FID reference statistics (may not exist yet), or None.
         image_shape: (C, H, W) of the items' 'x' (equal to data_shape for pixels).
+
+    Nothing here is needed to sample or evaluate: the FID statistics (config.fid.stat) and the class
+    labels to sample (uniform over config.nnet's classes) come from the config.
     """
 
-    def __init__(self, train, data_shape, kind='pixels', num_classes=0, fid_stat=None, class_counts=None,
-                 image_shape=None):
+    def __init__(self, train, data_shape, kind='pixels', num_classes=0, image_shape=None):
         self.train = train
         self.data_shape = tuple(int(s) for s in data_shape)
         self.image_shape = self.data_shape if image_shape is None else tuple(int(s) for s in image_shape)
         self.kind = kind
         self.num_classes = int(num_classes)
-        self.fid_stat = fid_stat
-        # Per-class training counts; when given, sample_labels follows the empirical class
-        # frequencies as the original did (torch.multinomial over the counts, with replacement).
-        self.class_counts = None if class_counts is None else torch.as_tensor(class_counts, dtype=torch.float64)
-
-    def sample_labels(self, n, generator=None):
-        """(n,) int64 labels to sample with: empirical training-class frequencies when the
-        counts are known, uniform over the classes otherwise."""
-        if self.num_classes == 0:
-            raise ConfigError(
-                f"{type(self).__name__} has no class labels, so there are no labels to sample; "
-                "use config.train.mode='uncond' for this dataset.")
-        if self.class_counts is not None:
-            return torch.multinomial(self.class_counts, int(n), replacement=True, generator=generator)
-        return torch.randint(0, self.num_classes, (int(n),), generator=generator, dtype=torch.int64)
 
     def __repr__(self):
         return (f"{type(self).__name__}(n={len(self.train)}, data_shape={self.data_shape}, kind={self.kind!r}, "
-                f"num_classes={self.num_classes}, fid_stat={self.fid_stat!r})")
-
-
-def class_counts_of(labels, num_classes):
-    """(num_classes,) int64 count of each label value."""
-    return torch.bincount(torch.as_tensor(labels, dtype=torch.int64), minlength=num_classes)
+                f"num_classes={self.num_classes})")
 
 
 def maybe_flip(x, random_flip):
@@ -151,8 +133,6 @@ class ImageFileDataset(Dataset):
 
 def load_rgb(path):
     """Open an image file as an RGB PIL image; InputError naming the file if it is unreadable."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(path) as img:
             img.load()
@@ -183,8 +163,6 @@ def _box_halve_then_bicubic(img, smaller_side):
     """Resize so the smaller side is `smaller_side`: BOX-halve while the image is at least twice
     as large (better downsampling quality than one big bicubic step), then one BICUBIC resize.
     This is the preprocessing of guided-diffusion (ADM), which U-ViT reused for ImageNet."""
-    from PIL import Image
-
     while min(img.size) >= 2 * smaller_side:
         img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
     scale = smaller_side / min(img.size)

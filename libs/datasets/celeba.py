@@ -12,6 +12,8 @@ import csv
 import logging
 import os
 
+from PIL import Image
+
 from libs.datasets.base import DatasetBase, ImageFileDataset, check_dataset_path, check_resolution, list_images
 from libs.errors import ConfigError, InputError, MissingFileError
 
@@ -22,7 +24,6 @@ PARTITION_FILES = ('list_eval_partition.txt', 'list_eval_partition.csv')
 SPLITS = {'train': 0, 'valid': 1, 'test': 2, 'all': None}
 # The paper's face crop in the 178x218 aligned images (top-left corner and side, pixels).
 CROP_TOP, CROP_LEFT, CROP_SIZE = 57, 25, 128
-FID_STAT = 'assets/fid_stats/fid_stats_celeba64_train_50000_ddim.npz'
 
 HOW_TO_PREPARE = (
     "Download 'Align&Cropped Images' (img_align_celeba.zip) and list_eval_partition.txt from "
@@ -71,8 +72,6 @@ class CelebAFaceCrop:
         self.resolution = resolution
 
     def __call__(self, img):
-        from PIL import Image
-
         if img.width < CROP_LEFT + CROP_SIZE or img.height < CROP_TOP + CROP_SIZE:
             raise InputError(f"CelebA image of size {img.width}x{img.height} is smaller than the face crop "
                              f"(needs at least {CROP_LEFT + CROP_SIZE}x{CROP_TOP + CROP_SIZE}); use the aligned "
@@ -116,5 +115,4 @@ class CelebA(DatasetBase):
             data_shape=(3, resolution, resolution),
             kind='pixels',
             num_classes=0,
-            fid_stat=FID_STAT if resolution == 64 else None,
         )

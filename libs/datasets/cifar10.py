@@ -1,5 +1,8 @@
 """'cifar10': the CIFAR10 training set read from the standard python-pickle batches.
 
+When the batches are not in the configured folder, torchvision's downloader fetches and extracts
+them there (as the original's dataset did); offline, a MissingFileError says what to fetch.
+
 On disk (the release's `cifar-10-python.tar.gz`, also what torchvision downloads):
     <path>/cifar-10-batches-py/data_batch_1 ... data_batch_5, test_batch, batches.meta
 `path` may name that folder itself or its parent. Each batch is a pickled dict with
@@ -13,8 +16,8 @@ import pickle
 import numpy as np
 import torch
 
-from libs.datasets.base import DatasetBase, TensorImageDataset, check_dataset_path, class_counts_of
-from libs.errors import InputError, MissingFileError
+from libs.datasets.base import DatasetBase, TensorImageDataset
+from libs.errors import ConfigError, InputError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -24,22 +27,28 @@ TEST_BATCH = 'test_batch'
 CIFAR10_TRAIN_SIZE = 50_000
 CIFAR10_NUM_CLASSES = 10
 CIFAR10_SIZE = 32
-FID_STAT = 'assets/fid_stats/fid_stats_cifar10_train_pytorch.npz'
 
-HOW_TO_PREPARE = (
-    "Download https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz and extract it into that folder "
-    "(`tar xzf cifar-10-python.tar.gz -C <path>` gives <path>/cifar-10-batches-py/data_batch_1..5), or run "
-    "`python -c \"import torchvision; torchvision.datasets.CIFAR10('<path>', download=True)\"`; "
-    "then set config.dataset.path=<path>.")
+URL = 'https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz'  # what torchvision's CIFAR10 downloads
+HOW_TO_PREPARE = (f"Download {URL} and extract it into config.dataset.path (`tar xzf cifar-10-python.tar.gz -C <path>` "
+                  f"gives <path>/cifar-10-batches-py/data_batch_1..5).")
+
+
+def download(path):
+    """Fetch and extract the release into `path` with torchvision's downloader (checksum-verified)."""
+    import torchvision  # heavy
+
+    logger.info("CIFAR10 not found in '%s': downloading %s there", path, URL)
+    try:
+        torchvision.datasets.CIFAR10(path, train=True, download=True)
+    except OSError as e:  # no network (urllib's URLError is an OSError), or a disk error
+        raise MissingFileError(f"CIFAR10 is not in '{path}' and could not be downloaded ({e}). Download {URL} "
+                               f"and extract it into '{path}' (`tar xzf cifar-10-python.tar.gz -C {path}`).") from e
 
 
 def find_batches_dir(path):
-    """The folder holding data_batch_1..5: `path` itself or `path`/cifar-10-batches-py."""
-    for candidate in (path, os.path.join(path, BATCHES_DIR)):
-        if os.path.isfile(os.path.join(candidate, TRAIN_BATCHES[0])):
-            return candidate
-    raise MissingFileError(f"CIFAR10 python batches not found at '{path}' (looked for {TRAIN_BATCHES[0]} there "
-                           f"and in {os.path.join(path, BATCHES_DIR)}). {HOW_TO_PREPARE}")
+    """The folder holding data_batch_1..5: `path` itself or `path`/cifar-10-batches-py; None when neither."""
+    return next((d for d in (path, os.path.join(path, BATCHES_DIR))
+                 if os.path.isfile(os.path.join(d, TRAIN_BATCHES[0]))), None)
 
 
 def read_batch(file):
@@ -75,7 +84,12 @@ class CIFAR10(DatasetBase):
     """
 
     def __init__(self, path, random_flip=True):
-        folder = find_batches_dir(check_dataset_path(path, 'cifar10', HOW_TO_PREPARE))
+        if not path:
+            raise ConfigError(f"cifar10: config.dataset.path is not set. {HOW_TO_PREPARE}")
+        path = os.fspath(path)
+        if find_batches_dir(path) is None:
+            download(path)
+        folder = find_batches_dir(path) or path  # a partial folder fails below, naming the missing batch
         parts = [read_batch(os.path.join(folder, name)) for name in TRAIN_BATCHES]
         images = torch.cat([p[0] for p in parts])
         labels = torch.cat([p[1] for p in parts])
@@ -87,6 +101,4 @@ class CIFAR10(DatasetBase):
             data_shape=(3, CIFAR10_SIZE, CIFAR10_SIZE),
             kind='pixels',
             num_classes=CIFAR10_NUM_CLASSES,
-            fid_stat=FID_STAT,
-            class_counts=class_counts_of(labels, CIFAR10_NUM_CLASSES),
         )

@@ -7,7 +7,8 @@ No flips: a mirrored 2, 3 or 7 is not a digit.
 import torch
 import torch.nn.functional as F
 
-from libs.datasets.base import DatasetBase, TensorImageDataset, class_counts_of
+from libs.datasets.base import DatasetBase, TensorImageDataset
+from libs.digits_metrics import digits_score
 from libs.errors import ConfigError
 
 DIGITS_SIZE = 8
@@ -18,7 +19,7 @@ INTERPOLATIONS = ('nearest', 'bilinear')
 
 def load_digits_arrays():
     """(images (1797, 8, 8) float64 in 0..16, labels (1797,) int64), as scikit-learn gives them."""
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # heavy
 
     bunch = load_digits()
     return bunch.images, bunch.target
@@ -52,8 +53,6 @@ class Digits(DatasetBase):
             data_shape=(1, resolution, resolution),
             kind='pixels',
             num_classes=DIGITS_NUM_CLASSES,
-            fid_stat=None,
-            class_counts=class_counts_of(labels, DIGITS_NUM_CLASSES),
         )
         self.resolution = resolution
 
@@ -64,6 +63,4 @@ class Digits(DatasetBase):
         were sampled for, or None for unconditional samples.
         Returns {'digit_accuracy': float in [0, 1] (only with labels), 'pixel_fd': float}.
         """
-        from libs.digits_metrics import digits_score
-
         return digits_score(images, labels)

@@ -29,11 +29,6 @@ logger = logging.getLogger(__name__)
 
 LATENT_KIND = "latent_moments"
 IMAGENET_CLASSES = 1000
-FID_STATS = {
-    ("imagenet", 256): "assets/fid_stats/fid_stats_imagenet256_guided_diffusion.npz",
-    ("imagenet", 512): "assets/fid_stats/fid_stats_imagenet512_guided_diffusion.npz",
-    ("mscoco", 256): "assets/fid_stats/fid_stats_mscoco256_val.npz",
-}
 EMPTY_CONTEXT_FILE = "empty_context.npy"
 FID_CONTEXT_SEED = 1234  # the configs' seed; fixes which val captions FID images are drawn with
 VIS_PROMPTS_FILE, VIS_CONTEXTS_FILE = "vis_prompts.json", "vis_contexts.npy"
@@ -124,7 +119,6 @@ class ImageNetFeatures(DatasetBase):
     path: the feature folder. resolution: 256 or 512 (implied by the registry name).
     num_classes: number of data classes (1000; smaller for toy sets). The null class of guidance
     training is appended by the config (nnet.num_classes = num_classes + 1), not here.
-    Labels to sample are uniform over the classes, as the original's imagenet*_features.
     """
 
     def __init__(self, path, resolution=256, num_classes=IMAGENET_CLASSES):
@@ -144,7 +138,7 @@ class ImageNetFeatures(DatasetBase):
                 raise ConfigError(f"features in '{path}' have label {top} but num_classes={num_classes}; set "
                                   f"--config.dataset.num_classes={top + 1}.")
         super().__init__(LabelledMoments(reader), _latent_shape(reader.moments_shape), kind=LATENT_KIND,
-                         num_classes=num_classes, fid_stat=FID_STATS.get(("imagenet", resolution)))
+                         num_classes=num_classes)
         self.resolution = resolution
         logger.info("ImageNet %d features: %d entries (%s layout) in %s", resolution, len(reader), reader.layout, path)
 
@@ -173,8 +167,7 @@ class MSCOCOFeatures(DatasetBase):
         test = open_features(val_dir) if os.path.isdir(val_dir) else None
         if test is None:
             logger.warning("no val/ features in %s: FID contexts are unavailable (extract --split val)", path)
-        super().__init__(CaptionedMoments(train), _latent_shape(train.moments_shape), kind=LATENT_KIND,
-                         num_classes=0, fid_stat=FID_STATS.get(("mscoco", resolution)))
+        super().__init__(CaptionedMoments(train), _latent_shape(train.moments_shape), kind=LATENT_KIND)
         self.test = None if test is None else CaptionedMoments(test)
         self.fid_contexts = None if test is None else FIDContexts(test)
         self.empty_context = _load_empty_context(path)
@@ -185,11 +178,21 @@ class MSCOCOFeatures(DatasetBase):
                     len(train), train.layout, "no" if test is None else len(test), len(self.vis_prompts), path)
 
 
+def caption_contexts(path):
+    """(FIDContexts of <path>/val, the empty prompt's context (77, D) float32 or None): what text-to-image
+    evaluation samples with. Opens neither the training features nor anything else."""
+    val_dir = os.path.join(path, "val")
+    if not os.path.isdir(val_dir):
+        raise MissingFileError(f"MS-COCO val2014 caption features '{val_dir}' not found: text-to-image evaluation "
+                               f"samples with them. Extract them with `python scripts/extract_mscoco_feature.py "
+                               f"--split val --output {path}` (or download them into that folder).")
+    return FIDContexts(open_features(val_dir)), _load_empty_context(path)
+
+
 def _load_empty_context(path):
     f = os.path.join(path, EMPTY_CONTEXT_FILE)
     if not os.path.isfile(f):
-        logger.warning("%s not found: guidance training needs it (run scripts/extract_empty_feature.py --output %s)",
-                       f, path)
+        logger.warning("%s not found: guidance needs it (run scripts/extract_empty_feature.py --output %s)", f, path)
         return None
     return np.asarray(np.load(f), dtype=np.float32)
 

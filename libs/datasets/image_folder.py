@@ -12,7 +12,7 @@ import logging
 import os
 
 from libs.datasets.base import (IMAGE_EXTENSIONS, DatasetBase, ImageFileDataset, check_dataset_path,
-                                check_resolution, class_counts_of, list_images, resolve_kind)
+                                check_resolution, list_images, resolve_kind)
 from libs.datasets.imagenet import ADMCrop
 from libs.errors import ConfigError, MissingFileError
 
@@ -57,10 +57,9 @@ class ImageFolder(DatasetBase):
         uniformly) instead of the centre crop; a mild augmentation for small datasets.
     random_flip: horizontal flip with probability 1/2 (turn off for text, digits, asymmetric content).
     kind: 'pixels' or 'images_for_autoencoder' (default: the autoencoder from 256 pixels up).
-    fid_stat: your reference statistics (tools/compute_fid_stats.py), or None to skip FID.
     """
 
-    def __init__(self, path, resolution, random_crop=False, random_flip=True, kind=None, fid_stat=None):
+    def __init__(self, path, resolution, random_crop=False, random_flip=True, kind=None):
         resolution = check_resolution(resolution, 'image_folder')
         kind, data_shape = resolve_kind(kind, resolution, 'image_folder')
         path = check_dataset_path(path, 'image_folder', HOW_TO_PREPARE)
@@ -75,8 +74,6 @@ class ImageFolder(DatasetBase):
             data_shape=data_shape,
             kind=kind,
             num_classes=num_classes,
-            fid_stat=fid_stat,
-            class_counts=class_counts_of(labels, num_classes) if num_classes else None,
             image_shape=(3, resolution, resolution),
         )
         self.resolution = resolution

@@ -15,18 +15,13 @@ import logging
 import os
 
 from libs.datasets.base import (DatasetBase, ImageFileDataset, adm_center_crop, adm_random_crop, check_dataset_path,
-                                check_resolution, class_counts_of, list_images, resolve_kind)
+                                check_resolution, list_images, resolve_kind)
 from libs.errors import ConfigError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
 IMAGENET_TRAIN_SIZE = 1_281_167
 IMAGENET_NUM_CLASSES = 1000
-FID_STATS = {
-    64: 'assets/fid_stats/fid_stats_imagenet64_guided_diffusion.npz',
-    256: 'assets/fid_stats/fid_stats_imagenet256_guided_diffusion.npz',
-    512: 'assets/fid_stats/fid_stats_imagenet512_guided_diffusion.npz',
-}
 
 HOW_TO_PREPARE = (
     "Download ILSVRC2012_img_train.tar from https://image-net.org, extract it to <path>/train/ and extract each "
@@ -97,8 +92,6 @@ class ImageNet(DatasetBase):
             data_shape=data_shape,
             kind=kind,
             num_classes=len(self.classes),
-            fid_stat=FID_STATS.get(resolution),
-            class_counts=class_counts_of(labels, len(self.classes)),
             image_shape=(3, resolution, resolution),
         )
         self.resolution = resolution

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from libs.errors import ConfigError
+from libs.preemption import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +101,12 @@ class PositionSeeded(Dataset):
         return self._seeded(keys[0][1], self.dataset.__getitems__, [index for index, _ in keys])
 
 
-def _seed_worker(seed: int, rank: int, start: int):
-    """worker_init_fn: seeds python/numpy in a worker from (seed, rank, start position, worker id),
-    for datasets that use them (ours use torch, seeded per item)."""
+def _init_worker(seed: int, rank: int, start: int):
+    """worker_init_fn: stop signals are left to the training process (a signal to the process group must
+    not kill the workers under it); python/numpy seeded from (seed, rank, start position, worker id), for
+    datasets that use them (ours use torch, seeded per item)."""
     def init(worker_id):
+        ignore_stop_signals()
         s = mix_seed(mix_seed(mix_seed(seed, rank), start), worker_id)
         random.seed(s)
         np.random.seed(s % 2 ** 32)
@@ -159,7 +162,7 @@ class ResumableLoader:
             num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers,
             prefetch_factor=self.prefetch_factor if workers else None,
-            worker_init_fn=_seed_worker(self.seed, self.rank, self.position) if workers else None,
+            worker_init_fn=_init_worker(self.seed, self.rank, self.position) if workers else None,
             # Its own generator: DataLoader draws a base seed per iterator, which would otherwise come from
             # (and move) torch's default generator, so a resumed run's noise would differ.
             generator=torch.Generator().manual_seed(mix_seed(self.seed, self.rank)))

@@ -11,6 +11,7 @@ did with no RNG state saved; a step with non-finite gradients is skipped on the 
 read every `log_interval` steps and before every checkpoint, where `check_finite` applies
 config.train.max_nonfinite_*.
 """
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -389,8 +390,8 @@ def train(config, workdir: str, family):
     last_log_step, last_log_time = step, time.time()
     r.train_nnet.train()
     bar = tqdm(total=n_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc='train')
-    with StopSignals() as stop:
-        data_iter = iter(loader)  # workers start here, under the handlers, and then ignore stop signals
+    # The loader's workers start under the handlers, then ignore stop signals; they end with the block.
+    with StopSignals() as stop, contextlib.closing(iter(loader)) as data_iter:
         while step < n_steps:
             loss, grad_norm, applied = train_step(r, next(data_iter), step)
             step += 1

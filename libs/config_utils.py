@@ -279,7 +279,8 @@ class _Checker:
         return value if found else None
 
     def fail(self, key, msg):
-        self.problems.append(f"config.{key} = {self.get(key)!r}: {msg}")
+        if not any(p.startswith(f"config.{key} = ") for p in self.problems):  # the first problem of a key says it
+            self.problems.append(f"config.{key} = {self.get(key)!r}: {msg}")
 
     def types(self, reference, prefix=""):
         """Every key `reference` has must hold a value of its type (None in `reference`: checked elsewhere)."""
@@ -371,6 +372,8 @@ def parse_and_validate(config, *, world_size):
     c.positive(*(f"nnet.{k}" for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
                                        "mlp_ratio", "clip_dim", "num_clip_token")))
     c.range("nnet.num_classes", -1, meaning=" (-1 = unconditional)")
+    if c.get("nnet.qk_scale") is not None and not (_is_num(c.get("nnet.qk_scale")) and c.get("nnet.qk_scale") > 0):
+        c.fail("nnet.qk_scale", "must be None (head_dim ** -0.5) or a number > 0")
     img, patch, embed, heads = (c.get(f"nnet.{k}") for k in ("img_size", "patch_size", "embed_dim", "num_heads"))
     if _is_int(img) and _is_int(patch) and img > 0 and patch > 0 and img % patch:
         c.fail("nnet.patch_size", f"does not divide nnet.img_size = {img}: the image must split into whole "

@@ -3,9 +3,10 @@
 - `define_config_flag()` is ml_collections' `DEFINE_config_file` whose overrides are checked
   when the flags are parsed: a key that does not exist (a typo) is an error suggesting the
   closest keys, a value of the wrong type an error naming the key and the expected type.
-- `parse_and_validate(config, world_size=...)` checks ranges and consistency (steps,
-  intervals, patch size, batch split, probabilities, names) and raises one ConfigError listing
-  every problem, each naming its key.
+- `parse_and_validate(config, world_size=...)` checks what a config file holds: every key of
+  configs/base.py has its default's type, every network argument the type of the network
+  constructor's default, then ranges, names and combinations (batch split, patch size, heads,
+  latent shape); one ConfigError, one line, naming each bad key.
 - `workdir_for(config_path, overrides)` is the original's default run directory,
   `workdir/<config name>/<hparams from the overrides>`.
 """
@@ -31,21 +32,17 @@ from libs.sampling import ALGORITHMS
 
 # ----------------------------------------------------------------------------- key lookup
 
-def flat_keys(config, prefix=""):
-    """Every key of a (nested) config as a dotted path, parents included."""
-    keys = []
-    items = config.items() if hasattr(config, "items") else []
-    for k, v in items:
-        path = f"{prefix}{k}"
-        keys.append(path)
+def _leaf_keys(config, prefix=""):
+    """Every leaf key of a (nested) config as a dotted path."""
+    for k, v in config.items():
         if isinstance(v, (ml_collections.ConfigDict, dict)):
-            keys.extend(flat_keys(v, path + "."))
-    return keys
+            yield from _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k
 
 
 def suggest_keys(key, config, n=3):
     """The existing leaf keys closest to `key` (difflib), best first; only near-ties of the best."""
-    leaves = [k for k in flat_keys(config) if not isinstance(_lookup(config, k)[1], (ml_collections.ConfigDict, dict))]
     leaf = key.rsplit(".", 1)[-1]
 
     def score(k):
@@ -56,7 +53,7 @@ def suggest_keys(key, config, n=3):
         prefix = 0.8 if len(leaf) >= 3 and k.rsplit(".", 1)[-1].startswith(leaf) else 0.0  # 'ema' -> 'ema_rate'
         return max(full, 0.95 * last, prefix)
 
-    scored = sorted(((score(k), k) for k in leaves), key=lambda sk: (-sk[0], sk[1]))
+    scored = sorted(((score(k), k) for k in _leaf_keys(config)), key=lambda sk: (-sk[0], sk[1]))
     if not scored or scored[0][0] < 0.7:
         return []
     best = scored[0][0]

@@ -24,13 +24,20 @@ import time
 from typing import Any
 
 import torch
+from absl import flags
+from ml_collections import config_flags
 from tqdm.auto import tqdm
 
+from libs.autoencoder import get_model
 from libs.checkpoint import checkpoint_path, latest_checkpoint, resume, save_checkpoint
+from libs.config_utils import config_overrides, define_config_flag, parse_and_validate, workdir_for
 from libs.data_loader import mix_seed
+from libs.datasets import get_dataset
 from libs.errors import TrainingDivergedError, exit_on_user_error
 from libs.io_utils import atomic_write_bytes
 from libs.logging_utils import log_once, setup_logging
+from libs.nnet import build_nnet
+from libs.optim import build_lr_scheduler, build_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +127,7 @@ class Run:
     shape: tuple  # x0 shape the network sees: pixels (C, H, W) or the latent shape
     null: Any  # null label / empty context of guidance, or None
     train_nnet: Any = None  # nnet as prepared by accelerate (DDP, compiled): what train_step runs
+    p_uncond: float = 0.0  # probability train_step drops the condition (guidance training)
     ema: Any = None  # the EMAUpdater of nnet_ema
     nonfinite: Any = None  # (n_steps + 1,) bool on the device: step s had a NaN/inf loss or gradients
     checked: int = 0  # nonfinite is read up to this step
@@ -157,7 +165,7 @@ def train_step(r: Run, batch: dict, step: int):
     cfg, acc = r.config, r.accelerator
     torch.manual_seed(mix_seed(mix_seed(cfg.seed, acc.process_index), step))  # noise, t, dropout of this step
     x0, cond = r.family.prepare_batch(to_device(batch, r.device), r.autoencoder)
-    cond = r.family.drop_condition(cond, cfg.dataset.p_uncond if cfg.dataset.cfg else 0.0, r.null)
+    cond = r.family.drop_condition(cond, r.p_uncond, r.null)
     loss = r.diffusion.loss(r.train_nnet, x0, **cond).mean()
     acc.backward(loss)
     # The norm of the all-reduced gradients: the same on every process, so all skip the same steps.
@@ -362,7 +370,7 @@ def train(config, workdir: str, family):
             diffusion=build_diffusion(family.time), autoencoder=autoencoder,
             shape=tuple(config.z_shape) if family.data == 'latents' else tuple(data.data_shape),
             null=family.null_condition(config, data), train_nnet=maybe_compile(train_nnet, config.compile),
-            ema=EMAUpdater(nnet_ema, nnet), nonfinite=torch.zeros(config.train.n_steps + 1, dtype=torch.bool,
+            p_uncond=p_uncond, ema=EMAUpdater(nnet_ema, nnet), nonfinite=torch.zeros(config.train.n_steps + 1, dtype=torch.bool,
                                                                   device=device))
 
     # Resume: network, EMA, optimizer, scheduler, step, data position (the noise is seeded per step).
@@ -453,10 +461,6 @@ def train(config, workdir: str, family):
 
 def define_flags():
     """--config (file + --config.a.b=value overrides), --workdir, --dry_run."""
-    from absl import flags
-
-    from libs.config_utils import define_config_flag
-
     define_config_flag('config')
     flags.DEFINE_string('workdir', None, "run directory (ckpts/, samples/, train.log); default "
                                          "workdir/<config name>/<hparams from the overrides>")
@@ -467,12 +471,6 @@ def define_flags():
 def dry_run(config, workdir: str, family):
     """What train() checks before its first step, without training: the config and its files, the dataset,
     the autoencoder and the network. Writes the resolved config to <workdir>/config.json."""
-    from libs.autoencoder import get_model
-    from libs.config_utils import parse_and_validate
-    from libs.datasets import get_dataset
-    from libs.nnet import build_nnet
-    from libs.optim import build_lr_scheduler, build_optimizer
-
     parse_and_validate(config, world_size=int(os.environ.get('WORLD_SIZE', 1)))
     family = family.for_config(config)
     family.check(config, get_dataset(config.dataset.name, **dataset_kwargs(config)))
@@ -488,11 +486,6 @@ def dry_run(config, workdir: str, family):
 def main_for(family):
     """The absl main of a train*.py script that trains `family`."""
     def main(argv):
-        from absl import flags
-        from ml_collections import config_flags
-
-        from libs.config_utils import config_overrides, workdir_for
-
         FLAGS = flags.FLAGS
         config = FLAGS.config
         workdir = FLAGS.workdir or workdir_for(config_flags.get_config_filename(FLAGS['config']), config_overrides())

@@ -148,3 +148,14 @@ def test_dry_run_writes_the_resolved_config(tmp_path):
     written = json.loads((tmp_path / 'config.json').read_text())
     assert written['train']['batch_size'] == 96 and written['nnet']['num_classes'] == 11
     assert not os.path.exists(tmp_path / 'ckpts')  # nothing trained
+
+
+def test_dry_run_stops_on_a_bad_value_with_one_line(tmp_path):
+    cmd = [sys.executable, 'train.py', '--config=configs/digits_uvit_tiny.py', '--dry_run', f'--workdir={tmp_path}',
+           '--config.nnet.num_heads=5']
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert done.returncode == 1 and 'Traceback' not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "ConfigError: config.nnet.num_heads = 5: does not divide nnet.embed_dim = 96 (each head gets "
+        "embed_dim / num_heads channels)")
+    assert not os.path.exists(tmp_path / 'config.json')

@@ -38,16 +38,10 @@ def checkpoint_path(ckpt_root, step):
     return os.path.join(ckpt_root, f"{int(step)}.ckpt")
 
 
-def checkpoint_step(path):
-    """The step of a `<step>.ckpt` path, or None."""
-    m = _NAME.match(os.path.basename(os.path.normpath(str(path))))
-    return int(m.group(1)) if m else None
-
-
 def list_checkpoints(ckpt_root):
     """(step, path) of every `<step>.ckpt` directory under ckpt_root, newest first."""
     names = os.listdir(ckpt_root) if os.path.isdir(ckpt_root) else []
-    found = [(checkpoint_step(n), os.path.join(ckpt_root, n)) for n in names if _NAME.match(n)]
+    found = [(int(n.split(".")[0]), os.path.join(ckpt_root, n)) for n in names if _NAME.match(n)]
     return sorted(found, reverse=True)
 
 
@@ -161,7 +155,7 @@ def read_checkpoint(path):
             for name in FILES if os.path.exists(os.path.join(path, name))}
 
 
-def apply_checkpoint(states, path, *, nnet, nnet_ema, optimizer, lr_scheduler):
+def _apply(states, path, *, nnet, nnet_ema, optimizer, lr_scheduler):
     """Load what `read_checkpoint(path)` returned into the given objects (None = skip); returns the
     train_state with 'step'. A checkpoint that does not fit them is a CheckpointError naming what differs."""
     for name, target in zip(STATES, (nnet, nnet_ema, optimizer, lr_scheduler)):
@@ -183,14 +177,9 @@ def apply_checkpoint(states, path, *, nnet, nnet_ema, optimizer, lr_scheduler):
     return {**states.get("train_state.pth", {}), "step": int(states["step.pth"])}
 
 
-def load_checkpoint(path, *, nnet, nnet_ema, optimizer, lr_scheduler):
-    """read_checkpoint + apply_checkpoint: load a checkpoint directory, return its train_state (with 'step')."""
-    return apply_checkpoint(read_checkpoint(path), path, nnet=nnet, nnet_ema=nnet_ema, optimizer=optimizer,
-                            lr_scheduler=lr_scheduler)
-
-
 def resume(ckpt_root, **targets):
-    """Load the newest undamaged checkpoint under ckpt_root into `targets` (load_checkpoint's keywords).
+    """Load the newest undamaged checkpoint under ckpt_root into `targets` (nnet, nnet_ema, optimizer,
+    lr_scheduler; None skips one).
     Returns (path, train_state), or (None, None) when there is none. Damaged ones are skipped with a
     warning naming the file; one that does not fit the config is an error (an older one would not fit either)."""
     for _, path in list_checkpoints(ckpt_root):
@@ -199,7 +188,7 @@ def resume(ckpt_root, **targets):
         except CheckpointError as e:
             logger.warning("skipping checkpoint '%s': %s", path, e)
             continue
-        return path, apply_checkpoint(states, path, **targets)
+        return path, _apply(states, path, **targets)
     return None, None
 
 

@@ -126,7 +126,7 @@ def nnet_path_not_a_state_dict(tmp):
 
 
 def checkpoint_of_another_config(tmp):
-    from libs.checkpoint import load_checkpoint, save_checkpoint
+    from libs.checkpoint import resume, save_checkpoint
     from libs.nnet import build_nnet
     cfg = dict(name="uvit", img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
                num_classes=11)
@@ -134,8 +134,8 @@ def checkpoint_of_another_config(tmp):
     opt = torch.optim.AdamW(small.parameters())
     path = save_checkpoint(os.path.join(tmp, "ckpts"), 100, nnet=small, nnet_ema=small, optimizer=opt,
                            lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1), train_state={})
-    load_checkpoint(path, nnet=build_nnet({**cfg, "embed_dim": 64, "num_heads": 4}), nnet_ema=None, optimizer=None,
-                    lr_scheduler=None)
+    resume(os.path.dirname(path), nnet=build_nnet({**cfg, "embed_dim": 64, "num_heads": 4}), nnet_ema=None,
+           optimizer=None, lr_scheduler=None)
 
 
 def _warnings_of(fn, logger_name):

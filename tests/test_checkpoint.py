@@ -10,8 +10,7 @@ import textwrap
 import pytest
 import torch
 
-from libs.checkpoint import (checkpoint_problems, latest_checkpoint, load_checkpoint, load_nnet_weights, resume,
-                             save_checkpoint)
+from libs.checkpoint import latest_checkpoint, load_nnet_weights, read_checkpoint, resume, save_checkpoint
 from libs.errors import CheckpointError, MissingFileError
 from libs.io_utils import SaveError
 
@@ -59,8 +58,8 @@ def test_round_trip_restores_every_piece(tmp_path):
     path = save_checkpoint(str(tmp_path), 3, **run, train_state={"position": 30, "best_fid": 1.5})
     fresh = make_run(seed=2)
     assert not torch.equal(fresh["nnet"].lin.weight, run["nnet"].lin.weight)
-    state = load_checkpoint(path, **fresh)
-    assert state == {"position": 30, "best_fid": 1.5, "step": 3}
+    resumed, state = resume(str(tmp_path), **fresh)
+    assert resumed == path and state == {"position": 30, "best_fid": 1.5, "step": 3}
     for key in ("nnet", "nnet_ema"):
         for a, b in zip(run[key].state_dict().values(), fresh[key].state_dict().values()):
             assert torch.equal(a, b)
@@ -97,7 +96,7 @@ def test_crash_after_first_file_keeps_previous_checkpoint(tmp_path, monkeypatch)
     monkeypatch.undo()
     assert sorted(os.listdir(root)) == ["10.ckpt"]  # no half-written 20.ckpt, no temporary
     assert latest_checkpoint(root) == good
-    assert load_checkpoint(good, **make_run())["step"] == 10
+    assert resume(root, **make_run())[1]["step"] == 10
 
 
 def test_disk_full_mid_write_is_a_save_error_naming_the_file(tmp_path, monkeypatch):
@@ -144,7 +143,7 @@ def test_truncated_newest_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
     with pytest.raises(CheckpointError, match="truncated"):
         load_nnet_weights(bad)
     with pytest.raises(CheckpointError, match="damaged"):
-        load_checkpoint(bad, **make_run())
+        read_checkpoint(bad)
 
 
 def test_flipped_byte_is_caught_by_the_zip_crc_on_resume(tmp_path, caplog):
@@ -200,8 +199,7 @@ def test_checkpoint_of_the_original_code_loads_with_a_warning(tmp_path, caplog):
     torch.save(500, path / "step.pth")
     assert latest_checkpoint(str(tmp_path)) == str(path)
     with caplog.at_level(logging.WARNING, logger="libs.checkpoint"):
-        state = load_checkpoint(str(path), **make_run(seed=3))
-    assert state == {"step": 500}
+        assert resume(str(tmp_path), **make_run(seed=3)) == (str(path), {"step": 500})
     assert any("no train_state.pth" in r.getMessage() for r in caplog.records)
 
 
@@ -264,8 +262,7 @@ def test_kill_9_during_a_checkpoint_write_leaves_the_previous_one(tmp_path):
     assert proc.returncode == -signal.SIGKILL
     assert not os.path.exists(os.path.join(root, "2.ckpt"))
     assert latest_checkpoint(root) == os.path.join(root, "1.ckpt")
-    state = load_checkpoint(os.path.join(root, "1.ckpt"), **make_run(width=256))
-    assert state["step"] == 1
+    assert resume(root, **make_run(width=256)) == (os.path.join(root, "1.ckpt"), {"step": 1})
     # The next save cleans up the dead process's temporary.
     save(root, 3, make_run(width=256))
     assert sorted(os.listdir(root)) == ["1.ckpt", "3.ckpt"]

@@ -40,15 +40,18 @@ class StopSignals:
         name = signal.Signals(signum).name
         if self.received is None:
             self.received = name
-            logger.warning("received %s: saving a checkpoint after the current step, then stopping", name)
+            logger.warning("received %s: saving a checkpoint after the current step (several processes: after the "
+                           "next logging step), then stopping", name)
         else:
             logger.warning("received %s again: still stopping after the current step (Ctrl-\\ aborts)", name)
 
     def should_stop(self, accelerator, sync: bool) -> bool:
         """Whether to stop now, the same answer on every process. One process: the flag, free. Several: they
         agree by an all-reduce, done only when `sync` (every process must pass the same `sync` at each call)."""
-        if accelerator.num_processes == 1 or not sync:
-            return accelerator.num_processes == 1 and self.received is not None
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        if not sync:
+            return False
         flag = torch.tensor(float(self.received is not None), device=accelerator.device)
         if accelerator.reduce(flag, 'sum').item() > 0:
             self.received = self.received or 'a signal received by another process'

@@ -386,7 +386,7 @@ def train(config, workdir: str, family):
         logger.info("resuming at step %d from %s", step, last_ckpt)
 
     if is_main and config.wandb.enabled:
-        import wandb
+        import wandb  # optional
         r.wandb_run = wandb.init(project=config.wandb.project, mode=config.wandb.mode, dir=workdir,
                                  config=config.to_dict(), resume='allow',
                                  # One wandb run per workdir, continued on resume.

@@ -182,6 +182,8 @@ def train_step(r: Run, batch: dict, step: int):
 def check_finite(r: Run, step: int):
     """Read the non-finite flags of the steps since the last check (one host sync), log each, and raise
     TrainingDivergedError when they break config.train.max_nonfinite_in_a_row / max_nonfinite_in_window."""
+    if step <= r.checked:  # every process has the same r.checked: all skip this collective together
+        return
     t = r.config.train
     flags = r.accelerator.reduce(r.nonfinite[r.checked + 1:step + 1].to(torch.int32), 'sum')
     new = [r.checked + 1 + i for i in flags.nonzero().flatten().tolist()]

@@ -38,8 +38,12 @@ def get_config():
         eval_interval=5000,  # steps between sample grids in <workdir>/samples/<step>.png
         save_interval=50000,  # steps between checkpoints (+ FID when the reference statistics exist)
         keep_last_ckpts=0,  # ours: keep only the last K checkpoints (never the best-FID one); 0 = keep all
-        skip_nonfinite_steps=0,  # ours: skip up to this many NaN/inf-loss steps (checked every step: one host
-        #                          sync per step); 0 = stop at the first one (checked every log_interval)
+        # ours: a step whose loss or gradients are NaN/inf is skipped (weights, EMA, optimizer unchanged) and
+        # logged; the run stops, naming the last good checkpoint, at this many such steps in a row, or this
+        # many within nonfinite_window steps (checked every log_interval: no per-step host sync)
+        max_nonfinite_in_a_row=3,
+        max_nonfinite_in_window=10,
+        nonfinite_window=1000,
     )
 
     config.optimizer = d(

@@ -3,15 +3,16 @@
 - `define_config_flag()` is ml_collections' `DEFINE_config_file` whose overrides are checked
   when the flags are parsed: a key that does not exist (a typo) is an error suggesting the
   closest keys, a value of the wrong type an error naming the key and the expected type.
-- `parse_and_validate(config, world_size=...)` checks ranges and consistency (steps,
-  intervals, patch size, batch split, probabilities, names) and raises one ConfigError listing
-  every problem, each naming its key.
+- `parse_and_validate(config, world_size=...)` checks what a config file holds: every key of
+  configs/base.py has its default's type, every network argument the type of the network
+  constructor's default, then ranges, names and combinations (batch split, patch size, heads,
+  latent shape); one ConfigError, one line, naming each bad key.
 - `workdir_for(config_path, overrides)` is the original's default run directory,
   `workdir/<config name>/<hparams from the overrides>`.
 """
 import ast
 import difflib
-import logging
+import inspect
 import math
 import numbers
 import os
@@ -22,36 +23,26 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+from configs.base import get_config as base_config
 from libs.errors import ConfigError
-
-logger = logging.getLogger(__name__)
-
-# Fallbacks for when the registries below cannot be imported (DESIGN.md's names).
-_DEFAULT_ALGORITHMS = ("dpm_solver", "dpm_solver++_2m", "dpm_solver++_3m", "euler_maruyama_sde", "euler_maruyama_ode")
-_OPTIMIZERS = ("adamw",)
-_DEFAULT_SCHEDULES = ("customized", "cosine")
-_NETWORKS = ("uvit", "uvit_t2i")
-_MODES = ("cond", "uncond")
-_PREDS = ("noise_pred",)
+from libs.nnet import NNETS
+from libs.optim import SCHEDULES
+from libs.sampling import ALGORITHMS
 
 
 # ----------------------------------------------------------------------------- key lookup
 
-def flat_keys(config, prefix=""):
-    """Every key of a (nested) config as a dotted path, parents included."""
-    keys = []
-    items = config.items() if hasattr(config, "items") else []
-    for k, v in items:
-        path = f"{prefix}{k}"
-        keys.append(path)
+def _leaf_keys(config, prefix=""):
+    """Every leaf key of a (nested) config as a dotted path."""
+    for k, v in config.items():
         if isinstance(v, (ml_collections.ConfigDict, dict)):
-            keys.extend(flat_keys(v, path + "."))
-    return keys
+            yield from _leaf_keys(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k
 
 
 def suggest_keys(key, config, n=3):
     """The existing leaf keys closest to `key` (difflib), best first; only near-ties of the best."""
-    leaves = [k for k in flat_keys(config) if not isinstance(_lookup(config, k)[1], (ml_collections.ConfigDict, dict))]
     leaf = key.rsplit(".", 1)[-1]
 
     def score(k):
@@ -62,7 +53,7 @@ def suggest_keys(key, config, n=3):
         prefix = 0.8 if len(leaf) >= 3 and k.rsplit(".", 1)[-1].startswith(leaf) else 0.0  # 'ema' -> 'ema_rate'
         return max(full, 0.95 * last, prefix)
 
-    scored = sorted(((score(k), k) for k in leaves), key=lambda sk: (-sk[0], sk[1]))
+    scored = sorted(((score(k), k) for k in _leaf_keys(config)), key=lambda sk: (-sk[0], sk[1]))
     if not scored or scored[0][0] < 0.7:
         return []
     best = scored[0][0]
@@ -260,180 +251,166 @@ def workdir_for(config_path, overrides, root="workdir"):
 
 # ----------------------------------------------------------------------------- validation
 
+def _is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_num(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# What a value of the same type as a default takes (int for a float default is fine).
+_KINDS = {bool: ("a boolean", lambda v: isinstance(v, bool)), int: ("an integer", _is_int),
+          float: ("a number", _is_num), str: ("a string", lambda v: isinstance(v, str))}
+
+
 class _Checker:
-    """Collects every problem so the user fixes them in one go."""
+    """Collects every problem, each naming its key, so the user fixes them in one go."""
 
     def __init__(self, config):
         self.config = config
         self.problems = []
 
     def get(self, key):
-        return _lookup(self.config, key)
+        found, value = _lookup(self.config, key)
+        return value if found else None
 
     def fail(self, key, msg):
-        self.problems.append(f"config.{key} {msg}")
+        if not any(p.startswith(f"config.{key} = ") for p in self.problems):  # the first problem of a key says it
+            self.problems.append(f"config.{key} = {self.get(key)!r}: {msg}")
 
-    def number(self, key, *, integer=False, low=None, high=None, low_open=False, high_open=False, required=False,
-               allow_none=False, meaning=""):
-        found, value = self.get(key)
-        if not found:
-            if required:
-                self.fail(key, f"is missing: set it in the config file{meaning}")
-            return None
-        if value is None and allow_none:
-            return None
-        want = "an integer" if integer else "a number"
-        ok_type = isinstance(value, numbers.Integral) if integer else isinstance(value, numbers.Real)
-        if isinstance(value, bool) or not ok_type or (not integer and not math.isfinite(value)):
-            self.fail(key, f"= {value!r}: must be {want}{meaning}")
-            return None
-        too_low = low is not None and (value <= low if low_open else value < low)
-        too_high = high is not None and (value >= high if high_open else value > high)
-        if too_low or too_high:
+    def types(self, reference, prefix=""):
+        """Every key `reference` has must hold a value of its type (None in `reference`: checked elsewhere)."""
+        for k, default in reference.items():
+            key = prefix + k
+            found, value = _lookup(self.config, key)
+            if not found or default is None:
+                continue
+            if isinstance(default, (ml_collections.ConfigDict, dict)):
+                if isinstance(value, (ml_collections.ConfigDict, dict)):
+                    self.types(default, key + ".")
+                else:
+                    self.fail(key, "must be a section (ConfigDict)")
+            elif isinstance(default, (tuple, list)):
+                if not (isinstance(value, (tuple, list)) and len(value) == len(default) and all(map(_is_num, value))):
+                    self.fail(key, f"must be {len(default)} numbers, e.g. {tuple(default)}")
+            elif not _KINDS[type(default)][1](value):
+                self.fail(key, f"must be {_KINDS[type(default)][0]}")
+
+    def range(self, key, low=None, high=None, *, low_open=False, high_open=False, meaning=""):
+        value = self.get(key)
+        if not _is_num(value):
+            return  # absent, or a type problem already reported
+        if (low is not None and (value <= low if low_open else value < low)) or \
+                (high is not None and (value >= high if high_open else value > high)):
             if low is not None and high is not None:
                 bound = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-            elif too_low:
-                bound = f"{'>' if low_open else '>='} {low}"
             else:
-                bound = f"{'<' if high_open else '<='} {high}"
-            self.fail(key, f"= {value!r}: must be {bound}{meaning}")
-            return None
-        return value
+                bound = f"{'>' if low_open else '>='} {low}" if low is not None else f"{'<' if high_open else '<='} {high}"
+            self.fail(key, f"must be {bound}{meaning}")
+
+    def positive(self, *keys, meaning=""):
+        for key in keys:
+            self.range(key, 0, low_open=True, meaning=meaning)
 
     def choice(self, key, allowed, *, allow_empty=False):
-        found, value = self.get(key)
-        if not found or (allow_empty and value in ("", None)):
-            return None
-        if value not in allowed:
-            close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            self.fail(key, f"= {value!r}: not one of {', '.join(repr(a) for a in allowed)}{hint}")
-            return None
-        return value
+        value = self.get(key)
+        if value is None or (allow_empty and value == "") or value in allowed:
+            return
+        close = difflib.get_close_matches(str(value), [str(a) for a in allowed], n=1)
+        self.fail(key, f"not one of {', '.join(repr(a) for a in allowed)}" + (f" (did you mean '{close[0]}'?)" if close else ""))
 
 
-def _known_algorithms():
-    try:
-        from libs import sampling
-    except ImportError:
-        return _DEFAULT_ALGORITHMS
-    for attr in ("ALGORITHMS", "SAMPLERS", "ALGORITHM_NAMES"):
-        names = getattr(sampling, attr, None)
-        if names:
-            return tuple(names)
-    return _DEFAULT_ALGORITHMS
-
-
-def _known_schedules():
-    try:
-        from libs.optim import SCHEDULES
-        return tuple(SCHEDULES)
-    except ImportError:
-        return _DEFAULT_SCHEDULES
+def _nnet_reference(config):
+    """{key: default} of the network class config.nnet.name builds: what each nnet key must look like."""
+    cls = NNETS.get(_lookup(config, "nnet.name")[1])
+    params = inspect.signature(cls.__init__).parameters.values() if cls else ()
+    return {p.name: p.default for p in params if isinstance(p.default, (bool, int, float))}
 
 
 def parse_and_validate(config, *, world_size):
-    """Raise one ConfigError listing every out-of-range or inconsistent value, each naming its key.
-
-    Sections a config does not have are not checked (eval configs have no train section).
-    `world_size`: the number of processes the global batch is split over.
-    """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise ConfigError(f"world_size={world_size!r} must be a positive integer (the number of processes)")
+    """Raise one ConfigError listing every value of the wrong type, out of range or inconsistent, each naming
+    its key, and every file the config names that is not there. Sections a config lacks are not checked
+    (eval configs have no train section). `world_size`: the processes the global batch is split over."""
     c = _Checker(config)
+    c.types(base_config())
+    c.types(_nnet_reference(config), "nnet.")
 
-    c.number("seed", integer=True)
-    c.choice("pred", _PREDS)
-
-    # Training lengths and intervals: steps, all > 0.
-    c.number("train.n_steps", integer=True, low=0, low_open=True, meaning=" (optimizer steps to train)")
-    for key in ("train.log_interval", "train.eval_interval", "train.save_interval"):
-        c.number(key, integer=True, low=0, low_open=True, meaning=" (steps)")
-    c.number("train.keep_last_ckpts", integer=True, low=0, meaning=" (0 keeps every checkpoint)")
-    c.number("train.skip_nonfinite_steps", integer=True, low=0, meaning=" (0 stops at the first NaN/inf loss)")
-    c.choice("train.mode", _MODES)
-    batch = c.number("train.batch_size", integer=True, low=0, low_open=True, meaning=" (global batch size)")
-    if batch is not None and batch % world_size != 0:
+    c.choice("diffusion", ("continuous", "discrete"))
+    c.choice("pred", ("noise_pred",))
+    c.positive("autoencoder.scale_factor")
+    c.positive("train.n_steps", meaning=" (optimizer steps to train)")
+    c.positive("train.log_interval", "train.eval_interval", "train.save_interval", meaning=" (steps)")
+    c.range("train.keep_last_ckpts", 0, meaning=" (0 keeps every checkpoint)")
+    c.positive("train.max_nonfinite_in_a_row", "train.max_nonfinite_in_window", "train.nonfinite_window",
+               meaning=" (1 stops at the first NaN/inf loss)")
+    c.choice("train.mode", ("cond", "uncond"))
+    c.positive("train.batch_size", meaning=" (global batch size)")
+    batch = c.get("train.batch_size")
+    if _is_int(batch) and batch > 0 and batch % world_size:
         lower, upper = batch - batch % world_size, batch - batch % world_size + world_size
-        c.fail("train.batch_size", f"= {batch}: does not split over {world_size} processes: the global batch must "
-                                   f"be a multiple of the number of processes (e.g. "
-                                   f"--config.train.batch_size={lower or upper} or {upper}), or launch with a "
-                                   f"number of processes that divides {batch}")
+        c.fail("train.batch_size", f"does not split over {world_size} processes: the global batch must be a "
+                                   f"multiple of the number of processes (e.g. --config.train.batch_size="
+                                   f"{lower or upper} or {upper}), or launch with a number of processes that "
+                                   f"divides {batch}")
 
-    # Optimizer and schedule.
-    c.choice("optimizer.name", _OPTIMIZERS)
-    c.number("optimizer.lr", low=0, low_open=True, meaning=" (peak learning rate)")
-    c.number("optimizer.weight_decay", low=0)
-    found, betas = c.get("optimizer.betas")
-    if found and not (isinstance(betas, (tuple, list)) and len(betas) == 2
-                      and all(isinstance(b, numbers.Real) and not isinstance(b, bool) and 0 <= b < 1 for b in betas)):
-        c.fail("optimizer.betas", f"= {betas!r}: must be two numbers in [0, 1), e.g. (0.99, 0.999)")
-    c.choice("lr_scheduler.name", _known_schedules())
-    c.number("lr_scheduler.warmup_steps", integer=True, low=0, meaning=" (steps)")
-    c.number("ema_rate", low=0, high=1, high_open=True, meaning=" (ema <- rate * ema + (1 - rate) * online)")
-    c.number("grad_clip", low=0, allow_none=True, meaning=" (max gradient norm; 0 = no clipping)")
+    c.choice("optimizer.name", ("adamw",))
+    c.positive("optimizer.lr", meaning=" (peak learning rate)")
+    c.range("optimizer.weight_decay", 0)
+    betas = c.get("optimizer.betas")
+    if isinstance(betas, (tuple, list)) and not all(_is_num(b) and 0 <= b < 1 for b in betas):
+        c.fail("optimizer.betas", "must be two numbers in [0, 1), e.g. (0.99, 0.999)")
+    c.choice("lr_scheduler.name", SCHEDULES)
+    c.range("lr_scheduler.warmup_steps", 0, meaning=" (steps)")
+    c.range("ema_rate", 0, 1, high_open=True, meaning=" (ema <- rate * ema + (1 - rate) * online)")
+    c.range("grad_clip", 0, meaning=" (max gradient norm; 0 = no clipping)")
 
-    # Network geometry.
-    c.choice("nnet.name", _NETWORKS)
-    img = c.number("nnet.img_size", integer=True, low=0, low_open=True)
-    patch = c.number("nnet.patch_size", integer=True, low=0, low_open=True)
-    if img is not None and patch is not None and img % patch != 0:
-        c.fail("nnet.patch_size", f"= {patch}: does not divide nnet.img_size = {img}: the image must split into whole "
+    c.choice("nnet.name", tuple(NNETS))
+    c.positive(*(f"nnet.{k}" for k in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
+                                       "mlp_ratio", "clip_dim", "num_clip_token")))
+    c.range("nnet.num_classes", -1, meaning=" (-1 = unconditional)")
+    if c.get("nnet.qk_scale") is not None and not (_is_num(c.get("nnet.qk_scale")) and c.get("nnet.qk_scale") > 0):
+        c.fail("nnet.qk_scale", "must be None (head_dim ** -0.5) or a number > 0")
+    img, patch, embed, heads = (c.get(f"nnet.{k}") for k in ("img_size", "patch_size", "embed_dim", "num_heads"))
+    if _is_int(img) and _is_int(patch) and img > 0 and patch > 0 and img % patch:
+        c.fail("nnet.patch_size", f"does not divide nnet.img_size = {img}: the image must split into whole "
                                   f"patches (use a divisor of {img}: {_divisors_near(img, patch)})")
-    for key in ("nnet.depth", "nnet.embed_dim", "nnet.num_heads", "nnet.in_chans"):
-        c.number(key, integer=True, low=0, low_open=True)
-    c.number("nnet.mlp_ratio", low=0, low_open=True)
-    found_e, embed = c.get("nnet.embed_dim")
-    found_h, heads = c.get("nnet.num_heads")
-    if (found_e and found_h and _is_int(embed) and _is_int(heads) and embed > 0 and heads > 0
-            and embed % heads != 0):
-        c.fail("nnet.num_heads", f"= {heads}: does not divide nnet.embed_dim = {embed} (each head gets "
-                                 f"embed_dim / num_heads channels)")
-    found_z, z_shape = c.get("z_shape")
-    if found_z and z_shape is not None:
+    if _is_int(embed) and _is_int(heads) and embed > 0 and heads > 0 and embed % heads:
+        c.fail("nnet.num_heads", f"does not divide nnet.embed_dim = {embed} (each head gets embed_dim / num_heads "
+                                 f"channels)")
+    z_shape = c.get("z_shape")
+    if z_shape is not None:
         if not (isinstance(z_shape, (tuple, list)) and len(z_shape) == 3 and all(_is_int(s) and s > 0 for s in z_shape)):
-            c.fail("z_shape", f"= {z_shape!r}: must be (channels, height, width) of the autoencoder latent, e.g. (4, 32, 32)")
+            c.fail("z_shape", "must be (channels, height, width) of the autoencoder latent, e.g. (4, 32, 32)")
         else:
-            found_c, chans = c.get("nnet.in_chans")
-            if found_c and _is_int(chans) and chans != z_shape[0]:
-                c.fail("nnet.in_chans", f"= {chans}: differs from z_shape[0] = {z_shape[0]} (the latent's channels)")
-            if img is not None and img != z_shape[1]:
-                c.fail("nnet.img_size", f"= {img}: differs from z_shape[1] = {z_shape[1]} (the network sees latents)")
+            if c.get("nnet.in_chans") not in (None, z_shape[0]):
+                c.fail("nnet.in_chans", f"differs from z_shape[0] = {z_shape[0]} (the latent's channels)")
+            if c.get("nnet.img_size") not in (None, z_shape[1]):
+                c.fail("nnet.img_size", f"differs from z_shape[1] = {z_shape[1]} (the network sees latents)")
 
-    # Data.
-    c.number("dataset.p_uncond", low=0, high=1, meaning=" (probability of dropping the condition)")
-    found_cfg, cfg = c.get("dataset.cfg")
-    found_p, p_uncond = c.get("dataset.p_uncond")
-    if found_cfg and cfg and found_p and _is_num(p_uncond) and p_uncond == 0:
-        c.fail("dataset.p_uncond", "= 0 with dataset.cfg = True: guidance training needs a probability > 0 "
-                                   "(the paper uses 0.1 or 0.15)")
+    c.range("dataset.p_uncond", 0, 1, meaning=" (probability of dropping the condition)")
+    if c.get("dataset.cfg") is True and c.get("dataset.p_uncond") == 0:
+        c.fail("dataset.p_uncond", "with dataset.cfg = True: guidance training needs a probability > 0 (the paper "
+                                   "uses 0.1 or 0.15)")
 
-    # Sampling.
-    algorithms = _known_algorithms()
-    c.number("sample.sample_steps", integer=True, low=0, low_open=True, meaning=" (solver steps)")
-    c.number("sample.n_samples", integer=True, low=0, low_open=True)
-    c.number("sample.mini_batch_size", integer=True, low=0, low_open=True, meaning=" (images per process per call)")
-    c.choice("sample.algorithm", algorithms)
-    c.number("sample.scale", meaning=" (guidance scale)")
-    c.choice("grid.algorithm", algorithms, allow_empty=True)
-    c.number("grid.steps", integer=True, low=0, low_open=True)
-    c.number("grid.n_rows", integer=True, low=0, low_open=True)
-    c.number("grid.n_cols", integer=True, low=0, low_open=True)
-    c.number("fid.n_samples", integer=True, low=0)
-    c.number("fid.steps", integer=True, low=0, low_open=True)
+    c.positive("sample.sample_steps", "sample.n_samples", "grid.steps", "grid.n_rows", "grid.n_cols", "fid.steps")
+    # Per process: each process draws its share of the images in calls of at most this many.
+    c.positive("sample.mini_batch_size", meaning=" (images per process per call)")
+    c.choice("sample.algorithm", ALGORITHMS)
+    c.choice("grid.algorithm", ALGORITHMS, allow_empty=True)
+    n_fid = c.get("fid.n_samples")
+    if _is_int(n_fid) and (n_fid < 0 or n_fid == 1):
+        c.fail("fid.n_samples", "must be 0 (no FID during training) or >= 2 (a covariance needs two images)")
+    weights = c.get("fid.inception_weights")
+    if weights is not None and not (isinstance(weights, str) and os.path.exists(weights)):
+        c.fail("fid.inception_weights", "does not exist: give the path of pt_inception-2015-12-05 weights, or None "
+                                        "for the default location")
+    c.choice("wandb.mode", ("online", "offline", "disabled"))
+    c.range("dataloader.num_workers", -1, meaning=" (-1 = min(8, CPU cores per process))")
 
     if c.problems:
-        if len(c.problems) == 1:
-            raise ConfigError(c.problems[0])
-        raise ConfigError(f"{len(c.problems)} problems in the config:\n  " + "\n  ".join(c.problems))
-
-
-def _is_int(v):
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
-
-
-def _is_num(v):
-    return isinstance(v, numbers.Real) and not isinstance(v, bool)
+        raise ConfigError(c.problems[0] if len(c.problems) == 1 else
+                          f"{len(c.problems)} problems in the config: " + "; ".join(c.problems))
 
 
 def _divisors_near(n, k):

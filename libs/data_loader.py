@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
 from libs.errors import ConfigError
+from libs.preemption import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
 
@@ -43,17 +44,12 @@ class InfiniteSampler(Sampler):
     n: dataset length; start: global stream position (samples consumed by all ranks) to begin at.
     """
 
-    def __init__(self, n: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, shuffle: bool = True,
-                 start: int = 0):
+    def __init__(self, n: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, start: int = 0):
         if n <= 0:
             raise ConfigError("the training set is empty: check config.dataset.path")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} outside world size {world_size}")
-        self.n, self.rank, self.world_size, self.seed, self.shuffle = n, rank, world_size, seed, shuffle
-        self.start = int(start)
-
-    def order(self, epoch: int) -> torch.Tensor:
-        return epoch_permutation(self.n, self.seed, epoch) if self.shuffle else torch.arange(self.n)
+        self.n, self.rank, self.world_size, self.seed, self.start = n, rank, world_size, seed, int(start)
 
     def __iter__(self):
         pos = self.start + self.rank
@@ -61,7 +57,7 @@ class InfiniteSampler(Sampler):
         while True:
             e, offset = divmod(pos, self.n)
             if e != epoch:
-                epoch, perm = e, self.order(e)
+                epoch, perm = e, epoch_permutation(self.n, self.seed, e)
             yield int(perm[offset]), pos
             pos += self.world_size
 
@@ -100,10 +96,12 @@ class PositionSeeded(Dataset):
         return self._seeded(keys[0][1], self.dataset.__getitems__, [index for index, _ in keys])
 
 
-def _seed_worker(seed: int, rank: int, start: int):
-    """worker_init_fn: seeds python/numpy in a worker from (seed, rank, start position, worker id),
-    for datasets that use them (ours use torch, seeded per item)."""
+def _init_worker(seed: int, rank: int, start: int):
+    """worker_init_fn: stop signals are left to the training process (a signal to the process group must
+    not kill the workers under it); python/numpy seeded from (seed, rank, start position, worker id), for
+    datasets that use them (ours use torch, seeded per item)."""
     def init(worker_id):
+        ignore_stop_signals()
         s = mix_seed(mix_seed(mix_seed(seed, rank), start), worker_id)
         random.seed(s)
         np.random.seed(s % 2 ** 32)
@@ -126,17 +124,10 @@ class ResumableLoader:
     """
 
     def __init__(self, dataset: Dataset, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False,
-                 shuffle: bool = True, prefetch_factor: int = 2):
+                 num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False):
         self.dataset, self.batch_size, self.rank, self.world_size = dataset, batch_size, rank, world_size
-        self.seed, self.shuffle = seed, shuffle
-        self.num_workers, self.pin_memory, self.persistent_workers = num_workers, pin_memory, persistent_workers
-        self.prefetch_factor = prefetch_factor
-        self.position = 0
-
-    @property
-    def global_batch_size(self) -> int:
-        return self.batch_size * self.world_size
+        self.seed, self.num_workers, self.pin_memory = seed, num_workers, pin_memory
+        self.persistent_workers, self.position = persistent_workers, 0
 
     def state_dict(self) -> dict:
         return {'position': self.position, 'seed': self.seed, 'dataset_len': len(self.dataset)}
@@ -152,18 +143,17 @@ class ResumableLoader:
 
     def __iter__(self):
         sampler = InfiniteSampler(len(self.dataset), rank=self.rank, world_size=self.world_size, seed=self.seed,
-                                  shuffle=self.shuffle, start=self.position)
+                                  start=self.position)
         workers = self.num_workers > 0
         loader = DataLoader(
             PositionSeeded(self.dataset, self.seed), batch_size=self.batch_size, sampler=sampler, drop_last=True,
             num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers,
-            prefetch_factor=self.prefetch_factor if workers else None,
-            worker_init_fn=_seed_worker(self.seed, self.rank, self.position) if workers else None,
+            worker_init_fn=_init_worker(self.seed, self.rank, self.position) if workers else None,
             # Its own generator: DataLoader draws a base seed per iterator, which would otherwise come from
             # (and move) torch's default generator, so a resumed run's noise would differ.
             generator=torch.Generator().manual_seed(mix_seed(self.seed, self.rank)))
         for batch in loader:
             # Counted when handed to the training loop, not when prefetched.
-            self.position += self.global_batch_size
+            self.position += self.batch_size * self.world_size
             yield batch

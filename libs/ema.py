@@ -35,11 +35,12 @@ class EMAUpdater:
         self.online_buffers = list(online.buffers())
 
     @torch.no_grad()
-    def update(self, rate: float):
-        """One EMA step with decay `rate` in [0, 1] (0 copies the online weights)."""
+    def update(self, rate: float, applied=None):
+        """One EMA step with decay `rate` in [0, 1] (0 copies the online weights). applied: an optional
+        0-dim bool device tensor, False for a skipped optimizer step: the EMA stays as it is (no host sync)."""
         if self.ema_params:
-            # Compare in the EMA's dtype: an fp32 EMA of fp32 weights in every config.
             src = [p.detach() for p in self.online_params]
-            torch._foreach_lerp_(self.ema_params, src, 1.0 - rate)
+            weight = 1.0 - rate if applied is None else applied.to(src[0].dtype) * (1.0 - rate)
+            torch._foreach_lerp_(self.ema_params, src, weight)
         for e, o in zip(self.ema_buffers, self.online_buffers):
             e.copy_(o)

@@ -1,22 +1,20 @@
-"""Exceptions raised at the project's boundaries.
+"""Exceptions: a user's mistake ends as one line, a programming error keeps its traceback.
 
-Every user-facing validation error is one of these, so scripts can print the message
-without a traceback and tests can check the exact kind of failure. Messages say what is
-wrong *and* what to do about it.
+`UViTError` and its subclasses are the user's mistakes (a config value, a flag, a missing or damaged
+file): their messages say what is wrong and what to do, and scripts print them as one line
+(`exit_on_user_error`). `InputError` is a tensor of the wrong shape or range handed to a model or
+sampler: inside the library that is a bug, so it is not a UViTError and keeps its traceback.
 """
+import functools
 import os
 
 
 class UViTError(Exception):
-    """Base class of every error this project raises on purpose."""
+    """A user's mistake, reported as one line."""
 
 
 class ConfigError(UViTError, ValueError):
-    """A config value is missing, misspelled, of the wrong type or out of range."""
-
-
-class InputError(UViTError, ValueError):
-    """A tensor given to a model or sampler has the wrong shape, dtype or range."""
+    """A config value or flag is missing, misspelled, of the wrong type or out of range."""
 
 
 class CheckpointError(UViTError, RuntimeError):
@@ -28,7 +26,11 @@ class MissingFileError(UViTError, FileNotFoundError):
 
 
 class TrainingDivergedError(UViTError, RuntimeError):
-    """The loss became NaN or infinite."""
+    """The loss became NaN or infinite more often than config.train.max_nonfinite_* allow."""
+
+
+class InputError(ValueError):
+    """A tensor given to a model or sampler has the wrong shape, dtype or range (a bug: keeps its traceback)."""
 
 
 def require_path(path, what, how):
@@ -43,13 +45,8 @@ def require_path(path, what, how):
 
 
 def exit_on_user_error(main):
-    """Wrap a script's main(argv): a UViTError ends the program with its message and status 1.
-
-    The message already says what is wrong and what to do, so the user gets that one line, not
-    a traceback. Set UVIT_TRACEBACK=1 to get the traceback (for bug reports).
-    """
-    import functools
-
+    """Wrap a script's main(argv): a UViTError ends the program with its one-line message and status 1
+    (UVIT_TRACEBACK=1 shows the traceback, for bug reports); anything else keeps its traceback."""
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         try:

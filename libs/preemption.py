@@ -1,134 +1,59 @@
-"""Graceful stop on SIGTERM / SIGINT: finish the step, save a checkpoint, exit, resume later.
+"""Stop signals: finish the step, save a checkpoint, exit; rerunning the same command resumes.
 
-Cluster schedulers announce preemption with SIGTERM and follow with SIGKILL after a grace
-period; Ctrl-C sends SIGINT. The handler only sets a flag; the training loop polls
-`should_stop()` between steps, saves and returns.
-
-Multi-process runs: a signal may reach only some ranks, or reach them at different steps,
-and a rank that stops alone deadlocks the others in their next collective. So the ranks
-agree by all-reducing (max) the flag, but only every `sync_every` steps: an all-reduce
-every step would add a host-device synchronisation to every step. The price is that a
-stop is acted on up to `sync_every - 1` steps after the signal; the scheduler's grace
-period must cover those steps plus writing a checkpoint.
+SIGTERM (cluster preemption, `scancel`, torchrun forwarding its own), SIGINT (Ctrl-C) and SIGUSR1 (an
+advance warning such as Slurm's `--signal=USR1@120`) all mean the same: stop after the current step
+with a checkpoint of it. Data-loader workers ignore the three (`ignore_stop_signals`), so a signal to
+the whole process group reaches the training loop only. Repeats are logged and ignored (launchers
+forward what the terminal already sent); SIGQUIT (Ctrl-\\) or SIGKILL end a run at once.
 """
 import logging
 import signal
-import sys
-import threading
 
 import torch
 
-from libs.errors import ConfigError
-
 logger = logging.getLogger(__name__)
 
-_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
-class PreemptionHandler:
-    """Context manager turning SIGTERM / SIGINT into a stop request polled with `should_stop()`.
+def ignore_stop_signals(*_):
+    """A DataLoader worker_init_fn: the worker leaves stop signals to the training process."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
-    A second SIGINT (Ctrl-C pressed twice) aborts immediately with KeyboardInterrupt; repeated
-    SIGTERMs are only logged, because launchers forward SIGTERM after the terminal's SIGINT.
-    The previous handlers are restored on exit.
-    """
 
-    def __init__(self, sync_every=10):
-        if isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
-            raise ConfigError(f"sync_every={sync_every!r} must be a positive integer (steps between stop checks)")
-        self.sync_every = sync_every
-        self.signal_name = None  # name of the first signal received, for the exit message
-        self._requested = False
-        self._agreed = False
-        self._calls = 0
-        self._previous = {}
+class StopSignals:
+    """Context manager: a stop signal sets `received` (its name); the loop polls `should_stop`."""
 
-    # -- signal handling
+    def __init__(self):
+        self.received = None
 
     def __enter__(self):
-        if threading.current_thread() is not threading.main_thread():
-            logger.warning("PreemptionHandler entered outside the main thread: signals cannot be caught there, "
-                           "so SIGTERM/SIGINT will kill training without a checkpoint.")
-            return self
-        for sig in _SIGNALS:
-            self._previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, self._handle)
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
         return self
 
     def __exit__(self, *exc):
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
-        self._previous.clear()
-        return False
+            signal.signal(sig, handler)
 
     def _handle(self, signum, frame):
         name = signal.Signals(signum).name
-        if self._requested and signum == signal.SIGINT and self.signal_name == "SIGINT":
-            raise KeyboardInterrupt(f"second {name}: aborting without saving a checkpoint")
-        if self._requested:
-            logger.warning("received %s again; still stopping after the current step (press Ctrl-C twice to "
-                           "abort without saving)", name)
-            return
-        self._requested = True
-        self.signal_name = name
-        logger.warning("received %s: training will save a checkpoint and stop after the current step "
-                       "(Ctrl-C again aborts without saving)", name)
+        if self.received is None:
+            self.received = name
+            logger.warning("received %s: saving a checkpoint after the current step (several processes: after the "
+                           "next logging step), then stopping", name)
+        else:
+            logger.warning("received %s again: still stopping after the current step (Ctrl-\\ aborts)", name)
 
-    def request_stop(self, reason="requested"):
-        """Ask for a stop as if a signal had arrived (for tests and programmatic stops)."""
-        if not self._requested:
-            self._requested = True
-            self.signal_name = reason
-
-    @property
-    def requested(self):
-        """Whether this process received a stop signal (without consulting the other ranks)."""
-        return self._requested
-
-    # -- polling
-
-    def should_stop(self, accelerator=None, step=None):
-        """Whether training should stop now; all ranks get the same answer at the same step.
-
-        Single process: the local flag, at no cost. Several processes: every rank must call
-        this at the same steps; the flag is all-reduced (max) when `step` (or, if step is
-        None, the call count) is a multiple of `sync_every`, and False is returned in between.
-        Once the ranks agree to stop, every later call returns True.
-        """
-        if self._agreed:
-            return True
-        world_size = _world_size(accelerator)
-        if world_size <= 1:
-            self._agreed = self._requested
-            return self._agreed
-        counter = self._calls if step is None else int(step)
-        self._calls += 1
-        if counter % self.sync_every != 0:
+    def should_stop(self, accelerator, sync: bool) -> bool:
+        """Whether to stop now, the same answer on every process. One process: the flag, free. Several: they
+        agree by an all-reduce, done only when `sync` (every process must pass the same `sync` at each call)."""
+        if accelerator.num_processes == 1:
+            return self.received is not None
+        if not sync:
             return False
-        flag = torch.tensor([1.0 if self._requested else 0.0], device=_device(accelerator))
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self._agreed = bool(flag.item() > 0)
-        if self._agreed and not self._requested:
-            self.signal_name = self.signal_name or "a signal received by another process"
-        return self._agreed
-
-    def resume_message(self, step, checkpoint, argv=None):
-        """What to tell the user on exit: why training stopped, where it was saved, how to resume."""
-        command = " ".join(sys.argv if argv is None else argv)
-        return (f"training stopped at step {step} ({self.signal_name or 'stop requested'}); checkpoint saved to "
-                f"'{checkpoint}'. To resume, rerun the same command: {command}")
-
-
-def _world_size(accelerator):
-    if accelerator is not None:
-        return int(getattr(accelerator, "num_processes", 1))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size()
-    return 1
-
-
-def _device(accelerator):
-    if accelerator is not None and getattr(accelerator, "device", None) is not None:
-        return accelerator.device
-    backend = torch.distributed.get_backend() if torch.distributed.is_initialized() else "gloo"
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        flag = torch.tensor(float(self.received is not None), device=accelerator.device)
+        if accelerator.reduce(flag, 'sum').item() > 0:
+            self.received = self.received or 'a signal received by another process'
+            return True
+        return False

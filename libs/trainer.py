@@ -4,32 +4,50 @@
 hot loop, then grids, checkpoints and evaluation at their intervals. What differs between the
 four scripts lives in the `Family` (libs/family.py).
 
-Hot loop rule: no host synchronisation per step. Loss and non-finite counts accumulate in device
-tensors and are read every `log_interval` steps (and before every checkpoint). The only per-step
-sync is the opt-in `config.train.skip_nonfinite_steps > 0`.
+Hot loop rule: no host synchronisation per step. `train_step` is one optimizer step: its noise comes
+from the generator reseeded from (seed, rank, step), so a resumed run draws what the uninterrupted one
+did with no RNG state saved; a step with non-finite gradients is skipped on the device (fused AdamW's
+`found_inf`, the EMA's `applied`). The loss and the non-finite flags stay in device tensors and are
+read every `log_interval` steps and before every checkpoint, where `check_finite` applies
+config.train.max_nonfinite_*.
 """
+import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
 import os
 import re
+import sys
 import time
 from typing import Any
 
 import torch
+from absl import flags
+from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from libs import checkpoint as ckpt
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
 from libs.autoencoder import get_model
+from libs.checkpoint import checkpoint_path, latest_checkpoint, load_nnet_weights, resume, save_checkpoint
+from libs.config_utils import config_overrides, define_config_flag, parse_and_validate, workdir_for
+from libs.data_loader import ResumableLoader, mix_seed, resolve_num_workers
 from libs.datasets import dataset_kwargs, get_dataset
+from libs.ema import EMAUpdater, make_ema
 from libs.errors import MissingFileError, TrainingDivergedError, exit_on_user_error
 from libs.evaluation import evaluate, generate_all
 from libs.family import Sampler, guidance_scale
 from libs.io_utils import atomic_write_bytes
 from libs.logging_utils import log_once, setup_logging
-from libs.nnet import load_nnet_state_dict
+from libs.nnet import build_nnet, load_nnet_state_dict
+from libs.optim import build_lr_scheduler, build_optimizer
+from libs.perf import configure_tf32, maybe_compile
+from libs.preemption import StopSignals
 from libs.sample_grid import save_grid
+from sde import build_diffusion
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +99,12 @@ class Run:
     diffusion: Any
     autoencoder: Any
     null: Any  # null label / empty context of guidance, or None
-    n_nonfinite: torch.Tensor  # device counter of NaN/inf losses, never reset
+    train_nnet: Any = None  # nnet as prepared by accelerate (DDP, compiled): what train_step runs
+    p_uncond: float = 0.0  # probability train_step drops the condition (guidance training)
+    ema: Any = None  # the EMAUpdater of nnet_ema
+    nonfinite: Any = None  # (n_steps + 1,) bool on the device: step s had a NaN/inf loss or gradients
+    checked: int = 0  # nonfinite is read up to this step
+    bad_steps: set = dataclasses.field(default_factory=set)  # the steps found non-finite so far
     history: dict = dataclasses.field(default_factory=lambda: {'fid': {}, 'score': {}})
     logged: list = dataclasses.field(default_factory=list)  # the metrics of every log line of this process's run
     wandb_run: Any = None
@@ -109,36 +132,64 @@ class Run:
                                           contexts=getattr(self.data, 'fid_contexts', None)), labels
 
 
-def check_finite(r: Run, step: int):
-    """Raise TrainingDivergedError when any process saw a NaN/inf loss (one host sync)."""
-    from libs.checkpoint import latest_checkpoint
+def train_step(r: Run, batch: dict, step: int):
+    """Optimizer step number step + 1 on a loader batch; returns (loss, grad_norm, applied): device tensors,
+    no host sync. A step with non-finite gradients leaves the weights, EMA and optimizer as they were."""
+    cfg, acc = r.config, r.accelerator
+    torch.manual_seed(mix_seed(mix_seed(cfg.seed, acc.process_index), step))  # noise, t, dropout of this step
+    x0, cond = r.family.prepare_batch(to_device(batch, r.device), r.autoencoder)
+    cond = r.family.drop_condition(cond, r.p_uncond, r.null)
+    loss = r.diffusion.loss(r.train_nnet, x0, **cond).mean()
+    acc.backward(loss)
+    # The norm of the all-reduced gradients: the same on every process, so all skip the same steps.
+    grad_norm = acc.clip_grad_norm_(r.nnet.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    applied = torch.isfinite(grad_norm)
+    r.optimizer.optimizer.found_inf = (~applied).float()  # fused AdamW skips the update (fp16: the scaler sets it)
+    r.optimizer.step()
+    r.lr_scheduler.step()
+    r.ema.update(cfg.ema_rate, applied)
+    r.optimizer.zero_grad(set_to_none=True)
+    return loss.detach(), grad_norm, applied
 
-    bad = int(r.accelerator.reduce(r.n_nonfinite.clone(), 'sum').item())
-    if bad:
-        good = latest_checkpoint(r.ckpt_root)
-        raise TrainingDivergedError(
-            f"the loss became NaN or infinite ({bad} time(s)) by step {step}; nothing was saved after it. The last "
-            f"good checkpoint is {good or 'none (no checkpoint yet)'}. Lower config.optimizer.lr, set config.grad_clip "
-            f"(e.g. 1.0) or config.train.skip_nonfinite_steps, and rerun the same command to resume from it.")
+
+def check_finite(r: Run, step: int):
+    """Read the non-finite flags of the steps since the last check (one host sync), log each, and raise
+    TrainingDivergedError when they break config.train.max_nonfinite_in_a_row / max_nonfinite_in_window."""
+    if step <= r.checked:  # every process has the same r.checked: all skip this collective together
+        return
+    t = r.config.train
+    flags = r.accelerator.reduce(r.nonfinite[r.checked + 1:step + 1].to(torch.int32), 'sum')
+    new = [r.checked + 1 + i for i in flags.nonzero().flatten().tolist()]
+    r.checked = step
+    for s in new:
+        logger.warning("step %d: NaN/infinite loss or gradients; the step was skipped (weights, EMA and optimizer "
+                       "unchanged)", s)
+        r.bad_steps.add(s)
+        in_a_row = next(k for k in itertools.count(1) if s - k not in r.bad_steps)
+        in_window = sum(b > s - t.nonfinite_window for b in r.bad_steps)
+        if in_a_row >= t.max_nonfinite_in_a_row or in_window >= t.max_nonfinite_in_window:
+            good = latest_checkpoint(r.ckpt_root)
+            raise TrainingDivergedError(
+                f"the loss became NaN or infinite at step {s} ({in_a_row} step(s) in a row, {in_window} in the last "
+                f"{t.nonfinite_window}; limits config.train.max_nonfinite_in_a_row={t.max_nonfinite_in_a_row}, "
+                f"max_nonfinite_in_window={t.max_nonfinite_in_window}); nothing was saved after it. The last good "
+                f"checkpoint is {good or 'none (no checkpoint yet)'}. Lower config.optimizer.lr or set "
+                f"config.grad_clip (e.g. 1.0), and rerun the same command to resume from it.")
 
 
 def save(r: Run, step: int) -> str:
-    """Checkpoint ckpts/<step>.ckpt (rank 0 writes, all ranks take part); never writes diverged weights."""
-    from libs import checkpoint as ckpt
-
+    """Checkpoint ckpts/<step>.ckpt (rank 0 writes, all ranks take part); never after a divergence."""
     check_finite(r, step)
-    rng = ckpt.capture_rng_states_all_ranks()  # collective: every rank's generators
-    path = ckpt.checkpoint_path(r.ckpt_root, step)
+    path = checkpoint_path(r.ckpt_root, step)
     if r.accelerator.is_main_process:
         fids = r.history['fid']
-        best = min(fids, key=fids.get) if fids else None
         scaler = r.accelerator.scaler
-        train_state = {'rng': rng, 'data': r.loader.state_dict(), 'history': r.history,
+        train_state = {'data': r.loader.state_dict(), 'history': r.history,
                        'scaler': scaler.state_dict() if scaler is not None else None}
-        path = ckpt.save_checkpoint(r.ckpt_root, step, nnet=r.nnet, nnet_ema=r.nnet_ema, optimizer=r.optimizer,
-                                    lr_scheduler=r.lr_scheduler, train_state=train_state,
-                                    keep_last=r.config.train.keep_last_ckpts or None,
-                                    protect=() if best is None else (int(best),))
+        save_checkpoint(r.ckpt_root, step, nnet=r.nnet, nnet_ema=r.nnet_ema, optimizer=r.optimizer,
+                        lr_scheduler=r.lr_scheduler, train_state=train_state,
+                        keep_last=r.config.train.keep_last_ckpts or None,
+                        protect=(min(fids, key=fids.get),) if fids else ())
     r.accelerator.wait_for_everyone()
     return path
 
@@ -200,8 +251,8 @@ def final_evaluation(r: Run):
     result = {'sample': {k: s[k] for k in ('algorithm', 'sample_steps', 'n_samples', 'cfg', 'scale')}}
     if r.history['fid']:
         best = min(r.history['fid'], key=r.history['fid'].get)
-        result['checkpoint'] = ckpt.checkpoint_path(r.ckpt_root, best)
-        load_nnet_state_dict(r.nnet_ema, ckpt.load_nnet_weights(result['checkpoint']))
+        result['checkpoint'] = checkpoint_path(r.ckpt_root, best)
+        load_nnet_state_dict(r.nnet_ema, load_nnet_weights(result['checkpoint']))
     gen, labels = r.generate_fn('sample', s.n_samples)
     with r.forked_rng(), r.accelerator.autocast():
         if r.history['fid']:
@@ -220,19 +271,6 @@ def train(config, workdir: str, family):
     """Train `config` in `workdir` (ckpts/, samples/, train.log, score.json); resumes from the latest
     complete checkpoint there. Returns {'step', 'checkpoint', 'preempted', 'score', 'fid', 'final', 'run'}
     ('run': the Run with the networks, optimizer, scheduler and logged metrics, for notebooks and tests)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
-    from libs import checkpoint as ckpt
-    from libs.config_utils import parse_and_validate
-    from libs.data_loader import ResumableLoader, resolve_num_workers
-    from libs.ema import EMAUpdater, make_ema
-    from libs.nnet import build_nnet
-    from libs.optim import build_lr_scheduler, build_optimizer
-    from libs.perf import configure_tf32, maybe_compile
-    from libs.preemption import PreemptionHandler
-    from sde import build_diffusion
-
     family = family.for_config(config)  # before any work: a config of another family names its script
 
     # Setup accelerate: DDP over processes; mixed precision from `accelerate launch --mixed_precision`.
@@ -276,25 +314,19 @@ def train(config, workdir: str, family):
     # Not prepared by accelerate, which would step it once per process per optimizer step.
     lr_scheduler = build_lr_scheduler(optimizer, config.lr_scheduler, config.train.n_steps)
     train_nnet, optimizer = accelerator.prepare(nnet, optimizer)
-    train_nnet = maybe_compile(train_nnet, config.compile)
-    ema = EMAUpdater(nnet_ema, nnet)
-    set_seed(config.seed, device_specific=True)  # process r: seed + r, so ranks draw different noise
     logger.info("network %s: %.2fM parameters", config.nnet.name, sum(p.numel() for p in nnet.parameters()) / 1e6)
     r = Run(config=config, workdir=workdir, family=family, accelerator=accelerator, data=data, nnet=nnet,
             nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader,
             diffusion=build_diffusion(family.time), autoencoder=autoencoder,
             null=family.null_condition(config, getattr(data, 'empty_context', None)),
-            n_nonfinite=torch.zeros((), dtype=torch.int64, device=device))
+            train_nnet=maybe_compile(train_nnet, config.compile), p_uncond=p_uncond, ema=EMAUpdater(nnet_ema, nnet),
+            nonfinite=torch.zeros(config.train.n_steps + 1, dtype=torch.bool, device=device))
 
-    # Resume: network, EMA, optimizer, scheduler, step, every rank's RNG states, data position.
-    step = 0
-    last_ckpt = ckpt.latest_checkpoint(r.ckpt_root)
-    if last_ckpt is not None:
-        state = ckpt.load_checkpoint(last_ckpt, nnet=nnet, nnet_ema=nnet_ema, optimizer=optimizer,
-                                     lr_scheduler=lr_scheduler)
-        step = int(state['step'])
-        if 'rng' in state:
-            ckpt.restore_rng_state(state['rng'])
+    # Resume: network, EMA, optimizer, scheduler, step, data position (the noise is seeded per step).
+    last_ckpt, state = resume(r.ckpt_root, nnet=nnet, nnet_ema=nnet_ema, optimizer=optimizer,
+                              lr_scheduler=lr_scheduler)
+    step = r.checked = state['step'] if state else 0
+    if state:
         # A checkpoint of the original code has no data position: continue after the samples its steps used.
         loader.load_state_dict(state.get('data', {'position': step * config.train.batch_size}))
         if state.get('scaler') is not None and accelerator.scaler is not None:
@@ -303,7 +335,7 @@ def train(config, workdir: str, family):
         logger.info("resuming at step %d from %s", step, last_ckpt)
 
     if is_main and config.wandb.enabled:
-        import wandb
+        import wandb  # optional
         r.wandb_run = wandb.init(project=config.wandb.project, mode=config.wandb.mode, dir=workdir,
                                  config=config.to_dict(), resume='allow',
                                  # One wandb run per workdir, continued on resume.
@@ -311,44 +343,20 @@ def train(config, workdir: str, family):
 
     # Train:
     n_steps, log_every = int(config.train.n_steps), int(config.train.log_interval)
-    params = [p for p in nnet.parameters() if p.requires_grad]
-    clip = float(config.grad_clip) if config.grad_clip > 0 else math.inf  # inf: measure the norm, never clip
-    loss_sum, grad_norm = torch.zeros((), device=device), torch.zeros((), device=device)
-    skipped, last_log_step, last_log_time = 0, step, time.time()
-    data_iter = iter(loader)
-    train_nnet.train()
+    loss_sum = torch.zeros((), device=device)
+    last_log_step, last_log_time = step, time.time()
+    r.train_nnet.train()
     bar = tqdm(total=n_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc='train')
-    # Processes agree on stopping by an all-reduce; on logging steps only, so other steps stay sync-free.
-    with PreemptionHandler(sync_every=log_every) as preemption:
+    # The loader's workers start under the handlers, then ignore stop signals; they end with the block.
+    with StopSignals() as stop, contextlib.closing(iter(loader)) as data_iter:
         while step < n_steps:
-            batch = to_device(next(data_iter), device)
-            x0, cond = family.prepare_batch(batch, autoencoder)
-            cond = family.drop_condition(cond, p_uncond, r.null)
-            loss = r.diffusion.loss(train_nnet, x0, **cond).mean()
-            if config.train.skip_nonfinite_steps > 0:
-                # The opt-in per-step sync; all ranks agree, so they skip the same steps.
-                if accelerator.reduce((~torch.isfinite(loss)).to(torch.int64), 'sum').item():
-                    skipped += 1
-                    logger.warning("non-finite loss before step %d: skipped (%d of at most %d)", step + 1, skipped,
-                                   config.train.skip_nonfinite_steps)
-                    if skipped > config.train.skip_nonfinite_steps:
-                        r.n_nonfinite += 1
-                        check_finite(r, step + 1)
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
-            accelerator.backward(loss)
-            log_now = (step + 1) % log_every == 0 or step + 1 == n_steps
-            if config.grad_clip > 0 or log_now:
-                grad_norm = accelerator.clip_grad_norm_(params, clip)
-            optimizer.step()
-            lr_scheduler.step()
-            ema.update(config.ema_rate)
-            optimizer.zero_grad(set_to_none=True)
+            loss, grad_norm, applied = train_step(r, next(data_iter), step)
             step += 1
-            loss_sum += loss.detach()
-            r.n_nonfinite += (~torch.isfinite(loss.detach())).to(torch.int64)
+            r.nonfinite[step] = ~torch.isfinite(loss) | (~applied if accelerator.scaler is None else False)
+            loss_sum += torch.where(applied, loss, 0.0)
             bar.update(1)
 
+            log_now = step % log_every == 0 or step == n_steps
             if log_now:  # the hot loop's one host sync per log_interval
                 check_finite(r, step)
                 mean_loss, mean_norm = accelerator.reduce(torch.stack([loss_sum, grad_norm.float()]), 'mean').tolist()
@@ -377,12 +385,13 @@ def train(config, workdir: str, family):
                 evaluate_checkpoint(r, step)
                 last_log_time = time.time()  # evaluation time is not training throughput
 
-            # Preemption: save and stop on SIGTERM/SIGINT.
-            if preemption.should_stop(accelerator=accelerator, step=step):
-                if ckpt.checkpoint_step(last_ckpt or '') != step:
+            # Stop signal: a checkpoint of this step, then exit (processes agree on logging steps only).
+            if stop.should_stop(accelerator, sync=log_now):
+                if last_ckpt != checkpoint_path(r.ckpt_root, step):
                     last_ckpt = save(r, step)
                 bar.close()
-                logger.warning(preemption.resume_message(step, last_ckpt))
+                logger.warning("training stopped at step %d (%s); checkpoint saved to '%s'. To resume, rerun the "
+                               "same command: %s", step, stop.received, last_ckpt, ' '.join(sys.argv))
                 return {'step': step, 'checkpoint': last_ckpt, 'preempted': True, 'final': None,
                         'score': r.history['score'].get(step), 'fid': r.history['fid'].get(step), 'run': r}
     bar.close()
@@ -401,34 +410,36 @@ def train(config, workdir: str, family):
 
 def define_flags():
     """--config (file + --config.a.b=value overrides), --workdir, --dry_run."""
-    from absl import flags
-
-    from libs.config_utils import define_config_flag
-
     define_config_flag('config')
     flags.DEFINE_string('workdir', None, "run directory (ckpts/, samples/, train.log); default "
                                          "workdir/<config name>/<hparams from the overrides>")
-    flags.DEFINE_bool('dry_run', False, "resolve and validate the config, write it to the workdir, and exit")
+    flags.DEFINE_bool('dry_run', False, "check the config, its files, the dataset and the network, write the config "
+                                        "to the workdir, and exit without training")
+
+
+def dry_run(config, workdir: str, family):
+    """What train() checks before its first step, without training: the config and its files, the dataset,
+    the autoencoder and the network. Writes the resolved config to <workdir>/config.json."""
+    parse_and_validate(config, world_size=int(os.environ.get('WORLD_SIZE', 1)))
+    family = family.for_config(config)
+    family.check(config, get_dataset(config.dataset.name, **dataset_kwargs(config)))
+    if family.data == 'latents':
+        get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor)
+    build_lr_scheduler(build_optimizer(build_nnet(config.nnet), config.optimizer), config.lr_scheduler,
+                       config.train.n_steps)
+    write_json(config.to_dict(), os.path.join(workdir, 'config.json'))
+    logger.info("dry run: the config, its files, the dataset and the network are fine; config written to %s",
+                os.path.join(workdir, 'config.json'))
 
 
 def main_for(family):
     """The absl main of a train*.py script that trains `family`."""
     def main(argv):
-        from absl import flags
-        from ml_collections import config_flags
-
-        from libs.config_utils import config_overrides, parse_and_validate, workdir_for
-
         FLAGS = flags.FLAGS
         config = FLAGS.config
         workdir = FLAGS.workdir or workdir_for(config_flags.get_config_filename(FLAGS['config']), config_overrides())
         if FLAGS.dry_run:
             setup_logging(True, None)
-            world_size = int(os.environ.get('WORLD_SIZE', 1))
-            parse_and_validate(config, world_size=world_size)
-            family.for_config(config)
-            write_json(config.to_dict(), os.path.join(workdir, 'config.json'))
-            logger.info("dry run: the config is valid; written to %s", os.path.join(workdir, 'config.json'))
-            return
+            return dry_run(config, workdir, family)
         train(config, workdir, family)
     return exit_on_user_error(main)

@@ -17,7 +17,7 @@ import torch.utils.checkpoint
 
 from libs import attention as attention_backends
 from libs.attention import attention
-from libs.errors import ConfigError, InputError
+from libs.errors import InputError
 
 
 def timestep_embedding(timesteps, dim, max_period=10000):
@@ -77,8 +77,6 @@ class Attention(nn.Module):
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None):
         super().__init__()
-        if dim % num_heads:
-            raise ConfigError(f"embed_dim {dim} is not divisible by num_heads {num_heads}; choose a width that is a multiple of the head count")
         self.num_heads = num_heads
         self.scale = qk_scale if qk_scale is not None else (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
@@ -157,8 +155,6 @@ class UViTBase(nn.Module):
     def __init__(self, img_size, patch_size, in_chans, embed_dim, mlp_time_embed):
         super().__init__()
         attention_backends.prepare()  # fail early on a bad UVIT_ATTENTION; import xformers outside forward
-        if img_size % patch_size:
-            raise ConfigError(f"img_size {img_size} is not divisible by patch_size {patch_size}; fix config.nnet")
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans

@@ -61,17 +61,21 @@ def _flags(*args):
         raise ConfigError(f"FATAL Flags parsing error: {e}") from e
 
 
+def _config():
+    from configs.digits_uvit_tiny import get_config
+    return get_config()
+
+
 def _validate(world_size=1, **changes):
     """parse_and_validate on the digits config with `changes` ({'train.n_steps': -10})."""
     import ml_collections
 
-    from configs.digits_uvit_tiny import get_config
     from libs.config_utils import parse_and_validate
-    config = get_config()
+    config = _config()
     for key, value in changes.items():
         section, leaf = key.rsplit(".", 1) if "." in key else (None, key)
         if section is None:
-            config[leaf] = value
+            config = ml_collections.ConfigDict({**config.to_dict(), leaf: value})
         else:  # rebuilt: ConfigDict refuses type changes, which a config file may well contain
             config[section] = ml_collections.ConfigDict({**config[section].to_dict(), leaf: value})
     parse_and_validate(config, world_size=world_size)
@@ -122,7 +126,7 @@ def nnet_path_not_a_state_dict(tmp):
 
 
 def checkpoint_of_another_config(tmp):
-    from libs.checkpoint import load_checkpoint, save_checkpoint
+    from libs.checkpoint import resume, save_checkpoint
     from libs.nnet import build_nnet
     cfg = dict(name="uvit", img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2,
                num_classes=11)
@@ -130,8 +134,8 @@ def checkpoint_of_another_config(tmp):
     opt = torch.optim.AdamW(small.parameters())
     path = save_checkpoint(os.path.join(tmp, "ckpts"), 100, nnet=small, nnet_ema=small, optimizer=opt,
                            lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1), train_state={})
-    load_checkpoint(path, nnet=build_nnet({**cfg, "embed_dim": 64, "num_heads": 4}), nnet_ema=None, optimizer=None,
-                    lr_scheduler=None)
+    resume(os.path.dirname(path), nnet=build_nnet({**cfg, "embed_dim": 64, "num_heads": 4}), nnet_ema=None,
+           optimizer=None, lr_scheduler=None)
 
 
 def _warnings_of(fn, logger_name):
@@ -159,7 +163,6 @@ def resume_truncated_newest(tmp):
     import libs.checkpoint as ckpt
     _, newest = _saved_checkpoints(tmp)
     _truncate(os.path.join(newest, "optimizer.pth"), 500)
-    ckpt._verified.clear()
     message = _warnings_of(lambda: ckpt.latest_checkpoint(os.path.join(tmp, "ckpts")), "libs.checkpoint")
     return message
 
@@ -168,11 +171,10 @@ def disk_full(tmp, monkeypatch):
     import libs.checkpoint as ckpt
     _saved_checkpoints(tmp, steps=(100,))
 
-    def no_space(self, data):
-        self.error = OSError(errno.ENOSPC, "No space left on device")
-        raise self.error
+    def no_space(obj, f, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")  # what a full disk does to the write
 
-    monkeypatch.setattr(ckpt._HashingWriter, "write", no_space)
+    monkeypatch.setattr(ckpt.torch, "save", no_space)
     ckpt.save_checkpoint(os.path.join(tmp, "ckpts"), 200, **_tiny_run(), train_state={})
 
 
@@ -185,11 +187,11 @@ def nan_loss(tmp):
     from libs.trainer import check_finite
     _, damaged = _saved_checkpoints(tmp, steps=(100, 150))
     _truncate(os.path.join(damaged, "nnet.pth"), 10)  # a damaged newer one must not be named as good
+    nonfinite = torch.zeros(161, dtype=torch.bool)
+    nonfinite[158:] = True  # steps 158, 159, 160
     run = types.SimpleNamespace(
-        accelerator=types.SimpleNamespace(reduce=lambda t, op: t), n_nonfinite=torch.tensor(3),
-        ckpt_root=os.path.join(tmp, "ckpts"))
-    import libs.checkpoint as ckpt
-    ckpt._verified.clear()
+        config=_config(), accelerator=types.SimpleNamespace(reduce=lambda t, op: t), nonfinite=nonfinite,
+        checked=150, bad_steps=set(), ckpt_root=os.path.join(tmp, "ckpts"))
     check_finite(run, 160)
 
 
@@ -258,6 +260,25 @@ CASES = [
     Case("sampler-name", "`sample.algorithm = 'dpm_solver++'`",
          lambda tmp: _validate(**{"sample.algorithm": "dpm_solver++"}), ConfigError,
          ("config.sample.algorithm", "not one of", "'dpm_solver++_2m'")),
+    Case("fid-one-sample", "`fid.n_samples = 1`", lambda tmp: _validate(**{"fid.n_samples": 1}), ConfigError,
+         ("config.fid.n_samples", "0 (no FID during training) or >= 2")),
+    Case("inception-missing", "`fid.inception_weights` a file that does not exist",
+         lambda tmp: _validate(**{"fid.inception_weights": os.path.join(tmp, "pt_inception.pth")}), ConfigError,
+         ("config.fid.inception_weights", "does not exist")),
+    Case("diffusion", "`diffusion = 'continous'`", lambda tmp: _validate(diffusion="continous"), ConfigError,
+         ("config.diffusion", "did you mean 'continuous'?")),
+    Case("type-in-file", "`train.batch_size = '128'` in a config file (a string)",
+         lambda tmp: _validate(**{"train.batch_size": "128"}), ConfigError,
+         ("config.train.batch_size", "must be an integer")),
+    Case("bool-in-file", "`compile = 1` in a config file", lambda tmp: _validate(compile=1), ConfigError,
+         ("config.compile", "must be a boolean")),
+    Case("nnet-type", "`nnet.depth = 12.5`", lambda tmp: _validate(**{"nnet.depth": 12.5}), ConfigError,
+         ("config.nnet.depth", "must be an integer")),
+    Case("nonfinite-limit", "`train.max_nonfinite_in_a_row = 0`",
+         lambda tmp: _validate(**{"train.max_nonfinite_in_a_row": 0}), ConfigError,
+         ("config.train.max_nonfinite_in_a_row", "must be > 0")),
+    Case("num-workers", "`dataloader.num_workers = -2`", lambda tmp: _validate(**{"dataloader.num_workers": -2}),
+         ConfigError, ("config.dataloader.num_workers", "must be >= -1")),
     Case("several", "`train.n_steps = 0` and `optimizer.lr = -1`",
          lambda tmp: _validate(**{"train.n_steps": 0, "optimizer.lr": -1.0}), ConfigError,
          ("2 problems in the config", "config.train.n_steps", "config.optimizer.lr")),
@@ -275,11 +296,12 @@ CASES = [
     Case("resume-truncated", "rerunning after the newest checkpoint was damaged (resume goes on from the previous "
          "one)", resume_truncated_newest, WARNING, ("skipping checkpoint", "200.ckpt", "optimizer.pth", "truncated")),
     Case("disk-full", "disk full while writing a checkpoint", disk_full, SaveError,
-         ("200.ckpt", "the disk is full", "previous checkpoint is intact")),
+         ("200.ckpt", "No space left on device", "previous checkpoint is intact")),
     Case("keep-last", "`keep_last=0`", keep_last_zero, CheckpointError, ("keep_last=0", "positive integer")),
     # Training.
-    Case("nan-loss", "the loss becomes NaN (e.g. a far too large learning rate)", nan_loss, TrainingDivergedError,
-         ("step 160", "100.ckpt", "Lower config.optimizer.lr")),
+    Case("nan-loss", "the loss stays NaN (e.g. a far too large learning rate; a single NaN step is skipped and "
+         "logged)", nan_loss, TrainingDivergedError,
+         ("step 160", "3 step(s) in a row", "max_nonfinite_in_a_row", "100.ckpt", "Lower config.optimizer.lr")),
     # Missing files.
     Case("dataset-missing", "CIFAR10 is not in `config.dataset.path` and cannot be downloaded (offline)",
          dataset_missing, MissingFileError, ("CIFAR10", "could not be downloaded", "cifar-10-python.tar.gz")),

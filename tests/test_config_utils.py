@@ -72,6 +72,80 @@ def test_out_of_range_values_name_the_key(key, value, expected):
     assert str(info.value).startswith(expected), str(info.value)
 
 
+def _leaves(config, prefix=""):
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield prefix + k, v
+
+
+def _with(config, key, value):
+    """config with key set to value, whatever its type (ConfigDict refuses type changes; a config file need not)."""
+    d = config.to_dict()
+    *parents, leaf = key.split(".")
+    node = d
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    return ml_collections.ConfigDict(d)
+
+
+def _wrong_type(default):
+    """A value of another type than `default`, as a slip in a config file gives."""
+    if isinstance(default, bool):
+        return "yes"
+    if isinstance(default, (int, float)):
+        return "1"
+    if isinstance(default, str):
+        return 7
+    if isinstance(default, tuple):
+        return (0.5,)
+    return "seven"  # a None default: a shape, a scale or a path, none of which this is
+
+
+def _every_key():
+    from configs.base import get_config
+    from libs.uvit import UViT
+    nnet = {k: p.default for k, p in __import__("inspect").signature(UViT.__init__).parameters.items()
+            if k not in ("self", "norm_layer")}
+    return [*_leaves(get_config()), *((f"nnet.{k}", v) for k, v in nnet.items())]
+
+
+# Every number with a range, and every name with a list of choices: a value outside it.
+OUT_OF_RANGE = {
+    "autoencoder.scale_factor": 0.0, "train.n_steps": 0, "train.batch_size": -8, "train.log_interval": 0,
+    "train.eval_interval": -1, "train.save_interval": 0, "train.keep_last_ckpts": -1,
+    "train.max_nonfinite_in_a_row": 0, "train.max_nonfinite_in_window": 0, "train.nonfinite_window": 0,
+    "optimizer.lr": -1e-4, "optimizer.weight_decay": -0.1, "optimizer.betas": (0.9, 1.0),
+    "lr_scheduler.warmup_steps": -1, "ema_rate": 1.5, "grad_clip": -1.0, "dataset.p_uncond": 2.0,
+    "sample.sample_steps": 0, "sample.n_samples": 0, "sample.mini_batch_size": 0, "grid.n_rows": 0,
+    "grid.n_cols": 0, "grid.steps": 0, "fid.n_samples": 1, "fid.steps": 0, "dataloader.num_workers": -2,
+    "pred": "x0_pred", "train.mode": "both", "optimizer.name": "sgd", "lr_scheduler.name": "linear",
+    "sample.algorithm": "ddim", "grid.algorithm": "ddim", "wandb.mode": "on", "nnet.name": "dit",
+    "nnet.img_size": 0, "nnet.patch_size": 0, "nnet.in_chans": 0, "nnet.embed_dim": -64, "nnet.depth": 0,
+    "nnet.num_heads": 0, "nnet.mlp_ratio": 0.0, "nnet.qk_scale": -1.0, "nnet.num_classes": -2,
+    "fid.inception_weights": "/no/such/inception.pth", "z_shape": (4, 32)}
+# Free values: any number (seeds, guidance scales) or any string the dataset / loader checks where it reads it.
+NO_RANGE = {"seed", "sample.scale", "grid.scale", "autoencoder.pretrained_path", "dataset.name", "sample.path",
+            "wandb.project", "compile", "tf32", "optimizer.no_decay_for_embeddings_norms_biases", "dataset.cfg",
+            "sample.cfg", "wandb.enabled", "dataloader.pin_memory", "dataloader.persistent_workers", "nnet.qkv_bias",
+            "nnet.mlp_time_embed", "nnet.use_checkpoint", "nnet.conv", "nnet.skip"}
+
+
+@pytest.mark.parametrize("key, default", _every_key(), ids=[k for k, _ in _every_key()])
+def test_every_key_with_a_wrong_type_or_out_of_range_stops_naming_it(key, default):
+    """What train() and --dry_run call before any work: one line naming the key, for each bad value."""
+    config = _with(base(), "nnet.qk_scale", None)
+    assert key in OUT_OF_RANGE or key in NO_RANGE, f"{key}: new key: say what is out of range for it"
+    bad = [_wrong_type(default)] + ([OUT_OF_RANGE[key]] if key in OUT_OF_RANGE else [])
+    for value in bad:
+        with pytest.raises(ConfigError) as info:
+            parse_and_validate(_with(config, key, value), world_size=1)
+        message = str(info.value)
+        assert message.startswith(f"config.{key} = {value!r}: ") and "\n" not in message, (value, message)
+
+
 def test_batch_that_does_not_split_over_processes():
     config = base()
     config.train.batch_size = 100
@@ -90,7 +164,8 @@ def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as info:
         parse_and_validate(config, world_size=1)
     msg = str(info.value)
-    assert msg.startswith("2 problems in the config:") and "train.n_steps" in msg and "optimizer.lr" in msg
+    assert msg.startswith("2 problems in the config: config.train.n_steps") and "; config.optimizer.lr" in msg
+    assert "\n" not in msg
 
 
 def test_latent_shape_must_match_the_network():

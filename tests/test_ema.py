@@ -57,3 +57,20 @@ def test_rate_zero_copies_and_rate_one_freezes():
     assert all(torch.equal(a, b) for a, b in zip(before, ema.parameters()))
     updater.update(0.0)
     assert all(torch.equal(a, b) for a, b in zip(net.parameters(), ema.parameters()))
+
+
+def test_skipped_step_leaves_the_ema_and_an_applied_one_equals_the_plain_update():
+    torch.manual_seed(0)
+    net = Net()
+    ema, plain = make_ema(net), make_ema(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p))
+    updater, reference = EMAUpdater(ema, net), EMAUpdater(plain, net)
+    before = [p.clone() for p in ema.parameters()]
+    updater.update(0.9, torch.tensor(False))  # a skipped optimizer step (non-finite gradients)
+    assert all(torch.equal(a, b) for a, b in zip(before, ema.parameters()))
+    updater.update(0.9, torch.tensor(True))
+    reference.update(0.9)
+    for a, b in zip(ema.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-7)

@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from libs.errors import ConfigError
 from libs.optim import build_lr_scheduler, build_optimizer, lr_factor, param_groups
 
 
@@ -58,13 +57,6 @@ def test_first_adamw_step_closed_form():
         torch.testing.assert_close(p.detach(), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_bad_optimizer_settings():
-    with pytest.raises(ConfigError, match='betas'):
-        build_optimizer(Tiny(), opt_cfg(betas=(0.9, 1.5)))
-    with pytest.raises(ConfigError, match='adamw'):
-        build_optimizer(Tiny(), opt_cfg(name='sgd'))
-
-
 def lrs(name, warmup, n_steps, k):
     net = Tiny()
     opt = build_optimizer(net, opt_cfg(lr=2.0))
@@ -93,11 +85,8 @@ def test_cosine_schedule_closed_form():
     assert got[n] == pytest.approx(0.0, abs=1e-12)
 
 
-def test_zero_warmup_and_unknown_schedule():
-    assert lr_factor(0, 'customized', 0, 10) == 1.0
-    with pytest.raises(ConfigError, match='lr_scheduler'):
-        build_lr_scheduler(build_optimizer(Tiny(), opt_cfg()), ml_collections.ConfigDict(dict(name='step', warmup_steps=0)),
-                           10)
+def test_zero_warmup():
+    assert lr_factor(0, 'customized', 0, 10) == lr_factor(0, 'cosine', 0, 10) == 1.0
 
 
 def test_scheduler_state_round_trip():

@@ -1,24 +1,29 @@
-"""End to end through train.py on a tiny digits model (CPU, fixed seed), issue 8's "done when":
+"""End to end through train.py on a tiny digits model (CPU, fixed seed, one data-loader worker):
 
-1. SIGTERM mid-run, rerun the same command: the final network, EMA and optimizer equal an
-   uninterrupted run's bit for bit.
-2. A checkpoint damaged after the interruption (a truncated newer one, a temporary left by a
-   kill -9) is skipped with a warning naming it; the rerun resumes from the good one.
-3. A NaN loss stops training naming the step and the last good checkpoint; nothing after it is saved.
+1. SIGTERM to the whole process group (training process and its loader worker, as `scancel` or a job
+   runner does), SIGTERM to `torchrun` (which forwards it), and SIGKILL at a random moment; rerunning
+   the same command ends with the network, EMA and optimizer of an uninterrupted run, bit for bit.
+2. A checkpoint damaged after the interruption (a truncated newer one, a temporary left by the kill)
+   is skipped with a warning naming it; the rerun resumes from the good one.
 
-The three first runs go in parallel (one fixture), so the file costs about two train.py start-ups.
+The first runs go in parallel (one fixture), so the file costs about two train.py start-ups (~35 s on
+2 cores: marked slow; tests/test_preemption.py covers every signal in-process in seconds).
 """
+import concurrent.futures
+import functools
 import os
+import random
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
 
-from libs.checkpoint import checkpoint_problems, list_checkpoints
+pytestmark = pytest.mark.slow
+
+from libs.checkpoint import checkpoint_problems, list_checkpoints, read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_STEPS = 40
@@ -30,23 +35,7 @@ TINY = ["--config=configs/digits_uvit_tiny.py", f"--config.train.n_steps={N_STEP
         "--config.nnet.embed_dim=32", "--config.nnet.depth=2", "--config.nnet.num_heads=2",
         "--config.grid.n_rows=2", "--config.grid.n_cols=2", "--config.grid.steps=2", "--config.fid.n_samples=8",
         "--config.fid.steps=2", "--config.sample.n_samples=8", "--config.sample.sample_steps=2",
-        "--config.sample.mini_batch_size=8", "--config.lr_scheduler.warmup_steps=5"]
-
-# Runs train.py with the continuous-time loss returning NaN from the NAN_FROM-th call on.
-_NAN_WRAPPER = textwrap.dedent("""
-    import runpy, sys
-    sys.path.insert(0, {root!r})
-    import sde
-    real_loss, calls = sde.ContinuousVP.loss, [0]
-    def nan_loss(self, *args, **kwargs):
-        calls[0] += 1
-        loss = real_loss(self, *args, **kwargs)
-        return loss * float("nan") if calls[0] >= {nan_from} else loss
-    sde.ContinuousVP.loss = nan_loss
-    sys.argv = ["train.py"] + {args!r}
-    runpy.run_path({train!r}, run_name="__main__")
-""")
-
+        "--config.sample.mini_batch_size=8", "--config.lr_scheduler.warmup_steps=5", "--config.dataloader.num_workers=1"]
 
 def _env():
     # One thread per process: three runs share two cores, and the runs compared must use the same
@@ -59,140 +48,135 @@ def _train(workdir, *extra):
     return [sys.executable, os.path.join(ROOT, "train.py"), *TINY, f"--workdir={workdir}", *extra]
 
 
-def _finish(proc, log, timeout=600):
-    proc.wait(timeout=timeout)
-    log.seek(0)
-    text = log.read()
-    log.close()
-    return proc.returncode, text
+def _torchrun(workdir):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+            os.path.join(ROOT, "train.py"), *TINY, f"--workdir={workdir}"]
+
+
+def _signal_at(proc, text, send, delay=0.0):
+    """Read proc's log until a line contains `text`, then (after `delay` seconds unless it exits) call send();
+    returns the whole log."""
+    log = []
+    for line in proc.stderr:
+        log.append(line)
+        if text in line:
+            try:
+                proc.wait(timeout=delay)
+            except subprocess.TimeoutExpired:
+                send()
+            break
+    log.append(proc.stderr.read())
+    proc.wait(timeout=600)
+    return "".join(log)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("resume")
-    ref_dir, int_dir, nan_dir = str(base / "reference"), str(base / "interrupted"), str(base / "nan")
-    nan_script = base / "nan_train.py"
-    nan_script.write_text(_NAN_WRAPPER.format(root=ROOT, nan_from=8, train=os.path.join(ROOT, "train.py"),
-                                              args=TINY[:1] + [a.replace("save_interval=20", "save_interval=5")
-                                                               for a in TINY[1:]] + [f"--workdir={nan_dir}"]))
-    popen = dict(cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, text=True)
-    # Logs of the runs nobody reads while they run go to files: a full pipe would block them.
-    ref_log, nan_log = open(base / "reference.log", "w+"), open(base / "nan.log", "w+")
-    reference = subprocess.Popen(_train(ref_dir), stderr=ref_log, **popen)
-    nan_run = subprocess.Popen([sys.executable, str(nan_script)], stderr=nan_log, **popen)
-    interrupted = subprocess.Popen(_train(int_dir), stderr=subprocess.PIPE, **popen)
+    dirs = {name: str(base / name) for name in ("reference", "group", "torchrun", "killed")}
+    # Each in its own session (process group): a group signal reaches that run alone, not pytest.
+    popen = dict(cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, text=True, start_new_session=True)
+    ref_log = open(base / "reference.log", "w+")  # nobody reads it while it runs: a full pipe would block it
+    procs = {"reference": subprocess.Popen(_train(dirs["reference"]), stderr=ref_log, **popen),
+             "group": subprocess.Popen(_train(dirs["group"]), stderr=subprocess.PIPE, **popen),
+             "torchrun": subprocess.Popen(_torchrun(dirs["torchrun"]), stderr=subprocess.PIPE, **popen),
+             "killed": subprocess.Popen(_train(dirs["killed"], "--config.train.save_interval=5"),
+                                        stderr=subprocess.PIPE, **popen)}
+    rng = random.Random()
+    # SIGKILL at a random moment after the first checkpoint: in a step, a save or an evaluation.
+    kill_at = f"step {rng.choice(range(10, N_STEPS, 5))}/{N_STEPS}"
+    watch = {"group": (f"step {INTERRUPT_AFTER}/{N_STEPS}", lambda p: os.killpg(p.pid, signal.SIGTERM), 0.0),
+             "torchrun": (f"step {INTERRUPT_AFTER}/{N_STEPS}", lambda p: p.send_signal(signal.SIGTERM), 0.0),
+             "killed": (kill_at, lambda p: os.killpg(p.pid, signal.SIGKILL), rng.uniform(0.0, 0.5))}
+    logs = {}
     try:
-        # 1. SIGTERM once the interrupted run is training.
-        log = []
-        for line in interrupted.stderr:
-            log.append(line)
-            if f"step {INTERRUPT_AFTER}/{N_STEPS}" in line:
-                interrupted.send_signal(signal.SIGTERM)
-                break
-        rest = interrupted.stderr.read()
-        interrupted.wait(timeout=600)
-        first_log = "".join(log) + rest
-        results = {"interrupted": (interrupted.returncode, first_log),
-                   "reference": _finish(reference, ref_log), "nan": _finish(nan_run, nan_log)}
+        # One reader per run: they all run at once, and a signal must come while its run is at that step.
+        with concurrent.futures.ThreadPoolExecutor(len(watch)) as pool:
+            futures = {name: pool.submit(_signal_at, procs[name], text, functools.partial(send, procs[name]), delay)
+                       for name, (text, send, delay) in watch.items()}
+            logs.update({name: f.result() for name, f in futures.items()})
+        procs["reference"].wait(timeout=600)
+        ref_log.seek(0)
+        logs["reference"] = ref_log.read()
     finally:
-        for p in (reference, nan_run, interrupted):
+        for p in procs.values():
             if p.poll() is None:
-                p.kill()
-    assert results["interrupted"][0] == 0, first_log[-4000:]
-    assert results["reference"][0] == 0, results["reference"][1][-4000:]
+                os.killpg(p.pid, signal.SIGKILL)
+        ref_log.close()
+    # torchrun itself exits with status 1 after forwarding a signal, whatever its worker did.
+    for name in ("reference", "group"):
+        assert procs[name].returncode == 0, logs[name][-4000:]
+    assert procs["killed"].returncode == -signal.SIGKILL, logs["killed"][-4000:]
 
-    # 2. Damage after the interruption: a newer checkpoint truncated on disk, and the temporary a
-    # kill -9 in the middle of a save leaves behind.
-    root = os.path.join(int_dir, "ckpts")
-    (stopped_at, good), = list_checkpoints(root)
+    # Whatever the kill interrupted, every <step>.ckpt left is whole; at most the steps since the last one are lost.
+    root = os.path.join(dirs["killed"], "ckpts")
+    left = list_checkpoints(root)
+    for _, path in left:
+        read_checkpoint(path)
+    last_logged = max(int(l.split("ckpts/")[1].split(".ckpt")[0]) for l in logs["killed"].splitlines()
+                      if "saved checkpoint" in l)
+    assert left[0][0] >= last_logged
+
+    # Damage after the interruption: a newer checkpoint truncated on disk, and the temporary a kill -9 in
+    # the middle of a save leaves behind.
+    (stopped_at, good), *_ = left
     damaged = os.path.join(root, f"{stopped_at + 1}.ckpt")
     shutil.copytree(good, damaged)
     victim = os.path.join(damaged, "nnet_ema.pth")
     with open(victim, "r+b") as f:
         f.truncate(os.path.getsize(victim) // 3)
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    leftover = os.path.join(root, f".{stopped_at + 2}.ckpt.tmp-{dead.pid}-killed")
+    leftover = os.path.join(root, f".{stopped_at + 2}.ckpt.tmp-12345-killed")
     os.makedirs(leftover)
     with open(os.path.join(leftover, "nnet.pth"), "wb") as f:
         f.write(b"PK\x03\x04 partial")
 
-    resumed = subprocess.run(_train(int_dir), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-4000:]
-    results.update(resumed=(resumed.returncode, resumed.stderr), stopped_at=stopped_at, good=good, victim=victim,
-                   leftover=leftover, dirs=dict(reference=ref_dir, interrupted=int_dir, nan=nan_dir))
-    return results
+    reruns = {name: subprocess.Popen(_train(dirs[name]), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True) for name in ("group", "torchrun", "killed")}
+    resumed = {name: p.communicate(timeout=600)[1] for name, p in reruns.items()}
+    for name, p in reruns.items():
+        assert p.returncode == 0, resumed[name][-4000:]
+    return dict(logs=logs, resumed=resumed, dirs=dirs, killed_at=stopped_at, good=good, victim=victim,
+                leftover=leftover)
 
 
 def _load(workdir, step, name):
     return torch.load(os.path.join(workdir, "ckpts", f"{step}.ckpt", name), map_location="cpu", weights_only=True)
 
 
-def test_sigterm_stops_cleanly_with_a_checkpoint_and_how_to_resume(runs):
-    log = runs["interrupted"][1]
-    stopped_at = runs["stopped_at"]
+@pytest.mark.parametrize("name", ["group", "torchrun"])
+def test_sigterm_stops_cleanly_with_a_checkpoint_and_how_to_resume(runs, name):
+    log = runs["logs"][name]
+    stopped_at = int(log.split("training stopped at step ")[1].split()[0])
+    path = os.path.join(runs["dirs"][name], "ckpts", f"{stopped_at}.ckpt")
     assert INTERRUPT_AFTER <= stopped_at < N_STEPS  # really mid-run
-    assert f"training stopped at step {stopped_at} (SIGTERM)" in log
+    assert "received SIGTERM" in log and f"training stopped at step {stopped_at} (SIGTERM)" in log
     assert "To resume, rerun the same command" in log
-    assert not checkpoint_problems(runs["good"])
+    assert "DataLoader worker" not in log  # the worker got the group's SIGTERM too, and ignored it
+    assert not checkpoint_problems(path)
+    assert f"resuming at step {stopped_at}" in runs["resumed"][name]
 
 
-def _loader_draws_from_global_rng():
-    """Whether starting the training loader's iterator consumes torch's global CPU generator.
-
-    torch's DataLoader draws its workers' base seed from the global generator unless it is given
-    its own `generator=`. The trainer restores the RNG states and then starts the loader, so
-    that draw shifts every later noise/timestep draw: the resumed run is then not the
-    uninterrupted one.
-    """
-    from libs.data_loader import ResumableLoader
-
-    loader = ResumableLoader(torch.utils.data.TensorDataset(torch.arange(8.0)), batch_size=2, seed=0)
-    before = torch.get_rng_state()
-    next(iter(loader))
-    return not torch.equal(before, torch.get_rng_state())
-
-
-def test_resumed_run_equals_uninterrupted_run_bit_for_bit(runs):
-    # The likeliest cause of a mismatch, named precisely (it was once the case).
-    assert not _loader_draws_from_global_rng(), (
-        "libs/data_loader.py: starting the loader's iterator draws from torch's global CPU generator after the RNG "
-        "states were restored; give the DataLoader its own generator=")
-    ref, res = runs["dirs"]["reference"], runs["dirs"]["interrupted"]
-    assert f"resuming at step {runs['stopped_at']}" in runs["resumed"][1]
-    for name in ("nnet.pth", "nnet_ema.pth"):
-        a, b = _load(ref, N_STEPS, name), _load(res, N_STEPS, name)
+@pytest.mark.parametrize("name", ["group", "torchrun", "killed"])
+def test_resumed_run_equals_uninterrupted_run_bit_for_bit(runs, name):
+    ref, res = runs["dirs"]["reference"], runs["dirs"][name]
+    for file in ("nnet.pth", "nnet_ema.pth"):
+        a, b = _load(ref, N_STEPS, file), _load(res, N_STEPS, file)
         assert a.keys() == b.keys()
         different = [k for k in a if not torch.equal(a[k], b[k])]
-        assert not different, f"{name}: {len(different)} tensors differ after resume, e.g. {different[:3]}"
+        assert not different, f"{file}: {len(different)} tensors differ after resume, e.g. {different[:3]}"
     a, b = _load(ref, N_STEPS, "optimizer.pth"), _load(res, N_STEPS, "optimizer.pth")
     for i in a["state"]:
         for k in a["state"][i]:
             assert torch.equal(a["state"][i][k], b["state"][i][k]), (i, k)
     la, lb = _load(ref, N_STEPS, "lr_scheduler.pth"), _load(res, N_STEPS, "lr_scheduler.pth")
     assert la["last_epoch"] == lb["last_epoch"] == N_STEPS and la["_last_lr"] == lb["_last_lr"]
-    sa, sb = _load(ref, N_STEPS, "train_state.pth"), _load(res, N_STEPS, "train_state.pth")
-    assert sa["step"] == sb["step"] == N_STEPS
-    assert sa["data"] == sb["data"]
+    assert _load(ref, N_STEPS, "step.pth") == _load(res, N_STEPS, "step.pth") == N_STEPS
+    assert _load(ref, N_STEPS, "train_state.pth")["data"] == _load(res, N_STEPS, "train_state.pth")["data"]
 
 
 def test_resume_skips_damaged_checkpoints_naming_them(runs):
-    log = runs["resumed"][1]
+    log = runs["resumed"]["killed"]
     assert f"skipping checkpoint '{os.path.dirname(runs['victim'])}'" in log
-    assert f"'{runs['victim']}' is " in log and "truncated" in log
-    assert f"resuming at step {runs['stopped_at']} from {runs['good']}" in log
+    assert f"'{runs['victim']}' is truncated" in log
+    assert f"resuming at step {runs['killed_at']} from {runs['good']}" in log
     assert not os.path.exists(runs["leftover"])  # the dead writer's temporary is cleaned by the next save
-
-
-def test_nan_loss_stops_naming_step_and_last_good_checkpoint(runs):
-    code, log = runs["nan"]
-    root = os.path.join(runs["dirs"]["nan"], "ckpts")
-    assert code != 0
-    # NaN from the 8th loss on, checked every log_interval = 5 steps: caught at step 10.
-    assert "the loss became NaN or infinite (3 time(s)) by step 10; nothing was saved after it" in log
-    assert f"The last good checkpoint is {os.path.join(root, '5.ckpt')}" in log
-    assert [step for step, _ in list_checkpoints(root)] == [5]
-    assert not checkpoint_problems(os.path.join(root, "5.ckpt"))
-    for name in ("nnet.pth", "nnet_ema.pth"):
-        assert all(torch.isfinite(v).all() for v in _load(runs["dirs"]["nan"], 5, name).values())

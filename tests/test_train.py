@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from configs.digits_uvit_tiny import get_config
-from libs.errors import TrainingDivergedError
+from libs.errors import ConfigError, TrainingDivergedError
 from libs.family import PIXELS_CONTINUOUS
 from libs.trainer import train
 
@@ -89,21 +89,56 @@ def nan_after(monkeypatch, k, times=None):
     monkeypatch.setattr(sde.ContinuousVP, 'loss', loss)
 
 
-def test_nan_loss_stops_and_saves_nothing_corrupt(tmp_path, monkeypatch):
-    nan_after(monkeypatch, 5)
+def _state(path, name):
+    return torch.load(os.path.join(path, name), map_location='cpu', weights_only=True)
+
+
+def test_divergence_stops_naming_the_last_good_checkpoint(tmp_path, monkeypatch):
+    nan_after(monkeypatch, 5)  # steps 5, 6, 7, ... diverge
     with pytest.raises(TrainingDivergedError) as err:
         train(tiny_config(n_steps=8, log_interval=4, save_interval=2), str(tmp_path), PIXELS_CONTINUOUS)
+    # Checked at the save of step 6 (2 in a row: goes on) and the log of step 8 (3 in a row = the default limit).
     message = str(err.value)
-    assert 'by step 6' in message and '4.ckpt' in message
-    assert sorted(os.listdir(tmp_path / 'ckpts')) == ['2.ckpt', '4.ckpt']
+    assert 'at step 7 (3 step(s) in a row' in message and 'max_nonfinite_in_a_row=3' in message
+    assert f"The last good checkpoint is {tmp_path / 'ckpts' / '6.ckpt'}" in message
+    assert sorted(os.listdir(tmp_path / 'ckpts')) == ['2.ckpt', '4.ckpt', '6.ckpt']
+    # The skipped steps 5 and 6 left the weights, EMA and optimizer exactly as step 4 did.
+    for name in ('nnet.pth', 'nnet_ema.pth'):
+        a, b = _state(tmp_path / 'ckpts' / '4.ckpt', name), _state(tmp_path / 'ckpts' / '6.ckpt', name)
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    oa, ob = (_state(tmp_path / 'ckpts' / f'{s}.ckpt', 'optimizer.pth')['state'] for s in (4, 6))
+    assert all(torch.equal(oa[i][k], ob[i][k]) for i in oa for k in oa[i])
 
 
-def test_skip_nonfinite_steps(tmp_path, monkeypatch):
-    nan_after(monkeypatch, 3, times=2)
-    out = train(tiny_config(n_steps=5, skip_nonfinite_steps=2), str(tmp_path), PIXELS_CONTINUOUS)
+def test_one_transient_overflow_is_skipped_and_logged(tmp_path, monkeypatch):
+    nan_after(monkeypatch, 3, times=2)  # steps 3 and 4 only
+    out = train(tiny_config(n_steps=6), str(tmp_path), PIXELS_CONTINUOUS)
     run = out['run']
-    assert out['step'] == 5 and torch.isfinite(params(run.nnet)).all()
-    assert run.loader.state_dict()['position'] == 7 * 32  # two skipped batches were consumed
+    assert out['step'] == 6 and torch.isfinite(params(run.nnet)).all()
+    assert run.bad_steps == {3, 4}
+    logged = [line for line in (tmp_path / 'train.log').read_text().splitlines() if 'was skipped' in line]
+    assert [line.split('] ')[1].split(':')[0] for line in logged] == ['step 3', 'step 4']
+
+
+def test_stop_at_the_first_nonfinite_step(tmp_path, monkeypatch):
+    nan_after(monkeypatch, 2, times=1)
+    config = tiny_config(n_steps=3, log_interval=1)
+    config.train.max_nonfinite_in_a_row = 1
+    with pytest.raises(TrainingDivergedError, match='at step 2 .*none \\(no checkpoint yet\\)'):
+        train(config, str(tmp_path), PIXELS_CONTINUOUS)
+
+
+def test_train_step_is_what_the_loop_runs(tmp_path, monkeypatch):
+    """A bad config stops the run before its first step; a good one runs exactly n_steps train_steps."""
+    import libs.trainer as trainer
+
+    calls, real = [], trainer.train_step
+    monkeypatch.setattr(trainer, 'train_step', lambda r, batch, step: calls.append(step) or real(r, batch, step))
+    with pytest.raises(ConfigError, match='config.train.nonfinite_window'):
+        train(tiny_config(n_steps=2, nonfinite_window=0), str(tmp_path / 'bad'), PIXELS_CONTINUOUS)
+    assert calls == []
+    train(tiny_config(n_steps=2), str(tmp_path / 'good'), PIXELS_CONTINUOUS)
+    assert calls == [0, 1]
 
 
 def test_dry_run_writes_the_resolved_config(tmp_path):
@@ -113,3 +148,14 @@ def test_dry_run_writes_the_resolved_config(tmp_path):
     written = json.loads((tmp_path / 'config.json').read_text())
     assert written['train']['batch_size'] == 96 and written['nnet']['num_classes'] == 11
     assert not os.path.exists(tmp_path / 'ckpts')  # nothing trained
+
+
+def test_dry_run_stops_on_a_bad_value_with_one_line(tmp_path):
+    cmd = [sys.executable, 'train.py', '--config=configs/digits_uvit_tiny.py', '--dry_run', f'--workdir={tmp_path}',
+           '--config.nnet.num_heads=5']
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ, 'OMP_NUM_THREADS': '1'})
+    assert done.returncode == 1 and 'Traceback' not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "ConfigError: config.nnet.num_heads = 5: does not divide nnet.embed_dim = 96 (each head gets "
+        "embed_dim / num_heads channels)")
+    assert not os.path.exists(tmp_path / 'config.json')

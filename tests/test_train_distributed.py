@@ -13,6 +13,8 @@ import sys
 
 import torch
 
+from libs.checkpoint import checkpoint_problems
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 WORKER = '''
@@ -70,7 +72,7 @@ def test_two_process_training_and_resume(tmp_path):
     assert torch.equal(ranks[0]['params'], ranks[1]['params'])
     assert torch.equal(ranks[0]['ema'], ranks[1]['ema'])
     assert sorted(os.listdir(workdir / 'ckpts')) == ['2.ckpt']  # one directory, no leftover temporaries
-    assert os.path.exists(workdir / 'ckpts' / '2.ckpt' / 'COMPLETE')
+    assert not checkpoint_problems(workdir / 'ckpts' / '2.ckpt')
 
     ranks = launch(worker, workdir, **{'train.n_steps': 4, 'train.save_interval': 2})
     assert all(r['step'] == 4 and r['position'] == 4 * 16 for r in ranks)

@@ -348,13 +348,6 @@ def test_bad_context_raises(context, match):
         model(torch.randn(2, 4, 8, 8), torch.tensor([1.0, 2.0]), context)
 
 
-def test_bad_construction_raises():
-    with pytest.raises(ConfigError, match="divisible by patch_size"):
-        uvit.UViT(**{**TINY, "img_size": 9})
-    with pytest.raises(ConfigError, match="num_heads"):
-        uvit.UViT(**{**TINY, "num_heads": 5})
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cuda_autocast_backends_agree(dtype):

@@ -80,14 +80,15 @@ def _unwrap(module):
             return module
 
 
-def _write(obj, file):
+def _write(obj, file, final):
+    """torch.save `obj` to `file`, fsynced; a failure is a SaveError naming `final` (where it was going)."""
     try:
         with open(file, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise SaveError(f"could not write checkpoint file '{file}': {e.strerror or e}. Nothing was replaced: the "
+        raise SaveError(f"could not write checkpoint file '{final}': {e.strerror or e}. Nothing was replaced: the "
                         f"previous checkpoint is intact. Free disk space (or lower config.train.keep_last_ckpts, or "
                         f"point --workdir at a larger disk) and rerun the same command to resume.") from e
 
@@ -114,7 +115,7 @@ def save_checkpoint(ckpt_root, step, *, nnet, nnet_ema, optimizer, lr_scheduler,
     with atomic_path(path) as tmp:
         os.makedirs(tmp)
         for name, obj in contents.items():
-            _write(obj, os.path.join(tmp, name))
+            _write(obj, os.path.join(tmp, name), os.path.join(path, name))
         fsync_dir(tmp)
     logger.info("saved checkpoint '%s'", path)
     for i, (old_step, old) in enumerate(list_checkpoints(ckpt_root)):

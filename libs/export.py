@@ -15,7 +15,7 @@ import ml_collections
 import torch
 
 from libs import export_format
-from libs.checkpoint import checkpoint_step, load_nnet_weights
+from libs.checkpoint import load_nnet_weights
 from libs.errors import ConfigError, UViTError
 from libs.nnet import build_nnet, load_nnet_state_dict
 
@@ -71,11 +71,9 @@ def export_meta(config, step=None, source=None):
 
 
 def _step_of(path):
-    """The training step of a `<step>.ckpt` directory (its name, else its step.pth), or None."""
-    step = checkpoint_step(path)
-    if step is None and os.path.isdir(path) and os.path.isfile(os.path.join(path, "step.pth")):
-        step = int(torch.load(os.path.join(path, "step.pth"), map_location="cpu", weights_only=True))
-    return step
+    """The training step of a checkpoint directory (its step.pth), or None for a bare .pth."""
+    file = os.path.join(path, "step.pth")
+    return int(torch.load(file, map_location="cpu", weights_only=True)) if os.path.isfile(file) else None
 
 
 def model_card(meta, n_params):

@@ -125,12 +125,13 @@ OUT_OF_RANGE = {
     "sample.algorithm": "ddim", "grid.algorithm": "ddim", "wandb.mode": "on", "nnet.name": "dit",
     "nnet.img_size": 0, "nnet.patch_size": 0, "nnet.in_chans": 0, "nnet.embed_dim": -64, "nnet.depth": 0,
     "nnet.num_heads": 0, "nnet.mlp_ratio": 0.0, "nnet.qk_scale": -1.0, "nnet.num_classes": -2,
-    "fid.inception_weights": "/no/such/inception.pth", "z_shape": (4, 32)}
+    "fid.inception_weights": "/no/such/inception.pth", "z_shape": (4, 32), "diffusion": "ddpm"}
 # Free values: any number (seeds, guidance scales) or any string the dataset / loader checks where it reads it.
 NO_RANGE = {"seed", "sample.scale", "grid.scale", "autoencoder.pretrained_path", "dataset.name", "sample.path",
             "wandb.project", "compile", "tf32", "optimizer.no_decay_for_embeddings_norms_biases", "dataset.cfg",
             "sample.cfg", "wandb.enabled", "dataloader.pin_memory", "dataloader.persistent_workers", "nnet.qkv_bias",
-            "nnet.mlp_time_embed", "nnet.use_checkpoint", "nnet.conv", "nnet.skip"}
+            "nnet.mlp_time_embed", "nnet.use_checkpoint", "nnet.conv", "nnet.skip",
+            "fid.stat"}  # missing statistics only turn training-time FID off (logged); eval checks them
 
 
 @pytest.mark.parametrize("key, default", _every_key(), ids=[k for k, _ in _every_key()])

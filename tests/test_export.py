@@ -43,6 +43,7 @@ def save_checkpoint_dir(root, step, nnet):
     path = os.path.join(root, 'ckpts', f'{step}.ckpt')
     os.makedirs(path)
     torch.save(nnet.state_dict(), os.path.join(path, 'nnet_ema.pth'))
+    torch.save(step, os.path.join(path, 'step.pth'))  # as libs.checkpoint.save_checkpoint writes it
     return path
 
 

@@ -71,7 +71,7 @@ def test_loader_workers_ignore_stop_signals():
 
 
 _RANKS = textwrap.dedent("""
-    import sys
+    import os, sys
     import torch, torch.distributed as dist
     sys.path.insert(0, {root!r})
     from libs.preemption import StopSignals
@@ -91,7 +91,8 @@ _RANKS = textwrap.dedent("""
             if stop.should_stop(Acc(), sync=step % 4 == 0):
                 stopped = step
                 break
-        print(f"rank {{rank}} stopped at {{stopped}}: {{stop.received}}", flush=True)
+        # One write(2) per line: two processes share the pipe, and print may split a line in two writes.
+        os.write(1, f"rank {{rank}} stopped at {{stopped}}: {{stop.received}}\\n".encode())
         dist.destroy_process_group()
 
     if __name__ == "__main__":

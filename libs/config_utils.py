@@ -28,7 +28,7 @@ from libs.errors import ConfigError
 from libs.nnet import NNETS
 from libs.optim import SCHEDULES
 from libs.sampling import ALGORITHMS
-from libs.tracking import trackers_for
+from libs.tracking import LOG_WITH, trackers_for
 
 
 # ----------------------------------------------------------------------------- key lookup
@@ -415,11 +415,12 @@ def parse_and_validate(config, *, world_size):
         c.fail("fid.inception_weights", "does not exist: give the path of pt_inception-2015-12-05 weights, or None "
                                         "for the default location")
     c.choice("wandb.mode", ("online", "offline", "disabled"))
-    if isinstance(c.get("log_with"), str):
+    c.choice("log_with", LOG_WITH, allow_empty=True)
+    if c.get("log_with") in LOG_WITH:
         try:
-            trackers_for(c.get("log_with"))
+            trackers_for(c.get("log_with"))  # the tracker's package is installed
         except ConfigError as e:
-            c.fail("log_with", str(e).split("; ", 1)[-1])
+            c.fail("log_with", str(e))
     c.range("dataloader.num_workers", -1, meaning=" (-1 = min(8, CPU cores per process))")
 
     if c.problems:

@@ -18,6 +18,7 @@ import re
 
 import numpy as np
 import torch
+from accelerate.utils import ProjectConfiguration
 
 from libs.errors import ConfigError
 from libs.logging_utils import log_once
@@ -57,8 +58,6 @@ def trackers_for(log_with):
 
 def accelerator_kwargs(config, workdir):
     """Keyword arguments for `Accelerator(...)`: the trackers and where they write."""
-    from accelerate.utils import ProjectConfiguration
-
     names = trackers_for(config.get("log_with", ""))
     return {"log_with": names or None,
             "project_config": ProjectConfiguration(project_dir=os.path.abspath(workdir),

@@ -133,15 +133,16 @@ class Run:
                                           contexts=getattr(self.data, 'fid_contexts', None)), labels
 
 
-def train_step(r: Run, batches: list, step: int):
-    """Optimizer step number step + 1 on its config.train.grad_accum_steps loader micro-batches; returns (mean
-    loss, grad_norm, applied): device tensors, no host sync. A step with non-finite gradients leaves the
-    weights, EMA and optimizer as they were."""
+def train_step(r: Run, batch, step: int):
+    """Optimizer step number step + 1 on a loader batch, or on a list of k equal micro-batches (gradient
+    accumulation); returns (mean loss, grad_norm, applied): device tensors, no host sync. A step with
+    non-finite gradients leaves the weights, EMA and optimizer as they were."""
     cfg, acc = r.config, r.accelerator
     torch.manual_seed(mix_seed(mix_seed(cfg.seed, acc.process_index), step))  # noise, t, dropout of this step
+    batches = batch if isinstance(batch, list) else [batch]
     k, loss = len(batches), 0.0
-    for i, batch in enumerate(batches):
-        x0, cond = r.family.prepare_batch(to_device(batch, r.device), r.autoencoder)
+    for i, micro_batch in enumerate(batches):
+        x0, cond = r.family.prepare_batch(to_device(micro_batch, r.device), r.autoencoder)
         cond = r.family.drop_condition(cond, r.p_uncond, r.null)
         # Equal micro-batches: the mean of their mean losses is the batch's mean loss, so each backward gets
         # 1 / k of it. DDP all-reduces once, at the last backward (no_sync accumulates locally before it).

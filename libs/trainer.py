@@ -286,12 +286,12 @@ def train(config, workdir: str, family):
     # accelerate's own `--cpu --num_processes N` starts a single process unless MPI is set up.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **tracking.accelerator_kwargs(config, workdir))
     device, is_main = accelerator.device, accelerator.is_main_process
+    parse_and_validate(config, world_size=accelerator.num_processes)  # before any file is written
     if is_main:
         os.makedirs(os.path.join(workdir, 'ckpts'), exist_ok=True)
         os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
     accelerator.wait_for_everyone()
     setup_logging(is_main, os.path.join(workdir, 'train.log'))
-    parse_and_validate(config, world_size=accelerator.num_processes)  # includes: the global batch splits evenly
     k = config.train.grad_accum_steps
     local_batch = config.train.batch_size // (accelerator.num_processes * k)  # per process per micro-batch
     logger.info("%d process(es) on %s, mixed precision %s, global batch %d (%d per process x %d micro-batch(es)), %s",

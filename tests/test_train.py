@@ -204,7 +204,7 @@ def test_train_step_is_what_the_loop_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, 'train_step', lambda r, batch, step: calls.append(step) or real(r, batch, step))
     with pytest.raises(ConfigError, match='config.train.nonfinite_window'):
         train(tiny_config(n_steps=2, nonfinite_window=0), str(tmp_path / 'bad'), PIXELS_CONTINUOUS)
-    assert calls == []
+    assert calls == [] and not os.path.exists(tmp_path / 'bad')  # nothing written either
     train(tiny_config(n_steps=2), str(tmp_path / 'good'), PIXELS_CONTINUOUS)
     assert calls == [0, 1]
 

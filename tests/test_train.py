@@ -242,3 +242,25 @@ def test_tensorboard_gets_the_train_scalars_and_sample_grids(tmp_path):
     assert losses == [(m['step'], pytest.approx(m['loss'])) for m in out['run'].logged] and len(losses) == 2
     assert [e.step for e in events.Images('samples')] == [4]
     assert {'eval/digit_accuracy', 'eval/pixel_fd'} <= set(events.Tags()['scalars'])
+
+
+def test_init_from_with_resize_adapts_the_label_embedding(tmp_path, monkeypatch):
+    """--init_from weights of a 5-class model (+ null) into the 10-class digits network with
+    --config.init.resize=True: shared classes and the null class copied, new rows the network's own."""
+    import libs.trainer as trainer
+
+    config = tiny_config(n_steps=1)
+    source = trainer.build_nnet({**config.nnet.to_dict(), 'num_classes': 6}).state_dict()
+    torch.save(source, tmp_path / 'five_classes.pth')
+    config.init.update(path=str(tmp_path / 'five_classes.pth'), resize=True)
+    seen, real = [], trainer.train_step
+    monkeypatch.setattr(trainer, 'train_step', lambda r, batches, step: seen.append(
+        r.nnet.label_emb.weight.detach().clone()) or real(r, batches, step))
+    train(config, str(tmp_path / 'run'), PIXELS_CONTINUOUS)
+    rows, src = seen[0], source['label_emb.weight']
+    assert rows.shape == (11, 32) and torch.equal(rows[:5], src[:5]) and torch.equal(rows[-1], src[-1])
+    assert not torch.equal(rows[5], src[4])  # a new class starts from the network's initialisation
+    log = (tmp_path / 'run' / 'train.log').read_text().splitlines()
+    assert [line.split('] ', 1)[1] for line in log if '] init: ' in line] == [
+        'init: label_emb.weight (6, 32) -> (11, 32): classes 0..4 copied, null class 5 -> 10, classes 5..9 new '
+        "(the network's initialisation)"]

@@ -44,6 +44,17 @@ def get_config():
         max_nonfinite_in_a_row=3,
         max_nonfinite_in_window=10,
         nonfinite_window=1000,
+        # ours: micro-batches per optimizer step (gradient accumulation): each forward sees
+        # batch_size / (processes x grad_accum_steps) samples; gradients are all-reduced once per step. Every
+        # step count (n_steps, intervals, warm-up, EMA, checkpoints) counts optimizer steps.
+        grad_accum_steps=1,
+    )
+
+    # ours: start a NEW run from these weights (fresh optimizer, step 0, EMA = these weights); ignored when the
+    # workdir has a checkpoint to resume. Set by --init_from.
+    config.init = d(
+        path='',  # a ckpts/<step>.ckpt directory (its EMA weights), a .pth state dict or an exported folder
+        resize=False,  # adapt the label embedding (other classes) and position embedding (other resolution)
     )
 
     config.optimizer = d(
@@ -115,8 +126,10 @@ def get_config():
         inception_weights=None,  # path of pt_inception-2015-12-05 weights; None = the default location
     )
 
-    config.wandb = d(
-        enabled=False,  # ours: opt in to wandb; training never needs an account or the network
+    # ours: experiment trackers (through accelerate): 'tensorboard' (<workdir>/tensorboard/) | 'wandb' | 'all' |
+    # '' (none); offline by default: no account or network needed.
+    config.log_with = 'tensorboard'
+    config.wandb = d(  # the wandb tracker's settings; `project` also names the TensorBoard run folder
         mode='offline',  # 'offline' writes <workdir>/wandb, to be synced later with `wandb sync`
         project='uvit',
     )

@@ -22,6 +22,7 @@ import zipfile
 
 import torch
 
+from libs import export_format
 from libs.errors import CheckpointError, MissingFileError
 from libs.io_utils import SaveError, atomic_path, fsync_dir
 from libs.nnet import load_nnet_state_dict
@@ -194,17 +195,20 @@ def resume(ckpt_root, **targets):
 
 
 def load_nnet_weights(path_or_dir):
-    """The network state dict for `--nnet_path`: a .pth file, or a `.ckpt` directory (its nnet_ema.pth)."""
+    """The network state dict for `--nnet_path`: a .pth file, a `.ckpt` directory (its nnet_ema.pth) or an
+    exported folder (tools/export.py; its model.safetensors)."""
     path = str(path_or_dir)
     if not os.path.exists(path):
         raise MissingFileError(
-            f"--nnet_path '{path}' not found. Give a .pth state dict (e.g. a released U-ViT checkpoint) "
-            f"or a training checkpoint directory workdir/<config>/<hparams>/ckpts/<step>.ckpt.")
+            f"--nnet_path '{path}' not found. Give a .pth state dict (e.g. a released U-ViT checkpoint), "
+            f"a training checkpoint directory workdir/<config>/<hparams>/ckpts/<step>.ckpt or an exported folder.")
     if os.path.isdir(path):
+        if export_format.is_export(path):
+            return export_format.load_export(path)[0]
         path = os.path.join(path, "nnet_ema.pth")
         if not os.path.exists(path):
             raise MissingFileError(f"'{path_or_dir}' is a directory without nnet_ema.pth; give a ckpts/<step>.ckpt "
-                                   f"directory or a .pth file.")
+                                   f"directory, an exported folder or a .pth file.")
     try:
         state = _read(path)
     except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and containers

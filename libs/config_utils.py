@@ -28,6 +28,7 @@ from libs.errors import ConfigError
 from libs.nnet import NNETS
 from libs.optim import SCHEDULES
 from libs.sampling import ALGORITHMS
+from libs.tracking import LOG_WITH, trackers_for
 
 
 # ----------------------------------------------------------------------------- key lookup
@@ -346,13 +347,21 @@ def parse_and_validate(config, *, world_size):
                meaning=" (1 stops at the first NaN/inf loss)")
     c.choice("train.mode", ("cond", "uncond"))
     c.positive("train.batch_size", meaning=" (global batch size)")
-    batch = c.get("train.batch_size")
-    if _is_int(batch) and batch > 0 and batch % world_size:
-        lower, upper = batch - batch % world_size, batch - batch % world_size + world_size
-        c.fail("train.batch_size", f"does not split over {world_size} processes: the global batch must be a "
-                                   f"multiple of the number of processes (e.g. --config.train.batch_size="
-                                   f"{lower or upper} or {upper}), or launch with a number of processes that "
-                                   f"divides {batch}")
+    c.positive("train.grad_accum_steps", meaning=" (micro-batches per optimizer step)")
+    batch, k = c.get("train.batch_size"), c.get("train.grad_accum_steps") or 1
+    if _is_int(batch) and batch > 0 and _is_int(k) and k > 0 and batch % (world_size * k):
+        n = world_size * k
+        lower, upper = batch - batch % n, batch - batch % n + n
+        c.fail("train.batch_size", f"does not split over {world_size} process(es) x {k} micro-batch(es) "
+                                   f"(train.grad_accum_steps): the global batch must be a multiple of {n} (e.g. "
+                                   f"--config.train.batch_size={lower or upper} or {upper}), or change the number "
+                                   f"of processes or train.grad_accum_steps")
+    init = c.get("init.path")
+    if isinstance(init, str) and init and not os.path.exists(init):
+        c.fail("init.path", "does not exist: --init_from takes a ckpts/<step>.ckpt directory, a .pth state dict or "
+                            "an exported folder (tools/export.py)")
+    if c.get("init.resize") is True and not init:
+        c.fail("init.resize", "has no effect without --init_from (the weights to adapt)")
 
     c.choice("optimizer.name", ("adamw",))
     c.positive("optimizer.lr", meaning=" (peak learning rate)")
@@ -406,6 +415,12 @@ def parse_and_validate(config, *, world_size):
         c.fail("fid.inception_weights", "does not exist: give the path of pt_inception-2015-12-05 weights, or None "
                                         "for the default location")
     c.choice("wandb.mode", ("online", "offline", "disabled"))
+    c.choice("log_with", LOG_WITH, allow_empty=True)
+    if c.get("log_with") in LOG_WITH:
+        try:
+            trackers_for(c.get("log_with"))  # the tracker's package is installed
+        except ConfigError as e:
+            c.fail("log_with", str(e))
     c.range("dataloader.num_workers", -1, meaning=" (-1 = min(8, CPU cores per process))")
 
     if c.problems:

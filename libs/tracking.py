@@ -18,6 +18,7 @@ import re
 
 import numpy as np
 import torch
+from accelerate.utils import ProjectConfiguration
 
 from libs.errors import ConfigError
 from libs.logging_utils import log_once
@@ -28,7 +29,6 @@ logger = logging.getLogger(__name__)
 # configures (accelerate's own 'all' would also start MLflow, Comet, ... if installed, some online).
 TRACKERS = {"": (), "tensorboard": ("tensorboard",), "wandb": ("wandb",), "all": ("tensorboard", "wandb")}
 LOG_WITH = tuple(TRACKERS)
-_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 TENSORBOARD_DIR = "tensorboard"
 
 
@@ -37,37 +37,28 @@ def trackers_for(log_with):
 
     'all' starts the installed ones among TensorBoard and wandb (a warning names a missing one).
     """
-    if log_with is None:
-        log_with = ""
+    log_with = "" if log_with is None else log_with
     if log_with not in TRACKERS:
         raise ConfigError(f"config.log_with is {log_with!r}; it must be one of "
                           f"{', '.join(repr(v) for v in LOG_WITH)} ('' = no tracker)")
     names = []
     for name in TRACKERS[log_with]:
-        if importlib.util.find_spec(_PACKAGES[name]) is not None:
+        if importlib.util.find_spec(name) is not None:  # the tracker's package has its name
             names.append(name)
         elif log_with == "all":
-            logger.warning("config.log_with='all': %s is not installed, so it is skipped (pip install %s)",
-                           name, _PACKAGES[name])
+            logger.warning("config.log_with='all': %s is not installed, so it is skipped (pip install %s)", name, name)
         else:
-            raise ConfigError(f"config.log_with={log_with!r} needs the {_PACKAGES[name]} package: "
-                              f"pip install {_PACKAGES[name]}, or set --config.log_with=''")
+            raise ConfigError(f"config.log_with={log_with!r} needs the {name} package: pip install {name}, or set "
+                              f"--config.log_with=''")
     return names
 
 
 def accelerator_kwargs(config, workdir):
     """Keyword arguments for `Accelerator(...)`: the trackers and where they write."""
-    from accelerate.utils import ProjectConfiguration
-
     names = trackers_for(config.get("log_with", ""))
     return {"log_with": names or None,
             "project_config": ProjectConfiguration(project_dir=os.path.abspath(workdir),
                                                    logging_dir=os.path.join(os.path.abspath(workdir), TENSORBOARD_DIR))}
-
-
-def run_id(workdir):
-    """One wandb run per workdir, continued on resume."""
-    return re.sub(r"[^\w.-]", "_", os.path.abspath(workdir))[-64:]
 
 
 def flat_hparams(config, prefix=""):
@@ -90,21 +81,17 @@ def flat_hparams(config, prefix=""):
 
 
 def tracker_init_kwargs(config, workdir):
-    """Per-tracker keyword arguments for `accelerator.init_trackers`."""
+    """Per-tracker keyword arguments for `accelerator.init_trackers`; one wandb run per workdir, continued on resume."""
     wandb = config.get("wandb", {})
-    return {"wandb": {"mode": wandb.get("mode", "offline"), "dir": os.path.abspath(workdir),
-                      "id": run_id(workdir), "resume": "allow"}}
-
-
-def project_name(config):
-    return config.get("wandb", {}).get("project", "uvit")
+    return {"wandb": {"mode": wandb.get("mode", "offline"), "dir": os.path.abspath(workdir), "resume": "allow",
+                      "id": re.sub(r"[^\w.-]", "_", os.path.abspath(workdir))[-64:]}}
 
 
 def start_trackers(accelerator, config, workdir):
     """Start the accelerator's trackers with the run's config as hyperparameters (a no-op without trackers)."""
     if not accelerator.log_with:
         return
-    accelerator.init_trackers(project_name(config), config=flat_hparams(config),
+    accelerator.init_trackers(config.get("wandb", {}).get("project", "uvit"), config=flat_hparams(config),
                               init_kwargs=tracker_init_kwargs(config, workdir))
     if accelerator.is_main_process:
         logger.info("logging to %s", ", ".join(t.name for t in accelerator.trackers))

@@ -18,7 +18,6 @@ import json
 import logging
 import math
 import os
-import re
 import sys
 import time
 from typing import Any
@@ -26,11 +25,13 @@ from typing import Any
 import torch
 from absl import flags
 from ml_collections import config_flags
+from torchvision.utils import make_grid
 from tqdm.auto import tqdm
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from libs import tracking
 from libs.autoencoder import get_model
 from libs.checkpoint import checkpoint_path, latest_checkpoint, load_nnet_weights, resume, save_checkpoint
 from libs.config_utils import config_overrides, define_config_flag, parse_and_validate, workdir_for
@@ -40,6 +41,7 @@ from libs.ema import EMAUpdater, make_ema
 from libs.errors import MissingFileError, TrainingDivergedError, exit_on_user_error
 from libs.evaluation import evaluate, generate_all
 from libs.family import Sampler, guidance_scale
+from libs.finetune import init_weights
 from libs.io_utils import atomic_write_bytes
 from libs.logging_utils import log_once, setup_logging
 from libs.nnet import build_nnet, load_nnet_state_dict
@@ -107,7 +109,6 @@ class Run:
     bad_steps: set = dataclasses.field(default_factory=set)  # the steps found non-finite so far
     history: dict = dataclasses.field(default_factory=lambda: {'fid': {}, 'score': {}})
     logged: list = dataclasses.field(default_factory=list)  # the metrics of every log line of this process's run
-    wandb_run: Any = None
 
     @property
     def ckpt_root(self):
@@ -132,15 +133,23 @@ class Run:
                                           contexts=getattr(self.data, 'fid_contexts', None)), labels
 
 
-def train_step(r: Run, batch: dict, step: int):
-    """Optimizer step number step + 1 on a loader batch; returns (loss, grad_norm, applied): device tensors,
-    no host sync. A step with non-finite gradients leaves the weights, EMA and optimizer as they were."""
+def train_step(r: Run, batch, step: int):
+    """Optimizer step number step + 1 on a loader batch, or on a list of k equal micro-batches (gradient
+    accumulation); returns (mean loss, grad_norm, applied): device tensors, no host sync. A step with
+    non-finite gradients leaves the weights, EMA and optimizer as they were."""
     cfg, acc = r.config, r.accelerator
     torch.manual_seed(mix_seed(mix_seed(cfg.seed, acc.process_index), step))  # noise, t, dropout of this step
-    x0, cond = r.family.prepare_batch(to_device(batch, r.device), r.autoencoder)
-    cond = r.family.drop_condition(cond, r.p_uncond, r.null)
-    loss = r.diffusion.loss(r.train_nnet, x0, **cond).mean()
-    acc.backward(loss)
+    batches = batch if isinstance(batch, list) else [batch]
+    k, loss = len(batches), 0.0
+    for i, micro_batch in enumerate(batches):
+        x0, cond = r.family.prepare_batch(to_device(micro_batch, r.device), r.autoencoder)
+        cond = r.family.drop_condition(cond, r.p_uncond, r.null)
+        # Equal micro-batches: the mean of their mean losses is the batch's mean loss, so each backward gets
+        # 1 / k of it. DDP all-reduces once, at the last backward (no_sync accumulates locally before it).
+        with acc.no_sync(r.train_nnet) if i < k - 1 else contextlib.nullcontext():
+            micro = r.diffusion.loss(r.train_nnet, x0, **cond).mean()
+            acc.backward(micro / k)
+        loss = loss + micro.detach() / k
     # The norm of the all-reduced gradients: the same on every process, so all skip the same steps.
     grad_norm = acc.clip_grad_norm_(r.nnet.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     applied = torch.isfinite(grad_norm)
@@ -149,7 +158,7 @@ def train_step(r: Run, batch: dict, step: int):
     r.lr_scheduler.step()
     r.ema.update(cfg.ema_rate, applied)
     r.optimizer.zero_grad(set_to_none=True)
-    return loss.detach(), grad_norm, applied
+    return loss, grad_norm, applied
 
 
 def check_finite(r: Run, step: int):
@@ -203,6 +212,7 @@ def write_grid(r: Run, step: int):
     with r.forked_rng(), r.accelerator.autocast():
         images = gen(torch.arange(n))
     save_grid(images, os.path.join(r.workdir, 'samples', f"{step}.png"), g.n_cols)
+    tracking.log_image(r.accelerator.trackers, 'samples', make_grid(images.float().cpu(), nrow=g.n_cols), step)
 
 
 def evaluate_checkpoint(r: Run, step: int):
@@ -233,11 +243,8 @@ def evaluate_checkpoint(r: Run, step: int):
             logger.info("step %d: %s", step, ', '.join(f"{k} {v:.4f}" for k, v in score.items()))
     if r.accelerator.is_main_process:
         write_json({'step': step, **r.history}, os.path.join(r.workdir, 'score.json'))
-        if r.wandb_run is not None:
-            logs = {f"eval/{k}": v for k, v in r.history['score'].get(step, {}).items()}
-            if step in r.history['fid']:
-                logs['eval/fid'] = r.history['fid'][step]
-            r.wandb_run.log(logs, step=step)
+    fid = {'fid': r.history['fid'][step]} if step in r.history['fid'] else {}
+    r.accelerator.log({f"eval/{k}": v for k, v in {**fid, **r.history['score'].get(step, {})}.items()}, step=step)
 
 
 def final_evaluation(r: Run):
@@ -277,18 +284,19 @@ def train(config, workdir: str, family):
     configure_tf32(config.tf32)
     # cpu=True without CUDA lets torchrun-started processes (`accelerate launch --multi_gpu`) form a gloo group;
     # accelerate's own `--cpu --num_processes N` starts a single process unless MPI is set up.
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), **tracking.accelerator_kwargs(config, workdir))
     device, is_main = accelerator.device, accelerator.is_main_process
+    parse_and_validate(config, world_size=accelerator.num_processes)  # before any file is written
     if is_main:
         os.makedirs(os.path.join(workdir, 'ckpts'), exist_ok=True)
         os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
     accelerator.wait_for_everyone()
     setup_logging(is_main, os.path.join(workdir, 'train.log'))
-    parse_and_validate(config, world_size=accelerator.num_processes)  # includes: the global batch splits evenly
-    local_batch = config.train.batch_size // accelerator.num_processes
-    logger.info("%d process(es) on %s, mixed precision %s, global batch %d (%d per process), %s",
+    k = config.train.grad_accum_steps
+    local_batch = config.train.batch_size // (accelerator.num_processes * k)  # per process per micro-batch
+    logger.info("%d process(es) on %s, mixed precision %s, global batch %d (%d per process x %d micro-batch(es)), %s",
                 accelerator.num_processes, device, accelerator.mixed_precision, config.train.batch_size, local_batch,
-                family)
+                k, family)
     if is_main:
         write_json(config.to_dict(), os.path.join(workdir, 'config.json'))
 
@@ -332,14 +340,12 @@ def train(config, workdir: str, family):
         if state.get('scaler') is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state['scaler'])
         r.history = state.get('history', r.history)
-        logger.info("resuming at step %d from %s", step, last_ckpt)
-
-    if is_main and config.wandb.enabled:
-        import wandb  # optional
-        r.wandb_run = wandb.init(project=config.wandb.project, mode=config.wandb.mode, dir=workdir,
-                                 config=config.to_dict(), resume='allow',
-                                 # One wandb run per workdir, continued on resume.
-                                 id=re.sub(r'[^\w.-]', '_', os.path.abspath(workdir))[-64:])
+        logger.info("resuming at step %d from %s%s", step, last_ckpt,
+                    f" (--init_from '{config.init.path}' ignored: the run already started)" if config.init.path else '')
+    elif config.init.path:  # a new run from given weights: fresh optimizer, step 0, the EMA starts at them
+        init_weights(nnet, config.init.path, resize=config.init.resize, null_last=config.dataset.cfg)
+        nnet_ema.load_state_dict(nnet.state_dict())
+    tracking.start_trackers(accelerator, config, workdir)
 
     # Train:
     n_steps, log_every = int(config.train.n_steps), int(config.train.log_interval)
@@ -350,7 +356,7 @@ def train(config, workdir: str, family):
     # The loader's workers start under the handlers, then ignore stop signals; they end with the block.
     with StopSignals() as stop, contextlib.closing(iter(loader)) as data_iter:
         while step < n_steps:
-            loss, grad_norm, applied = train_step(r, next(data_iter), step)
+            loss, grad_norm, applied = train_step(r, [next(data_iter) for _ in range(k)], step)
             step += 1
             r.nonfinite[step] = ~torch.isfinite(loss) | (~applied if accelerator.scaler is None else False)
             loss_sum += torch.where(applied, loss, 0.0)
@@ -368,8 +374,7 @@ def train(config, workdir: str, family):
                 logger.info("step %d/%d: %s", step, n_steps, ', '.join(f"{k} {v:.4g}" for k, v in metrics.items()))
                 r.logged.append({'step': step, **metrics})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
-                if r.wandb_run is not None:
-                    r.wandb_run.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+                accelerator.log({f"train/{name}": v for name, v in metrics.items()}, step=step)
                 loss_sum.zero_()
                 last_log_step, last_log_time = step, now
 
@@ -390,6 +395,7 @@ def train(config, workdir: str, family):
                 if last_ckpt != checkpoint_path(r.ckpt_root, step):
                     last_ckpt = save(r, step)
                 bar.close()
+                accelerator.end_training()
                 logger.warning("training stopped at step %d (%s); checkpoint saved to '%s'. To resume, rerun the "
                                "same command: %s", step, stop.received, last_ckpt, ' '.join(sys.argv))
                 return {'step': step, 'checkpoint': last_ckpt, 'preempted': True, 'final': None,
@@ -398,9 +404,9 @@ def train(config, workdir: str, family):
 
     # Final evaluation: the best checkpoint by FID, with config.sample (guided when configured).
     final = final_evaluation(r)
-    if r.wandb_run is not None:
-        r.wandb_run.log({f"final/{k}": v for k, v in (final or {}).items() if isinstance(v, (int, float))}, step=step)
-        r.wandb_run.finish()
+    accelerator.log({f"final/{name}": v for name, v in (final or {}).items() if isinstance(v, (int, float))},
+                    step=step)
+    accelerator.end_training()
     logger.info("done at step %d; last checkpoint %s", step, last_ckpt)
     return {'step': step, 'checkpoint': last_ckpt, 'preempted': False, 'final': final,
             'score': r.history['score'].get(step), 'fid': r.history['fid'].get(step), 'run': r}
@@ -409,10 +415,14 @@ def train(config, workdir: str, family):
 # -- command line shared by the four train*.py scripts ----------------------------------------------
 
 def define_flags():
-    """--config (file + --config.a.b=value overrides), --workdir, --dry_run."""
+    """--config (file + --config.a.b=value overrides), --workdir, --init_from, --dry_run."""
     define_config_flag('config')
     flags.DEFINE_string('workdir', None, "run directory (ckpts/, samples/, train.log); default "
                                          "workdir/<config name>/<hparams from the overrides>")
+    flags.DEFINE_string('init_from', None, "start a new run from these weights (fresh optimizer, step 0): a "
+                                           "ckpts/<step>.ckpt directory, a .pth or an exported folder; ignored when "
+                                           "the workdir has a checkpoint to resume. --config.init.resize=True adapts "
+                                           "the label / position embeddings to the config's classes / resolution")
     flags.DEFINE_bool('dry_run', False, "check the config, its files, the dataset and the network, write the config "
                                         "to the workdir, and exit without training")
 
@@ -425,8 +435,10 @@ def dry_run(config, workdir: str, family):
     family.check(config, get_dataset(config.dataset.name, **dataset_kwargs(config)))
     if family.data == 'latents':
         get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor)
-    build_lr_scheduler(build_optimizer(build_nnet(config.nnet), config.optimizer), config.lr_scheduler,
-                       config.train.n_steps)
+    nnet = build_nnet(config.nnet)
+    if config.init.path:  # the weights fit the network (or can be adapted to it)
+        init_weights(nnet, config.init.path, resize=config.init.resize, null_last=config.dataset.cfg)
+    build_lr_scheduler(build_optimizer(nnet, config.optimizer), config.lr_scheduler, config.train.n_steps)
     write_json(config.to_dict(), os.path.join(workdir, 'config.json'))
     logger.info("dry run: the config, its files, the dataset and the network are fine; config written to %s",
                 os.path.join(workdir, 'config.json'))
@@ -437,6 +449,8 @@ def main_for(family):
     def main(argv):
         FLAGS = flags.FLAGS
         config = FLAGS.config
+        if FLAGS.init_from:
+            config.init.path = FLAGS.init_from
         workdir = FLAGS.workdir or workdir_for(config_flags.get_config_filename(FLAGS['config']), config_overrides())
         if FLAGS.dry_run:
             setup_logging(True, None)

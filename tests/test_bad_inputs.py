@@ -138,6 +138,15 @@ def checkpoint_of_another_config(tmp):
            optimizer=None, lr_scheduler=None)
 
 
+def init_from_other_network(tmp):
+    from libs.finetune import init_weights
+    from libs.nnet import build_nnet
+    config = _config()
+    other = build_nnet({**config.nnet.to_dict(), "num_classes": 21})  # 20 classes + the null label
+    torch.save(other.state_dict(), os.path.join(tmp, "nnet_ema.pth"))
+    init_weights(build_nnet(config.nnet), os.path.join(tmp, "nnet_ema.pth"))
+
+
 def _warnings_of(fn, logger_name):
     records = []
 
@@ -244,7 +253,17 @@ CASES = [
          ConfigError, ("config.nnet.num_heads", "does not divide nnet.embed_dim = 128")),
     Case("batch-split", "`train.batch_size = 100` on 8 processes",
          lambda tmp: _validate(world_size=8, **{"train.batch_size": 100}), ConfigError,
-         ("config.train.batch_size", "does not split over 8 processes", "--config.train.batch_size=96 or 104")),
+         ("config.train.batch_size", "does not split over 8 process(es)", "--config.train.batch_size=96 or 104")),
+    Case("grad-accum-split", "`train.batch_size = 100` with `train.grad_accum_steps = 8` on one process",
+         lambda tmp: _validate(**{"train.batch_size": 100, "train.grad_accum_steps": 8}), ConfigError,
+         ("config.train.batch_size", "1 process(es) x 8 micro-batch(es)", "--config.train.batch_size=96 or 104")),
+    Case("log-with", "`log_with = 'tensorbaord'`", lambda tmp: _validate(log_with="tensorbaord"), ConfigError,
+         ("config.log_with", "did you mean 'tensorboard'?")),
+    Case("init-from-missing", "`--init_from` a path that does not exist",
+         lambda tmp: _validate(**{"init.path": os.path.join(tmp, "300.ckpt")}), ConfigError,
+         ("config.init.path", "300.ckpt", "does not exist", "exported folder")),
+    Case("init-from-mismatch", "`--init_from` weights of another network (without `--config.init.resize=True`)",
+         init_from_other_network, CheckpointError, ("--init_from", "label_emb.weight", "--config.init.resize=True")),
     Case("p-uncond", "`dataset.p_uncond = 1.5`", lambda tmp: _validate(**{"dataset.p_uncond": 1.5}), ConfigError,
          ("config.dataset.p_uncond", "must be in [0, 1]")),
     Case("lr-zero", "`optimizer.lr = 0`", lambda tmp: _validate(**{"optimizer.lr": 0.0}), ConfigError,

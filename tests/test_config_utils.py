@@ -125,11 +125,12 @@ OUT_OF_RANGE = {
     "sample.algorithm": "ddim", "grid.algorithm": "ddim", "wandb.mode": "on", "nnet.name": "dit",
     "nnet.img_size": 0, "nnet.patch_size": 0, "nnet.in_chans": 0, "nnet.embed_dim": -64, "nnet.depth": 0,
     "nnet.num_heads": 0, "nnet.mlp_ratio": 0.0, "nnet.qk_scale": -1.0, "nnet.num_classes": -2,
-    "fid.inception_weights": "/no/such/inception.pth", "z_shape": (4, 32), "diffusion": "ddpm"}
+    "fid.inception_weights": "/no/such/inception.pth", "z_shape": (4, 32), "diffusion": "ddpm",
+    "train.grad_accum_steps": 0, "init.path": "/no/such/weights.pth", "log_with": "mlflow"}
 # Free values: any number (seeds, guidance scales) or any string the dataset / loader checks where it reads it.
 NO_RANGE = {"seed", "sample.scale", "grid.scale", "autoencoder.pretrained_path", "dataset.name", "sample.path",
             "wandb.project", "compile", "tf32", "optimizer.no_decay_for_embeddings_norms_biases", "dataset.cfg",
-            "sample.cfg", "wandb.enabled", "dataloader.pin_memory", "dataloader.persistent_workers", "nnet.qkv_bias",
+            "sample.cfg", "init.resize", "dataloader.pin_memory", "dataloader.persistent_workers", "nnet.qkv_bias",
             "nnet.mlp_time_embed", "nnet.use_checkpoint", "nnet.conv", "nnet.skip",
             "fid.stat"}  # missing statistics only turn training-time FID off (logged); eval checks them
 
@@ -153,9 +154,21 @@ def test_batch_that_does_not_split_over_processes():
     with pytest.raises(ConfigError) as info:
         parse_and_validate(config, world_size=8)
     msg = str(info.value)
-    assert msg.startswith("config.train.batch_size = 100: does not split over 8 processes")
+    assert msg.startswith("config.train.batch_size = 100: does not split over 8 process(es) x 1 micro-batch(es)")
     assert "--config.train.batch_size=96 or 104" in msg
     parse_and_validate(config, world_size=4)  # 100 = 4 x 25 is fine
+    config.train.grad_accum_steps = 2  # 100 = 4 x 2 x 12.5 is not: each micro-batch must be whole
+    with pytest.raises(ConfigError, match=r"over 4 process\(es\) x 2 micro-batch\(es\).*=96 or 104"):
+        parse_and_validate(config, world_size=4)
+    config.train.grad_accum_steps = 5
+    parse_and_validate(config, world_size=4)  # 100 = 4 x 5 x 5
+
+
+def test_init_resize_needs_weights_to_adapt():
+    config = base()
+    config.init.resize = True
+    with pytest.raises(ConfigError, match="config.init.resize = True: has no effect without --init_from"):
+        parse_and_validate(config, world_size=1)
 
 
 def test_every_problem_is_reported_at_once():

@@ -5,15 +5,19 @@ import subprocess
 import sys
 
 import ml_collections
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
+import sample_class_cond
 from libs import export_format
+from libs.checkpoint import load_nnet_weights
 from libs.errors import CheckpointError, MissingFileError
 from libs.export import export_model
 from libs.export_format import build_from_export, load_export, read_export_meta
 from libs.nnet import build_nnet
+from tests.test_sample_scripts import cls_args, load_config, read_png, tiny  # noqa: F401 (tiny: a fixture)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(name='uvit', img_size=8, patch_size=2, in_chans=3, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2,
@@ -236,3 +240,19 @@ def test_push_to_hub_uploads_the_folder_and_nothing_else(tmp_path, monkeypatch):
     with pytest.raises(MissingFileError):
         push_to_hub(folder, 'me/tiny')
     assert calls == []  # an incomplete folder is never uploaded
+
+
+def test_every_loader_takes_an_exported_folder(tiny, tmp_path):
+    """--nnet_path of the sample scripts (and eval*.py, --init_from, final evaluation: all through
+    load_nnet_weights) given an exported folder: the same weights, the same images as from the .pth."""
+    config_path, pth = tiny["cls"]
+    folder = export_model(pth, tmp_path / 'export', load_config(config_path))
+    weights, exported = torch.load(pth, weights_only=True), load_nnet_weights(folder)
+    assert exported.keys() == weights.keys() and all(torch.equal(exported[k], weights[k]) for k in weights)
+    args = ['--class_ids=1', '--n_per_class=2']
+    from_pth = sample_class_cond.main(cls_args(tiny, tmp_path / 'pth', *args))
+    from_export = sample_class_cond.main([a if not a.startswith('--nnet_path=') else f'--nnet_path={folder}'
+                                          for a in cls_args(tiny, tmp_path / 'export_out', *args)])
+    assert len(from_pth) == len(from_export) == 2
+    for p, q in zip(from_pth, from_export):
+        np.testing.assert_array_equal(read_png(p), read_png(q))

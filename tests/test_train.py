@@ -56,11 +56,12 @@ def test_digits_loss_falls(tmp_path):
     assert 0.0 <= final['digit_accuracy'] <= 1.0 and final['sample']['scale'] == config.sample.scale
 
 
-def test_resume_continues_exactly(tmp_path):
-    straight = train(tiny_config(n_steps=6, save_interval=3), str(tmp_path / 'a'), PIXELS_CONTINUOUS)
-    first = train(tiny_config(n_steps=3), str(tmp_path / 'b'), PIXELS_CONTINUOUS)
+@pytest.mark.parametrize('k', [1, 2])
+def test_resume_continues_exactly(tmp_path, k):
+    straight = train(tiny_config(n_steps=6, save_interval=3, grad_accum_steps=k), str(tmp_path / 'a'), PIXELS_CONTINUOUS)
+    first = train(tiny_config(n_steps=3, grad_accum_steps=k), str(tmp_path / 'b'), PIXELS_CONTINUOUS)
     assert first['step'] == 3 and os.path.isdir(tmp_path / 'b' / 'ckpts' / '3.ckpt')
-    resumed = train(tiny_config(n_steps=6), str(tmp_path / 'b'), PIXELS_CONTINUOUS)
+    resumed = train(tiny_config(n_steps=6, grad_accum_steps=k), str(tmp_path / 'b'), PIXELS_CONTINUOUS)
     a, b = straight['run'], resumed['run']
     assert resumed['step'] == 6 and b.lr_scheduler.last_epoch == a.lr_scheduler.last_epoch == 6
     assert b.lr_scheduler.get_last_lr() == a.lr_scheduler.get_last_lr()
@@ -72,6 +73,73 @@ def test_resume_continues_exactly(tmp_path):
     sa, sb = a.optimizer.state_dict()['state'], b.optimizer.state_dict()['state']
     assert all(torch.equal(sa[k]['exp_avg_sq'], sb[k]['exp_avg_sq']) for k in sa)
     assert [m['loss'] for m in b.logged] == [m['loss'] for m in a.logged if m['step'] > 3]
+
+
+def chunked_loss(monkeypatch, b):
+    """The diffusion loss of a batch computed chunk by chunk (b samples each, in order): one batch of k * b then
+    draws the same t and noise from the step's generator as k micro-batches of b."""
+    import sde
+
+    original = sde.ContinuousVP.loss
+
+    def loss(self, nnet, x0, **cond):
+        return torch.cat([original(self, nnet, x0[i:i + b], **{n: c[i:i + b] for n, c in cond.items()})
+                          for i in range(0, len(x0), b)])
+    monkeypatch.setattr(sde.ContinuousVP, 'loss', loss)
+
+
+def test_grad_accum_equals_one_big_batch(tmp_path, monkeypatch):
+    """Two micro-batches of 8 per step through the trainer's train_step = one batch of 16: the same loss,
+    gradients (Adam's first moment is (1 - beta1) x the gradient sum), weights and data position."""
+    chunked_loss(monkeypatch, 8)
+    runs = []
+    for k in (1, 2):
+        config = tiny_config(n_steps=3, batch_size=16, log_interval=1, grad_accum_steps=k)
+        config.dataset.update(cfg=False, p_uncond=0.0)  # no condition dropout: the generator draws only t, eps
+        config.nnet.num_classes = 10
+        config.sample.cfg = False
+        runs.append(train(config, str(tmp_path / str(k)), PIXELS_CONTINUOUS)['run'])
+    one, acc = runs
+    assert acc.loader.batch_size == 8 and one.loader.batch_size == 16
+    assert acc.loader.state_dict() == one.loader.state_dict()  # 3 steps x 16 samples each
+    for a, b in zip(one.logged, acc.logged, strict=True):
+        assert b['loss'] == pytest.approx(a['loss'], rel=1e-5) and b['grad_norm'] == pytest.approx(a['grad_norm'], rel=1e-4)
+    sa, sb = one.optimizer.state_dict()['state'], acc.optimizer.state_dict()['state']
+    for i in sa:
+        torch.testing.assert_close(sb[i]['exp_avg'], sa[i]['exp_avg'], rtol=1e-4, atol=1e-8)
+    torch.testing.assert_close(params(acc.nnet), params(one.nnet), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(params(acc.nnet_ema), params(one.nnet_ema), rtol=1e-5, atol=1e-6)
+    assert not torch.equal(params(one.nnet), params(one.nnet_ema))  # the weights did move
+
+
+def test_init_from_starts_a_new_run_from_the_weights(tmp_path, monkeypatch):
+    import libs.trainer as trainer
+    from libs.checkpoint import load_nnet_weights
+
+    source = train(tiny_config(n_steps=2), str(tmp_path / 'src'), PIXELS_CONTINUOUS)['checkpoint']
+    seen, real = [], trainer.train_step
+    monkeypatch.setattr(trainer, 'train_step', lambda r, batches, step: seen.append(
+        (step, params(r.nnet).clone(), params(r.nnet_ema).clone(), len(r.optimizer.state_dict()['state'])))
+        or real(r, batches, step))
+    config = tiny_config(n_steps=2)
+    config.init.path = source
+    train(config, str(tmp_path / 'new'), PIXELS_CONTINUOUS)
+    weights = load_nnet_weights(source)  # the source run's EMA network
+    loaded = torch.cat([weights[k].flatten() for k, _ in trainer.build_nnet(config.nnet).named_parameters()])
+    step, online, ema, n_states = seen[0]
+    assert step == 0 and n_states == 0  # step 0, a fresh optimizer
+    assert torch.equal(online, loaded) and torch.equal(ema, loaded)
+    # The workdir now has a checkpoint: a rerun resumes it and ignores --init_from (said in the log).
+    seen.clear()
+    train(config_with(config, n_steps=3), str(tmp_path / 'new'), PIXELS_CONTINUOUS)
+    assert [s for s, *_ in seen] == [2]
+    assert "--init_from '" in (tmp_path / 'new' / 'train.log').read_text().split('resuming at step 2')[1].splitlines()[0]
+
+
+def config_with(config, **train):
+    config = config.copy_and_resolve_references()
+    config.train.update(train)
+    return config
 
 
 def nan_after(monkeypatch, k, times=None):
@@ -136,7 +204,7 @@ def test_train_step_is_what_the_loop_runs(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, 'train_step', lambda r, batch, step: calls.append(step) or real(r, batch, step))
     with pytest.raises(ConfigError, match='config.train.nonfinite_window'):
         train(tiny_config(n_steps=2, nonfinite_window=0), str(tmp_path / 'bad'), PIXELS_CONTINUOUS)
-    assert calls == []
+    assert calls == [] and not os.path.exists(tmp_path / 'bad')  # nothing written either
     train(tiny_config(n_steps=2), str(tmp_path / 'good'), PIXELS_CONTINUOUS)
     assert calls == [0, 1]
 
@@ -159,3 +227,40 @@ def test_dry_run_stops_on_a_bad_value_with_one_line(tmp_path):
         "ConfigError: config.nnet.num_heads = 5: does not divide nnet.embed_dim = 96 (each head gets "
         "embed_dim / num_heads channels)")
     assert not os.path.exists(tmp_path / 'config.json')
+
+
+def test_tensorboard_gets_the_train_scalars_and_sample_grids(tmp_path):
+    pytest.importorskip('tensorboard')
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = train(tiny_config(n_steps=4, log_interval=2, eval_interval=4), str(tmp_path), PIXELS_CONTINUOUS)
+    folder = tmp_path / 'tensorboard' / 'uvit'
+    assert any(name.startswith('events.out.tfevents.') for name in os.listdir(folder))
+    events = EventAccumulator(str(folder), size_guidance={'images': 0, 'scalars': 0})
+    events.Reload()
+    losses = [(e.step, e.value) for e in events.Scalars('train/loss')]
+    assert losses == [(m['step'], pytest.approx(m['loss'])) for m in out['run'].logged] and len(losses) == 2
+    assert [e.step for e in events.Images('samples')] == [4]
+    assert {'eval/digit_accuracy', 'eval/pixel_fd'} <= set(events.Tags()['scalars'])
+
+
+def test_init_from_with_resize_adapts_the_label_embedding(tmp_path, monkeypatch):
+    """--init_from weights of a 5-class model (+ null) into the 10-class digits network with
+    --config.init.resize=True: shared classes and the null class copied, new rows the network's own."""
+    import libs.trainer as trainer
+
+    config = tiny_config(n_steps=1)
+    source = trainer.build_nnet({**config.nnet.to_dict(), 'num_classes': 6}).state_dict()
+    torch.save(source, tmp_path / 'five_classes.pth')
+    config.init.update(path=str(tmp_path / 'five_classes.pth'), resize=True)
+    seen, real = [], trainer.train_step
+    monkeypatch.setattr(trainer, 'train_step', lambda r, batches, step: seen.append(
+        r.nnet.label_emb.weight.detach().clone()) or real(r, batches, step))
+    train(config, str(tmp_path / 'run'), PIXELS_CONTINUOUS)
+    rows, src = seen[0], source['label_emb.weight']
+    assert rows.shape == (11, 32) and torch.equal(rows[:5], src[:5]) and torch.equal(rows[-1], src[-1])
+    assert not torch.equal(rows[5], src[4])  # a new class starts from the network's initialisation
+    log = (tmp_path / 'run' / 'train.log').read_text().splitlines()
+    assert [line.split('] ', 1)[1] for line in log if '] init: ' in line] == [
+        'init: label_emb.weight (6, 32) -> (11, 32): classes 0..4 copied, null class 5 -> 10, classes 5..9 new '
+        "(the network's initialisation)"]

@@ -45,7 +45,7 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def __init__(self, version=CLIP_VERSION, device="cpu", max_length=CLIP_MAX_LENGTH, allow_download=False):
         super().__init__()
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTokenizer  # heavy
 
         source = _resolve(version)
         looks_like_path = version.startswith(("/", ".", "~")) or version.count("/") > 1

@@ -10,6 +10,7 @@ import os
 import shutil
 import tempfile
 
+import numpy as np
 import torch
 
 from libs.errors import UViTError
@@ -93,8 +94,6 @@ def atomic_write_bytes(data: bytes, path):
 
 def atomic_savez(path, **arrays):
     """numpy.savez to `path` atomically (the name is kept exactly, no '.npz' appended)."""
-    import numpy as np
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(buf.getvalue(), path)

@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from absl import flags  # noqa: E402
+from accelerate import PartialState  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -114,8 +115,6 @@ def autoencoder_moments_shape(autoencoder, args):
 
 
 def main(argv=None):
-    from accelerate import PartialState
-
     args = parse_args(argv)
     state = PartialState()
     setup_logging(state.is_main_process)

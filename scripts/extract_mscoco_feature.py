@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from absl import flags  # noqa: E402
+from PIL import Image  # noqa: E402
+from accelerate import PartialState  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -69,8 +71,6 @@ def read_coco_captions(captions_json, image_dir):
 
 def center_square_lanczos(img, size):
     """PIL image -> (size, size) uint8 array: the largest centred square, Lanczos-resized."""
-    from PIL import Image
-
     side = min(img.size)
     left, top = (img.width - side) // 2, (img.height - side) // 2
     img = img.crop((left, top, left + side, top + side)).resize((size, size), resample=Image.LANCZOS)
@@ -136,8 +136,6 @@ def encode_shard(args, state, autoencoder, clip, items, k, start, stop, folder, 
 
 
 def main(argv=None):
-    from accelerate import PartialState
-
     args = parse_args(argv)
     state = PartialState()
     setup_logging(state.is_main_process)

@@ -20,14 +20,15 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from absl import app, flags
 
+from libs.config_utils import define_config_flag
 from libs.errors import ConfigError, MissingFileError, exit_on_user_error, require_path
+from libs.export import export_model, push_to_hub
+from libs.logging_utils import setup_logging
 
 logger = logging.getLogger(__name__)
 
 
 def define_flags():
-    from libs.config_utils import define_config_flag
-
     define_config_flag("config", None, "training config file (configs/X.py); default: <workdir>/config.json of "
                        "the run the checkpoint belongs to")
     flags.DEFINE_integer("step", None, "training step recorded in config.json; default: from the checkpoint directory")
@@ -53,9 +54,6 @@ def run_config_of(checkpoint):
 
 @exit_on_user_error
 def main(argv):
-    from libs.export import export_model, push_to_hub
-    from libs.logging_utils import setup_logging
-
     setup_logging(True)
     if len(argv) != 3:
         raise ConfigError("usage: python tools/export.py <checkpoint (ckpts/<step>.ckpt or .pth)> <out_dir> [flags]")

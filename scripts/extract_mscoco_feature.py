@@ -33,7 +33,7 @@ from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder  # noqa: E402
 from libs.datasets.base import load_rgb, uint8_to_unit_range  # noqa: E402
 from libs.errors import InputError, MissingFileError, exit_on_user_error  # noqa: E402
 from libs.logging_utils import setup_logging  # noqa: E402
-from tools.cli import parse_flags  # noqa: E402
+from tools.cli import define_resolution, parse_flags  # noqa: E402
 
 logger = logging.getLogger("extract_mscoco_feature")
 SPLITS = {"train": ("train2014", "captions_train2014.json"), "val": ("val2014", "captions_val2014.json")}
@@ -95,7 +95,7 @@ def define_flags(fv):
     for name in ("coco_root", "output"):
         flags.mark_flag_as_required(name, flag_values=fv)
     flags.DEFINE_enum("split", "both", ["train", "val", "both"], "which split(s) to encode", flag_values=fv)
-    flags.DEFINE_integer("resolution", 256, "image size in pixels (multiple of 8)", flag_values=fv)
+    define_resolution(fv, "image size in pixels (multiple of 8)")
     flags.DEFINE_string("autoencoder", DEFAULT_PATH, "autoencoder checkpoint (see libs/autoencoder.py)",
                         flag_values=fv)
     flags.DEFINE_string("clip", CLIP_VERSION, "CLIP text model: hub id (local cache) or directory", flag_values=fv)
@@ -139,8 +139,6 @@ def main(argv=None):
     args = parse_args(argv)
     state = PartialState()
     setup_logging(state.is_main_process)
-    if args.resolution % 8:
-        raise InputError(f"--resolution must be a multiple of 8, got {args.resolution}.")
     splits = ["train", "val"] if args.split == "both" else [args.split]
     jobs = [(s, read_coco_captions(os.path.join(args.coco_root, "annotations", SPLITS[s][1]),
                                    os.path.join(args.coco_root, SPLITS[s][0]))) for s in splits]

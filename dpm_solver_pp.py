@@ -1,45 +1,30 @@
 """DPM-Solver and DPM-Solver++ for VP diffusion models, with the public API of the official code.
 
-Three objects with narrow interfaces:
-
-- `NoiseScheduleVP`: the marginal x_t = alpha_t x0 + sigma_t eps (alpha_t^2 + sigma_t^2 = 1) as functions
-  of continuous time t, its half-log-SNR lambda_t = log(alpha_t / sigma_t) and the inverse t(lambda).
-- `model_wrapper(...)`: turns a network (noise / x0 / v / score prediction) into `model_fn(x, t_continuous)`
-  returning the noise prediction. Classifier-free guidance is applied to the network before it is wrapped
-  (`libs.sampling.guided_noise_fn`, U-ViT's convention), so there is one guidance implementation.
+- `NoiseScheduleVP`: alpha_t, sigma_t (x_t = alpha_t x0 + sigma_t eps), lambda_t = log(alpha_t / sigma_t), t(lambda).
+- `model_wrapper(...)`: a network (noise / x0 / v / score prediction) -> `model_fn(x, t_continuous)` -> eps.
+  Classifier-free guidance is applied before wrapping (`libs.sampling.guided_noise_fn`): one implementation.
 - `DPM_Solver`: the exponential-integrator solvers of the probability-flow ODE.
 
-References (formulas only; the code is written from the papers):
-- Lu, Zhou, Bao, Chen, Li, Zhu 2022, "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model
-  Sampling in Around 10 Steps", arXiv 2206.00927: noise-prediction solvers of orders 1-3 (eq. 3.7,
+References (the code is written from the papers):
+- Lu et al. 2022, "DPM-Solver", arXiv 2206.00927: noise-prediction solvers of orders 1-3 (eq. 3.7,
   Algorithms 1-2), DPM-Solver-fast order lists and the adaptive step size (Appendix C).
-- Lu, Zhou, Bao, Chen, Li, Zhu 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
-  Probabilistic Models", arXiv 2211.01095: data-prediction solvers, singlestep and multistep (2M, 3M).
-- Nichol & Dhariwal 2021, arXiv 2102.09672: the cosine schedule.
-- Saharia et al. 2022 (Imagen), arXiv 2205.11487: dynamic thresholding.
+- Lu et al. 2022, "DPM-Solver++", arXiv 2211.01095: data-prediction solvers, singlestep and multistep.
+- Nichol & Dhariwal 2021, arXiv 2102.09672: the cosine schedule. Saharia et al. 2022, arXiv 2205.11487:
+  dynamic thresholding.
 
-One formula serves both parameterisations. With the noise predictor the exact solution from s to t is
-x_t = (alpha_t/alpha_s) x_s - alpha_t int_{lambda_s}^{lambda_t} e^{-lambda} eps(lambda) d lambda (DPM-Solver
-eq. 3.4); with the data predictor it is x_t = (sigma_t/sigma_s) x_s + sigma_t int e^{lambda} x0(lambda) d lambda
-(DPM-Solver++ eq. 8): the same expression after exchanging alpha <-> sigma and lambda -> -lambda. So every
-update below is written once in terms of
+Both parameterisations share one update: the exact solutions x_t = (alpha_t/alpha_s) x_s - alpha_t int
+e^{-lambda} eps d lambda (DPM-Solver eq. 3.4) and x_t = (sigma_t/sigma_s) x_s + sigma_t int e^{lambda} x0 d lambda
+(DPM-Solver++ eq. 8) differ by alpha <-> sigma, lambda -> -lambda. So updates are written in
+    ratio = keep_t / keep_s, mu_t, H:  noise prediction keep = alpha, mu = sigma, H = +h;
+                                       data prediction  keep = sigma, mu = alpha, H = -h   (h = lambda_t - lambda_s)
+with psi_1(H) = e^H - 1, psi_2 = psi_1/H - 1, psi_3 = psi_2/H - 1/2.
 
-    ratio = keep_t / keep_s,  mu_t,  H          with
-    noise prediction: keep = alpha, mu = sigma, H = +h
-    data prediction:  keep = sigma, mu = alpha, H = -h,      h = lambda_t - lambda_s,
-
-and the Taylor terms use the phi functions psi_1(H) = e^H - 1, psi_2 = psi_1/H - 1, psi_3 = psi_2/H - 1/2.
-
-Deliberate differences from the official code (each one documented where it happens):
-- `model_wrapper` maps solver time to network time with `network_time`; the defaults are U-ViT's
-  (continuous schedules: 999 t, discrete: N t), not the official (t, and 1000 (t - 1/N)).
-- Solver arithmetic runs in float32 even when `x` or the network output is float16/bfloat16 (model
-  outputs are upcast), and in float64 when `x` is float64 (the official code builds float32 time tensors).
-- The multistep solver warms up with lower orders for any number of steps (the official code reads a
-  variable before assigning it when steps < order) and accepts steps < order.
-- Multistep order 3 weights the second divided difference by 2 psi_3, the exact Taylor coefficient (the
-  official code and diffusers use psi_3, which leaves their 3M second order); see
-  `multistep_dpm_solver_update`. U-ViT never used the multistep path, so no published sample depends on it.
+Deliberate differences from the official code:
+- network time defaults to U-ViT's (999 t continuous, N t discrete; `default_network_time`);
+- solver arithmetic in float32 for half-precision x / outputs, float64 for float64 x;
+- multistep warm-up works for any number of steps, also steps < order;
+- multistep order 3 weights the second divided difference by the exact 2 psi_3 (the official code and
+  diffusers use psi_3, leaving their 3M second order); U-ViT never used that path.
 """
 import logging
 import math
@@ -178,11 +163,7 @@ class NoiseScheduleVP:
         return self._table_cache[key]
 
     def __repr__(self):
-        if self.schedule == "linear":
-            return f"NoiseScheduleVP('linear', continuous_beta_0={self.beta_0}, continuous_beta_1={self.beta_1})"
-        if self.schedule == "discrete":
-            return f"NoiseScheduleVP('discrete', N={self.total_N})"
-        return "NoiseScheduleVP('cosine')"
+        return f"NoiseScheduleVP('{self.schedule}', N={self.total_N})"
 
     def marginal_log_mean_coeff(self, t):
         """log alpha_t."""
@@ -381,20 +362,12 @@ class DPM_Solver:
         order-k step spanning k grid intervals (whose inner points become its stage points).
         Returns (timesteps_outer (K+1,), orders list of K ints).
         """
-        if order == 3:
-            K = steps // 3 + 1
-            if steps % 3 == 0:
-                orders = [3] * (K - 2) + [2, 1]
-            elif steps % 3 == 1:
-                orders = [3] * (K - 1) + [1]
-            else:
-                orders = [3] * (K - 1) + [2]
-        elif order == 2:
-            orders = [2] * (steps // 2) + [1] * (steps % 2)
-        elif order == 1:
-            orders = [1] * steps
-        else:
+        if order not in (1, 2, 3):
             raise ConfigError(f"singlestep DPM-Solver supports order 1, 2 or 3, got {order}")
+        if order == 3:
+            orders = [3] * (steps // 3 - 1) + [2, 1] if steps % 3 == 0 else [3] * (steps // 3) + [steps % 3]
+        else:
+            orders = [order] * (steps // order) + [1] * (steps % order)
         if skip_type == "logSNR":
             outer = self.get_time_steps(skip_type, t_T, t_0, len(orders), device, dtype)
         else:

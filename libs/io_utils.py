@@ -11,7 +11,6 @@ import shutil
 import tempfile
 
 import numpy as np
-import torch
 
 from libs.errors import UViTError
 
@@ -73,15 +72,6 @@ def _remove(p):
         shutil.rmtree(p, ignore_errors=True)
     elif os.path.exists(p):
         os.remove(p)
-
-
-def atomic_torch_save(obj, path):
-    """torch.save `obj` to `path` atomically (fsynced before the rename)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def atomic_write_bytes(data: bytes, path):

@@ -56,13 +56,16 @@ def unwrap_state_dict(state_dict):
     return out
 
 
-def _unwrap_model(model):
+def unwrap_model(model):
     """The bare network inside DDP (.module) and torch.compile (._orig_mod) wrappers."""
     while True:
         inner = getattr(model, '_orig_mod', None) or getattr(model, 'module', None)
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
+
+
+_unwrap_model = unwrap_model  # the name libs/finetune.py imports; to go once it imports unwrap_model
 
 
 def _listing(title, items):
@@ -72,7 +75,7 @@ def _listing(title, items):
 
 def load_nnet_state_dict(model, state_dict):
     """Load `state_dict` into `model` strictly, or raise CheckpointError saying what differs."""
-    model = _unwrap_model(model)
+    model = unwrap_model(model)
     state_dict = unwrap_state_dict(state_dict)
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]

@@ -131,3 +131,26 @@ def test_function_level_imports_say_why(module):
     path = FILES[module]
     missing = _imports_without_reason(open(path, encoding="utf-8").read(), path)
     assert not missing, f"{path}: function-level imports without '# optional' or '# heavy' at lines {missing}"
+
+
+def _design_map():
+    """[(module, [imported modules])] of the map in docs/DESIGN.md, top line first."""
+    text = open(os.path.join(ROOT, "docs", "DESIGN.md"), encoding="utf-8").read()
+    block = text.split("```text module-map\n", 1)[1].split("```", 1)[0]
+    rows = []
+    for line in block.splitlines():
+        if "->" in line and not line.lstrip().startswith("#"):
+            left, right = line.split("->")
+            rows += [(module.strip(), right.split()) for module in left.split(",")]
+    return rows
+
+
+def test_the_design_map_matches_the_imports():
+    rows = _design_map()
+    assert len(rows) > 20, "docs/DESIGN.md lost its module map"
+    drawn = [module for module, _ in rows]
+    for i, (module, targets) in enumerate(rows):
+        assert module in GRAPH, f"docs/DESIGN.md draws {module}, which is not a module"
+        for target in targets:
+            assert target in GRAPH[module], f"docs/DESIGN.md draws {module} -> {target}; the code has no such import"
+            assert target not in drawn[:i + 1], f"docs/DESIGN.md draws {module} -> {target} pointing up"

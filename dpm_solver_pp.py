@@ -70,9 +70,7 @@ def check_start(x, steps, name="x"):
 def _as_time(t):
     """t as a floating tensor (float64 if given as a Python number or an integer tensor)."""
     t = torch.as_tensor(t)
-    if not t.is_floating_point():
-        t = t.to(torch.float64)
-    return t
+    return t if t.is_floating_point() else t.double()
 
 
 def _segment(x, xp):
@@ -83,10 +81,8 @@ def _segment(x, xp):
 def _interp(x, xp, fp):
     """Piecewise-linear interpolation of the table (xp, fp), extrapolated linearly beyond both ends.
 
-    x: any shape; xp: (K,) strictly increasing, K >= 2; fp: (K,). Returns x's shape and dtype.
+    x: any shape; xp: (K,) strictly increasing, K >= 2; fp: (K,), both on x's device in x's dtype.
     """
-    xp = xp.to(device=x.device, dtype=x.dtype)
-    fp = fp.to(device=x.device, dtype=x.dtype)
     k = _segment(x, xp)
     x0, x1, f0, f1 = xp[k], xp[k + 1], fp[k], fp[k + 1]
     return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
@@ -111,20 +107,15 @@ class NoiseScheduleVP:
                  continuous_beta_1=20.0):
         if schedule not in SCHEDULES:
             raise ConfigError(f"unknown noise schedule '{schedule}'; known: {', '.join(SCHEDULES)}")
-        self.schedule = schedule
+        self.schedule, self.total_N, self.T = schedule, 1000, 1.0
         if schedule == "discrete":
             if (betas is None) == (alphas_cumprod is None):
                 raise ConfigError("NoiseScheduleVP('discrete') needs exactly one of betas= or alphas_cumprod=")
-            if betas is not None:
-                betas = torch.as_tensor(betas).to(torch.float64)
-                self._check_table(betas, "betas", 0.0, 1.0)
-                log_alphas = 0.5 * torch.cumsum(torch.log1p(-betas), dim=0)
-            else:
-                alphas_cumprod = torch.as_tensor(alphas_cumprod).to(torch.float64)
-                self._check_table(alphas_cumprod, "alphas_cumprod", 0.0, 1.0)
-                log_alphas = 0.5 * torch.log(alphas_cumprod)
+            name, table = ("betas", betas) if betas is not None else ("alphas_cumprod", alphas_cumprod)
+            table = torch.as_tensor(table).to(torch.float64)
+            self._check_table(table, name, 0.0, 1.0)
+            log_alphas = 0.5 * (torch.cumsum(torch.log1p(-table), dim=0) if betas is not None else torch.log(table))
             self.total_N = log_alphas.shape[0]
-            self.T = 1.0
             self.t_array = torch.arange(1, self.total_N + 1, dtype=torch.float64) / self.total_N  # (N,) t_n = n/N
             self.log_alpha_array = log_alphas  # (N,)
             self._table_cache = {}
@@ -132,16 +123,11 @@ class NoiseScheduleVP:
             if not (0 <= continuous_beta_0 < continuous_beta_1):
                 raise ConfigError(f"linear schedule needs 0 <= beta_0 < beta_1, got {continuous_beta_0}, {continuous_beta_1}")
             self.beta_0, self.beta_1 = float(continuous_beta_0), float(continuous_beta_1)
-            self.total_N = 1000
-            self.T = 1.0
         else:
-            self.cosine_s = 0.008
-            self.cosine_beta_max = 999.0
-            # Stop where beta(t) = pi tan(.)/(1+s) would exceed beta_max (alpha -> 0 at t = 1).
-            self.T = (math.atan(self.cosine_beta_max * (1 + self.cosine_s) / math.pi) * 2 * (1 + self.cosine_s)
-                      / math.pi - self.cosine_s)
-            self.cosine_log_alpha_0 = math.log(math.cos(self.cosine_s / (1 + self.cosine_s) * math.pi / 2))
-            self.total_N = 1000
+            s = self.cosine_s = 0.008
+            # Stop where beta(t) = pi tan(.)/(1+s) would exceed 999 (alpha -> 0 at t = 1).
+            self.T = math.atan(999.0 * (1 + s) / math.pi) * 2 * (1 + s) / math.pi - s
+            self.cosine_log_alpha_0 = math.log(math.cos(s / (1 + s) * math.pi / 2))
 
     @staticmethod
     def _check_table(v, name, lo, hi):

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block as TimmBlock
 
+from benchmarks.bench_uvit import SIZES
 from libs import attention as attn_mod
 from libs import uvit, uvit_t2i
 from libs.errors import ConfigError, InputError
@@ -206,7 +207,7 @@ def test_long_skips_are_last_in_first_out():
                                        ("U-ViT-H/2", (1152, 28, 16, 2)), ("U-ViT-H/4", (1152, 28, 16, 4))])
 def test_presets(name, size):
     with torch.device("meta"):
-        m = uvit.UViT_models[name](img_size=32, in_chans=4, num_classes=1001)
+        m = uvit.UViT(**SIZES[name], img_size=32, in_chans=4, num_classes=1001)
     assert (m.embed_dim, m.depth, m.mid_block.attn.num_heads, m.patch_size) == size
     assert len(m.in_blocks) == size[1] // 2 and m.num_classes == 1001
 

@@ -2,7 +2,7 @@
 
 Every `import` statement is read with `ast`, including those inside functions (a function-level
 import hides a cycle from Python but not from this walk). Project modules are those under libs/,
-tools/, scripts/, configs/ and the top-level scripts.
+tools/, scripts/, configs/, benchmarks/ and the top-level scripts.
 """
 import ast
 import os
@@ -11,7 +11,7 @@ import re
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PACKAGES = ("libs", "tools", "scripts", "configs")
+PACKAGES = ("libs", "tools", "scripts", "configs", "benchmarks")
 REASON = re.compile(r"#\s*(optional|heavy)\b")  # the one-word reasons a function-level import may give
 
 
@@ -99,6 +99,12 @@ def test_no_import_cycle():
 def test_the_cycle_finder_finds_a_cycle():
     assert _find_cycle({"a": ["b"], "b": ["c"], "c": ["a"]}) == ["a", "b", "c", "a"]
     assert _find_cycle({"a": ["b"], "b": []}) is None
+
+
+def test_the_walk_sees_imports_inside_functions(tmp_path):
+    path = tmp_path / "m.py"
+    path.write_text("import libs.errors\n\n\ndef f():\n    from libs.nnet import build_nnet\n")
+    assert ("libs.errors", 1, False) in _imports(str(path)) and ("libs.nnet", 5, True) in _imports(str(path))
 
 
 @pytest.mark.parametrize("module", sorted(FILES))

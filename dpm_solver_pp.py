@@ -337,9 +337,7 @@ class DPM_Solver:
                                                        dtype=torch.float64):
         """Orders of the singlestep solver (DPM-Solver-fast, Lu et al. 2022a, Appendix C) and its outer grid.
 
-        The orders use exactly `steps` model calls: order 3 -> K = steps//3 + 1 intervals with orders
-        [3]*(K-2)+[2,1], [3]*(K-1)+[1] or [3]*(K-1)+[2] for steps % 3 == 0, 1, 2; order 2 -> [2]*(steps//2)
-        (+[1] if odd); order 1 -> [1]*steps. With skip_type='logSNR' the K outer intervals are uniform in
+        The orders use exactly `steps` model calls. With skip_type='logSNR' the K outer intervals are uniform in
         lambda; otherwise the outer points are taken from the `steps`-interval grid of that skip type, each
         order-k step spanning k grid intervals (whose inner points become its stage points).
         Returns (timesteps_outer (K+1,), orders list of K ints).
@@ -415,9 +413,8 @@ class DPM_Solver:
         Order 2 is DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2). Order 3 (3M) integrates the quadratic
         through the last three predictions exactly: with D1 ~ h m' and D2 ~ h^2 m''/2 (divided differences
         in lambda), x_t = ratio x - mu_t [psi1 m0 + psi2 D1 + 2 psi3 D2], since
-        int_0^h e^{H - u} u^2/2 du = h^2 psi3 (for H = h). The official code and diffusers weight D2 by psi3,
-        which halves the second-derivative term and makes their 3M second order; ours is exact for quadratic
-        predictions (tests/test_solver_convergence.py) and converges at third order.
+        int_0^h e^{H - u} u^2/2 du = h^2 psi3 (for H = h): exact for quadratic predictions, third order
+        (the official code's psi3 weight makes its 3M second order; see the module docstring).
         """
         ns = self.noise_schedule
         s = t_prev_list[-1]

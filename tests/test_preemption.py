@@ -186,10 +186,10 @@ def test_signal_saves_the_last_step_and_the_rerun_resumes_exactly(sig, group, wh
             _send(sig, group)  # handled at once (Python runs handlers between bytecodes): mid-step
         return real_step(r, batch, step)
 
-    def write_with_signal(obj, file):
+    def write_with_signal(obj, file, final):
         if os.path.basename(file) == "nnet.pth":
             _send(sig, group)
-        return real_write(obj, file)
+        return real_write(obj, file, final)
 
     config = config_for(image_folder)
     if when == "step":

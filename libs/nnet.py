@@ -44,16 +44,11 @@ def unwrap_state_dict(state_dict):
     if not isinstance(state_dict, dict):
         raise CheckpointError(f"expected a state dict (a mapping of parameter names to tensors), got {type(state_dict).__name__}; "
                               "save networks with torch.save(model.state_dict(), path)")
-    out = {}
-    for key, value in state_dict.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        out[key] = value
-    return out
+    def strip(key):
+        while key.startswith(_WRAPPER_PREFIXES):  # every prefix ends at its first '.'
+            key = key.split('.', 1)[1]
+        return key
+    return {strip(key): value for key, value in state_dict.items()}
 
 
 def unwrap_model(model):

@@ -1,45 +1,30 @@
 """DPM-Solver and DPM-Solver++ for VP diffusion models, with the public API of the official code.
 
-Three objects with narrow interfaces:
-
-- `NoiseScheduleVP`: the marginal x_t = alpha_t x0 + sigma_t eps (alpha_t^2 + sigma_t^2 = 1) as functions
-  of continuous time t, its half-log-SNR lambda_t = log(alpha_t / sigma_t) and the inverse t(lambda).
-- `model_wrapper(...)`: turns a network (noise / x0 / v / score prediction) into `model_fn(x, t_continuous)`
-  returning the noise prediction. Classifier-free guidance is applied to the network before it is wrapped
-  (`libs.sampling.guided_noise_fn`, U-ViT's convention), so there is one guidance implementation.
+- `NoiseScheduleVP`: alpha_t, sigma_t (x_t = alpha_t x0 + sigma_t eps), lambda_t = log(alpha_t / sigma_t), t(lambda).
+- `model_wrapper(...)`: a network (noise / x0 / v / score prediction) -> `model_fn(x, t_continuous)` -> eps.
+  Classifier-free guidance is applied before wrapping (`libs.sampling.guided_noise_fn`): one implementation.
 - `DPM_Solver`: the exponential-integrator solvers of the probability-flow ODE.
 
-References (formulas only; the code is written from the papers):
-- Lu, Zhou, Bao, Chen, Li, Zhu 2022, "DPM-Solver: A Fast ODE Solver for Diffusion Probabilistic Model
-  Sampling in Around 10 Steps", arXiv 2206.00927: noise-prediction solvers of orders 1-3 (eq. 3.7,
+References (the code is written from the papers):
+- Lu et al. 2022, "DPM-Solver", arXiv 2206.00927: noise-prediction solvers of orders 1-3 (eq. 3.7,
   Algorithms 1-2), DPM-Solver-fast order lists and the adaptive step size (Appendix C).
-- Lu, Zhou, Bao, Chen, Li, Zhu 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion
-  Probabilistic Models", arXiv 2211.01095: data-prediction solvers, singlestep and multistep (2M, 3M).
-- Nichol & Dhariwal 2021, arXiv 2102.09672: the cosine schedule.
-- Saharia et al. 2022 (Imagen), arXiv 2205.11487: dynamic thresholding.
+- Lu et al. 2022, "DPM-Solver++", arXiv 2211.01095: data-prediction solvers, singlestep and multistep.
+- Nichol & Dhariwal 2021, arXiv 2102.09672: the cosine schedule. Saharia et al. 2022, arXiv 2205.11487:
+  dynamic thresholding.
 
-One formula serves both parameterisations. With the noise predictor the exact solution from s to t is
-x_t = (alpha_t/alpha_s) x_s - alpha_t int_{lambda_s}^{lambda_t} e^{-lambda} eps(lambda) d lambda (DPM-Solver
-eq. 3.4); with the data predictor it is x_t = (sigma_t/sigma_s) x_s + sigma_t int e^{lambda} x0(lambda) d lambda
-(DPM-Solver++ eq. 8): the same expression after exchanging alpha <-> sigma and lambda -> -lambda. So every
-update below is written once in terms of
+Both parameterisations share one update: the exact solutions x_t = (alpha_t/alpha_s) x_s - alpha_t int
+e^{-lambda} eps d lambda (DPM-Solver eq. 3.4) and x_t = (sigma_t/sigma_s) x_s + sigma_t int e^{lambda} x0 d lambda
+(DPM-Solver++ eq. 8) differ by alpha <-> sigma, lambda -> -lambda. So updates are written in
+    ratio = keep_t / keep_s, mu_t, H:  noise prediction keep = alpha, mu = sigma, H = +h;
+                                       data prediction  keep = sigma, mu = alpha, H = -h   (h = lambda_t - lambda_s)
+with psi_1(H) = e^H - 1, psi_2 = psi_1/H - 1, psi_3 = psi_2/H - 1/2.
 
-    ratio = keep_t / keep_s,  mu_t,  H          with
-    noise prediction: keep = alpha, mu = sigma, H = +h
-    data prediction:  keep = sigma, mu = alpha, H = -h,      h = lambda_t - lambda_s,
-
-and the Taylor terms use the phi functions psi_1(H) = e^H - 1, psi_2 = psi_1/H - 1, psi_3 = psi_2/H - 1/2.
-
-Deliberate differences from the official code (each one documented where it happens):
-- `model_wrapper` maps solver time to network time with `network_time`; the defaults are U-ViT's
-  (continuous schedules: 999 t, discrete: N t), not the official (t, and 1000 (t - 1/N)).
-- Solver arithmetic runs in float32 even when `x` or the network output is float16/bfloat16 (model
-  outputs are upcast), and in float64 when `x` is float64 (the official code builds float32 time tensors).
-- The multistep solver warms up with lower orders for any number of steps (the official code reads a
-  variable before assigning it when steps < order) and accepts steps < order.
-- Multistep order 3 weights the second divided difference by 2 psi_3, the exact Taylor coefficient (the
-  official code and diffusers use psi_3, which leaves their 3M second order); see
-  `multistep_dpm_solver_update`. U-ViT never used the multistep path, so no published sample depends on it.
+Deliberate differences from the official code:
+- network time defaults to U-ViT's (999 t continuous, N t discrete; `default_network_time`);
+- solver arithmetic in float32 for half-precision x / outputs, float64 for float64 x;
+- multistep warm-up works for any number of steps, also steps < order;
+- multistep order 3 weights the second divided difference by the exact 2 psi_3 (the official code and
+  diffusers use psi_3, leaving their 3M second order); U-ViT never used that path.
 """
 import logging
 import math
@@ -85,9 +70,7 @@ def check_start(x, steps, name="x"):
 def _as_time(t):
     """t as a floating tensor (float64 if given as a Python number or an integer tensor)."""
     t = torch.as_tensor(t)
-    if not t.is_floating_point():
-        t = t.to(torch.float64)
-    return t
+    return t if t.is_floating_point() else t.double()
 
 
 def _segment(x, xp):
@@ -98,10 +81,8 @@ def _segment(x, xp):
 def _interp(x, xp, fp):
     """Piecewise-linear interpolation of the table (xp, fp), extrapolated linearly beyond both ends.
 
-    x: any shape; xp: (K,) strictly increasing, K >= 2; fp: (K,). Returns x's shape and dtype.
+    x: any shape; xp: (K,) strictly increasing, K >= 2; fp: (K,), both on x's device in x's dtype.
     """
-    xp = xp.to(device=x.device, dtype=x.dtype)
-    fp = fp.to(device=x.device, dtype=x.dtype)
     k = _segment(x, xp)
     x0, x1, f0, f1 = xp[k], xp[k + 1], fp[k], fp[k + 1]
     return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
@@ -126,20 +107,15 @@ class NoiseScheduleVP:
                  continuous_beta_1=20.0):
         if schedule not in SCHEDULES:
             raise ConfigError(f"unknown noise schedule '{schedule}'; known: {', '.join(SCHEDULES)}")
-        self.schedule = schedule
+        self.schedule, self.total_N, self.T = schedule, 1000, 1.0
         if schedule == "discrete":
             if (betas is None) == (alphas_cumprod is None):
                 raise ConfigError("NoiseScheduleVP('discrete') needs exactly one of betas= or alphas_cumprod=")
-            if betas is not None:
-                betas = torch.as_tensor(betas).to(torch.float64)
-                self._check_table(betas, "betas", 0.0, 1.0)
-                log_alphas = 0.5 * torch.cumsum(torch.log1p(-betas), dim=0)
-            else:
-                alphas_cumprod = torch.as_tensor(alphas_cumprod).to(torch.float64)
-                self._check_table(alphas_cumprod, "alphas_cumprod", 0.0, 1.0)
-                log_alphas = 0.5 * torch.log(alphas_cumprod)
+            name, table = ("betas", betas) if betas is not None else ("alphas_cumprod", alphas_cumprod)
+            table = torch.as_tensor(table).to(torch.float64)
+            self._check_table(table, name, 0.0, 1.0)
+            log_alphas = 0.5 * (torch.cumsum(torch.log1p(-table), dim=0) if betas is not None else torch.log(table))
             self.total_N = log_alphas.shape[0]
-            self.T = 1.0
             self.t_array = torch.arange(1, self.total_N + 1, dtype=torch.float64) / self.total_N  # (N,) t_n = n/N
             self.log_alpha_array = log_alphas  # (N,)
             self._table_cache = {}
@@ -147,16 +123,11 @@ class NoiseScheduleVP:
             if not (0 <= continuous_beta_0 < continuous_beta_1):
                 raise ConfigError(f"linear schedule needs 0 <= beta_0 < beta_1, got {continuous_beta_0}, {continuous_beta_1}")
             self.beta_0, self.beta_1 = float(continuous_beta_0), float(continuous_beta_1)
-            self.total_N = 1000
-            self.T = 1.0
         else:
-            self.cosine_s = 0.008
-            self.cosine_beta_max = 999.0
-            # Stop where beta(t) = pi tan(.)/(1+s) would exceed beta_max (alpha -> 0 at t = 1).
-            self.T = (math.atan(self.cosine_beta_max * (1 + self.cosine_s) / math.pi) * 2 * (1 + self.cosine_s)
-                      / math.pi - self.cosine_s)
-            self.cosine_log_alpha_0 = math.log(math.cos(self.cosine_s / (1 + self.cosine_s) * math.pi / 2))
-            self.total_N = 1000
+            s = self.cosine_s = 0.008
+            # Stop where beta(t) = pi tan(.)/(1+s) would exceed 999 (alpha -> 0 at t = 1).
+            self.T = math.atan(999.0 * (1 + s) / math.pi) * 2 * (1 + s) / math.pi - s
+            self.cosine_log_alpha_0 = math.log(math.cos(s / (1 + s) * math.pi / 2))
 
     @staticmethod
     def _check_table(v, name, lo, hi):
@@ -178,11 +149,7 @@ class NoiseScheduleVP:
         return self._table_cache[key]
 
     def __repr__(self):
-        if self.schedule == "linear":
-            return f"NoiseScheduleVP('linear', continuous_beta_0={self.beta_0}, continuous_beta_1={self.beta_1})"
-        if self.schedule == "discrete":
-            return f"NoiseScheduleVP('discrete', N={self.total_N})"
-        return "NoiseScheduleVP('cosine')"
+        return f"NoiseScheduleVP('{self.schedule}', N={self.total_N})"
 
     def marginal_log_mean_coeff(self, t):
         """log alpha_t."""
@@ -310,8 +277,6 @@ class DPM_Solver:
             raise ConfigError(f"unknown algorithm_type '{algorithm_type}'; known: {', '.join(ALGORITHM_TYPES)}")
         if correcting_x0_fn == "dynamic_thresholding":
             correcting_x0_fn = self.dynamic_thresholding_fn
-        elif correcting_x0_fn is not None and not callable(correcting_x0_fn):
-            raise ConfigError(f"correcting_x0_fn must be None, 'dynamic_thresholding' or a callable, got {correcting_x0_fn!r}")
         if correcting_x0_fn is not None and algorithm_type == "dpmsolver":
             # The noise-prediction solver never forms x0, so a correction would silently do nothing.
             raise ConfigError("correcting_x0_fn acts on data predictions; use algorithm_type='dpmsolver++' with it")
@@ -354,8 +319,6 @@ class DPM_Solver:
 
     def get_time_steps(self, skip_type, t_T, t_0, N, device, dtype=torch.float64):
         """(N+1,) decreasing times from t_T to t_0: uniform in lambda ('logSNR'), in t, or in sqrt(t)."""
-        if skip_type not in SKIP_TYPES:
-            raise ConfigError(f"unknown skip_type '{skip_type}'; known: {', '.join(SKIP_TYPES)}")
         ns = self.noise_schedule
         # Built in float64 and then cast, so a float32 grid is the correctly rounded float64 grid.
         t_T = torch.tensor(float(t_T), dtype=torch.float64, device=device)
@@ -374,27 +337,15 @@ class DPM_Solver:
                                                        dtype=torch.float64):
         """Orders of the singlestep solver (DPM-Solver-fast, Lu et al. 2022a, Appendix C) and its outer grid.
 
-        The orders use exactly `steps` model calls: order 3 -> K = steps//3 + 1 intervals with orders
-        [3]*(K-2)+[2,1], [3]*(K-1)+[1] or [3]*(K-1)+[2] for steps % 3 == 0, 1, 2; order 2 -> [2]*(steps//2)
-        (+[1] if odd); order 1 -> [1]*steps. With skip_type='logSNR' the K outer intervals are uniform in
+        The orders use exactly `steps` model calls. With skip_type='logSNR' the K outer intervals are uniform in
         lambda; otherwise the outer points are taken from the `steps`-interval grid of that skip type, each
         order-k step spanning k grid intervals (whose inner points become its stage points).
         Returns (timesteps_outer (K+1,), orders list of K ints).
         """
         if order == 3:
-            K = steps // 3 + 1
-            if steps % 3 == 0:
-                orders = [3] * (K - 2) + [2, 1]
-            elif steps % 3 == 1:
-                orders = [3] * (K - 1) + [1]
-            else:
-                orders = [3] * (K - 1) + [2]
-        elif order == 2:
-            orders = [2] * (steps // 2) + [1] * (steps % 2)
-        elif order == 1:
-            orders = [1] * steps
+            orders = [3] * (steps // 3 - 1) + [2, 1] if steps % 3 == 0 else [3] * (steps // 3) + [steps % 3]
         else:
-            raise ConfigError(f"singlestep DPM-Solver supports order 1, 2 or 3, got {order}")
+            orders = [order] * (steps // order) + [1] * (steps % order)
         if skip_type == "logSNR":
             outer = self.get_time_steps(skip_type, t_T, t_0, len(orders), device, dtype)
         else:
@@ -426,8 +377,6 @@ class DPM_Solver:
         they are reused, not recomputed (the adaptive solver's pairs).
         Returns x_t, or (x_t, [model_s, model_s1, ...]) with return_stages=True.
         """
-        if order not in (1, 2, 3):
-            raise ConfigError(f"singlestep DPM-Solver supports order 1, 2 or 3, got {order}")
         stages = list(stages) or [self.model_fn(x, s)]
         model_s = stages[0]
         ratio, mu_t, H, h = self._coefficients(s, t)
@@ -464,12 +413,9 @@ class DPM_Solver:
         Order 2 is DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2). Order 3 (3M) integrates the quadratic
         through the last three predictions exactly: with D1 ~ h m' and D2 ~ h^2 m''/2 (divided differences
         in lambda), x_t = ratio x - mu_t [psi1 m0 + psi2 D1 + 2 psi3 D2], since
-        int_0^h e^{H - u} u^2/2 du = h^2 psi3 (for H = h). The official code and diffusers weight D2 by psi3,
-        which halves the second-derivative term and makes their 3M second order; ours is exact for quadratic
-        predictions (tests/test_solver_convergence.py) and converges at third order.
+        int_0^h e^{H - u} u^2/2 du = h^2 psi3 (for H = h): exact for quadratic predictions, third order
+        (the official code's psi3 weight makes its 3M second order; see the module docstring).
         """
-        if order not in (1, 2, 3) or len(model_prev_list) < order:
-            raise ConfigError(f"multistep order {order} needs {order} previous model values, have {len(model_prev_list)}")
         ns = self.noise_schedule
         s = t_prev_list[-1]
         ratio, mu_t, H, h = self._coefficients(s, t)

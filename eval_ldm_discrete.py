@@ -3,10 +3,7 @@
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision fp16 eval_ldm_discrete.py \
         --config=configs/imagenet256_uvit_huge.py --nnet_path=imagenet256_uvit_huge.pth --output_path=eval.log
 
-Samples config.sample.n_samples images with the config's protocol and logs FID and Inception
-Score; the engine (shared by the four eval scripts and training) is libs/evaluation.py. Reads the
-weights, the autoencoder, the FID statistics config.fid.stat, never the training data.
-A config of another family (config.diffusion, z_shape, network) stops with the name of its script.
+As eval_ldm.py, for the networks trained on Stable Diffusion's discrete-time schedule.
 """
 from absl import app
 

@@ -3,11 +3,8 @@
     accelerate launch --multi_gpu --num_processes 8 --mixed_precision fp16 eval_t2i_discrete.py \
         --config=configs/mscoco_uvit_small.py --nnet_path=mscoco_uvit_small.pth --output_path=eval.log
 
-Samples config.sample.n_samples images with the config's protocol and logs FID and Inception
-Score; the engine (shared by the four eval scripts and training) is libs/evaluation.py. Reads the
-weights, the autoencoder, the MS-COCO val caption features
-(<config.dataset.path>/val, empty_context.npy) and the FID statistics config.fid.stat, never the training data.
-A config of another family (config.diffusion, z_shape, network) stops with the name of its script.
+As eval_ldm_discrete.py, each sample conditioned on an MS-COCO val caption's CLIP features
+(<config.dataset.path>/val, and empty_context.npy for guidance).
 """
 from absl import app
 

@@ -11,7 +11,6 @@ The diffusion (continuous VP-SDE or discrete) is the config's (config.diffusion)
 helpers are in libs/sampling_cli.py.
 """
 import logging
-import sys
 
 import torch
 from absl import flags
@@ -19,7 +18,7 @@ from absl import flags
 from libs.errors import ConfigError, InputError, exit_on_user_error
 from libs.evaluation import load_models
 from libs.family import Sampler, data_classes
-from libs.sampling_cli import define_common_flags, generate_batches, parse_flags, sampling_settings, write_images
+from libs.sampling_cli import common_flags, generate_batches, parse_flags, sampling_settings, write_images
 
 logger = logging.getLogger("sample_class_cond")
 
@@ -29,9 +28,7 @@ DEFAULT_CLASS_IDS = [207, 360, 387, 974, 88, 979, 417, 279]
 
 
 def main(argv=None):
-    argv = list(sys.argv if argv is None else ["sample_class_cond.py", *argv])
-    fv = flags.FlagValues()
-    define_common_flags(fv, argv)
+    argv, fv = common_flags(argv, "sample_class_cond.py")
     flags.DEFINE_list("class_ids", None, "comma-separated class indices (default: DiT's 8 demo classes for "
                       "1000-class models)", flag_values=fv)
     flags.DEFINE_integer("n_per_class", 4, "images per class (one grid row per class)", flag_values=fv)

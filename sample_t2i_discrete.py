@@ -14,7 +14,6 @@ demo used 0.18215 here, a bug fixed on purpose. Image i's noise is seeded by (--
 import json
 import logging
 import os
-import sys
 
 import numpy as np
 import torch
@@ -25,7 +24,7 @@ from libs.errors import ConfigError, InputError, MissingFileError, exit_on_user_
 from libs.evaluation import load_models
 from libs.family import Sampler
 from libs.io_utils import atomic_write_bytes
-from libs.sampling_cli import define_common_flags, generate_batches, parse_flags, sampling_settings, write_images
+from libs.sampling_cli import common_flags, generate_batches, parse_flags, sampling_settings, write_images
 
 logger = logging.getLogger("sample_t2i_discrete")
 
@@ -50,9 +49,7 @@ def load_empty_context(path, shape):
 
 
 def main(argv=None):
-    argv = list(sys.argv if argv is None else ["sample_t2i_discrete.py", *argv])
-    fv = flags.FlagValues()
-    define_common_flags(fv, argv)
+    argv, fv = common_flags(argv, "sample_t2i_discrete.py")
     flags.DEFINE_string("prompts_file", None, "text file with one prompt per line (added after the positional "
                         "prompts)", flag_values=fv)
     flags.DEFINE_integer("n_per_prompt", 1, "images per prompt", flag_values=fv)

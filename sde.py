@@ -5,14 +5,14 @@ samplers, so the two cannot disagree, and maps solver time to the network's time
 
 - `ContinuousVP`: the VP-SDE of Song et al. 2021 ("Score-Based Generative Modeling through Stochastic
   Differential Equations", arXiv 2011.13456), dx = -beta(t) x/2 dt + sqrt(beta(t)) dw, t in [0, 1], with the
-  linear (beta 0.1 -> 20) or cosine schedule. Training loss LSimple (Ho et al. 2020, arXiv 2006.11239):
+  linear schedule (beta 0.1 -> 20). Training loss LSimple (Ho et al. 2020, arXiv 2006.11239):
   t ~ U(0, 1), network fed 999 t. Reverse SDE, probability-flow ODE and the original's Euler-Maruyama
   sampler.
 - `DiscreteVP`: the "scaled linear" betas of Stable Diffusion (Rombach et al. 2022), n uniform in 1..1000,
   network fed the integer n in training and N t when sampling.
 
-Randomness goes through torch generators only (the original drew the discrete n with numpy's global RNG):
-a checkpoint that stores torch's generator states resumes the exact same draws.
+Randomness goes through torch generators only (the original drew the discrete n with numpy's global RNG),
+so the trainer's per-step reseeding makes a resumed run draw what the uninterrupted one drew.
 """
 import logging
 
@@ -48,7 +48,7 @@ def _check_x0(x0):
 
 
 class ScoreModel:
-    """Adapter from a noise-predicting network to eps, x0 and score at continuous time t.
+    """Adapter from a noise-predicting network to eps and score at continuous time t.
 
     eps_net(x, t_input, **cond) -> eps with t_input = diffusion.network_time(t) (999 t for ContinuousVP).
     x: (B, ...); t: (B,) in [0, 1]. Outputs are in x's dtype (network outputs are upcast).
@@ -63,13 +63,6 @@ class ScoreModel:
         """eps_hat(x, t)."""
         return self.eps_net(x, self.diffusion.network_time(t), **self.cond).to(x.dtype)
 
-    def x0_pred(self, x, t):
-        """x0_hat = (x - sigma_t eps_hat) / alpha_t."""
-        ns = self.diffusion.schedule
-        t = t.to(x.dtype)
-        alpha, sigma = _expand_dims(ns.marginal_alpha(t), x.ndim), _expand_dims(ns.marginal_std(t), x.ndim)
-        return (x - sigma * self.noise_pred(x, t)) / alpha
-
     def score(self, x, t):
         """grad_x log p_t(x) ~ -eps_hat / sigma_t."""
         t = t.to(x.dtype)
@@ -77,18 +70,15 @@ class ScoreModel:
 
 
 class ContinuousVP:
-    """The continuous-time VP-SDE with a NoiseScheduleVP('linear') (default) or ('cosine') schedule."""
+    """The continuous-time VP-SDE with the linear schedule, NoiseScheduleVP('linear')."""
 
     time_kind = "continuous"
 
-    def __init__(self, schedule=None):
-        schedule = NoiseScheduleVP("linear") if schedule is None else schedule
-        if schedule.schedule not in ("linear", "cosine"):
-            raise ConfigError(f"ContinuousVP needs a 'linear' or 'cosine' NoiseScheduleVP, got {schedule!r}")
-        self.schedule = schedule
+    def __init__(self):
+        self.schedule = NoiseScheduleVP("linear")
 
     def __repr__(self):
-        return f"ContinuousVP({self.schedule!r})"
+        return "ContinuousVP()"
 
     def network_time(self, t):
         """Network time input for solver time t: 999 t."""
@@ -157,19 +147,16 @@ def _randn_like(x, generator):
 class DiscreteVP:
     """The discrete-time diffusion of the latent-discrete and text-to-image U-ViTs (N = 1000 steps).
 
-    betas: (N,) float64, default `stable_diffusion_beta_schedule()`. The schedule is
-    NoiseScheduleVP('discrete', betas=betas as float32), as the original's sampling scripts build it; the
-    training loss uses the same table at its knots (abar_n = alpha(n/N)^2), which differs from the
-    original's float64 cumprod by ~1e-7 relative.
+    The schedule is NoiseScheduleVP('discrete') of the float32 `stable_diffusion_beta_schedule()`, as the
+    original's sampling scripts build it; the training loss uses the same table at its knots (abar_n =
+    alpha(n/N)^2), which differs from the original's float64 cumprod by ~1e-7 relative.
     """
 
     time_kind = "discrete"
 
-    def __init__(self, betas=None):
-        betas = stable_diffusion_beta_schedule() if betas is None else torch.as_tensor(betas, dtype=torch.float64)
-        self.betas = betas
+    def __init__(self):
         # float32 betas: the original's sampler built its schedule from float32 betas.
-        self.schedule = NoiseScheduleVP("discrete", betas=betas.float())
+        self.schedule = NoiseScheduleVP("discrete", betas=stable_diffusion_beta_schedule().float())
         self.N = self.schedule.total_N
 
     def __repr__(self):
@@ -178,10 +165,6 @@ class DiscreteVP:
     def network_time(self, t):
         """Network time input for solver time t: N t (fractional between the training integers)."""
         return self.N * t
-
-    def alphas_cumprod(self):
-        """(N,) float64 abar_n = alpha(n/N)^2, n = 1..N, from the shared schedule table."""
-        return torch.exp(2.0 * self.schedule.log_alpha_array)
 
     def loss(self, nnet, x0, generator=None, **cond):
         """LSimple: (B,) float32, mean over non-batch dims of (eps - nnet(x_n, n, **cond))^2.
@@ -204,15 +187,10 @@ class DiscreteVP:
 DIFFUSIONS = ("continuous", "discrete")
 
 
-def build_diffusion(kind, **kwargs):
-    """'continuous' -> ContinuousVP(**kwargs) (schedule='cosine' accepted), 'discrete' -> DiscreteVP(**kwargs)."""
+def build_diffusion(kind):
+    """'continuous' -> ContinuousVP(), 'discrete' -> DiscreteVP() (config.diffusion)."""
     if kind == "continuous":
-        schedule = kwargs.pop("schedule", None)
-        if isinstance(schedule, str):
-            if schedule not in ("linear", "cosine"):
-                raise ConfigError(f"unknown continuous schedule '{schedule}'; known: linear, cosine")
-            schedule = NoiseScheduleVP(schedule)
-        return ContinuousVP(schedule=schedule, **kwargs)
+        return ContinuousVP()
     if kind == "discrete":
-        return DiscreteVP(**kwargs)
+        return DiscreteVP()
     raise ConfigError(f"unknown diffusion kind '{kind}'; known: {', '.join(DIFFUSIONS)}")

@@ -31,8 +31,20 @@ import torch  # noqa: E402
 
 from benchmarks.machine import describe_machine  # noqa: E402
 from libs.attention import resolve_backend, set_attention_backend  # noqa: E402
-from libs.uvit import UViT_models  # noqa: E402
+from libs.uvit import UViT  # noqa: E402
 
+# The paper's network sizes (Table 1 of arXiv 2209.12152): the rest (img_size, in_chans, num_classes,
+# conv) is the config's. The text-to-image models use the same S sizes with libs.uvit_t2i.UViT.
+SIZES = {
+    "U-ViT-S/2": dict(patch_size=2, embed_dim=512, depth=12, num_heads=8),
+    "U-ViT-S/4": dict(patch_size=4, embed_dim=512, depth=12, num_heads=8),
+    "U-ViT-S-deep/2": dict(patch_size=2, embed_dim=512, depth=16, num_heads=8),
+    "U-ViT-M/4": dict(patch_size=4, embed_dim=768, depth=16, num_heads=12),
+    "U-ViT-L/2": dict(patch_size=2, embed_dim=1024, depth=20, num_heads=16),
+    "U-ViT-L/4": dict(patch_size=4, embed_dim=1024, depth=20, num_heads=16),
+    "U-ViT-H/2": dict(patch_size=2, embed_dim=1152, depth=28, num_heads=16),
+    "U-ViT-H/4": dict(patch_size=4, embed_dim=1152, depth=28, num_heads=16),
+}
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}
 
 
@@ -44,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "xformers", "math"])
     p.add_argument("--precision", default="fp32", choices=sorted(PRECISIONS), help="autocast precision")
-    p.add_argument("--model", default="U-ViT-S/2", help="a key of libs.uvit.UViT_models")
+    p.add_argument("--model", default="U-ViT-S/2", help="a key of SIZES")
     p.add_argument("--img-size", type=int, default=32)
     p.add_argument("--in-chans", type=int, default=3)
     p.add_argument("--num-classes", type=int, default=-1)
@@ -66,7 +78,7 @@ def worker(args, use_checkpoint):
     device = torch.device(args.device)
     set_attention_backend(args.attention)
     torch.manual_seed(0)
-    model = UViT_models[args.model](img_size=args.img_size, in_chans=args.in_chans, num_classes=args.num_classes,
+    model = UViT(**SIZES[args.model], img_size=args.img_size, in_chans=args.in_chans, num_classes=args.num_classes,
                                     conv=bool(args.conv), use_checkpoint=use_checkpoint).to(device)
     model.train(args.mode == "train")
     opt = torch.optim.AdamW(model.parameters(), lr=2e-4, weight_decay=0.03, betas=(0.99, 0.999)) if args.optimizer else None

@@ -57,6 +57,7 @@ from libs.data_loader import ResumableLoader  # noqa: E402
 from libs.datasets.features import LabelledMoments  # noqa: E402
 from libs.ema import EMAUpdater, make_ema  # noqa: E402
 from libs.features import ShardWriter, open_features, plan_shards, write_manifest  # noqa: E402
+from libs.family import family_of  # noqa: E402
 from libs.fid import InceptionStatistics, accumulate  # noqa: E402
 from libs.nnet import NNETS, build_nnet  # noqa: E402
 from libs.perf import configure_tf32, maybe_compile  # noqa: E402
@@ -125,11 +126,8 @@ def paper_config(model):
 
 
 def diffusion_of(config):
-    """The config's diffusion (sde.ContinuousVP / DiscreteVP), from config.diffusion.
-
-    Configs that predate the key default to 'continuous', as configs/base.py does.
-    """
-    return build_diffusion(config.get("diffusion", "continuous"))
+    """The config's diffusion (sde.ContinuousVP / DiscreteVP), through libs.family.family_of."""
+    return build_diffusion(family_of(config).time)
 
 
 def nnet_config(model, **overrides):
@@ -186,10 +184,10 @@ def batch_inputs(cfg, batch, device, generator_seed=0):
     return x0, cond
 
 
-def make_train_step(model, batch_size, device, options, use_checkpoint):
+def make_train_step(model, batch_size, device, options):
     """A step_variants.TrainStep of a paper config (its optimizer, EMA rate and diffusion), inputs included."""
     config = paper_config(model)
-    cfg = nnet_config(model, use_checkpoint=use_checkpoint)
+    cfg = nnet_config(model, use_checkpoint=False)
     torch.manual_seed(0)
     nnet = build_nnet(cfg).to(device)
     nnet.train()
@@ -204,9 +202,13 @@ def make_train_step(model, batch_size, device, options, use_checkpoint):
 # -- workers (each runs in its own process) ------------------------------------------------------------
 
 def worker_train(args, spec):
+    """The trainer's own step (libs.trainer.train_step) on a paper config."""
     device = setup_device(args)
-    options = step_variants.OPTIMIZED.replace(precision=args.precision, compile=args.compile)
-    step, cfg, x0, cond = make_train_step(spec["model"], spec["batch"], device, options, spec["checkpointing"])
+    cfg = nnet_config(spec["model"], use_checkpoint=spec["checkpointing"])
+    torch.manual_seed(0)
+    step = step_variants.trainer_step(build_nnet(cfg).to(device).train(), paper_config(spec["model"]),
+                                      args.precision, args.compile)
+    x0, cond = batch_inputs(cfg, spec["batch"], device)
     median, times = timed(lambda: step(x0, **cond), device, args.steps, args.warmup)
     macs = uvit_forward_macs(**cfg)["total"]
     out = dict(spec, step_s=median, times=times, images_per_s=spec["batch"] / median, peak_gb=peak_memory_gb(device),
@@ -254,7 +256,7 @@ def worker_ablation(args, spec):
     device = setup_device(args)
     variants = ablation_variants(args)
     names = list(variants)
-    step, cfg, x0, cond = make_train_step(spec["model"], spec["batch"], device, variants["plain"], False)
+    step, cfg, x0, cond = make_train_step(spec["model"], spec["batch"], device, variants["plain"])
     for _ in range(args.warmup):  # first-call costs (allocator, kernels) of both attention paths and optimizers
         for name in ("plain", "optimized", *(n for n in names if variants[n].compile)):
             step(x0, options=variants[name], **cond)

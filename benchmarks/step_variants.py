@@ -5,19 +5,26 @@ and the EMA update, built either the straightforward way (`PLAIN`: explicit-soft
 for-loop AdamW, Python-loop EMA, a host sync per step) or the way libs/trainer.py does it
 (`OPTIMIZED`: SDPA, fused AdamW from libs.optim, `torch._foreach_lerp_` EMA from libs.ema,
 no per-step sync), one switch at a time, so that benchmarks/benchmark.py can measure each
-optimisation on its own. tests/test_optimized_step.py checks the numbers of the library's step
+optimisation on its own. `trainer_step` is the trainer's own `libs.trainer.train_step`, which the
+headline training figure times. tests/test_optimized_step.py checks the numbers of that step
 against a hand computation; this module only times.
 """
 import contextlib
 import dataclasses
 
+import itertools
+
 import ml_collections
 import torch
+from accelerate import Accelerator
 
 from libs import attention
 from libs.ema import EMAUpdater, make_ema
+from libs.family import family_of
 from libs.optim import build_lr_scheduler, build_optimizer
 from libs.perf import maybe_compile
+from libs.trainer import Run, train_step
+from sde import build_diffusion
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
@@ -172,3 +179,32 @@ class TrainStep:
         self.loss_sum += loss.detach()
         return loss.detach()
 
+
+
+def trainer_step(nnet, config, precision="fp32", compile=False):
+    """step(x0, **cond) -> loss: one `libs.trainer.train_step` on a Run built as libs.trainer.train builds it
+    (accelerate-prepared network and AdamW, the config's optimizer, EMA rate, grad clip and diffusion).
+
+    x0 is given directly: for latent configs the benchmark feeds latents, so the family is taken as
+    pixel-space (the per-step moment sampling, a few elementwise ops, is not timed).
+    """
+    accelerator = Accelerator(cpu=next(nnet.parameters()).device.type == "cpu",
+                              mixed_precision={"fp32": "no"}.get(precision, precision))
+    nnet_ema = make_ema(nnet)
+    optimizer = build_optimizer(nnet, config.optimizer)
+    # warmup_steps 0: the benchmark's first steps should not run at lr 0 (the speed is the same).
+    lr_scheduler = build_lr_scheduler(optimizer, ml_collections.ConfigDict(dict(name="customized", warmup_steps=0)),
+                                      config.train.n_steps)
+    train_nnet, optimizer = accelerator.prepare(nnet, optimizer)
+    family = dataclasses.replace(family_of(config), data="pixels")
+    r = Run(config=config, workdir=None, family=family, accelerator=accelerator, data=None, nnet=nnet,
+            nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=None,
+            diffusion=build_diffusion(family.time), autoencoder=None, null=None,
+            train_nnet=maybe_compile(train_nnet, compile), ema=EMAUpdater(nnet_ema, nnet))
+    counter = itertools.count()
+
+    def step(x0, **cond):
+        return train_step(r, {"x": x0, **cond}, next(counter))[0]
+
+    step.nnet = nnet
+    return step

@@ -1,26 +1,16 @@
-"""Scaled dot-product attention with a choice of kernel, chosen once and logged once.
+"""Scaled dot-product attention, softmax(q k^T * scale) v (no mask, no dropout), with a choice of kernel.
 
-Backends (all compute softmax(q k^T * scale) v, no mask, no dropout):
+Backends: 'sdpa' (torch's scaled_dot_product_attention, the default), 'xformers' (its
+memory_efficient_attention; only on CUDA when installed, else falls back to 'sdpa', logged once),
+'math' (an explicit softmax: the readable reference the others are tested against). Chosen once per
+process: `set_attention_backend(name)`, else UVIT_ATTENTION (read at import), else 'auto' (xformers on
+CUDA when installed, else sdpa). xformers is imported when a network is built (`prepare`), never at
+import; the resolved backend is logged once.
 
-- 'sdpa':     torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient /
-              math kernels picked by PyTorch). The default.
-- 'xformers': xformers.ops.memory_efficient_attention. Used only when xformers imports AND the
-              tensors are on CUDA; otherwise the call falls back to 'sdpa' (logged once).
-- 'math':     an explicit softmax, the readable reference the other two are tested against.
-
-The choice is made once per process: `set_attention_backend(name)`, else the environment
-variable UVIT_ATTENTION (read at import), else 'auto' ('xformers' on CUDA when installed, else
-'sdpa'). xformers is imported when a network is built (`prepare`), never at import; nothing is
-printed; the resolved backend is logged once, the first time it is used outside torch.compile.
-
-Precision: q, k, v are passed to the kernel in the dtype they arrive in. Under fp16/bf16 autocast
-they are already low precision (the qkv Linear ran under autocast), and we do NOT upcast them to
-float32 as the original U-ViT did, because an fp32 input keeps the flash kernels from running.
-The explicit-softmax path takes its softmax in at least float32 for stability (scores only).
-
-qk_scale is honoured by every backend (default head_dim ** -0.5). The original's SDPA path
-ignored it (it never passed the scale to the kernel), as did its xformers call; no published
-config sets it, so published numbers are unaffected.
+Precision: q, k, v reach the kernel in their own dtype. Unlike the original U-ViT we do not upcast
+them to float32 under autocast, which would keep the flash kernels from running; the math path takes
+its softmax in at least float32. qk_scale is honoured by every backend (the original's SDPA and
+xformers paths ignored it; no published config sets it).
 """
 import logging
 import os
@@ -104,10 +94,6 @@ def resolve_backend(device):
     return "xformers" if usable else "sdpa"
 
 
-def _sdpa(q, k, v, scale):
-    return F.scaled_dot_product_attention(q, k, v, scale=scale)
-
-
 def _xformers_attention(q, k, v, scale):
     # xformers wants (B, L, H, Dh); ours are (B, H, L, Dh).
     out = _xformers().memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
@@ -122,7 +108,8 @@ def _math(q, k, v, scale):
 
 
 # Looked up at call time (not bound at import) so tests can wrap a kernel and see what it receives.
-KERNELS = {"sdpa": _sdpa, "xformers": _xformers_attention, "math": _math}
+KERNELS = {"sdpa": lambda q, k, v, scale: F.scaled_dot_product_attention(q, k, v, scale=scale),
+           "xformers": _xformers_attention, "math": _math}
 
 
 def attention(q, k, v, scale=None):

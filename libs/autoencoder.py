@@ -54,7 +54,6 @@ SD_EMBED_DIM = 4
 SD_LATENT_SCALE = 0.18215
 # Log-variance clamp of ldm's DiagonalGaussianDistribution.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
-DOWNSAMPLE_FACTOR = 8
 
 DEFAULT_PATH = "assets/stable-diffusion/autoencoder_kl.pth"
 _WHERE_TO_GET_IT = (

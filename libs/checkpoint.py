@@ -25,7 +25,7 @@ import torch
 from libs import export_format
 from libs.errors import CheckpointError, MissingFileError
 from libs.io_utils import SaveError, atomic_path, fsync_dir
-from libs.nnet import load_nnet_state_dict
+from libs.nnet import load_nnet_state_dict, unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +70,6 @@ def latest_checkpoint(ckpt_root):
     return None
 
 
-def _unwrap(module):
-    """The bare module under DDP / accelerate (.module) and torch.compile (._orig_mod) wrappers."""
-    while True:
-        if hasattr(module, "_orig_mod"):
-            module = module._orig_mod
-        elif isinstance(getattr(module, "module", None), torch.nn.Module):
-            module = module.module
-        else:
-            return module
-
-
 def _write(obj, file, final):
     """torch.save `obj` to `file`, fsynced; a failure is a SaveError naming `final` (where it was going)."""
     try:
@@ -109,7 +98,7 @@ def save_checkpoint(ckpt_root, step, *, nnet, nnet_ema, optimizer, lr_scheduler,
     for name in os.listdir(ckpt_root):  # a killed writer's leftovers (one writer per workdir)
         if _TEMPORARY.match(name):
             shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
-    contents = {"nnet.pth": _unwrap(nnet).state_dict(), "nnet_ema.pth": _unwrap(nnet_ema).state_dict(),
+    contents = {"nnet.pth": unwrap_model(nnet).state_dict(), "nnet_ema.pth": unwrap_model(nnet_ema).state_dict(),
                 "optimizer.pth": optimizer.state_dict(), "lr_scheduler.pth": lr_scheduler.state_dict(),
                 "step.pth": int(step), "train_state.pth": dict(train_state)}
     path = checkpoint_path(ckpt_root, step)
@@ -165,7 +154,7 @@ def _apply(states, path, *, nnet, nnet_ema, optimizer, lr_scheduler):
             continue
         try:
             if name.startswith("nnet"):
-                load_nnet_state_dict(_unwrap(target), states[name])
+                load_nnet_state_dict(unwrap_model(target), states[name])
             else:
                 target.load_state_dict(states[name])
         except CheckpointError as e:

@@ -20,7 +20,6 @@ logger = logging.getLogger(__name__)
 
 CLIP_VERSION = "openai/clip-vit-large-patch14"
 CLIP_MAX_LENGTH = 77  # CLIP's context length; U-ViT's num_clip_token
-CLIP_DIM = 768  # width of ViT-L/14's text transformer; U-ViT's clip_dim
 # A local copy here is used before the Hugging Face cache when `version` is the default id.
 LOCAL_CLIP_DIR = os.path.join("assets", "clip-vit-large-patch14")
 
@@ -45,7 +44,7 @@ class FrozenCLIPEmbedder(nn.Module):
 
     def __init__(self, version=CLIP_VERSION, device="cpu", max_length=CLIP_MAX_LENGTH, allow_download=False):
         super().__init__()
-        from transformers import CLIPTextModel, CLIPTokenizer
+        from transformers import CLIPTextModel, CLIPTokenizer  # heavy
 
         source = _resolve(version)
         looks_like_path = version.startswith(("/", ".", "~")) or version.count("/") > 1

@@ -12,9 +12,7 @@ from (seed, stream position), so sample k of the stream gets the same flip in an
 """
 import logging
 import os
-import random
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 
@@ -96,18 +94,6 @@ class PositionSeeded(Dataset):
         return self._seeded(keys[0][1], self.dataset.__getitems__, [index for index, _ in keys])
 
 
-def _init_worker(seed: int, rank: int, start: int):
-    """worker_init_fn: stop signals are left to the training process (a signal to the process group must
-    not kill the workers under it); python/numpy seeded from (seed, rank, start position, worker id), for
-    datasets that use them (ours use torch, seeded per item)."""
-    def init(worker_id):
-        ignore_stop_signals()
-        s = mix_seed(mix_seed(mix_seed(seed, rank), start), worker_id)
-        random.seed(s)
-        np.random.seed(s % 2 ** 32)
-    return init
-
-
 def resolve_num_workers(num_workers: int, local_world_size: int = 1) -> int:
     """-1 -> min(8, CPU cores per process); otherwise the value itself."""
     if num_workers < 0:
@@ -149,7 +135,9 @@ class ResumableLoader:
             PositionSeeded(self.dataset, self.seed), batch_size=self.batch_size, sampler=sampler, drop_last=True,
             num_workers=self.num_workers, pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers,
-            worker_init_fn=_init_worker(self.seed, self.rank, self.position) if workers else None,
+            # Stop signals are left to the training process: one sent to the process group must not kill
+            # the workers under it. (Datasets draw from torch only, seeded per item: no python/numpy seeding.)
+            worker_init_fn=ignore_stop_signals if workers else None,
             # Its own generator: DataLoader draws a base seed per iterator, which would otherwise come from
             # (and move) torch's default generator, so a resumed run's noise would differ.
             generator=torch.Generator().manual_seed(mix_seed(self.seed, self.rank)))

@@ -60,8 +60,8 @@ def gaussian_stats(features):
 @functools.lru_cache(maxsize=1)
 def _reference():
     """(classifier, mu, sigma) of the real digits, built once per process (about a second)."""
-    from sklearn.datasets import load_digits
-    from sklearn.svm import SVC
+    from sklearn.datasets import load_digits  # heavy
+    from sklearn.svm import SVC  # heavy
 
     bunch = load_digits()
     # An RBF SVC with gamma=0.001 on the raw 0..16 values is scikit-learn's own digits example;

@@ -83,7 +83,7 @@ def _evaluate(accelerator, generate_fn, n_samples, mini_batch_size, fid_stat, se
               is_splits, desc):
     ref_mu, ref_sigma = fid.load_statistics(fid_stat)  # fail before hours of sampling, not after
     if ref_mu.shape != (2048,):
-        raise InputError(f"FID statistics '{fid_stat}' are {ref_mu.shape[0]}-d; FID uses the 2048-d pool3 features. "
+        raise ConfigError(f"FID statistics '{fid_stat}' are {ref_mu.shape[0]}-d; FID uses the 2048-d pool3 features. "
                          f"Recompute them with tools/compute_fid_stats.py")
     device = accelerator.device
     inception = load_fid_inception(inception_weights, device=device)

@@ -29,6 +29,8 @@ SCRIPTS = {
     ('latents', 'discrete', False): ('train_ldm_discrete.py', 'eval_ldm_discrete.py'),
     ('latents', 'discrete', True): ('train_t2i_discrete.py', 'eval_t2i_discrete.py'),
 }
+# The network's keyword argument of each condition kind.
+_COND_KEYS = {'label': 'y', 'text': 'context'}
 # Dataset kinds (libs/datasets `data.kind`) each data kind can train on.
 _DATASET_KINDS = {'pixels': ('pixels',), 'latents': ('latent_moments', 'images_for_autoencoder')}
 
@@ -172,25 +174,18 @@ class Family:
         else:
             with torch.no_grad():
                 x0 = autoencoder.encode(batch['x'])
-        if self.condition == 'label':
-            return x0, {'y': batch['y']}
-        if self.condition == 'text':
-            return x0, {'context': batch['context']}
-        return x0, {}
+        key = _COND_KEYS.get(self.condition)
+        return x0, ({key: batch[key]} if key else {})
 
     def drop_condition(self, cond: dict, p_uncond: float, null) -> dict:
         """Classifier-free guidance training: each sample's condition becomes `null` with probability
         p_uncond (one uniform draw per sample from torch's default generator on the condition's device)."""
         if p_uncond <= 0 or self.condition == 'none':
             return cond
-        if self.condition == 'label':
-            y = cond['y']
-            drop = torch.rand(y.shape[0], device=y.device) < p_uncond
-            return {**cond, 'y': torch.where(drop, torch.full_like(y, null), y)}
-        context = cond['context']
-        drop = torch.rand(context.shape[0], device=context.device) < p_uncond
-        empty = null.to(device=context.device, dtype=context.dtype)
-        return {**cond, 'context': torch.where(drop[:, None, None], empty, context)}
+        key = _COND_KEYS[self.condition]
+        c = cond[key]
+        drop = (torch.rand(c.shape[0], device=c.device) < p_uncond).view(-1, *[1] * (c.ndim - 1))
+        return {**cond, key: torch.where(drop, torch.as_tensor(null).to(c), c)}
 
     # -- sampling ---------------------------------------------------------------------------------
 

@@ -163,12 +163,6 @@ class ShardWriter:
                              "check the CLIP weights.")
         self.contexts[row:row + len(contexts)] = contexts
 
-    def write_contexts(self, contexts_per_sample):
-        """contexts_per_sample: list over the shard's samples of (K_i, 77, D) arrays, in sample order."""
-        offsets = self.set_caption_counts([len(c) for c in contexts_per_sample])
-        for i, c in enumerate(contexts_per_sample):
-            self.write_context_rows(int(offsets[i]), c)
-
     def commit(self, record=None):
         """Rename the arrays into place, then write the shard record (the completion marker).
 

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from libs.errors import InputError, MissingFileError
+from libs.errors import ConfigError, InputError, MissingFileError
 from libs.io_utils import atomic_savez
 
 logger = logging.getLogger(__name__)
@@ -176,18 +176,18 @@ def load_statistics(path):
     if path is None or not os.path.isfile(path):
         raise MissingFileError(
             f"FID reference statistics not found at '{path}'. Download the published file into assets/fid_stats/ "
-            f"(see the README) or compute it from your images: python tools/compute_fid_stats.py --path=<image folder> "
+            f"(see docs/evaluation.md) or compute it from your images: python tools/compute_fid_stats.py --path=<image folder> "
             f"--output={path}")
     try:
         with np.load(path) as f:
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
     except Exception as e:
-        raise InputError(f"cannot read FID statistics '{path}' ({type(e).__name__}: {e}); it must be an .npz with "
+        raise ConfigError(f"cannot read FID statistics '{path}' ({type(e).__name__}: {e}); it must be an .npz with "
                          f"arrays 'mu' (2048,) and 'sigma' (2048, 2048). Recompute it with tools/compute_fid_stats.py") from e
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise InputError(f"FID statistics '{path}' have mu {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
+        raise ConfigError(f"FID statistics '{path}' have mu {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise InputError(f"FID statistics '{path}' contain NaN or inf; recompute them with tools/compute_fid_stats.py")
+        raise ConfigError(f"FID statistics '{path}' contain NaN or inf; recompute them with tools/compute_fid_stats.py")
     return mu, sigma
 
 

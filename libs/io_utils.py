@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 
-import torch
+import numpy as np
 
 from libs.errors import UViTError
 
@@ -74,15 +74,6 @@ def _remove(p):
         os.remove(p)
 
 
-def atomic_torch_save(obj, path):
-    """torch.save `obj` to `path` atomically (fsynced before the rename)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-
-
 def atomic_write_bytes(data: bytes, path):
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -93,8 +84,6 @@ def atomic_write_bytes(data: bytes, path):
 
 def atomic_savez(path, **arrays):
     """numpy.savez to `path` atomically (the name is kept exactly, no '.npz' appended)."""
-    import numpy as np
-
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(buf.getvalue(), path)

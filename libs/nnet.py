@@ -44,25 +44,23 @@ def unwrap_state_dict(state_dict):
     if not isinstance(state_dict, dict):
         raise CheckpointError(f"expected a state dict (a mapping of parameter names to tensors), got {type(state_dict).__name__}; "
                               "save networks with torch.save(model.state_dict(), path)")
-    out = {}
-    for key, value in state_dict.items():
-        stripped = True
-        while stripped:
-            stripped = False
-            for prefix in _WRAPPER_PREFIXES:
-                if key.startswith(prefix):
-                    key, stripped = key[len(prefix):], True
-        out[key] = value
-    return out
+    def strip(key):
+        while key.startswith(_WRAPPER_PREFIXES):  # every prefix ends at its first '.'
+            key = key.split('.', 1)[1]
+        return key
+    return {strip(key): value for key, value in state_dict.items()}
 
 
-def _unwrap_model(model):
+def unwrap_model(model):
     """The bare network inside DDP (.module) and torch.compile (._orig_mod) wrappers."""
     while True:
         inner = getattr(model, '_orig_mod', None) or getattr(model, 'module', None)
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
+
+
+_unwrap_model = unwrap_model  # the name libs/finetune.py imports; to go once it imports unwrap_model
 
 
 def _listing(title, items):
@@ -72,7 +70,7 @@ def _listing(title, items):
 
 def load_nnet_state_dict(model, state_dict):
     """Load `state_dict` into `model` strictly, or raise CheckpointError saying what differs."""
-    model = _unwrap_model(model)
+    model = unwrap_model(model)
     state_dict = unwrap_state_dict(state_dict)
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]

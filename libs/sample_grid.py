@@ -16,7 +16,7 @@ def save_grid(images, path: str, n_cols: int, padding: int = 2, min_size: int = 
     Images smaller than `min_size` pixels are enlarged by pixel repetition (the 8x8 digits would
     otherwise make a thumbnail). Quantised to uint8 by round(255 x), as torchvision.utils.save_image does.
     """
-    from torchvision.utils import save_image
+    from torchvision.utils import save_image  # heavy
 
     images = images.float().cpu()
     factor = math.ceil(min_size / min(images.shape[-2:]))

@@ -17,8 +17,13 @@ from libs.perf import configure_tf32
 from libs.sample_grid import save_grid
 
 
-def define_common_flags(fv, argv):
-    """Flags both sampling scripts take, defined on the FlagValues `fv`."""
+def common_flags(argv, program):
+    """(argv with the program name first, a FlagValues holding the flags both sampling scripts take).
+
+    argv: the arguments after the program name; None: sys.argv.
+    """
+    argv = list(sys.argv if argv is None else [program, *argv])
+    fv = flags.FlagValues()
     define_config_flag("config", help_string="model config file, e.g. configs/imagenet256_uvit_large.py; "
                        "--config.a.b=value overrides entries", flag_values=fv, sys_argv=argv)
     flags.DEFINE_string("nnet_path", None, "network weights: a .pth state dict or a ckpts/<step>.ckpt directory",
@@ -38,6 +43,7 @@ def define_common_flags(fv, argv):
     flags.DEFINE_enum("precision", "auto", ["auto", "fp32", "fp16", "bf16"],
                       "autocast dtype; auto = fp16 on CUDA (as the original's evaluation), fp32 elsewhere",
                       flag_values=fv)
+    return argv, fv
 
 
 def parse_flags(fv, argv, doc, condition):

@@ -3,7 +3,7 @@
 All inputs are tokens: [label token (class models only), time token, patch tokens] go through
 a ViT whose shallow and deep blocks are joined by long skips; the patch tokens are read out as
 an image of the input's shape (the noise prediction). The shared pieces live in
-libs/uvit_layers.py; this file adds the label token, the input checks and the size presets.
+libs/uvit_layers.py; this file adds the label token and the input checks.
 """
 import torch
 import torch.nn as nn
@@ -74,22 +74,3 @@ class UViT(UViTBase):
             if bad.any():
                 raise InputError(f"labels must lie in [0, {self.num_classes}), got {y[bad][:5].tolist()}; "
                                  "check the dataset's label range and config.nnet.num_classes")
-
-
-# Size presets (widths, depths, heads and patch sizes of the paper's configs). They fix the size
-# only; pass img_size, in_chans, num_classes, conv, ... as the config does (the published
-# U-ViT-H models use conv=False).
-def UViT_S_2(**kwargs): return UViT(patch_size=2, embed_dim=512, depth=12, num_heads=8, **kwargs)
-def UViT_S_4(**kwargs): return UViT(patch_size=4, embed_dim=512, depth=12, num_heads=8, **kwargs)
-def UViT_S_deep_2(**kwargs): return UViT(patch_size=2, embed_dim=512, depth=16, num_heads=8, **kwargs)
-def UViT_M_4(**kwargs): return UViT(patch_size=4, embed_dim=768, depth=16, num_heads=12, **kwargs)
-def UViT_L_2(**kwargs): return UViT(patch_size=2, embed_dim=1024, depth=20, num_heads=16, **kwargs)
-def UViT_L_4(**kwargs): return UViT(patch_size=4, embed_dim=1024, depth=20, num_heads=16, **kwargs)
-def UViT_H_2(**kwargs): return UViT(patch_size=2, embed_dim=1152, depth=28, num_heads=16, **kwargs)
-def UViT_H_4(**kwargs): return UViT(patch_size=4, embed_dim=1152, depth=28, num_heads=16, **kwargs)
-
-
-UViT_models = {
-    'U-ViT-S/2': UViT_S_2, 'U-ViT-S/4': UViT_S_4, 'U-ViT-S-deep/2': UViT_S_deep_2, 'U-ViT-M/4': UViT_M_4,
-    'U-ViT-L/2': UViT_L_2, 'U-ViT-L/4': UViT_L_4, 'U-ViT-H/2': UViT_H_2, 'U-ViT-H/4': UViT_H_4,
-}

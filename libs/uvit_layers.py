@@ -175,8 +175,6 @@ class UViTBase(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, extras + self.num_patches, self.embed_dim))
         block = dict(dim=self.embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                      qk_scale=qk_scale, norm_layer=norm_layer, use_checkpoint=use_checkpoint)
-        # depth // 2 on each side of the middle block: an odd depth silently loses one block.
-        # The original's quirk, kept so that a config's depth means the same network.
         self.in_blocks = nn.ModuleList([Block(**block) for _ in range(depth // 2)])
         self.mid_block = Block(**block)
         self.out_blocks = nn.ModuleList([Block(**block, skip=skip) for _ in range(depth // 2)])
@@ -188,16 +186,9 @@ class UViTBase(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=.02)
         self.apply(_init_weights)
 
-    def set_use_checkpoint(self, enabled):
-        """Turn gradient checkpointing of every block on or off (e.g. for a memory-bound run)."""
-        for blk in [*self.in_blocks, self.mid_block, *self.out_blocks]:
-            blk.use_checkpoint = bool(enabled)
-
     def no_weight_decay(self):
         """Parameter names an optimizer should not decay (the original listed it but never used it)."""
         return {"pos_embed"}
-
-    # Input checks: shapes only (free); value checks are left to the subclasses.
 
     def _check_image(self, x):
         """x must be (B, in_chans, img_size, img_size); returns B."""
@@ -218,8 +209,6 @@ class UViTBase(nn.Module):
         if timesteps.shape != (B,):
             raise InputError(f"timesteps must have shape ({B},) (one per image) or be a scalar, got {tuple(timesteps.shape)}")
         return timesteps.to(x.device)  # a no-op when already there
-
-    # Shared forward pieces.
 
     def _time_token(self, timesteps):
         """timesteps: (B,) -> (B, 1, D)."""

@@ -52,11 +52,3 @@ class UViT(UViTBase):
             got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
             raise InputError(f"context must have shape {expected} (B, num_clip_token, clip_dim), got {got}; "
                              "encode the prompts with the CLIP text encoder of config.nnet (clip_dim, num_clip_token)")
-
-
-# Size presets of the MS-COCO models; pass img_size, in_chans, ... as the config does.
-def UViT_S_2(**kwargs): return UViT(patch_size=2, embed_dim=512, depth=12, num_heads=8, **kwargs)
-def UViT_S_deep_2(**kwargs): return UViT(patch_size=2, embed_dim=512, depth=16, num_heads=8, **kwargs)
-
-
-UViT_models = {'U-ViT-S/2': UViT_S_2, 'U-ViT-S-deep/2': UViT_S_deep_2}

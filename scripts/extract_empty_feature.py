@@ -15,6 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from absl import flags  # noqa: E402
+from accelerate import PartialState  # noqa: E402
 
 from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder  # noqa: E402
 from libs.errors import exit_on_user_error  # noqa: E402
@@ -47,8 +48,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None):
-    from accelerate import PartialState
-
     args = parse_args(argv)
     state = PartialState()
     setup_logging(state.is_main_process)

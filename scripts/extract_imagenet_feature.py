@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from absl import flags  # noqa: E402
+from accelerate import PartialState  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -29,7 +30,7 @@ from libs.autoencoder import DEFAULT_PATH, get_model  # noqa: E402
 from libs.datasets.base import adm_center_crop, list_images, load_rgb, uint8_to_unit_range  # noqa: E402
 from libs.errors import InputError, MissingFileError, exit_on_user_error  # noqa: E402
 from libs.logging_utils import setup_logging  # noqa: E402
-from tools.cli import parse_flags  # noqa: E402
+from tools.cli import define_resolution, parse_flags  # noqa: E402
 
 logger = logging.getLogger("extract_imagenet_feature")
 
@@ -71,7 +72,7 @@ def define_flags(fv):
     flags.DEFINE_string("output", None, "feature folder to write (config.dataset.path)", flag_values=fv)
     for name in ("imagenet_train", "output"):
         flags.mark_flag_as_required(name, flag_values=fv)
-    flags.DEFINE_integer("resolution", 256, "crop size in pixels (256 or 512; multiple of 8)", flag_values=fv)
+    define_resolution(fv, "crop size in pixels (256 or 512; multiple of 8)")
     flags.DEFINE_string("autoencoder", DEFAULT_PATH, "autoencoder checkpoint (see libs/autoencoder.py)",
                         flag_values=fv)
     flags.DEFINE_integer("batch_size", 64, "images per forward pass (x2 with the flips)", flag_values=fv)
@@ -114,13 +115,9 @@ def autoencoder_moments_shape(autoencoder, args):
 
 
 def main(argv=None):
-    from accelerate import PartialState
-
     args = parse_args(argv)
     state = PartialState()
     setup_logging(state.is_main_process)
-    if args.resolution % 8:
-        raise InputError(f"--resolution must be a multiple of 8, got {args.resolution}.")
     paths, labels, classes = list_imagenet(args.imagenet_train)
     autoencoder = get_model(args.autoencoder).to(state.device)
     settings = {"resolution": args.resolution, "autoencoder": os.path.abspath(args.autoencoder),

@@ -22,6 +22,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from absl import flags  # noqa: E402
+from PIL import Image  # noqa: E402
+from accelerate import PartialState  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -31,7 +33,7 @@ from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder  # noqa: E402
 from libs.datasets.base import load_rgb, uint8_to_unit_range  # noqa: E402
 from libs.errors import InputError, MissingFileError, exit_on_user_error  # noqa: E402
 from libs.logging_utils import setup_logging  # noqa: E402
-from tools.cli import parse_flags  # noqa: E402
+from tools.cli import define_resolution, parse_flags  # noqa: E402
 
 logger = logging.getLogger("extract_mscoco_feature")
 SPLITS = {"train": ("train2014", "captions_train2014.json"), "val": ("val2014", "captions_val2014.json")}
@@ -69,8 +71,6 @@ def read_coco_captions(captions_json, image_dir):
 
 def center_square_lanczos(img, size):
     """PIL image -> (size, size) uint8 array: the largest centred square, Lanczos-resized."""
-    from PIL import Image
-
     side = min(img.size)
     left, top = (img.width - side) // 2, (img.height - side) // 2
     img = img.crop((left, top, left + side, top + side)).resize((size, size), resample=Image.LANCZOS)
@@ -95,7 +95,7 @@ def define_flags(fv):
     for name in ("coco_root", "output"):
         flags.mark_flag_as_required(name, flag_values=fv)
     flags.DEFINE_enum("split", "both", ["train", "val", "both"], "which split(s) to encode", flag_values=fv)
-    flags.DEFINE_integer("resolution", 256, "image size in pixels (multiple of 8)", flag_values=fv)
+    define_resolution(fv, "image size in pixels (multiple of 8)")
     flags.DEFINE_string("autoencoder", DEFAULT_PATH, "autoencoder checkpoint (see libs/autoencoder.py)",
                         flag_values=fv)
     flags.DEFINE_string("clip", CLIP_VERSION, "CLIP text model: hub id (local cache) or directory", flag_values=fv)
@@ -136,13 +136,9 @@ def encode_shard(args, state, autoencoder, clip, items, k, start, stop, folder, 
 
 
 def main(argv=None):
-    from accelerate import PartialState
-
     args = parse_args(argv)
     state = PartialState()
     setup_logging(state.is_main_process)
-    if args.resolution % 8:
-        raise InputError(f"--resolution must be a multiple of 8, got {args.resolution}.")
     splits = ["train", "val"] if args.split == "both" else [args.split]
     jobs = [(s, read_coco_captions(os.path.join(args.coco_root, "annotations", SPLITS[s][1]),
                                    os.path.join(args.coco_root, SPLITS[s][0]))) for s in splits]

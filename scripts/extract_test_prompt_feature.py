@@ -7,6 +7,7 @@ and hold the same prompts (use --overwrite to redo).
 
     python scripts/extract_test_prompt_feature.py --output=assets/datasets/coco256_features
 """
+import io
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from absl import flags  # noqa: E402
+from accelerate import PartialState  # noqa: E402
 
 from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder  # noqa: E402
 from libs.errors import InputError, MissingFileError, exit_on_user_error  # noqa: E402
@@ -79,10 +81,6 @@ def _up_to_date(prompts_path, contexts_path, prompts):
 
 
 def main(argv=None):
-    import io
-
-    from accelerate import PartialState
-
     args = parse_args(argv)
     state = PartialState()
     setup_logging(state.is_main_process)

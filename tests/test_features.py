@@ -20,8 +20,10 @@ def write_packed(folder, moments, labels=None, contexts=None, shard_size=3, dtyp
         with F.ShardWriter(folder, k, stop - start, moments.shape[1:], dtype=dtype, with_labels=labels is not None,
                            num_contexts=n_ctx, context_shape=ctx_shape) as w:
             w.write(0, moments[start:stop], None if labels is None else labels[start:stop])
-            if contexts is not None:
-                w.write_contexts(contexts[start:stop])
+            if contexts is not None:  # as scripts/extract_mscoco_feature.py writes them
+                offsets = w.set_caption_counts([len(c) for c in contexts[start:stop]])
+                for i, c in enumerate(contexts[start:stop]):
+                    w.write_context_rows(int(offsets[i]), c)
             w.commit()
     return F.write_manifest(folder, len(plan))
 

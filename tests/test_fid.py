@@ -272,8 +272,11 @@ def test_missing_paths_and_bad_statistics(tmp_path):
     with pytest.raises(MissingFileError, match="compute_fid_stats"):
         fid.load_statistics(str(tmp_path / "absent.npz"))
     (tmp_path / "bad.npz").write_bytes(b"garbage")
-    with pytest.raises(InputError, match="cannot read"):
+    with pytest.raises(ConfigError, match="cannot read"):
         fid.load_statistics(str(tmp_path / "bad.npz"))
+    np.savez(tmp_path / "shape.npz", mu=np.zeros(3), sigma=np.zeros((2, 2)))
+    with pytest.raises(ConfigError, match="expected"):  # a user's file: one line, not a traceback
+        fid.load_statistics(str(tmp_path / "shape.npz"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(MissingFileError, match="no images"):
         fid.ImageFolder(str(tmp_path / "empty"))

@@ -10,6 +10,7 @@ import torch
 import torch.nn as nn
 from timm.models.vision_transformer import Block as TimmBlock
 
+from benchmarks.bench_uvit import SIZES
 from libs import attention as attn_mod
 from libs import uvit, uvit_t2i
 from libs.errors import ConfigError, InputError
@@ -206,7 +207,7 @@ def test_long_skips_are_last_in_first_out():
                                        ("U-ViT-H/2", (1152, 28, 16, 2)), ("U-ViT-H/4", (1152, 28, 16, 4))])
 def test_presets(name, size):
     with torch.device("meta"):
-        m = uvit.UViT_models[name](img_size=32, in_chans=4, num_classes=1001)
+        m = uvit.UViT(**SIZES[name], img_size=32, in_chans=4, num_classes=1001)
     assert (m.embed_dim, m.depth, m.mid_block.attn.num_heads, m.patch_size) == size
     assert len(m.in_blocks) == size[1] // 2 and m.num_classes == 1001
 
@@ -228,11 +229,16 @@ def test_initialisation_follows_the_paper():
 
 # Gradient checkpointing and mixed precision.
 
+def _set_use_checkpoint(model):
+    for block in [*model.in_blocks, model.mid_block, *model.out_blocks]:
+        block.use_checkpoint = True
+
+
 def test_checkpointing_gives_the_same_gradients(monkeypatch):
     torch.manual_seed(0)
     plain = uvit.UViT(**TINY, num_classes=5).train()
     ckpt = copy.deepcopy(plain)
-    ckpt.set_use_checkpoint(True)
+    _set_use_checkpoint(ckpt)
     calls = []
     original = torch.utils.checkpoint.checkpoint
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(k) or original(*a, **k))
@@ -264,7 +270,7 @@ def test_checkpointing_saves_fewer_activations():
     model = uvit.UViT(**{**TINY, "img_size": 16}).train()
     x, t = torch.randn(4, 3, 16, 16), torch.tensor([1.0] * 4)
     plain_bytes, _ = _saved_bytes(model, x, t)
-    model.set_use_checkpoint(True)
+    _set_use_checkpoint(model)
     ckpt_bytes, out = _saved_bytes(model, x, t)
     out.mean().backward()
     assert ckpt_bytes < plain_bytes / 3

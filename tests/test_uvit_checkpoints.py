@@ -7,6 +7,7 @@ import ml_collections
 import pytest
 import torch
 
+from benchmarks.bench_uvit import SIZES
 from libs import uvit, uvit_t2i
 from libs.errors import CheckpointError, ConfigError
 from libs.nnet import NNETS, build_nnet, load_nnet_state_dict
@@ -15,13 +16,12 @@ CONFIGS = ["cifar10_uvit_small", "celeba64_uvit_small", "imagenet64_uvit_mid", "
            "imagenet256_uvit_large", "imagenet256_uvit_huge", "imagenet512_uvit_large", "imagenet512_uvit_huge",
            "mscoco_uvit_small", "mscoco_uvit_small_deep"]
 
-# Which size preset each published config is.
+# Which of the paper's sizes (benchmarks/bench_uvit.py) each published config is.
 PRESETS = {
-    "cifar10_uvit_small": uvit.UViT_S_2, "celeba64_uvit_small": uvit.UViT_S_4, "imagenet64_uvit_mid": uvit.UViT_M_4,
-    "imagenet64_uvit_large": uvit.UViT_L_4, "imagenet256_uvit_large": uvit.UViT_L_2,
-    "imagenet256_uvit_huge": uvit.UViT_H_2, "imagenet512_uvit_large": uvit.UViT_L_4,
-    "imagenet512_uvit_huge": uvit.UViT_H_4, "mscoco_uvit_small": uvit_t2i.UViT_S_2,
-    "mscoco_uvit_small_deep": uvit_t2i.UViT_S_deep_2,
+    "cifar10_uvit_small": "U-ViT-S/2", "celeba64_uvit_small": "U-ViT-S/4", "imagenet64_uvit_mid": "U-ViT-M/4",
+    "imagenet64_uvit_large": "U-ViT-L/4", "imagenet256_uvit_large": "U-ViT-L/2",
+    "imagenet256_uvit_huge": "U-ViT-H/2", "imagenet512_uvit_large": "U-ViT-L/4",
+    "imagenet512_uvit_huge": "U-ViT-H/4", "mscoco_uvit_small": "U-ViT-S/2", "mscoco_uvit_small_deep": "U-ViT-S-deep/2",
 }
 SIZE_KEYS = ("patch_size", "embed_dim", "depth", "num_heads", "name")
 
@@ -59,8 +59,9 @@ def test_state_dict_matches_reference(reference, name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_presets_build_the_published_sizes(reference, name):
     kwargs = {k: v for k, v in reference["configs"][name]["nnet_kwargs"].items() if k not in SIZE_KEYS}
+    network = uvit_t2i.UViT if name.startswith("mscoco") else uvit.UViT
     with torch.device("meta"):
-        model = PRESETS[name](**kwargs)
+        model = network(**SIZES[PRESETS[name]], **kwargs)
     want = [(e["key"], e["shape"]) for e in reference["configs"][name]["state_dict"]]
     assert [(k, list(v.shape)) for k, v in model.state_dict().items()] == want
 

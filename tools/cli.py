@@ -7,6 +7,13 @@ from absl import flags
 from libs.errors import ConfigError
 
 
+def define_resolution(fv, help_string):
+    """--resolution in pixels, a multiple of 8 (the autoencoder's downsampling), checked as it is parsed."""
+    flags.DEFINE_integer("resolution", 256, help_string, flag_values=fv)
+    flags.register_validator("resolution", lambda r: r % 8 == 0, "--resolution must be a multiple of 8",
+                             flag_values=fv)
+
+
 def parse_flags(define, argv, doc, positional=()):
     """Declare the flags with `define(fv)` and parse `argv` (the arguments after the program name;
     None: sys.argv[1:]). Returns (fv, the positional arguments, as many as `positional` names).

@@ -18,9 +18,14 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch
 from absl import app, flags
+from accelerate import Accelerator
 
 from libs import fid
+from libs.config_utils import define_config_flag
+from libs.datasets import dataset_kwargs, get_dataset
 from libs.errors import ConfigError, UViTError
+from libs.logging_utils import setup_logging
+from tools.inception import load_fid_inception
 
 logger = logging.getLogger(__name__)
 
@@ -44,9 +49,7 @@ class DatasetImages(torch.utils.data.Dataset):
 
 def dataset_images(config):
     """(images dataset, description) of a config's training set."""
-    from libs.datasets import get_dataset
-
-    kwargs = {k: v for k, v in config.dataset.to_dict().items() if k not in ("name", "cfg", "p_uncond")}
+    kwargs = dataset_kwargs(config)
     if "random_flip" in kwargs:
         kwargs["random_flip"] = False  # reference statistics of the data, not of its augmentation
     data = get_dataset(config.dataset.name, **kwargs)
@@ -58,10 +61,6 @@ def dataset_images(config):
 
 def compute(output, path=None, config=None, batch_size=50, num_workers=0, weights_path=None, splits=0):
     """Write the statistics of `path` (an image folder) or `config` (its training set) to `output`."""
-    from accelerate import Accelerator
-
-    from tools.inception import load_fid_inception
-
     if (path is None) == (config is None):
         raise ConfigError("give exactly one of --path (an image folder) and --config (a dataset config)")
     if not output.endswith(".npz"):
@@ -81,8 +80,6 @@ def compute(output, path=None, config=None, batch_size=50, num_workers=0, weight
 
 
 def main(argv):
-    from libs.logging_utils import setup_logging
-
     del argv
     f = flags.FLAGS
     setup_logging(int(os.environ.get("RANK", 0)) == 0)
@@ -95,12 +92,6 @@ def main(argv):
 
 
 def define_flags():
-    from ml_collections import config_flags
-
-    try:
-        from libs.config_utils import define_config_flag
-    except ImportError:
-        define_config_flag = config_flags.DEFINE_config_file
     define_config_flag("config", None, "dataset config (configs/X.py) whose training images are described")
     flags.DEFINE_string("path", None, "folder of images (png, jpg, ...) to describe")
     flags.DEFINE_string("output", None, "the .npz to write (mu, sigma, n, source)", required=True)

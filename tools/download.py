@@ -36,6 +36,7 @@ import requests
 from absl import app, flags
 
 from libs.errors import CheckpointError, InputError, MissingFileError, exit_on_user_error
+from libs.logging_utils import setup_logging
 
 logger = logging.getLogger(__name__)
 
@@ -239,8 +240,6 @@ def folder_sources(link, files):
 
 @exit_on_user_error
 def main(argv):
-    from libs.logging_utils import setup_logging
-
     setup_logging()
     f = flags.FLAGS
     download(argv[1:], everything=f.all, source=f.id, root=f.root)

@@ -2,7 +2,7 @@
 
 Each name maps to 'module:Class'; the module is imported only when the dataset is asked for,
 so a dataset whose optional dependency is missing never breaks the others.
-See the README's 'Datasets' section for the on-disk formats and how to add a dataset.
+See docs/datasets.md for the on-disk formats and how to add a dataset.
 """
 import importlib
 import inspect

@@ -23,7 +23,6 @@ logger = logging.getLogger(__name__)
 
 BATCHES_DIR = 'cifar-10-batches-py'
 TRAIN_BATCHES = tuple(f'data_batch_{i}' for i in range(1, 6))
-TEST_BATCH = 'test_batch'
 CIFAR10_TRAIN_SIZE = 50_000
 CIFAR10_NUM_CLASSES = 10
 CIFAR10_SIZE = 32

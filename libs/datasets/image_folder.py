@@ -6,7 +6,7 @@
 
 Images inside a class folder may sit in deeper subfolders. Every image is resized and cropped
 to a square of `resolution` pixels with ADM's preprocessing (BOX-halving, BICUBIC resize of the
-smaller side, centre or random crop), optionally flipped. See the README's 'Datasets' section.
+smaller side, centre or random crop), optionally flipped. See docs/datasets.md.
 """
 import logging
 import os
@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 HOW_TO_PREPARE = (
     "Put your images (" + ", ".join(IMAGE_EXTENSIONS) + ") in one folder, or in one subfolder per class, and set "
-    "config.dataset.path to that folder (see the README's 'Datasets' section).")
+    "config.dataset.path to that folder (see docs/datasets.md).")
 
 
 def scan_image_folder(path):

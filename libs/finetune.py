@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from libs import export_format
 from libs.checkpoint import load_nnet_weights
 from libs.errors import CheckpointError
-from libs.nnet import _unwrap_model, load_nnet_state_dict, unwrap_state_dict
+from libs.nnet import load_nnet_state_dict, unwrap_model, unwrap_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def adapt_state_dict(nnet, state_dict, source_null, target_null):
     first), so a label embedding may also be added (unconditional -> class model: every row and the
     label token's position keep the network's initialisation) or dropped (class -> unconditional).
     """
-    model = _unwrap_model(nnet)
+    model = unwrap_model(nnet)
     own = model.state_dict()
     out, adapted = dict(state_dict), []
     label_added = LABEL_KEY in own and LABEL_KEY not in out

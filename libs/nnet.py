@@ -60,7 +60,6 @@ def unwrap_model(model):
         model = inner
 
 
-_unwrap_model = unwrap_model  # the name libs/finetune.py imports; to go once it imports unwrap_model
 
 
 def _listing(title, items):

@@ -67,8 +67,8 @@ def to_device(batch: dict, device) -> dict:
 def fid_unavailable(config) -> str:
     """'' when FID can be computed, else the reason it cannot (said once)."""
     if not config.fid.stat or not os.path.exists(config.fid.stat):
-        return (f"the FID reference statistics config.fid.stat={config.fid.stat!r} are missing; the README's "
-                f"'Evaluation' section says how to make them (tools/compute_fid_stats.py)")
+        return (f"the FID reference statistics config.fid.stat={config.fid.stat!r} are missing; make them with "
+                f"tools/compute_fid_stats.py or fetch the published ones with tools/download.py (docs/evaluation.md)")
     weights = config.fid.inception_weights
     if weights and not os.path.exists(weights):
         return f"config.fid.inception_weights={weights!r} does not exist"

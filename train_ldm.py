@@ -1,10 +1,6 @@
-"""Train U-ViT: class-conditional latent diffusion with continuous time (VP-SDE): ImageNet 256/512 U-ViT-L.
+"""Train class-conditional latent U-ViTs with continuous time (ImageNet 256/512 U-ViT-L).
 
-    accelerate launch --multi_gpu --num_processes 8 --mixed_precision fp16 train_ldm.py --config=configs/<config>.py
-    python train_ldm.py --config=configs/<config>.py --config.train.batch_size=64 --workdir=runs/x   # one process
-
-The loop lives in libs/trainer.py; this script only names the family it serves (libs/family.py): a
-config of another family (config.diffusion, z_shape, network) stops with the name of its script.
+`accelerate launch ... train_ldm.py --config=configs/<config>.py`; the loop is libs/trainer.py (docs/training.md).
 """
 from absl import app
 

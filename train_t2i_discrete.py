@@ -1,10 +1,6 @@
-"""Train U-ViT: text-to-image latent diffusion with discrete time and CLIP contexts: MS-COCO.
+"""Train text-to-image latent U-ViTs with discrete time (MS-COCO).
 
-    accelerate launch --multi_gpu --num_processes 8 --mixed_precision fp16 train_t2i_discrete.py --config=configs/<config>.py
-    python train_t2i_discrete.py --config=configs/<config>.py --config.train.batch_size=64 --workdir=runs/x   # one process
-
-The loop lives in libs/trainer.py; this script only names the family it serves (libs/family.py): a
-config of another family (config.diffusion, z_shape, network) stops with the name of its script.
+`accelerate launch ... train_t2i_discrete.py --config=configs/<config>.py`; the loop is libs/trainer.py (docs/training.md).
 """
 from absl import app
 

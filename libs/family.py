@@ -140,7 +140,7 @@ class Family:
         return tuple(config.z_shape) if self.data == 'latents' else (n.get('in_chans', 3), n.img_size, n.img_size)
 
     def null_condition(self, config, empty_context=None):
-        """The condition of guidance's unconditional pass: null label num_classes - 1, empty-prompt context (77, 768)."""
+        """Guidance's unconditional condition: null label num_classes - 1 or the empty prompt's context (77, 768)."""
         if self.condition == 'label':
             return int(config.nnet.num_classes) - 1
         if self.condition == 'text' and empty_context is not None:
@@ -239,9 +239,10 @@ class Sampler:
 
         def generate_fn(indices):
             indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
-            key, table, dtype = ('y', labels, torch.int64) if labels is not None else ('context', contexts, torch.float32)
+            key, table, dtype = (('y', labels, torch.int64) if labels is not None
+                                 else ('context', contexts, torch.float32))
             cond = uncond = None
-            if table is not None:  # the null label / empty context, broadcast to the batch
+            if table is not None:  # uncond: the null label / empty context for every image
                 c = torch.as_tensor(table[indices], dtype=dtype, device=self.device)
                 cond, uncond = {key: c}, ({key: torch.as_tensor(self.null).to(c).expand_as(c)} if scale > 0 else None)
             with torch.no_grad():

@@ -161,8 +161,7 @@ class NoiseScheduleVP:
 
     def marginal_lambda(self, t):
         """lambda_t = log alpha_t - log sigma_t (half the log-SNR)."""
-        log_mean = self.marginal_log_mean_coeff(t)
-        return log_mean - 0.5 * torch.log(-torch.expm1(2.0 * log_mean))
+        return self.marginal_log_mean_coeff(t) - self.marginal_log_std(t)
 
     def inverse_lambda(self, lamb):
         """t(lambda), the inverse of marginal_lambda: closed form (linear, cosine) or table interpolation (discrete)."""
@@ -235,12 +234,9 @@ def model_wrapper(model, noise_schedule, model_type="noise", network_time=None):
 
 
 class DPM_Solver:
-    """DPM-Solver (algorithm_type='dpmsolver', noise prediction) and DPM-Solver++ ('dpmsolver++', data prediction).
-
-    model_fn(x, t_continuous) -> eps, e.g. from `model_wrapper`. correcting_x0_fn: None,
-    'dynamic_thresholding' (Imagen; needs 'dpmsolver++') or a callable (x0, t) -> x0 applied to every data
-    prediction.
-    """
+    """DPM-Solver (algorithm_type='dpmsolver', noise prediction) and DPM-Solver++ ('dpmsolver++', data prediction)
+    of model_fn(x, t_continuous) -> eps (e.g. `model_wrapper`). correcting_x0_fn: None, 'dynamic_thresholding'
+    (Imagen; needs 'dpmsolver++') or a callable (x0, t) -> x0 applied to every data prediction."""
 
     def __init__(self, model_fn, noise_schedule, algorithm_type="dpmsolver++", correcting_x0_fn=None,
                  thresholding_max_val=1.0, dynamic_thresholding_ratio=0.995):
@@ -404,7 +400,6 @@ class DPM_Solver:
                 x, x_prev, s = x_high, x_low, t
                 lambda_s = ns.marginal_lambda(s)
             h = torch.minimum(theta * h * E.clamp(min=1e-12) ** (-1.0 / order), lambda_0 - lambda_s)
-        logger.debug("adaptive DPM-Solver: %d model calls", self.nfe)
         return x
 
     # ----- sampling -----

@@ -112,8 +112,7 @@ class Block(nn.Module):
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))  # (B, T, 2D) -> (B, T, D)
         x = x + self.attn(self.norm1(x))  # (B, T, D)
-        x = x + self.mlp(self.norm2(x))  # (B, T, D)
-        return x
+        return x + self.mlp(self.norm2(x))  # (B, T, D)
 
 
 def unpatchify(x, channels):

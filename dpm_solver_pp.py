@@ -5,12 +5,10 @@
   Classifier-free guidance is applied before wrapping (`libs.sampling.guided_noise_fn`): one implementation.
 - `DPM_Solver`: the exponential-integrator solvers of the probability-flow ODE.
 
-References (the code is written from the papers):
-- Lu et al. 2022, "DPM-Solver", arXiv 2206.00927: noise-prediction solvers of orders 1-3 (eq. 3.7,
-  Algorithms 1-2), DPM-Solver-fast order lists and the adaptive step size (Appendix C).
-- Lu et al. 2022, "DPM-Solver++", arXiv 2211.01095: data-prediction solvers, singlestep and multistep.
-- Nichol & Dhariwal 2021, arXiv 2102.09672: the cosine schedule. Saharia et al. 2022, arXiv 2205.11487:
-  dynamic thresholding.
+Written from the papers: Lu et al. 2022, "DPM-Solver", arXiv 2206.00927 (noise-prediction solvers of orders
+1-3, eq. 3.7, Algorithms 1-2, DPM-Solver-fast order lists and adaptive step size, Appendix C); Lu et al. 2022,
+"DPM-Solver++", arXiv 2211.01095 (data-prediction solvers, singlestep and multistep); Nichol & Dhariwal 2021,
+arXiv 2102.09672 (cosine schedule); Saharia et al. 2022, arXiv 2205.11487 (dynamic thresholding).
 
 Both parameterisations share one update: the exact solutions x_t = (alpha_t/alpha_s) x_s - alpha_t int
 e^{-lambda} eps d lambda (DPM-Solver eq. 3.4) and x_t = (sigma_t/sigma_s) x_s + sigma_t int e^{lambda} x0 d lambda
@@ -19,12 +17,11 @@ e^{-lambda} eps d lambda (DPM-Solver eq. 3.4) and x_t = (sigma_t/sigma_s) x_s + 
                                        data prediction  keep = sigma, mu = alpha, H = -h   (h = lambda_t - lambda_s)
 with psi_1(H) = e^H - 1, psi_2 = psi_1/H - 1, psi_3 = psi_2/H - 1/2.
 
-Deliberate differences from the official code:
-- network time defaults to U-ViT's (999 t continuous, N t discrete; `default_network_time`);
-- solver arithmetic in float32 for half-precision x / outputs, float64 for float64 x;
-- multistep warm-up works for any number of steps, also steps < order;
-- multistep order 3 weights the second divided difference by the exact 2 psi_3 (the official code and
-  diffusers use psi_3, leaving their 3M second order); U-ViT never used that path.
+Deliberate differences from the official code: network time defaults to U-ViT's (999 t continuous, N t
+discrete; `default_network_time`); solver arithmetic in float32 for half-precision x / outputs, float64 for
+float64 x; multistep warm-up works for any number of steps, also steps < order; multistep order 3 weights the
+second divided difference by the exact 2 psi_3 (the official code and diffusers use psi_3, leaving their 3M
+second order); U-ViT never used that path.
 """
 import logging
 import math
@@ -45,6 +42,11 @@ METHODS = ("singlestep", "multistep", "singlestep_fixed", "adaptive")
 # Continuous-time U-ViT networks see 999 t (the original's ScoreModel), so t = 1 maps to the last of 1000
 # steps. sde.ContinuousVP.network_time uses this constant too.
 CONTINUOUS_TIME_SCALE = 999.0
+
+
+def _known(kind, value, known):
+    if value not in known:
+        raise ConfigError(f"unknown {kind} '{value}'; known: {', '.join(known)}")
 
 
 def solver_dtype(dtype):
@@ -79,41 +81,36 @@ def _segment(x, xp):
 
 
 def _interp(x, xp, fp):
-    """Piecewise-linear interpolation of the table (xp, fp), extrapolated linearly beyond both ends.
-
-    x: any shape; xp: (K,) strictly increasing, K >= 2; fp: (K,), both on x's device in x's dtype.
-    """
+    """Piecewise-linear interpolation of (xp (K,) increasing, fp (K,)) at x, extrapolated linearly at both ends."""
     k = _segment(x, xp)
-    x0, x1, f0, f1 = xp[k], xp[k + 1], fp[k], fp[k + 1]
-    return f0 + (x - x0) * (f1 - f0) / (x1 - x0)
+    return fp[k] + (x - xp[k]) * (fp[k + 1] - fp[k]) / (xp[k + 1] - xp[k])
 
 
 class NoiseScheduleVP:
     """The marginals of a variance-preserving diffusion, x_t = alpha_t x0 + sigma_t eps.
 
-    schedule='discrete' (give `betas` or `alphas_cumprod`, length N): log alpha at the knots t_n = n/N is
-        (1/2) log abar_n, and log alpha(t) is piecewise linear in t between knots (linear beyond them), as
-        in the official DPM-Solver code. The usable range is [1/N, 1].
-    schedule='linear': beta(t) = beta_0 + t (beta_1 - beta_0), log alpha_t = -(beta_1 - beta_0) t^2/4 - beta_0 t/2
+    'discrete' (`betas` or `alphas_cumprod`, length N): log alpha is (1/2) log abar_n at the knots t_n = n/N and
+        piecewise linear in t between them (linear beyond), as the official code; usable range [1/N, 1].
+    'linear': beta(t) = beta_0 + t (beta_1 - beta_0), log alpha_t = -(beta_1 - beta_0) t^2/4 - beta_0 t/2
         (Song et al. 2021, VP-SDE), t in [0, 1].
-    schedule='cosine': alpha_t = cos(pi/2 (t + s)/(1 + s)) / cos(pi/2 s / (1 + s)), s = 0.008 (Nichol &
-        Dhariwal 2021), t in [0, T] with T ~ 0.998 where beta(t) reaches 999.
-
-    All methods take t as a tensor of any shape (or a number) and compute in t's floating dtype. The discrete
-    tables are kept in float64 and cast to t's dtype when used.
+    'cosine': alpha_t = cos(pi/2 (t + s)/(1 + s)) / cos(pi/2 s / (1 + s)), s = 0.008 (Nichol & Dhariwal
+        2021), t in [0, T] with T ~ 0.998 where beta(t) reaches 999.
+    Methods take t of any shape (or a number) and compute in t's floating dtype (discrete tables: float64, cast).
     """
 
     def __init__(self, schedule="discrete", betas=None, alphas_cumprod=None, continuous_beta_0=0.1,
                  continuous_beta_1=20.0):
-        if schedule not in SCHEDULES:
-            raise ConfigError(f"unknown noise schedule '{schedule}'; known: {', '.join(SCHEDULES)}")
+        _known("noise schedule", schedule, SCHEDULES)
         self.schedule, self.total_N, self.T = schedule, 1000, 1.0
         if schedule == "discrete":
             if (betas is None) == (alphas_cumprod is None):
                 raise ConfigError("NoiseScheduleVP('discrete') needs exactly one of betas= or alphas_cumprod=")
             name, table = ("betas", betas) if betas is not None else ("alphas_cumprod", alphas_cumprod)
             table = torch.as_tensor(table).to(torch.float64)
-            self._check_table(table, name, 0.0, 1.0)
+            if table.ndim != 1 or table.shape[0] < 2:
+                raise InputError(f"{name} must be a 1-D table with at least 2 entries, got shape {tuple(table.shape)}")
+            if not torch.isfinite(table).all() or (table <= 0).any() or (table >= 1).any():
+                raise InputError(f"{name} must be finite and strictly inside (0, 1)")
             log_alphas = 0.5 * (torch.cumsum(torch.log1p(-table), dim=0) if betas is not None else torch.log(table))
             self.total_N = log_alphas.shape[0]
             self.t_array = torch.arange(1, self.total_N + 1, dtype=torch.float64) / self.total_N  # (N,) t_n = n/N
@@ -129,19 +126,9 @@ class NoiseScheduleVP:
             self.T = math.atan(999.0 * (1 + s) / math.pi) * 2 * (1 + s) / math.pi - s
             self.cosine_log_alpha_0 = math.log(math.cos(s / (1 + s) * math.pi / 2))
 
-    @staticmethod
-    def _check_table(v, name, lo, hi):
-        if v.ndim != 1 or v.shape[0] < 2:
-            raise InputError(f"{name} must be a 1-D table with at least 2 entries, got shape {tuple(v.shape)}")
-        if not torch.isfinite(v).all() or (v <= lo).any() or (v >= hi).any():
-            raise InputError(f"{name} must be finite and strictly inside ({lo}, {hi})")
-
     def tables(self, device, dtype):
-        """Discrete schedules: the (N,) tables (t_n, log alpha_n) on `device` in `dtype`, copied there once.
-
-        Cached because a host-to-device copy from pageable memory waits for the GPU: doing it every
-        training step or solver stage would serialise the host with the device.
-        """
+        """Discrete: the (N,) tables (t_n, log alpha_n) on `device` in `dtype`, copied once (a pageable
+        host-to-device copy per training step or solver stage would serialise the host with the GPU)."""
         key = (torch.device(device), dtype)
         if key not in self._table_cache:
             self._table_cache[key] = (self.t_array.to(device=device, dtype=dtype),
@@ -155,8 +142,7 @@ class NoiseScheduleVP:
         """log alpha_t."""
         t = _as_time(t)
         if self.schedule == "discrete":
-            t_tab, la_tab = self.tables(t.device, t.dtype)
-            return _interp(t, t_tab, la_tab)
+            return _interp(t, *self.tables(t.device, t.dtype))
         if self.schedule == "linear":
             return -0.25 * t ** 2 * (self.beta_1 - self.beta_0) - 0.5 * t * self.beta_0
         return torch.log(torch.cos((t + self.cosine_s) / (1.0 + self.cosine_s) * math.pi / 2.0)) - self.cosine_log_alpha_0
@@ -175,8 +161,7 @@ class NoiseScheduleVP:
 
     def marginal_lambda(self, t):
         """lambda_t = log alpha_t - log sigma_t (half the log-SNR)."""
-        log_mean = self.marginal_log_mean_coeff(t)
-        return log_mean - 0.5 * torch.log(-torch.expm1(2.0 * log_mean))
+        return self.marginal_log_mean_coeff(t) - self.marginal_log_std(t)
 
     def inverse_lambda(self, lamb):
         """t(lambda), the inverse of marginal_lambda: closed form (linear, cosine) or table interpolation (discrete)."""
@@ -194,11 +179,8 @@ class NoiseScheduleVP:
         return u * 2.0 * (1.0 + self.cosine_s) / math.pi - self.cosine_s
 
     def beta(self, t):
-        """beta(t) = -2 d(log alpha_t)/dt, the VP-SDE diffusion rate (our addition; Euler-Maruyama needs it).
-
-        Forward SDE: dx = -beta(t) x / 2 dt + sqrt(beta(t)) dw. For 'discrete' it is the slope of the
-        piecewise-linear log alpha (constant on each knot interval).
-        """
+        """beta(t) = -2 d(log alpha_t)/dt of the forward SDE dx = -beta x/2 dt + sqrt(beta) dw (our addition, for
+        Euler-Maruyama); 'discrete': the slope of the piecewise-linear log alpha, constant per knot interval."""
         t = _as_time(t)
         if self.schedule == "linear":
             return self.beta_0 + t * (self.beta_1 - self.beta_0)
@@ -211,17 +193,12 @@ class NoiseScheduleVP:
 
 
 def default_network_time(noise_schedule):
-    """U-ViT's map from solver time t to the network's time input.
-
-    Continuous schedules: 999 t (the original's ScoreModel). Discrete: N t (the original's
-    eval_ldm_discrete.py / eval_t2i_discrete.py feed N t, fractional between training's integers n).
-    The official DPM-Solver instead feeds t (continuous) and 1000 (t - 1/N) (discrete); pass
-    `network_time=` to `model_wrapper` to get those.
+    """U-ViT's map from solver time t to the network's time input: 999 t for continuous schedules (the
+    original's ScoreModel), N t for discrete ones (its eval_*_discrete.py; fractional between training's
+    integers n). The official DPM-Solver feeds t and 1000 (t - 1/N): pass `network_time=` to `model_wrapper`.
     """
-    if noise_schedule.schedule == "discrete":
-        n = float(noise_schedule.total_N)
-        return lambda t: n * t
-    return lambda t: CONTINUOUS_TIME_SCALE * t
+    scale = float(noise_schedule.total_N) if noise_schedule.schedule == "discrete" else CONTINUOUS_TIME_SCALE
+    return lambda t: scale * t
 
 
 def _expand_dims(v, ndim):
@@ -230,18 +207,14 @@ def _expand_dims(v, ndim):
 
 
 def model_wrapper(model, noise_schedule, model_type="noise", network_time=None):
-    """Wrap a network into `model_fn(x, t_continuous) -> noise prediction`, as the official DPM-Solver API.
+    """Wrap a network into `model_fn(x (B, ...), t_continuous (B,)) -> eps (B, ...)` in x's dtype (the output is
+    upcast, e.g. from bf16 under autocast, so the solver arithmetic stays float32), as the official API.
 
     model: called as model(x, t_input); bind conditions and guidance first (libs.sampling.guided_noise_fn).
-    model_type: what the network predicts: 'noise' (eps), 'x_start' (x0), 'v' (alpha eps - sigma x0,
-        Salimans & Ho 2022) or 'score' (grad log p_t = -eps / sigma_t).
-    network_time: callable t_continuous (B,) -> network time input (B,); default `default_network_time`.
-
-    The returned model_fn takes x (B, ...) and t_continuous (B,) and returns eps (B, ...) in x's dtype: the
-    network output is upcast (e.g. from bf16 under autocast) so that the solver arithmetic stays in float32.
+    model_type: 'noise' (eps), 'x_start' (x0), 'v' (alpha eps - sigma x0, Salimans & Ho 2022) or 'score'
+        (grad log p_t = -eps / sigma_t). network_time: t (B,) -> network input (B,); default `default_network_time`.
     """
-    if model_type not in MODEL_TYPES:
-        raise ConfigError(f"unknown model_type '{model_type}'; known: {', '.join(MODEL_TYPES)}")
+    _known("model_type", model_type, MODEL_TYPES)
     ns = noise_schedule
     to_input = network_time if network_time is not None else default_network_time(ns)
 
@@ -254,35 +227,27 @@ def model_wrapper(model, noise_schedule, model_type="noise", network_time=None):
         t = t_continuous.to(x.dtype)
         alpha = _expand_dims(ns.marginal_alpha(t), x.ndim)
         sigma = _expand_dims(ns.marginal_std(t), x.ndim)
-        if model_type == "x_start":
-            return (x - alpha * out) / sigma
-        if model_type == "v":
-            return alpha * out + sigma * x
-        return -sigma * out
+        return {"x_start": lambda: (x - alpha * out) / sigma, "v": lambda: alpha * out + sigma * x,
+                "score": lambda: -sigma * out}[model_type]()
 
     return model_fn
 
 
 class DPM_Solver:
-    """DPM-Solver (algorithm_type='dpmsolver', noise prediction) and DPM-Solver++ ('dpmsolver++', data prediction).
-
-    model_fn(x, t_continuous) -> eps, e.g. from `model_wrapper`. correcting_x0_fn: None,
-    'dynamic_thresholding' (Imagen; needs 'dpmsolver++') or a callable (x0, t) -> x0 applied to every data
-    prediction.
-    """
+    """DPM-Solver (algorithm_type='dpmsolver', noise prediction) and DPM-Solver++ ('dpmsolver++', data prediction)
+    of model_fn(x, t_continuous) -> eps (e.g. `model_wrapper`). correcting_x0_fn: None, 'dynamic_thresholding'
+    (Imagen; needs 'dpmsolver++') or a callable (x0, t) -> x0 applied to every data prediction."""
 
     def __init__(self, model_fn, noise_schedule, algorithm_type="dpmsolver++", correcting_x0_fn=None,
                  thresholding_max_val=1.0, dynamic_thresholding_ratio=0.995):
-        if algorithm_type not in ALGORITHM_TYPES:
-            raise ConfigError(f"unknown algorithm_type '{algorithm_type}'; known: {', '.join(ALGORITHM_TYPES)}")
+        _known("algorithm_type", algorithm_type, ALGORITHM_TYPES)
         if correcting_x0_fn == "dynamic_thresholding":
             correcting_x0_fn = self.dynamic_thresholding_fn
         if correcting_x0_fn is not None and algorithm_type == "dpmsolver":
             # The noise-prediction solver never forms x0, so a correction would silently do nothing.
             raise ConfigError("correcting_x0_fn acts on data predictions; use algorithm_type='dpmsolver++' with it")
         self.model = lambda x, t: model_fn(x, t.expand(x.shape[0]))
-        self.noise_schedule = noise_schedule
-        self.algorithm_type = algorithm_type
+        self.noise_schedule, self.algorithm_type = noise_schedule, algorithm_type
         self.predict_x0 = algorithm_type == "dpmsolver++"
         self.correcting_x0_fn = correcting_x0_fn
         self.thresholding_max_val = thresholding_max_val
@@ -307,9 +272,7 @@ class DPM_Solver:
         """x0_theta(x, t) = (x - sigma_t eps_theta) / alpha_t, then correcting_x0_fn if any."""
         ns = self.noise_schedule
         x0 = (x - ns.marginal_std(t) * self.noise_prediction_fn(x, t)) / ns.marginal_alpha(t)
-        if self.correcting_x0_fn is not None:
-            x0 = self.correcting_x0_fn(x0, t)
-        return x0
+        return x0 if self.correcting_x0_fn is None else self.correcting_x0_fn(x0, t)
 
     def model_fn(self, x, t):
         """The prediction the chosen algorithm integrates: x0 for 'dpmsolver++', eps for 'dpmsolver'."""
@@ -320,38 +283,27 @@ class DPM_Solver:
     def get_time_steps(self, skip_type, t_T, t_0, N, device, dtype=torch.float64):
         """(N+1,) decreasing times from t_T to t_0: uniform in lambda ('logSNR'), in t, or in sqrt(t)."""
         ns = self.noise_schedule
+        forward, inverse = {"logSNR": (ns.marginal_lambda, ns.inverse_lambda), "time_uniform": (None, None),
+                            "time_quadratic": (torch.sqrt, torch.square)}[skip_type]
         # Built in float64 and then cast, so a float32 grid is the correctly rounded float64 grid.
-        t_T = torch.tensor(float(t_T), dtype=torch.float64, device=device)
-        t_0 = torch.tensor(float(t_0), dtype=torch.float64, device=device)
-        if skip_type == "logSNR":
-            lam = torch.linspace(float(ns.marginal_lambda(t_T)), float(ns.marginal_lambda(t_0)), N + 1,
-                                 dtype=torch.float64, device=device)
-            ts = ns.inverse_lambda(lam)
-        elif skip_type == "time_uniform":
-            ts = torch.linspace(float(t_T), float(t_0), N + 1, dtype=torch.float64, device=device)
-        else:
-            ts = torch.linspace(float(t_T) ** 0.5, float(t_0) ** 0.5, N + 1, dtype=torch.float64, device=device) ** 2
-        return ts.to(dtype)
+        ends = torch.tensor([float(t_T), float(t_0)], dtype=torch.float64, device=device)
+        ends = forward(ends) if forward else ends
+        ts = torch.linspace(float(ends[0]), float(ends[1]), N + 1, dtype=torch.float64, device=device)
+        return (inverse(ts) if inverse else ts).to(dtype)
 
     def get_orders_and_timesteps_for_singlestep_solver(self, steps, order, skip_type, t_T, t_0, device,
                                                        dtype=torch.float64):
-        """Orders of the singlestep solver (DPM-Solver-fast, Lu et al. 2022a, Appendix C) and its outer grid.
-
-        The orders use exactly `steps` model calls. With skip_type='logSNR' the K outer intervals are uniform in
-        lambda; otherwise the outer points are taken from the `steps`-interval grid of that skip type, each
-        order-k step spanning k grid intervals (whose inner points become its stage points).
-        Returns (timesteps_outer (K+1,), orders list of K ints).
-        """
+        """(outer times (K+1,), K orders) of the singlestep solver, exactly `steps` model calls (DPM-Solver-fast,
+        Lu et al. 2022a, Appendix C). 'logSNR': the K intervals are uniform in lambda; otherwise the outer
+        points come from the `steps`-interval grid, an order-k step spanning k of its intervals."""
         if order == 3:
             orders = [3] * (steps // 3 - 1) + [2, 1] if steps % 3 == 0 else [3] * (steps // 3) + [steps % 3]
         else:
             orders = [order] * (steps // order) + [1] * (steps % order)
         if skip_type == "logSNR":
-            outer = self.get_time_steps(skip_type, t_T, t_0, len(orders), device, dtype)
-        else:
-            idx = torch.cumsum(torch.tensor([0] + orders), dim=0).to(device)
-            outer = self.get_time_steps(skip_type, t_T, t_0, steps, device, dtype)[idx]
-        return outer, orders
+            return self.get_time_steps(skip_type, t_T, t_0, len(orders), device, dtype), orders
+        idx = torch.cumsum(torch.tensor([0] + orders), dim=0).to(device)
+        return self.get_time_steps(skip_type, t_T, t_0, steps, device, dtype)[idx], orders
 
     # ----- updates -----
 
@@ -363,94 +315,75 @@ class DPM_Solver:
             return torch.exp(ns.marginal_log_std(t) - ns.marginal_log_std(s)), ns.marginal_alpha(t), -h, h
         return torch.exp(ns.marginal_log_mean_coeff(t) - ns.marginal_log_mean_coeff(s)), ns.marginal_std(t), h, h
 
-    def _time_at_fraction(self, s, h, r):
-        """The time whose lambda is lambda_s + r h."""
-        return self.noise_schedule.inverse_lambda(self.noise_schedule.marginal_lambda(s) + r * h)
+    def _stage(self, x, s, h, r, model_s, r1=None, model_s1=None):
+        """The model at lambda_s + r h, from the first-order step (plus, given the r1 stage, its psi_2 correction)."""
+        t = self.noise_schedule.inverse_lambda(self.noise_schedule.marginal_lambda(s) + r * h)
+        ratio, mu, H, _ = self._coefficients(s, t)
+        u = ratio * x - mu * torch.expm1(H) * model_s
+        if model_s1 is not None:
+            u = u - (r / r1) * mu * (torch.expm1(H) / H - 1.0) * (model_s1 - model_s)
+        return self.model_fn(u, t)
 
     def singlestep_dpm_solver_update(self, x, s, t, order, r1=None, r2=None, stages=(), return_stages=False):
-        """One singlestep DPM-Solver(++) step of `order` (1-3) from s to t (scalar tensors), order model calls.
+        """One singlestep step of `order` (1-3) from s to t (scalar tensors), `order` model calls: DPM-Solver eq.
+        (3.7) / Algorithms 4-5 and DPM-Solver++ Algorithm 1 (and its third-order counterpart), in (ratio, mu, H).
 
-        Stage points are at lambda_s + r1 h and lambda_s + r2 h (defaults 1/2 for order 2, 1/3 and 2/3 for
-        order 3). Formulas: DPM-Solver eq. (3.7) / Algorithms 4-5 and DPM-Solver++ Algorithm 1 (and its
-        third-order counterpart), in the unified (ratio, mu, H) form.
-        stages: model values already computed at s (and at the r1 point) by a lower-order step from the same x;
-        they are reused, not recomputed (the adaptive solver's pairs).
+        Stage points at lambda_s + r1 h, lambda_s + r2 h (defaults 1/2; 1/3, 2/3). stages: model values at s
+        (and r1) already computed from the same x by a lower order (the adaptive pairs), reused.
         Returns x_t, or (x_t, [model_s, model_s1, ...]) with return_stages=True.
         """
         stages = list(stages) or [self.model_fn(x, s)]
-        model_s = stages[0]
         ratio, mu_t, H, h = self._coefficients(s, t)
         psi1 = torch.expm1(H)
-        # First-order (DDIM-like) part shared by all orders.
-        x_t = ratio * x - mu_t * psi1 * model_s
+        x_t = ratio * x - mu_t * psi1 * stages[0]  # first order (DDIM), shared by all orders
         if order >= 2:
             r1 = (0.5 if order == 2 else 1.0 / 3.0) if r1 is None else r1
             if len(stages) < 2:
-                s1 = self._time_at_fraction(s, h, r1)
-                ratio1, mu_1, H1, _ = self._coefficients(s, s1)
-                stages.append(self.model_fn(ratio1 * x - mu_1 * torch.expm1(H1) * model_s, s1))
-            model_s1 = stages[1]
-            if order == 2:
-                # Second-order correction from the difference of the two stage predictions.
-                x_t = x_t - (0.5 / r1) * mu_t * psi1 * (model_s1 - model_s)
+                stages.append(self._stage(x, s, h, r1, stages[0]))
+            if order == 2:  # second-order correction from the two stage predictions
+                x_t = x_t - (0.5 / r1) * mu_t * psi1 * (stages[1] - stages[0])
             else:
                 r2 = 2.0 / 3.0 if r2 is None else r2
-                s2 = self._time_at_fraction(s, h, r2)
-                ratio2, mu_2, H2, _ = self._coefficients(s, s2)
-                psi2_s2 = torch.expm1(H2) / H2 - 1.0
-                u2 = (ratio2 * x - mu_2 * torch.expm1(H2) * model_s
-                      - (r2 / r1) * mu_2 * psi2_s2 * (model_s1 - model_s))
-                model_s2 = self.model_fn(u2, s2)
-                stages.append(model_s2)
-                # Third-order correction.
-                x_t = x_t - (1.0 / r2) * mu_t * (psi1 / H - 1.0) * (model_s2 - model_s)
+                stages.append(self._stage(x, s, h, r2, stages[0], r1, stages[1]))
+                x_t = x_t - (1.0 / r2) * mu_t * (psi1 / H - 1.0) * (stages[2] - stages[0])
         return (x_t, stages) if return_stages else x_t
 
     def multistep_dpm_solver_update(self, x, model_prev_list, t_prev_list, t, order):
-        """One multistep DPM-Solver(++) step to t reusing the last `order` model values (no new model call).
+        """One multistep step to t from the last `order` predictions (most recent last; no new model call).
 
-        model_prev_list / t_prev_list: the previous predictions and their times, most recent last.
-        Order 2 is DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2). Order 3 (3M) integrates the quadratic
-        through the last three predictions exactly: with D1 ~ h m' and D2 ~ h^2 m''/2 (divided differences
-        in lambda), x_t = ratio x - mu_t [psi1 m0 + psi2 D1 + 2 psi3 D2], since
-        int_0^h e^{H - u} u^2/2 du = h^2 psi3 (for H = h): exact for quadratic predictions, third order
-        (the official code's psi3 weight makes its 3M second order; see the module docstring).
+        Order 2 is DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2). Order 3 integrates the quadratic through
+        the last three predictions exactly: with D1 ~ h m' and D2 ~ h^2 m''/2 (divided differences in lambda),
+        x_t = ratio x - mu_t [psi1 m0 + psi2 D1 + 2 psi3 D2], since int_0^h e^{H - u} u^2/2 du = h^2 psi3 (H = h):
+        third order (the official code's psi3 weight makes its 3M second order; see the module docstring).
         """
-        ns = self.noise_schedule
-        s = t_prev_list[-1]
-        ratio, mu_t, H, h = self._coefficients(s, t)
-        m0 = model_prev_list[-1]
+        ns, m = self.noise_schedule, model_prev_list
+        ratio, mu_t, H, h = self._coefficients(t_prev_list[-1], t)
         psi1 = torch.expm1(H)
         if order == 1:
-            return ratio * x - mu_t * psi1 * m0
-        lam0, lam1 = ns.marginal_lambda(s), ns.marginal_lambda(t_prev_list[-2])
+            return ratio * x - mu_t * psi1 * m[-1]
+        lam0, lam1 = ns.marginal_lambda(t_prev_list[-1]), ns.marginal_lambda(t_prev_list[-2])
         r0 = (lam0 - lam1) / h
-        D1_0 = (m0 - model_prev_list[-2]) / r0  # ~ h * dm/dlambda
+        D1_0 = (m[-1] - m[-2]) / r0  # ~ h * dm/dlambda
         if order == 2:
-            return ratio * x - mu_t * psi1 * m0 - 0.5 * mu_t * psi1 * D1_0
-        lam2 = ns.marginal_lambda(t_prev_list[-3])
-        r1 = (lam1 - lam2) / h
-        D1_1 = (model_prev_list[-2] - model_prev_list[-3]) / r1
+            return ratio * x - mu_t * psi1 * m[-1] - 0.5 * mu_t * psi1 * D1_0
+        r1 = (lam1 - ns.marginal_lambda(t_prev_list[-3])) / h
+        D1_1 = (m[-2] - m[-3]) / r1
         D1 = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)  # ~ h * dm/dlambda, second-order accurate
         D2 = (D1_0 - D1_1) / (r0 + r1)  # ~ h^2/2 * d2m/dlambda2
         psi2 = psi1 / H - 1.0
-        psi3 = psi2 / H - 0.5
-        return ratio * x - mu_t * (psi1 * m0 + psi2 * D1 + 2.0 * psi3 * D2)
+        return ratio * x - mu_t * (psi1 * m[-1] + psi2 * D1 + 2.0 * (psi2 / H - 0.5) * D2)
 
     def dpm_solver_adaptive(self, x, order, t_T, t_0, h_init=0.05, atol=0.0078, rtol=0.05, theta=0.9, t_err=1e-5):
-        """Adaptive step size (Lu et al. 2022a, Appendix C, Algorithm 3): pair order k-1 with order k sharing stages.
+        """Adaptive step size (Lu et al. 2022a, Appendix C, Algorithm 3): order k-1 paired with order k.
 
-        The step is accepted when the RMS of (x_high - x_low) / max(atol, rtol max(|x_low|, |x_prev|)) is <= 1
+        A step is accepted when the RMS of (x_high - x_low) / max(atol, rtol max(|x_low|, |x_prev|)) is <= 1
         for every sample; h <- min(theta h E^{-1/order}, lambda_0 - lambda_s). Returns x at t_0.
         """
         if order not in (2, 3):
             raise ConfigError(f"the adaptive solver pairs orders 1/2 or 2/3; order must be 2 or 3, got {order}")
         ns = self.noise_schedule
-        dtype = x.dtype
-        s = torch.tensor(float(t_T), dtype=dtype, device=x.device)
-        t_end = torch.tensor(float(t_0), dtype=dtype, device=x.device)
+        s, t_end, h = (torch.tensor(float(v), dtype=x.dtype, device=x.device) for v in (t_T, t_0, h_init))
         lambda_s, lambda_0 = ns.marginal_lambda(s), ns.marginal_lambda(t_end)
-        h = torch.tensor(h_init, dtype=dtype, device=x.device)
         x_prev = x
         r1 = 0.5 if order == 2 else 1.0 / 3.0
         while (s - t_end).abs() > t_err:
@@ -459,8 +392,7 @@ class DPM_Solver:
             # The higher order reuses the lower one's stages: one new model call per attempt.
             x_high = self.singlestep_dpm_solver_update(x, s, t, order, r1=r1, stages=stages)
             delta = torch.maximum(torch.full_like(x_low, atol), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
-            err = ((x_high - x_low) / delta).reshape(x.shape[0], -1)
-            E = err.pow(2).mean(dim=1).sqrt().max()
+            E = ((x_high - x_low) / delta).reshape(x.shape[0], -1).pow(2).mean(dim=1).sqrt().max()
             if not torch.isfinite(E):
                 # A NaN error estimate would never accept a step: fail instead of looping forever.
                 raise InputError(f"adaptive DPM-Solver: the model output became NaN/Inf near t = {float(s):.4g}")
@@ -468,7 +400,6 @@ class DPM_Solver:
                 x, x_prev, s = x_high, x_low, t
                 lambda_s = ns.marginal_lambda(s)
             h = torch.minimum(theta * h * E.clamp(min=1e-12) ** (-1.0 / order), lambda_0 - lambda_s)
-        logger.debug("adaptive DPM-Solver: %d model calls", self.nfe)
         return x
 
     # ----- sampling -----
@@ -484,10 +415,8 @@ class DPM_Solver:
         denoise_to_zero: one more call, returning the data prediction at t_end.
         return_intermediate: also return the list of states after every outer step (first: x).
         """
-        if method not in METHODS:
-            raise ConfigError(f"unknown method '{method}'; known: {', '.join(METHODS)}")
-        if skip_type not in SKIP_TYPES:
-            raise ConfigError(f"unknown skip_type '{skip_type}'; known: {', '.join(SKIP_TYPES)}")
+        _known("method", method, METHODS)
+        _known("skip_type", skip_type, SKIP_TYPES)
         if order not in (1, 2, 3):
             raise ConfigError(f"order must be 1, 2 or 3, got {order}")
         check_start(x, None if method == "adaptive" else steps)
@@ -525,23 +454,16 @@ class DPM_Solver:
                 outer, orders = self.get_orders_and_timesteps_for_singlestep_solver(steps, order, skip_type, t_T, t_0,
                                                                                    device, dtype)
             else:
-                K = steps // order
-                if K < 1:
+                if steps < order:
                     raise ConfigError(f"singlestep_fixed needs steps >= order, got steps={steps}, order={order}")
-                orders = [order] * K
-                outer = self.get_time_steps(skip_type, t_T, t_0, K, device, dtype)
-            for i, step_order in enumerate(orders):
-                s, t = outer[i], outer[i + 1]
-                r1 = r2 = None
-                if step_order > 1:
-                    # Stage points: the inner points of the same grid type between s and t. On a logSNR grid
-                    # this gives r1 = 1/2 or (1/3, 2/3); on a time-uniform grid they are the skipped grid points.
-                    inner = self.get_time_steps(skip_type, float(s), float(t), step_order, device, torch.float64)
-                    lam = ns.marginal_lambda(inner).to(dtype)
-                    h = lam[-1] - lam[0]
-                    r1 = (lam[1] - lam[0]) / h
-                    r2 = (lam[2] - lam[0]) / h if step_order > 2 else None
-                x = self.singlestep_dpm_solver_update(x, s, t, step_order, r1=r1, r2=r2)
+                orders = [order] * (steps // order)
+                outer = self.get_time_steps(skip_type, t_T, t_0, len(orders), device, dtype)
+            for s, t, step_order in zip(outer[:-1], outer[1:], orders):
+                # Stage points: the inner points of the same grid type between s and t: r1 = 1/2 or (1/3, 2/3) on
+                # a logSNR grid, the skipped grid points on a time-uniform one.
+                lam = ns.marginal_lambda(self.get_time_steps(skip_type, float(s), float(t), step_order, device))
+                r = ((lam[1:-1] - lam[0]) / (lam[-1] - lam[0])).to(dtype)
+                x = self.singlestep_dpm_solver_update(x, s, t, step_order, *r)
                 intermediates.append(x)
         if denoise_to_zero:
             x = self.data_prediction_fn(x, torch.tensor(t_0, dtype=dtype, device=device))

@@ -28,15 +28,16 @@ EM_T_MIN = 1e-3
 
 
 def stable_diffusion_beta_schedule(linear_start=0.00085, linear_end=0.0120, n_timestep=1000):
-    """Stable Diffusion's "scaled linear" betas: a float64 linspace of sqrt(beta), squared.
-
-    Returns (n_timestep,) float64; betas[n-1] is beta_n for n = 1..n_timestep.
-    """
+    """Stable Diffusion's "scaled linear" betas (n_timestep,) float64, betas[n-1] = beta_n: sqrt(beta) linear."""
     return torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64) ** 2
 
 
-def _per_sample_mse(eps, pred):
-    """(B,) mean over non-batch dims of (eps - pred)^2, in float32 whatever the autocast dtype of pred."""
+def _noised_mse(nnet, x0, eps, log_alpha, t_input, cond):
+    """LSimple per sample: (B,) float32 (whatever the autocast dtype) mean of (eps - nnet(x_t, t_input))^2,
+    x_t = alpha x0 + sigma eps with alpha = exp(log_alpha) (B,), sigma = sqrt(1 - alpha^2)."""
+    alpha = _expand_dims(torch.exp(log_alpha), x0.ndim).to(x0.dtype)
+    sigma = _expand_dims(torch.sqrt(-torch.expm1(2.0 * log_alpha)), x0.ndim).to(x0.dtype)
+    pred = nnet(alpha * x0 + sigma * eps, t_input, **cond)
     if pred.shape != eps.shape:
         raise InputError(f"the network returned shape {tuple(pred.shape)}, expected the input shape {tuple(eps.shape)}")
     return (eps.float() - pred.float()).pow(2).reshape(eps.shape[0], -1).mean(dim=1)
@@ -55,9 +56,7 @@ class ScoreModel:
     """
 
     def __init__(self, eps_net, diffusion, **cond):
-        self.eps_net = eps_net
-        self.diffusion = diffusion
-        self.cond = cond
+        self.eps_net, self.diffusion, self.cond = eps_net, diffusion, cond
 
     def noise_pred(self, x, t):
         """eps_hat(x, t)."""
@@ -91,12 +90,9 @@ class ContinuousVP:
         `generator` or torch's default generator on x0.device. x_t = alpha_t x0 + sigma_t eps.
         """
         _check_x0(x0)
-        B = x0.shape[0]
-        t = torch.rand(B, generator=generator, device=x0.device, dtype=torch.float32)
+        t = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=torch.float32)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        alpha = _expand_dims(self.schedule.marginal_alpha(t), x0.ndim).to(x0.dtype)
-        sigma = _expand_dims(self.schedule.marginal_std(t), x0.ndim).to(x0.dtype)
-        return _per_sample_mse(eps, nnet(alpha * x0 + sigma * eps, self.network_time(t), **cond))
+        return _noised_mse(nnet, x0, eps, self.schedule.marginal_log_mean_coeff(t), self.network_time(t), cond)
 
     def reverse_sde_drift(self, score_model, x, t):
         """Drift of the reverse SDE (Anderson 1982; Song et al. 2021 eq. 6): -beta x/2 - beta score. t: (B,)."""
@@ -174,14 +170,9 @@ class DiscreteVP:
         x_n = sqrt(abar_n) x0 + sqrt(1 - abar_n) eps.
         """
         _check_x0(x0)
-        B = x0.shape[0]
-        n = torch.randint(1, self.N + 1, (B,), generator=generator, device=x0.device)
+        n = torch.randint(1, self.N + 1, (x0.shape[0],), generator=generator, device=x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        _, log_alpha_table = self.schedule.tables(x0.device, torch.float64)
-        log_alpha = log_alpha_table[n - 1]
-        alpha = _expand_dims(torch.exp(log_alpha), x0.ndim).to(x0.dtype)
-        sigma = _expand_dims(torch.sqrt(-torch.expm1(2.0 * log_alpha)), x0.ndim).to(x0.dtype)
-        return _per_sample_mse(eps, nnet(alpha * x0 + sigma * eps, n, **cond))
+        return _noised_mse(nnet, x0, eps, self.schedule.tables(x0.device, torch.float64)[1][n - 1], n, cond)
 
 
 DIFFUSIONS = ("continuous", "discrete")

@@ -1,14 +1,10 @@
 """Infinite, resumable, rank-sharded data loading.
 
-The global sample stream is the concatenation of per-epoch permutations of the dataset, epoch e
-drawn from a torch.Generator seeded with (seed, e). The position in that stream counts samples
-consumed by all processes together; each global batch is the next `batch_size` stream entries,
-rank r taking entries r, r + W, r + 2W, ... (W = world size). Saving the position is enough to
-resume the exact data order, whatever the number of workers.
-
-Augmentation (flips, random crops) draws from torch's default generator inside the dataset.
-To make it reproducible after a resume, every item is produced with the CPU generator seeded
-from (seed, stream position), so sample k of the stream gets the same flip in any run.
+The global sample stream concatenates per-epoch permutations of the dataset, epoch e seeded with (seed, e).
+The position in it counts samples consumed by all processes together; rank r of W takes entries r, r + W, ...
+of each global batch. Saving the position resumes the exact data order, whatever the number of workers.
+Augmentation (flips, crops) draws from torch's default CPU generator, seeded per item from (seed, stream
+position): sample k of the stream gets the same flip in any run.
 """
 import logging
 import os
@@ -32,26 +28,19 @@ def mix_seed(seed: int, k: int) -> int:
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     """(n,) int64: the order of epoch `epoch`, a function of (seed, epoch) only."""
-    g = torch.Generator().manual_seed(mix_seed(seed, epoch))
-    return torch.randperm(n, generator=g)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(mix_seed(seed, epoch)))
 
 
 class InfiniteSampler(Sampler):
-    """Yields (dataset index, stream position) pairs of one rank forever, from `start` on.
-
-    n: dataset length; start: global stream position (samples consumed by all ranks) to begin at.
-    """
+    """Yields (dataset index, stream position) pairs of one rank forever, from global position `start` on."""
 
     def __init__(self, n: int, *, rank: int = 0, world_size: int = 1, seed: int = 0, start: int = 0):
         if n <= 0:
             raise ConfigError("the training set is empty: check config.dataset.path")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} outside world size {world_size}")
         self.n, self.rank, self.world_size, self.seed, self.start = n, rank, world_size, seed, int(start)
 
     def __iter__(self):
-        pos = self.start + self.rank
-        epoch, perm = None, None
+        pos, epoch, perm = self.start + self.rank, None, None
         while True:
             e, offset = divmod(pos, self.n)
             if e != epoch:
@@ -61,8 +50,8 @@ class InfiniteSampler(Sampler):
 
 
 class PositionSeeded(Dataset):
-    """Wraps a dataset so that item (index, position) is made with torch's CPU generator seeded
-    from (seed, position). In the main process the caller's generator state is put back."""
+    """Makes item (index, position) with torch's CPU generator seeded from (seed, position); in the main
+    process the caller's generator state is put back."""
 
     def __init__(self, dataset: Dataset, seed: int):
         self.dataset, self.seed = dataset, seed
@@ -71,8 +60,7 @@ class PositionSeeded(Dataset):
         return len(self.dataset)
 
     def _seeded(self, position, fn, *args):
-        in_worker = get_worker_info() is not None
-        saved = None if in_worker else torch.get_rng_state()
+        saved = None if get_worker_info() is not None else torch.get_rng_state()
         # The CPU generator only (torch.manual_seed would also reseed every CUDA device: ~100x slower).
         torch.default_generator.manual_seed(mix_seed(self.seed, position))
         try:
@@ -86,9 +74,8 @@ class PositionSeeded(Dataset):
         return self._seeded(position, self.dataset.__getitem__, index)
 
     def __getitems__(self, keys):
-        """A whole batch (DataLoader uses this when present): datasets that read batches at once (the packed
-        latent features) keep doing so, seeded once from the batch's first position; a resume restarts at a
-        batch boundary, so the batches and their draws are the same."""
+        """A whole batch: datasets that read batches at once (packed latent features) keep doing so, seeded from
+        the batch's first position (a resume restarts at a batch boundary, so the draws are the same)."""
         if not hasattr(self.dataset, '__getitems__'):
             return [self[k] for k in keys]
         return self._seeded(keys[0][1], self.dataset.__getitems__, [index for index, _ in keys])
@@ -103,11 +90,8 @@ def resolve_num_workers(num_workers: int, local_world_size: int = 1) -> int:
 
 
 class ResumableLoader:
-    """An endless iterator of per-rank batches whose position can be saved and restored.
-
-    batch_size: per-process batch; the global batch is batch_size * world_size.
-    `state_dict()` = {'position': samples consumed by all ranks, 'seed', 'dataset_len'}.
-    """
+    """An endless iterator of per-rank batches (batch_size each, batch_size * world_size globally) whose
+    position can be saved: `state_dict()` = {'position': samples consumed by all ranks, 'seed', 'dataset_len'}."""
 
     def __init__(self, dataset: Dataset, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  num_workers: int = 0, pin_memory: bool = False, persistent_workers: bool = False):

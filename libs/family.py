@@ -1,16 +1,11 @@
-"""What a config trains and samples, as data, decided in one place (`family_of`).
+"""What a config trains and samples, decided in one place (`family_of`): a `Family` is three choices.
 
-A `Family` is three choices, all read from the config:
-- data: 'latents' when config.z_shape is set (the network sees scale_factor * z of the KL-f8
-  autoencoder, sampled from stored moments or encoded on the fly), else 'pixels' (images in [-1, 1]);
-- time: config.diffusion, 'continuous' (VP-SDE, the network sees 999 t) or 'discrete' (SD betas, integer n);
-- condition: 'text' for the uvit_t2i network (CLIP context (77, 768)), 'none' with
-  config.train.mode='uncond', else 'label' (class index y).
+- data: 'latents' when config.z_shape is set (scale_factor * z of the KL-f8 autoencoder), else 'pixels' ([-1, 1]);
+- time: config.diffusion, 'continuous' (VP-SDE, network sees 999 t) or 'discrete' (SD betas, integer n);
+- condition: 'text' for uvit_t2i (CLIP context (77, 768)), 'none' with config.train.mode='uncond', else 'label'.
 
-`SCRIPTS` names the train and eval script of each family. Each entry script names the family it
-serves (the constants at the end) and stops with a ConfigError naming the right script when given
-a config of another family. `Sampler` is the one image-producing path of sample grids,
-training-time FID, the eval and the sampling scripts.
+`SCRIPTS` names each family's train and eval script; each entry script serves one family (the constants at the
+end) and names the right script for a config of another. `Sampler` is the one image-producing path.
 """
 import dataclasses
 from typing import Any
@@ -36,13 +31,10 @@ _DATASET_KINDS = {'pixels': ('pixels',), 'latents': ('latent_moments', 'images_f
 
 
 def per_index_noise(indices, seed: int, shape, device=None) -> torch.Tensor:
-    """(len(indices), *shape) standard normal noise; row k depends only on (seed, indices[k]).
-
-    Drawn on the CPU so the same image comes out on any device and any number of processes.
-    """
-    rows = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(mix_seed(seed, int(i))))
-            for i in indices]
-    return torch.stack(rows).to(device)
+    """(len(indices), *shape) standard normal noise, row k a function of (seed, indices[k]) only: drawn on the
+    CPU, so the same image comes out on any device and any number of processes."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(mix_seed(seed, int(i))))
+                        for i in indices]).to(device)
 
 
 def index_generators(seed, indices, device="cpu"):
@@ -94,8 +86,8 @@ class Family:
     # -- configuration ----------------------------------------------------------------------------
 
     def for_config(self, config, stage='train') -> 'Family':
-        """family_of(config) when this family's script serves it ('train' or 'eval' `stage`); else a
-        ConfigError naming the script that does."""
+        """family_of(config) when this family's `stage` ('train' / 'eval') script serves it, else a ConfigError
+        naming the script that does."""
         family = family_of(config)
         if family.key == self.key:
             return family
@@ -144,13 +136,11 @@ class Family:
 
     def shape(self, config) -> tuple:
         """(C, H, W) of x0 the network sees: config.z_shape for latents, (in_chans, img_size, img_size) for pixels."""
-        if self.data == 'latents':
-            return tuple(config.z_shape)
-        return config.nnet.get('in_chans', 3), config.nnet.img_size, config.nnet.img_size
+        n = config.nnet
+        return tuple(config.z_shape) if self.data == 'latents' else (n.get('in_chans', 3), n.img_size, n.img_size)
 
     def null_condition(self, config, empty_context=None):
-        """What replaces the condition for guidance: the null label num_classes - 1, or the empty
-        prompt's context (77, 768); None for unconditional families."""
+        """Guidance's unconditional condition: null label num_classes - 1 or the empty prompt's context (77, 768)."""
         if self.condition == 'label':
             return int(config.nnet.num_classes) - 1
         if self.condition == 'text' and empty_context is not None:
@@ -160,11 +150,8 @@ class Family:
     # -- training ---------------------------------------------------------------------------------
 
     def prepare_batch(self, batch: dict, autoencoder=None):
-        """A loader batch (on the device) -> (x0 (B, C, H, W) for the loss, cond kwargs of the network).
-
-        Latents are drawn afresh every step: from stored moments, z = scale_factor * (mean + std * noise),
-        or by encoding raw images; both draw from torch's default generator on the device.
-        """
+        """A loader batch (on the device) -> (x0 (B, C, H, W), the network's cond kwargs). Latents are drawn afresh
+        every step (torch's default generator): scale_factor * (mean + std * noise) of stored moments, or encoded."""
         if self.data == 'pixels':
             x0 = batch['x']
         elif autoencoder is None:
@@ -178,8 +165,7 @@ class Family:
         return x0, ({key: batch[key]} if key else {})
 
     def drop_condition(self, cond: dict, p_uncond: float, null) -> dict:
-        """Classifier-free guidance training: each sample's condition becomes `null` with probability
-        p_uncond (one uniform draw per sample from torch's default generator on the condition's device)."""
+        """Guidance training: each condition becomes `null` with probability p_uncond (one torch.rand per sample)."""
         if p_uncond <= 0 or self.condition == 'none':
             return cond
         key = _COND_KEYS[self.condition]
@@ -205,8 +191,7 @@ class Family:
                 float(g.scale) if g.scale >= 0 else guidance_scale(config))
 
     def sample_labels(self, config, n: int):
-        """(n,) int64 class labels to evaluate with, uniform over the data classes (config.nnet.num_classes
-        without the null label of guidance training) and seeded by config.seed; None for other families."""
+        """(n,) int64 labels uniform over the data classes, seeded by config.seed; None for other families."""
         if self.condition != 'label':
             return None
         return torch.randint(0, data_classes(config), (int(n),), generator=torch.Generator().manual_seed(config.seed))
@@ -226,12 +211,8 @@ class Family:
 
 @dataclasses.dataclass
 class Sampler:
-    """A network ready to sample: `generate_fn` turns image indices into images.
-
-    Image i starts from noise seeded by (seed, i) and is conditioned on labels[i] / contexts[i]
-    (tables indexed by the global image index), so any split of the indices over processes and
-    batches gives the same images.
-    """
+    """A network ready to sample: `generate_fn` turns image indices into images. Image i starts from noise seeded
+    by (seed, i), conditioned on labels[i] / contexts[i]: any split of the indices gives the same images."""
     family: Family
     nnet: Any
     shape: tuple  # (C, H, W) of x0
@@ -258,13 +239,12 @@ class Sampler:
 
         def generate_fn(indices):
             indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
+            key, table, dtype = (('y', labels, torch.int64) if labels is not None
+                                 else ('context', contexts, torch.float32))
             cond = uncond = None
-            if labels is not None:
-                cond = {'y': torch.as_tensor(labels[indices], dtype=torch.int64, device=self.device)}
-                uncond = {'y': torch.full_like(cond['y'], int(self.null))} if scale > 0 else None
-            elif contexts is not None:
-                c = torch.as_tensor(contexts[indices], dtype=torch.float32, device=self.device)
-                cond, uncond = {'context': c}, ({'context': self.null.to(c).expand_as(c)} if scale > 0 else None)
+            if table is not None:  # uncond: the null label / empty context for every image
+                c = torch.as_tensor(table[indices], dtype=dtype, device=self.device)
+                cond, uncond = {key: c}, ({key: torch.as_tensor(self.null).to(c).expand_as(c)} if scale > 0 else None)
             with torch.no_grad():
                 x0 = sample(self.nnet, diffusion, per_index_noise(indices, self.seed, self.shape, self.device),
                             algorithm=algorithm, steps=steps, cond=cond, uncond=uncond, scale=scale,

@@ -21,15 +21,11 @@ from libs.errors import InputError
 
 
 def timestep_embedding(timesteps, dim, max_period=10000):
-    """Sinusoidal embedding of (possibly fractional) time values, [cos | sin].
+    """Sinusoidal embedding [cos(t f) | sin(t f)] of (B,) time values (e.g. 999 t or n in 1..1000) -> (B, dim).
 
-    The transformer position encoding (Vaswani et al. 2017) applied to time, as in DDPM (Ho et al.
-    2020): frequencies f_i = max_period ** (-i / half), i = 0..half-1, half = dim // 2; the output is
-    [cos(t f_0..f_{half-1}) | sin(t f_0..f_{half-1})], with a zero column appended when dim is odd.
-
-    timesteps: (B,) raw time values as the scripts pass them (e.g. 999 t or n in 1..1000).
-    Returns (B, dim) float32 whatever the input dtype: the published models were trained with a
-    float32 embedding, and low precision would blur large t.
+    The transformer position encoding (Vaswani et al. 2017) applied to time, as in DDPM (Ho et al. 2020):
+    f_i = max_period ** (-i / half), i < half = dim // 2, plus a zero column when dim is odd. Always float32:
+    the published models were trained so, and low precision would blur large t.
     """
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)  # (half,)
@@ -70,10 +66,7 @@ class Mlp(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention; the kernel is chosen by libs.attention.
-
-    qkv's output features are laid out (3, heads, head_dim), as in timm's ViT and the original.
-    """
+    """Multi-head self-attention, kernel chosen by libs.attention; qkv features laid out (3, h, Dh) as the original."""
 
     def __init__(self, dim, num_heads=8, qkv_bias=False, qk_scale=None):
         super().__init__()
@@ -93,13 +86,9 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block; an out-block first fuses its long skip.
-
-    x = skip_linear(cat([x, skip], -1))  (out-blocks only; x first, then the skip)
-    x = x + attn(norm1(x));  x = x + mlp(norm2(x))
-
-    With use_checkpoint, training-mode forwards are recomputed in the backward pass
-    (torch.utils.checkpoint, non-reentrant): same gradients, far less activation memory.
+    """Pre-LayerNorm transformer block: x = skip_linear(cat([x, skip], -1)) (out-blocks only), then
+    x = x + attn(norm1(x)); x = x + mlp(norm2(x)). use_checkpoint recomputes training forwards in the
+    backward pass (non-reentrant torch.utils.checkpoint): same gradients, far less activation memory.
     """
 
     def __init__(self, dim, num_heads, mlp_ratio=4., qkv_bias=False, qk_scale=None,
@@ -123,15 +112,11 @@ class Block(nn.Module):
         if self.skip_linear is not None:
             x = self.skip_linear(torch.cat([x, skip], dim=-1))  # (B, T, 2D) -> (B, T, D)
         x = x + self.attn(self.norm1(x))  # (B, T, D)
-        x = x + self.mlp(self.norm2(x))  # (B, T, D)
-        return x
+        return x + self.mlp(self.norm2(x))  # (B, T, D)
 
 
 def unpatchify(x, channels):
-    """Patch tokens back to an image; each token's features are ordered (p1, p2, C).
-
-    x: (B, L, p * p * C) with L a square number -> (B, C, sqrt(L) * p, sqrt(L) * p).
-    """
+    """Patch tokens (B, L, p * p * C), features ordered (p1, p2, C), L square -> image (B, C, sqrt(L) p, sqrt(L) p)."""
     B, L, patch_dim = x.shape
     p = int(math.isqrt(patch_dim // channels))
     grid = int(math.isqrt(L))
@@ -142,36 +127,26 @@ def unpatchify(x, channels):
 
 
 class UViTBase(nn.Module):
-    """What both U-ViTs share: patch and time embeddings, the U-shaped stack of blocks with long
-    skips, and the head. A subclass registers its condition embedding between
-    `__init__` (patch_embed, time_embed) and `_build_trunk` (pos_embed, blocks, head), so that
-    the state-dict order is the original's, and builds the token sequence in `forward`.
-
-    depth D gives D // 2 in-blocks, one middle block and D // 2 out-blocks. An odd depth
-    therefore builds the same network as the even depth below it: a quirk of the original, kept
-    so that configs and checkpoints mean the same thing here.
+    """What both U-ViTs share: patch and time embeddings, the U-shaped stack of blocks with long skips, the
+    head. A subclass registers its condition embedding between `__init__` (patch_embed, time_embed) and
+    `_build_trunk` (pos_embed, blocks, head), keeping the original's state-dict order, and builds the tokens
+    in `forward`. Depth D gives D // 2 in-blocks, a middle block and D // 2 out-blocks: an odd depth builds
+    the even depth below it, a quirk of the original kept so configs and checkpoints mean the same here.
     """
 
     def __init__(self, img_size, patch_size, in_chans, embed_dim, mlp_time_embed):
         super().__init__()
         attention_backends.prepare()  # fail early on a bad UVIT_ATTENTION; import xformers outside forward
-        self.img_size = img_size
-        self.patch_size = patch_size
-        self.in_chans = in_chans
-        self.embed_dim = embed_dim
+        self.img_size, self.patch_size, self.in_chans, self.embed_dim = img_size, patch_size, in_chans, embed_dim
         self.num_patches = (img_size // patch_size) ** 2
         self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
-        self.time_embed = nn.Sequential(
-            nn.Linear(embed_dim, 4 * embed_dim),
-            nn.SiLU(),
-            nn.Linear(4 * embed_dim, embed_dim),
-        ) if mlp_time_embed else nn.Identity()
+        self.time_embed = nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(),
+                                        nn.Linear(4 * embed_dim, embed_dim)) if mlp_time_embed else nn.Identity()
 
     def _build_trunk(self, extras, depth, num_heads, mlp_ratio, qkv_bias, qk_scale, norm_layer,
                      use_checkpoint, conv, skip):
         """Register pos_embed, the blocks and the head, then initialise every weight."""
-        self.extras = extras
-        self.depth = depth
+        self.extras, self.depth = extras, depth
         self.pos_embed = nn.Parameter(torch.zeros(1, extras + self.num_patches, self.embed_dim))
         block = dict(dim=self.embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
                      qk_scale=qk_scale, norm_layer=norm_layer, use_checkpoint=use_checkpoint)
@@ -202,13 +177,12 @@ class UViTBase(nn.Module):
     def _check_timesteps(self, timesteps, x):
         """timesteps: (B,) or a scalar (tensor or number), broadcast to (B,). Returns (B,) on x.device."""
         B = x.shape[0]
-        if not isinstance(timesteps, torch.Tensor):
-            timesteps = torch.tensor(timesteps, device=x.device)
+        timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(B)
         if timesteps.shape != (B,):
             raise InputError(f"timesteps must have shape ({B},) (one per image) or be a scalar, got {tuple(timesteps.shape)}")
-        return timesteps.to(x.device)  # a no-op when already there
+        return timesteps
 
     def _time_token(self, timesteps):
         """timesteps: (B,) -> (B, 1, D)."""
@@ -236,10 +210,8 @@ class UViTBase(nn.Module):
 
 
 def _init_weights(m):
-    """The original's init: Linear trunc-normal(std .02) with zero bias, LayerNorm 1 / 0.
-
-    Convolutions and the label embedding keep PyTorch's defaults, as in the original.
-    """
+    """The original's init: Linear trunc-normal(std .02), zero bias; LayerNorm 1 / 0; convolutions and the
+    label embedding keep PyTorch's defaults."""
     if isinstance(m, nn.Linear):
         nn.init.trunc_normal_(m.weight, std=.02)
         if m.bias is not None:

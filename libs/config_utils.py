@@ -71,9 +71,6 @@ def suggest_keys(key, config):
 
 # ----------------------------------------------------------------------------- overrides
 
-_BOOLS = ("true", "t", "1", "yes", "false", "f", "0", "no")  # what absl's boolean flags accept
-
-
 def check_overrides(config, overrides, flag_name="config"):
     """Raise ConfigError for an override ('--config.a.b=v', 'config.a.b=v' or 'a.b=v') whose key `config` lacks
     (suggesting the closest ones) or whose value cannot take the key's type. Nothing is modified."""
@@ -87,16 +84,16 @@ def check_overrides(config, overrides, flag_name="config"):
         if text is None or current is None:
             continue  # a bare boolean flag, or a field whose type the config leaves open
         try:
+            # absl's parsers, which ml_collections applies the override with
             if isinstance(current, bool):
                 kind = "a boolean (true/false)"
-                if text.strip().lower() not in _BOOLS:
-                    raise ValueError(text)
+                flags.BooleanParser().parse(text)
             elif isinstance(current, int):
                 kind = "an integer"
-                int(text, 0)  # what absl's IntegerParser accepts: '16', '0x10'
+                flags.IntegerParser().parse(text)  # '16', '0x10'
             elif isinstance(current, float):
                 kind = "a number"
-                float(text)
+                flags.FloatParser().parse(text)
             elif isinstance(current, (tuple, list)) and current and all(map(_is_num, current)):
                 kind = f"a tuple of numbers like '{tuple(current)!r}'"
                 value = ast.literal_eval(text)  # '(0.9, 0.99)', or one element per repeated flag

@@ -203,7 +203,8 @@ _KINDS = {bool: ("a boolean", lambda v: isinstance(v, bool)), int: ("an integer"
           float: ("a number", _is_num), str: ("a string", lambda v: isinstance(v, str))}
 
 _BOUNDS = {"> 0": lambda v: v > 0, ">= 0": lambda v: v >= 0, ">= -1": lambda v: v >= -1,
-           "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 1)": lambda v: 0 <= v < 1}
+           "in [0, 1]": lambda v: 0 <= v <= 1, "in [0, 1)": lambda v: 0 <= v < 1,
+           "0 (no FID during training) or >= 2": lambda v: v == 0 or v >= 2}
 # (bound, what the value means, the keys it bounds): the range of every number with one.
 _RANGES = [
     ("> 0", "", "autoencoder.scale_factor"),
@@ -226,6 +227,7 @@ _RANGES = [
     ("> 0", "", "sample.sample_steps", "sample.n_samples", "grid.steps", "grid.n_rows", "grid.n_cols", "fid.steps"),
     # Per process: each process draws its share of the images in calls of at most this many.
     ("> 0", " (images per process per call)", "sample.mini_batch_size"),
+    ("0 (no FID during training) or >= 2", " (a covariance needs two images)", "fid.n_samples"),
     (">= -1", " (-1 = min(8, CPU cores per process))", "dataloader.num_workers"),
 ]
 _CHOICES = {"diffusion": ("continuous", "discrete"), "pred": ("noise_pred",), "train.mode": ("cond", "uncond"),
@@ -329,9 +331,6 @@ def parse_and_validate(config, *, world_size):
         fail("dataset.p_uncond", "with dataset.cfg = True: guidance training needs a probability > 0 (the paper "
                                  "uses 0.1 or 0.15)")
 
-    n_fid = get("fid.n_samples")
-    if _is_int(n_fid) and (n_fid < 0 or n_fid == 1):
-        fail("fid.n_samples", "must be 0 (no FID during training) or >= 2 (a covariance needs two images)")
     weights = get("fid.inception_weights")
     if weights is not None and not (isinstance(weights, str) and os.path.exists(weights)):
         fail("fid.inception_weights", "does not exist: give the path of pt_inception-2015-12-05 weights, or None "

@@ -221,8 +221,9 @@ def evaluate_checkpoint(r: Run, step: int):
         level = logging.WARNING if cfg.fid.stat or not hasattr(r.data, 'sample_metric') else logging.INFO
         log_once(logger, f"FID skipped during training: {reason}. Training goes on.", level)
     fid, score = sample_scores(r, 'fid', cfg.fid.n_samples, fid=not reason)
+    logged = dict(score or {})
     if fid is not None:
-        r.history['fid'][step] = float(fid['fid'])
+        logged['fid'] = r.history['fid'][step] = float(fid['fid'])
         logger.info("step %d: FID-%d %.3f (%d DPM-Solver steps, guidance scale %g)", step, fid['n'], fid['fid'],
                     cfg.fid.steps, r.family.protocol(cfg, 'fid')[2])
     if score is not None:
@@ -230,8 +231,7 @@ def evaluate_checkpoint(r: Run, step: int):
         logger.info("step %d: %s", step, ', '.join(f"{k} {v:.4f}" for k, v in score.items()))
     if r.accelerator.is_main_process:
         write_json({'step': step, **r.history}, os.path.join(r.workdir, 'score.json'))
-    fid = {'fid': r.history['fid'][step]} if step in r.history['fid'] else {}
-    r.accelerator.log({f"eval/{k}": v for k, v in {**fid, **(score or {})}.items()}, step=step)
+    r.accelerator.log({f"eval/{k}": v for k, v in logged.items()}, step=step)
 
 
 def final_evaluation(r: Run):
@@ -288,9 +288,8 @@ def train(config, workdir: str, family):
         seed=config.seed, pin_memory=config.dataloader.pin_memory,
         num_workers=resolve_num_workers(config.dataloader.num_workers, int(os.environ.get('LOCAL_WORLD_SIZE', 1))),
         persistent_workers=config.dataloader.persistent_workers)
-    autoencoder = None
-    if family.data == 'latents':
-        autoencoder = get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor).to(device)
+    autoencoder = (get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor).to(device)
+                   if family.data == 'latents' else None)
 
     # Create model: the same initialisation on every process (and for any number of processes); the EMA
     # copy starts equal to the online network, as the original's.
@@ -346,10 +345,9 @@ def train(config, workdir: str, family):
             if log_now:  # the hot loop's one host sync per log_interval
                 check_finite(r, step)
                 mean_loss, mean_norm = accelerator.reduce(torch.stack([loss_sum, grad_norm.float()]), 'mean').tolist()
-                now = time.time()
-                metrics = {'loss': mean_loss / (step - last_log_step), 'lr': lr_scheduler.get_last_lr()[0],
-                           'grad_norm': mean_norm,
-                           'images_per_s': (step - last_log_step) * t.batch_size / max(now - last_log_time, 1e-9)}
+                now, n = time.time(), step - last_log_step
+                metrics = {'loss': mean_loss / n, 'lr': lr_scheduler.get_last_lr()[0], 'grad_norm': mean_norm,
+                           'images_per_s': n * t.batch_size / max(now - last_log_time, 1e-9)}
                 logger.info("step %d/%d: %s", step, n_steps, ', '.join(f"{k} {v:.4g}" for k, v in metrics.items()))
                 r.logged.append({'step': step, **metrics})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
@@ -402,8 +400,8 @@ def define_flags():
 
 
 def dry_run(config, workdir: str, family):
-    """What train() checks before its first step, without training: the config and its files, the dataset,
-    the autoencoder and the network. Writes the resolved config to <workdir>/config.json."""
+    """What train() checks before its first step (config, files, dataset, autoencoder, network), without
+    training; writes the resolved config to <workdir>/config.json."""
     parse_and_validate(config, world_size=int(os.environ.get('WORLD_SIZE', 1)))
     family = family.for_config(config)
     family.check(config, get_dataset(config.dataset.name, **dataset_kwargs(config)))

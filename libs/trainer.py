@@ -146,8 +146,8 @@ def check_finite(r: Run, step: int):
     if step <= r.checked:  # every process has the same r.checked: all skip this collective together
         return
     t = r.config.train
-    flags = r.accelerator.reduce(r.nonfinite[r.checked + 1:step + 1].to(torch.int32), 'sum')
-    new = [r.checked + 1 + i for i in flags.nonzero().flatten().tolist()]
+    marked = r.accelerator.reduce(r.nonfinite[r.checked + 1:step + 1].to(torch.int32), 'sum')
+    new = [r.checked + 1 + i for i in marked.nonzero().flatten().tolist()]
     r.checked = step
     for s in new:
         logger.warning("step %d: NaN/infinite loss or gradients; the step was skipped (weights, EMA and optimizer "

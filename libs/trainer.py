@@ -1,15 +1,11 @@
-"""The one training loop behind train.py, train_ldm.py, train_ldm_discrete.py and train_t2i_discrete.py.
+"""The one training loop behind the four train*.py scripts; what differs between them lives in the `Family`
+(libs/family.py). `train(config, workdir, family)` reads top to bottom: accelerate, model, data, resume, the hot
+loop, then grids, checkpoints and evaluation at their intervals.
 
-`train(config, workdir, family)` reads top to bottom: accelerate setup, model, data, resume, the
-hot loop, then grids, checkpoints and evaluation at their intervals. What differs between the
-four scripts lives in the `Family` (libs/family.py).
-
-Hot loop rule: no host synchronisation per step. `train_step` is one optimizer step: its noise comes
-from the generator reseeded from (seed, rank, step), so a resumed run draws what the uninterrupted one
-did with no RNG state saved; a step with non-finite gradients is skipped on the device (fused AdamW's
-`found_inf`, the EMA's `applied`). The loss and the non-finite flags stay in device tensors and are
-read every `log_interval` steps and before every checkpoint, where `check_finite` applies
-config.train.max_nonfinite_*.
+Hot loop rule: no host synchronisation per step. `train_step` seeds its noise from (seed, rank, step), so a
+resumed run draws what the uninterrupted one did with no RNG state saved, and skips a step with non-finite
+gradients on the device (fused AdamW's `found_inf`, the EMA's `applied`). The loss and the non-finite flags
+stay on the device until every `log_interval` steps and every checkpoint, where `check_finite` reads them.
 """
 import contextlib
 import dataclasses
@@ -59,30 +55,16 @@ def write_json(obj, path):
     atomic_write_bytes((json.dumps(obj, indent=1, sort_keys=True, default=str) + '\n').encode(), path)
 
 
-def to_device(batch: dict, device) -> dict:
-    """Move a loader batch to `device` (asynchronously from pinned memory)."""
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def fid_unavailable(config) -> str:
-    """'' when FID can be computed, else the reason it cannot (said once)."""
-    if not config.fid.stat or not os.path.exists(config.fid.stat):
-        return (f"the FID reference statistics config.fid.stat={config.fid.stat!r} are missing; make them with "
+def fid_unavailable(r) -> str:
+    """'' when the Run can compute FID during training, else why not (said once; parse_and_validate checked
+    config.fid.inception_weights)."""
+    stat = r.config.fid.stat
+    if not stat or not os.path.exists(stat):
+        return (f"the FID reference statistics config.fid.stat={stat!r} are missing; make them with "
                 f"tools/compute_fid_stats.py or fetch the published ones with tools/download.py (docs/evaluation.md)")
-    weights = config.fid.inception_weights
-    if weights and not os.path.exists(weights):
-        return f"config.fid.inception_weights={weights!r} does not exist"
+    if r.family.condition == 'text' and getattr(r.data, 'fid_contexts', None) is None:
+        return 'the dataset gives no captions to sample with'
     return ''
-
-
-def run_fid(accelerator, generate_fn, config, n_samples, mini_batch_size):
-    """FID of generate_fn's images against config.fid.stat through libs.evaluation; None when impossible."""
-    try:
-        return evaluate(accelerator, generate_fn, n_samples, mini_batch_size, config.fid.stat, config.seed,
-                        inception_weights=config.fid.inception_weights)
-    except MissingFileError as e:
-        log_once(logger, f"FID skipped: {e}", logging.WARNING)
-        return None
 
 
 @dataclasses.dataclass
@@ -122,15 +104,10 @@ class Run:
         """Evaluation draws from its own seeds and must not move the training generators."""
         return torch.random.fork_rng(devices=[self.device] if self.device.type == 'cuda' else [])
 
-    def sampler(self):
-        """The EMA network ready to sample (libs.family.Sampler)."""
-        return Sampler.for_config(self.config, self.family, self.nnet_ema, self.device, self.autoencoder, self.null)
-
-    def generate_fn(self, use, n):
-        """(generate_fn with the protocol `use` of Family.protocol, the labels of the n images or None)."""
-        labels = self.family.sample_labels(self.config, n)
-        return self.sampler().generate_fn(*self.family.protocol(self.config, use), labels=labels,
-                                          contexts=getattr(self.data, 'fid_contexts', None)), labels
+    def generate_fn(self, use, labels, contexts):
+        """The EMA network's generate_fn (libs.family.Sampler) with the protocol `use` of Family.protocol."""
+        sampler = Sampler.for_config(self.config, self.family, self.nnet_ema, self.device, self.autoencoder, self.null)
+        return sampler.generate_fn(*self.family.protocol(self.config, use), labels=labels, contexts=contexts)
 
 
 def train_step(r: Run, batch, step: int):
@@ -142,7 +119,9 @@ def train_step(r: Run, batch, step: int):
     batches = batch if isinstance(batch, list) else [batch]
     k, loss = len(batches), 0.0
     for i, micro_batch in enumerate(batches):
-        x0, cond = r.family.prepare_batch(to_device(micro_batch, r.device), r.autoencoder)
+        micro_batch = {name: v.to(r.device, non_blocking=True) if torch.is_tensor(v) else v  # from pinned memory
+                       for name, v in micro_batch.items()}
+        x0, cond = r.family.prepare_batch(micro_batch, r.autoencoder)
         cond = r.family.drop_condition(cond, r.p_uncond, r.null)
         # Equal micro-batches: the mean of their mean losses is the batch's mean loss, so each backward gets
         # 1 / k of it. DDP all-reduces once, at the last backward (no_sync accumulates locally before it).
@@ -167,8 +146,8 @@ def check_finite(r: Run, step: int):
     if step <= r.checked:  # every process has the same r.checked: all skip this collective together
         return
     t = r.config.train
-    flags = r.accelerator.reduce(r.nonfinite[r.checked + 1:step + 1].to(torch.int32), 'sum')
-    new = [r.checked + 1 + i for i in flags.nonzero().flatten().tolist()]
+    marked = r.accelerator.reduce(r.nonfinite[r.checked + 1:step + 1].to(torch.int32), 'sum')
+    new = [r.checked + 1 + i for i in marked.nonzero().flatten().tolist()]
     r.checked = step
     for s in new:
         logger.warning("step %d: NaN/infinite loss or gradients; the step was skipped (weights, EMA and optimizer "
@@ -191,13 +170,11 @@ def save(r: Run, step: int) -> str:
     check_finite(r, step)
     path = checkpoint_path(r.ckpt_root, step)
     if r.accelerator.is_main_process:
-        fids = r.history['fid']
-        scaler = r.accelerator.scaler
-        train_state = {'data': r.loader.state_dict(), 'history': r.history,
-                       'scaler': scaler.state_dict() if scaler is not None else None}
+        fids, scaler = r.history['fid'], r.accelerator.scaler
         save_checkpoint(r.ckpt_root, step, nnet=r.nnet, nnet_ema=r.nnet_ema, optimizer=r.optimizer,
-                        lr_scheduler=r.lr_scheduler, train_state=train_state,
-                        keep_last=r.config.train.keep_last_ckpts or None,
+                        lr_scheduler=r.lr_scheduler, keep_last=r.config.train.keep_last_ckpts or None,
+                        train_state={'data': r.loader.state_dict(), 'history': r.history,
+                                     'scaler': scaler.state_dict() if scaler is not None else None},
                         protect=(min(fids, key=fids.get),) if fids else ())
     r.accelerator.wait_for_everyone()
     return path
@@ -208,11 +185,28 @@ def write_grid(r: Run, step: int):
     g = r.config.grid
     labels, contexts, n = r.family.grid_conditions(r.config, getattr(r.data, 'vis_contexts', None), g.n_rows,
                                                    g.n_cols)
-    gen = r.sampler().generate_fn(*r.family.protocol(r.config, 'grid'), labels=labels, contexts=contexts)
     with r.forked_rng(), r.accelerator.autocast():
-        images = gen(torch.arange(n))
+        images = r.generate_fn('grid', labels, contexts)(torch.arange(n))
     save_grid(images, os.path.join(r.workdir, 'samples', f"{step}.png"), g.n_cols)
     tracking.log_image(r.accelerator.trackers, 'samples', make_grid(images.float().cpu(), nrow=g.n_cols), step)
+
+
+def sample_scores(r: Run, use: str, n: int, fid: bool):
+    """(FID result of libs.evaluation.evaluate or None, the dataset's sample metric or None) of n images of the
+    EMA network with the protocol `use` of Family.protocol; FID only when `fid` and its files are there."""
+    cfg, fid_result, metric = r.config, None, None
+    labels = r.family.sample_labels(cfg, n)
+    gen = r.generate_fn(use, labels, getattr(r.data, 'fid_contexts', None))
+    with r.forked_rng(), r.accelerator.autocast():
+        if fid:
+            try:
+                fid_result = evaluate(r.accelerator, gen, n, cfg.sample.mini_batch_size, cfg.fid.stat, cfg.seed,
+                                      inception_weights=cfg.fid.inception_weights)
+            except MissingFileError as e:
+                log_once(logger, f"FID skipped: {e}", logging.WARNING)
+        if hasattr(r.data, 'sample_metric'):
+            metric = r.data.sample_metric(generate_all(r.accelerator, gen, n, cfg.sample.mini_batch_size), labels)
+    return fid_result, metric
 
 
 def evaluate_checkpoint(r: Run, step: int):
@@ -221,52 +215,38 @@ def evaluate_checkpoint(r: Run, step: int):
     cfg = r.config
     if cfg.fid.n_samples == 0:
         return
-    gen, labels = r.generate_fn('fid', cfg.fid.n_samples)
-    with r.forked_rng(), r.accelerator.autocast():
-        reason = fid_unavailable(cfg) or ('the dataset gives no captions to sample with'
-                                          if r.family.condition == 'text' and getattr(r.data, 'fid_contexts', None) is None
-                                          else '')
-        if reason:
-            # A dataset that defines no statistics (digits: it has its own score) is not a problem to warn about.
-            level = logging.WARNING if cfg.fid.stat or not hasattr(r.data, 'sample_metric') else logging.INFO
-            log_once(logger, f"FID skipped during training: {reason}. Training goes on.", level)
-        else:
-            result = run_fid(r.accelerator, gen, cfg, cfg.fid.n_samples, cfg.sample.mini_batch_size)
-            if result is not None:
-                r.history['fid'][step] = float(result['fid'])
-                logger.info("step %d: FID-%d %.3f (%d DPM-Solver steps, guidance scale %g)", step, result['n'],
-                            result['fid'], cfg.fid.steps, r.family.protocol(cfg, 'fid')[2])
-        if hasattr(r.data, 'sample_metric'):
-            images = generate_all(r.accelerator, gen, cfg.fid.n_samples, cfg.sample.mini_batch_size)
-            score = r.data.sample_metric(images, labels)
-            r.history['score'][step] = score
-            logger.info("step %d: %s", step, ', '.join(f"{k} {v:.4f}" for k, v in score.items()))
+    reason = fid_unavailable(r)
+    if reason:
+        # A dataset that defines no statistics (digits: it has its own score) is not a problem to warn about.
+        level = logging.WARNING if cfg.fid.stat or not hasattr(r.data, 'sample_metric') else logging.INFO
+        log_once(logger, f"FID skipped during training: {reason}. Training goes on.", level)
+    fid, score = sample_scores(r, 'fid', cfg.fid.n_samples, fid=not reason)
+    logged = dict(score or {})
+    if fid is not None:
+        logged['fid'] = r.history['fid'][step] = float(fid['fid'])
+        logger.info("step %d: FID-%d %.3f (%d DPM-Solver steps, guidance scale %g)", step, fid['n'], fid['fid'],
+                    cfg.fid.steps, r.family.protocol(cfg, 'fid')[2])
+    if score is not None:
+        r.history['score'][step] = score
+        logger.info("step %d: %s", step, ', '.join(f"{k} {v:.4f}" for k, v in score.items()))
     if r.accelerator.is_main_process:
         write_json({'step': step, **r.history}, os.path.join(r.workdir, 'score.json'))
-    fid = {'fid': r.history['fid'][step]} if step in r.history['fid'] else {}
-    r.accelerator.log({f"eval/{k}": v for k, v in {**fid, **r.history['score'].get(step, {})}.items()}, step=step)
+    r.accelerator.log({f"eval/{k}": v for k, v in logged.items()}, step=step)
 
 
 def final_evaluation(r: Run):
     """Evaluate with the 'sample' protocol (config.sample, guided when configured): the best-FID checkpoint's
     EMA network when FID was computed, otherwise (datasets with a sample metric, e.g. digits) the final EMA
     network. Writes <workdir>/final_eval.json."""
-    has_metric = hasattr(r.data, 'sample_metric')
-    if not r.history['fid'] and not has_metric:
+    if not r.history['fid'] and not hasattr(r.data, 'sample_metric'):
         return None
     s = r.config.sample
     result = {'sample': {k: s[k] for k in ('algorithm', 'sample_steps', 'n_samples', 'cfg', 'scale')}}
     if r.history['fid']:
-        best = min(r.history['fid'], key=r.history['fid'].get)
-        result['checkpoint'] = checkpoint_path(r.ckpt_root, best)
+        result['checkpoint'] = checkpoint_path(r.ckpt_root, min(r.history['fid'], key=r.history['fid'].get))
         load_nnet_state_dict(r.nnet_ema, load_nnet_weights(result['checkpoint']))
-    gen, labels = r.generate_fn('sample', s.n_samples)
-    with r.forked_rng(), r.accelerator.autocast():
-        if r.history['fid']:
-            result.update(run_fid(r.accelerator, gen, r.config, s.n_samples, s.mini_batch_size) or {})
-        if has_metric:
-            images = generate_all(r.accelerator, gen, s.n_samples, s.mini_batch_size)
-            result.update(r.data.sample_metric(images, labels))
+    fid, metric = sample_scores(r, 'sample', s.n_samples, fid=bool(r.history['fid']))
+    result.update({**(fid or {}), **(metric or {})})
     logger.info("final evaluation (%s, %d steps, guidance scale %g, %d samples): %s", s.algorithm, s.sample_steps,
                 guidance_scale(r.config), s.n_samples, {k: v for k, v in result.items() if k != 'sample'})
     if r.accelerator.is_main_process:
@@ -288,8 +268,8 @@ def train(config, workdir: str, family):
     device, is_main = accelerator.device, accelerator.is_main_process
     parse_and_validate(config, world_size=accelerator.num_processes)  # before any file is written
     if is_main:
-        os.makedirs(os.path.join(workdir, 'ckpts'), exist_ok=True)
-        os.makedirs(os.path.join(workdir, 'samples'), exist_ok=True)
+        for folder in ('ckpts', 'samples'):
+            os.makedirs(os.path.join(workdir, folder), exist_ok=True)
     accelerator.wait_for_everyone()
     setup_logging(is_main, os.path.join(workdir, 'train.log'))
     k = config.train.grad_accum_steps
@@ -303,15 +283,13 @@ def train(config, workdir: str, family):
     # Setup data:
     data = get_dataset(config.dataset.name, **dataset_kwargs(config))
     family.check(config, data)
-    p_uncond = float(config.dataset.p_uncond) if config.dataset.cfg else 0.0
-    num_workers = resolve_num_workers(config.dataloader.num_workers, int(os.environ.get('LOCAL_WORLD_SIZE', 1)))
-    loader = ResumableLoader(data.train, batch_size=local_batch, rank=accelerator.process_index,
-                             world_size=accelerator.num_processes, seed=config.seed, num_workers=num_workers,
-                             pin_memory=config.dataloader.pin_memory,
-                             persistent_workers=config.dataloader.persistent_workers)
-    autoencoder = None
-    if family.data == 'latents':
-        autoencoder = get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor).to(device)
+    loader = ResumableLoader(
+        data.train, batch_size=local_batch, rank=accelerator.process_index, world_size=accelerator.num_processes,
+        seed=config.seed, pin_memory=config.dataloader.pin_memory,
+        num_workers=resolve_num_workers(config.dataloader.num_workers, int(os.environ.get('LOCAL_WORLD_SIZE', 1))),
+        persistent_workers=config.dataloader.persistent_workers)
+    autoencoder = (get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor).to(device)
+                   if family.data == 'latents' else None)
 
     # Create model: the same initialisation on every process (and for any number of processes); the EMA
     # copy starts equal to the online network, as the original's.
@@ -327,7 +305,8 @@ def train(config, workdir: str, family):
             nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader,
             diffusion=build_diffusion(family.time), autoencoder=autoencoder,
             null=family.null_condition(config, getattr(data, 'empty_context', None)),
-            train_nnet=maybe_compile(train_nnet, config.compile), p_uncond=p_uncond, ema=EMAUpdater(nnet_ema, nnet),
+            train_nnet=maybe_compile(train_nnet, config.compile),
+            p_uncond=float(config.dataset.p_uncond) if config.dataset.cfg else 0.0, ema=EMAUpdater(nnet_ema, nnet),
             nonfinite=torch.zeros(config.train.n_steps + 1, dtype=torch.bool, device=device))
 
     # Resume: network, EMA, optimizer, scheduler, step, data position (the noise is seeded per step).
@@ -348,9 +327,9 @@ def train(config, workdir: str, family):
     tracking.start_trackers(accelerator, config, workdir)
 
     # Train:
-    n_steps, log_every = int(config.train.n_steps), int(config.train.log_interval)
+    n_steps, t = config.train.n_steps, config.train
     loss_sum = torch.zeros((), device=device)
-    last_log_step, last_log_time = step, time.time()
+    last_log_step, last_log_time, preempted = step, time.time(), False
     r.train_nnet.train()
     bar = tqdm(total=n_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc='train')
     # The loader's workers start under the handlers, then ignore stop signals; they end with the block.
@@ -362,15 +341,13 @@ def train(config, workdir: str, family):
             loss_sum += torch.where(applied, loss, 0.0)
             bar.update(1)
 
-            log_now = step % log_every == 0 or step == n_steps
+            log_now = step % t.log_interval == 0 or step == n_steps
             if log_now:  # the hot loop's one host sync per log_interval
                 check_finite(r, step)
                 mean_loss, mean_norm = accelerator.reduce(torch.stack([loss_sum, grad_norm.float()]), 'mean').tolist()
-                now = time.time()
-                metrics = {'loss': mean_loss / (step - last_log_step), 'lr': lr_scheduler.get_last_lr()[0],
-                           'grad_norm': mean_norm,
-                           'images_per_s': (step - last_log_step) * config.train.batch_size / max(now - last_log_time,
-                                                                                                 1e-9)}
+                now, n = time.time(), step - last_log_step
+                metrics = {'loss': mean_loss / n, 'lr': lr_scheduler.get_last_lr()[0], 'grad_norm': mean_norm,
+                           'images_per_s': n * t.batch_size / max(now - last_log_time, 1e-9)}
                 logger.info("step %d/%d: %s", step, n_steps, ', '.join(f"{k} {v:.4g}" for k, v in metrics.items()))
                 r.logged.append({'step': step, **metrics})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
@@ -378,14 +355,11 @@ def train(config, workdir: str, family):
                 loss_sum.zero_()
                 last_log_step, last_log_time = step, now
 
-            # Sample grid:
-            if step % config.train.eval_interval == 0 or step == n_steps:
+            if step % t.eval_interval == 0 or step == n_steps:  # sample grid
                 if is_main:
                     write_grid(r, step)
                 accelerator.wait_for_everyone()
-
-            # Save checkpoint, then evaluate it:
-            if step % config.train.save_interval == 0 or step == n_steps:
+            if step % t.save_interval == 0 or step == n_steps:  # checkpoint, then its evaluation
                 last_ckpt = save(r, step)
                 evaluate_checkpoint(r, step)
                 last_log_time = time.time()  # evaluation time is not training throughput
@@ -394,21 +368,20 @@ def train(config, workdir: str, family):
             if stop.should_stop(accelerator, sync=log_now):
                 if last_ckpt != checkpoint_path(r.ckpt_root, step):
                     last_ckpt = save(r, step)
-                bar.close()
-                accelerator.end_training()
                 logger.warning("training stopped at step %d (%s); checkpoint saved to '%s'. To resume, rerun the "
                                "same command: %s", step, stop.received, last_ckpt, ' '.join(sys.argv))
-                return {'step': step, 'checkpoint': last_ckpt, 'preempted': True, 'final': None,
-                        'score': r.history['score'].get(step), 'fid': r.history['fid'].get(step), 'run': r}
+                preempted = True
+                break
     bar.close()
 
-    # Final evaluation: the best checkpoint by FID, with config.sample (guided when configured).
-    final = final_evaluation(r)
-    accelerator.log({f"final/{name}": v for name, v in (final or {}).items() if isinstance(v, (int, float))},
-                    step=step)
+    final = None
+    if not preempted:  # final evaluation: the best checkpoint by FID, with config.sample (guided when configured)
+        final = final_evaluation(r)
+        accelerator.log({f"final/{name}": v for name, v in (final or {}).items() if isinstance(v, (int, float))},
+                        step=step)
+        logger.info("done at step %d; last checkpoint %s", step, last_ckpt)
     accelerator.end_training()
-    logger.info("done at step %d; last checkpoint %s", step, last_ckpt)
-    return {'step': step, 'checkpoint': last_ckpt, 'preempted': False, 'final': final,
+    return {'step': step, 'checkpoint': last_ckpt, 'preempted': preempted, 'final': final,
             'score': r.history['score'].get(step), 'fid': r.history['fid'].get(step), 'run': r}
 
 
@@ -420,16 +393,15 @@ def define_flags():
     flags.DEFINE_string('workdir', None, "run directory (ckpts/, samples/, train.log); default "
                                          "workdir/<config name>/<hparams from the overrides>")
     flags.DEFINE_string('init_from', None, "start a new run from these weights (fresh optimizer, step 0): a "
-                                           "ckpts/<step>.ckpt directory, a .pth or an exported folder; ignored when "
-                                           "the workdir has a checkpoint to resume. --config.init.resize=True adapts "
-                                           "the label / position embeddings to the config's classes / resolution")
-    flags.DEFINE_bool('dry_run', False, "check the config, its files, the dataset and the network, write the config "
-                                        "to the workdir, and exit without training")
+                        "ckpts/<step>.ckpt directory, a .pth or an exported folder; ignored when the workdir has a "
+                        "checkpoint. --config.init.resize=True adapts the label / position embeddings to the config")
+    flags.DEFINE_bool('dry_run', False, "check the config, its files, the dataset and the network, write the "
+                      "config to the workdir, and exit without training")
 
 
 def dry_run(config, workdir: str, family):
-    """What train() checks before its first step, without training: the config and its files, the dataset,
-    the autoencoder and the network. Writes the resolved config to <workdir>/config.json."""
+    """What train() checks before its first step (config, files, dataset, autoencoder, network), without
+    training; writes the resolved config to <workdir>/config.json."""
     parse_and_validate(config, world_size=int(os.environ.get('WORLD_SIZE', 1)))
     family = family.for_config(config)
     family.check(config, get_dataset(config.dataset.name, **dataset_kwargs(config)))
@@ -447,10 +419,8 @@ def dry_run(config, workdir: str, family):
 def main_for(family):
     """The absl main of a train*.py script that trains `family`."""
     def main(argv):
-        FLAGS = flags.FLAGS
-        config = FLAGS.config
-        if FLAGS.init_from:
-            config.init.path = FLAGS.init_from
+        FLAGS, config = flags.FLAGS, flags.FLAGS.config
+        config.init.path = FLAGS.init_from or config.init.path
         workdir = FLAGS.workdir or workdir_for(config_flags.get_config_filename(FLAGS['config']), config_overrides())
         if FLAGS.dry_run:
             setup_logging(True, None)

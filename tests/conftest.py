@@ -16,6 +16,18 @@ def reference_dir():
     return os.path.join(ROOT, "tests", "data")
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test module: tiny models run faster so on a shared 2-core machine, and
+    runs compared bit for bit must use the same thread count. Use with pytest.mark.usefixtures."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     import numpy as np

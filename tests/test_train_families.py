@@ -19,12 +19,7 @@ from tools import inception
 FID_BATCH, GRID_BATCH, FINAL_BATCH = 5, 4, 3  # distinct batch sizes tell the sampling calls apart
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread avoids oversubscribing a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

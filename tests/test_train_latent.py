@@ -27,12 +27,7 @@ def write_features(folder, n=8, num_classes=3):
     F.write_manifest(folder, 1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: one thread avoids oversubscribing a shared 2-core machine
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize('get_config,family', [(large_config, LATENTS_CONTINUOUS), (huge_config, LATENTS_DISCRETE)])

@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from configs.imagenet256_uvit_huge import get_config as huge_config

@@ -14,7 +14,6 @@ The weights are checked against `config.nnet` before anything is written, so an 
 into the network its config.json describes. `load_weights` is what every `--nnet_path` and
 `--init_from` goes through.
 """
-import hashlib
 import json
 import logging
 import os
@@ -27,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from libs.checkpoint import read_state_file
 from libs.errors import CheckpointError, ConfigError, MissingFileError, UViTError
-from libs.io_utils import atomic_path, fsync_dir
+from libs.io_utils import atomic_path, fsync_dir, sha256_of
 from libs.nnet import build_nnet, load_nnet_state_dict
 
 logger = logging.getLogger(__name__)
@@ -39,7 +38,6 @@ CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE)
 DIFFUSION_KINDS = ("continuous", "discrete")
-_HASH_CHUNK = 1 << 22
 _AGAIN = "export it again with `python tools/export.py <checkpoint> <out_dir>`"
 
 
@@ -53,14 +51,6 @@ def is_export(path):
             return json.load(f).get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
-
-
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_export(out_dir, state_dict, meta, card, overwrite=False):

@@ -13,15 +13,20 @@ piece or a hang is a row saying so, never a hung check; no piece starts once --b
   run        a short training run in fp16 (GradScaler) and in bf16 on one fixed batch: first and last
              loss and the non-finite (skipped) steps
   tests      the CUDA-only tests (pytest -m cuda)
+On CUDA each piece is a fresh interpreter (CUDA cannot be forked); on the CPU it is forked from this
+process, which has imported everything once, so the dry run takes seconds, not a minute of imports.
 The table goes to stdout (paste it into benchmarks/README.md with the machine line above it); the exit
 status is 1 when a piece failed or timed out. --tiny swaps U-ViT-H/2 for the digits demo's network,
 tiny batches and step counts, the 'eager' compile backend and one test file, so the whole path runs
 on a CPU in seconds.
 """
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
+import select
+import signal
 import sys
 import time
 
@@ -30,10 +35,11 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from benchmarks import step_variants  # noqa: E402
+from benchmarks import benchmark, step_variants  # noqa: E402
 from benchmarks.benchmark import (batch_inputs, fmt, header, nnet_config, paper_config, peak_memory_gb, rate,  # noqa: E402
-                                  row, run_setting, run_worker, setup_device, sync)
+                                  row, run_worker, setup_device, sync)
 from benchmarks.machine import describe_machine  # noqa: E402
+from libs.attention import set_attention_backend  # noqa: E402
 from libs.nnet import build_nnet  # noqa: E402
 
 SIZES = {  # model, train batch, timed steps, warm-up steps, run steps, sample batch, sample steps
@@ -60,15 +66,18 @@ def worker_tests(path):
     """pytest -m cuda on `path` in this process: the outcome counts (a setup error counts as failed)."""
     import pytest  # heavy
 
-    counts = {"passed": 0, "failed": 0, "skipped": 0}
+    counts, failures = {"passed": 0, "failed": 0, "skipped": 0}, []
 
     class Count:
         def pytest_runtest_logreport(self, report):
             if report.when == "call" or report.outcome != "passed":
                 counts[report.outcome] += 1
+                if report.outcome == "failed":
+                    failures.append(report.nodeid.split("/")[-1])
 
-    code = pytest.main(["-m", "cuda", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, path)], plugins=[Count()])
-    return dict(counts, exit=int(code))
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):  # the table keeps the terminal
+        code = pytest.main(["-m", "cuda", "-q", "-p", "no:cacheprovider", os.path.join(ROOT, path)], plugins=[Count()])
+    return dict(counts, exit=int(code), failures=failures)
 
 
 def worker_run(spec):
@@ -91,48 +100,86 @@ def worker_run(spec):
                 step_s=(time.perf_counter() - start) / spec["steps"], peak_gb=peak_memory_gb(device))
 
 
+def execute(job):
+    """Run one piece in this process: {'kind': 'train' | 'sample' (benchmark.py's workers, with its flags
+    'argv' and the 'attention' backend), 'run' or 'tests', 'spec': ...} -> its result dict."""
+    if job["kind"] == "tests":
+        return worker_tests(job["spec"]["tests"])
+    if job["kind"] == "run":
+        return worker_run(job["spec"])
+    set_attention_backend(job.get("attention", "auto"))
+    return benchmark.WORKERS[job["kind"]](benchmark.parse_args(job["argv"]), job["spec"])
+
+
+def run_forked(job, timeout):
+    """execute(job) in a forked child in its own process group; its result, or {'error': ...} when it
+    raises, dies or outlives `timeout` seconds (the group is then killed)."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the parent's code
+        os.setsid()
+        os.close(read_end)
+        try:
+            out, code = json.dumps(execute(job)), 0
+        except BaseException as e:  # noqa: BLE001 (the parent reports it as the piece's row)
+            out, code = json.dumps({"error": f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"}), 1
+        os.write(write_end, out.encode())
+        os._exit(code)
+    os.close(write_end)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([read_end], [], [], left)[0]:
+                os.killpg(pid, signal.SIGKILL)
+                return {"error": f"timed out after {timeout:.0f} s (killed)"}
+            chunk = os.read(read_end, 1 << 16)
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    return json.loads(b"".join(chunks) or b'{"error": "the piece died without a result"}')
+
+
+def run_piece(args, job, timeout):
+    """The piece's result dict: a fresh interpreter on CUDA, a fork on the CPU."""
+    if args.device == "cuda":
+        return run_worker([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(job)], timeout)
+    return run_forked(job, timeout)
+
+
 def pieces(args):
-    """[(name, timeout, thunk(timeout) -> result dict)] in the order they run."""
+    """[(name, timeout, job or a result dict)] in the order they run."""
     size = SIZES["tiny" if args.tiny else "full"]
     bench = ["--device", args.device, "--steps", str(size["steps"]), "--warmup", str(size["warmup"]),
              "--compile-backend", size["compile_backend"]]
     train = dict(model=size["model"], batch=size["batch"], checkpointing=False)
-
-    def train_with(attention, compile=False):
-        def thunk(timeout):
-            if attention == "xformers" and importlib.util.find_spec("xformers") is None:
-                return {"missing": "xformers is not installed (pip install xformers)"}
-            env = dict(os.environ, UVIT_ATTENTION=attention)
-            return run_setting("train", train, bench + ["--precision", "bf16"] + (["--compile"] if compile else []),
-                               timeout, env)
-        return thunk
-
+    label = f"{size['model']}, batch {size['batch']}, bf16"
     protocol = paper_config(SAMPLE_CONFIG).sample
     sample = dict(model=size["model"], batch=size["sample_batch"], nfe=size["nfe"], guidance="batched",
                   algorithm=protocol.algorithm, scale=protocol.scale)
+    xformers = (dict(kind="train", spec=train, argv=bench + ["--precision", "bf16"], attention="xformers")
+                if importlib.util.find_spec("xformers") is not None else
+                {"missing": "xformers is not installed (pip install xformers)"})
 
     def run(precision):
-        spec = dict(model=size["model"], batch=size["batch"], steps=size["run_steps"], precision=precision,
-                    device=args.device)
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)]
-        return lambda timeout: dict(spec, **run_worker(cmd, timeout))
+        return dict(kind="run", spec=dict(model=size["model"], batch=size["batch"], steps=size["run_steps"],
+                                          precision=precision, device=args.device))
 
-    def tests(timeout):
-        return run_worker([sys.executable, os.path.abspath(__file__), "--worker", json.dumps({"tests": size["tests"]})],
-                          timeout)
-
-    label = f"{size['model']}, batch {size['batch']}, bf16"
     return [
-        (f"train {label}, SDPA", TIMEOUTS["train"], train_with("sdpa")),
+        (f"train {label}, SDPA", TIMEOUTS["train"],
+         dict(kind="train", spec=train, argv=bench + ["--precision", "bf16"], attention="sdpa")),
         (f"sample {size['model']}, {protocol.algorithm} {size['nfe']} steps, guidance {protocol.scale}, "
          f"batch {size['sample_batch']}, fp16", TIMEOUTS["sample"],
-         lambda timeout: run_setting("sample", sample, bench + ["--precision", "fp16"], timeout)),
+         dict(kind="sample", spec=sample, argv=bench + ["--precision", "fp16"])),
         (f"run {size['run_steps']} steps fp16", TIMEOUTS["run"], run("fp16")),
         (f"run {size['run_steps']} steps bf16", TIMEOUTS["run"], run("bf16")),
-        ("CUDA-only tests (pytest -m cuda)", TIMEOUTS["tests"], tests),
-        (f"train {label}, xformers", TIMEOUTS["train"], train_with("xformers")),
+        ("CUDA-only tests (pytest -m cuda)", TIMEOUTS["tests"], dict(kind="tests", spec=dict(tests=size["tests"]))),
+        (f"train {label}, xformers", TIMEOUTS["train"], xformers),
         (f"train {label}, SDPA + torch.compile ({size['compile_backend']})", TIMEOUTS["train+compile"],
-         train_with("sdpa", compile=True)),
+         dict(kind="train", spec=train, argv=bench + ["--precision", "bf16", "--compile"], attention="sdpa")),
     ]
 
 
@@ -142,6 +189,7 @@ def cells(r):
         return ["-"] * 5 + [f"FAILED: {r['error']}" if "error" in r else f"missing: {r['missing']}"]
     if "passed" in r:
         summary = f"{r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped"
+        summary += f" ({', '.join(r['failures'][:3])})" if r["failures"] else ""
         return ["-"] * 5 + [("ok: " if r["failed"] == 0 and r["exit"] in (0, 5) else "FAILED: ") + summary]
     if "first_loss" in r:
         return [fmt(r["step_s"], 3), rate(r["batch"] / r["step_s"]), fmt(r["peak_gb"]), "-", str(r["nonfinite"]),
@@ -153,8 +201,7 @@ def cells(r):
 def main(argv=None):
     args = parse_args(argv)
     if args.worker:
-        spec = json.loads(args.worker)
-        print(json.dumps(worker_tests(spec["tests"]) if "tests" in spec else worker_run(spec)))
+        print(json.dumps(execute(json.loads(args.worker))))
         return 0
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA device here; run the dry run with --device cpu --tiny", file=sys.stderr)
@@ -165,10 +212,13 @@ def main(argv=None):
     header(["piece", "step or call (s)", "images/s", "peak mem (GB)", "MFU (3x MACs)", "non-finite steps", "result",
             "wall (s)"])
     failed = 0
-    for name, timeout, thunk in pieces(args):
+    for name, timeout, job in pieces(args):
         left = args.budget - (time.perf_counter() - start)
         t0 = time.perf_counter()
-        r = thunk(min(timeout, left)) if left >= 10 else {"error": f"not started: the {args.budget:.0f} s budget is spent"}
+        if left < 10:
+            r = {"error": f"not started: the {args.budget:.0f} s budget is spent"}
+        else:
+            r = job if "missing" in job else dict(job["spec"], **run_piece(args, job, min(timeout, left)))
         t = time.perf_counter() - t0
         failed += "error" in r or cells(r)[-1].startswith("FAILED")
         row([name, *cells(r), f"{t:.0f}"])

@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.py: the dry run goes end to end on the CPU, and a piece that hangs, fails or has
-no time left is a row saying so, never a hung check."""
+no time left is a row saying so, never a hung check (forked on the CPU, a fresh interpreter on CUDA)."""
 import os
 import re
 import subprocess
@@ -44,6 +44,20 @@ def test_a_hanging_piece_is_killed_with_its_children():
     r = run_worker([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '60']); "
                     "time.sleep(60)"], timeout=1)
     assert r == {"error": "timed out after 1 s (killed)"} and time.perf_counter() - start < 15
+
+
+def test_a_hanging_or_raising_forked_piece_is_a_row(monkeypatch):
+    """The CPU path: pieces forked from the check itself."""
+    monkeypatch.setattr(gpu_check, "execute", lambda job: time.sleep(60))
+    start = time.perf_counter()
+    assert gpu_check.run_forked({}, timeout=1) == {"error": "timed out after 1 s (killed)"}
+    assert time.perf_counter() - start < 15
+
+    def raising(job):
+        raise RuntimeError("CUDA error: no kernel image is available\nfor execution on the device")
+
+    monkeypatch.setattr(gpu_check, "execute", raising)
+    assert gpu_check.run_forked({}, timeout=30) == {"error": "RuntimeError: CUDA error: no kernel image is available"}
 
 
 def test_a_failing_piece_says_why():

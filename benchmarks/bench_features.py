@@ -2,7 +2,7 @@
 
 1. Extraction (images/s, end to end: decode JPEG, crop, encode image + flip, write shards) of
    scripts/extract_imagenet_feature.py and scripts/extract_mscoco_feature.py on a synthetic
-   image folder with the tiny random autoencoder / CLIP of the tests (tests/tiny_models.py), and the
+   image folder with the tiny random autoencoder / CLIP of the tests (benchmarks/tiny_models.py), and the
    encoder forward alone. --full adds the Stable Diffusion KL-f8 encoder (random weights, same cost).
 2. Reading: a batch of random entries through the dataset class (moments + label, as a DataLoader
    worker does) from N entries of (8, 32, 32) float32 stored packed (shards of memory-mapped .npy)
@@ -35,7 +35,7 @@ from benchmarks.machine import describe_machine  # noqa: E402
 from libs import features as F  # noqa: E402
 from libs.autoencoder import SD_KL_F8_DDCONFIG, FrozenAutoencoderKL, get_model  # noqa: E402
 from libs.datasets.features import ImageNetFeatures  # noqa: E402
-from tests.tiny_models import write_tiny_autoencoder, write_tiny_clip  # noqa: E402
+from benchmarks.tiny_models import write_tiny_autoencoder, write_tiny_clip  # noqa: E402
 
 
 def parse_args(argv=None):

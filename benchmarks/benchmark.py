@@ -37,6 +37,7 @@ import inspect
 import json
 import os
 import resource
+import signal
 import statistics
 import subprocess
 import sys
@@ -71,6 +72,7 @@ MODELS = {
     "S/2-cifar10": "configs.cifar10_uvit_small",
     "L/2-latent": "configs.imagenet256_uvit_large",
     "H/2-latent": "configs.imagenet256_uvit_huge",
+    "digits-tiny": "configs.digits_uvit_tiny",  # the dry runs' stand-in (benchmarks/gpu_check.py --tiny)
 }
 
 
@@ -84,6 +86,8 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (train and sample "
                    "sections; in the ablation an extra 'optimized + compile' variant)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' checks the "
+                   "path without Inductor's minutes of compilation)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     p.add_argument("--steps", type=int, default=3, help="timed repetitions per setting (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
@@ -207,7 +211,7 @@ def worker_train(args, spec):
     cfg = nnet_config(spec["model"], use_checkpoint=spec["checkpointing"])
     torch.manual_seed(0)
     step = step_variants.trainer_step(build_nnet(cfg).to(device).train(), paper_config(spec["model"]),
-                                      args.precision, args.compile)
+                                      args.precision, args.compile, args.compile_backend)
     x0, cond = batch_inputs(cfg, spec["batch"], device)
     median, times = timed(lambda: step(x0, **cond), device, args.steps, args.warmup)
     macs = uvit_forward_macs(**cfg)["total"]
@@ -323,21 +327,21 @@ def worker_sample(args, spec):
     cfg = nnet_config(spec["model"], use_checkpoint=False, **spec.get("overrides", {}))
     torch.manual_seed(0)
     nnet = build_nnet(cfg).to(device).eval().requires_grad_(False)
-    net = maybe_compile(nnet, args.compile)
+    net = maybe_compile(nnet, args.compile, backend=args.compile_backend)
     if spec["guidance"] == "two forwards":
         net = TwoForwards(net)
     diffusion = diffusion_of(paper_config(spec["model"]))
     x_T, cond = batch_inputs(cfg, spec["batch"], device)
     scale, uncond = 0.0, None
     if spec["guidance"] != "none":
-        scale = 0.4  # ImageNet 256's guidance scale; the cost does not depend on it
+        scale = spec.get("scale", 0.4)  # default ImageNet 256's; the cost does not depend on it
         uncond = {"y": torch.full_like(cond["y"], cfg["num_classes"] - 1)}
     amp = step_variants.AUTOCAST_DTYPES[args.precision]
 
     def run():
         with torch.no_grad(), torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-            sample(net, diffusion, x_T, algorithm="dpm_solver", steps=spec["nfe"], cond=cond, uncond=uncond,
-                   scale=scale)
+            sample(net, diffusion, x_T, algorithm=spec.get("algorithm", "dpm_solver"), steps=spec["nfe"], cond=cond,
+                   uncond=uncond, scale=scale)
 
     median, times = timed(run, device, args.steps, args.warmup)
     return dict(spec, s=median, times=times, images_per_s=spec["batch"] / median, peak_gb=peak_memory_gb(device))
@@ -419,16 +423,30 @@ WORKERS = {"train": worker_train, "ablation": worker_ablation, "update": worker_
 
 # -- the parent: run settings in subprocesses, print tables ----------------------------------------------
 
-def run_setting(section, spec):
-    """Run one setting in a fresh interpreter; its result dict (or {'error': ...})."""
+def run_worker(cmd, timeout=None, env=None):
+    """Run `cmd` (a worker printing its result dict as JSON on its last stdout line) in a fresh process
+    group; its result, or {'error': ...} when it fails or outlives `timeout` seconds (the whole group,
+    compile workers included, is then killed, so nothing hangs)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return {"error": f"timed out after {timeout:.0f} s (killed)"}
+    if proc.returncode != 0:
+        tail = err.strip().splitlines()[-1:] or ["(no output)"]
+        sys.stderr.write(err[-3000:])
+        return {"error": f"exit {proc.returncode}: {tail[0][:200]}"}
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def run_setting(section, spec, argv=None, timeout=None, env=None):
+    """Run one setting in a fresh interpreter with this script's flags (or `argv`); its result dict (or {'error': ...})."""
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(dict(spec, section=section)),
-           *[a for a in sys.argv[1:]]]
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode != 0:
-        tail = res.stderr.strip().splitlines()[-1:] or ["(no output)"]
-        sys.stderr.write(res.stderr[-3000:])
-        return dict(spec, error=f"exit {res.returncode}: {tail[0][:200]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+           *(sys.argv[1:] if argv is None else argv)]
+    return dict(spec, **run_worker(cmd, timeout, env))
 
 
 def header(cols):

@@ -181,8 +181,8 @@ class TrainStep:
 
 
 
-def trainer_step(nnet, config, precision="fp32", compile=False):
-    """step(x0, **cond) -> loss: one `libs.trainer.train_step` on a Run built as libs.trainer.train builds it
+def trainer_step(nnet, config, precision="fp32", compile=False, compile_backend="inductor"):
+    """step(x0, **cond) -> (loss, grad_norm, applied): one `libs.trainer.train_step` on a Run built as libs.trainer.train builds it
     (accelerate-prepared network and AdamW, the config's optimizer, EMA rate, grad clip and diffusion).
 
     x0 is given directly: for latent configs the benchmark feeds latents, so the family is taken as
@@ -200,11 +200,11 @@ def trainer_step(nnet, config, precision="fp32", compile=False):
     r = Run(config=config, workdir=None, family=family, accelerator=accelerator, data=None, nnet=nnet,
             nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=None,
             diffusion=build_diffusion(family.time), autoencoder=None, null=None,
-            train_nnet=maybe_compile(train_nnet, compile), ema=EMAUpdater(nnet_ema, nnet))
+            train_nnet=maybe_compile(train_nnet, compile, backend=compile_backend), ema=EMAUpdater(nnet_ema, nnet))
     counter = itertools.count()
 
     def step(x0, **cond):
-        return train_step(r, {"x": x0, **cond}, next(counter))[0]
+        return train_step(r, {"x": x0, **cond}, next(counter))
 
     step.nnet = nnet
     return step

@@ -275,11 +275,6 @@ class FrozenAutoencoderKL(nn.Module):
         """Frozen: stays in eval mode whatever is asked (the trainer may call .train() on everything)."""
         return super().train(False)
 
-    def load_weights(self, path):
-        """Load `path` strictly into this (already built) model; CheckpointError on mismatch."""
-        load_strict(self, read_state_dict(path, num_resolutions=len(self.ddconfig["ch_mult"])), source=path)
-        logger.info("loaded autoencoder weights from %s", path)
-
     # -- latent interface -----------------------------------------------------------------------
 
     def encode_moments(self, x):
@@ -295,7 +290,10 @@ class FrozenAutoencoderKL(nn.Module):
         """
         if moments.dim() != 4 or moments.shape[1] != 2 * self.embed_dim:
             raise InputError(f"moments must be (B, {2 * self.embed_dim}, h, w) (mean, logvar); got {tuple(moments.shape)}.")
-        return sample_from_moments(moments, self.scale_factor, generator)
+        mean, logvar = moments.chunk(2, dim=1)
+        std = torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return self.scale_factor * (mean + std * noise)
 
     def encode(self, x, generator=None):
         """x: (B, 3, H, W) in [-1, 1] -> scaled latent sample (B, embed_dim, H/8, W/8)."""
@@ -312,24 +310,6 @@ class FrozenAutoencoderKL(nn.Module):
         if chunk < 1:
             raise InputError(f"chunk must be >= 1, got {chunk}.")
         return torch.cat([self.decode(part) for part in z.split(chunk)], dim=0)
-
-    def forward(self, inputs, fn):
-        """fn in {'encode_moments', 'encode', 'decode'}: the original's dispatch, kept for drop-in use."""
-        if fn not in ("encode_moments", "encode", "decode"):
-            raise InputError(f"unknown autoencoder function '{fn}'; use 'encode_moments', 'encode' or 'decode'.")
-        return getattr(self, fn)(inputs)
-
-
-def sample_from_moments(moments, scale_factor, generator=None):
-    """moments (B, 2C, h, w) = (mean, logvar) -> scale_factor * (mean + std * eps), (B, C, h, w).
-
-    The reparameterised sample of ldm's DiagonalGaussianDistribution, scaled; a function so that
-    code holding only stored moments (no autoencoder weights) can draw latents too.
-    """
-    mean, logvar = moments.chunk(2, dim=1)
-    std = torch.exp(0.5 * logvar.clamp(LOGVAR_MIN, LOGVAR_MAX))
-    noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return scale_factor * (mean + std * noise)
 
 
 def _check_image(x, channels, factor):

@@ -10,19 +10,17 @@ a killed writer's temporary is removed by the next save. Damage after the fact i
 files are read: truncation by the zip directory, flipped bytes by the zip CRC-32 of every record.
 No RNG state is saved: the trainer reseeds from (seed, rank, step) every step.
 
-`nnet_ema.pth` is what `eval*.py --nnet_path` takes, as in the original; `load_nnet_weights` also
-accepts the `.ckpt` directory itself.
+`nnet_ema.pth` is what `eval*.py --nnet_path` takes, as in the original; `libs.export.load_weights`
+also accepts the `.ckpt` directory itself.
 """
 import logging
 import os
-import pickle
 import re
 import shutil
 import zipfile
 
 import torch
 
-from libs import export_format
 from libs.errors import CheckpointError, MissingFileError
 from libs.io_utils import SaveError, atomic_path, fsync_dir
 from libs.nnet import load_nnet_state_dict, unwrap_model
@@ -115,7 +113,7 @@ def save_checkpoint(ckpt_root, step, *, nnet, nnet_ema, optimizer, lr_scheduler,
     return path
 
 
-def _read(file, weights_only=True):
+def read_state_file(file, weights_only=True):
     """torch.load on the CPU (tensors and containers only), after checking every zip record's CRC-32
     (torch.load does not; files of torch < 1.6 are not zips and go to torch.load directly)."""
     try:
@@ -142,7 +140,7 @@ def read_checkpoint(path):
     if problems:
         raise CheckpointError(f"'{path}' is damaged: " + "; ".join(problems))
     # train_state.pth is ours alone and may hold plain Python objects beyond weights_only's list.
-    return {name: _read(os.path.join(path, name), weights_only=name != "train_state.pth")
+    return {name: read_state_file(os.path.join(path, name), weights_only=name != "train_state.pth")
             for name in FILES if os.path.exists(os.path.join(path, name))}
 
 
@@ -181,29 +179,3 @@ def resume(ckpt_root, **targets):
             continue
         return path, _apply(states, path, **targets)
     return None, None
-
-
-def load_nnet_weights(path_or_dir):
-    """The network state dict for `--nnet_path`: a .pth file, a `.ckpt` directory (its nnet_ema.pth) or an
-    exported folder (tools/export.py; its model.safetensors)."""
-    path = str(path_or_dir)
-    if not os.path.exists(path):
-        raise MissingFileError(
-            f"--nnet_path '{path}' not found. Give a .pth state dict (e.g. a released U-ViT checkpoint), "
-            f"a training checkpoint directory workdir/<config>/<hparams>/ckpts/<step>.ckpt or an exported folder.")
-    if os.path.isdir(path):
-        if export_format.is_export(path):
-            return export_format.load_export(path)[0]
-        path = os.path.join(path, "nnet_ema.pth")
-        if not os.path.exists(path):
-            raise MissingFileError(f"'{path_or_dir}' is a directory without nnet_ema.pth; give a ckpts/<step>.ckpt "
-                                   f"directory, an exported folder or a .pth file.")
-    try:
-        state = _read(path)
-    except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and containers
-        raise CheckpointError(f"'{path}' is not a plain state dict of tensors ({str(e).splitlines()[0]}); "
-                              f"--nnet_path takes a network state dict such as nnet_ema.pth.") from e
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"'{path}' holds a {type(state).__name__}, not a network state dict (name -> tensor); "
-                              f"--nnet_path takes nnet_ema.pth or a ckpts/<step>.ckpt directory.")
-    return state

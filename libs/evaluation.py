@@ -25,11 +25,11 @@ from tqdm import tqdm
 
 from libs import fid
 from libs.autoencoder import get_model
-from libs.checkpoint import load_nnet_weights
 from libs.config_utils import define_config_flag, parse_and_validate
 from libs.data_loader import mix_seed
 from libs.datasets.features import caption_contexts
 from libs.errors import ConfigError, InputError, MissingFileError, exit_on_user_error
+from libs.export import load_weights
 from libs.family import Sampler
 from libs.io_utils import atomic_path
 from libs.logging_utils import setup_logging
@@ -137,7 +137,7 @@ def load_models(config, family, nnet_path, device, autoencoder_path=None):
     """(network in eval mode, autoencoder or None) on `device` for sampling; the autoencoder (latent
     families) from autoencoder_path or config.autoencoder.pretrained_path, with the config's scale factor."""
     nnet = build_nnet(config.nnet)
-    load_nnet_state_dict(nnet, load_nnet_weights(nnet_path))
+    load_nnet_state_dict(nnet, load_weights(nnet_path)[0])
     nnet = nnet.to(device).eval().requires_grad_(False)
     autoencoder = None
     if family.data == "latents":

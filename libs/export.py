@@ -1,25 +1,181 @@
-"""Export a trained network as a self-describing folder (libs/export_format.py), and push it to the Hub.
+"""The exported-model folder: write it from a checkpoint, read it back, and load weights of any kind.
+
+    <folder>/
+        model.safetensors   # the network's state dict (EMA weights), float tensors, no pickle
+        config.json         # the network's kwargs, diffusion kind, autoencoder scale, null class, step,
+                            # the config's sampling settings and the whole resolved training config
+        README.md           # a short model card
 
     export_model('workdir/cifar10_uvit_small/default/ckpts/500000.ckpt', 'exports/cifar10', config)
+    state_dict, meta = load_weights(path)   # .pth, ckpts/<step>.ckpt or an exported folder
+    nnet, meta = build_from_export(folder)  # config.json alone rebuilds the network
 
-writes the EMA weights as model.safetensors, config.json (the network's kwargs, the diffusion kind, the
-autoencoder scale factor, the null class, the training step, the sampling settings of the config)
-and README.md, a short model card. The weights are checked against `config.nnet` before anything is
-written, so an export always loads into the network its config.json describes.
+The weights are checked against `config.nnet` before anything is written, so an export always loads
+into the network its config.json describes. `load_weights` is what every `--nnet_path` and
+`--init_from` goes through.
 """
 import json
 import logging
 import os
+import pickle
 
 import ml_collections
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
-from libs import export_format
-from libs.checkpoint import load_nnet_weights
-from libs.errors import ConfigError, UViTError
+from libs.checkpoint import read_state_file
+from libs.errors import CheckpointError, ConfigError, MissingFileError, UViTError
+from libs.io_utils import atomic_path, fsync_dir, sha256_of
 from libs.nnet import build_nnet, load_nnet_state_dict
 
 logger = logging.getLogger(__name__)
+
+FORMAT = "uvit-export"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+CARD_FILE = "README.md"
+REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE)
+DIFFUSION_KINDS = ("continuous", "discrete")
+_AGAIN = "export it again with `python tools/export.py <checkpoint> <out_dir>`"
+
+
+def is_export(path):
+    """True when `path` is a folder whose config.json is an exported model's (its weights may be missing)."""
+    file = os.path.join(str(path), CONFIG_FILE)
+    if not os.path.isfile(file):
+        return False
+    try:
+        with open(file) as f:
+            return json.load(f).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def write_export(out_dir, state_dict, meta, card, overwrite=False):
+    """Write the folder atomically: it either appears whole or not at all (an old one stays intact).
+
+    state_dict: name -> tensor (made contiguous, moved to the CPU); meta: the config.json entries
+    (`format`, `format_version` and `weights_sha256` are added here); card: README.md text.
+    An existing non-empty `out_dir` is replaced only with `overwrite`, and only when it is an export.
+    """
+    out_dir = os.path.abspath(str(out_dir))
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        if not overwrite:
+            raise CheckpointError(f"'{out_dir}' already exists and is not empty; choose a new folder, or pass "
+                                  f"--overwrite to replace an earlier export there")
+        if not is_export(out_dir):
+            raise CheckpointError(f"'{out_dir}' exists and is not an exported model; refusing to replace it: "
+                                  f"choose a new folder")
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    with atomic_path(out_dir) as tmp:
+        os.makedirs(tmp)
+        weights = os.path.join(tmp, WEIGHTS_FILE)
+        save_file(tensors, weights, metadata={"format": "pt"})
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **meta, "weights_sha256": sha256_of(weights)}
+        for name, text in ((CONFIG_FILE, json.dumps(meta, indent=2, sort_keys=False) + "\n"), (CARD_FILE, card)):
+            with open(os.path.join(tmp, name), "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+        fsync_dir(tmp)
+    return out_dir
+
+
+def read_export_meta(folder):
+    """config.json of an exported folder, checked for the format; MissingFileError / CheckpointError otherwise."""
+    folder = str(folder)
+    if not os.path.isdir(folder):
+        raise MissingFileError(f"exported model folder '{folder}' not found; {_AGAIN}")
+    missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, f))]
+    if missing:
+        raise MissingFileError(f"'{folder}' is not a complete exported model: {' and '.join(missing)} missing; "
+                               f"copy the whole folder, or {_AGAIN}")
+    file = os.path.join(folder, CONFIG_FILE)
+    try:
+        with open(file) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"'{file}' is not readable JSON ({e}); {_AGAIN}") from e
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"'{file}' is not the config of an exported U-ViT (no \"format\": \"{FORMAT}\"); "
+                              f"{_AGAIN}")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(f"'{file}' has format_version {version!r}; this code reads up to {FORMAT_VERSION}: "
+                              f"update the code or {_AGAIN}")
+    problems = []
+    if not isinstance(meta.get("nnet"), dict) or "name" not in meta["nnet"]:
+        problems.append("no \"nnet\" entry with the network's name and kwargs")
+    if meta.get("diffusion") not in DIFFUSION_KINDS:
+        problems.append(f"\"diffusion\" is {meta.get('diffusion')!r}, not one of {DIFFUSION_KINDS}")
+    if problems:
+        raise CheckpointError(f"'{file}' is incomplete: {'; '.join(problems)}; {_AGAIN}")
+    return meta
+
+
+def _load_export(folder):
+    """(state_dict on the CPU, meta) of an exported folder.
+
+    The weights must be the file the export wrote (sha256 recorded in config.json): a truncated,
+    corrupt or swapped model.safetensors is a CheckpointError naming it.
+    """
+    meta = read_export_meta(folder)
+    weights = os.path.join(str(folder), WEIGHTS_FILE)
+    recorded = meta.get("weights_sha256")
+    if recorded is not None and sha256_of(weights) != recorded:
+        raise CheckpointError(f"'{weights}' is not the file this export wrote (its sha256 differs from the one in "
+                              f"{CONFIG_FILE}): it is truncated, corrupt or was replaced; copy the folder again or "
+                              f"{_AGAIN}")
+    try:
+        state_dict = load_file(weights, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"'{weights}' cannot be read as safetensors ({str(e).splitlines()[0]}); "
+                              f"copy the folder again or {_AGAIN}") from e
+    return state_dict, meta
+
+
+def load_weights(path_or_dir):
+    """(network state dict on the CPU, export meta or None) of what `--nnet_path` / `--init_from` names:
+    a .pth state dict, a `ckpts/<step>.ckpt` directory (its nnet_ema.pth) or an exported folder."""
+    path = str(path_or_dir)
+    if not os.path.exists(path):
+        raise MissingFileError(
+            f"--nnet_path '{path}' not found. Give a .pth state dict (e.g. a released U-ViT checkpoint), "
+            f"a training checkpoint directory workdir/<config>/<hparams>/ckpts/<step>.ckpt or an exported folder.")
+    if os.path.isdir(path):
+        if is_export(path):
+            return _load_export(path)
+        path = os.path.join(path, "nnet_ema.pth")
+        if not os.path.exists(path):
+            raise MissingFileError(f"'{path_or_dir}' is a directory without nnet_ema.pth; give a ckpts/<step>.ckpt "
+                                   f"directory, an exported folder or a .pth file.")
+    try:
+        state = read_state_file(path)
+    except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and containers
+        raise CheckpointError(f"'{path}' is not a plain state dict of tensors ({str(e).splitlines()[0]}); "
+                              f"--nnet_path takes a network state dict such as nnet_ema.pth.") from e
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"'{path}' holds a {type(state).__name__}, not a network state dict (name -> tensor); "
+                              f"--nnet_path takes nnet_ema.pth or a ckpts/<step>.ckpt directory.")
+    return state, None
+
+
+def build_from_export(folder, **overrides):
+    """The network of an exported folder, built from its config.json alone, weights loaded strictly, eval mode.
+
+    overrides: network kwargs to change that do not alter the weights (e.g. use_checkpoint=False).
+    A config.json whose network does not fit model.safetensors is a one-line CheckpointError.
+    """
+    state_dict, meta = _load_export(folder)
+    nnet = build_nnet({**meta["nnet"], **overrides})
+    try:
+        load_nnet_state_dict(nnet, state_dict)
+    except CheckpointError as e:
+        raise CheckpointError(f"exported folder '{folder}': {WEIGHTS_FILE} does not fit the network in "
+                              f"{CONFIG_FILE} ({str(e).split('. Check that')[0]}); {_AGAIN}") from e
+    return nnet.eval(), meta
 
 PAPER = "Bao et al., All are Worth Words: A ViT Backbone for Diffusion Models, CVPR 2023 (arXiv 2209.12152)"
 
@@ -51,8 +207,8 @@ def export_meta(config, step=None, source=None):
     config = _as_config(config)
     nnet = config.nnet.to_dict()
     diffusion = config.get("diffusion", "continuous")
-    if diffusion not in export_format.DIFFUSION_KINDS:
-        raise ConfigError(f"config.diffusion is {diffusion!r}; it must be one of {export_format.DIFFUSION_KINDS}")
+    if diffusion not in DIFFUSION_KINDS:
+        raise ConfigError(f"config.diffusion is {diffusion!r}; it must be one of {DIFFUSION_KINDS}")
     num_classes = int(nnet.get("num_classes", -1) or -1) if nnet.get("name") == "uvit" else -1
     cfg = bool(config.get("dataset", {}).get("cfg", False))
     latents = config.get("z_shape") is not None
@@ -67,6 +223,7 @@ def export_meta(config, step=None, source=None):
         "dataset": config.get("dataset", {}).get("name", ""),
         "sample": {k: sample[k] for k in ("algorithm", "sample_steps", "cfg", "scale") if k in sample},
         "source": os.path.basename(os.path.normpath(str(source))) if source else None,
+        "config": config.to_dict(),  # the whole resolved training config, for whatever a reader needs later
     })
 
 
@@ -110,7 +267,7 @@ def model_card(meta, n_params):
         "## Use",
         "",
         "```python",
-        "from libs.export_format import build_from_export",
+        "from libs.export import build_from_export",
         "nnet, meta = build_from_export('<this folder>')",
         "```",
         "",
@@ -129,7 +286,7 @@ def export_model(checkpoint_or_pth, out_dir, config, step=None, overwrite=False)
     step: the training step; default: from the checkpoint directory, None for a bare .pth.
     """
     config = _as_config(config)
-    state_dict = load_nnet_weights(checkpoint_or_pth)
+    state_dict = load_weights(checkpoint_or_pth)[0]
     nnet = build_nnet(config.nnet)
     load_nnet_state_dict(nnet, state_dict)  # a weights / config mismatch fails here, before anything is written
     if step is None:
@@ -137,7 +294,7 @@ def export_model(checkpoint_or_pth, out_dir, config, step=None, overwrite=False)
     meta = export_meta(config, step=step, source=checkpoint_or_pth)
     weights = nnet.state_dict()
     n_params = sum(v.numel() for v in weights.values())
-    folder = export_format.write_export(out_dir, weights, meta, model_card(meta, n_params), overwrite=overwrite)
+    folder = write_export(out_dir, weights, meta, model_card(meta, n_params), overwrite=overwrite)
     logger.info("exported '%s' (step %s, %.1fM parameters) to '%s'", checkpoint_or_pth, step, n_params / 1e6, folder)
     return folder
 
@@ -151,7 +308,7 @@ def push_to_hub(folder, repo_id, private=False, token=None):
     import huggingface_hub  # optional
     from huggingface_hub.errors import HfHubHTTPError  # optional
 
-    export_format.read_export_meta(folder)  # upload only complete exports
+    read_export_meta(folder)  # upload only complete exports
     api = huggingface_hub.HfApi(token=token)
     try:
         url = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")

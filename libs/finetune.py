@@ -23,22 +23,14 @@ import os
 import torch
 import torch.nn.functional as F
 
-from libs import export_format
-from libs.checkpoint import load_nnet_weights
 from libs.errors import CheckpointError
+from libs.export import load_weights
 from libs.nnet import load_nnet_state_dict, unwrap_model, unwrap_state_dict
 
 logger = logging.getLogger(__name__)
 
 LABEL_KEY = "label_emb.weight"
 POS_KEY = "pos_embed"
-
-
-def load_source_weights(path):
-    """(state_dict, export meta or None) of a `ckpts/<step>.ckpt` directory, a `.pth` file or an exported folder."""
-    if export_format.is_export(path):
-        return export_format.load_export(path)
-    return load_nnet_weights(path), None
 
 
 def resize_label_embedding(source, target, source_null, target_null):
@@ -146,7 +138,7 @@ def init_weights(nnet, path, resize=False, null_last=True, source_null=None):
     source_null: whether the source's last label is a null class; None = from an exported folder's
     config.json, else assumed equal to `null_last`.
     """
-    state_dict, meta = load_source_weights(path)
+    state_dict, meta = load_weights(path)
     state_dict = unwrap_state_dict(state_dict)
     adapted = []
     if resize:

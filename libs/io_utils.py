@@ -5,6 +5,7 @@ good copy, so everything is written under a temporary name in the same directory
 then renamed (rename is atomic on POSIX within one file system).
 """
 import contextlib
+import hashlib
 import io
 import os
 import shutil
@@ -87,3 +88,12 @@ def atomic_savez(path, **arrays):
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     atomic_write_bytes(buf.getvalue(), path)
+
+
+def sha256_of(path, chunk=1 << 22):
+    """Hex sha256 of a file, read `chunk` bytes at a time (checkpoints are gigabytes)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()

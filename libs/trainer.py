@@ -29,13 +29,14 @@ from accelerate.utils import set_seed
 
 from libs import tracking
 from libs.autoencoder import get_model
-from libs.checkpoint import checkpoint_path, latest_checkpoint, load_nnet_weights, resume, save_checkpoint
+from libs.checkpoint import checkpoint_path, latest_checkpoint, resume, save_checkpoint
 from libs.config_utils import config_overrides, define_config_flag, parse_and_validate, workdir_for
 from libs.data_loader import ResumableLoader, mix_seed, resolve_num_workers
 from libs.datasets import dataset_kwargs, get_dataset
 from libs.ema import EMAUpdater, make_ema
 from libs.errors import MissingFileError, TrainingDivergedError, exit_on_user_error
 from libs.evaluation import evaluate, generate_all
+from libs.export import load_weights
 from libs.family import Sampler, guidance_scale
 from libs.finetune import init_weights
 from libs.io_utils import atomic_write_bytes
@@ -244,7 +245,7 @@ def final_evaluation(r: Run):
     result = {'sample': {k: s[k] for k in ('algorithm', 'sample_steps', 'n_samples', 'cfg', 'scale')}}
     if r.history['fid']:
         result['checkpoint'] = checkpoint_path(r.ckpt_root, min(r.history['fid'], key=r.history['fid'].get))
-        load_nnet_state_dict(r.nnet_ema, load_nnet_weights(result['checkpoint']))
+        load_nnet_state_dict(r.nnet_ema, load_weights(result['checkpoint'])[0])
     fid, metric = sample_scores(r, 'sample', s.n_samples, fid=bool(r.history['fid']))
     result.update({**(fid or {}), **(metric or {})})
     logger.info("final evaluation (%s, %d steps, guidance scale %g, %d samples): %s", s.algorithm, s.sample_steps,

@@ -11,7 +11,7 @@ import torch
 
 from libs import autoencoder as ae
 from libs.errors import CheckpointError, InputError, MissingFileError
-from tests.tiny_models import save_self_describing
+from benchmarks.tiny_models import save_self_describing
 
 diffusers = pytest.importorskip("diffusers")
 

@@ -99,30 +99,30 @@ def _truncate(path, size):
 
 
 def nnet_path_truncated(tmp):
-    from libs.checkpoint import load_nnet_weights
+    from libs.export import load_weights
     _, newest = _saved_checkpoints(tmp)
     _truncate(os.path.join(newest, "nnet_ema.pth"), 500)
-    load_nnet_weights(newest)
+    load_weights(newest)
 
 
 def nnet_path_truncated_file(tmp):
-    from libs.checkpoint import load_nnet_weights
+    from libs.export import load_weights
     path = os.path.join(tmp, "nnet_ema.pth")
     torch.save(torch.nn.Linear(8, 8).state_dict(), path)
     _truncate(path, 500)
-    load_nnet_weights(path)
+    load_weights(path)
 
 
 def nnet_path_missing(tmp):
-    from libs.checkpoint import load_nnet_weights
-    load_nnet_weights(os.path.join(tmp, "ckpts", "300.ckpt"))
+    from libs.export import load_weights
+    load_weights(os.path.join(tmp, "ckpts", "300.ckpt"))
 
 
 def nnet_path_not_a_state_dict(tmp):
-    from libs.checkpoint import load_nnet_weights
+    from libs.export import load_weights
     path = os.path.join(tmp, "optimizer.pth")
     torch.save(torch.optim.AdamW(torch.nn.Linear(2, 2).parameters()).state_dict(), path)
-    load_nnet_weights(path)
+    load_weights(path)
 
 
 def checkpoint_of_another_config(tmp):

@@ -10,7 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from libs.checkpoint import latest_checkpoint, load_nnet_weights, read_checkpoint, resume, save_checkpoint
+from libs.checkpoint import latest_checkpoint, read_checkpoint, resume, save_checkpoint
+from libs.export import load_weights
 from libs.errors import CheckpointError, MissingFileError
 from libs.io_utils import SaveError
 
@@ -141,7 +142,7 @@ def test_truncated_newest_is_skipped_with_a_warning_naming_it(tmp_path, caplog):
     assert path == good and state == {"position": 100, "step": 10}
     assert any(victim in r.getMessage() and "truncated" in r.getMessage() for r in caplog.records)
     with pytest.raises(CheckpointError, match="truncated"):
-        load_nnet_weights(bad)
+        load_weights(bad)
     with pytest.raises(CheckpointError, match="damaged"):
         read_checkpoint(bad)
 
@@ -205,13 +206,13 @@ def test_checkpoint_of_the_original_code_loads_with_a_warning(tmp_path, caplog):
 
 def test_nnet_path_errors(tmp_path):
     with pytest.raises(MissingFileError, match="not found"):
-        load_nnet_weights(str(tmp_path / "nope.pth"))
+        load_weights(str(tmp_path / "nope.pth"))
     torch.save({"a": [1, 2]}, tmp_path / "junk.pth")
     with pytest.raises(CheckpointError, match="not a network state dict"):
-        load_nnet_weights(str(tmp_path / "junk.pth"))
+        load_weights(str(tmp_path / "junk.pth"))
     sd = {"w": torch.ones(2)}
     torch.save(sd, tmp_path / "good.pth")
-    assert torch.equal(load_nnet_weights(str(tmp_path / "good.pth"))["w"], sd["w"])
+    assert torch.equal(load_weights(str(tmp_path / "good.pth"))[0]["w"], sd["w"])
 
 
 def test_killed_writers_temporary_is_removed_on_next_save(tmp_path):

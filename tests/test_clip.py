@@ -6,7 +6,7 @@ import torch
 
 from libs.clip import FrozenCLIPEmbedder
 from libs.errors import InputError, MissingFileError
-from tests.tiny_models import write_tiny_clip
+from benchmarks.tiny_models import write_tiny_clip
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.test_sample_scripts import CLASS_CONFIG, T2I_CONFIG, load_config
-from tests.tiny_models import write_tiny_autoencoder, write_tiny_clip
+from benchmarks.tiny_models import write_tiny_autoencoder, write_tiny_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 nbclient = pytest.importorskip("nbclient")

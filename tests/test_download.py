@@ -1,29 +1,101 @@
-"""tools/download.py without a network: the name table against the release's facts and the configs,
-the command line, the one-line failures, atomic placement with the checks, and gdown's resume."""
+"""tools/download.py without a network: the name table against the release's links and the configs, and
+every fetch against a local stand-in for Google Drive (an HTTP server honouring Range requests, and a
+folder listing): --all, the folder mode, an error page, a resumed partial file, a size mismatch, a typo,
+and the Hub mirror."""
 import collections
 import hashlib
+import http.server
 import importlib
 import json
 import os
 import subprocess
 import sys
+import threading
 
 import gdown
 import pytest
-import requests
 
-from libs.errors import CheckpointError, InputError, MissingFileError
+from libs.errors import CheckpointError, ConfigError, MissingFileError
 from tools import download as dl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_CONFIGS = ['cifar10_uvit_small', 'celeba64_uvit_small', 'imagenet64_uvit_mid', 'imagenet64_uvit_large',
                  'imagenet256_uvit_large', 'imagenet256_uvit_huge', 'imagenet512_uvit_large', 'imagenet512_uvit_huge',
                  'mscoco_uvit_small']
+ERROR_PAGE = b'\n<!DOCTYPE html><html><title>Google Drive - Quota exceeded</title></html>'
+Entry = collections.namedtuple('Entry', 'id path local_path')  # what gdown's folder listing returns
 
 
 def run_tool(*args):
     return subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'download.py'), *args],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+class StandIn(http.server.BaseHTTPRequestHandler):
+    """Serves `files` {drive id: bytes} at /uc?id=<id>, honouring `Range: bytes=N-` as Drive does."""
+    files, seen = {}, []
+
+    def do_GET(self):
+        file_id = self.path.split('id=', 1)[-1]
+        self.seen.append((file_id, self.headers.get('Range')))
+        body = self.files.get(file_id)
+        if body is None:
+            self.send_error(404)
+            return
+        start = int(self.headers['Range'].split('=')[1].split('-')[0]) if self.headers.get('Range') else 0
+        self.send_response(206 if start else 200)
+        self.send_header('Content-Type', 'text/html' if body.startswith(b'\n<!DOCTYPE') else 'application/octet-stream')
+        if start:
+            self.send_header('Content-Range', f'bytes {start}-{len(body) - 1}/{len(body)}')
+        self.send_header('Content-Length', str(len(body) - start))
+        self.end_headers()
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def drive(monkeypatch):
+    """The stand-in: .files (id -> bytes), .seen ((id, Range) per request), .folder (name -> id, the
+    shared folder's listing) and .listed (how often it was listed)."""
+    server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), type('H', (StandIn,), {'files': {}, 'seen': []}))
+    threading.Thread(target=server.serve_forever, kwargs={'poll_interval': 0.05}, daemon=True).start()
+    handler = server.RequestHandlerClass
+    handler.folder, handler.listed = {}, []
+
+    def listing(url, skip_download, quiet):
+        assert skip_download is True  # a listing, never gdown's bulk folder download
+        handler.listed.append(url)
+        return [Entry(i, f'fid_stats/{name}', None) for name, i in handler.folder.items()]
+
+    monkeypatch.setattr(dl, 'DRIVE_FILE_URL', f'http://127.0.0.1:{server.server_port}/uc?id={{id}}')
+    monkeypatch.setattr(gdown, 'download_folder', listing)
+    yield handler
+    server.shutdown()
+    server.server_close()
+
+
+def payload(name):
+    return f'{name}: pretend weights '.encode() * 50
+
+
+def serve_all(drive):
+    for f in dl.FILES:
+        if f.drive_id is None:
+            drive.folder[os.path.basename(f.target)] = f'1Folder_{f.name}'
+        drive.files[f.drive_id or f'1Folder_{f.name}'] = payload(f.name)
+
+
+def test_the_table_holds_every_id_of_the_release(reference_dir):
+    with open(os.path.join(reference_dir, 'release_links.json')) as f:
+        links = json.load(f)
+    ours = {f.name: f.drive_id for f in dl.FILES if f.drive_id is not None}
+    assert ours == links['checkpoint_file_ids']
+    assert dl.FOLDER_ID == links['folder_id']
+    in_folder = [f.target for f in dl.FILES if f.drive_id is None]  # the autoencoders and the FID statistics
+    assert len(in_folder) == 8
+    assert {os.path.dirname(t) for t in in_folder} == set(links['folder_subfolders'].values())
 
 
 def test_names_and_targets_are_unique_and_under_assets():
@@ -32,11 +104,9 @@ def test_names_and_targets_are_unique_and_under_assets():
     assert len(set(names)) == len(names) == 18
     assert len(set(targets)) == len(targets)
     for f in dl.FILES:
-        assert f.target.startswith('assets/') and not os.path.isabs(f.target) and '..' not in f.target.split('/')
+        assert f.target.startswith('assets/') and '..' not in f.target.split('/') and f.what
         assert os.path.splitext(os.path.basename(f.target))[0] == f.name
-        assert f.what
-        assert f.drive_id is None or '/' not in f.drive_id  # ids, not links
-        assert f.sha256 is None or len(f.sha256) == 64
+        assert f.hub_file == f.target[len('assets/'):]
 
 
 def test_checkpoints_are_the_published_ones(reference_dir):
@@ -54,167 +124,133 @@ def test_every_autoencoder_and_fid_statistics_path_is_covered(reference_dir):
     wanted = {row['FID reference stats'].split()[0] for row in rows}
     wanted |= {row['autoencoder'] for row in rows if row['autoencoder'].startswith('assets/')}
     assert len(wanted) == 8
-    # And this repository's configs, which may have grown keys since the release.
-    for name in PAPER_CONFIGS:
+    for name in PAPER_CONFIGS:  # and this repository's configs, which may have grown keys since the release
         config = importlib.import_module(f'configs.{name}').get_config()
         if config.autoencoder.pretrained_path:
             wanted.add(config.autoencoder.pretrained_path)
     assert wanted <= targets
-    assert {'assets/stable-diffusion/autoencoder_kl.pth', 'assets/stable-diffusion/autoencoder_kl_ema.pth'} <= wanted
 
 
-def test_help_lists_every_name_and_target():
-    out = run_tool('--help')  # absl's --help exits with status 1
-    assert 'Traceback' not in out.stderr
+def test_help_exits_0_and_a_typo_is_one_line():
+    out = run_tool('--help')
+    assert out.returncode == 0 and 'Traceback' not in out.stderr
     for f in dl.FILES:
         assert f.name in out.stdout and f.target in out.stdout
-    assert '--id' in out.stdout and '--all' in out.stdout
-
-
-def test_no_known_id_stops_with_one_line_before_any_download(tmp_path):
-    out = run_tool('imagenet256_uvit_huge', f'--root={tmp_path}')
-    assert out.returncode == 1
+    assert '--all' in out.stdout and '--hub_repo' in out.stdout
+    out = run_tool('imagenet256_uvit_hug', 'autoencoder_kl')
     lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1, out.stderr
-    assert 'MissingFileError' in lines[0] and 'assets/ckpts/imagenet256_uvit_huge.pth' in lines[0]
-    assert 'github.com/baofff/U-ViT' in lines[0] and '--id=' in lines[0]
-    assert list(tmp_path.iterdir()) == []  # nothing written
+    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert "unknown name 'imagenet256_uvit_hug': did you mean imagenet256_uvit_huge?" in lines[0]
 
 
-def test_all_without_ids_names_every_missing_file_once(tmp_path):
-    (tmp_path / 'assets' / 'fid_stats').mkdir(parents=True)
-    (tmp_path / 'assets' / 'fid_stats' / 'fid_stats_mscoco256_val.npz').write_bytes(b'PK')
+def test_all_fetches_every_file_by_name_and_lists_the_folder_once(tmp_path, drive):
+    serve_all(drive)
+    paths = dl.download(everything=True, root=str(tmp_path))
+    assert paths == [str(tmp_path / f.target) for f in dl.FILES]
+    for f in dl.FILES:
+        assert (tmp_path / f.target).read_bytes() == payload(f.name)
+    assert drive.listed == [dl.DRIVE_FOLDER_URL.format(id=dl.FOLDER_ID)]
+    assert sorted(i for i, _ in drive.seen) == sorted(drive.files)  # each file once, by its own id
+    assert sorted(p.name for p in (tmp_path / 'assets' / 'ckpts').iterdir()) == sorted(
+        f'{f.name}.pth' for f in dl.FILES if f.drive_id)  # no temporary left behind
+    # Everything present: no request at all, not even the listing.
+    drive.seen.clear()
+    dl.download(everything=True, root=str(tmp_path))
+    assert drive.seen == [] and len(drive.listed) == 1
+
+
+def test_folder_mode_fetches_a_named_file_from_the_listing(tmp_path, drive):
+    drive.folder['fid_stats_cifar10_train_pytorch.npz'] = '1Cifar'
+    drive.files['1Cifar'] = payload('cifar')
+    [path] = dl.download(['fid_stats_cifar10_train_pytorch'], root=str(tmp_path))
+    assert path == str(tmp_path / 'assets/fid_stats/fid_stats_cifar10_train_pytorch.npz')
+    assert open(path, 'rb').read() == payload('cifar') and [i for i, _ in drive.seen] == ['1Cifar']
+    # A file the listing lacks: one line saying where to put it by hand.
     with pytest.raises(MissingFileError) as e:
-        dl.download(everything=True, root=str(tmp_path), fetcher=pytest.fail)
+        dl.download(['autoencoder_kl_ema'], root=str(tmp_path))
+    assert '\n' not in str(e.value) and 'not in the release' in str(e.value)
+    assert 'assets/stable-diffusion/autoencoder_kl_ema.pth' in str(e.value)
+
+
+def test_an_error_page_leaves_nothing(tmp_path, drive):
+    drive.files['13StUdrjaaSXjfqqF7M47BzPyhMAArQ4u'] = ERROR_PAGE
+    with pytest.raises(CheckpointError) as e:
+        dl.download(['imagenet256_uvit_huge'], root=str(tmp_path))
     msg = str(e.value)
-    assert '\n' not in msg and 'github.com/baofff/U-ViT' in msg
-    assert all(f.name in msg for f in dl.FILES if f.name != 'fid_stats_mscoco256_val')
-    assert 'fid_stats_mscoco256_val' not in msg  # already there
+    assert '\n' not in msg and 'web page' in msg and 'assets/ckpts/imagenet256_uvit_huge.pth' in msg
+    assert os.listdir(tmp_path / 'assets' / 'ckpts') == []
 
 
-def test_offline_is_one_line(tmp_path, monkeypatch):
-    def offline(**kwargs):
-        raise requests.exceptions.ConnectionError("Failed to resolve 'drive.google.com'")
-
-    monkeypatch.setattr(gdown, 'download', offline)
-    with pytest.raises(MissingFileError) as e:
-        dl.download(['cifar10_uvit_small'], source='1AbCdEf', root=str(tmp_path))
-    msg = str(e.value)
-    assert '\n' not in msg
-    assert 'cannot reach Google Drive' in msg and 'assets/ckpts/cifar10_uvit_small.pth' in msg and 'baofff/U-ViT' in msg
-    assert not (tmp_path / 'assets' / 'ckpts' / 'cifar10_uvit_small.pth').exists()
-
-
-def test_drive_refusal_is_one_line(tmp_path, monkeypatch):
-    def refused(**kwargs):
-        raise gdown.exceptions.FileURLRetrievalError("Failed to retrieve file url:\n\n\tToo many users ...")
-
-    monkeypatch.setattr(gdown, 'download', refused)
-    with pytest.raises(MissingFileError, match='refused autoencoder_kl .Failed to retrieve file url:.') as e:
-        dl.download(['autoencoder_kl'], source='1AbCdEf', root=str(tmp_path))
-    assert '\n' not in str(e.value)
+def test_a_partial_file_is_resumed(tmp_path, drive):
+    data = payload('cifar10_uvit_small')
+    drive.files['1yoYyuzR_hQYWU0mkTj659tMTnoCWCMv-'] = data
+    folder = tmp_path / 'assets' / 'ckpts'
+    folder.mkdir(parents=True)
+    # What an interrupted gdown leaves beside its output: <output><8 characters>.part
+    (folder / 'cifar10_uvit_small.pth.unverifiedAbCd1234.part').write_bytes(data[:300])
+    dl.download(['cifar10_uvit_small'], root=str(tmp_path))
+    assert (folder / 'cifar10_uvit_small.pth').read_bytes() == data
+    assert drive.seen[-1] == ('1yoYyuzR_hQYWU0mkTj659tMTnoCWCMv-', 'bytes=300-')  # the rest was asked for
+    assert os.listdir(folder) == ['cifar10_uvit_small.pth']
 
 
-def test_resume_and_link_parsing_reach_gdown(tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(gdown, 'download', lambda **kwargs: calls.append(kwargs))
-    out = str(tmp_path / 'x.unverified')
-    dl.drive_fetch('https://drive.google.com/file/d/1AbC-d_E/view?usp=sharing', out)
-    dl.drive_fetch('1XyZ', out)
-    assert [c['id'] for c in calls] == ['1AbC-d_E', '1XyZ']
-    assert all(c['resume'] is True and c['output'] == out and c['quiet'] is False for c in calls)
-    with pytest.raises(InputError, match='folder'):
-        dl.drive_fetch('https://drive.google.com/drive/folders/1AbC', out)
-    with pytest.raises(InputError, match='not a Google Drive file link'):
-        dl.drive_fetch('https://example.com/model.pth', out)
-
-
-def test_folder_link_finds_the_named_files_by_name(tmp_path, monkeypatch):
-    Entry = collections.namedtuple('Entry', 'id path local_path')  # what gdown lists
-    listing = [Entry('1Cifar', 'fid_stats/fid_stats_cifar10_train_pytorch.npz', 'x'),
-               Entry('1Coco', 'fid_stats/fid_stats_mscoco256_val.npz', 'x'), Entry('1Other', 'notes.txt', 'x')]
-    listed = []
-    monkeypatch.setattr(gdown, 'download_folder', lambda **kw: listed.append(kw) or listing)
-    link = 'https://drive.google.com/drive/folders/1FidStats?usp=sharing'
-    seen = []
-    paths = dl.download(['fid_stats_mscoco256_val', 'fid_stats_cifar10_train_pytorch'], source=link,
-                        root=str(tmp_path), fetcher=writer(PAYLOAD, seen))
-    assert [s for s, _ in seen] == ['1Coco', '1Cifar']
-    assert paths == [str(tmp_path / 'assets' / 'fid_stats' / n) for n in
-                     ('fid_stats_mscoco256_val.npz', 'fid_stats_cifar10_train_pytorch.npz')]
-    assert listed[0]['url'] == link and listed[0]['skip_download'] is True  # listing only, no bulk download
-    # Everything present: no network at all.
-    monkeypatch.setattr(gdown, 'download_folder', pytest.fail)
-    dl.download(['fid_stats_mscoco256_val'], source=link, root=str(tmp_path), fetcher=pytest.fail)
-    # A folder without the named file says what it holds.
-    monkeypatch.setattr(gdown, 'download_folder', lambda **kw: listing)
-    with pytest.raises(InputError, match='holds fid_stats_cifar10_train_pytorch.npz, .*not fid_stats_imagenet64'):
-        dl.download(['fid_stats_imagenet64_guided_diffusion'], source=link, root=str(tmp_path), fetcher=pytest.fail)
-
-
-def test_folder_listing_offline_is_one_line(tmp_path, monkeypatch):
-    def offline(**kwargs):
-        raise requests.exceptions.ConnectionError('Max retries exceeded')
-
-    monkeypatch.setattr(gdown, 'download_folder', offline)
-    with pytest.raises(MissingFileError, match='cannot reach Google Drive') as e:
-        dl.download(['autoencoder_kl', 'autoencoder_kl_ema'], source='https://drive.google.com/drive/folders/1SD',
-                    root=str(tmp_path))
-    assert '\n' not in str(e.value) and 'autoencoder_kl_ema.pth' in str(e.value)
-
-
-PAYLOAD = b'\x80\x02 pretend checkpoint bytes' * 100
-
-
-def fake_file(**overrides):
-    fields = dict(name='tiny', target='assets/ckpts/tiny.pth', what='a test file', drive_id='1Fake',
-                  size=len(PAYLOAD), sha256=hashlib.sha256(PAYLOAD).hexdigest())
-    return dl.ReleaseFile(**{**fields, **overrides})
-
-
-def writer(payload, seen):
-    def fetcher(source, output):
-        seen.append((source, output))
-        assert not os.path.exists(output[:-len('.unverified')])  # the target appears only after the checks
-        with open(output, 'wb') as f:
-            f.write(payload)
-    return fetcher
-
-
-def test_atomic_placement_after_checks(tmp_path):
-    seen = []
-    path = dl.fetch(fake_file(), root=str(tmp_path), fetcher=writer(PAYLOAD, seen))
-    target = tmp_path / 'assets' / 'ckpts' / 'tiny.pth'
-    assert path == str(target) and target.read_bytes() == PAYLOAD
-    assert seen == [('1Fake', str(target) + '.unverified')]  # same folder as the target: the rename is atomic
-    assert sorted(os.listdir(target.parent)) == ['tiny.pth']
-    # A present target is kept, not fetched again.
-    assert dl.fetch(fake_file(), root=str(tmp_path), fetcher=pytest.fail) == str(target)
-
-
-@pytest.mark.parametrize('payload,field,match', [
-    (PAYLOAD[:-1], {}, 'bytes'),  # truncated
-    (PAYLOAD[:-1] + b'!', {}, 'sha256'),  # same size, other bytes
-    (b'  <!DOCTYPE html><html>quota exceeded</html>', {'size': None, 'sha256': None}, 'web page'),
-])
-def test_failed_check_leaves_no_file(tmp_path, payload, field, match):
+@pytest.mark.parametrize('served,match', [(b'x' * 99, 'got 99 bytes, the release.s file has 100'),
+                                          (b'y' * 100, 'sha256 differs')])
+def test_a_size_or_checksum_mismatch_leaves_nothing(tmp_path, drive, served, match):
+    good = b'x' * 100
+    drive.files['1Fake'] = served
+    file = dl.ReleaseFile('tiny', 'assets/ckpts/tiny.pth', 'a test file', '1Fake', len(good),
+                          hashlib.sha256(good).hexdigest())
     with pytest.raises(CheckpointError, match=match) as e:
-        dl.fetch(fake_file(**field), root=str(tmp_path), fetcher=writer(payload, []))
+        dl.fetch(file, file.drive_id, root=str(tmp_path))
     assert '\n' not in str(e.value) and 'assets/ckpts/tiny.pth' in str(e.value)
     assert os.listdir(tmp_path / 'assets' / 'ckpts') == []
 
 
-def test_unknown_size_and_checksum_accept_any_real_file(tmp_path):
-    dl.fetch(fake_file(size=None, sha256=None), root=str(tmp_path), fetcher=writer(PAYLOAD, []))
-    assert (tmp_path / 'assets' / 'ckpts' / 'tiny.pth').read_bytes() == PAYLOAD
+def test_unreachable_drive_is_one_line(tmp_path, drive, monkeypatch):
+    monkeypatch.setattr(dl, 'DRIVE_FILE_URL', 'http://127.0.0.1:9/uc?id={id}')  # nothing listens on port 9
+
+    def offline(**kwargs):
+        raise gdown.exceptions.FileURLRetrievalError("Failed to retrieve folder contents:\n\n\tToo many users")
+
+    monkeypatch.setattr(gdown, 'download_folder', offline)
+    with pytest.raises(MissingFileError, match='cannot reach Google Drive') as e:
+        dl.download(['celeba64_uvit_small'], root=str(tmp_path))
+    assert '\n' not in str(e.value) and 'github.com/baofff/U-ViT' in str(e.value)
+    with pytest.raises(MissingFileError, match='refused the folder .*Failed to retrieve folder contents:') as e:
+        dl.download(['autoencoder_kl', 'fid_stats_mscoco256_val'], root=str(tmp_path))
+    assert '\n' not in str(e.value) and 'autoencoder_kl.pth, fid_stats_mscoco256_val.npz' in str(e.value)
+
+
+def test_the_hub_mirror_serves_where_drive_refuses(tmp_path, drive, monkeypatch):
+    import huggingface_hub
+
+    drive.files['1yoYyuzR_hQYWU0mkTj659tMTnoCWCMv-'] = ERROR_PAGE
+    calls = []
+
+    def hub_stand_in(repo_id, filename, revision, local_dir):
+        calls.append((repo_id, filename, revision))
+        path = os.path.join(local_dir, filename)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, 'wb') as f:
+            f.write(payload('mirror'))
+        return path
+
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', hub_stand_in)
+    hub = dl.hub_of('someone/uvit-release', 'a' * 40)
+    dl.download(['cifar10_uvit_small'], root=str(tmp_path), hub=hub)
+    assert (tmp_path / 'assets/ckpts/cifar10_uvit_small.pth').read_bytes() == payload('mirror')
+    assert calls == [('someone/uvit-release', 'ckpts/cifar10_uvit_small.pth', 'a' * 40)]
+    assert os.listdir(tmp_path / 'assets' / 'ckpts') == ['cifar10_uvit_small.pth']
+    for repo, revision in (('someone/uvit-release', 'main'), ('someone/uvit-release', None), (None, 'a' * 40)):
+        with pytest.raises(ConfigError, match='--hub_re'):
+            dl.hub_of(repo, revision)
 
 
 def test_command_line_mistakes():
-    with pytest.raises(InputError, match='--all'):
+    with pytest.raises(ConfigError, match='--all'):
         dl.download([])
-    with pytest.raises(InputError, match='--all'):
+    with pytest.raises(ConfigError, match='--all'):
         dl.download(['autoencoder_kl'], everything=True)
-    with pytest.raises(InputError, match="cifar_uvit.*known: cifar10_uvit_small"):
-        dl.download(['cifar_uvit'])
-    with pytest.raises(InputError, match='exactly one name'):
-        dl.download(['autoencoder_kl', 'autoencoder_kl_ema'], source='1AbC')
+    with pytest.raises(ConfigError, match="'cifar_uvit': did you mean cifar10_uvit_small.*; unknown name 'zzz'"):
+        dl.download(['cifar_uvit', 'zzz'])

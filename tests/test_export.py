@@ -11,11 +11,9 @@ import torch
 from safetensors import safe_open
 
 import sample_class_cond
-from libs import export_format
-from libs.checkpoint import load_nnet_weights
+from libs import export
 from libs.errors import CheckpointError, MissingFileError
-from libs.export import export_model
-from libs.export_format import build_from_export, load_export, read_export_meta
+from libs.export import build_from_export, export_model, load_weights, read_export_meta
 from libs.nnet import build_nnet
 from tests.test_sample_scripts import cls_args, load_config, read_png, tiny  # noqa: F401 (tiny: a fixture)
 
@@ -58,7 +56,7 @@ def test_round_trip_gives_identical_outputs(tmp_path):
     torch.save(nnet.state_dict(), pth)
     folder = export_model(str(pth), tmp_path / 'export', config)
 
-    state_dict, meta = load_export(folder)
+    state_dict, meta = load_weights(folder)
     assert state_dict.keys() == nnet.state_dict().keys()
     assert all(torch.equal(state_dict[k], v) for k, v in nnet.state_dict().items())
     rebuilt, _ = build_from_export(folder)
@@ -128,10 +126,10 @@ def test_missing_file_is_a_one_line_error(tmp_path):
     folder = export_model(str(tmp_path / 'w.pth'), tmp_path / 'export', config)
     os.remove(os.path.join(folder, 'model.safetensors'))
     with pytest.raises(MissingFileError) as e:
-        load_export(folder)
+        load_weights(folder)
     assert 'model.safetensors missing' in _one_line(e) and 'tools/export.py' in str(e.value)
     with pytest.raises(MissingFileError):
-        load_export(tmp_path / 'nowhere')
+        load_weights(tmp_path / 'nowhere')
 
 
 def test_replaced_weights_are_a_one_line_error(tmp_path):
@@ -142,7 +140,7 @@ def test_replaced_weights_are_a_one_line_error(tmp_path):
     b = export_model(str(tmp_path / 'b.pth'), tmp_path / 'b', config)
     os.replace(os.path.join(b, 'model.safetensors'), os.path.join(a, 'model.safetensors'))
     with pytest.raises(CheckpointError) as e:
-        load_export(a)
+        load_weights(a)
     assert 'sha256 differs' in _one_line(e)
 
 
@@ -184,7 +182,7 @@ def test_existing_folders_are_not_clobbered(tmp_path, monkeypatch):
     # A failure mid-write leaves the earlier export whole.
     def broken(*args, **kwargs):
         raise OSError(28, 'No space left on device')
-    monkeypatch.setattr(export_format, 'save_file', broken)
+    monkeypatch.setattr(export, 'save_file', broken)
     with pytest.raises(OSError):
         export_model(str(tmp_path / 'w.pth'), folder, config, step=2, overwrite=True)
     assert read_export_meta(folder)['step'] == 1
@@ -244,10 +242,10 @@ def test_push_to_hub_uploads_the_folder_and_nothing_else(tmp_path, monkeypatch):
 
 def test_every_loader_takes_an_exported_folder(tiny, tmp_path):
     """--nnet_path of the sample scripts (and eval*.py, --init_from, final evaluation: all through
-    load_nnet_weights) given an exported folder: the same weights, the same images as from the .pth."""
+    load_weights) given an exported folder: the same weights, the same images as from the .pth."""
     config_path, pth = tiny["cls"]
     folder = export_model(pth, tmp_path / 'export', load_config(config_path))
-    weights, exported = torch.load(pth, weights_only=True), load_nnet_weights(folder)
+    weights, exported = torch.load(pth, weights_only=True), load_weights(folder)[0]
     assert exported.keys() == weights.keys() and all(torch.equal(exported[k], weights[k]) for k in weights)
     args = ['--class_ids=1', '--n_per_class=2']
     from_pth = sample_class_cond.main(cls_args(tiny, tmp_path / 'pth', *args))

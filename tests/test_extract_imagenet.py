@@ -9,7 +9,7 @@ import torch
 from libs import features as F
 from libs.autoencoder import get_model
 from libs.errors import ConfigError, InputError, MissingFileError
-from tests.tiny_models import write_tiny_autoencoder
+from benchmarks.tiny_models import write_tiny_autoencoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = 64  # small crops keep the tiny autoencoder fast; the script is resolution-agnostic (multiples of 8)

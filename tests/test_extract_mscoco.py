@@ -12,7 +12,7 @@ from libs.autoencoder import get_model
 from libs.clip import FrozenCLIPEmbedder
 from libs.datasets import get_dataset
 from libs.errors import InputError, MissingFileError
-from tests.tiny_models import write_tiny_autoencoder, write_tiny_clip
+from benchmarks.tiny_models import write_tiny_autoencoder, write_tiny_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = 32

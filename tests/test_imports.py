@@ -91,6 +91,15 @@ def test_the_walk_sees_the_known_edges():
     assert any(name.startswith("libs.") for name in GRAPH["libs.trainer"])
 
 
+def test_benchmarks_do_not_import_the_tests():
+    for module, path in FILES.items():
+        if module.startswith("benchmarks."):
+            tree = ast.parse(open(path, encoding="utf-8").read(), path)
+            names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+            names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+            assert not [n for n in names if n == "tests" or n.startswith("tests.")], f"{path} imports tests/"
+
+
 def test_no_import_cycle():
     cycle = _find_cycle(GRAPH)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)

@@ -10,7 +10,7 @@ from PIL import Image
 import sample_class_cond
 import sample_t2i_discrete
 from libs.errors import ConfigError, InputError, MissingFileError
-from tests.tiny_models import write_tiny_autoencoder, write_tiny_clip
+from benchmarks.tiny_models import write_tiny_autoencoder, write_tiny_clip
 
 T2I_CONFIG = """
 from configs.mscoco_uvit_small import get_config as paper_config

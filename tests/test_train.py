@@ -108,7 +108,7 @@ def test_grad_accum_equals_one_big_batch(tmp_path, monkeypatch):
 
 def test_init_from_starts_a_new_run_from_the_weights(tmp_path, monkeypatch):
     import libs.trainer as trainer
-    from libs.checkpoint import load_nnet_weights
+    from libs.export import load_weights
 
     source = train(tiny_config(n_steps=2), str(tmp_path / 'src'), PIXELS_CONTINUOUS)['checkpoint']
     seen, real = [], trainer.train_step
@@ -118,7 +118,7 @@ def test_init_from_starts_a_new_run_from_the_weights(tmp_path, monkeypatch):
     config = tiny_config(n_steps=2)
     config.init.path = source
     train(config, str(tmp_path / 'new'), PIXELS_CONTINUOUS)
-    weights = load_nnet_weights(source)  # the source run's EMA network
+    weights = load_weights(source)[0]  # the source run's EMA network
     loaded = torch.cat([weights[k].flatten() for k, _ in trainer.build_nnet(config.nnet).named_parameters()])
     step, online, ema, n_states = seen[0]
     assert step == 0 and n_states == 0  # step 0, a fresh optimizer

@@ -12,7 +12,7 @@ from configs.imagenet256_uvit_large import get_config as large_config
 from libs import features as F
 from libs.family import LATENTS_CONTINUOUS, LATENTS_DISCRETE
 from libs.trainer import train
-from tests.tiny_models import write_tiny_autoencoder
+from benchmarks.tiny_models import write_tiny_autoencoder
 
 
 def write_features(folder, n=8, num_classes=3):

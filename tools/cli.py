@@ -16,7 +16,8 @@ def define_resolution(fv, help_string):
 
 def parse_flags(define, argv, doc, positional=()):
     """Declare the flags with `define(fv)` and parse `argv` (the arguments after the program name;
-    None: sys.argv[1:]). Returns (fv, the positional arguments, as many as `positional` names).
+    None: sys.argv[1:]). Returns (fv, the positional arguments, as many as `positional` names;
+    positional=None: any number).
 
     --help prints `doc` and the flags, then exits with status 0; an unknown, malformed or missing
     required flag, or a wrong number of positional arguments, raises ConfigError.
@@ -33,7 +34,7 @@ def parse_flags(define, argv, doc, positional=()):
     except flags.Error as e:
         raise ConfigError(f"{e} Run with --help for the flags.") from e
     rest = rest[1:]
-    if len(rest) != len(positional):
+    if positional is not None and len(rest) != len(positional):
         wanted = f"{len(positional)} ({', '.join(positional)})" if positional else "no"
         raise ConfigError(f"expected {wanted} arguments besides the flags, got {len(rest)}: {' '.join(rest)}. "
                           f"Flags are written --name=value; run with --help for them.")

@@ -1,30 +1,32 @@
-"""Fetch the original U-ViT release's files into the paths the configs expect.
+"""Fetch the original U-ViT release's files by name into the paths the configs expect.
 
-    python tools/download.py cifar10_uvit_small
-    python tools/download.py autoencoder_kl fid_stats_imagenet256_guided_diffusion
-    python tools/download.py imagenet256_uvit_huge --id=https://drive.google.com/file/d/<id>/view
+    python tools/download.py imagenet256_uvit_huge autoencoder_kl_ema
+    python tools/download.py fid_stats_imagenet256_guided_diffusion
     python tools/download.py --all
+    python tools/download.py cifar10_uvit_small --hub_repo=<user>/<mirror> --hub_revision=<commit sha>
 
-The original release (github.com/baofff/U-ViT, README, pretrained models) hosts every file on
-Google Drive; gdown fetches it with a progress bar and resumes a partial download when run again.
-Give --id=<Google Drive link or file id> (the link from that README) for a file whose id the
-table below does not hold; a folder link (that README links the FID statistics and the
-autoencoders as folders) serves every named file it holds:
-    python tools/download.py fid_stats_cifar10_train_pytorch fid_stats_mscoco256_val --id=<folder link>
-A file is written under a temporary name in its folder, checked (size and sha256 where known, and
-that it is not an HTML page), then renamed into place, so the target either does not exist or is
-the whole file. An existing target is kept: delete it to fetch again.
+The original release (github.com/baofff/U-ViT, README) hosts every file on Google Drive: each
+checkpoint as a file, the FID statistics and the autoencoders in one shared folder, whose listing
+is read when one of them is asked for. gdown fetches with a progress bar and resumes a partial
+download when run again. --hub_repo names a Hugging Face Hub mirror (files at the paths below
+without the leading assets/, e.g. ckpts/cifar10_uvit_small.pth), used where Google Drive refuses
+or cannot be reached; --hub_revision pins the mirror's commit. A file is written under a temporary
+name in its folder, checked (not an HTML page; size and sha256 where known), then renamed into
+place, so the target either does not exist or is the whole file. An existing target is kept:
+delete it to fetch again.
 
-Checkpoints (the EMA network weights) go to assets/ckpts/<name>.pth; evaluate one with the config of
-the same name and the eval script of its kind (eval.py, eval_ldm.py, eval_ldm_discrete.py, eval_t2i_discrete.py):
-    python eval.py --config=configs/cifar10_uvit_small.py --nnet_path=assets/ckpts/cifar10_uvit_small.pth
-(mscoco_uvit_small_deep: configs/mscoco_uvit_small.py with --config.nnet.depth=16).
+Checkpoints (the EMA network weights) go to assets/ckpts/<name>.pth; sample or evaluate one with the
+config of the same name (mscoco_uvit_small_deep: configs/mscoco_uvit_small.py --config.nnet.depth=16):
+    python sample_class_cond.py --config=configs/imagenet256_uvit_huge.py \\
+        --nnet_path=assets/ckpts/imagenet256_uvit_huge.pth --output_dir=samples
 """
 import contextlib
 import dataclasses
-import hashlib
+import difflib
 import logging
 import os
+import re
+import shutil
 import sys
 from typing import Optional
 
@@ -33,23 +35,30 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import gdown
 import requests
-from absl import app, flags
+from absl import flags
 
-from libs.errors import CheckpointError, InputError, MissingFileError, exit_on_user_error
+from libs.errors import CheckpointError, ConfigError, MissingFileError, exit_on_user_error
+from libs.io_utils import sha256_of
 from libs.logging_utils import setup_logging
+from tools.cli import parse_flags
 
 logger = logging.getLogger(__name__)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RELEASE = "https://github.com/baofff/U-ViT"
-TARGETS_HELP = "the targets listed by --help"
+DRIVE_FILE_URL = "https://drive.google.com/uc?id={id}"
+DRIVE_FOLDER_URL = "https://drive.google.com/drive/folders/{id}"
+# The release README's shared folder with fid_stats/ and stable-diffusion/ (the FID statistics, the autoencoders).
+FOLDER_ID = "1yo-XhqbPue3rp5P57j6QbA5QZx6KybvP"
 CHECKPOINT_DIR = "assets/ckpts"  # ignored by git, like the other assets folders
+_COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 
 @dataclasses.dataclass(frozen=True)
 class ReleaseFile:
-    """One published file. target: path relative to the repository root; size in bytes, sha256 as
-    hex and drive_id (Google Drive file id) are None where not verified against the release."""
+    """One published file. target: path relative to the repository root; drive_id: its Google Drive
+    file id, None for a file of the shared folder (FOLDER_ID, found by file name); size in bytes and
+    sha256 as hex: None where not verified against the release (none is, here: no network)."""
     name: str
     target: str
     what: str
@@ -57,26 +66,40 @@ class ReleaseFile:
     size: Optional[int] = None
     sha256: Optional[str] = None
 
+    @property
+    def hub_file(self):
+        """The file's path in a Hub mirror: the target without the leading assets/."""
+        return self.target.split("/", 1)[1]
 
-def _checkpoint(name, what):
-    return ReleaseFile(name, f"{CHECKPOINT_DIR}/{name}.pth", what)
+
+def _checkpoint(name, what, drive_id):
+    return ReleaseFile(name, f"{CHECKPOINT_DIR}/{name}.pth", what, drive_id)
 
 
 def _fid_stats(name, what):
     return ReleaseFile(name, f"assets/fid_stats/{name}.npz", f"FID reference statistics of {what}")
 
 
+# The Drive ids are those the release README's "Pretrained Models" table links.
 FILES = (
-    _checkpoint("cifar10_uvit_small", "U-ViT-S/2 checkpoint, CIFAR10 32x32, unconditional"),
-    _checkpoint("celeba64_uvit_small", "U-ViT-S/4 checkpoint, CelebA 64x64, unconditional"),
-    _checkpoint("imagenet64_uvit_mid", "U-ViT-M/4 checkpoint, ImageNet 64x64, class-conditional"),
-    _checkpoint("imagenet64_uvit_large", "U-ViT-L/4 checkpoint, ImageNet 64x64, class-conditional"),
-    _checkpoint("imagenet256_uvit_large", "U-ViT-L/2 checkpoint, ImageNet 256x256 latents, class-conditional"),
-    _checkpoint("imagenet256_uvit_huge", "U-ViT-H/2 checkpoint, ImageNet 256x256 latents, class-conditional"),
-    _checkpoint("imagenet512_uvit_large", "U-ViT-L/4 checkpoint, ImageNet 512x512 latents, class-conditional"),
-    _checkpoint("imagenet512_uvit_huge", "U-ViT-H/4 checkpoint, ImageNet 512x512 latents, class-conditional"),
-    _checkpoint("mscoco_uvit_small", "U-ViT-S/2 checkpoint, MS-COCO 256x256 latents, text-to-image"),
-    _checkpoint("mscoco_uvit_small_deep", "U-ViT-S/2 checkpoint with depth 16, MS-COCO 256x256 latents, text-to-image"),
+    _checkpoint("cifar10_uvit_small", "U-ViT-S/2, CIFAR10 32x32, unconditional", "1yoYyuzR_hQYWU0mkTj659tMTnoCWCMv-"),
+    _checkpoint("celeba64_uvit_small", "U-ViT-S/4, CelebA 64x64, unconditional", "13YpbRtlqF1HDBNLNRlKxLTbKbKeLE06C"),
+    _checkpoint("imagenet64_uvit_mid", "U-ViT-M/4, ImageNet 64x64, class-conditional",
+                "1igVgRY7-A0ZV3XqdNcMGOnIGOxKr9azv"),
+    _checkpoint("imagenet64_uvit_large", "U-ViT-L/4, ImageNet 64x64, class-conditional",
+                "19rmun-T7RwkNC1feEPWinIo-1JynpW7J"),
+    _checkpoint("imagenet256_uvit_large", "U-ViT-L/2, ImageNet 256x256 latents, class-conditional",
+                "1w7T1hiwKODgkYyMH9Nc9JNUThbxFZgs3"),
+    _checkpoint("imagenet256_uvit_huge", "U-ViT-H/2, ImageNet 256x256 latents, class-conditional",
+                "13StUdrjaaSXjfqqF7M47BzPyhMAArQ4u"),
+    _checkpoint("imagenet512_uvit_large", "U-ViT-L/4, ImageNet 512x512 latents, class-conditional",
+                "1mkj4aN2utHMBTWQX9l1nYue9vleL7ZSB"),
+    _checkpoint("imagenet512_uvit_huge", "U-ViT-H/4, ImageNet 512x512 latents, class-conditional",
+                "1uegr2o7cuKXtf2akWGAN2Vnlrtw5YKQq"),
+    _checkpoint("mscoco_uvit_small", "U-ViT-S/2, MS-COCO 256x256 latents, text-to-image",
+                "15JsZWRz2byYNU6K093et5e5Xqd4uwA8S"),
+    _checkpoint("mscoco_uvit_small_deep", "U-ViT-S/2 with depth 16, MS-COCO 256x256 latents, text-to-image",
+                "1gHRy8sn039Wy-iFL21wH8TiheHK8Ky71"),
     ReleaseFile("autoencoder_kl", "assets/stable-diffusion/autoencoder_kl.pth",
                 "Stable Diffusion KL-f8 autoencoder (all latent configs but the huge ones)"),
     ReleaseFile("autoencoder_kl_ema", "assets/stable-diffusion/autoencoder_kl_ema.pth",
@@ -100,19 +123,17 @@ def names_help():
 __doc__ += names_help()
 
 
-def where_to_get(file):
+@dataclasses.dataclass(frozen=True)
+class Hub:
+    """A Hugging Face Hub mirror: repo id and the commit to read (pinned: a branch may move)."""
+    repo: str
+    revision: str
+
+
+def by_hand(file):
     """The manual route, in one sentence."""
     return (f"download {os.path.basename(file.target)} ({file.what}) from the original release's links "
-            f"({RELEASE}, README, pretrained models) and put it at {file.target}, or rerun with "
-            f"--id=<its Google Drive link>")
-
-
-def sha256_of(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+            f"({RELEASE}, README) and put it at {file.target}, or name a Hub mirror with --hub_repo")
 
 
 def check(file, path):
@@ -121,14 +142,13 @@ def check(file, path):
     with open(path, "rb") as f:
         head = f.read(512).lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html")):
-        raise CheckpointError(f"{file.name}: Google Drive sent a web page instead of the file (quota exceeded or "
-                              f"no access); {where_to_get(file)}")
+        raise CheckpointError(f"{file.name}: the server sent a web page instead of the file (quota exceeded or "
+                              f"no access); {by_hand(file)}")
     size = os.path.getsize(path)
     if file.size is not None and size != file.size:
-        raise CheckpointError(f"{file.name}: got {size} bytes, the release's file has {file.size}; "
-                              f"{where_to_get(file)}")
+        raise CheckpointError(f"{file.name}: got {size} bytes, the release's file has {file.size}; {by_hand(file)}")
     if file.sha256 is not None and sha256_of(path) != file.sha256:
-        raise CheckpointError(f"{file.name}: sha256 differs from the release's file; {where_to_get(file)}")
+        raise CheckpointError(f"{file.name}: sha256 differs from the release's file; {by_hand(file)}")
 
 
 @contextlib.contextmanager
@@ -138,58 +158,69 @@ def drive_errors(subject, how):
         yield
     except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
         raise MissingFileError(f"cannot reach Google Drive ({type(e).__name__}) for {subject}: {how}") from e
-    except gdown.exceptions.DownloadError as e:
+    except (gdown.exceptions.DownloadError, requests.exceptions.HTTPError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise MissingFileError(f"Google Drive refused {subject} ({reason}): {how}") from e
 
 
-def is_folder_link(source):
-    return "://" in source and "/folders/" in source
-
-
-def folder_ids(link):
-    """{file name: Google Drive file id} of the files in a shared Google Drive folder (and its sub-folders)."""
-    entries = gdown.download_folder(url=link, skip_download=True, quiet=True)
+def folder_ids(folder_id=FOLDER_ID):
+    """{file name: Google Drive file id} of the files in the shared folder and its sub-folders (listing only)."""
+    entries = gdown.download_folder(url=DRIVE_FOLDER_URL.format(id=folder_id), skip_download=True, quiet=True)
     return {os.path.basename(e.path): e.id for e in entries}
 
 
-def drive_id(source):
-    """The file id of a Google Drive file link (or `source` itself when it is already an id)."""
-    if "://" not in source:
-        return source
-    if is_folder_link(source):
-        raise InputError(f"--id={source} is a Google Drive folder; open it and give the link of the file itself")
-    file_id, _ = gdown.parse_url.parse_url(source)
-    if not file_id:
-        raise InputError(f"--id={source} is not a Google Drive file link (https://drive.google.com/file/d/<id>/...)")
-    return file_id
+def drive_fetch(drive_id, output):
+    """Download a Google Drive file to `output` with a progress bar; gdown keeps a partial download
+    beside `output` (<output>XXXXXXXX.part) and resumes it with a Range request when run again."""
+    gdown.download(url=DRIVE_FILE_URL.format(id=drive_id), output=output, quiet=False, resume=True)
 
 
-def drive_fetch(source, output):
-    """Download a Google Drive id or link to `output` with a progress bar; gdown keeps a partial
-    download beside `output` and resumes it when run again."""
-    gdown.download(id=drive_id(source), output=output, quiet=False, resume=True)
+def hub_fetch(hub, file, output):
+    """Download `file` from the Hub mirror to `output`; a one-line MissingFileError when it cannot."""
+    import huggingface_hub  # optional
+    from huggingface_hub.errors import HfHubHTTPError  # optional
+
+    staging = output + ".hub"  # hf_hub_download's own resumable partial lives here
+    try:
+        path = huggingface_hub.hf_hub_download(repo_id=hub.repo, filename=file.hub_file, revision=hub.revision,
+                                               local_dir=staging)
+    except (HfHubHTTPError, OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise MissingFileError(f"the Hub mirror {hub.repo}@{hub.revision[:8]} has no {file.hub_file} for "
+                               f"{file.name} ({reason}); {by_hand(file)}") from e
+    os.replace(path, output)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
-def fetch(file, root=ROOT, source=None, fetcher=drive_fetch):
-    """Place `file` at root/file.target; returns that path. source: a Google Drive id or link
-    overriding the table's. Raises MissingFileError when no id is known or the network is unreachable."""
-    target = os.path.join(root, file.target)
-    if os.path.exists(target):
-        logger.info("%s: already at %s (delete it to fetch again)", file.name, file.target)
-        return target
-    source = source or file.drive_id
-    if source is None:
-        raise MissingFileError(f"no Google Drive id is known for {file.name}: {where_to_get(file)}")
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    partial = target + ".unverified"  # same folder, so the final rename is atomic
-    with drive_errors(file.name, where_to_get(file)):
-        fetcher(source, partial)
+def _place(file, partial, fetch_into):
+    """fetch_into(partial), then check it; a file that fails the check is removed."""
+    fetch_into(partial)
     try:
         check(file, partial)
     except CheckpointError:
         os.remove(partial)
         raise
+
+
+def fetch(file, drive_id, root=ROOT, fetcher=drive_fetch, hub=None):
+    """Place `file` at root/file.target from Google Drive (`drive_id`; None: not on Drive this run),
+    else from the Hub mirror `hub`; returns the path. One-line MissingFileError / CheckpointError."""
+    target = os.path.join(root, file.target)
+    if os.path.exists(target):
+        logger.info("%s: already at %s (delete it to fetch again)", file.name, file.target)
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    partial = target + ".unverified"  # same folder, so the final rename is atomic
+    try:
+        if drive_id is None:
+            raise MissingFileError(f"{file.name} is not in the release's Google Drive listing: {by_hand(file)}")
+        with drive_errors(file.name, by_hand(file)):
+            _place(file, partial, lambda out: fetcher(drive_id, out))
+    except (MissingFileError, CheckpointError) as e:
+        if hub is None:
+            raise
+        logger.warning("%s; trying the Hub mirror %s", str(e).split(":")[0], hub.repo)
+        _place(file, partial, lambda out: hub_fetch(hub, file, out))
     os.replace(partial, target)
     logger.info("%s: %s (%d bytes, sha256 %s)", file.name, file.target, os.path.getsize(target), sha256_of(target))
     return target
@@ -198,60 +229,66 @@ def fetch(file, root=ROOT, source=None, fetcher=drive_fetch):
 def selected(names, everything):
     """The ReleaseFiles named on the command line (or all of them), validated before any download."""
     if everything == bool(names):
-        raise InputError("name the files to fetch, or give --all (and no names); see --help for the names")
-    unknown = [n for n in names if n not in BY_NAME]
-    if unknown:
-        raise InputError(f"unknown name(s) {', '.join(unknown)}; known: {', '.join(BY_NAME)}")
+        raise ConfigError("name the files to fetch, or give --all (and no names); --help lists the names")
+    problems = []
+    for n in names:
+        if n not in BY_NAME:
+            close = difflib.get_close_matches(n, BY_NAME, n=1, cutoff=0.5)
+            problems.append(f"unknown name {n!r}" + (f": did you mean {close[0]}?" if close else ""))
+    if problems:
+        raise ConfigError("; ".join(problems) + " (python tools/download.py --help lists every name)")
     return list(FILES) if everything else [BY_NAME[n] for n in dict.fromkeys(names)]
 
 
-def download(names=(), everything=False, source=None, root=ROOT, fetcher=drive_fetch):
-    """Fetch the named files (or all of them); returns their paths."""
+def download(names=(), everything=False, root=ROOT, fetcher=drive_fetch, hub=None):
+    """Fetch the named files (or all of them); returns their paths. The shared folder is listed once,
+    only when a file it holds is missing; a listing that fails goes to the Hub mirror when there is one."""
     files = selected(names, everything)
-    if source is not None and len(files) != 1 and not is_folder_link(source):
-        raise InputError("--id=<file link or id> is one file's: give exactly one name with it (a folder link may "
-                         "serve several)")
     todo = [f for f in files if not os.path.exists(os.path.join(root, f.target))]
-    sources = {f.name: f.drive_id for f in todo}
-    if source is not None and todo:
-        sources.update(folder_sources(source, todo) if is_folder_link(source) else {todo[0].name: source})
-    unknown = [f for f in todo if sources[f.name] is None]
-    if len(unknown) > 1:  # known before any download: say it once
-        raise MissingFileError(
-            f"no Google Drive id is known for {', '.join(f.name for f in unknown)}: download them from the original "
-            f"release's links ({RELEASE}, README, pretrained models) and put them at {TARGETS_HELP} "
-            f"(checkpoints in {CHECKPOINT_DIR}/, autoencoders in assets/stable-diffusion/, FID statistics in "
-            f"assets/fid_stats/), or give their Google Drive link: <name> --id=<file link>, <names> --id=<folder link>")
-    return [fetch(f, root=root, source=sources.get(f.name), fetcher=fetcher) for f in files]
+    ids = {f.name: f.drive_id for f in todo}
+    in_folder = [f for f in todo if f.drive_id is None]
+    if in_folder:
+        how = (f"download {', '.join(os.path.basename(f.target) for f in in_folder)} from "
+               f"{DRIVE_FOLDER_URL.format(id=FOLDER_ID)} by hand into assets/fid_stats/ and assets/stable-diffusion/")
+        try:
+            with drive_errors("the folder of FID statistics and autoencoders", how):
+                listing = folder_ids()
+        except MissingFileError as e:
+            if hub is None:
+                raise
+            logger.warning("%s; using the Hub mirror %s for its files", str(e).split(":")[0], hub.repo)
+            listing = {}
+        ids.update({f.name: listing.get(os.path.basename(f.target)) for f in in_folder})
+    return [fetch(f, ids.get(f.name), root=root, fetcher=fetcher, hub=hub) for f in files]
 
 
-def folder_sources(link, files):
-    """{name: Google Drive file id} of `files`, found by file name in the shared folder `link`
-    (the original README links the FID statistics and the autoencoders as folders)."""
-    how = f"download {', '.join(os.path.basename(f.target) for f in files)} from {link} by hand into {TARGETS_HELP}"
-    with drive_errors(f"the folder {link}", how):
-        ids = folder_ids(link)
-    missing = [os.path.basename(f.target) for f in files if os.path.basename(f.target) not in ids]
-    if missing:
-        raise InputError(f"the folder {link} holds {', '.join(sorted(ids)) or 'no files'} but not "
-                         f"{', '.join(missing)}; give the link of the folder or file that holds them")
-    return {f.name: ids[os.path.basename(f.target)] for f in files}
+def define_flags(fv):
+    flags.DEFINE_bool("all", False, "fetch every file listed above", flag_values=fv)
+    flags.DEFINE_string("root", ROOT, "folder the targets are relative to (the repository root)", flag_values=fv)
+    flags.DEFINE_string("hub_repo", None, "Hugging Face Hub mirror, <user or org>/<name>, used where Google "
+                        "Drive refuses or cannot be reached", flag_values=fv)
+    flags.DEFINE_string("hub_revision", None, "the mirror's commit (40 hex digits), so that what is fetched "
+                        "cannot change under the same command", flag_values=fv)
+
+
+def hub_of(repo, revision):
+    """The Hub mirror the flags name, or None; the revision must be a full commit hash."""
+    if repo is None:
+        if revision is not None:
+            raise ConfigError("--hub_revision needs --hub_repo=<user or org>/<name>")
+        return None
+    if revision is None or not _COMMIT.match(revision):
+        raise ConfigError(f"--hub_revision={revision} must be the mirror's full commit hash (40 hex digits, from "
+                          f"the repository's history on huggingface.co), so a moved branch cannot change the files")
+    return Hub(repo, revision)
 
 
 @exit_on_user_error
-def main(argv):
+def main(argv=None):
+    fv, names = parse_flags(define_flags, argv, __doc__, positional=None)
     setup_logging()
-    f = flags.FLAGS
-    download(argv[1:], everything=f.all, source=f.id, root=f.root)
-
-
-def define_flags():
-    flags.DEFINE_bool("all", False, "fetch every file listed above")
-    flags.DEFINE_string("id", None, "Google Drive link or id of the one named file, or link of a folder holding "
-                        "the named files (from the original release's README), for files whose id the table lacks")
-    flags.DEFINE_string("root", ROOT, "folder the targets are relative to (the repository root)")
+    download(names, everything=fv.all, root=fv.root, hub=hub_of(fv.hub_repo, fv.hub_revision))
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    main()

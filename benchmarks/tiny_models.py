@@ -1,6 +1,10 @@
-"""Tiny random CLIP text encoder + tokenizer and KL autoencoder saved to disk, shared by the CLIP, extraction, sampling and demo tests."""
+"""Tiny random CLIP text encoder + tokenizer and KL autoencoder saved to disk: stand-ins for the real weights, shared by benchmarks/bench_features.py and the tests."""
 import json
 import os
+
+import torch
+
+from libs.autoencoder import FrozenAutoencoderKL
 
 
 def _byte_chars():
@@ -11,8 +15,7 @@ def _byte_chars():
 def write_tiny_clip(folder, hidden_size=32, seed=0):
     """Save a random CLIPTextModel (2 layers, `hidden_size` wide) and a CLIPTokenizer with a small
     character-level vocabulary plus a few merges to `folder`; return the folder."""
-    import torch
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # heavy
 
     os.makedirs(folder, exist_ok=True)
     chars = _byte_chars()
@@ -46,7 +49,6 @@ TINY_AE_DDCONFIG = dict(double_z=True, z_channels=4, resolution=32, in_channels=
 def save_self_describing(model, path):
     """Write a FrozenAutoencoderKL as ``{'ddconfig', 'embed_dim', 'state_dict'}``, loadable by
     libs.autoencoder.get_model with its own architecture."""
-    import torch
 
     ddconfig = {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.ddconfig.items()}
     torch.save({"ddconfig": ddconfig, "embed_dim": model.embed_dim,
@@ -55,9 +57,7 @@ def save_self_describing(model, path):
 
 def write_tiny_autoencoder(path, seed=0):
     """Save a random self-describing autoencoder checkpoint loadable by libs.autoencoder.get_model."""
-    import torch
 
-    from libs.autoencoder import FrozenAutoencoderKL
 
     torch.manual_seed(seed)
     save_self_describing(FrozenAutoencoderKL(TINY_AE_DDCONFIG, 4), path)

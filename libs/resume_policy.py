@@ -103,7 +103,7 @@ def check(saved, new):
     return applied
 
 
-def apply(changes, optimizer, fresh_groups, lr_scheduler, fresh_base_lrs, loader_position, batch_size):
+def apply(changes, optimizer, fresh_groups, fresh_base_lrs, lr_scheduler, loader_position, batch_size):
     """Log each change (old -> new) and make the optimizer and scheduler use the new config.
 
     fresh_groups: the hyperparameters (no 'params') of the optimizer as the new config built it, taken before the

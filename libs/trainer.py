@@ -354,7 +354,7 @@ def _train(config, workdir: str, family, accelerator):
     bar = tqdm(total=n_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc='train')
     # The loader's workers start under the handlers, then ignore stop signals; they end with the block. An I/O
     # or data error saves the last finished step first (libs/fatal.py).
-    with StopSignals() as stop, contextlib.closing(iter(loader)) as data_iter, \
+    with contextlib.closing(bar), StopSignals() as stop, contextlib.closing(iter(loader)) as data_iter, \
             EmergencyCheckpoint(r, lambda s: write_checkpoint(r, s), step) as emergency:
         while step < n_steps:
             loss, grad_norm, applied = train_step(r, [next(data_iter) for _ in range(k)], step)
@@ -394,7 +394,6 @@ def _train(config, workdir: str, family, accelerator):
                                "same command: %s", step, stop.received, last_ckpt, ' '.join(sys.argv))
                 preempted = True
                 break
-    bar.close()
 
     final = None
     if not preempted:  # final evaluation: the best checkpoint by FID, with config.sample (guided when configured)

@@ -20,8 +20,6 @@ import logging
 import os
 import socket
 
-import torch
-
 from libs.errors import ConfigError, WorkdirInUseError
 
 logger = logging.getLogger(__name__)
@@ -94,6 +92,7 @@ class WorkdirLock:
             except (WorkdirInUseError, ConfigError) as e:
                 error = e
         if self.accelerator.num_processes > 1:
+            import torch  # heavy: only several processes need it, and a lock holder need not load it
             failed = torch.tensor(float(error is not None), device=self.accelerator.device)
             if self.accelerator.reduce(failed, 'sum').item() > 0 and error is None:
                 error = WorkdirInUseError(f"the main process could not take the workdir '{self.workdir}' "

@@ -1,8 +1,8 @@
 """Fatal ends of a training run: their cause goes to train.log, and an emergency checkpoint saves the work.
 
-`log_fatal_errors()`: whatever ends `train()` with an exception is written to the log file (train.log) as
-one line for a user's mistake (a UViTError, which the script prints on stderr as that line) or with its
-traceback for a bug; the console shows the exception once, as the script prints it.
+`log_fatal_errors(log_file, rank)`: whatever ends `train()` with an exception, in any process, is written to the
+log file (train.log) as one line for a user's mistake (a UViTError, which the script prints on stderr as that
+line) or with its traceback for a bug; the console shows the exception once, as the script prints it.
 
 `EmergencyCheckpoint(run, write, step)`: around the training loop. An I/O or data error after training
 started (an unreadable image met deep in the data, a full disk, a vanished file) leaves the weights of the
@@ -15,6 +15,8 @@ being stopped by the launcher).
 import contextlib
 import logging
 import os
+import time
+import traceback
 
 from libs.checkpoint import checkpoint_path, checkpoint_problems
 from libs.errors import DataError, UViTError
@@ -25,16 +27,25 @@ SAVED_AFTER = (DataError, OSError)  # SaveError and MissingFileError are OSError
 
 
 @contextlib.contextmanager
-def log_fatal_errors():
-    """Log an exception leaving the block to the log file only (see the module docstring), then re-raise."""
+def log_fatal_errors(log_file: str, rank: int = 0):
+    """Log an exception leaving the block to the log file only (see the module docstring), then re-raise.
+
+    log_file: the run's train.log. The main process (rank 0) logs through its file handler; another rank has
+    none and appends its line to the file itself (one write in append mode: lines of processes do not mix)."""
     try:
         yield
-    except UViTError as e:
-        logger.error("the run stopped: %s: %s", type(e).__name__, e, extra={'file_only': True})
-        raise
-    except Exception:
-        logger.error("the run stopped on an internal error (a bug; please report it with this traceback):",
-                     exc_info=True, extra={'file_only': True})
+    except Exception as e:
+        if isinstance(e, UViTError):
+            message = f"the run stopped: {type(e).__name__}: {e}"
+        else:
+            message = "the run stopped on an internal error (a bug; please report it with this traceback):"
+        if rank == 0:
+            logger.error(message, exc_info=not isinstance(e, UViTError), extra={'file_only': True})
+        else:
+            detail = '' if isinstance(e, UViTError) else '\n' + ''.join(traceback.format_exception(e))
+            stamp = time.strftime('%Y-%m-%d %H:%M:%S')
+            with contextlib.suppress(OSError), open(log_file, 'a') as f:
+                f.write(f"[{stamp} ERROR {__name__}] rank {rank}: {message}{detail}\n")
         raise
 
 

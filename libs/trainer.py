@@ -275,7 +275,8 @@ def train(config, workdir: str, family):
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **tracking.accelerator_kwargs(config, workdir))
     parse_and_validate(config, world_size=accelerator.num_processes)  # before any file is written
     # One run per workdir (libs/workdir_lock.py); whatever ends the run is written to train.log (libs/fatal.py).
-    with WorkdirLock(accelerator, workdir), log_fatal_errors():
+    with WorkdirLock(accelerator, workdir), log_fatal_errors(os.path.join(workdir, 'train.log'),
+                                                              accelerator.process_index):
         return _train(config, workdir, family, accelerator)
 
 

@@ -369,3 +369,39 @@ def test_score_history_survives_a_resume(tmp_path):
     assert scores["2"] == pytest.approx(first["score"])
     assert second["run"].history["score"][2] == pytest.approx(first["score"])
     assert 2 in read_checkpoint(tmp_path / "ckpts" / "4.ckpt")["train_state.pth"]["history"]["score"]
+
+
+@pytest.mark.slow  # two training processes under torchrun: ~40 s on 2 shared cores
+def test_a_bad_image_on_another_rank_ends_the_whole_job(images, tmp_path):
+    """Rank 1 of 2 meets the corrupt image: it saves the last finished step and exits; rank 0, blocked in the
+    gradient all-reduce, fails at once (gloo: connection closed) and torchrun ends the job non-zero."""
+    folder, config_file = images
+    position = (BAD_STEP - 1) * BATCH + 1  # odd: rank 1's (rank r reads r, r + 2, ...)
+    bad = _file_at(folder, position)
+    good_bytes = open(bad, "rb").read()
+    workdir = tmp_path / "run"
+    try:
+        with open(bad, "wb"):
+            pass
+        start = time.time()
+        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                                 os.path.join(ROOT, "train.py"), f"--config={config_file}", f"--workdir={workdir}"],
+                                cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        try:
+            out = proc.communicate(timeout=300)[0]
+        finally:
+            if _alive_in_group(proc.pid):
+                os.killpg(proc.pid, signal.SIGKILL)
+        elapsed = time.time() - start
+    finally:
+        with open(bad, "wb") as f:
+            f.write(good_bytes)
+    assert proc.returncode != 0 and elapsed < 200, out[-3000:]
+    assert not _alive_in_group(proc.pid)
+    assert f"DataError: cannot read image '{bad}'" in out
+    assert [s for s, _ in list_checkpoints(workdir / "ckpts")] == [BAD_STEP - 1, 4]
+    assert read_checkpoint(workdir / "ckpts" / f"{BAD_STEP - 1}.ckpt")["train_state.pth"]["data"]["position"] == \
+        (BAD_STEP - 1) * BATCH
+    log = (workdir / "train.log").read_text()
+    assert f"rank 1: the run stopped: DataError: cannot read image '{bad}'" in log  # the cause, from rank 1

@@ -64,10 +64,12 @@ def saved_config(ckpt_root, workdir):
     if path is None:
         return None, None
     state_file = os.path.join(path, 'train_state.pth')
-    if os.path.exists(state_file):
-        state = torch.load(state_file, map_location='cpu', weights_only=False)
-        if isinstance(state, dict) and 'config' in state:
-            return path, state['config']
+    try:
+        state = torch.load(state_file, map_location='cpu', weights_only=False) if os.path.exists(state_file) else None
+    except Exception:  # damaged beyond its zip directory: resume() skips it with a warning naming the file
+        state = None
+    if isinstance(state, dict) and 'config' in state:
+        return path, state['config']
     history = config_history(workdir)
     if history:  # older checkpoints: the config the workdir last recorded
         with open(history[-1]) as f:

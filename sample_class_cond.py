@@ -15,7 +15,7 @@ import logging
 import torch
 from absl import flags
 
-from libs.errors import ConfigError, InputError, exit_on_user_error
+from libs.errors import ConfigError, exit_on_user_error
 from libs.evaluation import load_models
 from libs.family import Sampler, data_classes
 from libs.sampling_cli import common_flags, generate_batches, parse_flags, sampling_settings, write_images
@@ -50,7 +50,9 @@ def main(argv=None):
         raise ConfigError(f"give --class_ids (0..{n_data_classes - 1})")
     bad = [c for c in class_ids if not 0 <= c < n_data_classes]
     if bad:
-        raise InputError(f"class ids {bad} are outside 0..{n_data_classes - 1} (the model's data classes).")
+        raise ConfigError(f"--class_ids {','.join(map(str, bad))}: outside 0..{n_data_classes - 1}, the classes of "
+                          f"this model (config.nnet.num_classes={config.nnet.num_classes}"
+                          f"{', the last one the null label of guidance' if config.dataset.cfg else ''})")
     if fv.n_per_class < 1:
         raise ConfigError(f"--n_per_class must be >= 1, got {fv.n_per_class}")
     algorithm, steps, scale, seed = sampling_settings(fv, config)

@@ -68,6 +68,18 @@ def latest_checkpoint(ckpt_root):
     return None
 
 
+def _os_error_in(error):
+    """The OSError behind `error`: itself, or one in its chain (torch.save reports a failed write of a file object
+    as RuntimeError('... unexpected pos ...') raised while handling the OSError, e.g. ENOSPC)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def _write(obj, file, final):
     """torch.save `obj` to `file`, fsynced; a failure is a SaveError naming `final` (where it was going)."""
     try:
@@ -75,10 +87,14 @@ def _write(obj, file, final):
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
-    except OSError as e:
-        raise SaveError(f"could not write checkpoint file '{final}': {e.strerror or e}. Nothing was replaced: the "
-                        f"previous checkpoint is intact. Free disk space (or lower config.train.keep_last_ckpts, or "
-                        f"point --workdir at a larger disk) and rerun the same command to resume.") from e
+    except (OSError, RuntimeError) as e:
+        cause = _os_error_in(e)
+        if cause is None:  # a RuntimeError of torch itself, not of the write: a bug
+            raise
+        raise SaveError(f"could not write checkpoint file '{final}': {cause.strerror or cause}. Nothing was "
+                        f"replaced: the previous checkpoint is intact. Free disk space (or lower "
+                        f"config.train.keep_last_ckpts, or point --workdir at a larger disk) and rerun the same "
+                        f"command to resume.") from e
 
 
 def save_checkpoint(ckpt_root, step, *, nnet, nnet_ema, optimizer, lr_scheduler, train_state,

@@ -8,11 +8,12 @@ position): sample k of the stream gets the same flip in any run.
 """
 import logging
 import os
+import signal
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
+from torch.utils.data import DataLoader, Dataset, Sampler, default_collate, get_worker_info
 
-from libs.errors import ConfigError
+from libs.errors import ConfigError, UViTError
 from libs.preemption import ignore_stop_signals
 
 logger = logging.getLogger(__name__)
@@ -60,11 +61,18 @@ class PositionSeeded(Dataset):
         return len(self.dataset)
 
     def _seeded(self, position, fn, *args):
-        saved = None if get_worker_info() is not None else torch.get_rng_state()
+        in_worker = get_worker_info() is not None
+        saved = None if in_worker else torch.get_rng_state()
         # The CPU generator only (torch.manual_seed would also reseed every CUDA device: ~100x slower).
         torch.default_generator.manual_seed(mix_seed(self.seed, position))
         try:
             return fn(*args)
+        except UViTError as e:
+            if not in_worker:
+                raise
+            # Handed to the training process as an item: DataLoader would re-raise it wrapped in the
+            # worker's traceback, and the user's one-line message (a bad file) would be lost in it.
+            return WorkerFailure(e)
         finally:
             if saved is not None:
                 torch.set_rng_state(saved)
@@ -79,6 +87,34 @@ class PositionSeeded(Dataset):
         if not hasattr(self.dataset, '__getitems__'):
             return [self[k] for k in keys]
         return self._seeded(keys[0][1], self.dataset.__getitems__, [index for index, _ in keys])
+
+
+class WorkerFailure:
+    """A user's error (UViTError) raised in a loader worker, carried to the training process to raise there."""
+
+    def __init__(self, error):
+        self.error = error
+
+
+def collate(items):
+    """default_collate, except that a batch holding a WorkerFailure (or being one: __getitems__) is that failure."""
+    if isinstance(items, WorkerFailure):
+        return items
+    failed = next((item for item in items if isinstance(item, WorkerFailure)), None)
+    return failed if failed is not None else default_collate(items)
+
+
+def shut_down(iterator):
+    """End a DataLoader iterator's worker processes now. Left to garbage collection, the workers outlive an
+    exception that still references the iterator, and at exit multiprocessing joins them forever: they ignore
+    the SIGTERM it sends (libs.preemption). So: the iterator's own shutdown, then SIGKILL to any worker left."""
+    shutdown = getattr(iterator, '_shutdown_workers', None)
+    if shutdown is not None:
+        shutdown()
+    for worker in getattr(iterator, '_workers', ()):
+        if worker.is_alive():
+            os.kill(worker.pid, signal.SIGKILL)
+            worker.join(timeout=5)
 
 
 def resolve_num_workers(num_workers: int, local_world_size: int = 1) -> int:
@@ -124,8 +160,14 @@ class ResumableLoader:
             worker_init_fn=ignore_stop_signals if workers else None,
             # Its own generator: DataLoader draws a base seed per iterator, which would otherwise come from
             # (and move) torch's default generator, so a resumed run's noise would differ.
-            generator=torch.Generator().manual_seed(mix_seed(self.seed, self.rank)))
-        for batch in loader:
-            # Counted when handed to the training loop, not when prefetched.
-            self.position += self.batch_size * self.world_size
-            yield batch
+            generator=torch.Generator().manual_seed(mix_seed(self.seed, self.rank)), collate_fn=collate)
+        iterator = iter(loader)
+        try:
+            for batch in iterator:
+                if isinstance(batch, WorkerFailure):
+                    raise batch.error
+                # Counted when handed to the training loop, not when prefetched.
+                self.position += self.batch_size * self.world_size
+                yield batch
+        finally:  # an error, or the caller closing this generator (contextlib.closing in the trainer)
+            shut_down(iterator)

@@ -29,8 +29,17 @@ class TrainingDivergedError(UViTError, RuntimeError):
     """The loss became NaN or infinite more often than config.train.max_nonfinite_* allow."""
 
 
+class WorkdirInUseError(UViTError, RuntimeError):
+    """Another live run holds the workdir (libs/workdir_lock.py); the message names its host, pid and start."""
+
+
 class InputError(ValueError):
     """A tensor given to a model or sampler has the wrong shape, dtype or range (a bug: keeps its traceback)."""
+
+
+class DataError(UViTError, InputError):
+    """A data file (an image of the training set) cannot be read or decoded; the message names it. A user's
+    file, so one line; also an InputError, which image readers raised for it before."""
 
 
 def require_path(path, what, how):

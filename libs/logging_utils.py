@@ -20,6 +20,9 @@ def setup_logging(is_main_process=True, log_file=None, level=logging.INFO):
     fmt = logging.Formatter(_FORMAT, datefmt="%Y-%m-%d %H:%M:%S")
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(fmt)
+    # Records logged with extra={'file_only': True} (libs.fatal: the cause of a fatal end, which the script
+    # itself prints on stderr) go to the log file alone.
+    console.addFilter(lambda record: not getattr(record, 'file_only', False))
     root.addHandler(console)
     if is_main_process and log_file is not None:
         os.makedirs(os.path.dirname(os.path.abspath(log_file)), exist_ok=True)

@@ -91,8 +91,14 @@ def start_trackers(accelerator, config, workdir):
     """Start the accelerator's trackers with the run's config as hyperparameters (a no-op without trackers)."""
     if not accelerator.log_with:
         return
-    accelerator.init_trackers(config.get("wandb", {}).get("project", "uvit"), config=flat_hparams(config),
-                              init_kwargs=tracker_init_kwargs(config, workdir))
+    try:
+        accelerator.init_trackers(config.get("wandb", {}).get("project", "uvit"), config=flat_hparams(config),
+                                  init_kwargs=tracker_init_kwargs(config, workdir))
+    except OSError as e:  # the tracker's folder cannot be created or written
+        folder = e.filename or os.path.join(os.path.abspath(workdir), TENSORBOARD_DIR)
+        raise ConfigError(f"config.log_with={config.get('log_with', '')!r}: cannot write the tracker's folder "
+                          f"'{folder}' ({e.strerror or e}); make it writable or remove what is in the way, or "
+                          f"set --config.log_with=''") from e
     if accelerator.is_main_process:
         logger.info("logging to %s", ", ".join(t.name for t in accelerator.trackers))
 

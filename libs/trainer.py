@@ -27,17 +27,18 @@ from tqdm.auto import tqdm
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from libs import tracking
+from libs import resume_policy, tracking
 from libs.autoencoder import get_model
 from libs.checkpoint import checkpoint_path, latest_checkpoint, resume, save_checkpoint
 from libs.config_utils import config_overrides, define_config_flag, parse_and_validate, workdir_for
 from libs.data_loader import ResumableLoader, mix_seed, resolve_num_workers
 from libs.datasets import dataset_kwargs, get_dataset
 from libs.ema import EMAUpdater, make_ema
-from libs.errors import MissingFileError, TrainingDivergedError, exit_on_user_error
+from libs.errors import ConfigError, MissingFileError, TrainingDivergedError, exit_on_user_error
 from libs.evaluation import evaluate, generate_all
 from libs.export import load_weights
 from libs.family import Sampler, guidance_scale
+from libs.fatal import EmergencyCheckpoint, log_fatal_errors
 from libs.finetune import init_weights
 from libs.io_utils import atomic_write_bytes
 from libs.logging_utils import log_once, setup_logging
@@ -46,6 +47,7 @@ from libs.optim import build_lr_scheduler, build_optimizer
 from libs.perf import configure_tf32, maybe_compile
 from libs.preemption import StopSignals
 from libs.sample_grid import save_grid
+from libs.workdir_lock import WorkdirLock
 from sde import build_diffusion
 
 logger = logging.getLogger(__name__)
@@ -166,17 +168,23 @@ def check_finite(r: Run, step: int):
                 f"config.grad_clip (e.g. 1.0), and rerun the same command to resume from it.")
 
 
+def write_checkpoint(r: Run, step: int) -> str:
+    """Write ckpts/<step>.ckpt from this process alone, no collective (save(); libs.fatal's emergency one)."""
+    fids, scaler = r.history['fid'], r.accelerator.scaler
+    return save_checkpoint(r.ckpt_root, step, nnet=r.nnet, nnet_ema=r.nnet_ema, optimizer=r.optimizer,
+                           lr_scheduler=r.lr_scheduler, keep_last=r.config.train.keep_last_ckpts or None,
+                           train_state={'data': r.loader.state_dict(), 'history': r.history,
+                                        'scaler': scaler.state_dict() if scaler is not None else None,
+                                        'config': r.config.to_dict()},  # what libs.resume_policy compares
+                           protect=(min(fids, key=fids.get),) if fids else ())
+
+
 def save(r: Run, step: int) -> str:
     """Checkpoint ckpts/<step>.ckpt (rank 0 writes, all ranks take part); never after a divergence."""
     check_finite(r, step)
     path = checkpoint_path(r.ckpt_root, step)
     if r.accelerator.is_main_process:
-        fids, scaler = r.history['fid'], r.accelerator.scaler
-        save_checkpoint(r.ckpt_root, step, nnet=r.nnet, nnet_ema=r.nnet_ema, optimizer=r.optimizer,
-                        lr_scheduler=r.lr_scheduler, keep_last=r.config.train.keep_last_ckpts or None,
-                        train_state={'data': r.loader.state_dict(), 'history': r.history,
-                                     'scaler': scaler.state_dict() if scaler is not None else None},
-                        protect=(min(fids, key=fids.get),) if fids else ())
+        write_checkpoint(r, step)
     r.accelerator.wait_for_everyone()
     return path
 
@@ -266,8 +274,16 @@ def train(config, workdir: str, family):
     # cpu=True without CUDA lets torchrun-started processes (`accelerate launch --multi_gpu`) form a gloo group;
     # accelerate's own `--cpu --num_processes N` starts a single process unless MPI is set up.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **tracking.accelerator_kwargs(config, workdir))
-    device, is_main = accelerator.device, accelerator.is_main_process
     parse_and_validate(config, world_size=accelerator.num_processes)  # before any file is written
+    # One run per workdir (libs/workdir_lock.py); whatever ends the run is written to train.log (libs/fatal.py).
+    with WorkdirLock(accelerator, workdir), log_fatal_errors(os.path.join(workdir, 'train.log'),
+                                                              accelerator.process_index):
+        return _train(config, workdir, family, accelerator)
+
+
+def _train(config, workdir: str, family, accelerator):
+    """train() once the config is valid and the workdir is this run's."""
+    device, is_main = accelerator.device, accelerator.is_main_process
     if is_main:
         for folder in ('ckpts', 'samples'):
             os.makedirs(os.path.join(workdir, folder), exist_ok=True)
@@ -278,8 +294,6 @@ def train(config, workdir: str, family):
     logger.info("%d process(es) on %s, mixed precision %s, global batch %d (%d per process x %d micro-batch(es)), %s",
                 accelerator.num_processes, device, accelerator.mixed_precision, config.train.batch_size, local_batch,
                 k, family)
-    if is_main:
-        write_json(config.to_dict(), os.path.join(workdir, 'config.json'))
 
     # Setup data:
     data = get_dataset(config.dataset.name, **dataset_kwargs(config))
@@ -310,7 +324,11 @@ def train(config, workdir: str, family):
             p_uncond=float(config.dataset.p_uncond) if config.dataset.cfg else 0.0, ema=EMAUpdater(nnet_ema, nnet),
             nonfinite=torch.zeros(config.train.n_steps + 1, dtype=torch.bool, device=device))
 
-    # Resume: network, EMA, optimizer, scheduler, step, data position (the noise is seeded per step).
+    # Resume: network, EMA, optimizer, scheduler, step, data position (the noise is seeded per step). What
+    # changed in the config since the checkpoint is refused or applied before any step (libs/resume_policy.py).
+    changes = resume_policy.check(resume_policy.saved_config(r.ckpt_root, workdir), config.to_dict())
+    fresh = ([{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups],
+             list(lr_scheduler.base_lrs))
     last_ckpt, state = resume(r.ckpt_root, nnet=nnet, nnet_ema=nnet_ema, optimizer=optimizer,
                               lr_scheduler=lr_scheduler)
     step = r.checked = state['step'] if state else 0
@@ -319,12 +337,15 @@ def train(config, workdir: str, family):
         loader.load_state_dict(state.get('data', {'position': step * config.train.batch_size}))
         if state.get('scaler') is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state['scaler'])
-        r.history = state.get('history', r.history)
+        r.history = resume_policy.merged_history(state.get('history', r.history), workdir, step)
+        resume_policy.apply(changes, optimizer, *fresh, lr_scheduler, loader.position, config.train.batch_size)
         logger.info("resuming at step %d from %s%s", step, last_ckpt,
                     f" (--init_from '{config.init.path}' ignored: the run already started)" if config.init.path else '')
     elif config.init.path:  # a new run from given weights: fresh optimizer, step 0, the EMA starts at them
         init_weights(nnet, config.init.path, resize=config.init.resize, null_last=config.dataset.cfg)
         nnet_ema.load_state_dict(nnet.state_dict())
+    if is_main:
+        write_json(config.to_dict(), resume_policy.config_record_path(workdir, step))
     tracking.start_trackers(accelerator, config, workdir)
 
     # Train:
@@ -333,11 +354,13 @@ def train(config, workdir: str, family):
     last_log_step, last_log_time, preempted = step, time.time(), False
     r.train_nnet.train()
     bar = tqdm(total=n_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc='train')
-    # The loader's workers start under the handlers, then ignore stop signals; they end with the block.
-    with StopSignals() as stop, contextlib.closing(iter(loader)) as data_iter:
+    # The loader's workers start under the handlers, then ignore stop signals; they end with the block. An I/O
+    # or data error saves the last finished step first (libs/fatal.py).
+    with contextlib.closing(bar), StopSignals() as stop, contextlib.closing(iter(loader)) as data_iter, \
+            EmergencyCheckpoint(r, lambda s: write_checkpoint(r, s), step) as emergency:
         while step < n_steps:
             loss, grad_norm, applied = train_step(r, [next(data_iter) for _ in range(k)], step)
-            step += 1
+            step = emergency.step = step + 1
             r.nonfinite[step] = ~torch.isfinite(loss) | (~applied if accelerator.scaler is None else False)
             loss_sum += torch.where(applied, loss, 0.0)
             bar.update(1)
@@ -373,7 +396,6 @@ def train(config, workdir: str, family):
                                "same command: %s", step, stop.received, last_ckpt, ' '.join(sys.argv))
                 preempted = True
                 break
-    bar.close()
 
     final = None
     if not preempted:  # final evaluation: the best checkpoint by FID, with config.sample (guided when configured)
@@ -412,15 +434,20 @@ def dry_run(config, workdir: str, family):
     if config.init.path:  # the weights fit the network (or can be adapted to it)
         init_weights(nnet, config.init.path, resize=config.init.resize, null_last=config.dataset.cfg)
     build_lr_scheduler(build_optimizer(nnet, config.optimizer), config.lr_scheduler, config.train.n_steps)
-    write_json(config.to_dict(), os.path.join(workdir, 'config.json'))
-    logger.info("dry run: the config, its files, the dataset and the network are fine; config written to %s",
-                os.path.join(workdir, 'config.json'))
+    # Never over a run's own record (libs/resume_policy.py): a workdir that has one gets config.dry-run.json.
+    path = os.path.join(workdir, 'config.json')
+    path = os.path.join(workdir, 'config.dry-run.json') if os.path.exists(path) else path
+    write_json(config.to_dict(), path)
+    logger.info("dry run: the config, its files, the dataset and the network are fine; config written to %s", path)
 
 
 def main_for(family):
     """The absl main of a train*.py script that trains `family`."""
     def main(argv):
         FLAGS, config = flags.FLAGS, flags.FLAGS.config
+        if config is None:
+            raise ConfigError("no --config given: name a config file, e.g. --config=configs/digits_uvit_tiny.py "
+                              "(the CPU demo; configs/ holds the paper's), plus any --config.a.b=value overrides")
         config.init.path = FLAGS.init_from or config.init.path
         workdir = FLAGS.workdir or workdir_for(config_flags.get_config_filename(FLAGS['config']), config_overrides())
         if FLAGS.dry_run:

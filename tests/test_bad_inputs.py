@@ -11,6 +11,8 @@ import dataclasses
 import errno
 import logging
 import os
+import re
+import subprocess
 import sys
 import tempfile
 import types
@@ -23,7 +25,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from libs.errors import CheckpointError, ConfigError, MissingFileError, TrainingDivergedError  # noqa: E402
+from libs.errors import (CheckpointError, ConfigError, DataError, MissingFileError, TrainingDivergedError,  # noqa: E402
+                         WorkdirInUseError)
 from libs.io_utils import SaveError  # noqa: E402
 
 DOC = os.path.join(ROOT, "docs", "robustness.md")
@@ -177,14 +180,78 @@ def resume_truncated_newest(tmp):
 
 
 def disk_full(tmp, monkeypatch):
+    """A real ENOSPC from the kernel: a 1 MB tmpfs where root may mount one (the first, tiny checkpoint fits, the
+    second's nnet.pth does not), else every checkpoint file opened on /dev/full."""
+    import builtins
+
     import libs.checkpoint as ckpt
-    _saved_checkpoints(tmp, steps=(100,))
+    disk = os.path.join(tmp, "disk")
+    os.makedirs(disk)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1000k", "tmpfs", disk],
+                             capture_output=True).returncode == 0
+    try:
+        torch.manual_seed(0)
+        ckpt.save_checkpoint(os.path.join(disk, "ckpts"), 100, **_tiny_run(), train_state={})
+        if not mounted:
+            monkeypatch.setattr(ckpt, "open", lambda file, mode: builtins.open("/dev/full", mode), raising=False)
+        big = torch.nn.Linear(600, 600)  # 1.4 MB of weights
+        opt = torch.optim.AdamW(big.parameters())
+        try:
+            ckpt.save_checkpoint(os.path.join(disk, "ckpts"), 200, nnet=big, nnet_ema=big, optimizer=opt,
+                                 lr_scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1), train_state={})
+        finally:
+            monkeypatch.undo()
+            ckpt.read_checkpoint(os.path.join(disk, "ckpts", "100.ckpt"))  # the earlier one is whole
+            assert [n for n, _ in ckpt.list_checkpoints(os.path.join(disk, "ckpts"))] == [100]
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", disk], check=False)
 
-    def no_space(obj, f, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")  # what a full disk does to the write
 
-    monkeypatch.setattr(ckpt.torch, "save", no_space)
-    ckpt.save_checkpoint(os.path.join(tmp, "ckpts"), 200, **_tiny_run(), train_state={})
+def corrupt_image(tmp):
+    from libs.datasets.image_folder import ImageFolder
+    os.makedirs(os.path.join(tmp, "pets", "cat"))
+    open(os.path.join(tmp, "pets", "cat", "0001.jpg"), "wb").close()  # 0 bytes: an interrupted copy
+    ImageFolder(os.path.join(tmp, "pets"), 8).train[0]
+
+
+_HOLDER = "import sys, time; sys.path.insert(0, sys.argv[1]); from libs.workdir_lock import acquire; " \
+          "acquire(sys.argv[2]); print('held', flush=True); time.sleep(600)"
+
+
+def workdir_in_use(tmp):
+    from libs.workdir_lock import acquire
+    workdir = os.path.join(tmp, "workdir")
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, ROOT, workdir], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        try:
+            acquire(workdir)
+        except WorkdirInUseError as e:  # the holder's host, pid and start time vary: shown as placeholders
+            raise WorkdirInUseError(re.sub(r"\(host .*?, pid \d+, started [^)]*\)",
+                                           "(host <host>, pid <pid>, started <time>)", str(e))) from None
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def resume_changed_network(tmp):
+    from libs import resume_policy
+    old = _config()
+    new = _config()
+    new.nnet.depth, new.optimizer.lr = 16, 1e-4
+    resume_policy.check((os.path.join(tmp, "ckpts", "300.ckpt"), old.to_dict()), new.to_dict())
+
+
+def tracker_folder_blocked(tmp):
+    from accelerate import Accelerator
+
+    from libs import tracking
+    config = _config()
+    config.log_with = "tensorboard"
+    with open(os.path.join(tmp, "tensorboard"), "w"):
+        pass  # a file where the tracker's folder goes
+    tracking.start_trackers(Accelerator(cpu=True, **tracking.accelerator_kwargs(config, tmp)), config, tmp)
 
 
 def keep_last_zero(tmp):
@@ -314,13 +381,24 @@ CASES = [
          checkpoint_of_another_config, CheckpointError, ("nnet.pth", "different shapes", "config.nnet")),
     Case("resume-truncated", "rerunning after the newest checkpoint was damaged (resume goes on from the previous "
          "one)", resume_truncated_newest, WARNING, ("skipping checkpoint", "200.ckpt", "optimizer.pth", "truncated")),
-    Case("disk-full", "disk full while writing a checkpoint", disk_full, SaveError,
-         ("200.ckpt", "No space left on device", "previous checkpoint is intact")),
+    Case("disk-full", "disk full while writing a checkpoint (a real ENOSPC: a full tmpfs, or /dev/full)", disk_full,
+         SaveError, ("200.ckpt", "No space left on device", "previous checkpoint is intact")),
     Case("keep-last", "`keep_last=0`", keep_last_zero, CheckpointError, ("keep_last=0", "positive integer")),
     # Training.
     Case("nan-loss", "the loss stays NaN (e.g. a far too large learning rate; a single NaN step is skipped and "
          "logged)", nan_loss, TrainingDivergedError,
          ("step 160", "3 step(s) in a row", "max_nonfinite_in_a_row", "100.ckpt", "Lower config.optimizer.lr")),
+    Case("resume-changed", "rerunning in a workdir with another network (`--config.nnet.depth=16`; the lr change "
+         "beside it is allowed)", resume_changed_network, ConfigError,
+         ("nnet.depth: 6 -> 16", "cannot change in a resumed run", "another --workdir")),
+    Case("workdir-in-use", "a second run on a workdir a live run holds", workdir_in_use, WorkdirInUseError,
+         ("in use by another run", "host <host>, pid <pid>, started <time>", "another --workdir")),
+    Case("tracker-folder", "`--config.log_with=tensorboard` where the workdir's `tensorboard` is a file",
+         tracker_folder_blocked, ConfigError, ("cannot write the tracker's folder", "Not a directory",
+                                               "--config.log_with=''")),
+    # Data.
+    Case("corrupt-image", "a 0-byte or corrupt image in an `image_folder` (with loader workers too: the run ends, "
+         "saving the last finished step)", corrupt_image, DataError, ("0001.jpg", "replace or delete it")),
     # Missing files.
     Case("dataset-missing", "CIFAR10 is not in `config.dataset.path` and cannot be downloaded (offline)",
          dataset_missing, MissingFileError, ("CIFAR10", "could not be downloaded", "cifar-10-python.tar.gz")),
@@ -418,6 +496,69 @@ def test_scripts_show_the_message_without_a_traceback(monkeypatch):
     monkeypatch.setenv("UVIT_TRACEBACK", "1")
     with pytest.raises(ConfigError):
         exit_on_user_error(main)(["train.py"])
+
+
+def _read_only_dir(tmp):
+    """A folder this process cannot write: a read-only tmpfs where root may mount one, else mode 0o555."""
+    folder = os.path.join(tmp, "readonly")
+    os.makedirs(folder)
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", folder],
+                          capture_output=True).returncode != 0:
+            return None  # root ignores permissions, and may not mount here
+    else:
+        os.chmod(folder, 0o555)
+    return folder
+
+
+@pytest.mark.slow  # five script start-ups (~85 s on a shared 2-core machine)
+def test_user_mistakes_end_in_one_line_and_a_bug_keeps_its_traceback(tmp_path):
+    """Each entry point with one mistake: the last stderr line names it, exit status 1, no traceback; an internal
+    error (a wrong tensor shape inside the library) keeps its traceback."""
+    tmp = str(tmp_path)
+    readonly = _read_only_dir(tmp)
+    os.makedirs(os.path.join(tmp, "tracked"))
+    with open(os.path.join(tmp, "tracked", "tensorboard"), "w"):
+        pass
+    ckpt = os.path.join(tmp, "nnet_ema.pth")  # the digits network's shapes: only the class ids are wrong
+    tiny = ["--config.nnet.embed_dim=32", "--config.nnet.depth=1", "--config.nnet.num_heads=2"]
+    train = [sys.executable, "train.py", f"--config={DIGITS}", "--config.train.n_steps=1", *tiny]
+    shape_bug = ("import torch; from libs.errors import exit_on_user_error; from libs.nnet import build_nnet; "
+                 "net = build_nnet(dict(name='uvit', img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=1, "
+                 "num_heads=2, num_classes=11)); exit_on_user_error(lambda: net(torch.zeros(2, 3, 8, 8), "
+                 "torch.zeros(2), torch.zeros(2, dtype=torch.long)))()")
+    commands = {
+        "no --config": ([sys.executable, "train.py"], "ConfigError: no --config given"),
+        "class id": ([sys.executable, "sample_class_cond.py", f"--config={DIGITS}", f"--nnet_path={ckpt}",
+                      "--class_ids=3,12", "--device=cpu", *tiny], "ConfigError: --class_ids 12: outside 0..9"),
+        "missing file": ([sys.executable, "sample_class_cond.py", f"--config={DIGITS}", "--class_ids=1",
+                          f"--nnet_path={tmp}/nope.pth", "--device=cpu"], "MissingFileError: --nnet_path"),
+        "tracker folder": (train + [f"--workdir={tmp}/tracked", "--config.log_with=tensorboard"],
+                           "ConfigError: config.log_with='tensorboard': cannot write the tracker's folder"),
+    }
+    if readonly is not None:
+        commands["read-only workdir"] = (train + [f"--workdir={readonly}/run"],
+                                         f"ConfigError: cannot write to the workdir '{readonly}/run'")
+    from libs.nnet import build_nnet
+    torch.save(build_nnet(dict(name="uvit", img_size=8, patch_size=2, in_chans=1, embed_dim=32, depth=1,
+                               num_heads=2, num_classes=11)).state_dict(), ckpt)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    env.pop("UVIT_TRACEBACK", None)
+    try:
+        procs = {name: subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        text=True) for name, (cmd, _) in commands.items()}
+        bug = subprocess.Popen([sys.executable, "-c", shape_bug], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, text=True)
+        for name, proc in procs.items():
+            err = proc.communicate(timeout=300)[1]
+            assert proc.returncode == 1, (name, err[-2000:])
+            assert "Traceback" not in err, (name, err[-2000:])
+            assert err.strip().splitlines()[-1].startswith(commands[name][1]), (name, err[-2000:])
+        err = bug.communicate(timeout=300)[1]
+        assert bug.returncode == 1 and "Traceback (most recent call last)" in err, err[-2000:]
+    finally:
+        if readonly is not None and os.geteuid() == 0:
+            subprocess.run(["umount", "-l", readonly], check=False)
 
 
 def test_every_case_has_a_distinct_id():

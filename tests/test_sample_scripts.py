@@ -170,7 +170,7 @@ def test_class_cond_writes_rows_per_class(tiny):
 
 def test_class_cond_errors(tiny):
     out = tiny["tmp"] / "cls_err"
-    with pytest.raises(InputError, match="outside 0..2"):
+    with pytest.raises(ConfigError, match="outside 0..2"):
         sample_class_cond.main(cls_args(tiny, out, "--class_ids=3"))
     with pytest.raises(ConfigError, match="--class_ids"):
         sample_class_cond.main(cls_args(tiny, out))

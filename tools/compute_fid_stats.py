@@ -23,7 +23,8 @@ from accelerate import Accelerator
 from libs import fid
 from libs.config_utils import define_config_flag
 from libs.datasets import dataset_kwargs, get_dataset
-from libs.errors import ConfigError, UViTError
+from libs.datasets.base import IMAGE_EXTENSIONS, list_images
+from libs.errors import ConfigError, MissingFileError, UViTError
 from libs.logging_utils import setup_logging
 from tools.inception import load_fid_inception
 
@@ -47,6 +48,18 @@ class DatasetImages(torch.utils.data.Dataset):
         return fid.quantize_like_png(x[None])[0]
 
 
+class NestedImageFolder(fid.ImageFolder):
+    """fid.ImageFolder over a folder and its subfolders: an `image_folder` dataset with one subfolder per class
+    (hidden files and folders skipped, as the dataset does), read as fid.ImageFolder reads its images."""
+
+    def __init__(self, path):
+        if not os.path.isdir(path):
+            raise MissingFileError(f"image folder '{path}' does not exist")
+        self.files = list_images(path, recursive=True)
+        if not self.files:
+            raise MissingFileError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder '{path}' or its subfolders")
+
+
 def dataset_images(config):
     """(images dataset, description) of a config's training set."""
     kwargs = dataset_kwargs(config)
@@ -67,7 +80,10 @@ def compute(output, path=None, config=None, batch_size=50, num_workers=0, weight
         raise ConfigError(f"--output must end in .npz (got {output!r})")
     accelerator = Accelerator()
     if path is not None:
-        images, source = fid.ImageFolder(path), f"image folder {os.path.abspath(path)}"
+        # Loose images: that folder alone (pytorch-fid's reading); none: the class subfolders of an image_folder.
+        flat = os.path.isdir(path) and list_images(path, recursive=False)
+        images = fid.ImageFolder(path) if flat else NestedImageFolder(path)
+        source = f"image folder {os.path.abspath(path)}"
     else:
         images, source = dataset_images(config)
     model = load_fid_inception(weights_path, device=accelerator.device)

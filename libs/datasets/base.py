@@ -11,10 +11,10 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from libs.errors import ConfigError, InputError, MissingFileError
+from libs.errors import ConfigError, DataError, InputError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -131,15 +131,43 @@ class ImageFileDataset(Dataset):
         return item
 
 
+# What a viewer shows behind transparent pixels: we composite on white (torchvision's convert('RGB') would
+# keep whatever colour the transparent pixels happen to store, often black).
+BACKGROUND = (255, 255, 255)
+
+
+def to_rgb(img):
+    """A PIL image of any mode -> the 8-bit RGB image a viewer shows: EXIF orientation applied, 16/32-bit
+    grey scaled to 8 bits (Pillow's own convert would clip it: a 16-bit PNG became all white), palette, LA and
+    RGBA images composited on white, CMYK (and YCCK JPEGs, which Pillow decodes to CMYK) converted."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in ('I;16', 'I;16L', 'I;16B', 'I;16N', 'I'):
+        # 16-bit samples (PNG, TIFF; Pillow opens 16-bit grey as 'I;16' or 'I'): round(v * 255 / 65535).
+        v = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(v * (255 / 65535)), 0, 255).astype(np.uint8), 'L')
+    elif img.mode == 'F':  # float samples, taken to be in [0, 1]
+        v = np.asarray(img, dtype=np.float64)
+        img = Image.fromarray(np.clip(np.rint(v * 255), 0, 255).astype(np.uint8), 'L')
+    if img.mode == 'P':
+        img = img.convert('RGBA' if 'transparency' in img.info else 'RGB')
+    elif img.mode in ('LA', 'La', 'PA', 'RGBa') or (img.mode in ('L', 'RGB') and 'transparency' in img.info):
+        img = img.convert('RGBA')
+    if img.mode == 'RGBA':
+        background = Image.new('RGB', img.size, BACKGROUND)
+        background.paste(img, mask=img.getchannel('A'))
+        return background
+    return img.convert('RGB')
+
+
 def load_rgb(path):
-    """Open an image file as an RGB PIL image; InputError naming the file if it is unreadable."""
+    """Open an image file as an 8-bit RGB PIL image (`to_rgb`); DataError naming the file if it is unreadable."""
     try:
         with Image.open(path) as img:
             img.load()
-            return img.convert('RGB')
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise InputError(f"cannot read image '{path}' ({e}). The file is corrupt or not an image: "
-                         "replace or delete it.") from e
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"cannot read image '{path}' ({e}). The file is corrupt or not an image: "
+                        "replace or delete it.") from e
 
 
 def list_images(folder, recursive=True):

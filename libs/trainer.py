@@ -36,6 +36,7 @@ from libs.datasets import dataset_kwargs, get_dataset
 from libs.ema import EMAUpdater, make_ema
 from libs.errors import MissingFileError, TrainingDivergedError, exit_on_user_error
 from libs.evaluation import evaluate, generate_all
+from libs.metrics.suite import MetricOptions
 from libs.family import Sampler, guidance_scale
 from libs.finetune import init_weights
 from libs.io_utils import atomic_write_bytes
@@ -201,7 +202,7 @@ def sample_scores(r: Run, use: str, n: int, fid: bool):
         if fid:
             try:
                 fid_result = evaluate(r.accelerator, gen, n, cfg.sample.mini_batch_size, cfg.fid.stat, cfg.seed,
-                                      inception_weights=cfg.fid.inception_weights)
+                                      metrics=MetricOptions.from_config(cfg, always=('fid',)))
             except MissingFileError as e:
                 log_once(logger, f"FID skipped: {e}", logging.WARNING)
         if hasattr(r.data, 'sample_metric'):
@@ -223,6 +224,7 @@ def evaluate_checkpoint(r: Run, step: int):
     fid, score = sample_scores(r, 'fid', cfg.fid.n_samples, fid=not reason)
     logged = dict(score or {})
     if fid is not None:
+        logged.update({k: v for k, v in fid.items() if k != 'n'})  # every metric of config.metrics.names
         logged['fid'] = r.history['fid'][step] = float(fid['fid'])
         logger.info("step %d: FID-%d %.3f (%d DPM-Solver steps, guidance scale %g)", step, fid['n'], fid['fid'],
                     cfg.fid.steps, r.family.protocol(cfg, 'fid')[2])

@@ -178,3 +178,17 @@ def test_seeds_summary_and_sample_file_names():
     s = evaluation.summarize([{"seed": 0, "fid": 2.0, "n": 5}, {"seed": 1, "fid": 4.0, "n": 5}])
     assert s == {"fid": {"mean": 3.0, "std": pytest.approx(2 ** 0.5), "min": 2.0, "max": 4.0}}
     json.dumps(s)
+
+
+def test_config_metrics_keys_are_validated(tmp_path):
+    from configs import imagenet64_uvit_mid
+    from libs.config_utils import parse_and_validate
+
+    config = imagenet64_uvit_mid.get_config()
+    parse_and_validate(config, world_size=1)  # the defaults are valid
+    config.metrics.update(names="fid,fdd", labels="even", seeds="1,x", npz=str(tmp_path / "s.tar"), resize="tf",
+                          kid_subsets=0, reference=str(tmp_path / "absent.npz"))
+    with pytest.raises(ConfigError) as e:
+        parse_and_validate(config, world_size=1)
+    for key in ("names", "labels", "seeds", "npz", "resize", "kid_subsets", "reference"):
+        assert f"config.metrics.{key} =" in str(e.value), key

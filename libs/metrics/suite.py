@@ -29,6 +29,8 @@ from libs import fid
 from libs.clip import CLIP_VERSION
 from libs.errors import ConfigError, MissingFileError
 from libs.metrics import kid, precision_recall
+from libs.metrics.clip_score import load_clip_scorer
+from libs.metrics.dinov2 import load_dinov2
 from libs.metrics.sample_file import array_shape, images_of_rows, npz_keys, read_rows
 from tools.inception import RESIZES, load_fid_inception
 
@@ -107,10 +109,8 @@ def load_networks(options, device):
         out["inception"] = InceptionFeatures(load_fid_inception(options.inception_weights, device=device),
                                              options.resize)
     if "dinov2" in needed:
-        from libs.metrics.dinov2 import load_dinov2
         out["dinov2"] = load_dinov2(options.dinov2_weights, options.dinov2_repo, device)
     if "clip" in needed:
-        from libs.metrics.clip_score import load_clip_scorer
         out["clip"] = load_clip_scorer(options.clip, device)
     return out
 

@@ -1,4 +1,4 @@
-"""Sharded, per-image-seeded sampling scored by FID and Inception Score, in-process.
+"""Sharded, per-image-seeded sampling scored in-process by FID, Inception Score and the metrics of config.metrics.
 
 `evaluate` is the one scoring path: the eval scripts (through `run_evaluation`) and training's
 periodic FID both call it. Image i of an evaluation is a function of (seed, i) only: the
@@ -10,7 +10,10 @@ same images (up to kernel nondeterminism) and exactly n_samples of them.
 Every batch is quantised as a PNG round trip would (libs.fid.quantize_like_png), scored by the
 FID Inception network on the device that made it, and added to float64 sums; one all-reduce at
 the end merges the processes, and every rank computes the FID (none waits alone in a collective
-while rank 0 computes, which the original risked on long evaluations).
+while rank 0 computes, which the original risked on long evaluations). The other metrics (libs/metrics/suite.py:
+sFID, precision/recall, KID, FD-DINOv2, CLIP score) are fed from the same batches; the images can also be
+streamed into an ADM-suite .npz (libs/metrics/sample_file.py), and `run_evaluation` repeats the evaluation
+for each seed of config.metrics.seeds and writes one JSON record.
 """
 import dataclasses
 import json

@@ -32,7 +32,7 @@ from libs.metrics import kid, precision_recall
 from libs.metrics.clip_score import load_clip_scorer
 from libs.metrics.dinov2 import load_dinov2
 from libs.metrics.sample_file import array_shape, images_of_rows, npz_keys, read_rows
-from tools.inception import RESIZES, load_fid_inception
+from tools.inception import RESIZES, SPATIAL_DIMS, load_fid_inception
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +96,7 @@ class InceptionFeatures(torch.nn.Module):
         if resize not in RESIZES:
             raise ConfigError(f"config.metrics.resize = {resize!r}: not one of {', '.join(RESIZES)}")
         self.net, self.resize = net, resize
-        self.dims = {"pool": 2048, "logits": net.fc.weight.shape[0], "spatial": 17 * 17 * 7}
+        self.dims = {"pool": 2048, "logits": net.fc.weight.shape[0], "spatial": SPATIAL_DIMS}
 
     def forward(self, images):
         return self.net.all_features(images, self.resize)

@@ -40,7 +40,8 @@ from libs.family import Sampler
 from libs.io_utils import atomic_path, atomic_write_bytes
 from libs.logging_utils import setup_logging
 from libs.metrics.sample_file import ShardedSampleWriter, to_uint8_hwc
-from libs.metrics.suite import MetricOptions, MetricSuite, check_reference_dims, load_networks, load_reference
+from libs.metrics.suite import (MetricOptions, MetricSuite, check_reference, check_reference_dims, load_networks,
+                               load_reference)
 from libs.nnet import build_nnet, load_nnet_state_dict
 from libs.perf import configure_tf32
 
@@ -96,8 +97,7 @@ def evaluate(accelerator, generate_fn, n_samples, mini_batch_size, fid_stat, see
 
 def _evaluate(accelerator, generate_fn, n_samples, mini_batch_size, seed, options, networks, keep_path, npz_path,
               labels, prompts, desc):
-    if "fid" in options.names:
-        fid.load_statistics(options.reference)  # fail before loading networks and hours of sampling, not after
+    check_reference(options.reference, options.names)  # fail before loading networks and hours of sampling
     device = accelerator.device
     networks = networks or load_networks(options, device)
     reference = check_reference_dims(load_reference(options.reference, options.names, networks, accelerator),

@@ -192,3 +192,16 @@ def test_config_metrics_keys_are_validated(tmp_path):
         parse_and_validate(config, world_size=1)
     for key in ("names", "labels", "seeds", "npz", "resize", "kid_subsets", "reference"):
         assert f"config.metrics.{key} =" in str(e.value), key
+
+
+def test_an_adm_batch_of_images_alone_is_a_reference(tmp_path):
+    from libs.metrics.sample_file import images_of_rows
+    from libs.metrics.suite import load_reference
+
+    nets = {"inception": TinyInception()}
+    pixels = np.random.default_rng(5).integers(0, 256, (9, 12, 12, 3), dtype=np.uint8)
+    np.savez(tmp_path / "ref.npz", arr_0=pixels)
+    ref = load_reference(str(tmp_path / "ref.npz"), ("fid", "sfid", "prc"), nets, batch_size=4)
+    feats = _features(nets, images_of_rows(pixels))
+    assert np.allclose(ref["fid"][0], feats["pool"].mean(0)) and np.allclose(ref["fid"][1], np.cov(feats["pool"].T))
+    assert np.allclose(ref["sfid"][1], np.cov(feats["spatial"].T)) and np.allclose(ref["pool"], feats["pool"])

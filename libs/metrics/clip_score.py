@@ -55,6 +55,6 @@ def load_clip_scorer(version=CLIP_VERSION, device=None):
         raise MissingFileError(
             f"CLIP model '{version}' (image and text towers) not found locally ({type(e).__name__}); put "
             f"{CLIP_VERSION} in {LOCAL_CLIP_DIR}/ (`huggingface-cli download {CLIP_VERSION} --local-dir "
-            f"{LOCAL_CLIP_DIR}`) or give a folder with --config.metrics.clip=<folder>") from e
+            f"{LOCAL_CLIP_DIR}`) or give its folder (--config.metrics.clip, tools/evaluator.py --clip)") from e
     logger.info("loaded CLIP %s for the CLIP score", source)
     return CLIPScorer(model.to(device or "cpu"), processor)

@@ -63,10 +63,11 @@ def load_dinov2(weights_path=None, repo_dir=None, device=None):
         raise MissingFileError(
             f"the DINOv2 code is not in the torch hub cache '{repo_dir}': on a machine with network run "
             f"`python -c \"import torch; torch.hub.load('facebookresearch/dinov2', '{HUB_ENTRY}')\"` and copy "
-            f"{torch.hub.get_dir()} here (or pass --config.metrics.dinov2_repo=<folder with hubconf.py>)")
+            f"{torch.hub.get_dir()} here, or give the folder with hubconf.py (--config.metrics.dinov2_repo, "
+            f"tools/evaluator.py --dinov2_repo)")
     if not os.path.isfile(weights_path):
         raise MissingFileError(f"DINOv2 weights not found at '{weights_path}': download {WEIGHTS_URL} and put it "
-                               f"there (or pass --config.metrics.dinov2_weights=<file>)")
+                               f"there, or give its path (--config.metrics.dinov2_weights, tools/evaluator.py --dinov2_weights)")
     model = torch.hub.load(repo_dir, HUB_ENTRY, source="local", pretrained=False, verbose=False)
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)

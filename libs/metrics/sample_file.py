@@ -126,4 +126,4 @@ def images_of_rows(rows):
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.dtype != torch.uint8:
         raise InputError(f"images must be uint8 (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")
-    return x.permute(0, 3, 1, 2).float().div(255).expand(-1, 3, -1, -1)
+    return x.permute(0, 3, 1, 2).float().div(255).expand(-1, 3, -1, -1).contiguous()

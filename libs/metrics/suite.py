@@ -21,6 +21,7 @@ metric is a function of the image set alone, whatever the number of processes.
 """
 import dataclasses
 import logging
+import os
 
 import numpy as np
 import torch
@@ -172,6 +173,14 @@ class FeatureAccumulator:
         return self
 
 
+def check_reference(path, names):
+    """Fail at once (before loading networks or sampling) on a missing or unreadable reference file."""
+    if not any(m in MOMENTS or m in FEATURE_TABLES for m in names):
+        return
+    if not os.path.isfile(path) or "arr_0" not in npz_keys(path) or "mu" in npz_keys(path):
+        fid.load_statistics(path)  # its own checks and messages (missing file, unreadable, NaN)
+
+
 def load_reference(path, names, networks, accelerator=None, batch_size=50):
     """{'fid' | 'sfid' | 'fd_dinov2': (mu, sigma), 'pool': (N, 2048) features} of the reference file `path`.
 
@@ -183,8 +192,7 @@ def load_reference(path, names, networks, accelerator=None, batch_size=50):
     needed = [m for m in names if m in MOMENTS or m in FEATURE_TABLES]
     if not needed:
         return {}
-    if "fid" in needed:
-        fid.load_statistics(path)  # its own checks and messages (missing file, unreadable, NaN)
+    check_reference(path, names)
     keys = set(npz_keys(path))
     out, missing = {}, []
     with np.load(path) as f:

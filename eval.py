@@ -4,7 +4,7 @@
         --config=configs/cifar10_uvit_small.py --nnet_path=cifar10_uvit_small.pth --output_path=eval.log
 
 Samples config.sample.n_samples images with the config's protocol and logs FID and Inception
-Score; the engine (shared by the four eval scripts and training) is libs/evaluation.py. Reads the
+Score (and the metrics of --config.metrics.names, docs/evaluation.md); the engine (shared by the four eval scripts and training) is libs/evaluation.py. Reads the
 weights, the FID statistics config.fid.stat, never the training data.
 A config of another family (config.diffusion, z_shape, network) stops with the name of its script.
 """

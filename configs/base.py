@@ -126,6 +126,24 @@ def get_config():
         inception_weights=None,  # path of pt_inception-2015-12-05 weights; None = the default location
     )
 
+    # ours: what an evaluation computes beside FID, from which files, and what it writes (docs/evaluation.md).
+    # Read by eval*.py and, for names / labels / reference / resize, by training's periodic evaluation too.
+    config.metrics = d(
+        names='fid,is',  # comma-separated subset of fid,is,sfid,prc,kid,fd_dinov2,clip_score
+        labels='uniform',  # class labels of the samples: 'uniform' (random, the original) | 'balanced' (n/K each)
+        seeds='',  # eval*.py: comma-separated seeds, one evaluation each, reported with their spread; '' = seed
+        npz='',  # eval*.py: also write the scored samples as an ADM-suite .npz here ('' = none)
+        json='',  # eval*.py: the JSON record of the evaluation; '' = <--output_path>.json (none without it)
+        reference='',  # reference batch / statistics .npz of every metric; '' = fid.stat
+        resize='pytorch-fid',  # the Inception network's resize: 'pytorch-fid' (the paper's FIDs) | 'adm'
+        kid_subsets=100,  # KID: subsets (torch-fidelity's defaults)
+        kid_subset_size=1000,  # KID: features per subset
+        prc_k=3,  # precision/recall: k of the k-NN radii (ADM's evaluator)
+        dinov2_weights='',  # dinov2_vitl14_pretrain.pth; '' = <torch hub dir>/checkpoints/
+        dinov2_repo='',  # the facebookresearch/dinov2 hub code; '' = <torch hub dir>/facebookresearch_dinov2_main
+        clip='',  # CLIP model folder or hub id for the CLIP score; '' = openai/clip-vit-large-patch14
+    )
+
     # ours: experiment trackers (through accelerate): 'tensorboard' (<workdir>/tensorboard/) | 'wandb' | 'all' |
     # '' (none); offline by default: no account or network needed.
     config.log_with = 'tensorboard'

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 
 from configs.base import get_config as base_config
 from libs.errors import ConfigError
+from libs.metrics.suite import RESIZES, parse_names
 from libs.nnet import NNETS
 from libs.optim import SCHEDULES
 from libs.sampling import ALGORITHMS
@@ -228,12 +229,14 @@ _RANGES = [
     # Per process: each process draws its share of the images in calls of at most this many.
     ("> 0", " (images per process per call)", "sample.mini_batch_size"),
     ("0 (no FID during training) or >= 2", " (a covariance needs two images)", "fid.n_samples"),
+    ("> 0", "", "metrics.kid_subsets", "metrics.kid_subset_size", "metrics.prc_k"),
     (">= -1", " (-1 = min(8, CPU cores per process))", "dataloader.num_workers"),
 ]
 _CHOICES = {"diffusion": ("continuous", "discrete"), "pred": ("noise_pred",), "train.mode": ("cond", "uncond"),
             "optimizer.name": ("adamw",), "lr_scheduler.name": SCHEDULES, "nnet.name": tuple(NNETS),
             "sample.algorithm": ALGORITHMS, "grid.algorithm": ("",) + ALGORITHMS,
-            "wandb.mode": ("online", "offline", "disabled"), "log_with": LOG_WITH}
+            "wandb.mode": ("online", "offline", "disabled"), "log_with": LOG_WITH,
+            "metrics.labels": ("uniform", "balanced"), "metrics.resize": RESIZES}
 
 
 def _type_problems(config, reference, prefix=""):
@@ -261,6 +264,27 @@ def _nnet_reference(config):
     cls = NNETS.get(_lookup(config, "nnet.name")[1])
     params = inspect.signature(cls.__init__).parameters.values() if cls else ()
     return {p.name: p.default for p in params if isinstance(p.default, (bool, int, float))}
+
+
+def _check_metrics(get, fail):
+    """config.metrics: known metric names, integer seeds, an .npz sample file, existing network files."""
+    if isinstance(get("metrics.names"), str):
+        try:
+            parse_names(get("metrics.names"))
+        except ConfigError as e:
+            fail("metrics.names", str(e).split(": ", 1)[-1])
+    seeds = get("metrics.seeds")
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        seeds = str(seeds)  # --config.metrics.seeds=3 parses as an integer
+    if isinstance(seeds, str) and not all(t.strip().lstrip("-").isdigit() for t in seeds.split(",") if t.strip()):
+        fail("metrics.seeds", "must be comma-separated integers, e.g. 0,1,2 ('' = config.seed)")
+    npz = get("metrics.npz")
+    if isinstance(npz, str) and npz and not npz.endswith(".npz"):
+        fail("metrics.npz", "must end in .npz (the ADM sample file)")
+    for key in ("metrics.reference", "metrics.dinov2_weights"):
+        value = get(key)
+        if isinstance(value, str) and value and not os.path.isfile(value):
+            fail(key, "does not exist: give the path of an existing file ('' = the default)")
 
 
 def parse_and_validate(config, *, world_size):
@@ -335,6 +359,7 @@ def parse_and_validate(config, *, world_size):
     if weights is not None and not (isinstance(weights, str) and os.path.exists(weights)):
         fail("fid.inception_weights", "does not exist: give the path of pt_inception-2015-12-05 weights, or None "
                                       "for the default location")
+    _check_metrics(get, fail)
     if get("log_with") in LOG_WITH:
         try:
             trackers_for(get("log_with"))  # the tracker's package is installed

@@ -1,4 +1,4 @@
-"""Sharded, per-image-seeded sampling scored by FID and Inception Score, in-process.
+"""Sharded, per-image-seeded sampling scored in-process by FID, Inception Score and the metrics of config.metrics.
 
 `evaluate` is the one scoring path: the eval scripts (through `run_evaluation`) and training's
 periodic FID both call it. Image i of an evaluation is a function of (seed, i) only: the
@@ -10,13 +10,19 @@ same images (up to kernel nondeterminism) and exactly n_samples of them.
 Every batch is quantised as a PNG round trip would (libs.fid.quantize_like_png), scored by the
 FID Inception network on the device that made it, and added to float64 sums; one all-reduce at
 the end merges the processes, and every rank computes the FID (none waits alone in a collective
-while rank 0 computes, which the original risked on long evaluations).
+while rank 0 computes, which the original risked on long evaluations). The other metrics (libs/metrics/suite.py:
+sFID, precision/recall, KID, FD-DINOv2, CLIP score) are fed from the same batches; the images can also be
+streamed into an ADM-suite .npz (libs/metrics/sample_file.py), and `run_evaluation` repeats the evaluation
+for each seed of config.metrics.seeds and writes one JSON record.
 """
+import dataclasses
+import json
 import logging
 import math
 import os
 import time
 
+import numpy as np
 import torch
 from absl import flags
 from ml_collections import config_flags
@@ -31,11 +37,13 @@ from libs.datasets.features import caption_contexts
 from libs.errors import ConfigError, InputError, MissingFileError, exit_on_user_error
 from libs.export import load_weights
 from libs.family import Sampler
-from libs.io_utils import atomic_path
+from libs.io_utils import atomic_path, atomic_write_bytes
 from libs.logging_utils import setup_logging
+from libs.metrics.sample_file import ShardedSampleWriter, to_uint8_hwc
+from libs.metrics.suite import (MetricOptions, MetricSuite, check_reference, check_reference_dims, load_networks,
+                               load_reference)
 from libs.nnet import build_nnet, load_nnet_state_dict
 from libs.perf import configure_tf32
-from tools.inception import load_fid_inception
 
 logger = logging.getLogger(__name__)
 
@@ -62,35 +70,42 @@ def _write_pngs(images, indices, folder):
 
 
 def evaluate(accelerator, generate_fn, n_samples, mini_batch_size, fid_stat, seed, inception_weights=None,
-             keep_path=None, is_splits=fid.DEFAULT_IS_SPLITS, desc="FID"):
+             keep_path=None, is_splits=fid.DEFAULT_IS_SPLITS, desc="FID", metrics=None, networks=None, npz_path=None,
+             labels=None, prompts=None):
     """Generate n_samples images over all processes and score them. Every rank must call this.
 
     generate_fn(indices: LongTensor (b,)) -> (b, 3, H, W) float in [0, 1]; image i must depend
         only on (seed, i) (see the module docstring). It must not call collectives.
-    fid_stat: .npz with the reference 'mu' and 'sigma' (checked before any sampling).
+    fid_stat: the reference .npz (statistics 'mu', 'sigma', ... or an ADM reference batch; checked before
+        any sampling) unless metrics.reference names one.
     seed: seeds torch's default generators per batch (from (seed, first index)) for samplers that
         draw from them; the caller's generator states are restored afterwards.
     keep_path: folder to also write the samples to as <index>.png (None = write nothing).
-    Returns {'fid', 'inception_score', 'inception_score_std', 'n'} (the same on every rank).
+    metrics: a libs.metrics.suite.MetricOptions (None = FID and IS with inception_weights and is_splits).
+    networks: the feature networks ({'inception': ..., ...}; None = loaded for `metrics` from local files).
+    npz_path: also write the scored images as an ADM-suite .npz there (labels, when given, as 'arr_1').
+    prompts: prompt of each image (sequence of str), for the CLIP score.
+    Returns {'fid', 'inception_score', 'inception_score_std', ..., 'n'} (the same on every rank).
     """
     device = accelerator.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        return _evaluate(accelerator, generate_fn, n_samples, mini_batch_size, fid_stat, seed, inception_weights,
-                         keep_path, is_splits, desc)
+        options = metrics or MetricOptions(inception_weights=inception_weights, is_splits=is_splits)
+        options = dataclasses.replace(options, reference=options.reference or fid_stat)
+        return _evaluate(accelerator, generate_fn, n_samples, mini_batch_size, seed, options, networks, keep_path,
+                         npz_path, labels, prompts, desc)
 
 
-def _evaluate(accelerator, generate_fn, n_samples, mini_batch_size, fid_stat, seed, inception_weights, keep_path,
-              is_splits, desc):
-    ref_mu, ref_sigma = fid.load_statistics(fid_stat)  # fail before hours of sampling, not after
-    if ref_mu.shape != (2048,):
-        raise ConfigError(f"FID statistics '{fid_stat}' are {ref_mu.shape[0]}-d; FID uses the 2048-d pool3 features. "
-                         f"Recompute them with tools/compute_fid_stats.py")
+def _evaluate(accelerator, generate_fn, n_samples, mini_batch_size, seed, options, networks, keep_path, npz_path,
+              labels, prompts, desc):
+    check_reference(options.reference, options.names)  # fail before loading networks and hours of sampling
     device = accelerator.device
-    inception = load_fid_inception(inception_weights, device=device)
+    networks = networks or load_networks(options, device)
+    reference = check_reference_dims(load_reference(options.reference, options.names, networks, accelerator),
+                                     networks)
     rank, world = accelerator.process_index, accelerator.num_processes
     batches = shard_indices(n_samples, rank, world, mini_batch_size)
-    splits = min(is_splits, n_samples)
-    stats = fid.InceptionStatistics(splits=splits, device=device)
+    suite = MetricSuite(options, n_samples, networks, device, prompts)
+    writer = ShardedSampleWriter(npz_path, n_samples, rank, world) if npz_path else None
     if keep_path and accelerator.is_main_process:
         os.makedirs(keep_path, exist_ok=True)
     start = time.time()
@@ -102,20 +117,35 @@ def _evaluate(accelerator, generate_fn, n_samples, mini_batch_size, fid_stat, se
                 raise InputError(f"generate_fn returned shape {tuple(images.shape)} for {len(indices)} indices; "
                                  f"expected ({len(indices)}, 3, H, W) in [0, 1]")
             images = fid.quantize_like_png(images.to(device))
-            fid.accumulate(stats, inception, images, fid.split_ids(indices, n_samples, splits))
+            suite.update(images, indices)
+            if writer:
+                writer.write(to_uint8_hwc(images), indices)
             if keep_path:
                 os.makedirs(keep_path, exist_ok=True)
                 _write_pngs(images, indices, keep_path)
             bar.update(len(indices))
-    stats.reduce(accelerator)
-    n = int(stats.n)
-    if n != n_samples:  # internal invariant of the sharding
-        raise RuntimeError(f"scored {n} images instead of {n_samples}")
-    mu, sigma = stats.mean_and_covariance()
-    value = fid.frechet_distance(mu, sigma, ref_mu, ref_sigma, device=device if device.type == "cuda" else None)
-    is_mean, is_std = stats.inception_score()
-    logger.info("scored %d images in %.1f s: FID %.4f, IS %.3f +- %.3f", n, time.time() - start, value, is_mean, is_std)
-    return {"fid": value, "inception_score": is_mean, "inception_score_std": is_std, "n": n}
+    if writer:
+        writer.close()
+    result = suite.finish(accelerator, reference)
+    if writer:
+        accelerator.wait_for_everyone()  # every part is complete
+        if accelerator.is_main_process:
+            writer.join(None if labels is None else torch.as_tensor(labels)[:n_samples].numpy())
+        accelerator.wait_for_everyone()  # the .npz exists for every rank
+    logger.info("scored %d images in %.1f s: %s", n_samples, time.time() - start, format_metrics(result))
+    return result
+
+
+def format_metrics(result):
+    """'FID 3.4012, IS 210.123 +- 3.210, sFID ...' of a results dict."""
+    names = {"fid": "FID", "inception_score": "IS", "sfid": "sFID", "precision": "precision", "recall": "recall",
+             "kid": "KID", "fd_dinov2": "FD-DINOv2", "clip_score": "CLIP score"}
+    parts = []
+    for key, name in names.items():
+        if key in result:
+            std = result.get({"inception_score": "inception_score_std", "kid": "kid_std"}.get(key, ""))
+            parts.append(f"{name} {result[key]:.4f}" + (f" +- {std:.4f}" if std is not None else ""))
+    return ", ".join(parts)
 
 
 def generate_all(accelerator, generate_fn, n_samples, mini_batch_size) -> torch.Tensor:
@@ -170,21 +200,27 @@ def main_for(family):
 
 
 def run_evaluation(config, nnet_path, family, output_path=None, inception_weights=None, config_path=None):
-    """Sample config.sample.n_samples images with the protocol of config.sample and score them.
+    """Sample config.sample.n_samples images with the protocol of config.sample and score them, once per seed.
 
-    Reads only the weights, the autoencoder (latent families), config.fid.stat and, for text-to-image,
-    the caption contexts of <config.dataset.path>/val and its empty_context.npy; never the training data.
+    Reads only the weights, the autoencoder (latent families), the reference (config.metrics.reference or
+    config.fid.stat), the feature networks of config.metrics.names and, for text-to-image, the caption
+    contexts of <config.dataset.path>/val and its empty_context.npy; never the training data.
     The protocol (`Family.protocol(config, 'sample')`): config.sample.algorithm, sample_steps, guidance
-    scale (when config.sample.cfg); labels uniform over the config's classes (seeded by config.seed).
+    scale (when config.sample.cfg); labels (config.metrics.labels) uniform or balanced over the config's
+    classes, seeded by each seed of config.metrics.seeds ('' = config.seed). config.metrics.npz also writes
+    each seed's samples as an ADM-suite .npz; the JSON record (config.metrics.json, default
+    <output_path>.json) holds every metric, the protocol and the checkpoint.
     `family` is the script's: a config of another family is a ConfigError naming the right script.
-    Returns the dict of `evaluate` (on every rank).
+    Returns the dict of `evaluate` (on every rank) of the first seed, with 'per_seed' and 'summary' (mean, std,
+    min, max of each metric over the seeds).
     """
     from accelerate import Accelerator  # heavy
 
     if config is None:
         raise ConfigError("no config given: pass --config=configs/<name>.py")
     family = family.for_config(config, "eval")
-    if not config.fid.stat:
+    options = MetricOptions.from_config(config, inception_weights)
+    if not options.reference:
         raise ConfigError("config.fid.stat names no FID reference statistics, so FID cannot be computed; compute "
                           "them with tools/compute_fid_stats.py and set --config.fid.stat=<file.npz>")
     accelerator = Accelerator()
@@ -192,7 +228,7 @@ def run_evaluation(config, nnet_path, family, output_path=None, inception_weight
     setup_logging(accelerator.is_main_process, output_path)
     configure_tf32(config.tf32)
     parse_and_validate(config, world_size=accelerator.num_processes)
-    s = config.sample
+    s, m = config.sample, config.get("metrics", {})
     algorithm, steps, scale = family.protocol(config, "sample")
     contexts = empty_context = None
     if family.condition == "text":
@@ -201,17 +237,76 @@ def run_evaluation(config, nnet_path, family, output_path=None, inception_weight
             raise MissingFileError(f"guided sampling needs the empty prompt's context {config.dataset.path}/"
                                    f"empty_context.npy: make it with scripts/extract_empty_feature.py")
     nnet, autoencoder = load_models(config, family, nnet_path, device)
-    sampler = Sampler.for_config(config, family, nnet, device, autoencoder,
-                                 family.null_condition(config, empty_context) if scale > 0 else None)
-    generate_fn = sampler.generate_fn(algorithm, steps, scale, family.sample_labels(config, s.n_samples), contexts)
+    networks = load_networks(options, device)
+    seeds = parse_seeds(m.get("seeds", ""), int(config.seed))
+    labels_kind = m.get("labels", "uniform")
     logger.info("evaluating %s (%s) on %d process(es), mixed precision %s: %s, %d steps, guidance scale %g, "
-                "%d samples", nnet_path, family, accelerator.num_processes, accelerator.mixed_precision, algorithm,
-                steps, scale, s.n_samples)
-    weights = inception_weights or config.fid.inception_weights
-    with accelerator.autocast():
-        result = evaluate(accelerator, generate_fn, int(s.n_samples), int(s.mini_batch_size), config.fid.stat,
-                          int(config.seed), inception_weights=weights, keep_path=s.get("path", "") or None)
-    logger.info("config=%s nnet_path=%s sampler=%s steps=%d scale=%g n_samples=%d FID=%.4f IS=%.3f",
-                config_path or config.dataset.name, nnet_path, algorithm, steps, scale, result["n"],
-                result["fid"], result["inception_score"])
-    return result
+                "%d samples, %s labels, seeds %s, metrics %s", nnet_path, family, accelerator.num_processes,
+                accelerator.mixed_precision, algorithm, steps, scale, s.n_samples, labels_kind, seeds,
+                ",".join(options.names))
+    results = []
+    for seed in seeds:
+        seeded = config.copy_and_resolve_references()
+        with seeded.unlocked():
+            seeded.seed = seed
+        sampler = Sampler.for_config(seeded, family, nnet, device, autoencoder,
+                                     family.null_condition(config, empty_context) if scale > 0 else None)
+        labels = family.sample_labels(seeded, s.n_samples)
+        generate_fn = sampler.generate_fn(algorithm, steps, scale, labels, contexts)
+        with accelerator.autocast():
+            result = evaluate(accelerator, generate_fn, int(s.n_samples), int(s.mini_batch_size), options.reference,
+                              seed, metrics=options, networks=networks, keep_path=s.get("path", "") or None,
+                              npz_path=npz_path_for(m.get("npz", ""), seed, len(seeds)), labels=labels)
+        results.append({"seed": seed, **result})
+    summary = summarize(results)
+    record = {"config": config_path or config.dataset.name, "checkpoint": nnet_path,
+              "protocol": {"family": str(family), "sampler": algorithm, "steps": steps, "guidance_scale": scale,
+                           "labels": labels_kind if family.condition == "label" else family.condition,
+                           "seeds": seeds, "n_samples": int(s.n_samples), "metrics": list(options.names),
+                           "inception_resize": options.resize, "reference": options.reference,
+                           "processes": accelerator.num_processes,
+                           "mixed_precision": accelerator.mixed_precision},
+              "results": results, "summary": summary,
+              "npz": [npz_path_for(m.get("npz", ""), seed, len(seeds)) for seed in seeds] if m.get("npz") else []}
+    json_path = m.get("json", "") or (output_path + ".json" if output_path else "")
+    if json_path and accelerator.is_main_process:
+        atomic_write_bytes((json.dumps(record, indent=1) + "\n").encode(), json_path)
+        logger.info("wrote %s", json_path)
+    for result in results:  # the last line(s) of the log: what was evaluated and its numbers
+        logger.info("config=%s nnet_path=%s sampler=%s steps=%d scale=%g n_samples=%d %sseed=%d %s",
+                    config_path or config.dataset.name, nnet_path, algorithm, steps, scale, result["n"],
+                    f"FID={result['fid']:.4f} IS={result['inception_score']:.3f} " if "fid" in result
+                    and "inception_score" in result else "", result["seed"], format_metrics(result))
+    if len(seeds) > 1:
+        logger.info("over %d seeds: %s", len(seeds), ", ".join(f"{k} {v['mean']:.4f} +- {v['std']:.4f}"
+                                                              for k, v in summary.items()))
+    return {**results[0], "per_seed": results, "summary": summary, "record": record}
+
+
+def parse_seeds(text, default):
+    """'0,1,2' -> [0, 1, 2]; '' -> [default]. ConfigError for anything but integers."""
+    try:
+        seeds = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise ConfigError(f"config.metrics.seeds = {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"config.metrics.seeds = {text!r} repeats a seed")
+    return seeds or [default]
+
+
+def npz_path_for(path, seed, n_seeds):
+    """The sample file of one seed: `path` itself for one seed, <stem>_seed<seed>.npz for several; None if ''."""
+    if not path:
+        return None
+    return path if n_seeds == 1 else f"{path[:-4] if path.endswith('.npz') else path}_seed{seed}.npz"
+
+
+def summarize(results):
+    """{metric: {'mean', 'std' (sample std, ddof=1; 0 for one seed), 'min', 'max'}} over the seeds' results."""
+    keys = [k for k, v in results[0].items() if k not in ("seed", "n") and isinstance(v, float)]
+    out = {}
+    for k in keys:
+        v = np.array([r[k] for r in results], dtype=np.float64)
+        out[k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                  "min": float(v.min()), "max": float(v.max())}
+    return out

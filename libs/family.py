@@ -191,10 +191,16 @@ class Family:
                 float(g.scale) if g.scale >= 0 else guidance_scale(config))
 
     def sample_labels(self, config, n: int):
-        """(n,) int64 labels uniform over the data classes, seeded by config.seed; None for other families."""
+        """(n,) int64 labels seeded by config.seed; None for other families. config.metrics.labels 'uniform' (the
+        default, the original's): independent uniform draws over the data classes; 'balanced': i mod K in a seeded
+        random order, so exactly n / K images per class (when K divides n; else the first n mod K classes get one
+        more)."""
         if self.condition != 'label':
             return None
-        return torch.randint(0, data_classes(config), (int(n),), generator=torch.Generator().manual_seed(config.seed))
+        k, g = data_classes(config), torch.Generator().manual_seed(config.seed)
+        if config.get('metrics', {}).get('labels', 'uniform') == 'balanced':
+            return (torch.arange(int(n)) % k)[torch.randperm(int(n), generator=g)]
+        return torch.randint(0, k, (int(n),), generator=g)
 
     def grid_conditions(self, config, vis_contexts, n_rows: int, n_cols: int):
         """Conditions of a sample grid, row-major: class models one row per class (at most n_rows

@@ -191,10 +191,10 @@ def load_statistics(path):
     return mu, sigma
 
 
-def save_statistics(path, stats, source):
-    """Write mu, sigma (float64), n and a description of the source atomically to `path`."""
+def save_statistics(path, stats, source, **extra):
+    """Write mu, sigma (float64), n, a description of the source and any `extra` arrays atomically to `path`."""
     mu, sigma = stats.mean_and_covariance()
-    atomic_savez(path, mu=mu, sigma=sigma, n=np.int64(stats.n), source=np.array(str(source)))
+    atomic_savez(path, mu=mu, sigma=sigma, n=np.int64(stats.n), source=np.array(str(source)), **extra)
     logger.info("wrote FID statistics of %d images (%s) to %s", int(stats.n), source, path)
 
 

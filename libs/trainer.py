@@ -42,6 +42,7 @@ from libs.fatal import EmergencyCheckpoint, log_fatal_errors
 from libs.finetune import init_weights
 from libs.io_utils import atomic_write_bytes
 from libs.logging_utils import log_once, setup_logging
+from libs.metrics.suite import MetricOptions
 from libs.nnet import build_nnet, load_nnet_state_dict
 from libs.optim import build_lr_scheduler, build_optimizer
 from libs.perf import configure_tf32, maybe_compile
@@ -210,7 +211,7 @@ def sample_scores(r: Run, use: str, n: int, fid: bool):
         if fid:
             try:
                 fid_result = evaluate(r.accelerator, gen, n, cfg.sample.mini_batch_size, cfg.fid.stat, cfg.seed,
-                                      inception_weights=cfg.fid.inception_weights)
+                                      metrics=MetricOptions.from_config(cfg, always=('fid',)))
             except MissingFileError as e:
                 log_once(logger, f"FID skipped: {e}", logging.WARNING)
         if hasattr(r.data, 'sample_metric'):
@@ -232,6 +233,7 @@ def evaluate_checkpoint(r: Run, step: int):
     fid, score = sample_scores(r, 'fid', cfg.fid.n_samples, fid=not reason)
     logged = dict(score or {})
     if fid is not None:
+        logged.update({k: v for k, v in fid.items() if k != 'n'})  # every metric of config.metrics.names
         logged['fid'] = r.history['fid'][step] = float(fid['fid'])
         logger.info("step %d: FID-%d %.3f (%d DPM-Solver steps, guidance scale %g)", step, fid['n'], fid['fid'],
                     cfg.fid.steps, r.family.protocol(cfg, 'fid')[2])

@@ -26,6 +26,8 @@ from libs.datasets import dataset_kwargs, get_dataset
 from libs.datasets.base import IMAGE_EXTENSIONS, list_images
 from libs.errors import ConfigError, MissingFileError, UViTError
 from libs.logging_utils import setup_logging
+from libs.metrics.suite import (MetricOptions, dataset_batches, load_networks, parse_names, reference_arrays,
+                                reference_file_arrays)
 from tools.inception import load_fid_inception
 
 logger = logging.getLogger(__name__)
@@ -72,7 +74,8 @@ def dataset_images(config):
     return DatasetImages(data.train), f"dataset {config.dataset.name} ({kwargs})"
 
 
-def compute(output, path=None, config=None, batch_size=50, num_workers=0, weights_path=None, splits=0):
+def compute(output, path=None, config=None, batch_size=50, num_workers=0, weights_path=None, splits=0, metrics="",
+            resize="pytorch-fid"):
     """Write the statistics of `path` (an image folder) or `config` (its training set) to `output`."""
     if (path is None) == (config is None):
         raise ConfigError("give exactly one of --path (an image folder) and --config (a dataset config)")
@@ -89,8 +92,15 @@ def compute(output, path=None, config=None, batch_size=50, num_workers=0, weight
     model = load_fid_inception(weights_path, device=accelerator.device)
     stats = fid.dataset_statistics(images, model, batch_size=batch_size, num_workers=num_workers, splits=splits,
                                    accelerator=accelerator, desc="reference statistics")
+    extra = {}
+    if metrics:  # the reference arrays of sFID, precision/recall, KID, FD-DINOv2 too (a second pass)
+        names = [m for m in parse_names(metrics) if m not in ("fid", "is", "clip_score")]
+        options = MetricOptions(names=tuple(names), inception_weights=weights_path, resize=resize)
+        networks = load_networks(options, accelerator.device)
+        extra = reference_file_arrays(reference_arrays(dataset_batches(images, accelerator, batch_size, num_workers),
+                                                       len(images), names, networks, accelerator))
     if accelerator.is_main_process:
-        fid.save_statistics(output, stats, source)
+        fid.save_statistics(output, stats, source, **extra)
     accelerator.wait_for_everyone()
     return stats
 
@@ -101,7 +111,7 @@ def main(argv):
     setup_logging(int(os.environ.get("RANK", 0)) == 0)
     try:
         compute(f.output, path=f.path, config=f.config, batch_size=f.batch_size, num_workers=f.num_workers,
-                weights_path=f.inception_weights)
+                weights_path=f.inception_weights, metrics=f.metrics, resize=f.resize)
     except UViTError as e:
         logger.error("%s", e)
         sys.exit(1)
@@ -114,6 +124,9 @@ def define_flags():
     flags.DEFINE_integer("batch_size", 50, "images per Inception forward")
     flags.DEFINE_integer("num_workers", 0, "data loader worker processes")
     flags.DEFINE_string("inception_weights", None, "pt_inception-2015-12-05-6726825d.pth (default: torch hub cache)")
+    flags.DEFINE_string("metrics", "", "also the reference arrays of these metrics (e.g. sfid,prc,kid,fd_dinov2): "
+                                       "mu_s/sigma_s, pool (N x 2048 features), mu_dinov2/sigma_dinov2")
+    flags.DEFINE_enum("resize", "pytorch-fid", ["pytorch-fid", "adm"], "the Inception network's resize for them")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,12 @@ WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_wei
 INPUT_SIZE = 299
 NUM_TF_CLASSES = 1008  # TF's Inception label map: 1000 ImageNet classes + 8 unused entries
 FEATURE_DIMS = (64, 192, 768, 2048)  # the four depths pytorch-fid exposes; 2048 = pool3 (the FID standard)
+# sFID (Nash et al. 2021, arXiv 2103.03841, as the ADM evaluator computes it): the first 7 channels of TF's
+# 'mixed_6/conv' (the 1x1 branch of Mixed_6d, (B, 192, 17, 17) after its ReLU), flattened height-width-channel
+# as TF's NHWC tensors are, so statistics equal ADM reference batches' 'mu_s' / 'sigma_s' up to the resize.
+SPATIAL_CHANNELS = 7
+SPATIAL_DIMS = 17 * 17 * SPATIAL_CHANNELS  # 2023
+RESIZES = ("pytorch-fid", "adm")  # how images reach 299x299 (see `resize_for_inception`)
 _WEIGHTS_SHA256_PREFIX = "6726825d"  # torch hub convention: the file name carries its hash prefix
 _DOWNLOAD_TIMEOUT_S = 10
 
@@ -50,6 +56,40 @@ _DOWNLOAD_TIMEOUT_S = 10
 def default_weights_path():
     """Where torch hub (and so pytorch-fid) caches the FID weights."""
     return os.path.join(torch.hub.get_dir(), "checkpoints", WEIGHTS_FILENAME)
+
+
+def tf1_resize_bilinear(x, size):
+    """x: (B, C, h, w) float -> (B, C, size, size), as TF1's tf.image.resize_bilinear(align_corners=False).
+
+    TF1 (no half-pixel centres) samples output pixel o at input position o * h / size, clamping the
+    right neighbour at the border; torch's align_corners=False samples (o + 0.5) h / size - 0.5. The TF
+    graph the ADM evaluator runs resizes this way.
+    """
+    def axis(n):
+        pos = torch.arange(size, dtype=torch.float64) * (n / size)
+        lo = pos.floor().long().clamp(max=n - 1)
+        return lo, (lo + 1).clamp(max=n - 1), (pos - lo).to(x.dtype).to(x.device)
+
+    (y0, y1, fy), (x0, x1, fx) = axis(x.shape[2]), axis(x.shape[3])
+    fy, fx = fy[:, None], fx[None, :]
+    top = x[:, :, y0][:, :, :, x0] * (1 - fx) + x[:, :, y0][:, :, :, x1] * fx
+    bottom = x[:, :, y1][:, :, :, x0] * (1 - fx) + x[:, :, y1][:, :, :, x1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def resize_for_inception(x, resize="pytorch-fid"):
+    """x: (B, 3, H, W) float in [0, 1] -> (B, 3, 299, 299) in about [-1, 1], the network's input.
+
+    'pytorch-fid' (the default, U-ViT's and the paper's FIDs): torch bilinear (align_corners=False),
+        then 2 x - 1.
+    'adm': what the ADM evaluator's TF graph does to uint8 pixels p = 255 x: TF1 bilinear resize
+        (`tf1_resize_bilinear`), then (p - 128) / 128.
+    """
+    if resize == "pytorch-fid":
+        return 2 * F.interpolate(x.float(), size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False) - 1
+    if resize == "adm":
+        return (tf1_resize_bilinear(x.float().mul(255).round(), INPUT_SIZE) - 128) / 128
+    raise InputError(f"resize must be one of {RESIZES}, got {resize!r}")
 
 
 def _tf_avg_pool(x):
@@ -171,6 +211,26 @@ class FIDInceptionV3(nn.Module):
         if not with_logits:
             return features
         return features, features @ self.fc.weight.t()  # no bias: Salimans et al.'s reference IS code
+
+    def all_features(self, x, resize="pytorch-fid"):
+        """x: (B, 3, H, W) float in [0, 1] -> {'pool': (B, 2048), 'logits': (B, 1008), 'spatial': (B, 2023)}.
+
+        One forward for FID / precision / recall / KID (pool3), IS (unbiased logits) and sFID (spatial).
+        With resize='pytorch-fid', 'pool' and 'logits' equal `forward(x, with_logits=True)` bit for bit.
+        """
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise InputError(f"the FID Inception network expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        x = resize_for_inception(x, resize)
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        x = F.max_pool2d(self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x)), kernel_size=3, stride=2)
+        for block in (self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c):
+            x = block(x)
+        spatial = self.Mixed_6d.branch1x1(x)[:, :SPATIAL_CHANNELS]  # TF's mixed_6/conv, (B, 7, 17, 17)
+        x = self.Mixed_6e(self.Mixed_6d(x))
+        pool = self.Mixed_7c(self.Mixed_7b(self.Mixed_7a(x))).mean((2, 3))
+        return {"pool": pool, "logits": pool @ self.fc.weight.t(),
+                "spatial": spatial.permute(0, 2, 3, 1).reshape(spatial.shape[0], -1)}
 
 
 def load_fid_inception(weights_path=None, device=None, download=True):

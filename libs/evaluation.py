@@ -31,6 +31,7 @@ from libs.data_loader import mix_seed
 from libs.datasets.features import caption_contexts
 from libs.errors import ConfigError, InputError, MissingFileError, exit_on_user_error
 from libs.family import Sampler
+from libs.saved_config import check_objective
 from libs.io_utils import atomic_path
 from libs.logging_utils import setup_logging
 from libs.nnet import build_nnet, load_nnet_state_dict
@@ -136,6 +137,7 @@ def generate_all(accelerator, generate_fn, n_samples, mini_batch_size) -> torch.
 def load_models(config, family, nnet_path, device, autoencoder_path=None):
     """(network in eval mode, autoencoder or None) on `device` for sampling; the autoencoder (latent
     families) from autoencoder_path or config.autoencoder.pretrained_path, with the config's scale factor."""
+    check_objective(config, nnet_path)  # weights of another objective: one line, before loading
     nnet = build_nnet(config.nnet)
     load_nnet_state_dict(nnet, load_nnet_weights(nnet_path))
     nnet = nnet.to(device).eval().requires_grad_(False)

@@ -3,10 +3,11 @@
     export_model('workdir/cifar10_uvit_small/default/ckpts/500000.ckpt', 'exports/cifar10', config)
 
 writes the EMA weights as model.safetensors, config.json (the network's kwargs, the diffusion kind, the
-autoencoder scale factor, the null class, the training step, the sampling settings of the config)
+training objective (config.objective: the sampler reads it from here), the autoencoder scale factor, the null class, the training step, the sampling settings of the config)
 and README.md, a short model card. The weights are checked against `config.nnet` before anything is
 written, so an export always loads into the network its config.json describes.
 """
+import dataclasses
 import json
 import logging
 import os
@@ -18,6 +19,8 @@ from libs import export_format
 from libs.checkpoint import load_nnet_weights
 from libs.errors import ConfigError, UViTError
 from libs.nnet import build_nnet, load_nnet_state_dict
+from libs.saved_config import check_objective
+from sde import Objective
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +63,7 @@ def export_meta(config, step=None, source=None):
     return _jsonable({
         "nnet": nnet,
         "diffusion": diffusion,
+        "objective": dataclasses.asdict(Objective.of(config)),
         "z_shape": list(config.z_shape) if latents else None,
         "autoencoder_scale_factor": float(config.autoencoder.scale_factor) if latents else None,
         "null_class": num_classes - 1 if (cfg and num_classes > 0) else None,
@@ -91,11 +95,12 @@ def model_card(meta, n_params):
         "---",
         f"# U-ViT ({kind}, {meta['dataset'] or 'custom data'})",
         "",
-        f"A U-ViT noise-prediction network ({PAPER}), exported with EMA weights.",
+        f"A U-ViT network ({PAPER}), exported with EMA weights.",
         "",
         f"- network: `{nnet['name']}`, img_size {nnet['img_size']}, patch_size {nnet.get('patch_size')}, "
         f"embed_dim {nnet.get('embed_dim')}, depth {nnet.get('depth')}, {n_params / 1e6:.1f}M parameters",
         f"- data: {space}",
+        f"- objective: {Objective.of(meta).describe()} (path/prediction; see config.json \"objective\")",
         f"- diffusion: {meta['diffusion']} time; trained {meta['step'] if meta['step'] is not None else 'an unknown number of'} steps",
         f"- sampling settings of its config: {meta['sample']}",
     ]
@@ -129,6 +134,7 @@ def export_model(checkpoint_or_pth, out_dir, config, step=None, overwrite=False)
     step: the training step; default: from the checkpoint directory, None for a bare .pth.
     """
     config = _as_config(config)
+    check_objective(config, checkpoint_or_pth, "checkpoint")  # the run's own config says what it trained
     state_dict = load_nnet_weights(checkpoint_or_pth)
     nnet = build_nnet(config.nnet)
     load_nnet_state_dict(nnet, state_dict)  # a weights / config mismatch fails here, before anything is written

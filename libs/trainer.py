@@ -45,7 +45,8 @@ from libs.optim import build_lr_scheduler, build_optimizer
 from libs.perf import configure_tf32, maybe_compile
 from libs.preemption import StopSignals
 from libs.sample_grid import save_grid
-from sde import build_diffusion
+from libs.saved_config import check_objective
+from sde import Objective, build_diffusion
 
 logger = logging.getLogger(__name__)
 
@@ -277,6 +278,7 @@ def train(config, workdir: str, family):
     logger.info("%d process(es) on %s, mixed precision %s, global batch %d (%d per process x %d micro-batch(es)), %s",
                 accelerator.num_processes, device, accelerator.mixed_precision, config.train.batch_size, local_batch,
                 k, family)
+    check_objective(config, latest_checkpoint(os.path.join(workdir, 'ckpts')) or '', 'the checkpoint to resume')
     if is_main:
         write_json(config.to_dict(), os.path.join(workdir, 'config.json'))
 
@@ -303,7 +305,7 @@ def train(config, workdir: str, family):
     logger.info("network %s: %.2fM parameters", config.nnet.name, sum(p.numel() for p in nnet.parameters()) / 1e6)
     r = Run(config=config, workdir=workdir, family=family, accelerator=accelerator, data=data, nnet=nnet,
             nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader,
-            diffusion=build_diffusion(family.time), autoencoder=autoencoder,
+            diffusion=build_diffusion(family.time, Objective.of(config)), autoencoder=autoencoder,
             null=family.null_condition(config, getattr(data, 'empty_context', None)),
             train_nnet=maybe_compile(train_nnet, config.compile),
             p_uncond=float(config.dataset.p_uncond) if config.dataset.cfg else 0.0, ema=EMAUpdater(nnet_ema, nnet),

@@ -291,3 +291,23 @@ def test_sampler_of_a_config_knows_its_objective():
     config.sample.algorithm = "dpm_solver"
     assert isinstance(Sampler.for_config(config, family_of(config), None, "cpu").diffusion, ContinuousVP)
     assert isinstance(build_diffusion("discrete", Objective(prediction="x0")), DiscreteVP)
+
+
+def test_scripts_and_export_refuse_another_objective(tmp_path):
+    import sample_class_cond
+    from libs.export import export_meta, export_model
+    eps_ckpt = run_dir(tmp_path / "eps", {})
+    flow_config = os.path.join(os.path.dirname(__file__), "..", "configs", "digits_uvit_tiny_flow.py")
+    with pytest.raises(ConfigError, match="trained with objective vp/noise .* this config says linear/velocity"):
+        sample_class_cond.main([f"--config={flow_config}", f"--nnet_path={eps_ckpt}", "--class_ids=1",
+                                f"--output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match="--algorithm: 'dpm_solver' samples vp-path models"):
+        sample_class_cond.main([f"--config={flow_config}", f"--nnet_path={eps_ckpt}", "--class_ids=1",
+                                "--algorithm=dpm_solver", f"--output_dir={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
+    flow = base_config()
+    flow.objective.update(path="linear", prediction="velocity")
+    with pytest.raises(ConfigError, match="checkpoint .* vp/noise"):
+        export_model(eps_ckpt, str(tmp_path / "export"), flow)
+    assert not (tmp_path / "export").exists()
+    assert Objective.of(export_meta(flow)) == Objective(path="linear", prediction="velocity")

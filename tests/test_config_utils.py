@@ -126,13 +126,16 @@ OUT_OF_RANGE = {
     "nnet.img_size": 0, "nnet.patch_size": 0, "nnet.in_chans": 0, "nnet.embed_dim": -64, "nnet.depth": 0,
     "nnet.num_heads": 0, "nnet.mlp_ratio": 0.0, "nnet.qk_scale": -1.0, "nnet.num_classes": -2,
     "fid.inception_weights": "/no/such/inception.pth", "z_shape": (4, 32), "diffusion": "ddpm",
-    "train.grad_accum_steps": 0, "init.path": "/no/such/weights.pth", "log_with": "mlflow"}
+    "train.grad_accum_steps": 0, "init.path": "/no/such/weights.pth", "log_with": "mlflow",
+    "objective.path": "edm", "objective.prediction": "eps", "objective.time_dist": "beta",
+    "objective.logit_std": 0.0, "objective.shift": 0.0, "sample.guidance_sigma_min": -1.0,
+    "sample.guidance_sigma_max": -1.0, "sample.guide_path": "/no/such/guide.pth"}
 # Free values: any number (seeds, guidance scales) or any string the dataset / loader checks where it reads it.
 NO_RANGE = {"seed", "sample.scale", "grid.scale", "autoencoder.pretrained_path", "dataset.name", "sample.path",
             "wandb.project", "compile", "tf32", "optimizer.no_decay_for_embeddings_norms_biases", "dataset.cfg",
             "sample.cfg", "init.resize", "dataloader.pin_memory", "dataloader.persistent_workers", "nnet.qkv_bias",
             "nnet.mlp_time_embed", "nnet.use_checkpoint", "nnet.conv", "nnet.skip",
-            "fid.stat"}  # missing statistics only turn training-time FID off (logged); eval checks them
+            "objective.logit_mean", "fid.stat"}  # missing statistics only turn training-time FID off (logged); eval checks them
 
 
 @pytest.mark.parametrize("key, default", _every_key(), ids=[k for k, _ in _every_key()])

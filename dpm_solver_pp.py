@@ -21,7 +21,9 @@ Deliberate differences from the official code: network time defaults to U-ViT's 
 discrete; `default_network_time`); solver arithmetic in float32 for half-precision x / outputs, float64 for
 float64 x; multistep warm-up works for any number of steps, also steps < order; multistep order 3 weights the
 second divided difference by the exact 2 psi_3 (the official code and diffusers use psi_3, leaving their 3M
-second order); U-ViT never used that path.
+second order); U-ViT never used that path. Additions: `model_output='data'` (the model returns x0) and a logSNR
+grid for paths whose lambda is -inf at t_start (the linear flow path: an exact first step from pure noise), so
+DPM-Solver++ runs on any Gaussian path (sde.LinearPathSchedule).
 """
 import logging
 import math

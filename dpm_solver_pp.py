@@ -21,7 +21,9 @@ Deliberate differences from the official code: network time defaults to U-ViT's 
 discrete; `default_network_time`); solver arithmetic in float32 for half-precision x / outputs, float64 for
 float64 x; multistep warm-up works for any number of steps, also steps < order; multistep order 3 weights the
 second divided difference by the exact 2 psi_3 (the official code and diffusers use psi_3, leaving their 3M
-second order); U-ViT never used that path.
+second order); U-ViT never used that path. Additions: `model_output='data'` (the model returns x0) and a logSNR
+grid for paths whose lambda is -inf at t_start (the linear flow path: an exact first step from pure noise), so
+DPM-Solver++ runs on any Gaussian path (sde.LinearPathSchedule).
 """
 import logging
 import math
@@ -236,11 +238,18 @@ def model_wrapper(model, noise_schedule, model_type="noise", network_time=None):
 class DPM_Solver:
     """DPM-Solver (algorithm_type='dpmsolver', noise prediction) and DPM-Solver++ ('dpmsolver++', data prediction)
     of model_fn(x, t_continuous) -> eps (e.g. `model_wrapper`). correcting_x0_fn: None, 'dynamic_thresholding'
-    (Imagen; needs 'dpmsolver++') or a callable (x0, t) -> x0 applied to every data prediction."""
+    (Imagen; needs 'dpmsolver++') or a callable (x0, t) -> x0 applied to every data prediction.
+    model_output='data' (ours): model_fn returns x0 itself, for paths where eps does not determine x0 (the
+    linear flow path at t = 1, alpha_t = 0); the updates only use alpha_t, sigma_t and lambda_t, so they hold on any
+    Gaussian path x_t = alpha_t x0 + sigma_t eps (noise_schedule: NoiseScheduleVP or sde.LinearPathSchedule)."""
 
     def __init__(self, model_fn, noise_schedule, algorithm_type="dpmsolver++", correcting_x0_fn=None,
-                 thresholding_max_val=1.0, dynamic_thresholding_ratio=0.995):
+                 thresholding_max_val=1.0, dynamic_thresholding_ratio=0.995, model_output="noise"):
         _known("algorithm_type", algorithm_type, ALGORITHM_TYPES)
+        _known("model_output", model_output, ("noise", "data"))
+        if model_output == "data" and algorithm_type != "dpmsolver++":
+            raise ConfigError("model_output='data' needs algorithm_type='dpmsolver++' (the data-prediction solver)")
+        self.model_output = model_output
         if correcting_x0_fn == "dynamic_thresholding":
             correcting_x0_fn = self.dynamic_thresholding_fn
         if correcting_x0_fn is not None and algorithm_type == "dpmsolver":
@@ -269,9 +278,13 @@ class DPM_Solver:
         return self.model(x, t)
 
     def data_prediction_fn(self, x, t):
-        """x0_theta(x, t) = (x - sigma_t eps_theta) / alpha_t, then correcting_x0_fn if any."""
+        """x0_theta(x, t) = (x - sigma_t eps_theta) / alpha_t (or the model's own x0), then correcting_x0_fn if any."""
         ns = self.noise_schedule
-        x0 = (x - ns.marginal_std(t) * self.noise_prediction_fn(x, t)) / ns.marginal_alpha(t)
+        if self.model_output == "data":
+            self.nfe += 1
+            x0 = self.model(x, t)
+        else:
+            x0 = (x - ns.marginal_std(t) * self.noise_prediction_fn(x, t)) / ns.marginal_alpha(t)
         return x0 if self.correcting_x0_fn is None else self.correcting_x0_fn(x0, t)
 
     def model_fn(self, x, t):
@@ -288,6 +301,11 @@ class DPM_Solver:
         # Built in float64 and then cast, so a float32 grid is the correctly rounded float64 grid.
         ends = torch.tensor([float(t_T), float(t_0)], dtype=torch.float64, device=device)
         ends = forward(ends) if forward else ends
+        if skip_type == "logSNR" and N > 1 and bool(torch.isneginf(ends[0])):
+            # A path that reaches pure noise at t_T (lambda = -inf: the linear flow path at t = 1): one exact
+            # first-order step from t_T, then N - 1 steps uniform in lambda over [-lambda(t_0), lambda(t_0)].
+            ts = torch.linspace(-float(ends[1]), float(ends[1]), N, dtype=torch.float64, device=device)
+            return torch.cat([ends[:1].new_tensor([float(t_T)]), inverse(ts)]).to(dtype)
         ts = torch.linspace(float(ends[0]), float(ends[1]), N + 1, dtype=torch.float64, device=device)
         return (inverse(ts) if inverse else ts).to(dtype)
 

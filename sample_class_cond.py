@@ -62,8 +62,8 @@ def main(argv=None):
 
     nnet, autoencoder = load_models(config, family, fv.nnet_path, device, fv.autoencoder)
     labels = torch.tensor(class_ids).repeat_interleave(fv.n_per_class)
-    sampler = Sampler(family, nnet, family.shape(config), seed, device, autoencoder,
-                      family.null_condition(config) if scale > 0 else None)
+    sampler = Sampler.for_config(config, family, nnet, device, autoencoder,
+                                 family.null_condition(config) if scale > 0 else None, seed=seed)
     generate_fn = sampler.generate_fn(algorithm, steps, scale, labels=labels)
     logger.info("sampling %d images of classes %s (%s time): %s, %d steps, guidance scale %g, seed %d, on %s",
                 len(labels), class_ids, family.time, algorithm, steps, scale, seed, device)

@@ -78,7 +78,7 @@ def main(argv=None):
 
     nnet, autoencoder = load_models(config, family, fv.nnet_path, device, fv.autoencoder)
     table = contexts.repeat_interleave(fv.n_per_prompt, dim=0)
-    generate_fn = Sampler(family, nnet, family.shape(config), seed, device, autoencoder, null).generate_fn(
+    generate_fn = Sampler.for_config(config, family, nnet, device, autoencoder, null, seed=seed).generate_fn(
         algorithm, steps, scale, contexts=table)
     logger.info("sampling %d images for %d prompts: %s, %d steps, guidance scale %g, latent scale %g, seed %d, on %s",
                 len(table), len(prompts), algorithm, steps, scale, autoencoder.scale_factor, seed, device)

@@ -1,4 +1,5 @@
-"""Diffusion processes of U-ViT: the continuous VP-SDE and the discrete Stable-Diffusion schedule.
+"""Diffusion processes of U-ViT: the continuous VP-SDE, the discrete Stable-Diffusion schedule and the linear
+flow-matching path, each with its training objective (`Objective`: what the network predicts, how t is drawn).
 
 Each class owns ONE `dpm_solver_pp.NoiseScheduleVP` (`.schedule`) used by both its training loss and the
 samplers, so the two cannot disagree, and maps solver time to the network's time input (`.network_time`).
@@ -11,9 +12,21 @@ samplers, so the two cannot disagree, and maps solver time to the network's time
 - `DiscreteVP`: the "scaled linear" betas of Stable Diffusion (Rombach et al. 2022), n uniform in 1..1000,
   network fed the integer n in training and N t when sampling.
 
+- `LinearFlow`: flow matching on the linear interpolant x_t = (1 - t) x0 + t eps (rectified flow, Liu et al.
+  2022, arXiv 2209.03003; Lipman et al. 2022, arXiv 2210.02747; SiT's "Linear" path, Ma et al. 2024, arXiv
+  2401.08740), the network predicting the velocity dx_t/dt = eps - x0. Its `.schedule` (`LinearPathSchedule`)
+  has the NoiseScheduleVP interface, so DPM-Solver++ runs on it through the data prediction.
+
+Every path is Gaussian, x_t = a_t x0 + s_t eps, and every prediction (noise eps, data x0, Salimans & Ho's
+v = a_t eps - s_t x0, the velocity a_t' x0 + s_t' eps) is c1 x0 + c2 eps: `to_x0_eps` turns any of them into
+(x0, eps) by solving the 2x2 system, so the samplers need not know what the network predicts.
+The default objective (config.objective of configs/base.py: VP, noise prediction, t uniform) is the original's
+LSimple, computed exactly as before.
+
 Randomness goes through torch generators only (the original drew the discrete n with numpy's global RNG),
 so the trainer's per-step reseeding makes a resumed run draw what the uninterrupted one drew.
 """
+import dataclasses
 import logging
 
 import torch
@@ -32,15 +45,21 @@ def stable_diffusion_beta_schedule(linear_start=0.00085, linear_end=0.0120, n_ti
     return torch.linspace(linear_start ** 0.5, linear_end ** 0.5, n_timestep, dtype=torch.float64) ** 2
 
 
-def _noised_mse(nnet, x0, eps, log_alpha, t_input, cond):
-    """LSimple per sample: (B,) float32 (whatever the autocast dtype) mean of (eps - nnet(x_t, t_input))^2,
-    x_t = alpha x0 + sigma eps with alpha = exp(log_alpha) (B,), sigma = sqrt(1 - alpha^2)."""
+def _noised_mse(nnet, x0, eps, log_alpha, t_input, cond, prediction="noise"):
+    """LSimple per sample: (B,) float32 (whatever the autocast dtype) mean of (target - nnet(x_t, t_input))^2,
+    x_t = alpha x0 + sigma eps with alpha = exp(log_alpha) (B,), sigma = sqrt(1 - alpha^2); target eps ('noise'),
+    x0 ('x0') or v = alpha eps - sigma x0 ('v', Salimans & Ho 2022, arXiv 2202.00512)."""
     alpha = _expand_dims(torch.exp(log_alpha), x0.ndim).to(x0.dtype)
     sigma = _expand_dims(torch.sqrt(-torch.expm1(2.0 * log_alpha)), x0.ndim).to(x0.dtype)
-    pred = nnet(alpha * x0 + sigma * eps, t_input, **cond)
-    if pred.shape != eps.shape:
-        raise InputError(f"the network returned shape {tuple(pred.shape)}, expected the input shape {tuple(eps.shape)}")
-    return (eps.float() - pred.float()).pow(2).reshape(eps.shape[0], -1).mean(dim=1)
+    target = {"noise": lambda: eps, "x0": lambda: x0, "v": lambda: alpha * eps - sigma * x0}[prediction]()
+    return _prediction_mse(nnet(alpha * x0 + sigma * eps, t_input, **cond), target)
+
+
+def _prediction_mse(pred, target):
+    """(B,) float32 mean over non-batch dims of (target - pred)^2."""
+    if pred.shape != target.shape:
+        raise InputError(f"the network returned shape {tuple(pred.shape)}, expected the input shape {tuple(target.shape)}")
+    return (target.float() - pred.float()).pow(2).reshape(target.shape[0], -1).mean(dim=1)
 
 
 def _check_x0(x0):
@@ -48,10 +67,98 @@ def _check_x0(x0):
         raise InputError(f"x0 must be a floating tensor (B, ...), got {getattr(x0, 'shape', type(x0).__name__)}")
 
 
-class ScoreModel:
-    """Adapter from a noise-predicting network to eps and score at continuous time t.
+PATHS = ("vp", "linear")
+PREDICTIONS = {"vp": ("noise", "v", "x0"), "linear": ("velocity",)}
+TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
 
-    eps_net(x, t_input, **cond) -> eps with t_input = diffusion.network_time(t) (999 t for ContinuousVP).
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """What a config trains: config.objective (configs/base.py). The default is the original's LSimple.
+
+    path: 'vp' (config.diffusion's VP schedule) or 'linear' (flow matching, `LinearFlow`).
+    prediction: the network's output: 'noise', 'v' or 'x0' on 'vp'; 'velocity' on 'linear'.
+    time_dist: training t ~ 'uniform' U(0, 1) or 'logit_normal' sigmoid(N(logit_mean, logit_std^2)) (Esser et
+        al. 2024, arXiv 2403.03206); continuous time only (a discrete VP draws n uniform).
+    shift: training and sampling time t -> shift t / (1 + (shift - 1) t) of the linear path (Esser et al. 2024,
+        sec. 5.3.2: more noise for high-resolution latents, e.g. 3); 1 = none.
+    """
+    path: str = "vp"
+    prediction: str = "noise"
+    time_dist: str = "uniform"
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    shift: float = 1.0
+
+    @classmethod
+    def of(cls, config):
+        """The Objective of a config (a ConfigDict or dict, e.g. an exported config.json); no objective section
+        (a config or an export made before objectives existed) is the default."""
+        section = (config.get("objective") if config is not None else None) or {}
+        fields = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(section).items() if k in fields})
+
+    def problems(self, time_kind):
+        """The ConfigError messages of this objective under config.diffusion = time_kind (empty when fine)."""
+        out = []
+        if self.path not in PATHS:
+            return [f"config.objective.path = {self.path!r}: not one of {', '.join(map(repr, PATHS))}"]
+        if self.prediction not in PREDICTIONS[self.path]:
+            out.append(f"config.objective.prediction = {self.prediction!r}: the {self.path!r} path takes "
+                       f"{' or '.join(map(repr, PREDICTIONS[self.path]))}")
+        if self.time_dist not in TIME_DISTRIBUTIONS:
+            out.append(f"config.objective.time_dist = {self.time_dist!r}: not one of "
+                       f"{', '.join(map(repr, TIME_DISTRIBUTIONS))}")
+        elif self.time_dist != "uniform" and self.path == "vp" and time_kind == "discrete":
+            out.append("config.objective.time_dist: a discrete VP diffusion draws n uniformly in 1..1000; use "
+                       "'uniform' (or a continuous-time config)")
+        if not self.logit_std > 0:
+            out.append(f"config.objective.logit_std = {self.logit_std!r}: must be > 0")
+        if not self.shift > 0:
+            out.append(f"config.objective.shift = {self.shift!r}: must be > 0 (1 = no shift)")
+        elif self.shift != 1.0 and self.path != "linear":
+            out.append("config.objective.shift: the time shift is of the linear path; set "
+                       "config.objective.path='linear' or shift=1")
+        return out
+
+    def describe(self):
+        """A short name for messages: 'vp/noise', 'linear/velocity (logit_normal, shift 3)'."""
+        extra = [self.time_dist] if self.time_dist != "uniform" else []
+        extra += [f"shift {self.shift:g}"] if self.shift != 1.0 else []
+        return f"{self.path}/{self.prediction}" + (f" ({', '.join(extra)})" if extra else "")
+
+    def draw_time(self, n, generator, device):
+        """(n,) float32 training times in [0, 1): U(0, 1) (one torch.rand, as the original) or logit-normal,
+        then the shift."""
+        if self.time_dist == "uniform":
+            t = torch.rand(n, generator=generator, device=device, dtype=torch.float32)
+        else:
+            z = torch.randn(n, generator=generator, device=device, dtype=torch.float32)
+            t = torch.sigmoid(self.logit_mean + self.logit_std * z)
+        return shift_time(t, self.shift)
+
+
+def shift_time(t, shift):
+    """The resolution shift of flow time, shift t / (1 + (shift - 1) t) (Esser et al. 2024, eq. 23); maps [0, 1]
+    onto itself, 1 = identity."""
+    return t if shift == 1.0 else shift * t / (1.0 + (shift - 1.0) * t)
+
+
+def to_x0_eps(pred, x, a, s, c1, c2):
+    """(x0, eps) from a prediction pred = c1 x0 + c2 eps at x = a x0 + s eps (all broadcastable to x).
+
+    The 2x2 system [a s; c1 c2] [x0; eps] = [x; pred] has determinant a c2 - s c1, non-zero wherever the
+    prediction determines x0 (noise prediction: a > 0; velocity on the linear path: always 1).
+    """
+    det = a * c2 - s * c1
+    return (c2 * x - s * pred) / det, (a * pred - c1 * x) / det
+
+
+
+class ScoreModel:
+    """Adapter from a network to eps and score at continuous time t.
+
+    eps_net(x, t_input, **cond) -> the diffusion's prediction (eps for the default objective) with t_input = diffusion.network_time(t) (999 t for ContinuousVP).
     x: (B, ...); t: (B,) in [0, 1]. Outputs are in x's dtype (network outputs are upcast).
     """
 
@@ -59,8 +166,9 @@ class ScoreModel:
         self.eps_net, self.diffusion, self.cond = eps_net, diffusion, cond
 
     def noise_pred(self, x, t):
-        """eps_hat(x, t)."""
-        return self.eps_net(x, self.diffusion.network_time(t), **self.cond).to(x.dtype)
+        """eps_hat(x, t) (converted from the network's prediction when it does not predict the noise)."""
+        out = self.eps_net(x, self.diffusion.network_time(t), **self.cond).to(x.dtype)
+        return out if self.diffusion.objective.prediction == "noise" else self.diffusion.x0_eps(out, x, t)[1]
 
     def score(self, x, t):
         """grad_x log p_t(x) ~ -eps_hat / sigma_t."""
@@ -68,31 +176,58 @@ class ScoreModel:
         return -self.noise_pred(x, t) / _expand_dims(self.diffusion.schedule.marginal_std(t), x.ndim)
 
 
-class ContinuousVP:
+class _VPPath:
+    """The Gaussian-path interface of the VP diffusions: x_t = alpha_t x0 + sigma_t eps (self.schedule)."""
+
+    def coefficients(self, t):
+        """(a_t, s_t) at solver time t."""
+        return self.schedule.marginal_alpha(t), self.schedule.marginal_std(t)
+
+    def derivatives(self, t):
+        """(da/dt, ds/dt): a' = -beta a / 2 and s' = -a a' / s (a^2 + s^2 = 1)."""
+        a, s = self.coefficients(t)
+        da = -0.5 * self.schedule.beta(t) * a
+        return da, -a * da / s
+
+    def x0_eps(self, out, x, t):
+        """(x0, eps) from the network output `out` at x (B, ...), solver time t (B,)."""
+        a, s = (_expand_dims(c.to(x.dtype), x.ndim) for c in self.coefficients(t.to(x.dtype)))
+        if self.objective.prediction == "noise":
+            return (x - s * out) / a, out
+        c1, c2 = (1.0, 0.0) if self.objective.prediction == "x0" else (-s, a)  # v = a eps - s x0
+        return to_x0_eps(out, x, a, s, c1, c2)
+
+
+class ContinuousVP(_VPPath):
     """The continuous-time VP-SDE with the linear schedule, NoiseScheduleVP('linear')."""
 
     time_kind = "continuous"
+    path = "vp"
+    time_scale = CONTINUOUS_TIME_SCALE
 
-    def __init__(self):
+    def __init__(self, objective=None):
         self.schedule = NoiseScheduleVP("linear")
+        self.objective = objective or Objective()
 
     def __repr__(self):
-        return "ContinuousVP()"
+        return "ContinuousVP()" if self.objective == Objective() else f"ContinuousVP({self.objective.describe()})"
 
     def network_time(self, t):
         """Network time input for solver time t: 999 t."""
         return CONTINUOUS_TIME_SCALE * t
 
     def loss(self, nnet, x0, generator=None, **cond):
-        """LSimple: (B,) float32, mean over non-batch dims of (eps - nnet(x_t, 999 t, **cond))^2.
+        """LSimple: (B,) float32, mean over non-batch dims of (target - nnet(x_t, 999 t, **cond))^2.
 
-        x0: (B, ...). t ~ U(0, 1) then eps ~ N(0, I) are drawn (in that order, as the original) from
-        `generator` or torch's default generator on x0.device. x_t = alpha_t x0 + sigma_t eps.
+        x0: (B, ...). t (U(0, 1) by default, `Objective.draw_time`) then eps ~ N(0, I) are drawn (in that order,
+        as the original) from `generator` or torch's default generator on x0.device. x_t = alpha_t x0 + sigma_t
+        eps; target: eps (the default), x0 or v = alpha_t eps - sigma_t x0 (config.objective.prediction).
         """
         _check_x0(x0)
-        t = torch.rand(x0.shape[0], generator=generator, device=x0.device, dtype=torch.float32)
+        t = self.objective.draw_time(x0.shape[0], generator, x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return _noised_mse(nnet, x0, eps, self.schedule.marginal_log_mean_coeff(t), self.network_time(t), cond)
+        return _noised_mse(nnet, x0, eps, self.schedule.marginal_log_mean_coeff(t), self.network_time(t), cond,
+                           self.objective.prediction)
 
     def reverse_sde_drift(self, score_model, x, t):
         """Drift of the reverse SDE (Anderson 1982; Song et al. 2021 eq. 6): -beta x/2 - beta score. t: (B,)."""
@@ -140,7 +275,7 @@ def _randn_like(x, generator):
     return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
 
 
-class DiscreteVP:
+class DiscreteVP(_VPPath):
     """The discrete-time diffusion of the latent-discrete and text-to-image U-ViTs (N = 1000 steps).
 
     The schedule is NoiseScheduleVP('discrete') of the float32 `stable_diffusion_beta_schedule()`, as the
@@ -149,21 +284,26 @@ class DiscreteVP:
     """
 
     time_kind = "discrete"
+    path = "vp"
 
-    def __init__(self):
+    def __init__(self, objective=None):
         # float32 betas: the original's sampler built its schedule from float32 betas.
         self.schedule = NoiseScheduleVP("discrete", betas=stable_diffusion_beta_schedule().float())
         self.N = self.schedule.total_N
+        self.time_scale = float(self.N)
+        self.objective = objective or Objective()
 
     def __repr__(self):
-        return f"DiscreteVP(N={self.N})"
+        extra = "" if self.objective == Objective() else f", {self.objective.describe()}"
+        return f"DiscreteVP(N={self.N}{extra})"
 
     def network_time(self, t):
         """Network time input for solver time t: N t (fractional between the training integers)."""
         return self.N * t
 
     def loss(self, nnet, x0, generator=None, **cond):
-        """LSimple: (B,) float32, mean over non-batch dims of (eps - nnet(x_n, n, **cond))^2.
+        """LSimple: (B,) float32, mean over non-batch dims of (target - nnet(x_n, n, **cond))^2 (target as
+        ContinuousVP.loss).
 
         x0: (B, ...). n uniform in 1..N (int64, given to the network as is) then eps ~ N(0, I), drawn from
         `generator` or torch's default generator on x0.device (the original used numpy's global RNG for n).
@@ -172,16 +312,103 @@ class DiscreteVP:
         _check_x0(x0)
         n = torch.randint(1, self.N + 1, (x0.shape[0],), generator=generator, device=x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return _noised_mse(nnet, x0, eps, self.schedule.tables(x0.device, torch.float64)[1][n - 1], n, cond)
+        return _noised_mse(nnet, x0, eps, self.schedule.tables(x0.device, torch.float64)[1][n - 1], n, cond,
+                           self.objective.prediction)
+
+
+class LinearPathSchedule:
+    """The marginals of the linear path, a_t = 1 - t, s_t = t, t in [0, 1], with NoiseScheduleVP's interface (what
+    DPM_Solver reads): lambda_t = log((1 - t) / t), -inf at t = 1 (pure noise) and +inf at t = 0."""
+
+    schedule, T, total_N = "linear_path", 1.0, 1000
+
+    def __repr__(self):
+        return "LinearPathSchedule()"
+
+    def marginal_log_mean_coeff(self, t):
+        return torch.log1p(-torch.as_tensor(t))
+
+    def marginal_alpha(self, t):
+        return 1.0 - torch.as_tensor(t)
+
+    def marginal_std(self, t):
+        return torch.as_tensor(t)
+
+    def marginal_log_std(self, t):
+        return torch.log(torch.as_tensor(t))
+
+    def marginal_lambda(self, t):
+        t = torch.as_tensor(t)
+        return torch.log1p(-t) - torch.log(t)
+
+    def inverse_lambda(self, lamb):
+        return torch.sigmoid(-torch.as_tensor(lamb))
+
+
+class LinearFlow:
+    """Flow matching on the linear path x_t = (1 - t) x0 + t eps, t in [0, 1] (t = 1 is pure noise), the network
+    predicting the velocity u = dx_t/dt = eps - x0 (conditional flow matching, Lipman et al. 2022; rectified flow,
+    Liu et al. 2022; SiT "Linear" + velocity, Ma et al. 2024).
+
+    The network sees `time_scale` t: 999 t under config.diffusion='continuous' (as the VP-SDE), 1000 t under
+    'discrete' (as the discrete models sample), so every family's network trains unchanged.
+    """
+
+    path = "linear"
+
+    def __init__(self, time_kind="continuous", objective=None):
+        self.time_kind = time_kind
+        self.objective = objective or Objective(path="linear", prediction="velocity")
+        self.schedule = LinearPathSchedule()
+        self.time_scale = CONTINUOUS_TIME_SCALE if time_kind == "continuous" else float(self.schedule.total_N)
+
+    def __repr__(self):
+        return f"LinearFlow({self.time_kind}, {self.objective.describe()})"
+
+    def network_time(self, t):
+        """Network time input for solver time t: time_scale t."""
+        return self.time_scale * t
+
+    def coefficients(self, t):
+        """(a_t, s_t) = (1 - t, t)."""
+        return 1.0 - t, t
+
+    def derivatives(self, t):
+        """(da/dt, ds/dt) = (-1, 1)."""
+        return -torch.ones_like(t), torch.ones_like(t)
+
+    def x0_eps(self, out, x, t):
+        """(x0, eps) = (x - t u, x + (1 - t) u) from the velocity u = `out` at x (B, ...), t (B,)."""
+        t = _expand_dims(t.to(x.dtype), x.ndim)
+        return x - t * out, x + (1.0 - t) * out
+
+    def loss(self, nnet, x0, generator=None, **cond):
+        """Conditional flow matching: (B,) float32 mean over non-batch dims of (eps - x0 - nnet(x_t, time_scale t))^2.
+
+        x0: (B, ...). t (`Objective.draw_time`: uniform or logit-normal, then the shift) then eps ~ N(0, I) from
+        `generator` or torch's default generator on x0.device; x_t = (1 - t) x0 + t eps.
+        """
+        _check_x0(x0)
+        t = self.objective.draw_time(x0.shape[0], generator, x0.device)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        tb = _expand_dims(t, x0.ndim).to(x0.dtype)
+        pred = nnet((1.0 - tb) * x0 + tb * eps, self.network_time(t), **cond)
+        return _prediction_mse(pred, eps - x0)
 
 
 DIFFUSIONS = ("continuous", "discrete")
 
 
-def build_diffusion(kind):
-    """'continuous' -> ContinuousVP(), 'discrete' -> DiscreteVP() (config.diffusion)."""
-    if kind == "continuous":
-        return ContinuousVP()
-    if kind == "discrete":
-        return DiscreteVP()
-    raise ConfigError(f"unknown diffusion kind '{kind}'; known: {', '.join(DIFFUSIONS)}")
+def build_diffusion(kind, objective=None):
+    """The diffusion of config.diffusion = kind ('continuous' / 'discrete') trained with `objective` (an
+    `Objective`, e.g. Objective.of(config); None = the default, ContinuousVP() / DiscreteVP() as before).
+    A path 'linear' objective gives LinearFlow, whose network time follows `kind`."""
+    if kind not in DIFFUSIONS:
+        raise ConfigError(f"unknown diffusion kind '{kind}'; known: {', '.join(DIFFUSIONS)}")
+    objective = objective or Objective()
+    problems = objective.problems(kind)
+    if problems:
+        raise ConfigError("; ".join(problems))
+    if objective.path == "linear":
+        return LinearFlow(kind, objective)
+    return ContinuousVP(objective) if kind == "continuous" else DiscreteVP(objective)

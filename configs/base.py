@@ -23,6 +23,17 @@ def get_config():
     # 'discrete' (Stable Diffusion's 1000 betas; train_ldm_discrete.py, train_t2i_discrete.py). The paper's
     # U-ViT-H ImageNet and MS-COCO configs set 'discrete', as the scripts the original ran them with.
     config.diffusion = 'continuous'
+    # ours: the training objective (sde.Objective; docs/samplers.md). The default is the paper's: the VP
+    # diffusion of config.diffusion, noise prediction, t uniform. The sampler reads it from the config saved
+    # with the model (checkpoint run's config.json, exported config.json): it is never a sampling flag.
+    config.objective = d(
+        path='vp',  # 'vp' (config.diffusion's schedule) | 'linear' (flow matching, x_t = (1 - t) x0 + t eps)
+        prediction='noise',  # 'vp': 'noise' | 'v' | 'x0'; 'linear': 'velocity' (eps - x0)
+        time_dist='uniform',  # training t: 'uniform' | 'logit_normal' (sigmoid of N(logit_mean, logit_std^2))
+        logit_mean=0.0,
+        logit_std=1.0,
+        shift=1.0,  # 'linear': time shift s t / (1 + (s - 1) t) in training and sampling (e.g. 3 for 512 px latents)
+    )
 
     # Stable Diffusion KL-f8 autoencoder; only the latent scripts read it.
     config.autoencoder = d(
@@ -103,6 +114,14 @@ def get_config():
         algorithm='dpm_solver',  # the paper protocol of the script's time kind (see libs/sampling.py)
         cfg=False,  # guided sampling (needs a model trained with dataset.cfg)
         scale=0.0,  # guidance scale s of eps_c + s * (eps_c - eps_u) (the original's convention)
+        # ours: guidance only where the noise level sigma = s_t / a_t (EDM's sigma, any path) is in
+        # (guidance_sigma_min, guidance_sigma_max] (Kynkaanniemi et al. 2024); both 0 = every step (the paper)
+        guidance_sigma_min=0.0,
+        guidance_sigma_max=0.0,  # 0 = no upper limit
+        # ours: autoguidance (Karras et al. 2024): eps_u is the conditional prediction of this weaker network
+        # of the same objective (a ckpts/<step>.ckpt directory, an exported folder, or a .pth of config.nnet's
+        # architecture) instead of the unconditional branch; '' = classifier-free guidance
+        guide_path='',
         path='',  # folder to also keep eval*.py's sample PNGs in; '' = none are written (FID is computed in-process)
     )
 

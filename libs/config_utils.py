@@ -22,11 +22,13 @@ from ml_collections import config_flags
 
 from configs.base import get_config as base_config
 from libs.errors import ConfigError
+from libs.export import check_objective
 from libs.metrics.suite import RESIZES, parse_names
 from libs.nnet import NNETS
 from libs.optim import SCHEDULES
-from libs.sampling import ALGORITHMS
+from libs.sampling import ALGORITHMS, algorithm_problem
 from libs.tracking import LOG_WITH, trackers_for
+from sde import PATHS, TIME_DISTRIBUTIONS, Objective
 
 _SECTION = (ml_collections.ConfigDict, dict)
 
@@ -230,13 +232,16 @@ _RANGES = [
     ("> 0", " (images per process per call)", "sample.mini_batch_size"),
     ("0 (no FID during training) or >= 2", " (a covariance needs two images)", "fid.n_samples"),
     ("> 0", "", "metrics.kid_subsets", "metrics.kid_subset_size", "metrics.prc_k"),
+    (">= 0", " (EDM noise level sigma; 0 = no limit)", "sample.guidance_sigma_min", "sample.guidance_sigma_max"),
+    ("> 0", "", "objective.logit_std", "objective.shift"),
     (">= -1", " (-1 = min(8, CPU cores per process))", "dataloader.num_workers"),
 ]
 _CHOICES = {"diffusion": ("continuous", "discrete"), "pred": ("noise_pred",), "train.mode": ("cond", "uncond"),
             "optimizer.name": ("adamw",), "lr_scheduler.name": SCHEDULES, "nnet.name": tuple(NNETS),
             "sample.algorithm": ALGORITHMS, "grid.algorithm": ("",) + ALGORITHMS,
             "wandb.mode": ("online", "offline", "disabled"), "log_with": LOG_WITH,
-            "metrics.labels": ("uniform", "balanced"), "metrics.resize": RESIZES}
+            "metrics.labels": ("uniform", "balanced"), "metrics.resize": RESIZES,
+            "objective.path": PATHS, "objective.time_dist": TIME_DISTRIBUTIONS}
 
 
 def _type_problems(config, reference, prefix=""):
@@ -354,6 +359,29 @@ def parse_and_validate(config, *, world_size):
     if get("dataset.cfg") is True and get("dataset.p_uncond") == 0:
         fail("dataset.p_uncond", "with dataset.cfg = True: guidance training needs a probability > 0 (the paper "
                                  "uses 0.1 or 0.15)")
+
+    if not problems and isinstance(get("objective"), _SECTION):  # the combinations (sde.Objective.problems)
+        objective = Objective.of(config)
+        for msg in objective.problems(get("diffusion")):
+            fail(msg.split(" ", 1)[0].removeprefix("config."), msg.split(": ", 1)[-1])
+        for key in ("sample.algorithm", "grid.algorithm"):
+            if get(key):
+                msg = algorithm_problem(get(key), objective.path, get("diffusion"))
+                if msg:
+                    fail(key, msg)
+    lo, hi = get("sample.guidance_sigma_min"), get("sample.guidance_sigma_max")
+    if _is_num(lo) and _is_num(hi) and hi > 0 and lo >= hi:
+        fail("sample.guidance_sigma_max", f"must be above sample.guidance_sigma_min = {lo} (or 0: no upper limit)")
+    for key, what in (("init.path", "--init_from"), ("sample.guide_path", "config.sample.guide_path")):
+        path = get(key)
+        if isinstance(path, str) and path and key not in problems:
+            if not os.path.exists(path):
+                fail(key, "does not exist: give a ckpts/<step>.ckpt directory, an exported folder or a .pth")
+                continue
+            try:
+                check_objective(config, path, what)
+            except ConfigError as e:
+                fail(key, str(e))
 
     weights = get("fid.inception_weights")
     if weights is not None and not (isinstance(weights, str) and os.path.exists(weights)):

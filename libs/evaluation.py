@@ -35,7 +35,7 @@ from libs.config_utils import define_config_flag, parse_and_validate
 from libs.data_loader import mix_seed
 from libs.datasets.features import caption_contexts
 from libs.errors import ConfigError, InputError, MissingFileError, exit_on_user_error
-from libs.export import load_weights
+from libs.export import check_objective, load_weights
 from libs.family import Sampler
 from libs.io_utils import atomic_path, atomic_write_bytes
 from libs.logging_utils import setup_logging
@@ -166,6 +166,7 @@ def generate_all(accelerator, generate_fn, n_samples, mini_batch_size) -> torch.
 def load_models(config, family, nnet_path, device, autoencoder_path=None):
     """(network in eval mode, autoencoder or None) on `device` for sampling; the autoencoder (latent
     families) from autoencoder_path or config.autoencoder.pretrained_path, with the config's scale factor."""
+    check_objective(config, nnet_path)  # weights of another objective: one line, before loading
     nnet = build_nnet(config.nnet)
     load_nnet_state_dict(nnet, load_weights(nnet_path)[0])
     nnet = nnet.to(device).eval().requires_grad_(False)

@@ -12,8 +12,11 @@
 
 The weights are checked against `config.nnet` before anything is written, so an export always loads
 into the network its config.json describes. `load_weights` is what every `--nnet_path` and
-`--init_from` goes through.
+`--init_from` goes through. `check_objective` refuses, in one line, weights of one objective (config.objective)
+handed to a script, sampler, export or --init_from whose config says another: an epsilon network sampled as a
+velocity field gives noise, silently. `load_guide` builds the weaker network of autoguidance.
 """
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +31,7 @@ from libs.checkpoint import read_state_file
 from libs.errors import CheckpointError, ConfigError, MissingFileError, UViTError
 from libs.io_utils import atomic_path, fsync_dir, sha256_of
 from libs.nnet import build_nnet, load_nnet_state_dict
+from sde import Objective
 
 logger = logging.getLogger(__name__)
 
@@ -177,6 +181,49 @@ def build_from_export(folder, **overrides):
                               f"{CONFIG_FILE} ({str(e).split('. Check that')[0]}); {_AGAIN}") from e
     return nnet.eval(), meta
 
+def saved_config(path):
+    """The config (dict) saved with the weights at `path`: an exported folder's config.json, or the run's
+    config.json two levels above a ckpts/<step>.ckpt directory; None for a bare .pth (or a run without one)."""
+    path = os.path.normpath(str(path))
+    if os.path.isdir(path) and is_export(path):
+        return read_export_meta(path)
+    run_config = os.path.join(os.path.dirname(os.path.dirname(path)), "config.json")
+    if os.path.isdir(path) and os.path.basename(os.path.dirname(path)) == "ckpts" and os.path.isfile(run_config):
+        with open(run_config) as f:
+            return json.load(f)
+    return None
+
+
+def check_objective(config, path, what="--nnet_path"):
+    """ConfigError (one line) when the weights at `path` were trained with another objective than `config`'s
+    (config.objective, or config.diffusion's time kind); nothing is known of a bare .pth: it passes."""
+    saved = saved_config(path)
+    if saved is None:
+        return
+    mine, theirs = Objective.of(config), Objective.of(saved)
+    diffusion = saved.get("diffusion", "continuous")
+    if mine != theirs or (theirs.path == "linear" and diffusion != config.get("diffusion", "continuous")):
+        raise ConfigError(f"{what} '{path}' was trained with objective {theirs.describe()} (config.diffusion="
+                          f"{diffusion!r}) but this config says {mine.describe()} (config.diffusion="
+                          f"{config.get('diffusion', 'continuous')!r}): use the config it was trained with")
+
+
+def load_guide(config, device):
+    """The autoguidance network of config.sample.guide_path in eval mode on `device`, or None when unset.
+
+    Its architecture is its own saved config's (an exported folder or a ckpts/<step>.ckpt of a run), else
+    config.nnet (a bare .pth); its objective must be `config`'s.
+    """
+    path = config.sample.get("guide_path", "")
+    if not path:
+        return None
+    check_objective(config, path, "config.sample.guide_path")
+    saved = saved_config(path)
+    nnet = build_nnet(saved["nnet"] if saved is not None else config.nnet)
+    load_nnet_state_dict(nnet, load_weights(path)[0])
+    return nnet.to(device).eval().requires_grad_(False)
+
+
 PAPER = "Bao et al., All are Worth Words: A ViT Backbone for Diffusion Models, CVPR 2023 (arXiv 2209.12152)"
 
 
@@ -216,6 +263,7 @@ def export_meta(config, step=None, source=None):
     return _jsonable({
         "nnet": nnet,
         "diffusion": diffusion,
+        "objective": dataclasses.asdict(Objective.of(config)),
         "z_shape": list(config.z_shape) if latents else None,
         "autoencoder_scale_factor": float(config.autoencoder.scale_factor) if latents else None,
         "null_class": num_classes - 1 if (cfg and num_classes > 0) else None,
@@ -248,11 +296,12 @@ def model_card(meta, n_params):
         "---",
         f"# U-ViT ({kind}, {meta['dataset'] or 'custom data'})",
         "",
-        f"A U-ViT noise-prediction network ({PAPER}), exported with EMA weights.",
+        f"A U-ViT network ({PAPER}), exported with EMA weights.",
         "",
         f"- network: `{nnet['name']}`, img_size {nnet['img_size']}, patch_size {nnet.get('patch_size')}, "
         f"embed_dim {nnet.get('embed_dim')}, depth {nnet.get('depth')}, {n_params / 1e6:.1f}M parameters",
         f"- data: {space}",
+        f"- objective: {Objective.of(meta).describe()} (path/prediction; see config.json \"objective\")",
         f"- diffusion: {meta['diffusion']} time; trained {meta['step'] if meta['step'] is not None else 'an unknown number of'} steps",
         f"- sampling settings of its config: {meta['sample']}",
     ]
@@ -286,6 +335,7 @@ def export_model(checkpoint_or_pth, out_dir, config, step=None, overwrite=False)
     step: the training step; default: from the checkpoint directory, None for a bare .pth.
     """
     config = _as_config(config)
+    check_objective(config, checkpoint_or_pth, "checkpoint")  # the run's own config says what it trained
     state_dict = load_weights(checkpoint_or_pth)[0]
     nnet = build_nnet(config.nnet)
     load_nnet_state_dict(nnet, state_dict)  # a weights / config mismatch fails here, before anything is written

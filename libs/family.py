@@ -15,7 +15,8 @@ import torch
 from libs.data_loader import mix_seed
 from libs.errors import ConfigError, InputError
 from libs.sampling import sample
-from sde import build_diffusion
+from libs.export import load_guide
+from sde import Objective, build_diffusion
 
 # (train script, eval script) of each (data, time, text?); other combinations have no script.
 SCRIPTS = {
@@ -181,14 +182,18 @@ class Family:
         - 'fid' (FID of every checkpoint in training): DPM-Solver with config.fid.steps; guided as 'sample' for
           text models (the original's train_t2i_discrete.py), unguided for class models (its train*.py);
         - 'grid' (training sample grids): config.grid; scale < 0 means the 'sample' scale.
+        Flow-matching objectives (config.objective.path='linear') have no paper protocol: their 'fid' and default
+        'grid' sampler is config.sample.algorithm.
         """
+        vp = Objective.of(config).path == 'vp'
         if use == 'sample':
             return config.sample.algorithm, int(config.sample.sample_steps), guidance_scale(config)
         if use == 'fid':
-            return 'dpm_solver', int(config.fid.steps), guidance_scale(config) if self.condition == 'text' else 0.0
+            return ('dpm_solver' if vp else config.sample.algorithm, int(config.fid.steps),
+                    guidance_scale(config) if self.condition == 'text' else 0.0)
         g = config.grid
-        return (g.algorithm or ('euler_maruyama_ode' if self.time == 'continuous' else 'dpm_solver'), int(g.steps),
-                float(g.scale) if g.scale >= 0 else guidance_scale(config))
+        default = ('euler_maruyama_ode' if self.time == 'continuous' else 'dpm_solver') if vp else config.sample.algorithm
+        return g.algorithm or default, int(g.steps), float(g.scale) if g.scale >= 0 else guidance_scale(config)
 
     def sample_labels(self, config, n: int):
         """(n,) int64 labels seeded by config.seed; None for other families. config.metrics.labels 'uniform' (the
@@ -226,10 +231,19 @@ class Sampler:
     device: Any
     autoencoder: Any = None  # latent families: decodes x0
     null: Any = None  # null label / empty context of guidance, or None
+    diffusion: Any = None  # what nnet was trained with (sde.build_diffusion); None: the family's default objective
+    guide: Any = None  # autoguidance network (config.sample.guide_path), or None
+    interval: Any = None  # (sigma_lo, sigma_hi) of guidance (config.sample.guidance_sigma_*), or None
 
     @classmethod
-    def for_config(cls, config, family, nnet, device, autoencoder=None, null=None):
-        return cls(family, nnet, family.shape(config), int(config.seed), device, autoencoder, null)
+    def for_config(cls, config, family, nnet, device, autoencoder=None, null=None, seed=None):
+        """The Sampler of a network trained with `config`: its objective, and config.sample's guidance interval and
+        autoguidance network."""
+        s = config.sample
+        lo, hi = float(s.get('guidance_sigma_min', 0.0)), float(s.get('guidance_sigma_max', 0.0))
+        return cls(family, nnet, family.shape(config), int(config.seed if seed is None else seed), device,
+                   autoencoder, null, build_diffusion(family.time, Objective.of(config)), load_guide(config, device),
+                   (lo, hi) if lo > 0 or hi > 0 else None)
 
     def generate_fn(self, algorithm, steps, scale, labels=None, contexts=None, decode_chunk=50):
         """generate_fn(indices: LongTensor (b,)) -> images (b, 3, H, W) float32 in [0, 1].
@@ -237,11 +251,12 @@ class Sampler:
         scale: guidance scale s of eps_c + s (eps_c - eps_u) against `null` (the original's convention);
         0 = unguided. Latents are decoded `decode_chunk` at a time.
         """
-        if scale > 0 and self.null is None:
+        if scale > 0 and self.null is None and self.guide is None:
             raise InputError("guided sampling (scale > 0) needs the null label / empty context")
         if self.family.data == 'latents' and self.autoencoder is None:
             raise InputError("decoding latents needs the autoencoder (config.autoencoder.pretrained_path)")
-        diffusion = build_diffusion(self.family.time)
+        diffusion = self.diffusion or build_diffusion(self.family.time)
+        guide = self.guide if scale > 0 else None
 
         def generate_fn(indices):
             indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
@@ -250,12 +265,14 @@ class Sampler:
             cond = uncond = None
             if table is not None:  # uncond: the null label / empty context for every image
                 c = torch.as_tensor(table[indices], dtype=dtype, device=self.device)
-                cond, uncond = {key: c}, ({key: torch.as_tensor(self.null).to(c).expand_as(c)} if scale > 0 else None)
+                cond = {key: c}
+                uncond = {key: torch.as_tensor(self.null).to(c).expand_as(c)} if scale > 0 and guide is None else None
             with torch.no_grad():
                 x0 = sample(self.nnet, diffusion, per_index_noise(indices, self.seed, self.shape, self.device),
-                            algorithm=algorithm, steps=steps, cond=cond, uncond=uncond, scale=scale,
+                            algorithm=algorithm, steps=steps, cond=cond, uncond=uncond, scale=scale, guide=guide,
+                            interval=self.interval if scale > 0 else None,
                             generator=index_generators(self.seed, indices, self.device)
-                            if algorithm == 'euler_maruyama_sde' else None)
+                            if algorithm in ('euler_maruyama_sde', 'flow_sde') else None)
                 if self.family.data == 'latents':
                     ae = self.autoencoder
                     x0 = ae.decode_in_chunks(x0.to(next(ae.parameters()).dtype), decode_chunk)

@@ -11,55 +11,105 @@ Algorithms (`ALGORITHMS`):
   same time range, `steps` network calls; lower error than the paper protocols at the same cost
   (benchmarks/solver_error_table.py).
 - 'euler_maruyama_sde', 'euler_maruyama_ode': the original's Euler-Maruyama on the reverse SDE / Euler on the
-  probability-flow ODE (its sde.py sampler), continuous diffusions only.
+  probability-flow ODE (its sde.py sampler), continuous VP diffusions only.
+- 'euler', 'heun': Euler / Heun (Karras et al. 2022, Alg. 1) on the ODE dx/dt = a_t' x0 + s_t' eps of any
+  Gaussian path, `steps` steps uniform in t (linear path: shifted by config.objective.shift) from t = 1 to 0
+  (VP: to the DPM-Solver end time); Heun: 2 network calls per step, the last step to t = 0 is Euler.
+- 'flow_sde': Euler-Maruyama on the reverse SDE of the linear path with diffusion g_t^2 = s_t = t (SiT's "sigma"
+  form, Ma et al. 2024, arXiv 2401.08740), noise-free last step: dx = (u + eps/2) dt + sqrt(t) dw, t: 1 -> 0.
+Every solver takes the network's prediction of any objective (sde.Objective): the DPM-Solver family through
+eps (VP) or the data prediction (linear path, where eps does not determine x0 at t = 1).
 
-Classifier-free guidance (Ho & Salimans 2022, arXiv 2207.12598) is implemented once, in `guided_noise_fn`;
-the solvers see only the guided noise prediction.
+Guidance is implemented once, in `guided_noise_fn`, on the network's output whatever it predicts (every
+prediction is affine in it with condition-free coefficients, so guiding eps, x0, v or the velocity is the same
+thing). U-ViT's convention: out = out_c + scale (out_c - out_u), i.e. w = scale + 1 in DiT's / diffusers'
+out_u + w (out_c - out_u). out_u is the unconditional branch (classifier-free guidance, Ho & Salimans 2022,
+arXiv 2207.12598) or, with `guide=`, a weaker network's conditional prediction (autoguidance, Karras et al.
+2024, arXiv 2406.02507); `interval=(lo, hi)` guides only where lo < sigma <= hi, sigma = s_t / a_t (guidance
+interval, Kynkaanniemi et al. 2024, arXiv 2404.07724); elsewhere out = out_c. The solvers see only the result.
 """
 import logging
 
 import torch
 
-from dpm_solver_pp import DPM_Solver, check_start, model_wrapper, solver_dtype
+from dpm_solver_pp import DPM_Solver, _expand_dims, check_start, model_wrapper, solver_dtype
 from libs.errors import ConfigError, InputError
-from sde import ScoreModel
+from sde import ScoreModel, _randn_like, shift_time
 
 logger = logging.getLogger(__name__)
 
-ALGORITHMS = ("dpm_solver", "dpm_solver++_2m", "dpm_solver++_3m", "euler_maruyama_sde", "euler_maruyama_ode")
+ALGORITHMS = ("dpm_solver", "dpm_solver++_2m", "dpm_solver++_3m", "euler_maruyama_sde", "euler_maruyama_ode", "euler",
+              "heun", "flow_sde")
+# Which path each algorithm integrates ('any': every Gaussian path).
+_PATHS = {"dpm_solver": ("vp",), "euler_maruyama_sde": ("vp",), "euler_maruyama_ode": ("vp",), "flow_sde": ("linear",)}
 
 # End times of the paper protocols: continuous models stop at t = 1e-4 (eval.py), discrete ones at t = 1/N,
 # the smallest time seen in training (network input 1).
 CONTINUOUS_T_END = 1e-4
+# End time of DPM-Solver++ on the linear path (lambda = +inf at t = 0): x there is x0 + 1e-3 (eps - x0).
+LINEAR_T_END = 1e-3
 
 
-def guided_noise_fn(nnet, cond=None, uncond=None, scale=0.0):
-    """eps(x, t_input) of `nnet` with classifier-free guidance in U-ViT's convention.
+def algorithm_problem(algorithm, path, time_kind):
+    """'' when `algorithm` can sample a diffusion of `path` ('vp' / 'linear') and `time_kind`, else why not (one
+    line naming the ones that can)."""
+    if algorithm not in ALGORITHMS:
+        return f"unknown sampling algorithm '{algorithm}'; known: {', '.join(ALGORITHMS)}"
+    if path not in _PATHS.get(algorithm, (path,)):
+        fits = [a for a in ALGORITHMS if path in _PATHS.get(a, (path,))]
+        return (f"'{algorithm}' samples {' or '.join(_PATHS[algorithm])}-path models, not this {path}-path one "
+                f"(config.objective.path); use one of {', '.join(fits)}")
+    if algorithm.startswith("euler_maruyama") and time_kind != "continuous":
+        return (f"'{algorithm}' needs a continuous-time diffusion; use 'dpm_solver' or "
+                "'dpm_solver++_2m' / '_3m' for discrete-time models")
+    return ""
 
-    eps = eps_c + scale * (eps_c - eps_u), i.e. DiT / diffusers' / the official DPM-Solver's
-    eps_u + w (eps_c - eps_u) with w = scale + 1
+
+def guided_noise_fn(nnet, cond=None, uncond=None, scale=0.0, *, guide=None, interval=None, noise_level=None):
+    """The network's prediction f(x, t_input) with guidance in U-ViT's convention (the module docstring).
+
+    out = out_c + scale * (out_c - out_u), i.e. DiT / diffusers' / the official DPM-Solver's
+    out_u + w (out_c - out_u) with w = scale + 1
     (the original's configs: scale 0.4 / 0.7 for ImageNet 256 / 512, 1.0 for MS-COCO). With scale > 0 the
     conditional and unconditional passes are ONE forward on the concatenated batch [x; x], [t; t],
     [cond[k]; uncond[k]] for every keyword k. scale == 0 makes only the conditional call.
+    guide: autoguidance, out_u = guide(x, t_input, **cond) (a weaker network; uncond unused).
+    interval: (lo, hi): guide only the samples whose noise_level(t_input) (B,) is in (lo, hi] (hi = 0: no upper
+    limit); a call with none of them makes only the conditional call.
     nnet(x, t_input, **cond) -> (B, ...). Outputs are float32 (or x's dtype if float64), also under autocast.
     """
     cond = dict(cond or {})
     uncond = dict(uncond or {})
-    if scale != 0.0:
+    if scale != 0.0 and guide is None:
         if not uncond:
             raise InputError(f"guidance scale {scale} needs an unconditional condition (uncond=...), e.g. the null label")
         if set(cond) != set(uncond):
             raise InputError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
+    if interval is not None and noise_level is None:
+        raise InputError("a guidance interval needs noise_level (network time -> sigma)")
 
     def eps_fn(x, t_input):
         out_dtype = solver_dtype(x.dtype)
         if scale == 0.0:
             return nnet(x, t_input, **cond).to(out_dtype)
+        weight = None
+        if interval is not None:
+            sigma = noise_level(t_input)
+            weight = (sigma > interval[0]) & ((sigma <= interval[1]) if interval[1] > 0 else True)
+            if not bool(weight.any()):
+                return nnet(x, t_input, **cond).to(out_dtype)
+            weight = _expand_dims(weight.to(out_dtype), x.ndim)
         B = x.shape[0]
-        kwargs = {k: torch.cat([cond[k], uncond[k]], dim=0) for k in cond}
-        out = nnet(torch.cat([x, x], dim=0), torch.cat([t_input, t_input], dim=0), **kwargs).to(out_dtype)
-        eps_c, eps_u = out[:B], out[B:]
-        return eps_c + scale * (eps_c - eps_u)
+        if guide is not None:
+            eps_c = nnet(x, t_input, **cond).to(out_dtype)
+            eps_u = guide(x, t_input, **cond).to(out_dtype)
+        else:
+            kwargs = {k: torch.cat([cond[k], uncond[k]], dim=0) for k in cond}
+            out = nnet(torch.cat([x, x], dim=0), torch.cat([t_input, t_input], dim=0), **kwargs).to(out_dtype)
+            eps_c, eps_u = out[:B], out[B:]
+        if weight is None:
+            return eps_c + scale * (eps_c - eps_u)
+        return eps_c + (scale * weight) * (eps_c - eps_u)
 
     return eps_fn
 
@@ -73,41 +123,59 @@ def _check_inputs(x_T, steps, scale):
 
 
 def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None, uncond=None, scale=0.0,
-           t_end=None, generator=None):
+           t_end=None, generator=None, guide=None, interval=None):
     """Draw samples x0 from noise x_T with one of `ALGORITHMS` (see the module docstring).
 
-    nnet(x, timesteps, **cond) -> eps, the network time being diffusion.network_time(t).
-    diffusion: sde.ContinuousVP or sde.DiscreteVP. x_T: (B, ...) standard normal noise.
-    cond / uncond: dicts of batched keyword arguments ({'y': y} or {'context': c}); scale: U-ViT guidance
-    scale, eps = eps_c + scale (eps_c - eps_u) = eps_u + w (eps_c - eps_u) with w = scale + 1 (DiT, diffusers).
-    t_end: end time of the DPM-Solver algorithms (default 1e-4 continuous, 1/N discrete).
-    generator: the Euler-Maruyama SDE noise source: None, a torch.Generator, or one generator per sample.
+    nnet(x, timesteps, **cond) -> the prediction of diffusion.objective (eps by default), the network time being
+    diffusion.network_time(t). diffusion: sde.ContinuousVP, sde.DiscreteVP or sde.LinearFlow (build_diffusion).
+    x_T: (B, ...) standard normal noise. cond / uncond: dicts of batched keyword arguments ({'y': y} or
+    {'context': c}); scale: U-ViT guidance scale, out = out_c + scale (out_c - out_u) = out_u + w (out_c - out_u)
+    with w = scale + 1 (DiT, diffusers). guide: autoguidance network (replaces the unconditional branch).
+    interval: (sigma_lo, sigma_hi) of guidance, sigma = s_t / a_t (hi = 0: no upper limit); None = every step.
+    t_end: end time of the DPM-Solver algorithms (default 1e-4 continuous VP, 1/N discrete VP, 1e-3 linear)
+    and of Euler / Heun on VP paths (linear: 0).
+    generator: the SDE noise source: None, a torch.Generator, or one generator per sample.
     Returns x0 (B, ...) float32.
     """
-    if algorithm not in ALGORITHMS:
-        raise ConfigError(f"unknown sampling algorithm '{algorithm}'; known: {', '.join(ALGORITHMS)}")
+    problem = algorithm_problem(algorithm, diffusion.path, diffusion.time_kind)
+    if problem:
+        raise ConfigError(problem)
     scale = _check_inputs(x_T, steps, scale)
     for name, kwargs in (("cond", cond), ("uncond", uncond)):
         for k, v in (kwargs or {}).items():
             if torch.is_tensor(v) and (v.ndim == 0 or v.shape[0] != x_T.shape[0]):
                 raise InputError(f"{name}['{k}'] has shape {tuple(v.shape)}; it must be batched like x_T "
                                  f"({x_T.shape[0]} samples along dim 0)")
-    eps_fn = guided_noise_fn(nnet, cond, uncond, scale)
+    noise_level = None
+    if interval is not None:
+        def noise_level(t_input):
+            a, s = diffusion.coefficients(t_input.to(torch.float64) / diffusion.time_scale)
+            return s / a
+    eps_fn = guided_noise_fn(nnet, cond, uncond, scale, guide=guide, interval=interval, noise_level=noise_level)
     ns = diffusion.schedule
+    linear = diffusion.path == "linear"
     continuous = diffusion.time_kind == "continuous"
     x = x_T.to(solver_dtype(x_T.dtype))
 
     if algorithm.startswith("euler_maruyama"):
-        if not continuous:
-            raise ConfigError(f"'{algorithm}' needs a continuous-time diffusion; use 'dpm_solver' or "
-                              "'dpm_solver++_2m' / '_3m' for discrete-time models")
         x0 = diffusion.euler_maruyama(ScoreModel(eps_fn, diffusion), x, steps,
                                       sde=algorithm == "euler_maruyama_sde", generator=generator)
         return x0.float()
-
     if t_end is None:
-        t_end = CONTINUOUS_T_END if continuous else 1.0 / ns.total_N
-    model_fn = model_wrapper(eps_fn, ns, model_type="noise", network_time=diffusion.network_time)
+        t_end = LINEAR_T_END if linear else CONTINUOUS_T_END if continuous else 1.0 / ns.total_N
+    if algorithm in ("euler", "heun", "flow_sde"):
+        return _fixed_step(eps_fn, diffusion, x, algorithm, steps, 0.0 if linear else t_end, generator).float()
+
+    if linear:  # DPM-Solver++ through the data prediction x0 = x - t u, defined up to t = 1
+        model_fn = _data_prediction(eps_fn, diffusion)
+        solver = DPM_Solver(model_fn, ns, algorithm_type="dpmsolver++", model_output="data")
+        order = 2 if algorithm == "dpm_solver++_2m" else 3
+        x0 = solver.sample(x, steps=steps, t_start=ns.T, t_end=t_end, order=order, skip_type="logSNR",
+                           method="multistep", lower_order_final=True)
+        logger.debug("%s: %d network calls for %d steps", algorithm, solver.nfe, steps)
+        return x0.float()
+    model_type = {"noise": "noise", "v": "v", "x0": "x_start"}[diffusion.objective.prediction]
+    model_fn = model_wrapper(eps_fn, ns, model_type=model_type, network_time=diffusion.network_time)
     if algorithm == "dpm_solver":
         if continuous:
             solver = DPM_Solver(model_fn, ns, algorithm_type="dpmsolver")
@@ -124,3 +192,43 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
                            method="multistep", lower_order_final=True)
     logger.debug("%s: %d network calls for %d steps", algorithm, solver.nfe, steps)
     return x0.float()
+
+
+def _data_prediction(net_fn, diffusion):
+    """x0_hat(x, t) at solver time t (B,) from net_fn(x, t_input) -> the diffusion's prediction."""
+    def x0_fn(x, t):
+        return diffusion.x0_eps(net_fn(x, diffusion.network_time(t)).to(x.dtype), x, t)[0]
+    return x0_fn
+
+
+def _velocity(net_fn, diffusion, x, t):
+    """(dx/dt = a_t' x0 + s_t' eps, eps_hat) of the path's ODE at x (B, ...), scalar solver time t."""
+    t_vec = t.expand(x.shape[0])
+    out = net_fn(x, diffusion.network_time(t_vec)).to(x.dtype)
+    x0, eps = diffusion.x0_eps(out, x, t_vec)
+    da, ds = (_expand_dims(c.to(x.dtype), x.ndim) for c in diffusion.derivatives(t_vec.to(x.dtype)))
+    return da * x0 + ds * eps, eps
+
+
+def _fixed_step(net_fn, diffusion, x, algorithm, steps, t_end, generator):
+    """Euler / Heun on the path's ODE or Euler-Maruyama on the linear path's SDE (`flow_sde`), `steps` steps on a
+    grid uniform in t from 1 to t_end (shifted by the objective's shift on the linear path)."""
+    grid = torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)
+    if diffusion.path == "linear":
+        grid = shift_time(grid, float(diffusion.objective.shift))
+    grid = grid.to(device=x.device, dtype=x.dtype)
+    for i in range(steps):
+        t, s = grid[i], grid[i + 1]
+        d, eps = _velocity(net_fn, diffusion, x, t)
+        if algorithm == "flow_sde":
+            # Reverse SDE with g^2 = t: drift u - (g^2/2) score = u + eps/2 (score = -eps/t); no noise at the end.
+            x = x + (d + 0.5 * eps) * (s - t)
+            if i < steps - 1:
+                x = x + (t * (t - s)).sqrt() * _randn_like(x, generator)
+            continue
+        x_next = x + d * (s - t)
+        if algorithm == "heun" and s > 0:
+            d_next, _ = _velocity(net_fn, diffusion, x_next, s)
+            x_next = x + 0.5 * (d + d_next) * (s - t)
+        x = x_next
+    return x

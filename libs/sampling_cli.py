@@ -15,6 +15,8 @@ from libs.io_utils import atomic_path
 from libs.logging_utils import setup_logging
 from libs.perf import configure_tf32
 from libs.sample_grid import save_grid
+from libs.sampling import algorithm_problem
+from sde import Objective
 
 
 def common_flags(argv, program):
@@ -87,7 +89,11 @@ def sampling_settings(fv, config):
     steps = fv.steps if fv.steps is not None else int(s.sample_steps)
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {steps}")
-    return fv.algorithm or s.algorithm, steps, scale, config.seed if fv.seed is None else fv.seed
+    algorithm = fv.algorithm or s.algorithm
+    problem = algorithm_problem(algorithm, Objective.of(config).path, config.diffusion)  # before any loading
+    if problem:
+        raise ConfigError(f"--algorithm: {problem}")
+    return algorithm, steps, scale, config.seed if fv.seed is None else fv.seed
 
 
 def generate_batches(generate_fn, n, fv, device):

@@ -49,7 +49,7 @@ from libs.perf import configure_tf32, maybe_compile
 from libs.preemption import StopSignals
 from libs.sample_grid import save_grid
 from libs.workdir_lock import WorkdirLock
-from sde import build_diffusion
+from sde import Objective, build_diffusion
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +320,7 @@ def _train(config, workdir: str, family, accelerator):
     logger.info("network %s: %.2fM parameters", config.nnet.name, sum(p.numel() for p in nnet.parameters()) / 1e6)
     r = Run(config=config, workdir=workdir, family=family, accelerator=accelerator, data=data, nnet=nnet,
             nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader,
-            diffusion=build_diffusion(family.time), autoencoder=autoencoder,
+            diffusion=build_diffusion(family.time, Objective.of(config)), autoencoder=autoencoder,
             null=family.null_condition(config, getattr(data, 'empty_context', None)),
             train_nnet=maybe_compile(train_nnet, config.compile),
             p_uncond=float(config.dataset.p_uncond) if config.dataset.cfg else 0.0, ema=EMAUpdater(nnet_ema, nnet),

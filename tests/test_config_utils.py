@@ -129,13 +129,16 @@ OUT_OF_RANGE = {
     "train.grad_accum_steps": 0, "init.path": "/no/such/weights.pth", "log_with": "mlflow",
     "metrics.names": "fid,fdd", "metrics.labels": "even", "metrics.seeds": "1,x", "metrics.npz": "s.tar",
     "metrics.reference": "/no/such/ref.npz", "metrics.resize": "tf", "metrics.kid_subsets": 0,
-    "metrics.kid_subset_size": 0, "metrics.prc_k": 0, "metrics.dinov2_weights": "/no/such/dinov2.pth"}
+    "metrics.kid_subset_size": 0, "metrics.prc_k": 0, "metrics.dinov2_weights": "/no/such/dinov2.pth",
+    "objective.path": "edm", "objective.prediction": "eps", "objective.time_dist": "beta",
+    "objective.logit_std": 0.0, "objective.shift": 0.0, "sample.guidance_sigma_min": -1.0,
+    "sample.guidance_sigma_max": -1.0, "sample.guide_path": "/no/such/guide.pth"}
 # Free values: any number (seeds, guidance scales) or any string the dataset / loader checks where it reads it.
 NO_RANGE = {"seed", "sample.scale", "grid.scale", "autoencoder.pretrained_path", "dataset.name", "sample.path",
             "wandb.project", "compile", "tf32", "optimizer.no_decay_for_embeddings_norms_biases", "dataset.cfg",
             "sample.cfg", "init.resize", "dataloader.pin_memory", "dataloader.persistent_workers", "nnet.qkv_bias",
             "nnet.mlp_time_embed", "nnet.use_checkpoint", "nnet.conv", "nnet.skip",
-            "metrics.json", "metrics.dinov2_repo", "metrics.clip",  # checked where the file is written / loaded
+            "objective.logit_mean", "metrics.json", "metrics.dinov2_repo", "metrics.clip",  # checked where the file is written / loaded
             "fid.stat"}  # missing statistics only turn training-time FID off (logged); eval checks them
 
 

@@ -1,0 +1,313 @@
+"""Training objectives (sde.Objective): the losses against their formulas, the time distributions, the samplers of
+every objective against the exact ODE of Gaussian data, guidance interval and autoguidance, and the one-line refusal
+of weights of another objective."""
+import json
+import math
+import os
+
+import ml_collections
+import pytest
+import torch
+
+from configs.base import get_config as base_config
+from libs.errors import ConfigError
+from libs.sampling import ALGORITHMS, guided_noise_fn, sample
+from libs.export import check_objective
+from sde import ContinuousVP, DiscreteVP, LinearFlow, Objective, build_diffusion, shift_time
+
+S0 = 0.5  # data x0 ~ N(0, S0^2 I)
+OBJECTIVES = {"vp/noise": ("continuous", Objective()), "vp/v": ("continuous", Objective(prediction="v")),
+              "vp/x0": ("continuous", Objective(prediction="x0")),
+              "discrete vp/v": ("discrete", Objective(prediction="v")),
+              "linear/velocity": ("continuous", Objective(path="linear", prediction="velocity"))}
+
+
+def exact_net(d, calls=None):
+    """The exact prediction of d.objective for N(0, S0^2 I) data: E[x0 | x_t] = a S0^2 x / v, E[eps | x_t] = s x / v,
+    v = a^2 S0^2 + s^2; the network reads its time input back as solver time."""
+    def net(x, t_in, **cond):
+        if calls is not None:
+            calls.append(x.shape[0])
+        t = (t_in.double() / d.time_scale).reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
+        a, s = d.coefficients(t)
+        v = a ** 2 * S0 ** 2 + s ** 2
+        x0, eps = a * S0 ** 2 * x / v, s * x / v
+        return {"noise": eps, "x0": x0, "v": a * eps - s * x0, "velocity": eps - x0}[d.objective.prediction]
+    return net
+
+
+def exact_map(d, x_T, t_end):
+    """The probability-flow ODE of Gaussian data maps x_T at t = 1 to x_T sqrt(v_end / v_1)."""
+    a, s = d.coefficients(torch.tensor([1.0, t_end], dtype=torch.float64))
+    v = a ** 2 * S0 ** 2 + s ** 2
+    return x_T * math.sqrt(float(v[1] / v[0]))
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+class Recorder(torch.nn.Module):
+    """Returns a fixed tensor and records its inputs."""
+
+    def __init__(self, out):
+        super().__init__()
+        self.out, self.inputs = out, []
+
+    def forward(self, x, t, **cond):
+        self.inputs.append((x, t))
+        return self.out
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+def test_loss_equals_its_formula_at_fixed_draws(name):
+    kind, objective = OBJECTIVES[name]
+    d = build_diffusion(kind, objective)
+    x0 = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    out = torch.randn(6, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    net = Recorder(out)
+    loss = d.loss(net, x0, generator=torch.Generator().manual_seed(3))
+    # The same draws, in the documented order: time (t, or n) then eps.
+    g = torch.Generator().manual_seed(3)
+    if kind == "discrete":
+        n = torch.randint(1, 1001, (6,), generator=g)
+        abar = torch.cumprod(1 - torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2, 0)
+        a, t_in = abar[n - 1].sqrt(), n
+    else:
+        t = torch.rand(6, generator=g)
+        t_in = 999.0 * t
+        a = 1 - t if objective.path == "linear" else torch.exp(-0.25 * t.double() ** 2 * 19.9 - 0.05 * t.double())
+    eps = torch.randn(6, 1, 4, 4, generator=g)
+    a = a.reshape(-1, 1, 1, 1)
+    s = a.new_tensor(1.0) - a if objective.path == "linear" else (1 - a ** 2).sqrt()
+    target = {"noise": eps, "x0": x0, "v": a * eps - s * x0, "velocity": eps - x0}[objective.prediction]
+    expected = ((target - out) ** 2).flatten(1).mean(1)
+    torch.testing.assert_close(loss, expected.float(), rtol=1e-5, atol=1e-6)
+    x_seen, t_seen = net.inputs[0]
+    torch.testing.assert_close(x_seen, (a * x0 + s * eps).float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(t_seen.double(), t_in.double())
+
+
+def test_default_objective_is_the_original_lsimple():
+    """Objective() draws and computes exactly what the paper's ContinuousVP did (bit for bit)."""
+    x0 = torch.randn(5, 3, 4, 4)
+    net = lambda x, t: x * 0.3 + t.reshape(-1, 1, 1, 1) / 999  # noqa: E731
+    loss = ContinuousVP().loss(net, x0, generator=torch.Generator().manual_seed(4))
+    g = torch.Generator().manual_seed(4)
+    t = torch.rand(5, generator=g)
+    eps = torch.randn(x0.shape, generator=g)
+    la = (-0.25 * t ** 2 * 19.9 - 0.5 * t * 0.1).reshape(-1, 1, 1, 1)
+    xt = torch.exp(la) * x0 + torch.sqrt(-torch.expm1(2 * la)) * eps
+    assert torch.equal(loss, (eps - net(xt, 999.0 * t)).pow(2).reshape(5, -1).mean(1))
+    assert repr(build_diffusion("continuous")) == "ContinuousVP()" and repr(build_diffusion("discrete")) == "DiscreteVP(N=1000)"
+
+
+def test_paper_configs_keep_the_default_objective():
+    import importlib
+    names = [f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))
+             if f.endswith(".py") and f not in ("__init__.py", "base.py", "digits_uvit_tiny_flow.py")]
+    for name in names:
+        config = importlib.import_module(f"configs.{name}").get_config()
+        assert Objective.of(config) == Objective(), name
+        assert config.sample.guidance_sigma_min == config.sample.guidance_sigma_max == 0.0 and not config.sample.guide_path
+
+
+def test_logit_normal_and_shift_times():
+    o = Objective(path="linear", prediction="velocity", time_dist="logit_normal", logit_mean=0.5, logit_std=0.8)
+    t = o.draw_time(20000, torch.Generator().manual_seed(0), "cpu")
+    z = torch.randn(20000, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(t, torch.sigmoid(0.5 + 0.8 * z))
+    logit = torch.log(t / (1 - t))
+    assert abs(float(logit.mean()) - 0.5) < 0.03 and abs(float(logit.std()) - 0.8) < 0.03
+    # Shift 3 of a uniform t: P(t' <= 1/2) = P(t <= 1/4) (inverse map t = t' / (3 - 2 t')).
+    ts = Objective(path="linear", prediction="velocity", shift=3.0).draw_time(20000, torch.Generator().manual_seed(1), "cpu")
+    assert abs(float((ts <= 0.5).float().mean()) - 0.25) < 0.015
+    assert float(shift_time(torch.tensor(0.5), 3.0)) == pytest.approx(0.75)
+
+
+@pytest.mark.parametrize("objective, kind, match", [
+    (Objective(path="linear"), "continuous", "takes 'velocity'"),
+    (Objective(prediction="velocity"), "continuous", "takes 'noise' or 'v' or 'x0'"),
+    (Objective(time_dist="logit_normal"), "discrete", "draws n uniformly"),
+    (Objective(shift=2.0), "continuous", "shift is of the linear path"),
+    (Objective(path="edm"), "continuous", "not one of"),
+])
+def test_bad_objectives_are_one_line(objective, kind, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        build_diffusion(kind, objective)
+    assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+ORDERS = {"euler": 1, "heun": 2, "dpm_solver++_2m": 2, "dpm_solver++_3m": 3}
+
+
+@pytest.mark.parametrize("name", list(OBJECTIVES))
+@pytest.mark.parametrize("algorithm", list(ORDERS))
+def test_solver_error_falls_at_its_order(name, algorithm):
+    kind, objective = OBJECTIVES[name]
+    d = build_diffusion(kind, objective)
+    x_T = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    t_end = 0.0 if (d.path == "linear" and algorithm in ("euler", "heun")) else \
+        1e-3 if d.path == "linear" else 1e-4 if kind == "continuous" else 1e-3
+    exact = exact_map(d, x_T, t_end)
+    errors = []
+    for steps in (20, 80):
+        x = sample(exact_net(d), d, x_T, algorithm=algorithm, steps=steps).double()
+        errors.append(float((x - exact).abs().max() / exact.abs().max()))
+    slope = math.log(errors[0] / errors[1]) / math.log(4)
+    # The discrete schedule's log alpha is piecewise linear in t (1000 knots): its derivative jumps, which costs
+    # Heun, whose steps straddle the knots, half an order (measured 1.5); the DPM-Solvers work in lambda.
+    order = 1.5 if (kind == "discrete" and algorithm == "heun") else ORDERS[algorithm]
+    assert slope > order - 0.3, (errors, slope)
+    assert errors[1] < 2e-2
+
+
+def test_flow_sde_samples_the_data_distribution():
+    """Euler-Maruyama on the linear path's reverse SDE: N(0, S0^2) samples (mean and variance within 4 standard
+    errors), a different path than the ODE's."""
+    d = build_diffusion("continuous", Objective(path="linear", prediction="velocity"))
+    x_T = torch.randn(4000, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x = sample(exact_net(d), d, x_T, algorithm="flow_sde", steps=200, generator=torch.Generator().manual_seed(1)).double()
+    n = x.numel()
+    assert abs(float(x.mean())) < 4 * S0 / math.sqrt(n)
+    assert abs(float(x.var()) - S0 ** 2) < 4 * S0 ** 2 * math.sqrt(2 / n) + 0.01 * S0 ** 2
+    ode = sample(exact_net(d), d, x_T, algorithm="heun", steps=50).double()
+    assert float((x - ode).abs().mean()) > 0.1  # the noise moved the samples
+
+
+@pytest.mark.parametrize("algorithm, objective", [("dpm_solver", Objective(path="linear", prediction="velocity")),
+                                                  ("euler_maruyama_ode", Objective(path="linear", prediction="velocity")),
+                                                  ("flow_sde", Objective())])
+def test_a_sampler_of_another_path_is_refused(algorithm, objective):
+    d = build_diffusion("continuous", objective)
+    with pytest.raises(ConfigError, match="path") as e:
+        sample(exact_net(d), d, torch.randn(2, 4), algorithm=algorithm, steps=4)
+    assert "\n" not in str(e.value)
+
+
+def test_every_algorithm_runs_on_some_path():
+    for algorithm in ALGORITHMS:
+        path = "linear" if algorithm == "flow_sde" else "vp"
+        d = build_diffusion("continuous", Objective(path=path, prediction="velocity" if path == "linear" else "noise"))
+        assert sample(exact_net(d), d, torch.randn(2, 4), algorithm=algorithm, steps=3).shape == (2, 4)
+
+
+# ----------------------------------------------------------------------------- guidance
+
+
+def branch_net(calls):
+    """A 'network' whose output is the condition's value: cond y = 1 -> 1, null y = 0 -> 0 (times ones)."""
+    def net(x, t_in, y):
+        calls.append((x.shape[0], t_in.clone()))
+        return torch.ones_like(x) * y.reshape(-1, *[1] * (x.ndim - 1)).to(x.dtype)
+    return net
+
+
+def test_guidance_interval_guides_only_inside():
+    calls = []
+    y, null = torch.ones(3), torch.zeros(3)
+    level = lambda t_in: t_in / 10  # noqa: E731 (sigma = t_in / 10 here)
+    fn = guided_noise_fn(branch_net(calls), {"y": y}, {"y": null}, 2.0, interval=(0.3, 0.6), noise_level=level)
+    x = torch.zeros(3, 2)
+    # Per sample: sigma 0.2 (outside), 0.5 (inside), 0.9 (outside): 1 + 2 (1 - 0) = 3 only for the middle one.
+    out = fn(x, torch.tensor([2.0, 5.0, 9.0]))
+    torch.testing.assert_close(out[:, 0], torch.tensor([1.0, 3.0, 1.0]))
+    # A call wholly outside makes only the conditional pass (half the work).
+    calls.clear()
+    torch.testing.assert_close(fn(x, torch.full((3,), 9.0)), torch.ones(3, 2))
+    assert [c[0] for c in calls] == [3]
+    # No upper limit (hi = 0): everything above lo is guided; no interval = the plain guidance.
+    fn = guided_noise_fn(branch_net(calls), {"y": y}, {"y": null}, 2.0, interval=(0.3, 0.0), noise_level=level)
+    torch.testing.assert_close(fn(x, torch.tensor([2.0, 5.0, 90.0]))[:, 0], torch.tensor([1.0, 3.0, 3.0]))
+
+
+def test_guidance_interval_in_sample_uses_edm_sigma():
+    """sample(interval=...) guides exactly at the solver times with lo < s_t / a_t <= hi."""
+    d = build_diffusion("continuous", Objective(path="linear", prediction="velocity"))
+    calls = []
+    y = torch.ones(2)
+    sample(branch_net(calls), d, torch.randn(2, 3), algorithm="euler", steps=10, cond={"y": y},
+           uncond={"y": torch.zeros(2)}, scale=1.0, interval=(0.5, 2.0))
+    ts = [float(t[0]) / d.time_scale for _, t in calls]
+    guided = [n == 4 for n, _ in calls]
+    sigmas = [t / (1 - t) if t < 1 else math.inf for t in ts]  # t = 1: pure noise, sigma = inf
+    assert guided == [0.5 < s <= 2.0 for s in sigmas] and any(guided) and not all(guided)
+
+
+def test_autoguidance_guides_with_the_weaker_network():
+    calls = []
+    main = lambda x, t, y: torch.full_like(x, 2.0) * y.reshape(-1, 1)  # noqa: E731
+    weak = lambda x, t, y: calls.append(y) or torch.full_like(x, 0.5) * y.reshape(-1, 1)  # noqa: E731
+    y = torch.tensor([1.0, 2.0])
+    out = guided_noise_fn(main, {"y": y}, None, 1.5, guide=weak)(torch.zeros(2, 3), torch.ones(2))
+    # out = c + s (c - g) with the guide on the SAME condition: (2 + 1.5 * 1.5) y.
+    torch.testing.assert_close(out[:, 0], torch.tensor([4.25, 8.5]))
+    assert torch.equal(calls[0], y)
+
+
+# ----------------------------------------------------------------------------- the objective travels with the weights
+
+
+def run_dir(tmp_path, objective):
+    """A run folder as training leaves it: config.json and ckpts/10.ckpt."""
+    config = base_config()
+    config.objective.update(objective)
+    (tmp_path / "ckpts" / "10.ckpt").mkdir(parents=True)
+    (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
+    return str(tmp_path / "ckpts" / "10.ckpt")
+
+
+def test_weights_of_another_objective_are_refused_in_one_line(tmp_path):
+    ckpt = run_dir(tmp_path, dict(path="linear", prediction="velocity"))
+    flow, eps = base_config(), base_config()
+    flow.objective.update(path="linear", prediction="velocity")
+    check_objective(flow, ckpt)  # the same objective: fine
+    with pytest.raises(ConfigError, match="trained with objective linear/velocity .* this config says vp/noise") as e:
+        check_objective(eps, ckpt)
+    assert "\n" not in str(e.value)
+    check_objective(eps, str(tmp_path / "bare.pth"))  # a bare .pth carries no config: nothing to check
+
+
+def test_config_validation_refuses_an_init_from_of_another_objective(tmp_path):
+    from libs.config_utils import parse_and_validate
+    from configs.digits_uvit_tiny import get_config
+    config = get_config()
+    config.init.path = run_dir(tmp_path, dict(path="linear", prediction="velocity"))
+    with pytest.raises(ConfigError, match="config.init.path .* linear/velocity"):
+        parse_and_validate(config, world_size=1)
+
+
+def test_sampler_of_a_config_knows_its_objective():
+    from configs.digits_uvit_tiny_flow import get_config
+    from libs.family import Sampler, family_of
+    config = get_config()
+    config.sample.update(guidance_sigma_min=0.1, guidance_sigma_max=3.0)
+    sampler = Sampler.for_config(config, family_of(config), None, "cpu")
+    assert isinstance(sampler.diffusion, LinearFlow) and sampler.interval == (0.1, 3.0) and sampler.guide is None
+    config = ml_collections.ConfigDict(get_config().to_dict())
+    config.objective.update(path="vp", prediction="noise")
+    config.sample.algorithm = "dpm_solver"
+    assert isinstance(Sampler.for_config(config, family_of(config), None, "cpu").diffusion, ContinuousVP)
+    assert isinstance(build_diffusion("discrete", Objective(prediction="x0")), DiscreteVP)
+
+
+def test_scripts_and_export_refuse_another_objective(tmp_path):
+    import sample_class_cond
+    from libs.export import export_meta, export_model
+    eps_ckpt = run_dir(tmp_path / "eps", {})
+    flow_config = os.path.join(os.path.dirname(__file__), "..", "configs", "digits_uvit_tiny_flow.py")
+    with pytest.raises(ConfigError, match="trained with objective vp/noise .* this config says linear/velocity"):
+        sample_class_cond.main([f"--config={flow_config}", f"--nnet_path={eps_ckpt}", "--class_ids=1",
+                                f"--output_dir={tmp_path / 'out'}"])
+    with pytest.raises(ConfigError, match="--algorithm: 'dpm_solver' samples vp-path models"):
+        sample_class_cond.main([f"--config={flow_config}", f"--nnet_path={eps_ckpt}", "--class_ids=1",
+                                "--algorithm=dpm_solver", f"--output_dir={tmp_path / 'out'}"])
+    assert not (tmp_path / "out").exists()
+    flow = base_config()
+    flow.objective.update(path="linear", prediction="velocity")
+    with pytest.raises(ConfigError, match="checkpoint .* vp/noise"):
+        export_model(eps_ckpt, str(tmp_path / "export"), flow)
+    assert not (tmp_path / "export").exists()
+    assert Objective.of(export_meta(flow)) == Objective(path="linear", prediction="velocity")

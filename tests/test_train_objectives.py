@@ -33,7 +33,7 @@ def test_flow_resume_with_accumulation_is_exact(tmp_path):
     assert torch.equal(params(b.nnet), params(a.nnet)) and torch.equal(params(b.nnet_ema), params(a.nnet_ema))
     assert [m['loss'] for m in b.logged] == [m['loss'] for m in a.logged if m['step'] > 2]
     # A resume under another objective would continue the weights with the wrong loss: refused in one line.
-    with pytest.raises(ConfigError, match='the checkpoint to resume .* linear/velocity') as e:
+    with pytest.raises(ConfigError, match="objective.path: 'linear' -> 'vp'") as e:
         train(tiny_config(n_steps=6), str(tmp_path / 'b'), PIXELS_CONTINUOUS)
     assert '\n' not in str(e.value)
 

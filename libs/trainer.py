@@ -43,7 +43,9 @@ from libs.logging_utils import log_once, setup_logging
 from libs.nnet import build_nnet, load_nnet_state_dict
 from libs.optim import build_lr_scheduler, build_optimizer
 from libs.perf import configure_tf32, maybe_compile
+from libs.posthoc_ema import PowerEMA
 from libs.preemption import StopSignals
+from libs.repa import alignment_loss, build_alignment
 from libs.sample_grid import save_grid
 from sde import build_diffusion
 
@@ -91,6 +93,10 @@ class Run:
     bad_steps: set = dataclasses.field(default_factory=set)  # the steps found non-finite so far
     history: dict = dataclasses.field(default_factory=lambda: {'fid': {}, 'score': {}})
     logged: list = dataclasses.field(default_factory=list)  # the metrics of every log line of this process's run
+    aligner: Any = None  # REPA: libs.repa.AlignedNetwork (network + projector), None when config.repa is off
+    encoder: Any = None  # REPA: the frozen encoder, None when the dataset stores its features
+    align_sum: Any = None  # REPA: the alignment loss summed since the last log line (device)
+    posthoc: Any = None  # post-hoc EMA: libs.posthoc_ema.PowerEMA, None when config.posthoc_ema is off
 
     @property
     def ckpt_root(self):
@@ -117,7 +123,7 @@ def train_step(r: Run, batch, step: int):
     cfg, acc = r.config, r.accelerator
     torch.manual_seed(mix_seed(mix_seed(cfg.seed, acc.process_index), step))  # noise, t, dropout of this step
     batches = batch if isinstance(batch, list) else [batch]
-    k, loss = len(batches), 0.0
+    k, loss, align_loss = len(batches), 0.0, 0.0
     for i, micro_batch in enumerate(batches):
         micro_batch = {name: v.to(r.device, non_blocking=True) if torch.is_tensor(v) else v  # from pinned memory
                        for name, v in micro_batch.items()}
@@ -127,17 +133,42 @@ def train_step(r: Run, batch, step: int):
         # 1 / k of it. DDP all-reduces once, at the last backward (no_sync accumulates locally before it).
         with acc.no_sync(r.train_nnet) if i < k - 1 else contextlib.nullcontext():
             micro = r.diffusion.loss(r.train_nnet, x0, **cond).mean()
-            acc.backward(micro / k)
+            if r.aligner is None:
+                acc.backward(micro / k)
+            else:  # REPA: beside the diffusion loss, on the block tokens of the same forward
+                align = alignment_loss(r.aligner.projected, alignment_target(r, micro_batch))
+                acc.backward((micro + cfg.repa.weight * align) / k)
+                align_loss = align_loss + align.detach() / k
         loss = loss + micro.detach() / k
     # The norm of the all-reduced gradients: the same on every process, so all skip the same steps.
-    grad_norm = acc.clip_grad_norm_(r.nnet.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    trained = r.nnet if r.aligner is None else r.aligner  # the projector is clipped and stepped with the network
+    grad_norm = acc.clip_grad_norm_(trained.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     applied = torch.isfinite(grad_norm)
     r.optimizer.optimizer.found_inf = (~applied).float()  # fused AdamW skips the update (fp16: the scaler sets it)
     r.optimizer.step()
     r.lr_scheduler.step()
     r.ema.update(cfg.ema_rate, applied)
+    if r.posthoc is not None:
+        r.posthoc.update(step + 1)
+    if r.aligner is not None:
+        r.align_sum += torch.where(applied, align_loss, 0.0)
     r.optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm, applied
+
+
+def alignment_target(r: Run, batch) -> torch.Tensor:
+    """REPA's target (B, N, E): the encoder features stored with the latents, or the encoder's of the images."""
+    return batch['repa'] if 'repa' in batch else r.encoder(batch['x'])
+
+
+def extra_train_state(r: Run) -> dict:
+    """What the training aids add to train_state.pth: the REPA projector, the post-hoc EMA profiles."""
+    state = {}
+    if r.aligner is not None:
+        state['repa_projector'] = r.aligner.projector.state_dict()
+    if r.posthoc is not None:
+        state['posthoc_ema'] = r.posthoc.state_dict()
+    return state
 
 
 def check_finite(r: Run, step: int):
@@ -165,6 +196,19 @@ def check_finite(r: Run, step: int):
                 f"config.grad_clip (e.g. 1.0), and rerun the same command to resume from it.")
 
 
+def load_extra_train_state(r: Run, state: dict, path: str):
+    """Resume the REPA projector and the post-hoc EMA profiles; a checkpoint without them (written with the
+    aid off) starts them afresh, with a warning; ones the config turned off are ignored."""
+    for on, key, target, what in ((r.aligner is not None, 'repa_projector', r.aligner and r.aligner.projector,
+                                   'the REPA projector starts afresh'),
+                                  (r.posthoc is not None, 'posthoc_ema', r.posthoc,
+                                   'the post-hoc EMA profiles start at this step (reconstructions assume step 0)')):
+        if on and key in state:
+            target.load_state_dict(state[key])
+        elif on:
+            logger.warning("'%s' has no %s: %s", path, key, what)
+
+
 def save(r: Run, step: int) -> str:
     """Checkpoint ckpts/<step>.ckpt (rank 0 writes, all ranks take part); never after a divergence."""
     check_finite(r, step)
@@ -174,7 +218,8 @@ def save(r: Run, step: int) -> str:
         save_checkpoint(r.ckpt_root, step, nnet=r.nnet, nnet_ema=r.nnet_ema, optimizer=r.optimizer,
                         lr_scheduler=r.lr_scheduler, keep_last=r.config.train.keep_last_ckpts or None,
                         train_state={'data': r.loader.state_dict(), 'history': r.history,
-                                     'scaler': scaler.state_dict() if scaler is not None else None},
+                                     'scaler': scaler.state_dict() if scaler is not None else None,
+                                     **extra_train_state(r)},
                         protect=(min(fids, key=fids.get),) if fids else ())
     r.accelerator.wait_for_everyone()
     return path
@@ -296,10 +341,12 @@ def train(config, workdir: str, family):
     set_seed(config.seed)
     nnet = build_nnet(config.nnet).to(device)
     nnet_ema = make_ema(nnet)
-    optimizer = build_optimizer(nnet, config.optimizer)
+    aligner, encoder = build_alignment(config.repa, nnet, data, device) if config.repa.enabled else (None, None)
+    trained = nnet if aligner is None else aligner  # REPA trains the projector with the network
+    optimizer = build_optimizer(trained, config.optimizer)
     # Not prepared by accelerate, which would step it once per process per optimizer step.
     lr_scheduler = build_lr_scheduler(optimizer, config.lr_scheduler, config.train.n_steps)
-    train_nnet, optimizer = accelerator.prepare(nnet, optimizer)
+    train_nnet, optimizer = accelerator.prepare(trained, optimizer)
     logger.info("network %s: %.2fM parameters", config.nnet.name, sum(p.numel() for p in nnet.parameters()) / 1e6)
     r = Run(config=config, workdir=workdir, family=family, accelerator=accelerator, data=data, nnet=nnet,
             nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader,
@@ -307,7 +354,9 @@ def train(config, workdir: str, family):
             null=family.null_condition(config, getattr(data, 'empty_context', None)),
             train_nnet=maybe_compile(train_nnet, config.compile),
             p_uncond=float(config.dataset.p_uncond) if config.dataset.cfg else 0.0, ema=EMAUpdater(nnet_ema, nnet),
-            nonfinite=torch.zeros(config.train.n_steps + 1, dtype=torch.bool, device=device))
+            nonfinite=torch.zeros(config.train.n_steps + 1, dtype=torch.bool, device=device),
+            aligner=aligner, encoder=encoder, align_sum=torch.zeros((), device=device),
+            posthoc=PowerEMA(nnet, config.posthoc_ema.sigma_rels) if config.posthoc_ema.snapshot_interval else None)
 
     # Resume: network, EMA, optimizer, scheduler, step, data position (the noise is seeded per step).
     last_ckpt, state = resume(r.ckpt_root, nnet=nnet, nnet_ema=nnet_ema, optimizer=optimizer,
@@ -319,6 +368,7 @@ def train(config, workdir: str, family):
         if state.get('scaler') is not None and accelerator.scaler is not None:
             accelerator.scaler.load_state_dict(state['scaler'])
         r.history = state.get('history', r.history)
+        load_extra_train_state(r, state, last_ckpt)
         logger.info("resuming at step %d from %s%s", step, last_ckpt,
                     f" (--init_from '{config.init.path}' ignored: the run already started)" if config.init.path else '')
     elif config.init.path:  # a new run from given weights: fresh optimizer, step 0, the EMA starts at them
@@ -340,6 +390,9 @@ def train(config, workdir: str, family):
             r.nonfinite[step] = ~torch.isfinite(loss) | (~applied if accelerator.scaler is None else False)
             loss_sum += torch.where(applied, loss, 0.0)
             bar.update(1)
+            if r.posthoc is not None and is_main and (step % config.posthoc_ema.snapshot_interval == 0
+                                                      or step == n_steps):
+                r.posthoc.save_snapshot(workdir, step)  # the one host copy of the profiles per interval
 
             log_now = step % t.log_interval == 0 or step == n_steps
             if log_now:  # the hot loop's one host sync per log_interval
@@ -348,6 +401,9 @@ def train(config, workdir: str, family):
                 now, n = time.time(), step - last_log_step
                 metrics = {'loss': mean_loss / n, 'lr': lr_scheduler.get_last_lr()[0], 'grad_norm': mean_norm,
                            'images_per_s': n * t.batch_size / max(now - last_log_time, 1e-9)}
+                if r.aligner is not None:  # REPA: the alignment loss beside the diffusion loss
+                    metrics['align_loss'] = accelerator.reduce(r.align_sum, 'mean').item() / n
+                    r.align_sum.zero_()
                 logger.info("step %d/%d: %s", step, n_steps, ', '.join(f"{k} {v:.4g}" for k, v in metrics.items()))
                 r.logged.append({'step': step, **metrics})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")

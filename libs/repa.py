@@ -141,9 +141,10 @@ def _dinov2(name: str, weights: str):
 
 
 def _timm(name: str, weights: str):
+    state = _read_weights(weights, f"timm {name}")  # before the import: a missing file costs nothing
     import timm  # optional
     model = timm.create_model(name, pretrained=False, num_classes=0)
-    model.load_state_dict(_read_weights(weights, f"timm {name}"), strict=False)
+    model.load_state_dict(state, strict=False)  # without the classifier head (num_classes=0)
 
     def features(m, x):
         f = m.forward_features(x)
@@ -152,12 +153,13 @@ def _timm(name: str, weights: str):
 
 
 def _torchvision(name: str, weights: str):
+    state = _read_weights(weights, f"torchvision {name}")
     import torchvision  # heavy
     model = torchvision.models.get_model(name, weights=None)
     if not hasattr(model, 'class_token'):
         raise ConfigError(f"config.repa.encoder='torchvision:{name}': only torchvision ViTs (vit_b_16, vit_l_16, "
                           f"...) give patch tokens; trace another model to TorchScript and use 'torchscript'")
-    model.load_state_dict(_read_weights(weights, f"torchvision {name}"))
+    model.load_state_dict(state)
 
     def features(m, x):
         x = m._process_input(x)

@@ -40,7 +40,10 @@ def _latent_shape(moments_shape):
 
 
 class LabelledMoments(Dataset):
-    """Items {'moments': (2C, h, w) float32, 'y': int64 scalar} from a feature reader."""
+    """Items {'moments': (2C, h, w) float32, 'y': int64 scalar} from a feature reader, plus 'repa': (N, E)
+    float32 stored encoder features when `with_repa` (set by libs.repa for representation alignment)."""
+
+    with_repa = False
 
     def __init__(self, reader):
         self.reader = reader
@@ -49,14 +52,21 @@ class LabelledMoments(Dataset):
         return len(self.reader)
 
     def __getitem__(self, i):
-        return {"moments": torch.from_numpy(self.reader.moments(i)),
+        item = {"moments": torch.from_numpy(self.reader.moments(i)),
                 "y": torch.tensor(self.reader.label(i), dtype=torch.int64)}
+        if self.with_repa:
+            item["repa"] = torch.from_numpy(self.reader.repa_many([i])[0])
+        return item
 
     def __getitems__(self, indices):
         """A whole batch at once (torch's DataLoader calls this when present): one read per shard."""
         moments = torch.from_numpy(self.reader.moments_many(indices))
         labels = torch.from_numpy(self.reader.labels_many(indices))
-        return [{"moments": m, "y": y} for m, y in zip(moments, labels)]
+        items = [{"moments": m, "y": y} for m, y in zip(moments, labels)]
+        if self.with_repa:
+            for item, f in zip(items, torch.from_numpy(self.reader.repa_many(indices))):
+                item["repa"] = f
+        return items
 
 
 class CaptionedMoments(Dataset):

@@ -9,7 +9,7 @@ Stages (run in order; each prints what it made):
            (sigma_rel 0.05 and 0.10, a snapshot every --snapshot_interval steps).
   score    the digit score (final evaluation's protocol: DPM-Solver 25 steps, guidance 1, 1,000 samples) of
            each run's fixed-rate EMA (config.ema_rate 0.99) and of post-hoc EMAs of several widths
-           reconstructed by tools/posthoc_ema.py.
+           reconstructed by tools/posthoc_ema.py (of the run without alignment; --repa_widths: both).
 
     nice -n 5 python benchmarks/bench_repa_posthoc.py --stage encoder,train,score --out workdir/bench_repa
 """
@@ -27,8 +27,12 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from benchmarks.machine import describe_machine  # noqa: E402
+from configs.digits_uvit_tiny import get_config  # noqa: E402
+from libs.datasets import dataset_kwargs, get_dataset  # noqa: E402
+from libs.evaluation import generate_all, load_models  # noqa: E402
+from libs.family import PIXELS_CONTINUOUS, Sampler  # noqa: E402
 
-WIDTHS = (0.02, 0.03, 0.05, 0.07, 0.10, 0.15, 0.20, 0.25)
+WIDTHS = (0.03, 0.05, 0.08, 0.12, 0.18, 0.25)
 
 
 class DigitEncoder(nn.Module):
@@ -44,7 +48,7 @@ class DigitEncoder(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
-def train_encoder(path, steps=600):
+def train_encoder(path, steps=200):
     from sklearn.datasets import load_digits  # heavy
 
     digits = load_digits()
@@ -69,7 +73,8 @@ def run_args(out, name, n_steps, snapshot_interval):
     args = [sys.executable, os.path.join(ROOT, 'train.py'), '--config=configs/digits_uvit_tiny.py',
             f'--workdir={os.path.join(out, name)}', f'--config.train.n_steps={n_steps}',
             f'--config.train.save_interval={n_steps}', f'--config.train.eval_interval={n_steps}',
-            f'--config.posthoc_ema.snapshot_interval={snapshot_interval}', '--config.log_with=']
+            f'--config.posthoc_ema.snapshot_interval={snapshot_interval}', '--config.log_with=',
+            '--config.fid.n_samples=0']  # the final evaluation only (the scores below)
     if name == 'repa':
         args += ['--config.repa.enabled=True', '--config.repa.encoder=torchscript',
                  f'--config.repa.weights={os.path.join(out, "encoder.pt")}', '--config.repa.resolution=8',
@@ -90,13 +95,8 @@ def train_runs(out, n_steps, snapshot_interval):
     print(f"train: 2 runs of {n_steps} steps in parallel, one thread each, {time.time() - start:.0f} s")
 
 
-def score(out, n_steps):
+def score(out, repa_widths):
     from accelerate import Accelerator  # heavy
-
-    from configs.digits_uvit_tiny import get_config
-    from libs.datasets import dataset_kwargs, get_dataset
-    from libs.evaluation import generate_all, load_models
-    from libs.family import PIXELS_CONTINUOUS, Sampler
 
     config = get_config()
     family, accelerator = PIXELS_CONTINUOUS.for_config(config), Accelerator(cpu=True)
@@ -119,7 +119,7 @@ def score(out, n_steps):
         align = [line.split('align_loss ')[1].split(',')[0] for line in log.splitlines() if 'align_loss' in line]
         rows.append((name, f'fixed rate {config.ema_rate}', final['digit_accuracy'], final['pixel_fd'],
                      align[-1] if align else ''))
-        for width in WIDTHS:
+        for width in WIDTHS if name == 'plain' or repa_widths else ():
             target = os.path.join(workdir, f'posthoc_{width}.pth')
             done = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'posthoc_ema.py'),
                                    f'--workdir={workdir}', f'--sigma_rel={width}', f'--output={target}'],
@@ -141,6 +141,7 @@ def main():
     p.add_argument('--out', default='workdir/bench_repa')
     p.add_argument('--n_steps', type=int, default=1500)
     p.add_argument('--snapshot_interval', type=int, default=50)
+    p.add_argument('--repa_widths', action='store_true', help="also score the post-hoc widths of the REPA run")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     stages = args.stage.split(',')
@@ -149,7 +150,7 @@ def main():
     if 'train' in stages:
         train_runs(args.out, args.n_steps, args.snapshot_interval)
     if 'score' in stages:
-        score(args.out, args.n_steps)
+        score(args.out, args.repa_widths)
 
 
 if __name__ == '__main__':

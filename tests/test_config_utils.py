@@ -126,13 +126,17 @@ OUT_OF_RANGE = {
     "nnet.img_size": 0, "nnet.patch_size": 0, "nnet.in_chans": 0, "nnet.embed_dim": -64, "nnet.depth": 0,
     "nnet.num_heads": 0, "nnet.mlp_ratio": 0.0, "nnet.qk_scale": -1.0, "nnet.num_classes": -2,
     "fid.inception_weights": "/no/such/inception.pth", "z_shape": (4, 32), "diffusion": "ddpm",
-    "train.grad_accum_steps": 0, "init.path": "/no/such/weights.pth", "log_with": "mlflow"}
+    "train.grad_accum_steps": 0, "init.path": "/no/such/weights.pth", "log_with": "mlflow",
+    "posthoc_ema.sigma_rels": (0.05, 0.3), "posthoc_ema.snapshot_interval": -1, "repa.resolution": 0,
+    "repa.projector_dim": 0, "repa.weight": 0.0}
 # Free values: any number (seeds, guidance scales) or any string the dataset / loader checks where it reads it.
 NO_RANGE = {"seed", "sample.scale", "grid.scale", "autoencoder.pretrained_path", "dataset.name", "sample.path",
             "wandb.project", "compile", "tf32", "optimizer.no_decay_for_embeddings_norms_biases", "dataset.cfg",
             "sample.cfg", "init.resize", "dataloader.pin_memory", "dataloader.persistent_workers", "nnet.qkv_bias",
             "nnet.mlp_time_embed", "nnet.use_checkpoint", "nnet.conv", "nnet.skip",
-            "fid.stat"}  # missing statistics only turn training-time FID off (logged); eval checks them
+            "fid.stat",  # missing statistics only turn training-time FID off (logged); eval checks them
+            "repa.enabled", "repa.block",  # the block is checked against the network when it is built
+            "repa.encoder", "repa.weights"}  # checked when repa.enabled (test_repa_keys_are_checked_when_on)
 
 
 @pytest.mark.parametrize("key, default", _every_key(), ids=[k for k, _ in _every_key()])
@@ -276,3 +280,18 @@ def test_space_separated_override_is_checked():
     cfg = os.path.join(ROOT, "configs", "cifar10_uvit_small.py")
     with pytest.raises(flags.IllegalFlagValueError, match="'nnet.depth' takes an integer; got 'deep'"):
         _flag_values(["train.py", f"--config={cfg}", "--config.nnet.depth", "deep"])
+
+
+def test_repa_keys_are_checked_when_on(tmp_path):
+    config = base()
+    config.repa.update(encoder="dino", weights=str(tmp_path / "none.pt"))
+    parse_and_validate(config, world_size=1)  # off: not read
+    config.repa.enabled = True
+    with pytest.raises(ConfigError) as info:
+        parse_and_validate(config, world_size=1)
+    assert "config.repa.encoder = 'dino': not one of dinov2_vits14" in str(info.value)
+    assert f"config.repa.weights = '{tmp_path / 'none.pt'}': does not exist" in str(info.value)
+    config.repa.update(encoder="timm:vit_base_patch14_dinov2", weights="")
+    parse_and_validate(config, world_size=1)
+    config.posthoc_ema.sigma_rels = (0.05, 0.10, 0.2)  # any number of widths
+    parse_and_validate(config, world_size=1)

@@ -460,10 +460,13 @@ def dry_run(config, workdir: str, family):
     training; writes the resolved config to <workdir>/config.json."""
     parse_and_validate(config, world_size=int(os.environ.get('WORLD_SIZE', 1)))
     family = family.for_config(config)
-    family.check(config, get_dataset(config.dataset.name, **dataset_kwargs(config)))
+    data = get_dataset(config.dataset.name, **dataset_kwargs(config))
+    family.check(config, data)
     if family.data == 'latents':
         get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor)
     nnet = build_nnet(config.nnet)
+    if config.repa.enabled:  # the block, the encoder's files or the features stored with the latents
+        build_alignment(config.repa, nnet, data, 'cpu')
     if config.init.path:  # the weights fit the network (or can be adapted to it)
         init_weights(nnet, config.init.path, resize=config.init.resize, null_last=config.dataset.cfg)
     build_lr_scheduler(build_optimizer(nnet, config.optimizer), config.lr_scheduler, config.train.n_steps)

@@ -34,23 +34,16 @@ def test_profile_inner_products_match_numerical_integration():
         assert profile_inner(t1, g1, t2, g2) == pytest.approx(numeric, rel=1e-4)
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.lin = nn.Linear(4, 3)
-        self.register_buffer('count', torch.zeros(()))
-
-
 def test_the_update_gives_each_step_its_closed_form_weight():
     torch.manual_seed(0)
-    net = Net()
+    net = nn.Sequential(nn.Linear(4, 3))
     ema = PowerEMA(net, (0.1,))
     g = ema.gammas[0]
     thetas = []
     for step in range(1, 31):
         with torch.no_grad():
-            net.lin.weight.copy_(torch.randn(3, 4))
-        thetas.append(net.lin.weight.detach().double().clone())
+            net[0].weight.copy_(torch.randn(3, 4))
+        thetas.append(net[0].weight.detach().double().clone())
         ema.update(step)
     t = 30
     # Step tau's weight in the power EMA at t: (tau^(g+1) - (tau-1)^(g+1)) / t^(g+1).

@@ -231,3 +231,17 @@ def test_a_latent_feature_dataset_without_stored_features_is_refused(encoder_fil
     with pytest.raises(ConfigError, match="mid_block"):
         build_alignment(cfg, tiny_uvit(), data, 'cpu')
     assert math.isfinite(cfg.weight)
+
+
+def test_dry_run_checks_the_alignment_setup(tmp_path, encoder_file, monkeypatch):
+    from libs.trainer import dry_run
+
+    config = repa_config(encoder_file, n_steps=2)
+    dry_run(config, str(tmp_path), PIXELS_CONTINUOUS)
+    config.repa.block = 'out_blocks.5'
+    with pytest.raises(ConfigError, match="config.repa.block='out_blocks.5' is not a block"):
+        dry_run(config, str(tmp_path), PIXELS_CONTINUOUS)
+    monkeypatch.setattr(torch.hub, 'get_dir', lambda: str(tmp_path / 'hub'))
+    config.repa.update(block='mid_block', encoder='dinov2_vits14', weights='', resolution=224)
+    with pytest.raises(MissingFileError, match="facebookresearch_dinov2_main"):
+        dry_run(config, str(tmp_path), PIXELS_CONTINUOUS)

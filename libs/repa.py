@@ -219,6 +219,18 @@ def build_encoder(repa_config, device):
     return Encoder(repa_config.encoder, repa_config.weights, repa_config.resolution).to(device)
 
 
+def extraction_encoder(args, image_resolution, device):
+    """(Encoder or None, (N, E) or None, settings dict) of the extraction flags --repa_encoder / _weights /
+    _resolution / _dtype (tools.cli.define_repa_encoder); the settings go into the shard records and manifest."""
+    if not args.repa_encoder:
+        return None, None, {}
+    encoder = Encoder(args.repa_encoder, args.repa_weights, args.repa_resolution).to(device)
+    shape = tuple(encoder(torch.zeros(1, 3, image_resolution, image_resolution, device=device)).shape[1:])
+    return encoder, shape, {'repa_encoder': args.repa_encoder, 'repa_resolution': args.repa_resolution,
+                            'repa_weights': os.path.abspath(args.repa_weights) if args.repa_weights else '',
+                            'repa_dtype': args.repa_dtype}
+
+
 def stored_features(data, repa_config):
     """(N, E) of the encoder features stored with a latent dataset's moments (switching them on in its items),
     or None when it stores none. ConfigError when they come from another encoder or resolution."""

@@ -35,8 +35,8 @@ from libs.autoencoder import DEFAULT_PATH, get_model  # noqa: E402
 from libs.datasets.base import adm_center_crop, list_images, load_rgb, uint8_to_unit_range  # noqa: E402
 from libs.errors import InputError, MissingFileError, exit_on_user_error  # noqa: E402
 from libs.logging_utils import setup_logging  # noqa: E402
-from libs.repa import Encoder  # noqa: E402
-from tools.cli import define_resolution, parse_flags  # noqa: E402
+from libs.repa import extraction_encoder  # noqa: E402
+from tools.cli import define_repa_encoder, define_resolution, parse_flags  # noqa: E402
 
 logger = logging.getLogger("extract_imagenet_feature")
 
@@ -85,13 +85,7 @@ def define_flags(fv):
     flags.DEFINE_integer("shard_size", 2048, "images per shard (the unit of resuming)", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", features.STORAGE_DTYPES, "storage precision", flag_values=fv)
     flags.DEFINE_integer("num_workers", 8, "image decoding processes per extraction process", flag_values=fv)
-    flags.DEFINE_string("repa_encoder", "", "also store this encoder's patch features (config.repa.encoder: "
-                        "dinov2_vitb14, 'timm:<name>', ...); '' = none", flag_values=fv)
-    flags.DEFINE_string("repa_weights", "", "its weights file (config.repa.weights; '' = the torch hub cache)",
-                        flag_values=fv)
-    flags.DEFINE_integer("repa_resolution", 224, "its input size (config.repa.resolution)", flag_values=fv)
-    flags.DEFINE_enum("repa_dtype", "float16", features.STORAGE_DTYPES, "storage precision of its features",
-                      flag_values=fv)
+    define_repa_encoder(fv)
     flags.DEFINE_enum("autocast", "no", ["no", "fp16", "bf16"],
                       "run the encoder under autocast (faster on GPUs; not bit-identical to the original's fp32)",
                       flag_values=fv)
@@ -139,13 +133,8 @@ def main(argv=None):
     autoencoder = get_model(args.autoencoder).to(state.device)
     settings = {"resolution": args.resolution, "autoencoder": os.path.abspath(args.autoencoder),
                 "dtype": args.dtype, "autocast": args.autocast, "num_images": len(paths), "flip": True}
-    encoder = repa_shape = None
-    if args.repa_encoder:
-        encoder = Encoder(args.repa_encoder, args.repa_weights, args.repa_resolution).to(state.device)
-        repa_shape = tuple(encoder(torch.zeros(1, 3, args.resolution, args.resolution, device=state.device)).shape[1:])
-        settings.update(repa_encoder=args.repa_encoder, repa_resolution=args.repa_resolution,
-                        repa_weights=os.path.abspath(args.repa_weights) if args.repa_weights else "",
-                        repa_dtype=args.repa_dtype)
+    encoder, repa_shape, repa_settings = extraction_encoder(args, args.resolution, state.device)
+    settings.update(repa_settings)  # nothing without --repa_encoder: earlier extractions still resume
     plan = features.plan_shards(len(paths), args.shard_size)
     todo = features.pending_shards(args.output, plan, state.process_index, state.num_processes, settings)
     logger.info("%d images in %d classes -> %d shards; process %d/%d has %d left", len(paths), len(classes),

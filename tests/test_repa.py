@@ -1,5 +1,6 @@
 """Representation alignment (libs/repa.py): the loss against its formula, where gradients go, the stored
 encoder features written and read exactly, and an exact resume with alignment and post-hoc EMA on."""
+import importlib.util
 import math
 import os
 
@@ -153,8 +154,6 @@ def test_the_stored_encoder_features_are_written_and_read_exactly(tmp_path):
 
 
 def test_extraction_stores_the_encoder_features_of_images_and_flips(tmp_path):
-    import importlib.util
-
     from PIL import Image
 
     from tests.tiny_models import write_tiny_autoencoder
@@ -185,6 +184,47 @@ def test_extraction_stores_the_encoder_features_of_images_and_flips(tmp_path):
             torch.testing.assert_close(torch.from_numpy(reader.repa_many([2 * i + j])[0]),
                                        torch.from_numpy(expected), rtol=0, atol=1e-6)
     assert reader.manifest['info']['repa_encoder'] == 'torchscript'
+
+
+def test_mscoco_extraction_stores_the_encoder_features_of_each_image(tmp_path):
+    import json
+
+    from PIL import Image
+
+    from libs.datasets.features import CaptionedMoments
+    from tests.tiny_models import write_tiny_autoencoder, write_tiny_clip
+
+    coco = tmp_path / 'coco'
+    os.makedirs(coco / 'train2014')
+    os.makedirs(coco / 'annotations')
+    rng = np.random.default_rng(0)
+    ann = {'images': [], 'annotations': []}
+    for image_id in (3, 1):
+        name = f'COCO_train2014_{image_id:012d}.png'
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(coco / 'train2014' / name)
+        ann['images'].append({'id': image_id, 'file_name': name, 'width': 16, 'height': 16})
+        ann['annotations'].append({'id': image_id, 'image_id': image_id, 'caption': 'the cat'})
+    (coco / 'annotations' / 'captions_train2014.json').write_text(json.dumps(ann))
+    spec = importlib.util.spec_from_file_location('extract_mscoco_feature', os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts', 'extract_mscoco_feature.py'))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    encoder_file = _save_encoder(tmp_path, 3)
+    script.main([f'--coco_root={coco}', f'--output={tmp_path / "out"}', '--split=train', '--resolution=16',
+                 f'--autoencoder={write_tiny_autoencoder(str(tmp_path / "ae.pth"))}',
+                 f'--clip={write_tiny_clip(str(tmp_path / "clip"), hidden_size=32)}', '--num_workers=0',
+                 '--repa_encoder=torchscript', f'--repa_weights={encoder_file}', '--repa_resolution=8',
+                 '--repa_dtype=float32'])
+    reader = F.PackedFeatures(str(tmp_path / 'out' / 'train'))
+    encoder = Encoder('torchscript', encoder_file, resolution=8)
+    images = script.CocoImages(script.read_coco_captions(str(coco / 'annotations' / 'captions_train2014.json'),
+                                                         str(coco / 'train2014')), 16)
+    for i in range(2):  # image ids in increasing order
+        expected = encoder(torch.as_tensor(images[i]).unsqueeze(0))[0]
+        torch.testing.assert_close(torch.from_numpy(reader.repa_many([i])[0]), expected, rtol=0, atol=1e-6)
+    items = CaptionedMoments(reader)
+    items.with_repa = True
+    assert torch.equal(items[1]['repa'], items.__getitems__([0, 1])[1]['repa'])
 
 
 def repa_config(encoder_file, **train):

@@ -152,7 +152,9 @@ def reconstruct(workdir: str, sigma_rel: float, step=None):
         raise ConfigError(f"no snapshot at step {step} in '{workdir}'; snapshots exist at steps "
                           f"{[s for s, _ in found][:3]} ... {found[-1][0]}")
     gamma = gamma_from_sigma_rel(sigma_rel)
-    headers = [torch.load(p, map_location='cpu', weights_only=True) for _, p in used]
+    # Memory-mapped: the coefficients need only each snapshot's step and exponents, and the sum below reads
+    # one snapshot at a time (a large network's snapshots do not fit in memory together).
+    headers = [torch.load(p, map_location='cpu', weights_only=True, mmap=True) for _, p in used]
     steps = [h['step'] for h in headers for _ in h['gammas']]
     gammas = [g for h in headers for g in h['gammas']]
     c, error = solve_coefficients(steps, gammas, step, gamma)
@@ -164,13 +166,15 @@ def reconstruct(workdir: str, sigma_rel: float, step=None):
         raise ConfigError(f"sigma_rel={sigma_rel} cannot be reconstructed at step {step} from the stored profiles "
                           f"(sigma_rel {stored}, {len(headers)} snapshots): the best fit misses its profile by "
                           f"{100 * error:.0f}% (limit {100 * MAX_PROFILE_ERROR:.0f}%); {span}")
-    averages = [avg for h in headers for avg in h['averages']]
-    out = {}
-    for name, ref in averages[-1].items():
-        acc = torch.zeros_like(ref, dtype=torch.float64)
-        for ck, avg in zip(c, averages):
-            acc += float(ck) * avg[name].double()
-        out[name] = acc.to(ref.dtype)
+    out, k = {}, 0
+    for h in headers:
+        for avg in h['averages']:
+            for name, value in avg.items():
+                out[name] = out.get(name, 0.0) + float(c[k]) * value.double()
+            k += 1
+    assert k == len(c)
+    reference = headers[-1]['averages'][-1]
+    out = {name: v.to(reference[name].dtype) for name, v in out.items()}
     out.update(headers[-1]['buffers'])  # buffers are not averaged (the network's at that step)
     return out, {'sigma_rel': float(sigma_rel), 'gamma': gamma, 'step': step, 'profile_error': error,
                  'snapshots': len(headers)}

@@ -341,7 +341,8 @@ def train(config, workdir: str, family):
     set_seed(config.seed)
     nnet = build_nnet(config.nnet).to(device)
     nnet_ema = make_ema(nnet)
-    aligner, encoder = build_alignment(config.repa, nnet, data, device) if config.repa.enabled else (None, None)
+    repa, posthoc = config.get('repa'), config.get('posthoc_ema')  # (configs not built on configs/base.py lack them)
+    aligner, encoder = build_alignment(repa, nnet, data, device) if repa and repa.enabled else (None, None)
     trained = nnet if aligner is None else aligner  # REPA trains the projector with the network
     optimizer = build_optimizer(trained, config.optimizer)
     # Not prepared by accelerate, which would step it once per process per optimizer step.
@@ -356,7 +357,7 @@ def train(config, workdir: str, family):
             p_uncond=float(config.dataset.p_uncond) if config.dataset.cfg else 0.0, ema=EMAUpdater(nnet_ema, nnet),
             nonfinite=torch.zeros(config.train.n_steps + 1, dtype=torch.bool, device=device),
             aligner=aligner, encoder=encoder, align_sum=torch.zeros((), device=device),
-            posthoc=PowerEMA(nnet, config.posthoc_ema.sigma_rels) if config.posthoc_ema.snapshot_interval else None)
+            posthoc=PowerEMA(nnet, posthoc.sigma_rels) if posthoc and posthoc.snapshot_interval else None)
 
     # Resume: network, EMA, optimizer, scheduler, step, data position (the noise is seeded per step).
     last_ckpt, state = resume(r.ckpt_root, nnet=nnet, nnet_ema=nnet_ema, optimizer=optimizer,
@@ -465,7 +466,7 @@ def dry_run(config, workdir: str, family):
     if family.data == 'latents':
         get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor)
     nnet = build_nnet(config.nnet)
-    if config.repa.enabled:  # the block, the encoder's files or the features stored with the latents
+    if config.get('repa') and config.repa.enabled:  # the block, the encoder's files or the stored features
         build_alignment(config.repa, nnet, data, 'cpu')
     if config.init.path:  # the weights fit the network (or can be adapted to it)
         init_weights(nnet, config.init.path, resize=config.init.resize, null_last=config.dataset.cfg)

@@ -95,7 +95,7 @@ def train_runs(out, n_steps, snapshot_interval):
     print(f"train: 2 runs of {n_steps} steps in parallel, one thread each, {time.time() - start:.0f} s")
 
 
-def score(out, repa_widths):
+def score(out, repa_widths, widths=WIDTHS):
     from accelerate import Accelerator  # heavy
 
     config = get_config()
@@ -119,7 +119,7 @@ def score(out, repa_widths):
         align = [line.split('align_loss ')[1].split(',')[0] for line in log.splitlines() if 'align_loss' in line]
         rows.append((name, f'fixed rate {config.ema_rate}', final['digit_accuracy'], final['pixel_fd'],
                      align[-1] if align else ''))
-        for width in WIDTHS if name == 'plain' or repa_widths else ():
+        for width in widths if name == 'plain' or repa_widths else ():
             target = os.path.join(workdir, f'posthoc_{width}.pth')
             done = subprocess.run([sys.executable, os.path.join(ROOT, 'tools', 'posthoc_ema.py'),
                                    f'--workdir={workdir}', f'--sigma_rel={width}', f'--output={target}'],
@@ -142,6 +142,7 @@ def main():
     p.add_argument('--n_steps', type=int, default=1500)
     p.add_argument('--snapshot_interval', type=int, default=50)
     p.add_argument('--repa_widths', action='store_true', help="also score the post-hoc widths of the REPA run")
+    p.add_argument('--widths', default=','.join(map(str, WIDTHS)), help="the post-hoc widths to score")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
     stages = args.stage.split(',')
@@ -150,7 +151,7 @@ def main():
     if 'train' in stages:
         train_runs(args.out, args.n_steps, args.snapshot_interval)
     if 'score' in stages:
-        score(args.out, args.repa_widths)
+        score(args.out, args.repa_widths, [float(w) for w in args.widths.split(',')])
 
 
 if __name__ == '__main__':

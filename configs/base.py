@@ -84,6 +84,26 @@ def get_config():
     )
 
     config.ema_rate = 0.9999  # ours (the original hard-codes it): ema <- rate * ema + (1 - rate) * online
+    # ours: post-hoc EMA (Karras et al. 2024, EDM2): power-function EMAs of these relative widths are kept beside
+    # the fixed-rate EMA and written to <workdir>/posthoc_ema/<step>.pth every snapshot_interval steps;
+    # tools/posthoc_ema.py reconstructs the EMA of any width from them. snapshot_interval=0: off (nothing kept).
+    config.posthoc_ema = d(
+        sigma_rels=(0.05, 0.10),  # EDM2's two stored widths (std of the averaging profile / training length)
+        snapshot_interval=0,  # steps between snapshots; e.g. 1/100 of n_steps
+    )
+    # ours: representation alignment (REPA, Yu et al. 2025; docs/training.md): the patch tokens of one U-ViT
+    # block, through an MLP projector, are pulled towards a frozen encoder's patch features of the clean image.
+    config.repa = d(
+        enabled=False,
+        encoder='dinov2_vitb14',  # dinov2_vit{s,b,l,g}14 | 'timm:<name>' | 'torchvision:<vit name>' | 'torchscript'
+        weights='',  # the encoder's weights file; '' = the torch hub cache (DINOv2 only)
+        resolution=224,  # the encoder's input size in pixels (DINOv2: 224 -> a 16 x 16 patch grid)
+        # The middle block: in a U-shaped network with long skips the in-blocks' tokens also feed the decoder
+        # directly, and the U-REPA study (2025) found aligning the middle stage works best for such networks.
+        block='mid_block',  # a module name: 'mid_block', 'in_blocks.<i>', 'out_blocks.<i>'
+        projector_dim=2048,  # hidden width of the projector MLP (REPA's)
+        weight=0.5,  # lambda of loss = diffusion loss + lambda * alignment loss (REPA's 0.5)
+    )
     config.grad_clip = 0.0  # ours: max global L2 norm of the gradients; 0 = no clipping (as every paper config)
     config.compile = False  # ours: torch.compile the network (first steps are slow while it compiles)
     # ours: TF32 for float32 matmuls AND convolutions on Ampere+ GPUs (no effect on the CPU), in training and in

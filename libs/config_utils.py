@@ -26,6 +26,8 @@ from libs.export import check_objective
 from libs.metrics.suite import RESIZES, parse_names
 from libs.nnet import NNETS
 from libs.optim import SCHEDULES
+from libs.posthoc_ema import SIGMA_REL_MAX
+from libs.repa import DINOV2
 from libs.sampling import ALGORITHMS, algorithm_problem
 from libs.tracking import LOG_WITH, trackers_for
 from sde import PATHS, TIME_DISTRIBUTIONS, Objective
@@ -235,7 +237,11 @@ _RANGES = [
     (">= 0", " (EDM noise level sigma; 0 = no limit)", "sample.guidance_sigma_min", "sample.guidance_sigma_max"),
     ("> 0", "", "objective.logit_std", "objective.shift"),
     (">= -1", " (-1 = min(8, CPU cores per process))", "dataloader.num_workers"),
+    (">= 0", " (steps between post-hoc EMA snapshots; 0 = off)", "posthoc_ema.snapshot_interval"),
+    ("> 0", "", "repa.resolution", "repa.projector_dim"),
+    ("> 0", " (weight of the alignment loss)", "repa.weight"),
 ]
+_ANY_LENGTH = {"posthoc_ema.sigma_rels"}  # tuples of any length (the others have their default's)
 _CHOICES = {"diffusion": ("continuous", "discrete"), "pred": ("noise_pred",), "train.mode": ("cond", "uncond"),
             "optimizer.name": ("adamw",), "lr_scheduler.name": SCHEDULES, "nnet.name": tuple(NNETS),
             "sample.algorithm": ALGORITHMS, "grid.algorithm": ("",) + ALGORITHMS,
@@ -258,8 +264,9 @@ def _type_problems(config, reference, prefix=""):
             else:
                 yield key, "must be a section (ConfigDict)"
         elif isinstance(default, (tuple, list)):
-            if not (isinstance(value, (tuple, list)) and len(value) == len(default) and all(map(_is_num, value))):
-                yield key, f"must be {len(default)} numbers, e.g. {tuple(default)}"
+            n = len(value) if key in _ANY_LENGTH and isinstance(value, (tuple, list)) and value else len(default)
+            if not (isinstance(value, (tuple, list)) and len(value) == n and all(map(_is_num, value))):
+                yield key, f"must be {'one or more' if key in _ANY_LENGTH else len(default)} numbers, e.g. {tuple(default)}"
         elif not _KINDS[type(default)][1](value):
             yield key, f"must be {_KINDS[type(default)][0]}"
 
@@ -382,6 +389,17 @@ def parse_and_validate(config, *, world_size):
                 check_objective(config, path, what)
             except ConfigError as e:
                 fail(key, str(e))
+    sigma_rels = get("posthoc_ema.sigma_rels")
+    if isinstance(sigma_rels, (tuple, list)) and not all(_is_num(v) and 0 < v < SIGMA_REL_MAX for v in sigma_rels):
+        fail("posthoc_ema.sigma_rels", f"each width must lie in (0, {SIGMA_REL_MAX:.4f}) (EDM2 keeps 0.05 and 0.10)")
+    if get("repa.enabled") is True:
+        spec, repa_weights = get("repa.encoder"), get("repa.weights")
+        if isinstance(spec, str) and not (spec in DINOV2 or spec == "torchscript" or (
+                spec.partition(":")[0] in ("timm", "torchvision") and spec.partition(":")[2])):
+            fail("repa.encoder", f"not one of {', '.join(DINOV2)}, 'timm:<name>', 'torchvision:<vit name>', "
+                                 f"'torchscript'")
+        if isinstance(repa_weights, str) and repa_weights and not os.path.isfile(repa_weights):
+            fail("repa.weights", "does not exist: give the encoder's weights file ('' = the torch hub cache, DINOv2)")
 
     weights = get("fid.inception_weights")
     if weights is not None and not (isinstance(weights, str) and os.path.exists(weights)):

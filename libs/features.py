@@ -7,6 +7,8 @@ Packed format (what scripts/extract_*.py write), one folder per split:
                                         means the shard is complete; extraction resumes by skipping these)
     shard_00000.moments.npy             (n, 2*C_z, h, w) moments (mean, logvar), memory-mappable
     shard_00000.labels.npy              (n,) int64 class labels              [class-labelled sets]
+    shard_00000.repa.npy                (n, N, E) frozen-encoder patch features of each image, for
+                                        representation alignment (libs/repa.py)  [--repa_encoder]
     shard_00000.contexts.npy            (m, 77, D) CLIP contexts of all captions of the shard [text sets]
     shard_00000.context_offsets.npy     (n + 1,) int64: sample i's captions are rows
                                         offsets[i]:offsets[i+1] of contexts.npy               [text sets]
@@ -86,7 +88,7 @@ class ShardWriter:
     """
 
     def __init__(self, folder, index, n, moments_shape, dtype="float32", with_labels=False,
-                 num_contexts=None, context_shape=None):
+                 num_contexts=None, context_shape=None, repa_shape=None, repa_dtype="float16"):
         if dtype not in STORAGE_DTYPES:
             raise InputError(f"feature storage dtype must be one of {STORAGE_DTYPES}, got {dtype!r}.")
         os.makedirs(folder, exist_ok=True)
@@ -97,6 +99,9 @@ class ShardWriter:
         self._stack = []  # open atomic_path contexts, committed together
         self.moments = self._open("moments", (self.n, *self.moments_shape), dtype)
         self.labels = self._open("labels", (self.n,), "int64") if with_labels else None
+        # (N, E) encoder features per sample: stored at repa_dtype (float16 halves ImageNet's ~1 TB at DINOv2-B)
+        self.repa_shape = None if repa_shape is None else tuple(int(v) for v in repa_shape)
+        self.repa = None if repa_shape is None else self._open("repa", (self.n, *self.repa_shape), repa_dtype)
         if num_contexts is not None:
             self.contexts = self._open("contexts", (int(num_contexts), *context_shape), dtype)
             self.context_offsets = self._open("context_offsets", (self.n + 1,), "int64")
@@ -119,18 +124,19 @@ class ShardWriter:
         return False
 
     def _close(self, *exc_info):
-        arrays = [self.moments, self.labels, self.contexts, self.context_offsets]
+        arrays = [self.moments, self.labels, self.contexts, self.context_offsets, self.repa]
         for a in arrays:
             if a is not None:
                 a.flush()
-        self.moments = self.labels = self.contexts = self.context_offsets = None
+        self.moments = self.labels = self.contexts = self.context_offsets = self.repa = None
         del arrays
         for ctx in self._stack:
             ctx.__exit__(*exc_info)
         self._stack = []
 
-    def write(self, start, moments, labels=None):
-        """Store samples start..start+len(moments)-1 (shard-local positions)."""
+    def write(self, start, moments, labels=None, repa=None):
+        """Store samples start..start+len(moments)-1 (shard-local positions); repa: their (b, N, E) encoder
+        features when the shard stores them."""
         moments = np.asarray(moments)
         stop = start + len(moments)
         if moments.shape[1:] != self.moments_shape:
@@ -143,6 +149,12 @@ class ShardWriter:
             if labels is None:
                 raise InputError("this shard stores labels; pass labels=.")
             self.labels[start:stop] = np.asarray(labels, dtype=np.int64)
+        if self.repa is not None:
+            repa = np.asarray(repa) if repa is not None else None
+            if repa is None or repa.shape != (stop - start, *self.repa_shape) or not np.isfinite(repa).all():
+                raise InputError(f"this shard stores encoder features of shape {self.repa_shape} per sample; pass "
+                                 f"finite repa= of shape {(stop - start, *self.repa_shape)}.")
+            self.repa[start:stop] = repa
         self.filled[start:stop] = True
 
     def set_caption_counts(self, counts):
@@ -174,6 +186,8 @@ class ShardWriter:
         self._close(None, None, None)
         record = dict(record or {})
         record.update(index=self.index, n=self.n, moments_shape=list(self.moments_shape), dtype=self.dtype)
+        if self.repa_shape is not None:
+            record.update(repa_shape=list(self.repa_shape))
         atomic_write_bytes(json.dumps(record, indent=1).encode(), os.path.join(self.folder, shard_name(self.index) + ".json"))
 
 
@@ -225,6 +239,7 @@ def write_manifest(folder, num_shards, info=None):
                     moments_shape=first["moments_shape"], dtype=first["dtype"],
                     has_labels=os.path.isfile(os.path.join(folder, shard_name(0) + ".labels.npy")),
                     has_contexts=os.path.isfile(os.path.join(folder, shard_name(0) + ".contexts.npy")),
+                    repa_shape=first.get("repa_shape"),
                     shards=[{"name": shard_name(s["index"]), "n": s["n"]} for s in shards], info=info or {})
     atomic_write_bytes(json.dumps(manifest, indent=1).encode(), os.path.join(folder, MANIFEST))
     return manifest
@@ -253,6 +268,7 @@ class PackedFeatures:
         self.manifest = m
         self.moments_shape = tuple(m["moments_shape"])
         self.has_labels, self.has_contexts = bool(m["has_labels"]), bool(m["has_contexts"])
+        self.repa_shape = tuple(m["repa_shape"]) if m.get("repa_shape") else None  # (N, E) or None
         self._names = [s["name"] for s in m["shards"]]
         self._starts = list(np.cumsum([0] + [s["n"] for s in m["shards"]]))
         self._pid, self._maps = None, {}
@@ -312,6 +328,10 @@ class PackedFeatures:
     def labels_many(self, indices):
         return self._gather(indices, "labels", np.int64)
 
+    def repa_many(self, indices):
+        """(b, N, E) float32 encoder features of `indices` (extracted with --repa_encoder)."""
+        return self._gather(indices, "repa", np.float32)
+
     def labels(self):
         """(N,) int64 labels of all samples."""
         return np.concatenate([np.asarray(self._map(k, "labels")) for k in range(len(self._names))])
@@ -342,6 +362,7 @@ class PerFileFeatures:
     """
 
     layout = "per-file"
+    repa_shape = None  # the original extraction stores no encoder features
 
     def __init__(self, folder):
         self.folder = folder

@@ -11,6 +11,11 @@ stopped (finished shards are skipped). Several processes split the shards:
     python scripts/extract_imagenet_feature.py --imagenet_train=assets/datasets/ImageNet/train \\
         --resolution=256 --output=assets/datasets/imagenet256_features
     accelerate launch --num_processes 8 scripts/extract_imagenet_feature.py ...   # same flags
+
+--repa_encoder=dinov2_vitb14 also stores each entry's frozen-encoder patch features (the image's or its
+flip's), for representation alignment (libs/repa.py), so training runs neither the autoencoder nor the
+encoder: (N, E) per entry at --repa_dtype (DINOv2 ViT-B/14 at 224: 256 x 768, 393 KB in float16, ~1 TB for
+ImageNet's 2.56M entries).
 """
 import logging
 import os
@@ -30,7 +35,8 @@ from libs.autoencoder import DEFAULT_PATH, get_model  # noqa: E402
 from libs.datasets.base import adm_center_crop, list_images, load_rgb, uint8_to_unit_range  # noqa: E402
 from libs.errors import InputError, MissingFileError, exit_on_user_error  # noqa: E402
 from libs.logging_utils import setup_logging  # noqa: E402
-from tools.cli import define_resolution, parse_flags  # noqa: E402
+from libs.repa import extraction_encoder  # noqa: E402
+from tools.cli import define_repa_encoder, define_resolution, parse_flags  # noqa: E402
 
 logger = logging.getLogger("extract_imagenet_feature")
 
@@ -79,6 +85,7 @@ def define_flags(fv):
     flags.DEFINE_integer("shard_size", 2048, "images per shard (the unit of resuming)", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", features.STORAGE_DTYPES, "storage precision", flag_values=fv)
     flags.DEFINE_integer("num_workers", 8, "image decoding processes per extraction process", flag_values=fv)
+    define_repa_encoder(fv)
     flags.DEFINE_enum("autocast", "no", ["no", "fp16", "bf16"],
                       "run the encoder under autocast (faster on GPUs; not bit-identical to the original's fp32)",
                       flag_values=fv)
@@ -89,21 +96,25 @@ def parse_args(argv=None):
     return parse_flags(define_flags, argv, __doc__)[0]
 
 
-def encode_shard(args, state, autoencoder, data, k, start, stop, settings):
+def encode_shard(args, state, autoencoder, data, k, start, stop, settings, encoder=None, repa_shape=None):
     loader = DataLoader(torch.utils.data.Subset(data, range(start, stop)), batch_size=args.batch_size,
                         num_workers=args.num_workers, shuffle=False)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.autocast)
     with features.ShardWriter(args.output, k, 2 * (stop - start), autoencoder_moments_shape(autoencoder, args),
-                              dtype=args.dtype, with_labels=True) as writer:
+                              dtype=args.dtype, with_labels=True, repa_shape=repa_shape,
+                              repa_dtype=args.repa_dtype) as writer:
         pos = 0
         for x, y in loader:
             x = x.to(state.device)
+            both = torch.cat([x, x.flip(-1)])
             with torch.no_grad(), torch.autocast(state.device.type, dtype=dtype, enabled=dtype is not None):
-                moments = autoencoder.encode_moments(torch.cat([x, x.flip(-1)])).float().cpu()
+                moments = autoencoder.encode_moments(both).float().cpu()
+                repa = encoder(both).cpu() if encoder is not None else None
             b = len(x)
             # Interleave: entry 2i = image i, 2i+1 = its flip.
             inter = torch.stack([moments[:b], moments[b:]], dim=1).flatten(0, 1)
-            writer.write(pos, inter.numpy(), y.repeat_interleave(2).numpy())
+            repa = None if repa is None else torch.stack([repa[:b], repa[b:]], dim=1).flatten(0, 1).numpy()
+            writer.write(pos, inter.numpy(), y.repeat_interleave(2).numpy(), repa=repa)
             pos += 2 * b
             yield b
         writer.commit({"source_range": [start, stop], "settings": settings})
@@ -122,6 +133,8 @@ def main(argv=None):
     autoencoder = get_model(args.autoencoder).to(state.device)
     settings = {"resolution": args.resolution, "autoencoder": os.path.abspath(args.autoencoder),
                 "dtype": args.dtype, "autocast": args.autocast, "num_images": len(paths), "flip": True}
+    encoder, repa_shape, repa_settings = extraction_encoder(args, args.resolution, state.device)
+    settings.update(repa_settings)  # nothing without --repa_encoder: earlier extractions still resume
     plan = features.plan_shards(len(paths), args.shard_size)
     todo = features.pending_shards(args.output, plan, state.process_index, state.num_processes, settings)
     logger.info("%d images in %d classes -> %d shards; process %d/%d has %d left", len(paths), len(classes),
@@ -130,7 +143,7 @@ def main(argv=None):
     with tqdm(total=sum(stop - start for _, start, stop in todo), unit="img", disable=not state.is_main_process,
               desc="encode") as bar:
         for k, start, stop in todo:
-            for n in encode_shard(args, state, autoencoder, data, k, start, stop, settings):
+            for n in encode_shard(args, state, autoencoder, data, k, start, stop, settings, encoder, repa_shape):
                 bar.update(n)
     state.wait_for_everyone()
     if state.is_main_process:

@@ -11,6 +11,9 @@ Output: the packed format of libs/features.py, resumable shard by shard, split a
 `accelerate launch`. Then run extract_empty_feature.py and extract_test_prompt_feature.py.
 
     python scripts/extract_mscoco_feature.py --coco_root=assets/datasets/coco --output=assets/datasets/coco256_features
+
+--repa_encoder=dinov2_vitb14 also stores each image's frozen-encoder patch features, for representation
+alignment (libs/repa.py): training then runs neither the autoencoder nor the encoder.
 """
 import json
 import logging
@@ -33,7 +36,8 @@ from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder  # noqa: E402
 from libs.datasets.base import load_rgb, uint8_to_unit_range  # noqa: E402
 from libs.errors import InputError, MissingFileError, exit_on_user_error  # noqa: E402
 from libs.logging_utils import setup_logging  # noqa: E402
-from tools.cli import define_resolution, parse_flags  # noqa: E402
+from libs.repa import extraction_encoder  # noqa: E402
+from tools.cli import define_repa_encoder, define_resolution, parse_flags  # noqa: E402
 
 logger = logging.getLogger("extract_mscoco_feature")
 SPLITS = {"train": ("train2014", "captions_train2014.json"), "val": ("val2014", "captions_val2014.json")}
@@ -103,6 +107,7 @@ def define_flags(fv):
     flags.DEFINE_integer("shard_size", 512, "images per shard (the unit of resuming)", flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", features.STORAGE_DTYPES, "storage precision", flag_values=fv)
     flags.DEFINE_integer("num_workers", 8, "image decoding processes per extraction process", flag_values=fv)
+    define_repa_encoder(fv)
 
 
 def parse_args(argv=None):
@@ -110,7 +115,8 @@ def parse_args(argv=None):
     return parse_flags(define_flags, argv, __doc__)[0]
 
 
-def encode_shard(args, state, autoencoder, clip, items, k, start, stop, folder, settings):
+def encode_shard(args, state, autoencoder, clip, items, k, start, stop, folder, settings, encoder=None,
+                 repa_shape=None):
     """Encode images start..stop-1 into shard k of `folder`; yields the number of images done."""
     loader = DataLoader(torch.utils.data.Subset(CocoImages(items, args.resolution), range(start, stop)),
                         batch_size=args.batch_size, num_workers=args.num_workers, shuffle=False)
@@ -119,12 +125,14 @@ def encode_shard(args, state, autoencoder, clip, items, k, start, stop, folder, 
     r = args.resolution // autoencoder.downsample_factor
     context_shape = (clip.max_length, clip.hidden_size)
     with features.ShardWriter(folder, k, stop - start, (2 * autoencoder.embed_dim, r, r), dtype=args.dtype,
-                              num_contexts=len(flat), context_shape=context_shape) as writer:
+                              num_contexts=len(flat), context_shape=context_shape, repa_shape=repa_shape,
+                              repa_dtype=args.repa_dtype) as writer:
         pos = 0
         for x in loader:
             with torch.no_grad():
                 moments = autoencoder.encode_moments(x.to(state.device)).float().cpu().numpy()
-            writer.write(pos, moments)
+                repa = encoder(x.to(state.device)).cpu().numpy() if encoder is not None else None
+            writer.write(pos, moments, repa=repa)
             pos += len(x)
             yield len(x)
         # Contexts go straight into the memory-mapped shard: a shard's captions can be gigabytes.
@@ -144,17 +152,19 @@ def main(argv=None):
                                    os.path.join(args.coco_root, SPLITS[s][0]))) for s in splits]
     autoencoder = get_model(args.autoencoder).to(state.device)
     clip = FrozenCLIPEmbedder(args.clip, device=state.device)
+    encoder, repa_shape, repa_settings = extraction_encoder(args, args.resolution, state.device)
     for split, items in jobs:
         folder = os.path.join(args.output, split)
         settings = {"resolution": args.resolution, "autoencoder": os.path.abspath(args.autoencoder),
-                    "clip": args.clip, "dtype": args.dtype, "num_images": len(items)}
+                    "clip": args.clip, "dtype": args.dtype, "num_images": len(items), **repa_settings}
         plan = features.plan_shards(len(items), args.shard_size)
         todo = features.pending_shards(folder, plan, state.process_index, state.num_processes, settings)
         logger.info("%s: %d images -> %d shards; process %d/%d has %d left", split, len(items), len(plan),
                     state.process_index, state.num_processes, len(todo))
         with tqdm(total=sum(b - a for _, a, b in todo), unit="img", desc=split, disable=not state.is_main_process) as bar:
             for k, start, stop in todo:
-                for n in encode_shard(args, state, autoencoder, clip, items, k, start, stop, folder, settings):
+                for n in encode_shard(args, state, autoencoder, clip, items, k, start, stop, folder, settings,
+                                      encoder, repa_shape):
                     bar.update(n)
         state.wait_for_everyone()
         if state.is_main_process:

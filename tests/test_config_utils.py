@@ -132,14 +132,18 @@ OUT_OF_RANGE = {
     "metrics.kid_subset_size": 0, "metrics.prc_k": 0, "metrics.dinov2_weights": "/no/such/dinov2.pth",
     "objective.path": "edm", "objective.prediction": "eps", "objective.time_dist": "beta",
     "objective.logit_std": 0.0, "objective.shift": 0.0, "sample.guidance_sigma_min": -1.0,
-    "sample.guidance_sigma_max": -1.0, "sample.guide_path": "/no/such/guide.pth"}
+    "sample.guidance_sigma_max": -1.0, "sample.guide_path": "/no/such/guide.pth",
+    "posthoc_ema.sigma_rels": (0.05, 0.3), "posthoc_ema.snapshot_interval": -1, "repa.resolution": 0,
+    "repa.projector_dim": 0, "repa.weight": 0.0}
 # Free values: any number (seeds, guidance scales) or any string the dataset / loader checks where it reads it.
 NO_RANGE = {"seed", "sample.scale", "grid.scale", "autoencoder.pretrained_path", "dataset.name", "sample.path",
             "wandb.project", "compile", "tf32", "optimizer.no_decay_for_embeddings_norms_biases", "dataset.cfg",
             "sample.cfg", "init.resize", "dataloader.pin_memory", "dataloader.persistent_workers", "nnet.qkv_bias",
             "nnet.mlp_time_embed", "nnet.use_checkpoint", "nnet.conv", "nnet.skip",
             "objective.logit_mean", "metrics.json", "metrics.dinov2_repo", "metrics.clip",  # checked where the file is written / loaded
-            "fid.stat"}  # missing statistics only turn training-time FID off (logged); eval checks them
+            "fid.stat",  # missing statistics only turn training-time FID off (logged); eval checks them
+            "repa.enabled", "repa.block",  # the block is checked against the network when it is built
+            "repa.encoder", "repa.weights"}  # checked when repa.enabled (test_repa_keys_are_checked_when_on)
 
 
 @pytest.mark.parametrize("key, default", _every_key(), ids=[k for k, _ in _every_key()])
@@ -283,3 +287,18 @@ def test_space_separated_override_is_checked():
     cfg = os.path.join(ROOT, "configs", "cifar10_uvit_small.py")
     with pytest.raises(flags.IllegalFlagValueError, match="'nnet.depth' takes an integer; got 'deep'"):
         _flag_values(["train.py", f"--config={cfg}", "--config.nnet.depth", "deep"])
+
+
+def test_repa_keys_are_checked_when_on(tmp_path):
+    config = base()
+    config.repa.update(encoder="dino", weights=str(tmp_path / "none.pt"))
+    parse_and_validate(config, world_size=1)  # off: not read
+    config.repa.enabled = True
+    with pytest.raises(ConfigError) as info:
+        parse_and_validate(config, world_size=1)
+    assert "config.repa.encoder = 'dino': not one of dinov2_vits14" in str(info.value)
+    assert f"config.repa.weights = '{tmp_path / 'none.pt'}': does not exist" in str(info.value)
+    config.repa.update(encoder="timm:vit_base_patch14_dinov2", weights="")
+    parse_and_validate(config, world_size=1)
+    config.posthoc_ema.sigma_rels = (0.05, 0.10, 0.2)  # any number of widths
+    parse_and_validate(config, world_size=1)

@@ -14,6 +14,18 @@ def define_resolution(fv, help_string):
                              flag_values=fv)
 
 
+def define_repa_encoder(fv):
+    """--repa_encoder, --repa_weights, --repa_resolution, --repa_dtype of the feature extraction scripts: also
+    store a frozen encoder's patch features for representation alignment (libs/repa.py)."""
+    flags.DEFINE_string("repa_encoder", "", "also store this encoder's patch features (config.repa.encoder: "
+                        "dinov2_vitb14, 'timm:<name>', ...); '' = none", flag_values=fv)
+    flags.DEFINE_string("repa_weights", "", "its weights file (config.repa.weights; '' = the torch hub cache)",
+                        flag_values=fv)
+    flags.DEFINE_integer("repa_resolution", 224, "its input size (config.repa.resolution)", flag_values=fv)
+    flags.DEFINE_enum("repa_dtype", "float16", ("float32", "float16"), "storage precision of its features",
+                      flag_values=fv)
+
+
 def parse_flags(define, argv, doc, positional=()):
     """Declare the flags with `define(fv)` and parse `argv` (the arguments after the program name;
     None: sys.argv[1:]). Returns (fv, the positional arguments, as many as `positional` names;

@@ -40,7 +40,10 @@ def _latent_shape(moments_shape):
 
 
 class LabelledMoments(Dataset):
-    """Items {'moments': (2C, h, w) float32, 'y': int64 scalar} from a feature reader."""
+    """Items {'moments': (2C, h, w) float32, 'y': int64 scalar} from a feature reader, plus 'repa': (N, E)
+    float32 stored encoder features when `with_repa` (set by libs.repa for representation alignment)."""
+
+    with_repa = False
 
     def __init__(self, reader):
         self.reader = reader
@@ -49,19 +52,29 @@ class LabelledMoments(Dataset):
         return len(self.reader)
 
     def __getitem__(self, i):
-        return {"moments": torch.from_numpy(self.reader.moments(i)),
+        item = {"moments": torch.from_numpy(self.reader.moments(i)),
                 "y": torch.tensor(self.reader.label(i), dtype=torch.int64)}
+        if self.with_repa:
+            item["repa"] = torch.from_numpy(self.reader.repa_many([i])[0])
+        return item
 
     def __getitems__(self, indices):
         """A whole batch at once (torch's DataLoader calls this when present): one read per shard."""
         moments = torch.from_numpy(self.reader.moments_many(indices))
         labels = torch.from_numpy(self.reader.labels_many(indices))
-        return [{"moments": m, "y": y} for m, y in zip(moments, labels)]
+        items = [{"moments": m, "y": y} for m, y in zip(moments, labels)]
+        if self.with_repa:
+            for item, f in zip(items, torch.from_numpy(self.reader.repa_many(indices))):
+                item["repa"] = f
+        return items
 
 
 class CaptionedMoments(Dataset):
     """Items {'moments': (2C, h, w) float32, 'context': (77, D) float32}: one of the sample's captions,
-    drawn uniformly with torch's default generator on every access (the engine seeds it per worker)."""
+    drawn uniformly with torch's default generator on every access (the engine seeds it per worker); plus
+    'repa': (N, E) float32 stored encoder features when `with_repa` (set by libs.repa)."""
+
+    with_repa = False
 
     def __init__(self, reader):
         self.reader = reader
@@ -71,8 +84,11 @@ class CaptionedMoments(Dataset):
 
     def __getitem__(self, i):
         k = int(torch.randint(self.reader.num_contexts(i), ()).item())
-        return {"moments": torch.from_numpy(self.reader.moments(i)),
+        item = {"moments": torch.from_numpy(self.reader.moments(i)),
                 "context": torch.from_numpy(self.reader.context(i, k))}
+        if self.with_repa:
+            item["repa"] = torch.from_numpy(self.reader.repa_many([i])[0])
+        return item
 
     def __getitems__(self, indices):
         """A whole batch at once; captions drawn in index order, as per-item access would."""
@@ -81,6 +97,9 @@ class CaptionedMoments(Dataset):
         for m, i in zip(moments, indices):
             k = int(torch.randint(self.reader.num_contexts(int(i)), ()).item())
             items.append({"moments": m, "context": torch.from_numpy(self.reader.context(int(i), k))})
+        if self.with_repa:
+            for item, f in zip(items, torch.from_numpy(self.reader.repa_many(indices))):
+                item["repa"] = f
         return items
 
 

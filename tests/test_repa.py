@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks.tiny_models import write_tiny_autoencoder, write_tiny_clip
 from configs.digits_uvit_tiny import get_config
 from libs import features as F
 from libs.datasets.base import DatasetBase
@@ -156,7 +157,6 @@ def test_the_stored_encoder_features_are_written_and_read_exactly(tmp_path):
 def test_extraction_stores_the_encoder_features_of_images_and_flips(tmp_path):
     from PIL import Image
 
-    from tests.tiny_models import write_tiny_autoencoder
 
     rng = np.random.default_rng(0)
     for name, sizes in (('n01', [(16, 16), (20, 18)]), ('n02', [(16, 24)])):
@@ -192,7 +192,6 @@ def test_mscoco_extraction_stores_the_encoder_features_of_each_image(tmp_path):
     from PIL import Image
 
     from libs.datasets.features import CaptionedMoments
-    from tests.tiny_models import write_tiny_autoencoder, write_tiny_clip
 
     coco = tmp_path / 'coco'
     os.makedirs(coco / 'train2014')

@@ -69,15 +69,17 @@ def test_sample_accuracy_reads_the_sampled_label(tmp_path):
         x[c, :, col:col + 3] = 255
     clf = LogisticRegression(max_iter=500).fit(x.reshape(4, -1) / 255.0, np.arange(4))
 
-    def write(labels):
+    def write(folder, labels):
+        folder.mkdir()
         for i, c in enumerate(labels):
-            Image.fromarray(np.repeat(x[i][..., None], 3, -1)).save(tmp_path / f"{i:04d}_class{c}.png")
+            Image.fromarray(np.repeat(x[i][..., None], 3, -1)).save(folder / f"{i:04d}_class{c}.png")
+        return str(folder)
 
-    write([0, 1, 2, 3])
-    assert bench.sample_accuracy(clf, str(tmp_path)) == 1.0
-    assert bench.sample_accuracy(clf, str(tmp_path), mirror=True) == 0.0  # each is read as its mirror class
-    write([1, 1, 2, 3])  # the first image labelled with the wrong class
-    assert bench.sample_accuracy(clf, str(tmp_path)) == 0.75
+    right = write(tmp_path / 'right', [0, 1, 2, 3])
+    assert bench.sample_accuracy(clf, right) == 1.0
+    assert bench.sample_accuracy(clf, right, mirror=True) == 0.0  # each is read as its mirror class
+    one_wrong = write(tmp_path / 'one_wrong', [1, 1, 2, 3])  # the first image labelled with the wrong class
+    assert bench.sample_accuracy(clf, one_wrong) == 0.75
 
 
 def test_reference_loop_warm_up_and_ema(monkeypatch):

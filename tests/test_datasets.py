@@ -428,8 +428,10 @@ def test_image_folder_flips_half_reproducibly(tmp_path):
     for k in range(60):
         _save(tmp_path / f'{k:03d}.png', size=(8, 8), seed=k)
     plain = get_dataset('image_folder', path=str(tmp_path), resolution=8, random_flip=False).train
-    flipping = get_dataset('image_folder', path=str(tmp_path), resolution=8).train
+    flipping = get_dataset('image_folder', path=str(tmp_path), resolution=8, random_flip=True).train
     originals = [plain[i]['x'] for i in range(len(plain))]
+    # Off by default: a mirrored digit or letter is another digit or letter (benchmarks/mnist_reference.py).
+    assert not any(_flip_pattern(get_dataset('image_folder', path=str(tmp_path), resolution=8).train, originals))
     torch.manual_seed(0)
     first = _flip_pattern(flipping, originals)
     assert 0.25 < np.mean(first) < 0.75  # 60 fair coins: std 0.065, bounds ~4 std

@@ -124,7 +124,7 @@ def image_folder(tmp_path_factory):
 def config_for(images, **train):
     config = get_config()
     config.dataset = ml_collections.ConfigDict(dict(name="image_folder", path=images, resolution=8, cfg=True,
-                                                    p_uncond=0.1))
+                                                    p_uncond=0.1, random_flip=True))  # resume must replay flips
     config.nnet.update(in_chans=3, num_classes=3, embed_dim=32, depth=2, num_heads=2)
     config.train.update({"n_steps": N_STEPS, "batch_size": 8, "log_interval": 2, "eval_interval": 1000,
                          "save_interval": 1000, **train})

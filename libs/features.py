@@ -348,6 +348,17 @@ class PackedFeatures:
             raise IndexError(f"sample {i} has {int(off[j + 1] - off[j])} captions, asked for caption {c}")
         return np.array(self._map(k, "contexts")[off[j] + c], dtype=np.float32)
 
+    def caption(self, i, c):
+        """The text of caption c of sample i (kept in the shard record by the extraction), or None when the
+        shard records no captions; read once per shard and process."""
+        k, j = self._locate(i)
+        key = (k, "captions")
+        if key not in self._maps:
+            with open(os.path.join(self.folder, self._names[k] + ".json")) as f:
+                self._maps[key] = json.load(f).get("captions")
+        captions = self._maps[key]
+        return None if captions is None else captions[j][c]
+
 
 _SAMPLE_FILE = re.compile(r"^(\d+)\.npy$")
 _CONTEXT_FILE = re.compile(r"^(\d+)_(\d+)\.npy$")

@@ -8,11 +8,13 @@ import torch
 
 from libs import features as F
 from libs.datasets import get_dataset
+from libs.datasets.features import caption_contexts
 from libs.errors import CheckpointError, ConfigError, InputError, MissingFileError
 
 
-def write_packed(folder, moments, labels=None, contexts=None, shard_size=3, dtype="float32"):
-    """Write arrays through ShardWriter; contexts: list of (K_i, 77, D) per sample."""
+def write_packed(folder, moments, labels=None, contexts=None, shard_size=3, dtype="float32", captions=None):
+    """Write arrays through ShardWriter; contexts: list of (K_i, 77, D) per sample; captions: their texts
+    (list of K_i strings per sample), kept in the shard record as the extraction script keeps them."""
     plan = F.plan_shards(len(moments), shard_size)
     for k, start, stop in plan:
         n_ctx = None if contexts is None else sum(len(c) for c in contexts[start:stop])
@@ -24,7 +26,7 @@ def write_packed(folder, moments, labels=None, contexts=None, shard_size=3, dtyp
                 offsets = w.set_caption_counts([len(c) for c in contexts[start:stop]])
                 for i, c in enumerate(contexts[start:stop]):
                     w.write_context_rows(int(offsets[i]), c)
-            w.commit()
+            w.commit(None if captions is None else {"captions": captions[start:stop]})
     return F.write_manifest(folder, len(plan))
 
 
@@ -235,6 +237,25 @@ def test_mscoco_features_dataset(tmp_path):
     batch = data.train.__getitems__([2, 0, 1, 0])
     for a, b in zip(single, batch):
         assert torch.equal(a["moments"], b["moments"]) and torch.equal(a["context"], b["context"])
+
+
+def test_fid_prompts_are_the_captions_of_the_contexts_sampled_with(tmp_path):
+    # CLIP score compares image i with the caption whose context generated it: the texts and the table agree.
+    rng = np.random.default_rng(6)
+    contexts = [rng.standard_normal((k, 77, 16)).astype(np.float32) for k in (3, 1, 2, 2)]
+    captions = [[f"image {i} caption {k}" for k in range(len(c))] for i, c in enumerate(contexts)]
+    root = tmp_path / "coco"
+    write_packed(str(root / "val"), rng.standard_normal((4, 8, 4, 4)).astype(np.float32), contexts=contexts,
+                 captions=captions)
+    table, _ = caption_contexts(str(root))
+    prompts = table.prompts()
+    for i in range(9):  # past the 4 images: the table wraps, and so do the prompts
+        image, k = (int(x) for x in prompts[i].removeprefix("image ").split(" caption "))
+        assert torch.equal(table[i], torch.from_numpy(contexts[image][k]))
+    # Features without caption text (the original's per-file layout, or older extractions): no prompts.
+    write_packed(str(tmp_path / "bare" / "val"), rng.standard_normal((2, 8, 4, 4)).astype(np.float32),
+                 contexts=contexts[:2])
+    assert caption_contexts(str(tmp_path / "bare"))[0].prompts() is None
 
 
 def test_mscoco_original_run_vis(tmp_path):

@@ -121,15 +121,35 @@ class FIDContexts:
     def __len__(self):
         return len(self.reader)
 
-    def _one(self, i):
+    def _pick(self, i):
+        """(val image, caption) of sample image i."""
         j = int(self.perm[int(i) % len(self.reader)])
-        k = min(int(self.choice[j] * self.reader.num_contexts(j)), self.reader.num_contexts(j) - 1)
-        return torch.from_numpy(self.reader.context(j, k))
+        return j, min(int(self.choice[j] * self.reader.num_contexts(j)), self.reader.num_contexts(j) - 1)
+
+    def _one(self, i):
+        return torch.from_numpy(self.reader.context(*self._pick(i)))
+
+    def prompts(self):
+        """The caption text of each image index (prompts[i]: the caption whose context image i is sampled
+        with), for the CLIP score; None when the features record no caption text (the original's layout)."""
+        if getattr(self.reader, "caption", None) is None or self.reader.caption(0, 0) is None:
+            return None
+        return _Prompts(self)
 
     def __getitem__(self, indices):
         if isinstance(indices, (int, np.integer)) or (torch.is_tensor(indices) and indices.dim() == 0):
             return self._one(indices)
         return torch.stack([self._one(i) for i in torch.as_tensor(indices).reshape(-1).tolist()])
+
+
+class _Prompts:
+    """prompts[i] of FIDContexts.prompts: looked up when asked, never a list of every caption."""
+
+    def __init__(self, contexts):
+        self.contexts = contexts
+
+    def __getitem__(self, i):
+        return self.contexts.reader.caption(*self.contexts._pick(i))
 
 
 class ImageNetFeatures(DatasetBase):

@@ -275,7 +275,8 @@ class MetricSuite:
         self.options, self.n, self.networks = options, n, networks
         if "clip_score" in options.names and prompts is None:
             raise ConfigError("clip_score needs the prompt of every image: it is for text-to-image evaluations "
-                              "with captions (tools/evaluator.py --prompts=<file.json>)")
+                              "whose caption features keep the caption text (scripts/extract_mscoco_feature.py "
+                              "writes it), or tools/evaluator.py --prompts=<file.json>")
         self.prompts = prompts
         self.splits = min(options.is_splits, n) if "is" in options.names else 0
         self.acc = FeatureAccumulator(options.names, n, _dims(networks), device, self.splits)

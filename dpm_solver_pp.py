@@ -62,13 +62,13 @@ def _is_positive_int(n):
 
 
 def check_start(x, steps, name="x"):
-    """InputError unless x is finite floating noise (B, ...); ConfigError unless steps (None: unchecked) is >= 1."""
+    """InputError unless x is finite floating noise (B, ...). steps (None: unchecked) was checked >= 1 where it
+    entered (config parsing, --steps): asserted."""
     if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim < 2:
         raise InputError(f"{name} must be a floating tensor (B, ...), got {getattr(x, 'shape', type(x).__name__)}")
     if not torch.isfinite(x).all():
         raise InputError(f"{name} contains NaN or Inf; the starting noise must be finite")
-    if steps is not None and not _is_positive_int(steps):
-        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    assert steps is None or _is_positive_int(steps), f"steps = {steps!r}: checked >= 1 where it enters"
 
 
 def _as_time(t):

@@ -249,8 +249,7 @@ class ContinuousVP(_VPPath):
         sequence of B generators (one per sample, so a sample's path does not depend on its batch).
         Returns x at t = 0 in x_T's dtype (at least float32).
         """
-        if not _is_positive_int(steps):
-            raise ConfigError(f"Euler-Maruyama needs steps >= 1, got {steps!r}")
+        assert _is_positive_int(steps), f"steps = {steps!r}: checked >= 1 where it enters"
         x = x_T.to(solver_dtype(x_T.dtype))
         grid = torch.cat([torch.zeros(1, dtype=torch.float64),
                           torch.linspace(EM_T_MIN, 1.0, steps, dtype=torch.float64)]).to(device=x.device, dtype=x.dtype)

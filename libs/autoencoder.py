@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from libs.errors import CheckpointError, InputError, MissingFileError
+from libs.errors import CheckpointError, ConfigError, InputError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class FrozenAutoencoderKL(nn.Module):
         super().__init__()
         ddconfig = dict(ddconfig)
         if not ddconfig.get("double_z", True):
-            raise InputError("FrozenAutoencoderKL needs ddconfig['double_z'] = True (the encoder must output mean and logvar).")
+            raise ConfigError("FrozenAutoencoderKL needs ddconfig['double_z'] = True (the encoder must output mean and logvar).")
         self.ddconfig = ddconfig
         self.embed_dim = int(embed_dim)
         self.scale_factor = float(scale_factor)

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from libs.errors import ConfigError, InputError, MissingFileError
+from libs.errors import ConfigError, DataError, InputError, MissingFileError
 from libs.io_utils import atomic_savez
 
 logger = logging.getLogger(__name__)
@@ -236,14 +236,14 @@ class ImageFolder(torch.utils.data.Dataset):
             with Image.open(self.files[i]) as im:
                 a = np.asarray(im.convert("RGB"))
         except Exception as e:
-            raise InputError(f"cannot read image '{self.files[i]}' ({type(e).__name__}: {e}); remove or replace it") from e
+            raise DataError(f"cannot read image '{self.files[i]}' ({type(e).__name__}: {e}); remove or replace it") from e
         return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div(255)
 
 
 def _collate_same_size(batch):
     sizes = {tuple(x.shape) for x in batch}
     if len(sizes) > 1:
-        raise InputError(f"images of different sizes {sorted(sizes)} in one folder; resize them to one size first")
+        raise DataError(f"images of different sizes {sorted(sizes)} in one folder; resize them to one size first")
     return torch.stack(batch)
 
 

@@ -29,6 +29,7 @@ arXiv 2207.12598) or, with `guide=`, a weaker network's conditional prediction (
 interval, Kynkaanniemi et al. 2024, arXiv 2404.07724); elsewhere out = out_c. The solvers see only the result.
 """
 import logging
+import math
 
 import torch
 
@@ -114,12 +115,6 @@ def guided_noise_fn(nnet, cond=None, uncond=None, scale=0.0, *, guide=None, inte
     return eps_fn
 
 
-def _check_inputs(x_T, steps, scale):
-    check_start(x_T, steps, "x_T")
-    scale = float(scale)
-    if scale != scale or abs(scale) == float("inf"):
-        raise ConfigError(f"guidance scale must be finite, got {scale}")
-    return scale
 
 
 def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None, uncond=None, scale=0.0,
@@ -140,7 +135,9 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
     problem = algorithm_problem(algorithm, diffusion.path, diffusion.time_kind)
     if problem:
         raise ConfigError(problem)
-    scale = _check_inputs(x_T, steps, scale)
+    check_start(x_T, steps, "x_T")
+    scale = float(scale)
+    assert math.isfinite(scale), f"guidance scale {scale}: checked finite where it enters (config, --scale)"
     for name, kwargs in (("cond", cond), ("uncond", uncond)):
         for k, v in (kwargs or {}).items():
             if torch.is_tensor(v) and (v.ndim == 0 or v.shape[0] != x_T.shape[0]):

@@ -322,7 +322,7 @@ def test_solver_validation():
         solver.sample(x, skip_type="karras")
     with pytest.raises(ConfigError, match="order"):
         solver.sample(x, order=4)
-    with pytest.raises(ConfigError, match="steps"):
+    with pytest.raises(AssertionError, match="steps"):
         solver.sample(x, steps=0)
     with pytest.raises(ConfigError, match="t_end"):
         solver.sample(x, t_start=0.5, t_end=0.6)

@@ -54,8 +54,7 @@ def shard_indices(n_samples, rank, world_size, mini_batch_size):
     Rank r gets r, r + W, r + 2W, ... in ceil(ceil(n / W) / mini_batch_size) near-equal batches,
     so all ranks run the same number of batches (+-1 image each) and the union is 0..n-1 once.
     """
-    if n_samples < 1 or mini_batch_size < 1:
-        raise ConfigError(f"n_samples ({n_samples}) and mini_batch_size ({mini_batch_size}) must be positive")
+    assert n_samples >= 1 and mini_batch_size >= 1, "config.sample / config.fid checked them (config_utils)"
     mine = torch.arange(rank, n_samples, world_size, dtype=torch.long)
     n_batches = math.ceil(math.ceil(n_samples / world_size) / mini_batch_size)
     return [b for b in torch.tensor_split(mine, n_batches) if b.numel() > 0]

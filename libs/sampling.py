@@ -34,7 +34,7 @@ import math
 import torch
 
 from dpm_solver_pp import DPM_Solver, _expand_dims, check_start, model_wrapper, solver_dtype
-from libs.errors import ConfigError, InputError
+from libs.errors import InputError
 from sde import ScoreModel, _randn_like, shift_time
 
 logger = logging.getLogger(__name__)
@@ -133,8 +133,7 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
     Returns x0 (B, ...) float32.
     """
     problem = algorithm_problem(algorithm, diffusion.path, diffusion.time_kind)
-    if problem:
-        raise ConfigError(problem)
+    assert not problem, problem  # config.sample.algorithm and --algorithm are checked where they enter
     check_start(x_T, steps, "x_T")
     scale = float(scale)
     assert math.isfinite(scale), f"guidance scale {scale}: checked finite where it enters (config, --scale)"

@@ -38,7 +38,7 @@ def read_prompts(path):
 
 
 def load_empty_context(path, shape):
-    """(77, D) float32 tensor from an .npy file; InputError when it does not fit the network."""
+    """(77, D) float32 tensor from an .npy file; DataError when it does not fit the network."""
     if not os.path.isfile(path):
         raise MissingFileError(f"--empty_context '{path}' not found; make it with scripts/extract_empty_feature.py "
                                "or leave the flag out to encode \"\" with CLIP.")

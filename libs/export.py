@@ -31,7 +31,7 @@ from libs.checkpoint import read_state_file
 from libs.errors import CheckpointError, ConfigError, MissingFileError, UViTError
 from libs.io_utils import atomic_path, fsync_dir, sha256_of
 from libs.nnet import build_nnet, load_nnet_state_dict
-from sde import Objective
+from sde import DIFFUSIONS, Objective
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE)
-DIFFUSION_KINDS = ("continuous", "discrete")
 _AGAIN = "export it again with `python tools/export.py <checkpoint> <out_dir>`"
 
 
@@ -112,8 +111,8 @@ def read_export_meta(folder):
     problems = []
     if not isinstance(meta.get("nnet"), dict) or "name" not in meta["nnet"]:
         problems.append("no \"nnet\" entry with the network's name and kwargs")
-    if meta.get("diffusion") not in DIFFUSION_KINDS:
-        problems.append(f"\"diffusion\" is {meta.get('diffusion')!r}, not one of {DIFFUSION_KINDS}")
+    if meta.get("diffusion") not in DIFFUSIONS:
+        problems.append(f"\"diffusion\" is {meta.get('diffusion')!r}, not one of {DIFFUSIONS}")
     if problems:
         raise CheckpointError(f"'{file}' is incomplete: {'; '.join(problems)}; {_AGAIN}")
     return meta
@@ -254,8 +253,7 @@ def export_meta(config, step=None, source=None):
     config = _as_config(config)
     nnet = config.nnet.to_dict()
     diffusion = config.get("diffusion", "continuous")
-    if diffusion not in DIFFUSION_KINDS:
-        raise ConfigError(f"config.diffusion is {diffusion!r}; it must be one of {DIFFUSION_KINDS}")
+    assert diffusion in DIFFUSIONS, diffusion  # checked where the config entered (parse_and_validate)
     num_classes = int(nnet.get("num_classes", -1) or -1) if nnet.get("name") == "uvit" else -1
     cfg = bool(config.get("dataset", {}).get("cfg", False))
     latents = config.get("z_shape") is not None

@@ -186,7 +186,7 @@ def pending_shards(folder, plan, rank=0, world=1, settings=None):
 
     Shards already complete must have been written from the same source range with the same
     `settings` (a JSON-able dict: resolution, autoencoder, dtype...); otherwise the folder mixes two
-    extractions and InputError says so rather than silently combining them.
+    extractions and ConfigError says so rather than silently combining them.
     """
     settings = _normalise(settings or {})
     todo = []

@@ -36,18 +36,8 @@ from libs.errors import CheckpointError, ConfigError, InputError, MissingFileErr
 logger = logging.getLogger(__name__)
 
 # Stable Diffusion's first-stage configuration (ldm `kl-f8`), the one every U-ViT latent model uses.
-SD_KL_F8_DDCONFIG = dict(
-    double_z=True,
-    z_channels=4,
-    resolution=256,
-    in_channels=3,
-    out_ch=3,
-    ch=128,
-    ch_mult=(1, 2, 4, 4),
-    num_res_blocks=2,
-    attn_resolutions=(),
-    dropout=0.0,
-)
+SD_KL_F8_DDCONFIG = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
+                         ch_mult=(1, 2, 4, 4), num_res_blocks=2, attn_resolutions=(), dropout=0.0)
 SD_EMBED_DIM = 4
 # Latent scaling of Stable Diffusion (unit variance of the scaled ImageNet latents). The MS-COCO
 # config overrides it with 0.23010 in its own config file.

@@ -110,9 +110,6 @@ class CelebA(DatasetBase):
                 raise MissingFileError(f"no images of split {split!r} in '{os.path.join(root, IMAGES_DIR)}' "
                                        f"according to the split list. {HOW_TO_PREPARE}")
         logger.info("CelebA: %d images (split %s) from %s", len(files), split, root)
-        super().__init__(
-            train=ImageFileDataset(files, labels=None, transform=CelebAFaceCrop(resolution), random_flip=random_flip),
-            data_shape=(3, resolution, resolution),
-            kind='pixels',
-            num_classes=0,
-        )
+        super().__init__(train=ImageFileDataset(files, labels=None, transform=CelebAFaceCrop(resolution),
+                                                random_flip=random_flip),
+                         data_shape=(3, resolution, resolution), kind='pixels', num_classes=0)

@@ -95,9 +95,5 @@ class CIFAR10(DatasetBase):
         if len(labels) != CIFAR10_TRAIN_SIZE:
             logger.warning("CIFAR10 at %s has %d training images, not the standard %d", folder, len(labels),
                            CIFAR10_TRAIN_SIZE)
-        super().__init__(
-            train=TensorImageDataset(images, labels, random_flip=random_flip),
-            data_shape=(3, CIFAR10_SIZE, CIFAR10_SIZE),
-            kind='pixels',
-            num_classes=CIFAR10_NUM_CLASSES,
-        )
+        super().__init__(train=TensorImageDataset(images, labels, random_flip=random_flip),
+                         data_shape=(3, CIFAR10_SIZE, CIFAR10_SIZE), kind='pixels', num_classes=CIFAR10_NUM_CLASSES)

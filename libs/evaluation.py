@@ -284,11 +284,9 @@ def run_evaluation(config, nnet_path, family, output_path=None, inception_weight
 
 
 def parse_seeds(text, default):
-    """'0,1,2' -> [0, 1, 2]; '' -> [default]. ConfigError for anything but integers."""
-    try:
-        seeds = [int(t) for t in str(text).split(",") if t.strip()]
-    except ValueError:
-        raise ConfigError(f"config.metrics.seeds = {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+    """'0,1,2' -> [0, 1, 2]; '' -> [default] (parse_and_validate checked they are integers); ConfigError for a
+    repeated seed."""
+    seeds = [int(t) for t in str(text).split(",") if t.strip()]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"config.metrics.seeds = {text!r} repeats a seed")
     return seeds or [default]

@@ -163,29 +163,18 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
         return _fixed_step(eps_fn, diffusion, x, algorithm, steps, 0.0 if linear else t_end, generator).float()
 
     if linear:  # DPM-Solver++ through the data prediction x0 = x - t u, defined up to t = 1
-        model_fn = _data_prediction(eps_fn, diffusion)
-        solver = DPM_Solver(model_fn, ns, algorithm_type="dpmsolver++", model_output="data")
-        order = 2 if algorithm == "dpm_solver++_2m" else 3
-        x0 = solver.sample(x, steps=steps, t_start=ns.T, t_end=t_end, order=order, skip_type="logSNR",
-                           method="multistep", lower_order_final=True)
-        logger.debug("%s: %d network calls for %d steps", algorithm, solver.nfe, steps)
-        return x0.float()
-    model_type = {"noise": "noise", "v": "v", "x0": "x_start"}[diffusion.objective.prediction]
-    model_fn = model_wrapper(eps_fn, ns, model_type=model_type, network_time=diffusion.network_time)
-    if algorithm == "dpm_solver":
-        if continuous:
-            solver = DPM_Solver(model_fn, ns, algorithm_type="dpmsolver")
-            x0 = solver.sample(x, steps=steps, t_start=ns.T, t_end=t_end, order=3, skip_type="logSNR",
-                               method="singlestep")
-        else:
-            solver = DPM_Solver(model_fn, ns, algorithm_type="dpmsolver++")
-            x0 = solver.sample(x, steps=steps, t_start=ns.T, t_end=t_end, order=3, skip_type="time_uniform",
-                               method="singlestep")
+        solver = DPM_Solver(_data_prediction(eps_fn, diffusion), ns, algorithm_type="dpmsolver++", model_output="data")
     else:
-        order = 2 if algorithm == "dpm_solver++_2m" else 3
-        solver = DPM_Solver(model_fn, ns, algorithm_type="dpmsolver++")
-        x0 = solver.sample(x, steps=steps, t_start=ns.T, t_end=t_end, order=order, skip_type="logSNR",
-                           method="multistep", lower_order_final=True)
+        model_type = {"noise": "noise", "v": "v", "x0": "x_start"}[diffusion.objective.prediction]
+        model_fn = model_wrapper(eps_fn, ns, model_type=model_type, network_time=diffusion.network_time)
+        noise_solver = algorithm == "dpm_solver" and continuous
+        solver = DPM_Solver(model_fn, ns, algorithm_type="dpmsolver" if noise_solver else "dpmsolver++")
+    if algorithm == "dpm_solver":  # the paper protocols (VP only: algorithm_problem)
+        x0 = solver.sample(x, steps=steps, t_start=ns.T, t_end=t_end, order=3,
+                           skip_type="logSNR" if continuous else "time_uniform", method="singlestep")
+    else:
+        x0 = solver.sample(x, steps=steps, t_start=ns.T, t_end=t_end, order=2 if algorithm == "dpm_solver++_2m" else 3,
+                           skip_type="logSNR", method="multistep", lower_order_final=True)
     logger.debug("%s: %d network calls for %d steps", algorithm, solver.nfe, steps)
     return x0.float()
 

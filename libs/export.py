@@ -286,43 +286,37 @@ def model_card(meta, n_params):
             "class-conditional" if int(nnet.get("num_classes", -1) or -1) > 0 else "unconditional")
     space = (f"autoencoder latents {tuple(meta['z_shape'])} (scale factor {meta['autoencoder_scale_factor']})"
              if meta["z_shape"] else f"pixels ({nnet.get('in_chans', 3)} x {nnet['img_size']} x {nnet['img_size']})")
-    guidance = (f"Classifier-free guidance: null class {meta['null_class']}; eps = eps_c + s (eps_c - eps_u)."
+    guidance = (f"- Classifier-free guidance: null class {meta['null_class']}; eps = eps_c + s (eps_c - eps_u).\n"
                 if meta["null_class"] is not None else "")
-    lines = [
-        "---",
-        "tags: [diffusion, u-vit, image-generation]",
-        "---",
-        f"# U-ViT ({kind}, {meta['dataset'] or 'custom data'})",
-        "",
-        f"A U-ViT network ({PAPER}), exported with EMA weights.",
-        "",
-        f"- network: `{nnet['name']}`, img_size {nnet['img_size']}, patch_size {nnet.get('patch_size')}, "
-        f"embed_dim {nnet.get('embed_dim')}, depth {nnet.get('depth')}, {n_params / 1e6:.1f}M parameters",
-        f"- data: {space}",
-        f"- objective: {Objective.of(meta).describe()} (path/prediction; see config.json \"objective\")",
-        f"- diffusion: {meta['diffusion']} time; trained {meta['step'] if meta['step'] is not None else 'an unknown number of'} steps",
-        f"- sampling settings of its config: {meta['sample']}",
-    ]
-    if guidance:
-        lines.append(f"- {guidance}")
-    lines += [
-        "",
-        "## Files",
-        "",
-        "`model.safetensors` (the weights), `config.json` (everything needed to rebuild the network).",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from libs.export import build_from_export",
-        "nnet, meta = build_from_export('<this folder>')",
-        "```",
-        "",
-        "The sampling and evaluation scripts take this folder as `--nnet_path`, and training takes it as "
-        "`--init_from` to fine-tune.",
-        "",
-    ]
-    return "\n".join(lines)
+    steps = meta['step'] if meta['step'] is not None else 'an unknown number of'
+    return f"""---
+tags: [diffusion, u-vit, image-generation]
+---
+# U-ViT ({kind}, {meta['dataset'] or 'custom data'})
+
+A U-ViT network ({PAPER}), exported with EMA weights.
+
+- network: `{nnet['name']}`, img_size {nnet['img_size']}, patch_size {nnet.get('patch_size')}, \
+embed_dim {nnet.get('embed_dim')}, depth {nnet.get('depth')}, {n_params / 1e6:.1f}M parameters
+- data: {space}
+- objective: {Objective.of(meta).describe()} (path/prediction; see config.json "objective")
+- diffusion: {meta['diffusion']} time; trained {steps} steps
+- sampling settings of its config: {meta['sample']}
+{guidance}
+## Files
+
+`model.safetensors` (the weights), `config.json` (everything needed to rebuild the network).
+
+## Use
+
+```python
+from libs.export import build_from_export
+nnet, meta = build_from_export('<this folder>')
+```
+
+The sampling and evaluation scripts take this folder as `--nnet_path`, and training takes it as \
+`--init_from` to fine-tune.
+"""
 
 
 def export_model(checkpoint_or_pth, out_dir, config, step=None, overwrite=False):

@@ -104,7 +104,7 @@ class InceptionStatistics:
         """(mu (dims,), sigma (dims, dims)) as float64 numpy, sigma unbiased like numpy.cov."""
         n = float(self.n)
         if n < 2:
-            raise InputError(f"FID needs at least 2 images, got {int(n)}")
+            raise DataError(f"FID needs at least 2 images (a covariance), got {int(n)}; give more images")
         mu = self.feature_sum / n
         sigma = (self.outer_sum - n * torch.outer(mu, mu)) / (n - 1)
         sigma = (sigma + sigma.t()) / 2  # remove rounding asymmetry

@@ -402,8 +402,8 @@ def build_diffusion(kind, objective=None):
     """The diffusion of config.diffusion = kind ('continuous' / 'discrete') trained with `objective` (an
     `Objective`, e.g. Objective.of(config); None = the default, ContinuousVP() / DiscreteVP() as before).
     A path 'linear' objective gives LinearFlow, whose network time follows `kind`."""
-    if kind not in DIFFUSIONS:
-        raise ConfigError(f"unknown diffusion kind '{kind}'; known: {', '.join(DIFFUSIONS)}")
+    # config.diffusion is checked where it enters: parse_and_validate, an export's config.json (libs.export)
+    assert kind in DIFFUSIONS, f"unknown diffusion kind '{kind}'; known: {', '.join(DIFFUSIONS)}"
     objective = objective or Objective()
     problems = objective.problems(kind)
     if problems:

@@ -86,8 +86,7 @@ def guided_noise_fn(nnet, cond=None, uncond=None, scale=0.0, *, guide=None, inte
             raise InputError(f"guidance scale {scale} needs an unconditional condition (uncond=...), e.g. the null label")
         if set(cond) != set(uncond):
             raise InputError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
-    if interval is not None and noise_level is None:
-        raise InputError("a guidance interval needs noise_level (network time -> sigma)")
+    assert interval is None or noise_level is not None, "a guidance interval needs noise_level (sample() gives it)"
 
     def eps_fn(x, t_input):
         out_dtype = solver_dtype(x.dtype)

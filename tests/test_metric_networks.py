@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from libs.errors import MissingFileError
 from libs.metrics import clip_score, dinov2
-from tests.tiny_models import write_tiny_clip
+from benchmarks.tiny_models import write_tiny_clip
 from tools import inception
 
 HUBCONF = '''

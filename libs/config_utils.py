@@ -372,7 +372,8 @@ def parse_and_validate(config, *, world_size):
         path = get(key)
         if isinstance(path, str) and path and key not in problems:
             if not os.path.exists(path):
-                fail(key, "does not exist: give a ckpts/<step>.ckpt directory, an exported folder or a .pth")
+                fail(key, f"does not exist: {what} takes a ckpts/<step>.ckpt directory, a .pth state dict or an "
+                          "exported folder (tools/export.py)")
                 continue
             try:
                 check_objective(config, path, what)

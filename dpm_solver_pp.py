@@ -31,7 +31,7 @@ import numbers
 
 import torch
 
-from libs.errors import ConfigError, InputError
+from libs.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ CONTINUOUS_TIME_SCALE = 999.0
 
 def _known(kind, value, known):
     if value not in known:
-        raise ConfigError(f"unknown {kind} '{value}'; known: {', '.join(known)}")
+        raise InputError(f"unknown {kind} '{value}'; known: {', '.join(known)}")
 
 
 def solver_dtype(dtype):
@@ -62,13 +62,13 @@ def _is_positive_int(n):
 
 
 def check_start(x, steps, name="x"):
-    """InputError unless x is finite floating noise (B, ...); ConfigError unless steps (None: unchecked) is >= 1."""
+    """InputError unless x is finite floating noise (B, ...). steps (None: unchecked) was checked >= 1 where it
+    entered (config parsing, --steps): asserted."""
     if not torch.is_tensor(x) or not x.is_floating_point() or x.ndim < 2:
         raise InputError(f"{name} must be a floating tensor (B, ...), got {getattr(x, 'shape', type(x).__name__)}")
     if not torch.isfinite(x).all():
         raise InputError(f"{name} contains NaN or Inf; the starting noise must be finite")
-    if steps is not None and not _is_positive_int(steps):
-        raise ConfigError(f"steps must be a positive integer, got {steps!r}")
+    assert steps is None or _is_positive_int(steps), f"steps = {steps!r}: checked >= 1 where it enters"
 
 
 def _as_time(t):
@@ -106,7 +106,7 @@ class NoiseScheduleVP:
         self.schedule, self.total_N, self.T = schedule, 1000, 1.0
         if schedule == "discrete":
             if (betas is None) == (alphas_cumprod is None):
-                raise ConfigError("NoiseScheduleVP('discrete') needs exactly one of betas= or alphas_cumprod=")
+                raise InputError("NoiseScheduleVP('discrete') needs exactly one of betas= or alphas_cumprod=")
             name, table = ("betas", betas) if betas is not None else ("alphas_cumprod", alphas_cumprod)
             table = torch.as_tensor(table).to(torch.float64)
             if table.ndim != 1 or table.shape[0] < 2:
@@ -120,7 +120,7 @@ class NoiseScheduleVP:
             self._table_cache = {}
         elif schedule == "linear":
             if not (0 <= continuous_beta_0 < continuous_beta_1):
-                raise ConfigError(f"linear schedule needs 0 <= beta_0 < beta_1, got {continuous_beta_0}, {continuous_beta_1}")
+                raise InputError(f"linear schedule needs 0 <= beta_0 < beta_1, got {continuous_beta_0}, {continuous_beta_1}")
             self.beta_0, self.beta_1 = float(continuous_beta_0), float(continuous_beta_1)
         else:
             s = self.cosine_s = 0.008
@@ -248,13 +248,13 @@ class DPM_Solver:
         _known("algorithm_type", algorithm_type, ALGORITHM_TYPES)
         _known("model_output", model_output, ("noise", "data"))
         if model_output == "data" and algorithm_type != "dpmsolver++":
-            raise ConfigError("model_output='data' needs algorithm_type='dpmsolver++' (the data-prediction solver)")
+            raise InputError("model_output='data' needs algorithm_type='dpmsolver++' (the data-prediction solver)")
         self.model_output = model_output
         if correcting_x0_fn == "dynamic_thresholding":
             correcting_x0_fn = self.dynamic_thresholding_fn
         if correcting_x0_fn is not None and algorithm_type == "dpmsolver":
             # The noise-prediction solver never forms x0, so a correction would silently do nothing.
-            raise ConfigError("correcting_x0_fn acts on data predictions; use algorithm_type='dpmsolver++' with it")
+            raise InputError("correcting_x0_fn acts on data predictions; use algorithm_type='dpmsolver++' with it")
         self.model = lambda x, t: model_fn(x, t.expand(x.shape[0]))
         self.noise_schedule, self.algorithm_type = noise_schedule, algorithm_type
         self.predict_x0 = algorithm_type == "dpmsolver++"
@@ -398,7 +398,7 @@ class DPM_Solver:
         for every sample; h <- min(theta h E^{-1/order}, lambda_0 - lambda_s). Returns x at t_0.
         """
         if order not in (2, 3):
-            raise ConfigError(f"the adaptive solver pairs orders 1/2 or 2/3; order must be 2 or 3, got {order}")
+            raise InputError(f"the adaptive solver pairs orders 1/2 or 2/3; order must be 2 or 3, got {order}")
         ns = self.noise_schedule
         s, t_end, h = (torch.tensor(float(v), dtype=x.dtype, device=x.device) for v in (t_T, t_0, h_init))
         lambda_s, lambda_0 = ns.marginal_lambda(s), ns.marginal_lambda(t_end)
@@ -436,13 +436,13 @@ class DPM_Solver:
         _known("method", method, METHODS)
         _known("skip_type", skip_type, SKIP_TYPES)
         if order not in (1, 2, 3):
-            raise ConfigError(f"order must be 1, 2 or 3, got {order}")
+            raise InputError(f"order must be 1, 2 or 3, got {order}")
         check_start(x, None if method == "adaptive" else steps)
         ns = self.noise_schedule
         t_0 = 1.0 / ns.total_N if t_end is None else float(t_end)
         t_T = ns.T if t_start is None else float(t_start)
         if not (0.0 < t_0 < t_T <= ns.T * (1.0 + 1e-6)):  # tolerance: times that went through float32
-            raise ConfigError(f"need 0 < t_end < t_start <= T = {ns.T}, got t_end={t_0}, t_start={t_T}")
+            raise InputError(f"need 0 < t_end < t_start <= T = {ns.T}, got t_end={t_0}, t_start={t_T}")
         # Solver state in float32 or better: low-precision x (or autocast outputs) would lose the small
         # differences the higher-order corrections are made of.
         out_dtype = x.dtype
@@ -473,7 +473,7 @@ class DPM_Solver:
                                                                                    device, dtype)
             else:
                 if steps < order:
-                    raise ConfigError(f"singlestep_fixed needs steps >= order, got steps={steps}, order={order}")
+                    raise InputError(f"singlestep_fixed needs steps >= order, got steps={steps}, order={order}")
                 orders = [order] * (steps // order)
                 outer = self.get_time_steps(skip_type, t_T, t_0, len(orders), device, dtype)
             for s, t, step_order in zip(outer[:-1], outer[1:], orders):

@@ -20,7 +20,7 @@ import torch
 from absl import flags
 
 from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder
-from libs.errors import ConfigError, InputError, MissingFileError, exit_on_user_error
+from libs.errors import ConfigError, DataError, MissingFileError, exit_on_user_error
 from libs.evaluation import load_models
 from libs.family import Sampler
 from libs.io_utils import atomic_write_bytes
@@ -38,13 +38,13 @@ def read_prompts(path):
 
 
 def load_empty_context(path, shape):
-    """(77, D) float32 tensor from an .npy file; InputError when it does not fit the network."""
+    """(77, D) float32 tensor from an .npy file; DataError when it does not fit the network."""
     if not os.path.isfile(path):
         raise MissingFileError(f"--empty_context '{path}' not found; make it with scripts/extract_empty_feature.py "
                                "or leave the flag out to encode \"\" with CLIP.")
     c = torch.from_numpy(np.asarray(np.load(path), dtype=np.float32))
     if tuple(c.shape) != tuple(shape):
-        raise InputError(f"--empty_context '{path}' has shape {tuple(c.shape)}, the network takes {tuple(shape)}.")
+        raise DataError(f"--empty_context '{path}' has shape {tuple(c.shape)}, the network takes {tuple(shape)}.")
     return c
 
 
@@ -60,7 +60,7 @@ def main(argv=None):
     if fv.prompts_file:
         prompts += read_prompts(fv.prompts_file)
     if not prompts:
-        raise InputError("no prompts: give them as arguments (\"a red bus\" \"a cat\") or with --prompts_file.")
+        raise ConfigError("no prompts: give them as arguments (\"a red bus\" \"a cat\") or with --prompts_file.")
     if fv.n_per_prompt < 1:
         raise ConfigError(f"--n_per_prompt must be >= 1, got {fv.n_per_prompt}")
     algorithm, steps, scale, seed = sampling_settings(fv, config)
@@ -69,7 +69,7 @@ def main(argv=None):
     context_shape = (config.nnet.num_clip_token, config.nnet.clip_dim)
     contexts = torch.cat([clip(prompts[i:i + 64]).cpu() for i in range(0, len(prompts), 64)])
     if tuple(contexts.shape[1:]) != context_shape:
-        raise InputError(f"CLIP '{fv.clip}' gives contexts {tuple(contexts.shape[1:])}, the network takes "
+        raise ConfigError(f"CLIP '{fv.clip}' gives contexts {tuple(contexts.shape[1:])}, the network takes "
                          f"{context_shape} (config.nnet.num_clip_token, clip_dim).")
     null = None
     if scale > 0:

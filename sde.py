@@ -249,8 +249,7 @@ class ContinuousVP(_VPPath):
         sequence of B generators (one per sample, so a sample's path does not depend on its batch).
         Returns x at t = 0 in x_T's dtype (at least float32).
         """
-        if not _is_positive_int(steps):
-            raise ConfigError(f"Euler-Maruyama needs steps >= 1, got {steps!r}")
+        assert _is_positive_int(steps), f"steps = {steps!r}: checked >= 1 where it enters"
         x = x_T.to(solver_dtype(x_T.dtype))
         grid = torch.cat([torch.zeros(1, dtype=torch.float64),
                           torch.linspace(EM_T_MIN, 1.0, steps, dtype=torch.float64)]).to(device=x.device, dtype=x.dtype)
@@ -403,8 +402,8 @@ def build_diffusion(kind, objective=None):
     """The diffusion of config.diffusion = kind ('continuous' / 'discrete') trained with `objective` (an
     `Objective`, e.g. Objective.of(config); None = the default, ContinuousVP() / DiscreteVP() as before).
     A path 'linear' objective gives LinearFlow, whose network time follows `kind`."""
-    if kind not in DIFFUSIONS:
-        raise ConfigError(f"unknown diffusion kind '{kind}'; known: {', '.join(DIFFUSIONS)}")
+    # config.diffusion is checked where it enters: parse_and_validate, an export's config.json (libs.export)
+    assert kind in DIFFUSIONS, f"unknown diffusion kind '{kind}'; known: {', '.join(DIFFUSIONS)}"
     objective = objective or Objective()
     problems = objective.problems(kind)
     if problems:

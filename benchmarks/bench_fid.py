@@ -16,14 +16,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np
 import torch
 
-from benchmarks.machine import describe_machine
+from benchmarks.machine import describe_machine, sync
 from libs import fid
 from tools import inception
-
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def images_per_second(device, batch, iters, size):
@@ -35,11 +30,11 @@ def images_per_second(device, batch, iters, size):
     x = torch.rand(batch, 3, size, size, device=device)
     splits = torch.zeros(batch, dtype=torch.long)
     fid.accumulate(stats, net, fid.quantize_like_png(x), splits)  # warm-up (cuDNN autotuning, allocations)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(iters):
         fid.accumulate(stats, net, fid.quantize_like_png(x), splits)
-    _sync(device)
+    sync(device)
     return batch * iters / (time.perf_counter() - start)
 
 

@@ -29,7 +29,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from benchmarks.machine import describe_machine  # noqa: E402
+from benchmarks.machine import describe_machine, sync  # noqa: E402
 from libs.attention import resolve_backend, set_attention_backend  # noqa: E402
 from libs.uvit import UViT  # noqa: E402
 
@@ -68,11 +68,6 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def worker(args, use_checkpoint):
     """Run one setting in this process; return a dict of figures."""
     device = torch.device(args.device)
@@ -105,18 +100,18 @@ def worker(args, use_checkpoint):
 
     times, opt_times = [], []
     for i in range(args.warmup + args.steps):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         if args.mode == "train":
             fwd_bwd()
         else:
             sample()
-        _sync(device)
+        sync(device)
         mid = time.perf_counter()
         if opt is not None and args.mode == "train":
             opt.step()
             opt.zero_grad(set_to_none=True)
-            _sync(device)
+            sync(device)
         elif args.mode == "train":
             model.zero_grad(set_to_none=True)
         end = time.perf_counter()

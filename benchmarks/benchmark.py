@@ -52,7 +52,7 @@ import torch  # noqa: E402
 
 from benchmarks import step_variants  # noqa: E402
 from benchmarks.flops import mfu, peak_tflops, uvit_forward_macs  # noqa: E402
-from benchmarks.machine import describe_machine  # noqa: E402
+from benchmarks.machine import describe_machine, sync  # noqa: E402
 from libs.autoencoder import SD_EMBED_DIM, SD_KL_F8_DDCONFIG, FrozenAutoencoderKL  # noqa: E402
 from libs.data_loader import ResumableLoader  # noqa: E402
 from libs.datasets.features import LabelledMoments  # noqa: E402
@@ -147,11 +147,6 @@ def peak_memory_gb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # ru_maxrss is KiB on Linux
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn, device, steps, warmup):

@@ -40,3 +40,9 @@ def describe_machine(device="cpu", threads=None):
     if str(device).startswith("cuda") and torch.cuda.is_available():
         parts.insert(0, torch.cuda.get_device_name())
     return " | ".join(parts)
+
+
+def sync(device):
+    """Wait for the device's queued kernels (CUDA), so that a timer measures the work itself."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

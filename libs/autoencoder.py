@@ -31,23 +31,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from libs.errors import CheckpointError, InputError, MissingFileError
+from libs.errors import CheckpointError, ConfigError, InputError, MissingFileError, require_path
 
 logger = logging.getLogger(__name__)
 
 # Stable Diffusion's first-stage configuration (ldm `kl-f8`), the one every U-ViT latent model uses.
-SD_KL_F8_DDCONFIG = dict(
-    double_z=True,
-    z_channels=4,
-    resolution=256,
-    in_channels=3,
-    out_ch=3,
-    ch=128,
-    ch_mult=(1, 2, 4, 4),
-    num_res_blocks=2,
-    attn_resolutions=(),
-    dropout=0.0,
-)
+SD_KL_F8_DDCONFIG = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,
+                         ch_mult=(1, 2, 4, 4), num_res_blocks=2, attn_resolutions=(), dropout=0.0)
 SD_EMBED_DIM = 4
 # Latent scaling of Stable Diffusion (unit variance of the scaled ImageNet latents). The MS-COCO
 # config overrides it with 0.23010 in its own config file.
@@ -250,7 +240,7 @@ class FrozenAutoencoderKL(nn.Module):
         super().__init__()
         ddconfig = dict(ddconfig)
         if not ddconfig.get("double_z", True):
-            raise InputError("FrozenAutoencoderKL needs ddconfig['double_z'] = True (the encoder must output mean and logvar).")
+            raise ConfigError("FrozenAutoencoderKL needs ddconfig['double_z'] = True (the encoder must output mean and logvar).")
         self.ddconfig = ddconfig
         self.embed_dim = int(embed_dim)
         self.scale_factor = float(scale_factor)
@@ -307,8 +297,7 @@ class FrozenAutoencoderKL(nn.Module):
 
     def decode_in_chunks(self, z, chunk=50):
         """decode() `chunk` latents at a time so that decoding 50k samples never holds all activations."""
-        if chunk < 1:
-            raise InputError(f"chunk must be >= 1, got {chunk}.")
+        assert chunk >= 1, chunk
         return torch.cat([self.decode(part) for part in z.split(chunk)], dim=0)
 
 
@@ -333,7 +322,7 @@ def get_model(pretrained_path=DEFAULT_PATH, scale_factor=SD_LATENT_SCALE):
         or a diffusers model directory.
     scale_factor: latent scale; 0.18215 for ImageNet, the MS-COCO config passes 0.23010.
     """
-    path = _require_checkpoint(pretrained_path)
+    path = require_path(pretrained_path, "autoencoder weights", _WHERE_TO_GET_IT)
     ddconfig, embed_dim = SD_KL_F8_DDCONFIG, SD_EMBED_DIM
     raw = _read_raw(path)
     if isinstance(raw, dict) and "ddconfig" in raw:
@@ -359,12 +348,6 @@ class _Preloaded(str):
 
 # ----------------------------------------------------------------------------------------------
 # Reading checkpoints.
-
-
-def _require_checkpoint(path):
-    if path is None or not os.path.exists(path):
-        raise MissingFileError(f"autoencoder weights not found at '{path}'. {_WHERE_TO_GET_IT}")
-    return path
 
 
 def _safetensors_file(path):
@@ -431,7 +414,7 @@ def read_state_dict(path, num_resolutions=len(SD_KL_F8_DDCONFIG["ch_mult"])):
     and ldm training checkpoints, whose ``first_stage_model.`` prefix is stripped and whose ``loss.``
     entries - the discriminator - are dropped), and diffusers safetensors (keys converted).
     """
-    sd = path.content if isinstance(path, _Preloaded) else _read_raw(_require_checkpoint(path))
+    sd = path.content if isinstance(path, _Preloaded) else _read_raw(require_path(path, "autoencoder weights", _WHERE_TO_GET_IT))
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
     if not isinstance(sd, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in sd.items()):

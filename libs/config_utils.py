@@ -331,11 +331,7 @@ def parse_and_validate(config, *, world_size):
                                  f"(train.grad_accum_steps): the global batch must be a multiple of {n} (e.g. "
                                  f"--config.train.batch_size={lower or upper} or {upper}), or change the number "
                                  f"of processes or train.grad_accum_steps")
-    init = get("init.path")
-    if isinstance(init, str) and init and not os.path.exists(init):
-        fail("init.path", "does not exist: --init_from takes a ckpts/<step>.ckpt directory, a .pth state dict or "
-                          "an exported folder (tools/export.py)")
-    if get("init.resize") is True and not init:
+    if get("init.resize") is True and not get("init.path"):
         fail("init.resize", "has no effect without --init_from (the weights to adapt)")
     betas = get("optimizer.betas")
     if isinstance(betas, (tuple, list)) and not all(_is_num(b) and 0 <= b < 1 for b in betas):
@@ -383,7 +379,8 @@ def parse_and_validate(config, *, world_size):
         path = get(key)
         if isinstance(path, str) and path and key not in problems:
             if not os.path.exists(path):
-                fail(key, "does not exist: give a ckpts/<step>.ckpt directory, an exported folder or a .pth")
+                fail(key, f"does not exist: {what} takes a ckpts/<step>.ckpt directory, a .pth state dict or an "
+                          "exported folder (tools/export.py)")
                 continue
             try:
                 check_objective(config, path, what)

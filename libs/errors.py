@@ -1,9 +1,14 @@
-"""Exceptions: a user's mistake ends as one line, a programming error keeps its traceback.
+"""Exceptions: which is which. A user's mistake ends as one line, a programming error keeps its traceback.
 
-`UViTError` and its subclasses are the user's mistakes (a config value, a flag, a missing or damaged
-file): their messages say what is wrong and what to do, and scripts print them as one line
-(`exit_on_user_error`). `InputError` is a tensor of the wrong shape or range handed to a model or
-sampler: inside the library that is a bug, so it is not a UViTError and keeps its traceback.
+(a) A user's mistake (a config value, a flag, a file or folder, the data in it) raises a `UViTError`
+    subclass: ConfigError, MissingFileError, DataError, CheckpointError, ... Its message names the value
+    and says the fix; scripts print it as one line (`exit_on_user_error`). It is raised once, where the
+    value enters: config parsing (libs.config_utils.parse_and_validate), flag parsing (libs.sampling_cli,
+    the scripts' main), the reader of the file.
+(b) A wrong argument handed to a public model, sampler or metric API by the caller's code (a tensor of the
+    wrong shape, dtype or range) raises `InputError`: not a UViTError, so it keeps its traceback.
+(c) What the code itself guarantees (a value checked at its boundary, a shape the library built) is an
+    `assert`: the internals trust the boundary checks and do not repeat them.
 """
 import functools
 import os
@@ -37,9 +42,9 @@ class InputError(ValueError):
     """A tensor given to a model or sampler has the wrong shape, dtype or range (a bug: keeps its traceback)."""
 
 
-class DataError(UViTError, InputError):
-    """A data file (an image of the training set) cannot be read or decoded; the message names it. A user's
-    file, so one line; also an InputError, which image readers raised for it before."""
+class DataError(UViTError, ValueError):
+    """A user's data file (an image, a dataset batch, an annotation or prompts file) cannot be read or holds
+    the wrong thing; the message names it. Not an InputError: the file is the user's, not the caller's code."""
 
 
 def require_path(path, what, how):

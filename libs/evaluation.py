@@ -54,8 +54,7 @@ def shard_indices(n_samples, rank, world_size, mini_batch_size):
     Rank r gets r, r + W, r + 2W, ... in ceil(ceil(n / W) / mini_batch_size) near-equal batches,
     so all ranks run the same number of batches (+-1 image each) and the union is 0..n-1 once.
     """
-    if n_samples < 1 or mini_batch_size < 1:
-        raise ConfigError(f"n_samples ({n_samples}) and mini_batch_size ({mini_batch_size}) must be positive")
+    assert n_samples >= 1 and mini_batch_size >= 1, "config.sample / config.fid checked them (config_utils)"
     mine = torch.arange(rank, n_samples, world_size, dtype=torch.long)
     n_batches = math.ceil(math.ceil(n_samples / world_size) / mini_batch_size)
     return [b for b in torch.tensor_split(mine, n_batches) if b.numel() > 0]
@@ -287,11 +286,9 @@ def run_evaluation(config, nnet_path, family, output_path=None, inception_weight
 
 
 def parse_seeds(text, default):
-    """'0,1,2' -> [0, 1, 2]; '' -> [default]. ConfigError for anything but integers."""
-    try:
-        seeds = [int(t) for t in str(text).split(",") if t.strip()]
-    except ValueError:
-        raise ConfigError(f"config.metrics.seeds = {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+    """'0,1,2' -> [0, 1, 2]; '' -> [default] (parse_and_validate checked they are integers); ConfigError for a
+    repeated seed."""
+    seeds = [int(t) for t in str(text).split(",") if t.strip()]
     if len(set(seeds)) != len(seeds):
         raise ConfigError(f"config.metrics.seeds = {text!r} repeats a seed")
     return seeds or [default]

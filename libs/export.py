@@ -31,7 +31,7 @@ from libs.checkpoint import read_state_file
 from libs.errors import CheckpointError, ConfigError, MissingFileError, UViTError
 from libs.io_utils import atomic_path, fsync_dir, sha256_of
 from libs.nnet import build_nnet, load_nnet_state_dict
-from sde import Objective
+from sde import DIFFUSIONS, Objective
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,6 @@ WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE)
-DIFFUSION_KINDS = ("continuous", "discrete")
 _AGAIN = "export it again with `python tools/export.py <checkpoint> <out_dir>`"
 
 
@@ -112,8 +111,8 @@ def read_export_meta(folder):
     problems = []
     if not isinstance(meta.get("nnet"), dict) or "name" not in meta["nnet"]:
         problems.append("no \"nnet\" entry with the network's name and kwargs")
-    if meta.get("diffusion") not in DIFFUSION_KINDS:
-        problems.append(f"\"diffusion\" is {meta.get('diffusion')!r}, not one of {DIFFUSION_KINDS}")
+    if meta.get("diffusion") not in DIFFUSIONS:
+        problems.append(f"\"diffusion\" is {meta.get('diffusion')!r}, not one of {DIFFUSIONS}")
     if problems:
         raise CheckpointError(f"'{file}' is incomplete: {'; '.join(problems)}; {_AGAIN}")
     return meta
@@ -254,8 +253,7 @@ def export_meta(config, step=None, source=None):
     config = _as_config(config)
     nnet = config.nnet.to_dict()
     diffusion = config.get("diffusion", "continuous")
-    if diffusion not in DIFFUSION_KINDS:
-        raise ConfigError(f"config.diffusion is {diffusion!r}; it must be one of {DIFFUSION_KINDS}")
+    assert diffusion in DIFFUSIONS, diffusion  # checked where the config entered (parse_and_validate)
     num_classes = int(nnet.get("num_classes", -1) or -1) if nnet.get("name") == "uvit" else -1
     cfg = bool(config.get("dataset", {}).get("cfg", False))
     latents = config.get("z_shape") is not None
@@ -288,43 +286,37 @@ def model_card(meta, n_params):
             "class-conditional" if int(nnet.get("num_classes", -1) or -1) > 0 else "unconditional")
     space = (f"autoencoder latents {tuple(meta['z_shape'])} (scale factor {meta['autoencoder_scale_factor']})"
              if meta["z_shape"] else f"pixels ({nnet.get('in_chans', 3)} x {nnet['img_size']} x {nnet['img_size']})")
-    guidance = (f"Classifier-free guidance: null class {meta['null_class']}; eps = eps_c + s (eps_c - eps_u)."
+    guidance = (f"- Classifier-free guidance: null class {meta['null_class']}; eps = eps_c + s (eps_c - eps_u).\n"
                 if meta["null_class"] is not None else "")
-    lines = [
-        "---",
-        "tags: [diffusion, u-vit, image-generation]",
-        "---",
-        f"# U-ViT ({kind}, {meta['dataset'] or 'custom data'})",
-        "",
-        f"A U-ViT network ({PAPER}), exported with EMA weights.",
-        "",
-        f"- network: `{nnet['name']}`, img_size {nnet['img_size']}, patch_size {nnet.get('patch_size')}, "
-        f"embed_dim {nnet.get('embed_dim')}, depth {nnet.get('depth')}, {n_params / 1e6:.1f}M parameters",
-        f"- data: {space}",
-        f"- objective: {Objective.of(meta).describe()} (path/prediction; see config.json \"objective\")",
-        f"- diffusion: {meta['diffusion']} time; trained {meta['step'] if meta['step'] is not None else 'an unknown number of'} steps",
-        f"- sampling settings of its config: {meta['sample']}",
-    ]
-    if guidance:
-        lines.append(f"- {guidance}")
-    lines += [
-        "",
-        "## Files",
-        "",
-        "`model.safetensors` (the weights), `config.json` (everything needed to rebuild the network).",
-        "",
-        "## Use",
-        "",
-        "```python",
-        "from libs.export import build_from_export",
-        "nnet, meta = build_from_export('<this folder>')",
-        "```",
-        "",
-        "The sampling and evaluation scripts take this folder as `--nnet_path`, and training takes it as "
-        "`--init_from` to fine-tune.",
-        "",
-    ]
-    return "\n".join(lines)
+    steps = meta['step'] if meta['step'] is not None else 'an unknown number of'
+    return f"""---
+tags: [diffusion, u-vit, image-generation]
+---
+# U-ViT ({kind}, {meta['dataset'] or 'custom data'})
+
+A U-ViT network ({PAPER}), exported with EMA weights.
+
+- network: `{nnet['name']}`, img_size {nnet['img_size']}, patch_size {nnet.get('patch_size')}, \
+embed_dim {nnet.get('embed_dim')}, depth {nnet.get('depth')}, {n_params / 1e6:.1f}M parameters
+- data: {space}
+- objective: {Objective.of(meta).describe()} (path/prediction; see config.json "objective")
+- diffusion: {meta['diffusion']} time; trained {steps} steps
+- sampling settings of its config: {meta['sample']}
+{guidance}
+## Files
+
+`model.safetensors` (the weights), `config.json` (everything needed to rebuild the network).
+
+## Use
+
+```python
+from libs.export import build_from_export
+nnet, meta = build_from_export('<this folder>')
+```
+
+The sampling and evaluation scripts take this folder as `--nnet_path`, and training takes it as \
+`--init_from` to fine-tune.
+"""
 
 
 def export_model(checkpoint_or_pth, out_dir, config, step=None, overwrite=False):

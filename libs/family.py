@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from libs.data_loader import mix_seed
-from libs.errors import ConfigError, InputError
+from libs.errors import ConfigError
 from libs.sampling import sample
 from libs.export import load_guide
 from sde import Objective, build_diffusion
@@ -153,10 +153,9 @@ class Family:
     def prepare_batch(self, batch: dict, autoencoder=None):
         """A loader batch (on the device) -> (x0 (B, C, H, W), the network's cond kwargs). Latents are drawn afresh
         every step (torch's default generator): scale_factor * (mean + std * noise) of stored moments, or encoded."""
+        assert self.data == 'pixels' or autoencoder is not None, "latent configs load the autoencoder"
         if self.data == 'pixels':
             x0 = batch['x']
-        elif autoencoder is None:
-            raise InputError("latent configs need the autoencoder (config.autoencoder.pretrained_path)")
         elif 'moments' in batch:
             x0 = autoencoder.sample(batch['moments'])
         else:
@@ -252,9 +251,9 @@ class Sampler:
         0 = unguided. Latents are decoded `decode_chunk` at a time.
         """
         if scale > 0 and self.null is None and self.guide is None:
-            raise InputError("guided sampling (scale > 0) needs the null label / empty context")
+            raise ConfigError("guided sampling (scale > 0) needs the null label / empty context")
         if self.family.data == 'latents' and self.autoencoder is None:
-            raise InputError("decoding latents needs the autoencoder (config.autoencoder.pretrained_path)")
+            raise ConfigError("decoding latents needs the autoencoder (config.autoencoder.pretrained_path)")
         diffusion = self.diffusion or build_diffusion(self.family.time)
         guide = self.guide if scale > 0 else None
 

@@ -38,7 +38,7 @@ import re
 
 import numpy as np
 
-from libs.errors import CheckpointError, InputError, MissingFileError
+from libs.errors import CheckpointError, ConfigError, InputError, MissingFileError
 from libs.io_utils import atomic_path, atomic_write_bytes
 
 logger = logging.getLogger(__name__)
@@ -200,7 +200,7 @@ def pending_shards(folder, plan, rank=0, world=1, settings=None):
 
     Shards already complete must have been written from the same source range with the same
     `settings` (a JSON-able dict: resolution, autoencoder, dtype...); otherwise the folder mixes two
-    extractions and InputError says so rather than silently combining them.
+    extractions and ConfigError says so rather than silently combining them.
     """
     settings = _normalise(settings or {})
     todo = []
@@ -211,7 +211,7 @@ def pending_shards(folder, plan, rank=0, world=1, settings=None):
         with open(os.path.join(folder, shard_name(k) + ".json")) as f:
             record = json.load(f)
         if record.get("source_range") != [start, stop] or record.get("settings", {}) != settings:
-            raise InputError(f"'{folder}' already holds {shard_name(k)} from an extraction with other settings "
+            raise ConfigError(f"'{folder}' already holds {shard_name(k)} from an extraction with other settings "
                              f"(range {record.get('source_range')} vs {[start, stop]}, settings "
                              f"{record.get('settings')} vs {settings}); use the same flags to resume, or a new "
                              "output folder.")

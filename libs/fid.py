@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from libs.errors import ConfigError, InputError, MissingFileError
+from libs.errors import ConfigError, DataError, InputError, MissingFileError
 from libs.io_utils import atomic_savez
 
 logger = logging.getLogger(__name__)
@@ -104,7 +104,7 @@ class InceptionStatistics:
         """(mu (dims,), sigma (dims, dims)) as float64 numpy, sigma unbiased like numpy.cov."""
         n = float(self.n)
         if n < 2:
-            raise InputError(f"FID needs at least 2 images, got {int(n)}")
+            raise DataError(f"FID needs at least 2 images (a covariance), got {int(n)}; give more images")
         mu = self.feature_sum / n
         sigma = (self.outer_sum - n * torch.outer(mu, mu)) / (n - 1)
         sigma = (sigma + sigma.t()) / 2  # remove rounding asymmetry
@@ -236,14 +236,14 @@ class ImageFolder(torch.utils.data.Dataset):
             with Image.open(self.files[i]) as im:
                 a = np.asarray(im.convert("RGB"))
         except Exception as e:
-            raise InputError(f"cannot read image '{self.files[i]}' ({type(e).__name__}: {e}); remove or replace it") from e
+            raise DataError(f"cannot read image '{self.files[i]}' ({type(e).__name__}: {e}); remove or replace it") from e
         return torch.from_numpy(a.copy()).permute(2, 0, 1).float().div(255)
 
 
 def _collate_same_size(batch):
     sizes = {tuple(x.shape) for x in batch}
     if len(sizes) > 1:
-        raise InputError(f"images of different sizes {sorted(sizes)} in one folder; resize them to one size first")
+        raise DataError(f"images of different sizes {sorted(sizes)} in one folder; resize them to one size first")
     return torch.stack(batch)
 
 

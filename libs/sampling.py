@@ -29,11 +29,12 @@ arXiv 2207.12598) or, with `guide=`, a weaker network's conditional prediction (
 interval, Kynkaanniemi et al. 2024, arXiv 2404.07724); elsewhere out = out_c. The solvers see only the result.
 """
 import logging
+import math
 
 import torch
 
 from dpm_solver_pp import DPM_Solver, _expand_dims, check_start, model_wrapper, solver_dtype
-from libs.errors import ConfigError, InputError
+from libs.errors import InputError
 from sde import ScoreModel, _randn_like, shift_time
 
 logger = logging.getLogger(__name__)
@@ -85,8 +86,7 @@ def guided_noise_fn(nnet, cond=None, uncond=None, scale=0.0, *, guide=None, inte
             raise InputError(f"guidance scale {scale} needs an unconditional condition (uncond=...), e.g. the null label")
         if set(cond) != set(uncond):
             raise InputError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
-    if interval is not None and noise_level is None:
-        raise InputError("a guidance interval needs noise_level (network time -> sigma)")
+    assert interval is None or noise_level is not None, "a guidance interval needs noise_level (sample() gives it)"
 
     def eps_fn(x, t_input):
         out_dtype = solver_dtype(x.dtype)
@@ -114,12 +114,6 @@ def guided_noise_fn(nnet, cond=None, uncond=None, scale=0.0, *, guide=None, inte
     return eps_fn
 
 
-def _check_inputs(x_T, steps, scale):
-    check_start(x_T, steps, "x_T")
-    scale = float(scale)
-    if scale != scale or abs(scale) == float("inf"):
-        raise ConfigError(f"guidance scale must be finite, got {scale}")
-    return scale
 
 
 def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None, uncond=None, scale=0.0,
@@ -138,9 +132,10 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
     Returns x0 (B, ...) float32.
     """
     problem = algorithm_problem(algorithm, diffusion.path, diffusion.time_kind)
-    if problem:
-        raise ConfigError(problem)
-    scale = _check_inputs(x_T, steps, scale)
+    assert not problem, problem  # config.sample.algorithm and --algorithm are checked where they enter
+    check_start(x_T, steps, "x_T")
+    scale = float(scale)
+    assert math.isfinite(scale), f"guidance scale {scale}: checked finite where it enters (config, --scale)"
     for name, kwargs in (("cond", cond), ("uncond", uncond)):
         for k, v in (kwargs or {}).items():
             if torch.is_tensor(v) and (v.ndim == 0 or v.shape[0] != x_T.shape[0]):
@@ -167,29 +162,18 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
         return _fixed_step(eps_fn, diffusion, x, algorithm, steps, 0.0 if linear else t_end, generator).float()
 
     if linear:  # DPM-Solver++ through the data prediction x0 = x - t u, defined up to t = 1
-        model_fn = _data_prediction(eps_fn, diffusion)
-        solver = DPM_Solver(model_fn, ns, algorithm_type="dpmsolver++", model_output="data")
-        order = 2 if algorithm == "dpm_solver++_2m" else 3
-        x0 = solver.sample(x, steps=steps, t_start=ns.T, t_end=t_end, order=order, skip_type="logSNR",
-                           method="multistep", lower_order_final=True)
-        logger.debug("%s: %d network calls for %d steps", algorithm, solver.nfe, steps)
-        return x0.float()
-    model_type = {"noise": "noise", "v": "v", "x0": "x_start"}[diffusion.objective.prediction]
-    model_fn = model_wrapper(eps_fn, ns, model_type=model_type, network_time=diffusion.network_time)
-    if algorithm == "dpm_solver":
-        if continuous:
-            solver = DPM_Solver(model_fn, ns, algorithm_type="dpmsolver")
-            x0 = solver.sample(x, steps=steps, t_start=ns.T, t_end=t_end, order=3, skip_type="logSNR",
-                               method="singlestep")
-        else:
-            solver = DPM_Solver(model_fn, ns, algorithm_type="dpmsolver++")
-            x0 = solver.sample(x, steps=steps, t_start=ns.T, t_end=t_end, order=3, skip_type="time_uniform",
-                               method="singlestep")
+        solver = DPM_Solver(_data_prediction(eps_fn, diffusion), ns, algorithm_type="dpmsolver++", model_output="data")
     else:
-        order = 2 if algorithm == "dpm_solver++_2m" else 3
-        solver = DPM_Solver(model_fn, ns, algorithm_type="dpmsolver++")
-        x0 = solver.sample(x, steps=steps, t_start=ns.T, t_end=t_end, order=order, skip_type="logSNR",
-                           method="multistep", lower_order_final=True)
+        model_type = {"noise": "noise", "v": "v", "x0": "x_start"}[diffusion.objective.prediction]
+        model_fn = model_wrapper(eps_fn, ns, model_type=model_type, network_time=diffusion.network_time)
+        noise_solver = algorithm == "dpm_solver" and continuous
+        solver = DPM_Solver(model_fn, ns, algorithm_type="dpmsolver" if noise_solver else "dpmsolver++")
+    if algorithm == "dpm_solver":  # the paper protocols (VP only: algorithm_problem)
+        x0 = solver.sample(x, steps=steps, t_start=ns.T, t_end=t_end, order=3,
+                           skip_type="logSNR" if continuous else "time_uniform", method="singlestep")
+    else:
+        x0 = solver.sample(x, steps=steps, t_start=ns.T, t_end=t_end, order=2 if algorithm == "dpm_solver++_2m" else 3,
+                           skip_type="logSNR", method="multistep", lower_order_final=True)
     logger.debug("%s: %d network calls for %d steps", algorithm, solver.nfe, steps)
     return x0.float()
 

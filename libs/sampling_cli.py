@@ -1,5 +1,6 @@
 """The command line shared by sample_class_cond.py and sample_t2i_discrete.py: flags, the sampling
 settings they resolve to, batched generation and image writing."""
+import math
 import os
 import sys
 
@@ -84,8 +85,8 @@ def sampling_settings(fv, config):
     """(algorithm, steps, scale, seed) from the flags, defaulting to config.sample and config.seed."""
     s = config.sample
     scale = fv.scale if fv.scale is not None else guidance_scale(config)
-    if scale < 0:
-        raise ConfigError(f"--scale must be >= 0, got {scale}")
+    if not math.isfinite(scale) or scale < 0:
+        raise ConfigError(f"--scale must be a finite number >= 0, got {scale}")
     steps = fv.steps if fv.steps is not None else int(s.sample_steps)
     if steps < 1:
         raise ConfigError(f"--steps must be >= 1, got {steps}")

@@ -33,14 +33,12 @@ TENSORBOARD_DIR = "tensorboard"
 
 
 def trackers_for(log_with):
-    """The tracker names of a `config.log_with` value; ConfigError for an unknown value or a missing package.
+    """The tracker names of a `config.log_with` value (one of LOG_WITH); ConfigError for a missing package.
 
     'all' starts the installed ones among TensorBoard and wandb (a warning names a missing one).
     """
     log_with = "" if log_with is None else log_with
-    if log_with not in TRACKERS:
-        raise ConfigError(f"config.log_with is {log_with!r}; it must be one of "
-                          f"{', '.join(repr(v) for v in LOG_WITH)} ('' = no tracker)")
+    assert log_with in TRACKERS, f"config.log_with is {log_with!r}: parse_and_validate checks it is one of {LOG_WITH}"
     names = []
     for name in TRACKERS[log_with]:
         if importlib.util.find_spec(name) is not None:  # the tracker's package has its name

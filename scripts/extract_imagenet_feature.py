@@ -33,7 +33,7 @@ from tqdm import tqdm  # noqa: E402
 from libs import features  # noqa: E402
 from libs.autoencoder import DEFAULT_PATH, get_model  # noqa: E402
 from libs.datasets.base import adm_center_crop, list_images, load_rgb, uint8_to_unit_range  # noqa: E402
-from libs.errors import InputError, MissingFileError, exit_on_user_error  # noqa: E402
+from libs.errors import DataError, MissingFileError, exit_on_user_error  # noqa: E402
 from libs.logging_utils import setup_logging  # noqa: E402
 from libs.repa import extraction_encoder  # noqa: E402
 from tools.cli import define_repa_encoder, define_resolution, parse_flags  # noqa: E402
@@ -48,14 +48,14 @@ def list_imagenet(root):
                                "one sub-folder per class (n01440764/, ...)>.")
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     if not classes:
-        raise InputError(f"'{root}' has no class sub-folders; ImageNet's train folder holds one folder per class.")
+        raise DataError(f"'{root}' has no class sub-folders; ImageNet's train folder holds one folder per class.")
     paths, labels = [], []
     for label, name in enumerate(classes):
         found = list_images(os.path.join(root, name))
         paths += found
         labels += [label] * len(found)
     if not paths:
-        raise InputError(f"no images under '{root}'.")
+        raise DataError(f"no images under '{root}'.")
     return paths, labels, classes
 
 

@@ -34,7 +34,7 @@ from libs import features  # noqa: E402
 from libs.autoencoder import DEFAULT_PATH, get_model  # noqa: E402
 from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder  # noqa: E402
 from libs.datasets.base import load_rgb, uint8_to_unit_range  # noqa: E402
-from libs.errors import InputError, MissingFileError, exit_on_user_error  # noqa: E402
+from libs.errors import DataError, MissingFileError, exit_on_user_error  # noqa: E402
 from libs.logging_utils import setup_logging  # noqa: E402
 from libs.repa import extraction_encoder  # noqa: E402
 from tools.cli import define_repa_encoder, define_resolution, parse_flags  # noqa: E402
@@ -59,7 +59,7 @@ def read_coco_captions(captions_json, image_dir):
         for a in ann["annotations"]:
             captions[int(a["image_id"])].append(str(a["caption"]))
     except (ValueError, KeyError, TypeError) as e:
-        raise InputError(f"'{captions_json}' is not a COCO captions annotation file ({type(e).__name__}: {e}).") from e
+        raise DataError(f"'{captions_json}' is not a COCO captions annotation file ({type(e).__name__}: {e}).") from e
     items, skipped = [], 0
     for i in sorted(files):
         if captions[i]:
@@ -69,7 +69,7 @@ def read_coco_captions(captions_json, image_dir):
     if skipped:
         logger.warning("%s: %d images have no caption and are skipped", captions_json, skipped)
     if not items:
-        raise InputError(f"'{captions_json}' lists no captioned images.")
+        raise DataError(f"'{captions_json}' lists no captioned images.")
     return items
 
 

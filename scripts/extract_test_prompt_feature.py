@@ -21,7 +21,7 @@ from absl import flags  # noqa: E402
 from accelerate import PartialState  # noqa: E402
 
 from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder  # noqa: E402
-from libs.errors import InputError, MissingFileError, exit_on_user_error  # noqa: E402
+from libs.errors import DataError, MissingFileError, exit_on_user_error  # noqa: E402
 from libs.io_utils import atomic_write_bytes  # noqa: E402
 from libs.logging_utils import setup_logging  # noqa: E402
 from tools.cli import parse_flags  # noqa: E402
@@ -53,7 +53,7 @@ def read_prompts(path):
     with open(path, encoding="utf-8") as f:
         prompts = [line.strip() for line in f if line.strip()]
     if not prompts:
-        raise InputError(f"prompts file '{path}' holds no prompts.")
+        raise DataError(f"prompts file '{path}' holds no prompts.")
     return prompts
 
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from libs.datasets import DATASETS, get_dataset
-from libs.errors import ConfigError, InputError, MissingFileError
+from libs.errors import ConfigError, DataError, MissingFileError
 
 
 def _to_unit(arr_hwc_uint8):
@@ -173,7 +173,7 @@ def test_cifar10_corrupt_batch(cifar_root, tmp_path):
     for i in range(1, 6):
         src = root / 'cifar-10-batches-py' / f'data_batch_{i}'
         (folder / src.name).write_bytes(src.read_bytes()[:100] if i == 3 else src.read_bytes())
-    with pytest.raises(InputError, match='data_batch_3'):
+    with pytest.raises(DataError, match='data_batch_3'):
         get_dataset('cifar10', path=str(tmp_path))
     (folder / 'data_batch_3').unlink()
     with pytest.raises(MissingFileError, match='data_batch_3'):
@@ -296,11 +296,11 @@ def test_celeba_kaggle_csv_and_missing_split_list(tmp_path, celeba_root):
     assert len(get_dataset('celeba', path=str(tmp_path)).train) == 1
 
 
-def test_celeba_small_image_is_input_error(tmp_path):
+def test_celeba_small_image_is_data_error(tmp_path):
     (tmp_path / 'img_align_celeba').mkdir()
     Image.new('RGB', (64, 64)).save(tmp_path / 'img_align_celeba' / '000001.jpg')
     data = get_dataset('celeba', path=str(tmp_path), split='all')
-    with pytest.raises(InputError, match='178x218'):
+    with pytest.raises(DataError, match='178x218'):
         data.train[0]
 
 
@@ -454,5 +454,5 @@ def test_image_folder_bad_layouts(tmp_path):
     (tmp_path / 'corrupt').mkdir()
     (tmp_path / 'corrupt' / 'broken.jpg').write_bytes(b'\xff\xd8\xff\xe0 not really a jpeg')
     data = get_dataset('image_folder', path=str(tmp_path / 'corrupt'), resolution=8)
-    with pytest.raises(InputError, match='broken.jpg'):
+    with pytest.raises(DataError, match='broken.jpg'):
         data.train[0]

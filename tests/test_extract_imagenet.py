@@ -8,7 +8,7 @@ import torch
 
 from libs import features as F
 from libs.autoencoder import get_model
-from libs.errors import ConfigError, InputError, MissingFileError
+from libs.errors import ConfigError, DataError, MissingFileError
 from benchmarks.tiny_models import write_tiny_autoencoder
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -100,7 +100,7 @@ def test_resume_skips_finished_shards_and_refuses_other_settings(setup):
     again = F.open_features(str(out))
     for i, m in enumerate(before):
         np.testing.assert_array_equal(again.moments(i), m)
-    with pytest.raises(InputError, match="other settings"):
+    with pytest.raises(ConfigError, match="other settings"):
         run(script, tmp, ae_path, out, "--shard_size=3")
 
 
@@ -127,7 +127,7 @@ def test_missing_inputs(setup, tmp_path):
     bad = tmp_path / "bad" / "n00"
     os.makedirs(bad)
     (bad / "broken.jpg").write_bytes(b"not a jpeg")
-    with pytest.raises(InputError, match="broken.jpg"):
+    with pytest.raises(DataError, match="broken.jpg"):
         script.main([f"--imagenet_train={tmp_path / 'bad'}", f"--output={tmp_path / 'o2'}",
                      f"--autoencoder={ae_path}", "--resolution=64", "--num_workers=0"])
 

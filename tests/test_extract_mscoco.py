@@ -11,7 +11,7 @@ from libs import features as F
 from libs.autoencoder import get_model
 from libs.clip import FrozenCLIPEmbedder
 from libs.datasets import get_dataset
-from libs.errors import InputError, MissingFileError
+from libs.errors import DataError, MissingFileError
 from benchmarks.tiny_models import write_tiny_autoencoder, write_tiny_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,7 +130,7 @@ def test_prompt_file_and_skip_when_up_to_date(coco, tmp_path):
     script.main(args)
     assert os.stat(tmp_path / "o" / "vis_contexts.npy").st_mtime_ns == stamp
     (tmp_path / "empty.txt").write_text("\n")
-    with pytest.raises(InputError, match="no prompts"):
+    with pytest.raises(DataError, match="no prompts"):
         script.main(args[:-2] + [f"--prompts_file={tmp_path / 'empty.txt'}", "--device=cpu"])
 
 
@@ -147,7 +147,7 @@ def test_missing_inputs(coco, tmp_path):
     os.makedirs(bad)
     os.makedirs(tmp_path / "bad_coco" / "val2014")
     (bad / "captions_val2014.json").write_text(json.dumps({"images": [{"id": 1}]}))
-    with pytest.raises(InputError, match="not a COCO captions annotation file"):
+    with pytest.raises(DataError, match="not a COCO captions annotation file"):
         script.main([f"--coco_root={tmp_path / 'bad_coco'}", f"--output={tmp_path / 'o'}", "--split=val",
                      f"--autoencoder={ae}", f"--clip={clip}"])
 

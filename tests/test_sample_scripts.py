@@ -9,7 +9,7 @@ from PIL import Image
 
 import sample_class_cond
 import sample_t2i_discrete
-from libs.errors import ConfigError, InputError, MissingFileError
+from libs.errors import ConfigError, MissingFileError
 from benchmarks.tiny_models import write_tiny_autoencoder, write_tiny_clip
 
 T2I_CONFIG = """
@@ -133,7 +133,7 @@ def test_t2i_reproducible_across_batch_sizes_and_prompt_file(tiny):
 
 def test_t2i_errors(tiny):
     out = tiny["tmp"] / "err"
-    with pytest.raises(InputError, match="no prompts"):
+    with pytest.raises(ConfigError, match="no prompts"):
         sample_t2i_discrete.main(t2i_args(tiny, out))
     config, _ = tiny["t2i"]
     with pytest.raises(MissingFileError, match="nnet_path"):

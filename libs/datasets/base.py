@@ -14,7 +14,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import Dataset
 
-from libs.errors import ConfigError, DataError, InputError, MissingFileError
+from libs.errors import ConfigError, DataError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -76,10 +76,9 @@ class TensorImageDataset(Dataset):
     """
 
     def __init__(self, images, labels=None, random_flip=False):
-        if images.ndim != 4:
-            raise InputError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
-        if labels is not None and len(labels) != len(images):
-            raise InputError(f"{len(images)} images but {len(labels)} labels")
+        # The dataset classes build both from one checked file (cifar10, digits): an invariant.
+        assert images.ndim == 4 and (labels is None or len(labels) == len(images)), \
+            f"images {tuple(images.shape)}, labels {None if labels is None else len(labels)}"
         self.images = images
         self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.int64)
         self.random_flip = random_flip
@@ -105,8 +104,7 @@ class ImageFileDataset(Dataset):
     """
 
     def __init__(self, paths, labels=None, transform=None, random_flip=False):
-        if labels is not None and len(labels) != len(paths):
-            raise InputError(f"{len(paths)} images but {len(labels)} labels")
+        assert labels is None or len(labels) == len(paths), f"{len(paths)} paths, {len(labels)} labels"  # built together
         # One numpy array of encoded paths instead of a list of 1.28M str objects: DataLoader workers
         # touching list items bump their refcounts and slowly copy the parent's pages (copy-on-write).
         self._paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)

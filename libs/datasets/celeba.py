@@ -15,7 +15,7 @@ import os
 from PIL import Image
 
 from libs.datasets.base import DatasetBase, ImageFileDataset, check_dataset_path, check_resolution, list_images
-from libs.errors import ConfigError, InputError, MissingFileError
+from libs.errors import ConfigError, DataError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def read_partition(root):
                 try:
                     partition[row[0]] = int(row[1])
                 except (IndexError, ValueError) as e:
-                    raise InputError(f"CelebA split list '{file}' has a malformed line {row!r}; expected "
+                    raise DataError(f"CelebA split list '{file}' has a malformed line {row!r}; expected "
                                      "'<image name> <0|1|2>'. Re-download it.") from e
         return partition
     return None
@@ -73,7 +73,7 @@ class CelebAFaceCrop:
 
     def __call__(self, img):
         if img.width < CROP_LEFT + CROP_SIZE or img.height < CROP_TOP + CROP_SIZE:
-            raise InputError(f"CelebA image of size {img.width}x{img.height} is smaller than the face crop "
+            raise DataError(f"CelebA image of size {img.width}x{img.height} is smaller than the face crop "
                              f"(needs at least {CROP_LEFT + CROP_SIZE}x{CROP_TOP + CROP_SIZE}); use the aligned "
                              "178x218 images of img_align_celeba.")
         img = img.crop((CROP_LEFT, CROP_TOP, CROP_LEFT + CROP_SIZE, CROP_TOP + CROP_SIZE))
@@ -110,9 +110,6 @@ class CelebA(DatasetBase):
                 raise MissingFileError(f"no images of split {split!r} in '{os.path.join(root, IMAGES_DIR)}' "
                                        f"according to the split list. {HOW_TO_PREPARE}")
         logger.info("CelebA: %d images (split %s) from %s", len(files), split, root)
-        super().__init__(
-            train=ImageFileDataset(files, labels=None, transform=CelebAFaceCrop(resolution), random_flip=random_flip),
-            data_shape=(3, resolution, resolution),
-            kind='pixels',
-            num_classes=0,
-        )
+        super().__init__(train=ImageFileDataset(files, labels=None, transform=CelebAFaceCrop(resolution),
+                                                random_flip=random_flip),
+                         data_shape=(3, resolution, resolution), kind='pixels', num_classes=0)

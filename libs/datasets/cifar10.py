@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from libs.datasets.base import DatasetBase, TensorImageDataset
-from libs.errors import ConfigError, InputError, MissingFileError
+from libs.errors import ConfigError, DataError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +63,14 @@ def read_batch(file):
         data = np.asarray(data, dtype=np.uint8)
         labels = np.asarray(labels, dtype=np.int64)
     except Exception as e:  # a truncated or foreign file can fail in many ways inside pickle
-        raise InputError(f"CIFAR10 batch '{file}' is corrupt or not a CIFAR10 python batch ({type(e).__name__}: {e}). "
+        raise DataError(f"CIFAR10 batch '{file}' is corrupt or not a CIFAR10 python batch ({type(e).__name__}: {e}). "
                          f"Re-download it. {HOW_TO_PREPARE}") from e
     n = len(labels)
     if data.ndim != 2 or data.shape != (n, 3 * CIFAR10_SIZE * CIFAR10_SIZE):
-        raise InputError(f"CIFAR10 batch '{file}': expected data of shape ({n}, 3072), got {data.shape}. "
+        raise DataError(f"CIFAR10 batch '{file}': expected data of shape ({n}, 3072), got {data.shape}. "
                          f"Re-download it. {HOW_TO_PREPARE}")
     if n and (labels.min() < 0 or labels.max() >= CIFAR10_NUM_CLASSES):
-        raise InputError(f"CIFAR10 batch '{file}': labels outside 0..9. Re-download it.")
+        raise DataError(f"CIFAR10 batch '{file}': labels outside 0..9. Re-download it.")
     return torch.from_numpy(data.reshape(n, 3, CIFAR10_SIZE, CIFAR10_SIZE)), torch.from_numpy(labels)
 
 
@@ -95,9 +95,5 @@ class CIFAR10(DatasetBase):
         if len(labels) != CIFAR10_TRAIN_SIZE:
             logger.warning("CIFAR10 at %s has %d training images, not the standard %d", folder, len(labels),
                            CIFAR10_TRAIN_SIZE)
-        super().__init__(
-            train=TensorImageDataset(images, labels, random_flip=random_flip),
-            data_shape=(3, CIFAR10_SIZE, CIFAR10_SIZE),
-            kind='pixels',
-            num_classes=CIFAR10_NUM_CLASSES,
-        )
+        super().__init__(train=TensorImageDataset(images, labels, random_flip=random_flip),
+                         data_shape=(3, CIFAR10_SIZE, CIFAR10_SIZE), kind='pixels', num_classes=CIFAR10_NUM_CLASSES)

@@ -48,12 +48,8 @@ class Digits(DatasetBase):
             kw = {} if interpolation == 'nearest' else {'align_corners': False}
             x = F.interpolate(x, size=(resolution, resolution), mode=interpolation, **kw).clamp_(-1.0, 1.0)
         labels = torch.as_tensor(labels, dtype=torch.int64)
-        super().__init__(
-            train=TensorImageDataset(x.contiguous(), labels, random_flip=False),
-            data_shape=(1, resolution, resolution),
-            kind='pixels',
-            num_classes=DIGITS_NUM_CLASSES,
-        )
+        super().__init__(train=TensorImageDataset(x.contiguous(), labels, random_flip=False),
+                         data_shape=(1, resolution, resolution), kind='pixels', num_classes=DIGITS_NUM_CLASSES)
         self.resolution = resolution
 
     def sample_metric(self, images, labels=None):

@@ -87,11 +87,8 @@ class ImageNet(DatasetBase):
         if len(files) != IMAGENET_TRAIN_SIZE or len(self.classes) != IMAGENET_NUM_CLASSES:
             logger.warning("imagenet: found %d images in %d classes, not the standard %d in %d", len(files),
                            len(self.classes), IMAGENET_TRAIN_SIZE, IMAGENET_NUM_CLASSES)
-        super().__init__(
-            train=ImageFileDataset(files, labels, transform=ADMCrop(resolution, random_crop), random_flip=random_flip),
-            data_shape=data_shape,
-            kind=kind,
-            num_classes=len(self.classes),
-            image_shape=(3, resolution, resolution),
-        )
+        super().__init__(train=ImageFileDataset(files, labels, transform=ADMCrop(resolution, random_crop),
+                                                random_flip=random_flip),
+                         data_shape=data_shape, kind=kind, num_classes=len(self.classes),
+                         image_shape=(3, resolution, resolution))
         self.resolution = resolution

@@ -15,7 +15,7 @@ import zipfile
 import numpy as np
 import torch
 
-from libs.errors import ConfigError, InputError, MissingFileError
+from libs.errors import ConfigError, DataError, MissingFileError
 from libs.io_utils import atomic_path
 
 logger = logging.getLogger(__name__)
@@ -37,8 +37,7 @@ class ShardedSampleWriter:
     """
 
     def __init__(self, path, n, rank, world):
-        if not path.endswith(".npz"):
-            raise ConfigError(f"the sample file must end in .npz (got {path!r})")
+        assert path.endswith(".npz"), path  # config.metrics.npz is checked where the config enters
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         self.path, self.n, self.rank, self.world = path, n, rank, world
@@ -51,8 +50,7 @@ class ShardedSampleWriter:
 
     def write(self, pixels, indices):
         idx = torch.as_tensor(indices).cpu().numpy()
-        if np.any(idx % self.world != self.rank):
-            raise InputError(f"process {self.rank} of {self.world} was given indices it does not own: {idx[:5]}")
+        assert not np.any(idx % self.world != self.rank), f"rank {self.rank} of {self.world} got {idx[:5]}"
         if self.part is None:  # sized once the image shape is known
             self.part = np.lib.format.open_memmap(self._part_path(self.rank), mode="w+", dtype=np.uint8,
                                                   shape=(len(range(self.rank, self.n, self.world)), *pixels.shape[1:]))
@@ -125,5 +123,5 @@ def images_of_rows(rows):
     if x.ndim == 3:
         x = x[..., None]
     if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.dtype != torch.uint8:
-        raise InputError(f"images must be uint8 (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")
+        raise DataError(f"images must be uint8 (N, H, W, 3), got {x.dtype} {tuple(x.shape)}")
     return x.permute(0, 3, 1, 2).float().div(255).expand(-1, 3, -1, -1).contiguous()

@@ -94,8 +94,7 @@ class InceptionFeatures(torch.nn.Module):
 
     def __init__(self, net, resize="pytorch-fid"):
         super().__init__()
-        if resize not in RESIZES:
-            raise ConfigError(f"config.metrics.resize = {resize!r}: not one of {', '.join(RESIZES)}")
+        assert resize in RESIZES, resize  # config.metrics.resize is checked where the config enters
         self.net, self.resize = net, resize
         self.dims = {"pool": 2048, "logits": net.fc.weight.shape[0], "spatial": SPATIAL_DIMS}
 
@@ -301,8 +300,7 @@ class MetricSuite:
         pool = self.acc.moments.get("pool")
         if pool is not None:
             n = int(pool.n)
-            if n != self.n:  # internal invariant of the sharding
-                raise RuntimeError(f"scored {n} images instead of {self.n}")
+            assert n == self.n, f"scored {n} images instead of {self.n}"  # an invariant of the sharding
         for m in ("fid", "sfid", "fd_dinov2"):
             if m in names:
                 mu, sigma = self.acc.moments[MOMENTS[m][0]].mean_and_covariance()

@@ -55,7 +55,7 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 @dataclasses.dataclass(frozen=True)
 class ReleaseFile:
     """One published file. target: relative to the repository root; drive_id: its Google Drive id, None for a file
-    of the shared folder (FOLDER_ID, found by name); size (bytes), sha256 (hex): None if unverified (all: no network)."""
+    of the shared folder (FOLDER_ID, found by name); size (bytes), sha256 (hex): None if unverified (no network)."""
     name: str
     target: str
     what: str

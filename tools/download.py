@@ -106,8 +106,7 @@ FILES = (
     _fid_stats("fid_stats_imagenet64_guided_diffusion", "ImageNet 64x64"),
     _fid_stats("fid_stats_imagenet256_guided_diffusion", "ImageNet 256x256"),
     _fid_stats("fid_stats_imagenet512_guided_diffusion", "ImageNet 512x512"),
-    _fid_stats("fid_stats_mscoco256_val", "MS-COCO 256x256 (val2014)"),
-)
+    _fid_stats("fid_stats_mscoco256_val", "MS-COCO 256x256 (val2014)"))
 BY_NAME = {f.name: f for f in FILES}
 
 

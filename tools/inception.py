@@ -95,12 +95,8 @@ class _BlockA(InceptionA):
     """Mixed_5b..5d: torchvision's InceptionA layers, TF pooling."""
 
     def _forward(self, x):
-        return [
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(_tf_avg_pool(x)),
-        ]
+        return [self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))), self.branch_pool(_tf_avg_pool(x))]
 
 
 class _BlockC(InceptionC):
@@ -124,12 +120,8 @@ class _BlockE(InceptionE):
     def _forward(self, x):
         s = self.branch3x3_1(x)
         d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        return [
-            self.branch1x1(x),
-            torch.cat([self.branch3x3_2a(s), self.branch3x3_2b(s)], 1),
-            torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1),
-            self.branch_pool(self._pool(x)),
-        ]
+        return [self.branch1x1(x), torch.cat([self.branch3x3_2a(s), self.branch3x3_2b(s)], 1),
+                torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1), self.branch_pool(self._pool(x))]
 
 
 class FIDInceptionV3(nn.Module):
@@ -241,13 +233,11 @@ def load_weights(path, download=False):
     except Exception as e:
         raise CheckpointError(
             f"could not read the FID Inception weights '{path}' ({type(e).__name__}: {e}). The file is corrupt or "
-            f"truncated: delete it and download {WEIGHTS_URL} again."
-        ) from e
+            f"truncated: delete it and download {WEIGHTS_URL} again.") from e
     if not isinstance(state, dict) or "Mixed_7c.branch_pool.conv.weight" not in state:
         raise CheckpointError(
             f"'{path}' is not the FID Inception weights file (pt_inception-2015-12-05): it lacks the Mixed_7c "
-            f"layers. Download {WEIGHTS_URL}."
-        )
+            f"layers. Download {WEIGHTS_URL}.")
     return state
 
 

@@ -264,8 +264,6 @@ def worker_ablation(args, spec):
 
 def worker_update(args, spec):
     """AdamW step and EMA update alone, each implementation on its own state, interleaved."""
-
-
     device = setup_device(args)
     torch.manual_seed(0)
     nnet = build_nnet(nnet_config(spec["model"])).to(device)

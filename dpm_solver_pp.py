@@ -195,10 +195,9 @@ class NoiseScheduleVP:
 
 
 def default_network_time(noise_schedule):
-    """U-ViT's map from solver time t to the network's time input: 999 t for continuous schedules (the
-    original's ScoreModel), N t for discrete ones (its eval_*_discrete.py; fractional between training's
-    integers n). The official DPM-Solver feeds t and 1000 (t - 1/N): pass `network_time=` to `model_wrapper`.
-    """
+    """U-ViT's map from solver time t to the network's time input: 999 t for continuous schedules (the original's
+    ScoreModel), N t for discrete ones (its eval_*_discrete.py; fractional between training's integers n). The
+    official DPM-Solver feeds t and 1000 (t - 1/N): pass `network_time=` to `model_wrapper`."""
     scale = float(noise_schedule.total_N) if noise_schedule.schedule == "discrete" else CONTINUOUS_TIME_SCALE
     return lambda t: scale * t
 
@@ -412,11 +411,11 @@ class DPM_Solver:
         """Integrate the probability-flow ODE from t_start (default T) to t_end (default 1/N) starting at x.
 
         x: (B, ...) noise at t_start. Computed in float32 (float64 if x is float64); returns that dtype.
-        method: 'singlestep' (DPM-Solver-fast order list, NFE = steps), 'singlestep_fixed' (steps // order
-        steps of `order`), 'multistep' (NFE = steps; warm-up with orders 1..order-1; with lower_order_final
-        and steps < 10 the last steps drop order, as in the official code), 'adaptive' (steps ignored).
-        denoise_to_zero: one more call, returning the data prediction at t_end.
-        return_intermediate: also return the list of states after every outer step (first: x).
+        method: 'singlestep' (DPM-Solver-fast order list, NFE = steps), 'singlestep_fixed' (steps // order steps of
+        `order`), 'multistep' (NFE = steps; warm-up with orders 1..order-1; with lower_order_final and steps < 10 the
+        last steps drop order, as in the official code), 'adaptive' (steps ignored).
+        denoise_to_zero: one more call, returning the data prediction at t_end. return_intermediate: also return
+        the list of states after every outer step (first: x).
         """
         _known("method", method, METHODS)
         _known("skip_type", skip_type, SKIP_TYPES)

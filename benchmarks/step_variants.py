@@ -32,8 +32,7 @@ class StepOptions:
     ema: 'loop' (ema.mul_(rate).add_(p, alpha=1 - rate) per parameter, as the original) | 'foreach' (one
         torch._foreach_lerp_, libs.ema.EMAUpdater).
     sync_every_step: loss.item() every step (the original's logging) instead of a device tensor read per log interval.
-    precision: 'fp32' | 'bf16' | 'fp16' autocast of the network forward (loss in float32).
-    compile: torch.compile the network.
+    precision: 'fp32' | 'bf16' | 'fp16' autocast of the network forward (loss in float32). compile: torch.compile.
     """
     attention: str = "sdpa"
     optimizer: str = "auto"

@@ -256,7 +256,6 @@ class FrozenAutoencoderKL(nn.Module):
 
     def sample(self, moments, generator=None):
         """moments: (B, 2*embed_dim, h, w) -> z = scale_factor * (mean + exp(logvar/2) * noise), (B, embed_dim, h, w).
-
         logvar is clamped to [-30, 20] as in ldm's DiagonalGaussianDistribution. `generator` (on the moments'
         device) seeds the noise; None uses torch's default generator.
         """

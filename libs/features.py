@@ -74,11 +74,10 @@ def shard_is_complete(folder, index):
 
 class ShardWriter:
     """Writes one shard: arrays are filled in temporary memory-mapped .npy files, renamed into place by `commit()`,
-    which writes the shard record last.
+    which writes the shard record last. Use as a context manager: an exception discards everything written.
 
-    n: number of samples in the shard. moments_shape: (2*C_z, h, w). dtype: storage dtype.
-    with_labels: store (n,) int64 labels. num_contexts, context_shape: store contexts (text sets).
-    Use as a context manager: leaving it with an exception discards everything written.
+    n: samples in the shard. moments_shape: (2*C_z, h, w). dtype: storage dtype. with_labels: store (n,) int64
+    labels. num_contexts, context_shape: store contexts (text sets).
     """
 
     def __init__(self, folder, index, n, moments_shape, dtype="float32", with_labels=False,

@@ -195,10 +195,9 @@ class NoiseScheduleVP:
 
 
 def default_network_time(noise_schedule):
-    """U-ViT's map from solver time t to the network's time input: 999 t for continuous schedules (the
-    original's ScoreModel), N t for discrete ones (its eval_*_discrete.py; fractional between training's
-    integers n). The official DPM-Solver feeds t and 1000 (t - 1/N): pass `network_time=` to `model_wrapper`.
-    """
+    """U-ViT's map from solver time t to the network's time input: 999 t for continuous schedules (the original's
+    ScoreModel), N t for discrete ones (its eval_*_discrete.py; fractional between training's integers n). The
+    official DPM-Solver feeds t and 1000 (t - 1/N): pass `network_time=` to `model_wrapper`."""
     scale = float(noise_schedule.total_N) if noise_schedule.schedule == "discrete" else CONTINUOUS_TIME_SCALE
     return lambda t: scale * t
 
@@ -263,8 +262,6 @@ class DPM_Solver:
         self.dynamic_thresholding_ratio = dynamic_thresholding_ratio
         self.nfe = 0
 
-    # ----- model evaluations -----
-
     def dynamic_thresholding_fn(self, x0, t=None):
         """Imagen's dynamic thresholding: clip x0 to the per-sample `ratio` quantile of |x0| (at least max_val) and rescale."""
         flat = x0.abs().reshape(x0.shape[0], -1)
@@ -290,8 +287,6 @@ class DPM_Solver:
     def model_fn(self, x, t):
         """The prediction the chosen algorithm integrates: x0 for 'dpmsolver++', eps for 'dpmsolver'."""
         return self.data_prediction_fn(x, t) if self.predict_x0 else self.noise_prediction_fn(x, t)
-
-    # ----- time grids -----
 
     def get_time_steps(self, skip_type, t_T, t_0, N, device, dtype=torch.float64):
         """(N+1,) decreasing times from t_T to t_0: uniform in lambda ('logSNR'), in t, or in sqrt(t)."""
@@ -323,8 +318,6 @@ class DPM_Solver:
         idx = torch.cumsum(torch.tensor([0] + orders), dim=0).to(device)
         return self.get_time_steps(skip_type, t_T, t_0, steps, device, dtype)[idx], orders
 
-    # ----- updates -----
-
     def _coefficients(self, s, t):
         """(ratio, mu_t, H, h) of the exponential integrator from s to t (see the module docstring)."""
         ns = self.noise_schedule
@@ -345,11 +338,8 @@ class DPM_Solver:
     def singlestep_dpm_solver_update(self, x, s, t, order, r1=None, r2=None, stages=(), return_stages=False):
         """One singlestep step of `order` (1-3) from s to t (scalar tensors), `order` model calls: DPM-Solver eq.
         (3.7) / Algorithms 4-5 and DPM-Solver++ Algorithm 1 (and its third-order counterpart), in (ratio, mu, H).
-
-        Stage points at lambda_s + r1 h, lambda_s + r2 h (defaults 1/2; 1/3, 2/3). stages: model values at s
-        (and r1) already computed from the same x by a lower order (the adaptive pairs), reused.
-        Returns x_t, or (x_t, [model_s, model_s1, ...]) with return_stages=True.
-        """
+        Stage points at lambda_s + r1 h, lambda_s + r2 h (defaults 1/2; 1/3, 2/3). stages: model values at s (and
+        r1) from the same x by a lower order (the adaptive pairs), reused. Returns x_t, or (x_t, stages)."""
         stages = list(stages) or [self.model_fn(x, s)]
         ratio, mu_t, H, h = self._coefficients(s, t)
         psi1 = torch.expm1(H)
@@ -368,12 +358,10 @@ class DPM_Solver:
 
     def multistep_dpm_solver_update(self, x, model_prev_list, t_prev_list, t, order):
         """One multistep step to t from the last `order` predictions (most recent last; no new model call).
-
-        Order 2 is DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2). Order 3 integrates the quadratic through
-        the last three predictions exactly: with D1 ~ h m' and D2 ~ h^2 m''/2 (divided differences in lambda),
+        Order 2 is DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2). Order 3 integrates the quadratic through the
+        last three predictions exactly: with D1 ~ h m' and D2 ~ h^2 m''/2 (divided differences in lambda),
         x_t = ratio x - mu_t [psi1 m0 + psi2 D1 + 2 psi3 D2], since int_0^h e^{H - u} u^2/2 du = h^2 psi3 (H = h):
-        third order (the official code's psi3 weight makes its 3M second order; see the module docstring).
-        """
+        third order (the official code's psi3 weight makes its 3M second order; see the module docstring)."""
         ns, m = self.noise_schedule, model_prev_list
         ratio, mu_t, H, h = self._coefficients(t_prev_list[-1], t)
         psi1 = torch.expm1(H)
@@ -392,11 +380,9 @@ class DPM_Solver:
         return ratio * x - mu_t * (psi1 * m[-1] + psi2 * D1 + 2.0 * (psi2 / H - 0.5) * D2)
 
     def dpm_solver_adaptive(self, x, order, t_T, t_0, h_init=0.05, atol=0.0078, rtol=0.05, theta=0.9, t_err=1e-5):
-        """Adaptive step size (Lu et al. 2022a, Appendix C, Algorithm 3): order k-1 paired with order k.
-
-        A step is accepted when the RMS of (x_high - x_low) / max(atol, rtol max(|x_low|, |x_prev|)) is <= 1
-        for every sample; h <- min(theta h E^{-1/order}, lambda_0 - lambda_s). Returns x at t_0.
-        """
+        """Adaptive step size (Lu et al. 2022a, Appendix C, Algorithm 3), order k-1 paired with order k: a step is
+        accepted when the RMS of (x_high - x_low) / max(atol, rtol max(|x_low|, |x_prev|)) is <= 1 for every
+        sample; h <- min(theta h E^{-1/order}, lambda_0 - lambda_s). Returns x at t_0."""
         if order not in (2, 3):
             raise InputError(f"the adaptive solver pairs orders 1/2 or 2/3; order must be 2 or 3, got {order}")
         ns = self.noise_schedule
@@ -420,18 +406,16 @@ class DPM_Solver:
             h = torch.minimum(theta * h * E.clamp(min=1e-12) ** (-1.0 / order), lambda_0 - lambda_s)
         return x
 
-    # ----- sampling -----
-
     def sample(self, x, steps=20, t_start=None, t_end=None, order=2, skip_type="time_uniform", method="multistep",
                lower_order_final=True, denoise_to_zero=False, return_intermediate=False, atol=0.0078, rtol=0.05):
         """Integrate the probability-flow ODE from t_start (default T) to t_end (default 1/N) starting at x.
 
         x: (B, ...) noise at t_start. Computed in float32 (float64 if x is float64); returns that dtype.
-        method: 'singlestep' (DPM-Solver-fast order list, NFE = steps), 'singlestep_fixed' (steps // order
-        steps of `order`), 'multistep' (NFE = steps; warm-up with orders 1..order-1; with lower_order_final
-        and steps < 10 the last steps drop order, as in the official code), 'adaptive' (steps ignored).
-        denoise_to_zero: one more call, returning the data prediction at t_end.
-        return_intermediate: also return the list of states after every outer step (first: x).
+        method: 'singlestep' (DPM-Solver-fast order list, NFE = steps), 'singlestep_fixed' (steps // order steps of
+        `order`), 'multistep' (NFE = steps; warm-up with orders 1..order-1; with lower_order_final and steps < 10 the
+        last steps drop order, as in the official code), 'adaptive' (steps ignored).
+        denoise_to_zero: one more call, returning the data prediction at t_end. return_intermediate: also return
+        the list of states after every outer step (first: x).
         """
         _known("method", method, METHODS)
         _known("skip_type", skip_type, SKIP_TYPES)

@@ -1,13 +1,11 @@
 """Feature extraction throughput and feature reading time, packed vs the original per-file layout.
 
-1. Extraction (images/s, end to end: decode JPEG, crop, encode image + flip, write shards) of
-   scripts/extract_imagenet_feature.py and scripts/extract_mscoco_feature.py on a synthetic
-   image folder with the tiny random autoencoder / CLIP of the tests (benchmarks/tiny_models.py), and the
-   encoder forward alone. --full adds the Stable Diffusion KL-f8 encoder (random weights, same cost).
-2. Reading: a batch of random entries through the dataset class (moments + label, as a DataLoader
-   worker does) from N entries of (8, 32, 32) float32 stored packed (shards of memory-mapped .npy)
-   or one pickled .npy per entry (the original's layout). Warm page cache: the files were just
-   written, so this measures per-access overhead (open + unpickle vs a memory-map slice), not disk.
+1. Extraction (images/s end to end: decode JPEG, crop, encode image + flip, write shards) of
+   scripts/extract_{imagenet,mscoco}_feature.py on a synthetic image folder with the tiny random autoencoder / CLIP
+   (benchmarks/tiny_models.py), and the encoder forward alone. --full adds the SD KL-f8 encoder (random weights).
+2. Reading: random entries through the dataset class (moments + label, as a DataLoader worker) from N (8, 32, 32)
+   float32 entries, packed (memory-mapped .npy shards) or one pickled .npy each (the original's). Warm page cache:
+   this measures per-access overhead (open + unpickle vs a memory-map slice), not disk.
 
     python benchmarks/bench_features.py                      # defaults: 32 images at 256, 4096 entries
     python benchmarks/bench_features.py --images 64 --resolution 256 --entries 20000 --full

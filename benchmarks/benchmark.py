@@ -1,35 +1,31 @@
 """U-ViT benchmark suite: prints one markdown table per section.
 
 Sections (--only picks one or several, comma-separated; default all):
-  train     training-step throughput (images/s) and peak memory of U-ViT-S/2 (CIFAR10 config) and
-            U-ViT-L/2 on 4x32x32 latents (ImageNet 256 config; U-ViT-H/2 too on CUDA), gradient
-            checkpointing off and on; the step is the trainer's (step_variants.OPTIMIZED: SDPA,
-            fused AdamW, foreach EMA, no per-step sync). Forward MACs counted analytically; MFU on CUDA.
-  ablation  the plain step (explicit-softmax attention, for-loop AdamW, Python-loop EMA, loss.item()
-            every step) against the optimized one and each optimisation removed in turn, all in ONE
-            process on one model, interleaved (A B C ... A B C ...), so the ratios share the noise.
-  update    the parameter update alone on U-ViT-S/2's 44M parameters: AdamW for-loop / foreach / fused
-            and the EMA as a Python loop / one torch._foreach_lerp_, interleaved (precise where the
-            whole-step ablation is too noisy to resolve a few percent).
-  sample    sampling throughput at --sample-nfe DPM-Solver steps: unguided; guided with batched
-            classifier-free guidance (one forward of 2B) and with two forwards of B (the original).
-  features  autoencoder encode (KL-f8, 256x256 -> moments) and FID Inception statistics throughput,
-            default and channels-last. Random weights: the speed does not depend on them.
-  data      latent-feature loading: the packed memory-mapped format vs the original file per sample
-            (libs.features), through the training dataset class and a DataLoader.
+  train     training-step throughput (images/s) and peak memory of U-ViT-S/2 (CIFAR10 config) and U-ViT-L/2 on
+            4x32x32 latents (ImageNet 256 config; U-ViT-H/2 too on CUDA), gradient checkpointing off and on; the
+            trainer's step (step_variants.OPTIMIZED). Forward MACs counted analytically; MFU on CUDA.
+  ablation  the plain step (math attention, for-loop AdamW, Python-loop EMA, loss.item() every step) against the
+            optimized one and each optimisation removed in turn, in ONE process on one model, interleaved
+            (A B C ... A B C ...), so the ratios share the noise.
+  update    the parameter update alone on U-ViT-S/2's 44M parameters: AdamW for-loop / foreach / fused and the EMA
+            as a Python loop / one torch._foreach_lerp_, interleaved (resolves the few percent the ablation cannot).
+  sample    sampling throughput at --sample-nfe DPM-Solver steps: unguided; classifier-free guidance batched (one
+            forward of 2B) and as two forwards of B (the original).
+  features  autoencoder encode (KL-f8, 256x256 -> moments) and FID Inception statistics throughput, default and
+            channels-last. Random weights: the speed does not depend on them.
+  data      latent-feature loading, packed memory-mapped vs the original file per sample (libs.features),
+            through the training dataset class and a DataLoader.
 
-Every setting of train / sample / features / data runs in a fresh subprocess, so its peak memory is
-its own: peak RSS (getrusage ru_maxrss; includes the ~0.7 GB of the imported stack) on the CPU,
-torch.cuda.max_memory_allocated on CUDA. Figures are medians of --steps timed repetitions after
---warmup untimed ones.
+Every setting of train / sample / features / data runs in a fresh subprocess, so its peak memory is its own: peak
+RSS (ru_maxrss; includes the ~0.7 GB of the imported stack) on the CPU, torch.cuda.max_memory_allocated on CUDA.
+Figures are medians of --steps timed repetitions after --warmup untimed ones.
 
     python benchmarks/benchmark.py --device cpu --only ablation --batch 32 --steps 3
     python benchmarks/benchmark.py --device cpu --only train,sample,features,data
     python benchmarks/benchmark.py --device cuda --only train --models H/2-latent --batch 128 \\
         --precision bf16 --steps 20 --warmup 5           # the H100 MFU measurement
 
-CPU figures on a shared 2-core machine are noisy (tens of percent between runs): compare ratios
-measured in one run, not absolute seconds across runs.
+CPU figures on a shared 2-core machine are noisy (tens of percent between runs): compare ratios within one run.
 """
 import argparse
 import importlib
@@ -86,22 +82,21 @@ def parse_args(argv=None):
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="autocast precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the network (train and sample "
                    "sections; in the ablation an extra 'optimized + compile' variant)")
-    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend ('eager' checks the "
-                   "path without Inductor's minutes of compilation)")
+    p.add_argument("--compile-backend", default="inductor",
+                   help="torch.compile backend ('eager' checks the path without Inductor's minutes of compilation)")
     p.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {SECTIONS}")
     p.add_argument("--steps", type=int, default=3, help="timed repetitions per setting (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first")
     p.add_argument("--models", default=None, help="train section models, comma-separated keys of "
                    f"{list(MODELS)}; default S/2-cifar10,L/2-latent (+ H/2-latent on CUDA)")
     p.add_argument("--checkpointing", default="off,on", help="train section: off, on or off,on")
-    p.add_argument("--ablation-extras", default="foreach", help="ablation: extra variants beyond the remove-one "
-                   "rows, comma-separated of foreach (multi-tensor AdamW instead of fused), bf16, fp16 (autocast); "
-                   "'' for none. bf16 is left out by default: without AVX512-BF16/AMX it is emulated (~7x slower "
-                   "matmuls)")
+    p.add_argument("--ablation-extras", default="foreach", help="ablation: extra variants beyond the remove-one rows, "
+                   "comma-separated of foreach (multi-tensor AdamW instead of fused), bf16, fp16 (autocast); '' for "
+                   "none. bf16 is left out by default: without AVX512-BF16/AMX it is emulated (~7x slower matmuls)")
     p.add_argument("--ablation-only", default="", help="ablation: keep only these variants (comma-separated "
                    "name prefixes, e.g. 'plain,optimized'); '' keeps all")
-    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in every worker; 0 = "
-                   "PyTorch's default (one per core)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch.set_num_threads in every worker; 0 = PyTorch's default (one per core)")
     p.add_argument("--sample-batch", type=int, default=None, help="images per sampling call (default 8 CPU, 64 CUDA)")
     p.add_argument("--sample-nfe", type=int, default=50, help="DPM-Solver steps (network evaluations) per sample")
     p.add_argument("--sample-model", default=None, help="sample section model (default S/2-cifar10 with 10 "
@@ -247,11 +242,8 @@ def ablation_variants(args):
 
 
 def worker_ablation(args, spec):
-    """All variants on one model and one optimizer state, interleaved round by round.
-
-    Round r visits the variants in an order rotated by r, so that a load trend on a shared machine
-    does not always favour the same variant; speed-ups are medians of per-round ratios.
-    """
+    """All variants on one model and optimizer state, interleaved: round r visits them in an order rotated by r, so
+    a load trend on a shared machine favours none; speed-ups are medians of per-round ratios."""
     device = setup_device(args)
     variants = ablation_variants(args)
     names = list(variants)
@@ -272,8 +264,6 @@ def worker_ablation(args, spec):
 
 def worker_update(args, spec):
     """AdamW step and EMA update alone, each implementation on its own state, interleaved."""
-
-
     device = setup_device(args)
     torch.manual_seed(0)
     nnet = build_nnet(nnet_config(spec["model"])).to(device)
@@ -375,8 +365,6 @@ def worker_features(args, spec):
 
 def write_feature_layouts(folder, n, shape=(8, 32, 32), shard_size=1024):
     """The same n (moments, label) entries in the packed format and in the original per-file layout."""
-
-
     rng = np.random.default_rng(0)
     packed, per_file = os.path.join(folder, "packed"), os.path.join(folder, "per_file")
     os.makedirs(per_file, exist_ok=True)

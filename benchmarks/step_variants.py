@@ -1,17 +1,13 @@
 """The training step the benchmark times, with every optimisation of libs/trainer.py switchable.
 
-`TrainStep` runs zero_grad, the LSimple forward, backward, the AdamW step, the LR-scheduler step
-and the EMA update, built either the straightforward way (`PLAIN`: explicit-softmax attention,
-for-loop AdamW, Python-loop EMA, a host sync per step) or the way libs/trainer.py does it
-(`OPTIMIZED`: SDPA, fused AdamW from libs.optim, `torch._foreach_lerp_` EMA from libs.ema,
-no per-step sync), one switch at a time, so that benchmarks/benchmark.py can measure each
-optimisation on its own. `trainer_step` is the trainer's own `libs.trainer.train_step`, which the
-headline training figure times. tests/test_optimized_step.py checks the numbers of that step
-against a hand computation; this module only times.
+`TrainStep` runs zero_grad, LSimple forward, backward, AdamW, LR scheduler and EMA either the plain way (`PLAIN`:
+explicit-softmax attention, for-loop AdamW, Python-loop EMA, a host sync per step) or as libs/trainer.py does
+(`OPTIMIZED`: SDPA, fused AdamW, `torch._foreach_lerp_` EMA, no per-step sync), one switch at a time, so
+benchmarks/benchmark.py measures each optimisation alone. `trainer_step` is `libs.trainer.train_step` itself (the
+headline figure); tests/test_optimized_step.py checks its numbers, this module only times.
 """
 import contextlib
 import dataclasses
-
 import itertools
 
 import ml_collections
@@ -31,15 +27,12 @@ class StepOptions:
     """How one training step is computed. Every field is one switchable optimisation.
 
     attention: 'math' (explicit softmax) | 'sdpa' | 'xformers' | 'auto' (libs.attention backends).
-    optimizer: 'for-loop' (one Python-level update per tensor) | 'foreach' (multi-tensor kernels)
-        | 'fused' (one fused kernel; CUDA and CPU) | 'auto' (libs.optim.build_optimizer's choice: fused
-        on CUDA and CPU, foreach elsewhere).
-    ema: 'loop' (ema.mul_(rate).add_(p, alpha=1 - rate) per parameter, as the original) |
-        'foreach' (libs.ema.EMAUpdater: one torch._foreach_lerp_).
-    sync_every_step: read loss.item() after every step (the original's per-step logging) instead of
-        accumulating it in a device tensor read every log interval.
-    precision: 'fp32' | 'bf16' | 'fp16' autocast of the network forward (loss in float32).
-    compile: torch.compile the network.
+    optimizer: 'for-loop' (one update per tensor) | 'foreach' (multi-tensor) | 'fused' (one kernel; CUDA and CPU)
+        | 'auto' (libs.optim.build_optimizer's choice: fused on CUDA and CPU, foreach elsewhere).
+    ema: 'loop' (ema.mul_(rate).add_(p, alpha=1 - rate) per parameter, as the original) | 'foreach' (one
+        torch._foreach_lerp_, libs.ema.EMAUpdater).
+    sync_every_step: loss.item() every step (the original's logging) instead of a device tensor read per log interval.
+    precision: 'fp32' | 'bf16' | 'fp16' autocast of the network forward (loss in float32). compile: torch.compile.
     """
     attention: str = "sdpa"
     optimizer: str = "auto"
@@ -72,12 +65,8 @@ def optimizer_flags(kind, device):
 
 
 def set_optimizer_kind(optimizer, kind, device):
-    """Switch an existing AdamW between for-loop / foreach / fused in place.
-
-    The three keep the same per-parameter state ('step', 'exp_avg', 'exp_avg_sq'); only the
-    'step' counter's device differs on CUDA (on the device for fused, on the host otherwise), so
-    it is moved when the kind changes.
-    """
+    """Switch an existing AdamW between for-loop / foreach / fused in place. The three share the per-parameter
+    state; only the 'step' counter's device differs on CUDA (device for fused, host otherwise), so it is moved."""
     flags = optimizer_flags(kind, device)
     for group in optimizer.param_groups:
         if group.get("fused") == flags["fused"] and group.get("foreach") == flags["foreach"]:
@@ -110,16 +99,13 @@ def attention_backend(name):
 class TrainStep:
     """One U-ViT training step, configurable per `StepOptions` between calls.
 
-    Holds the network, its EMA copy, AdamW (libs.optim.build_optimizer, i.e. the trainer's
-    parameter groups) and the LR scheduler (libs.optim.build_lr_scheduler). Calling it runs
-    zero_grad, the diffusion loss forward, backward, the AdamW step, the scheduler step and the EMA
-    update, in the trainer's order, and returns the loss (a float when options.sync_every_step,
-    else a 0-d device tensor).
+    Holds the network, its EMA, AdamW (libs.optim.build_optimizer: the trainer's parameter groups) and the LR
+    scheduler; a call runs the step in the trainer's order and returns the loss (a float when
+    options.sync_every_step, else a 0-d device tensor).
 
-    nnet: the network (moved nowhere; put it on its device first). diffusion: sde.ContinuousVP /
-    DiscreteVP. optimizer_cfg / lr_cfg: config.optimizer / config.lr_scheduler (ConfigDicts or
-    dicts). options: the initial StepOptions; `step(x0, options=...)` may override per call, so one
-    model and one optimizer state serve every variant (the benchmark interleaves them).
+    nnet: on its device already. diffusion: sde.ContinuousVP / DiscreteVP. optimizer_cfg / lr_cfg: config.optimizer /
+    config.lr_scheduler (ConfigDicts or dicts). options: the initial StepOptions; `step(x0, options=...)` overrides
+    per call, so one model and optimizer state serve every variant (the benchmark interleaves them).
     """
 
     def __init__(self, nnet, diffusion, optimizer_cfg, lr_cfg, n_steps=500000, ema_rate=0.9999,
@@ -180,13 +166,12 @@ class TrainStep:
         return loss.detach()
 
 
-
 def trainer_step(nnet, config, precision="fp32", compile=False, compile_backend="inductor"):
     """step(x0, **cond) -> (loss, grad_norm, applied): one `libs.trainer.train_step` on a Run built as libs.trainer.train builds it
     (accelerate-prepared network and AdamW, the config's optimizer, EMA rate, grad clip and diffusion).
 
-    x0 is given directly: for latent configs the benchmark feeds latents, so the family is taken as
-    pixel-space (the per-step moment sampling, a few elementwise ops, is not timed).
+    x0 is given directly (latents for latent configs), so the family is taken as pixel-space (the per-step moment
+    sampling, a few elementwise ops, is not timed).
     """
     accelerator = Accelerator(cpu=next(nnet.parameters()).device.type == "cpu",
                               mixed_precision={"fp32": "no"}.get(precision, precision))

@@ -1,20 +1,14 @@
 """The KL-f8 autoencoder of latent diffusion, frozen, as U-ViT's latent models use it.
 
-Architecture from Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models"
-(CVPR 2022), configuration of Stable Diffusion's first stage: a convolutional encoder that maps a
-(B, 3, H, W) image in [-1, 1] to the mean and log-variance of a diagonal Gaussian over a
-(B, 4, H/8, W/8) latent, and a decoder back to pixels. Parameter and buffer names follow the
-original release exactly, so `assets/stable-diffusion/autoencoder_kl.pth` (from the U-ViT release)
-loads with strict key matching (tests/test_autoencoder.py checks the release's key list).
+Architecture from Rombach et al., "High-Resolution Image Synthesis with Latent Diffusion Models" (CVPR 2022),
+Stable Diffusion's first stage: a conv encoder maps a (B, 3, H, W) image in [-1, 1] to the mean and log-variance of
+a diagonal Gaussian over a (B, 4, H/8, W/8) latent; a decoder maps back. Parameter names follow the original, so
+`assets/stable-diffusion/autoencoder_kl.pth` (U-ViT release) loads strict (tests/test_autoencoder.py checks the keys).
 
-Beyond the original:
-- the model can be built without a checkpoint (random init, for tests);
-- a checkpoint may carry its own architecture, ``{'ddconfig': ..., 'embed_dim': ..., 'state_dict': ...}``,
-  so tests and small experiments can point a config's ``autoencoder.pretrained_path`` at a tiny model;
-- Hugging Face diffusers-format weights (e.g. sd-vae-ft-ema / sd-vae-ft-mse
-  ``diffusion_pytorch_model.safetensors``, the autoencoders DiT uses) are converted on load
-  (`diffusers_to_ours_state_dict`, a table of renaming rules that maps the diffusers keys one to one
-  onto ours, tested).
+Beyond the original: the model builds without a checkpoint (random init, for tests); a checkpoint may carry its own
+architecture, ``{'ddconfig': ..., 'embed_dim': ..., 'state_dict': ...}`` (tiny test models); diffusers weights (e.g.
+sd-vae-ft-ema / -mse ``diffusion_pytorch_model.safetensors``, DiT's autoencoders) are converted on load by a tested
+one-to-one table of renaming rules (`diffusers_to_ours_state_dict`).
 
 Conventions: images (B, 3, H, W) float in [-1, 1]; moments (B, 2 * embed_dim, H/8, W/8) holding
 (mean, logvar) in that order along channels; latents z = scale_factor * (mean + std * noise).
@@ -49,12 +43,7 @@ DEFAULT_PATH = "assets/stable-diffusion/autoencoder_kl.pth"
 _WHERE_TO_GET_IT = (
     "Download the Stable Diffusion autoencoder of the U-ViT release (autoencoder_kl.pth, or "
     "autoencoder_kl_ema.pth for the *huge* configs) and put it at assets/stable-diffusion/, or point "
-    "config.autoencoder.pretrained_path at a diffusers KL-f8 'diffusion_pytorch_model.safetensors'."
-)
-
-
-# ----------------------------------------------------------------------------------------------
-# Building blocks.
+    "config.autoencoder.pretrained_path at a diffusers KL-f8 'diffusion_pytorch_model.safetensors'.")
 
 
 def _group_norm(channels):
@@ -126,9 +115,8 @@ class Upsample(nn.Module):
 
 
 class _Level(nn.Module):
-    """One resolution level: n ResnetBlocks, each followed by an AttnBlock when `attention`, then an
-    optional resampling layer the caller stores as `downsample` or `upsample` (keys read `down.{i}.block.{j}`).
-    `.channels` is its output width."""
+    """One resolution level: n ResnetBlocks, each followed by an AttnBlock when `attention`, then an optional
+    resampling layer the caller stores as `downsample` / `upsample` (keys `down.{i}.block.{j}`); `.channels`: width."""
 
     def __init__(self, block_in, width, n_blocks, attention, dropout):
         super().__init__()
@@ -222,17 +210,11 @@ class Decoder(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
-# ----------------------------------------------------------------------------------------------
-# The frozen autoencoder.
-
-
 class FrozenAutoencoderKL(nn.Module):
     """KL autoencoder with U-ViT's latent interface; always frozen and in eval mode.
 
-    ddconfig: the ldm Encoder/Decoder settings (see SD_KL_F8_DDCONFIG).
-    embed_dim: latent channels (4 for KL-f8).
-    pretrained_path: optional checkpoint (original .pth, self-describing dict, or diffusers
-        safetensors / directory); None keeps the random initialisation.
+    ddconfig: the ldm Encoder/Decoder settings (SD_KL_F8_DDCONFIG). embed_dim: latent channels (4 for KL-f8).
+    pretrained_path: original .pth, self-describing dict, or diffusers safetensors / directory; None: random init.
     scale_factor: multiplies latents after sampling and divides them before decoding.
     """
 
@@ -274,9 +256,8 @@ class FrozenAutoencoderKL(nn.Module):
 
     def sample(self, moments, generator=None):
         """moments: (B, 2*embed_dim, h, w) -> z = scale_factor * (mean + exp(logvar/2) * noise), (B, embed_dim, h, w).
-
-        logvar is clamped to [-30, 20] as in ldm's DiagonalGaussianDistribution. `generator` seeds
-        the noise (on the moments' device); None uses torch's default generator.
+        logvar is clamped to [-30, 20] as in ldm's DiagonalGaussianDistribution. `generator` (on the moments'
+        device) seeds the noise; None uses torch's default generator.
         """
         if moments.dim() != 4 or moments.shape[1] != 2 * self.embed_dim:
             raise InputError(f"moments must be (B, {2 * self.embed_dim}, h, w) (mean, logvar); got {tuple(moments.shape)}.")
@@ -316,10 +297,9 @@ def _check_image(x, channels, factor):
 def get_model(pretrained_path=DEFAULT_PATH, scale_factor=SD_LATENT_SCALE):
     """Build the frozen autoencoder from a checkpoint.
 
-    pretrained_path: the original U-ViT release file (a plain state dict with the SD KL-f8 keys),
-        a self-describing dict ``{'ddconfig', 'embed_dim', 'state_dict'}`` (its architecture is used),
-        a diffusers ``.safetensors`` file (SD KL-f8 architecture, or the ``config.json`` next to it)
-        or a diffusers model directory.
+    pretrained_path: the U-ViT release file (a plain SD KL-f8 state dict), a self-describing dict ``{'ddconfig',
+        'embed_dim', 'state_dict'}`` (its architecture is used), a diffusers ``.safetensors`` file (SD KL-f8
+        architecture, or the ``config.json`` next to it) or a diffusers model directory.
     scale_factor: latent scale; 0.18215 for ImageNet, the MS-COCO config passes 0.23010.
     """
     path = require_path(pretrained_path, "autoencoder weights", _WHERE_TO_GET_IT)
@@ -344,10 +324,6 @@ class _Preloaded(str):
         obj = super().__new__(cls, path)
         obj.content = content
         return obj
-
-
-# ----------------------------------------------------------------------------------------------
-# Reading checkpoints.
 
 
 def _safetensors_file(path):
@@ -408,12 +384,9 @@ def _read_raw(path):
 
 
 def read_state_dict(path, num_resolutions=len(SD_KL_F8_DDCONFIG["ch_mult"])):
-    """Read any supported autoencoder checkpoint and return a state dict in our key layout.
-
-    Accepted: a plain state dict (the U-ViT release), ``{'state_dict': ...}`` (self-describing files
-    and ldm training checkpoints, whose ``first_stage_model.`` prefix is stripped and whose ``loss.``
-    entries - the discriminator - are dropped), and diffusers safetensors (keys converted).
-    """
+    """Any supported autoencoder checkpoint -> a state dict in our key layout: a plain state dict (U-ViT release),
+    ``{'state_dict': ...}`` (self-describing files and ldm training checkpoints: ``first_stage_model.`` prefix
+    stripped, the discriminator's ``loss.`` entries dropped), or diffusers safetensors (keys converted)."""
     sd = path.content if isinstance(path, _Preloaded) else _read_raw(require_path(path, "autoencoder weights", _WHERE_TO_GET_IT))
     if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
         sd = sd["state_dict"]
@@ -437,10 +410,8 @@ def _all_finite(t):
 
 
 def load_strict(model, state_dict, source="state dict", assign=False):
-    """load_state_dict(strict=True) with a CheckpointError that names the first differing keys/shapes.
-
-    assign: adopt the given tensors instead of copying (for models built on the meta device).
-    """
+    """load_state_dict(strict=True) with a CheckpointError naming the first differing keys/shapes. assign: adopt
+    the given tensors instead of copying (for models built on the meta device)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]
@@ -462,15 +433,10 @@ def load_strict(model, state_dict, source="state dict", assign=False):
     model.load_state_dict(state_dict, strict=True, assign=assign)
 
 
-# ----------------------------------------------------------------------------------------------
-# diffusers <-> original key names.
-#
-# Rules, applied to the key with its leading 'encoder.' / 'decoder.' kept. {i}, {j} are integers;
-# diffusers numbers the decoder's up blocks from low to high resolution, ldm from high to low, so
-# the up index is mirrored: ours = num_resolutions - 1 - theirs. Attention projections are
-# nn.Linear (C, C) in diffusers and 1x1 nn.Conv2d (C, C, 1, 1) here: the weight is reshaped.
-# Each rule maps a disjoint set of keys onto a disjoint set, so the whole map is one to one
-# between the two layouts of the same architecture (checked by tests on random models).
+# diffusers <-> original key names. Rules apply to the key with its leading 'encoder.' / 'decoder.' kept. diffusers
+# numbers the decoder's up blocks from low to high resolution, ldm from high to low: ours = num_resolutions - 1 -
+# theirs. Attention projections are nn.Linear (C, C) there, 1x1 nn.Conv2d (C, C, 1, 1) here: reshaped. Each rule
+# maps a disjoint set of keys onto a disjoint set, so the map is one to one (tests check it on random models).
 
 _KEY_RULES = [  # (diffusers regex, ours template)
     (r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", "encoder.down.{0}.block.{1}.{2}"),

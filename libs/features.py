@@ -13,20 +13,17 @@ Packed format (what scripts/extract_*.py write), one folder per split:
     shard_00000.context_offsets.npy     (n + 1,) int64: sample i's captions are rows
                                         offsets[i]:offsets[i+1] of contexts.npy               [text sets]
 
-Each array is written into a temporary file and renamed into place (libs/io_utils.atomic_path), so
-an interrupted extraction leaves either a complete shard or no shard record at all.
+Each array is written to a temporary file and renamed into place (libs/io_utils.atomic_path), so an interrupted
+extraction leaves either a complete shard or no shard record at all.
 
-Precision: moments and contexts are stored as float32 by default, bit-identical to what the
-original's per-file extraction saved, so training sees the same numbers. `--dtype float16` halves
-the disk and page-cache footprint (ImageNet 256: 84 GB -> 42 GB of moments for 2 x 1.28M entries);
-its rounding error (relative 2^-11) is below the autoencoder's own posterior noise for KL-f8 latents,
-but it is not the original's data, hence not the default. Readers always return float32.
+Precision: float32 by default, bit-identical to the original's per-file extraction. `--dtype float16` halves disk
+and page cache (ImageNet 256: 84 GB -> 42 GB for 2 x 1.28M entries); its rounding error (relative 2^-11) is below
+KL-f8's posterior noise, but it is not the original's data, hence not the default. Readers always return float32.
 
 Original one-file-per-sample layout (read, never written):
-- ImageNet features: `{i}.npy` for i = 0..N-1, each a pickled numpy object array holding
-  (moments (8, h, w) float32, label int); an image and its flip are two consecutive-or-not files.
-- MS-COCO features: `{i}.npy` holding moments (8, h, w) float32, and `{i}_{k}.npy` holding the
-  CLIP context (77, 768) of the image's k-th caption, k = 0..K_i-1.
+- ImageNet: `{i}.npy`, i = 0..N-1, a pickled object array (moments (8, h, w) float32, label int); an image and its
+  flip are two files, not necessarily consecutive.
+- MS-COCO: `{i}.npy` moments (8, h, w) float32 and `{i}_{k}.npy` the CLIP context (77, 768) of caption k < K_i.
 
 Readers open their memory maps lazily, once per process (DataLoader workers re-open after fork).
 """
@@ -61,11 +58,8 @@ def plan_shards(num_items, shard_size):
 
 
 def remove_stale_temporaries(folder, index):
-    """Delete temporaries of shard `index` left by a killed run (they can be gigabytes).
-
-    Safe because a shard belongs to exactly one process of a run (plan[rank::world]); do not run
-    two extractions into the same folder at the same time.
-    """
+    """Delete temporaries of shard `index` left by a killed run (they can be gigabytes). Safe because a shard
+    belongs to one process of a run (plan[rank::world]); never run two extractions into one folder at once."""
     prefix = f".{shard_name(index)}."
     for name in os.listdir(folder):
         if name.startswith(prefix) and ".tmp-" in name:
@@ -79,12 +73,11 @@ def shard_is_complete(folder, index):
 
 
 class ShardWriter:
-    """Writes one shard: arrays are filled in place in temporary memory-mapped .npy files, then
-    renamed into place by `commit()`, which writes the shard record last.
+    """Writes one shard: arrays are filled in temporary memory-mapped .npy files, renamed into place by `commit()`,
+    which writes the shard record last. Use as a context manager: an exception discards everything written.
 
-    n: number of samples in the shard. moments_shape: (2*C_z, h, w). dtype: storage dtype.
-    with_labels: store (n,) int64 labels. num_contexts, context_shape: store contexts (text sets).
-    Use as a context manager: leaving it with an exception discards everything written.
+    n: samples in the shard. moments_shape: (2*C_z, h, w). dtype: storage dtype. with_labels: store (n,) int64
+    labels. num_contexts, context_shape: store contexts (text sets).
     """
 
     def __init__(self, folder, index, n, moments_shape, dtype="float32", with_labels=False,
@@ -176,11 +169,8 @@ class ShardWriter:
         self.contexts[row:row + len(contexts)] = contexts
 
     def commit(self, record=None):
-        """Rename the arrays into place, then write the shard record (the completion marker).
-
-        record: JSON-able facts kept with the shard; extraction scripts put 'source_range' and
-        'settings' there for pending_shards to check on resume.
-        """
+        """Rename the arrays into place, then write the shard record (the completion marker). record: JSON-able
+        facts kept with the shard ('source_range' and 'settings', which pending_shards checks on resume)."""
         if not self.filled.all():
             raise InputError(f"shard {self.index}: {int((~self.filled).sum())} of {self.n} samples were never written.")
         self._close(None, None, None)
@@ -196,12 +186,9 @@ def _normalise(obj):
 
 
 def pending_shards(folder, plan, rank=0, world=1, settings=None):
-    """This process's shards, plan[rank::world], that are not complete yet.
-
-    Shards already complete must have been written from the same source range with the same
-    `settings` (a JSON-able dict: resolution, autoencoder, dtype...); otherwise the folder mixes two
-    extractions and ConfigError says so rather than silently combining them.
-    """
+    """This process's shards, plan[rank::world], that are not complete yet. Complete ones must come from the same
+    source range and `settings` (JSON-able: resolution, autoencoder, dtype...), else ConfigError: the folder
+    would mix two extractions."""
     settings = _normalise(settings or {})
     todo = []
     for k, start, stop in plan[rank::world]:
@@ -219,10 +206,8 @@ def pending_shards(folder, plan, rank=0, world=1, settings=None):
 
 
 def write_manifest(folder, num_shards, info=None):
-    """Check that shards 0..num_shards-1 are complete and write manifest.json; returns the manifest.
-
-    info: extra JSON-able facts recorded for provenance (resolution, autoencoder path, ...).
-    """
+    """Check that shards 0..num_shards-1 are complete and write manifest.json; returns the manifest. info: extra
+    JSON-able facts recorded for provenance (resolution, autoencoder path, ...)."""
     missing = [k for k in range(num_shards) if not shard_is_complete(folder, k)]
     if missing:
         raise MissingFileError(f"{len(missing)} of {num_shards} shards in '{folder}' are not finished "
@@ -245,7 +230,6 @@ def write_manifest(folder, num_shards, info=None):
     return manifest
 
 
-# ----------------------------------------------------------------------------------------------
 # Readers. All return numpy arrays: moments (2*C_z, h, w) float32, labels int, contexts (77, D) float32.
 
 
@@ -365,12 +349,9 @@ _CONTEXT_FILE = re.compile(r"^(\d+)_(\d+)\.npy$")
 
 
 class PerFileFeatures:
-    """The original layout: `{i}.npy` per sample (+ `{i}_{k}.npy` contexts for MS-COCO).
-
-    ImageNet files hold a pickled (moments, label) pair (has_labels); MS-COCO files hold the bare
-    moments array and contexts live in `{i}_{k}.npy` (has_contexts). Pickled files are loaded with
-    allow_pickle=True: only point this at extractions you trust.
-    """
+    """The original layout: `{i}.npy` per sample (+ `{i}_{k}.npy` contexts for MS-COCO). ImageNet files hold a
+    pickled (moments, label) pair (has_labels), MS-COCO files bare moments (has_contexts). Pickled files load with
+    allow_pickle=True: only point this at extractions you trust."""
 
     layout = "per-file"
     repa_shape = None  # the original extraction stores no encoder features

@@ -1,15 +1,13 @@
 """FID and Inception Score statistics: PNG quantisation, streaming moments, the distances.
 
-FID (Heusel et al. 2017, arXiv 1706.08500) fits a Gaussian to the 2048-d pool3 features of
-the FID Inception network (tools/inception.py) on each image set and reports
-    d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
-Inception Score (Salimans et al. 2016, arXiv 1606.03498):
-    IS = exp(E_x KL(p(y|x) || p(y))), averaged over `splits` contiguous chunks of the samples.
+FID (Heusel et al. 2017, arXiv 1706.08500) fits a Gaussian to the 2048-d pool3 features of the FID Inception
+network (tools/inception.py) on each image set: d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+Inception Score (Salimans et al. 2016, arXiv 1606.03498): IS = exp(E_x KL(p(y|x) || p(y))), averaged over `splits`
+contiguous chunks of the samples.
 
-Statistics are accumulated as float64 sums (count, sum of features, sum of outer products,
-and per IS split: count, sum of p(y|x), sum of sum_y p log p) so that any number of batches
-from any number of processes merge exactly by addition, and no feature matrix of 50,000 x
-2048 is ever held.
+Statistics are float64 sums (count, sum of features, sum of outer products; per IS split: count, sum of p(y|x),
+sum of sum_y p log p), so batches from any number of processes merge exactly by addition and no 50,000 x 2048
+feature matrix is ever held.
 """
 import logging
 import math
@@ -30,11 +28,9 @@ DEFAULT_IS_SPLITS = 10  # Salimans et al.'s reference code and every published I
 
 
 def quantize_like_png(x):
-    """x: (B, 3, H, W) float in [0, 1] -> float32 equal to a save_image PNG read back by ToTensor.
-
-    torchvision's save_image stores uint8(clamp(255 x + 0.5, 0, 255)) (round half up, computed
-    in float32) and ToTensor divides by 255, so FID computed in-process equals FID on the PNGs.
-    """
+    """x: (B, 3, H, W) float in [0, 1] -> float32 equal to a save_image PNG read back by ToTensor: save_image stores
+    uint8(clamp(255 x + 0.5, 0, 255)) (round half up, in float32), ToTensor divides by 255; so in-process FID equals
+    FID on the PNGs."""
     if not torch.is_tensor(x) or x.ndim != 4:
         raise InputError(f"expected images as a (B, 3, H, W) tensor, got {type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}")
     x = x.float()
@@ -52,9 +48,7 @@ def split_ids(indices, n_total, splits):
 
 class InceptionStatistics:
     """Streaming float64 moments of Inception features and IS sums; mergeable across processes.
-
-    dims: feature size (2048 for FID). splits: number of IS splits (0 = no IS).
-    """
+    dims: feature size (2048 for FID). splits: number of IS splits (0 = no IS)."""
 
     def __init__(self, dims=2048, splits=DEFAULT_IS_SPLITS, num_classes=1008, device="cpu"):
         self.dims, self.splits, self.num_classes = dims, splits, num_classes
@@ -128,13 +122,11 @@ class InceptionStatistics:
 def frechet_distance(mu1, sigma1, mu2, sigma2, device=None):
     """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2), in float64 on `device` (default CPU).
 
-    Tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1 S2, which equal those
-    of the symmetric positive semi-definite L^T S1 L with S2 = L L^T (Cholesky). So one symmetric
-    eigenvalue problem replaces scipy.linalg.sqrtm of the non-symmetric S1 S2 (no complex
-    arithmetic, ~10x faster at 2048-d). The factored side is whichever is positive definite (the
-    reference statistics of 50k images are; a few generated images are not); if neither is, the
-    symmetric square root S1^(1/2) S2 S1^(1/2) is used. Rounding can make tiny eigenvalues
-    negative; they are clipped to 0, with a warning when they are not tiny.
+    Tr((S1 S2)^(1/2)) is the sum of the square roots of the eigenvalues of S1 S2, equal to those of the symmetric PSD
+    L^T S1 L with S2 = L L^T (Cholesky): one symmetric eigenvalue problem replaces scipy.linalg.sqrtm of the
+    non-symmetric S1 S2 (no complex arithmetic, ~10x faster at 2048-d). The factored side is whichever is positive
+    definite (50k-image reference statistics are; a few generated images are not); if neither, the symmetric root
+    S1^(1/2) S2 S1^(1/2) is used. Rounding can make tiny eigenvalues negative: clipped to 0, warned if not tiny.
     """
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
@@ -200,10 +192,8 @@ def save_statistics(path, stats, source, **extra):
 
 @torch.no_grad()
 def accumulate(stats, model, images, splits_of_batch=None):
-    """Feed a batch (b, 3, H, W) in [0, 1] (already quantised) through `model` into `stats`.
-
-    Runs in float32 with autocast off: fp16 features would shift the FID.
-    """
+    """Feed a batch (b, 3, H, W) in [0, 1] (already quantised) through `model` into `stats`, in float32 with
+    autocast off: fp16 features would shift the FID."""
     device = next(model.parameters()).device
     images = images.to(device, non_blocking=True)
     with torch.autocast(device_type=device.type, enabled=False):
@@ -215,10 +205,8 @@ def accumulate(stats, model, images, splits_of_batch=None):
 
 
 class ImageFolder(torch.utils.data.Dataset):
-    """The images of one folder (not recursive), sorted by name, as float (3, H, W) in [0, 1].
-
-    Read like pytorch-fid: PIL -> RGB -> ToTensor.
-    """
+    """The images of one folder (not recursive), sorted by name, as float (3, H, W) in [0, 1], read like
+    pytorch-fid: PIL -> RGB -> ToTensor."""
 
     def __init__(self, path):
         if not os.path.isdir(path):

@@ -5,18 +5,16 @@
     python tools/download.py --all
     python tools/download.py cifar10_uvit_small --hub_repo=<user>/<mirror> --hub_revision=<commit sha>
 
-The original release (github.com/baofff/U-ViT, README) hosts every file on Google Drive: each
-checkpoint as a file, the FID statistics and the autoencoders in one shared folder, whose listing
-is read when one of them is asked for. gdown fetches with a progress bar and resumes a partial
-download when run again. --hub_repo names a Hugging Face Hub mirror (files at the paths below
-without the leading assets/, e.g. ckpts/cifar10_uvit_small.pth), used where Google Drive refuses
-or cannot be reached; --hub_revision pins the mirror's commit. A file is written under a temporary
-name in its folder, checked (not an HTML page; size and sha256 where known), then renamed into
-place, so the target either does not exist or is the whole file. An existing target is kept:
-delete it to fetch again.
+The original release (github.com/baofff/U-ViT, README) hosts every file on Google Drive: each checkpoint as a
+file, the FID statistics and autoencoders in one shared folder, listed when one of them is asked for. gdown shows
+progress and resumes a partial download when run again. --hub_repo names a Hugging Face Hub mirror (files at the
+paths below without the leading assets/, e.g. ckpts/cifar10_uvit_small.pth), used where Google Drive refuses or
+cannot be reached; --hub_revision pins its commit. A file is written under a temporary name in its folder, checked
+(not an HTML page; size and sha256 where known), then renamed into place, so the target is absent or whole. An
+existing target is kept: delete it to fetch again.
 
-Checkpoints (the EMA network weights) go to assets/ckpts/<name>.pth; sample or evaluate one with the
-config of the same name (mscoco_uvit_small_deep: configs/mscoco_uvit_small.py --config.nnet.depth=16):
+Checkpoints (the EMA network weights) go to assets/ckpts/<name>.pth; sample or evaluate one with the config of the
+same name (mscoco_uvit_small_deep: configs/mscoco_uvit_small.py --config.nnet.depth=16):
     python sample_class_cond.py --config=configs/imagenet256_uvit_huge.py \\
         --nnet_path=assets/ckpts/imagenet256_uvit_huge.pth --output_dir=samples
 """
@@ -56,9 +54,8 @@ _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 @dataclasses.dataclass(frozen=True)
 class ReleaseFile:
-    """One published file. target: path relative to the repository root; drive_id: its Google Drive
-    file id, None for a file of the shared folder (FOLDER_ID, found by file name); size in bytes and
-    sha256 as hex: None where not verified against the release (none is, here: no network)."""
+    """One published file. target: relative to the repository root; drive_id: its Google Drive id, None for a file
+    of the shared folder (FOLDER_ID, found by name); size (bytes), sha256 (hex): None if unverified (no network)."""
     name: str
     target: str
     what: str
@@ -109,8 +106,7 @@ FILES = (
     _fid_stats("fid_stats_imagenet64_guided_diffusion", "ImageNet 64x64"),
     _fid_stats("fid_stats_imagenet256_guided_diffusion", "ImageNet 256x256"),
     _fid_stats("fid_stats_imagenet512_guided_diffusion", "ImageNet 512x512"),
-    _fid_stats("fid_stats_mscoco256_val", "MS-COCO 256x256 (val2014)"),
-)
+    _fid_stats("fid_stats_mscoco256_val", "MS-COCO 256x256 (val2014)"))
 BY_NAME = {f.name: f for f in FILES}
 
 
@@ -137,8 +133,8 @@ def by_hand(file):
 
 
 def check(file, path):
-    """Raise CheckpointError unless `path` is plausibly `file`: not an HTML page (what Google Drive
-    answers for a quota or permission error), and of the expected size and sha256 where known."""
+    """CheckpointError unless `path` is plausibly `file`: not an HTML page (Google Drive's answer to a quota or
+    permission error), of the expected size and sha256 where known."""
     with open(path, "rb") as f:
         head = f.read(512).lstrip().lower()
     if head.startswith((b"<!doctype html", b"<html")):
@@ -170,8 +166,8 @@ def folder_ids(folder_id=FOLDER_ID):
 
 
 def drive_fetch(drive_id, output):
-    """Download a Google Drive file to `output` with a progress bar; gdown keeps a partial download
-    beside `output` (<output>XXXXXXXX.part) and resumes it with a Range request when run again."""
+    """Download a Google Drive file to `output` with a progress bar; gdown resumes its partial download beside
+    `output` (<output>XXXXXXXX.part) with a Range request when run again."""
     gdown.download(url=DRIVE_FILE_URL.format(id=drive_id), output=output, quiet=False, resume=True)
 
 

@@ -1,25 +1,20 @@
 """The FID Inception-v3: TF's 2015-12-05 graph as ported by pytorch-fid.
 
-FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local
-Nash Equilibrium", arXiv 1706.08500) is defined on the pool3 features of the TensorFlow
-Inception graph `inception-2015-12-05`. Its PyTorch port (weights file
-`pt_inception-2015-12-05-6726825d.pth`, published by pytorch-fid) is torchvision's
-Inception-v3 layout with these differences, all reproduced here:
-
-- the average-pooling branch of the A, C and first E blocks divides by the number of real
-  pixels in each 3x3 window (TF's 'SAME' average pooling), not by 9 at the borders;
+FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge to a Local Nash Equilibrium",
+arXiv 1706.08500) is defined on the pool3 features of the TensorFlow graph `inception-2015-12-05`. Its PyTorch port
+(`pt_inception-2015-12-05-6726825d.pth`, published by pytorch-fid) is torchvision's Inception-v3 layout with these
+differences, all reproduced here:
+- the average-pooling branch of the A, C and first E blocks divides by the number of real pixels in each 3x3
+  window (TF's 'SAME' average pooling), not by 9 at the borders;
 - the last E block (Mixed_7c) pools its pool branch with a 3x3 *max* pool;
 - the classifier has 1008 outputs (TF's label map), and there is no auxiliary head.
+The paper's FIDs (and DiT/SiT/ADM tables computed with pytorch-fid) use exactly this network; another Inception
+would make our numbers incomparable.
 
-The paper's FIDs (and those of DiT/SiT/ADM tables computed with pytorch-fid) use exactly
-this network, so a different Inception would make our numbers incomparable.
-
-Inception Score (Salimans et al. 2016, "Improved Techniques for Training GANs", arXiv
-1606.03498): the authors' reference code takes pool3 of the same TF graph and multiplies it
-by the weight matrix of the 1008-way softmax layer *without adding its bias*, then applies a
-softmax over all 1008 outputs. `logits` below are exactly that (torch-fidelity calls them
-'logits_unbiased'). The remaining differences to the TF reference are the resize kernel
-(torch bilinear instead of TF's) and float rounding, as for FID.
+Inception Score (Salimans et al. 2016, "Improved Techniques for Training GANs", arXiv 1606.03498): the reference
+code multiplies pool3 of the same graph by the 1008-way softmax layer's weights *without its bias*, then takes a
+softmax over all 1008 outputs. `logits` below are exactly that (torch-fidelity's 'logits_unbiased'). The remaining
+differences to the TF reference are the resize kernel (torch bilinear instead of TF's) and float rounding.
 """
 import hashlib
 import logging
@@ -59,12 +54,9 @@ def default_weights_path():
 
 
 def tf1_resize_bilinear(x, size):
-    """x: (B, C, h, w) float -> (B, C, size, size), as TF1's tf.image.resize_bilinear(align_corners=False).
-
-    TF1 (no half-pixel centres) samples output pixel o at input position o * h / size, clamping the
-    right neighbour at the border; torch's align_corners=False samples (o + 0.5) h / size - 0.5. The TF
-    graph the ADM evaluator runs resizes this way.
-    """
+    """x: (B, C, h, w) float -> (B, C, size, size), as TF1's tf.image.resize_bilinear(align_corners=False), which
+    the ADM evaluator's graph uses: TF1 (no half-pixel centres) samples output pixel o at input position o * h / size,
+    clamping the right neighbour at the border; torch's align_corners=False samples (o + 0.5) h / size - 0.5."""
     def axis(n):
         pos = torch.arange(size, dtype=torch.float64) * (n / size)
         lo = pos.floor().long().clamp(max=n - 1)
@@ -80,10 +72,8 @@ def tf1_resize_bilinear(x, size):
 def resize_for_inception(x, resize="pytorch-fid"):
     """x: (B, 3, H, W) float in [0, 1] -> (B, 3, 299, 299) in about [-1, 1], the network's input.
 
-    'pytorch-fid' (the default, U-ViT's and the paper's FIDs): torch bilinear (align_corners=False),
-        then 2 x - 1.
-    'adm': what the ADM evaluator's TF graph does to uint8 pixels p = 255 x: TF1 bilinear resize
-        (`tf1_resize_bilinear`), then (p - 128) / 128.
+    'pytorch-fid' (the default, U-ViT's and the paper's FIDs): torch bilinear (align_corners=False), then 2 x - 1.
+    'adm': the ADM evaluator's TF graph on uint8 pixels p = 255 x: `tf1_resize_bilinear`, then (p - 128) / 128.
     """
     if resize == "pytorch-fid":
         return 2 * F.interpolate(x.float(), size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False) - 1
@@ -105,12 +95,8 @@ class _BlockA(InceptionA):
     """Mixed_5b..5d: torchvision's InceptionA layers, TF pooling."""
 
     def _forward(self, x):
-        return [
-            self.branch1x1(x),
-            self.branch5x5_2(self.branch5x5_1(x)),
-            self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))),
-            self.branch_pool(_tf_avg_pool(x)),
-        ]
+        return [self.branch1x1(x), self.branch5x5_2(self.branch5x5_1(x)),
+                self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x))), self.branch_pool(_tf_avg_pool(x))]
 
 
 class _BlockC(InceptionC):
@@ -134,21 +120,14 @@ class _BlockE(InceptionE):
     def _forward(self, x):
         s = self.branch3x3_1(x)
         d = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
-        return [
-            self.branch1x1(x),
-            torch.cat([self.branch3x3_2a(s), self.branch3x3_2b(s)], 1),
-            torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1),
-            self.branch_pool(self._pool(x)),
-        ]
+        return [self.branch1x1(x), torch.cat([self.branch3x3_2a(s), self.branch3x3_2b(s)], 1),
+                torch.cat([self.branch3x3dbl_3a(d), self.branch3x3dbl_3b(d)], 1), self.branch_pool(self._pool(x))]
 
 
 class FIDInceptionV3(nn.Module):
-    """Inception-v3 with the FID weights; pool3 features and unbiased 1008-way logits.
-
-    Attribute names equal the keys of the pt_inception weights file, which loads strictly.
-    Always in eval mode and without gradients (it is a fixed measuring instrument).
-    The constructor builds the layers only; `load_fid_inception` builds and loads the weights.
-    """
+    """Inception-v3 with the FID weights; pool3 features and unbiased 1008-way logits. Attribute names are the keys
+    of the pt_inception weights file (loads strictly). Always eval, no gradients: a fixed measuring instrument. The
+    constructor builds the layers only; `load_fid_inception` builds and loads the weights."""
 
     def __init__(self):
         super().__init__()
@@ -179,20 +158,16 @@ class FIDInceptionV3(nn.Module):
         return super().train(False)
 
     def forward(self, x, dims=2048, with_logits=False):
-        """x: (B, 3, H, W) float in [0, 1] -> features (B, dims) float32.
-
-        With `with_logits` (dims=2048 only) also returns the unbiased 1008-way logits (B, 1008)
-        used for the Inception Score. The input is resized bilinearly to 299x299 and mapped to
-        [-1, 1] here, as pytorch-fid does.
-        """
+        """x: (B, 3, H, W) float in [0, 1] -> features (B, dims) float32; with `with_logits` (dims=2048 only) also the
+        unbiased 1008-way logits (B, 1008) of the Inception Score. Resized to 299x299 and mapped to [-1, 1] here,
+        as pytorch-fid does."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise InputError(f"the FID Inception network expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
         if dims not in FEATURE_DIMS:
             raise InputError(f"dims must be one of {FEATURE_DIMS} (2048 = pool3, the FID standard), got {dims}")
         if with_logits and dims != 2048:
             raise InputError("logits are only available with dims=2048")
-        x = F.interpolate(x.float(), size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False)
-        x = 2 * x - 1
+        x = resize_for_inception(x)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 64, 73, 73)
         if dims == 64:
@@ -214,7 +189,6 @@ class FIDInceptionV3(nn.Module):
 
     def all_features(self, x, resize="pytorch-fid"):
         """x: (B, 3, H, W) float in [0, 1] -> {'pool': (B, 2048), 'logits': (B, 1008), 'spatial': (B, 2023)}.
-
         One forward for FID / precision / recall / KID (pool3), IS (unbiased logits) and sFID (spatial).
         With resize='pytorch-fid', 'pool' and 'logits' equal `forward(x, with_logits=True)` bit for bit.
         """
@@ -237,8 +211,7 @@ def load_fid_inception(weights_path=None, device=None, download=True):
     """The FID Inception network with its weights loaded (strictly), in eval mode, on `device`.
 
     weights_path: the `pt_inception-2015-12-05-6726825d.pth` file; None = the torch hub cache
-        (`default_weights_path()`), downloaded there if absent and the network is reachable.
-    """
+    (`default_weights_path()`), downloaded there if absent and the network is reachable."""
     path = weights_path or default_weights_path()
     net = FIDInceptionV3()
     net.load_state_dict(load_weights(path, download=download and weights_path is None))
@@ -246,30 +219,25 @@ def load_fid_inception(weights_path=None, device=None, download=True):
 
 
 def load_weights(path, download=False):
-    """The FID weights' state dict from `path`; download to it first if allowed and absent.
-
-    Raises MissingFileError (absent, not downloadable) or CheckpointError (unreadable file).
-    """
+    """The FID weights' state dict from `path`; download to it first if allowed and absent. Raises MissingFileError
+    (absent, not downloadable) or CheckpointError (unreadable file)."""
     if not os.path.exists(path) and download:
         _download(path)
     if not os.path.exists(path):
         raise MissingFileError(
             f"FID Inception weights not found at '{path}'. Download {WEIGHTS_URL} "
             f"(the pytorch-fid port of TF's inception-2015-12-05) and put it there, or pass its location "
-            f"(--inception_weights / weights_path=...). Default location: {default_weights_path()}"
-        )
+            f"(--inception_weights / weights_path=...). Default location: {default_weights_path()}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise CheckpointError(
             f"could not read the FID Inception weights '{path}' ({type(e).__name__}: {e}). The file is corrupt or "
-            f"truncated: delete it and download {WEIGHTS_URL} again."
-        ) from e
+            f"truncated: delete it and download {WEIGHTS_URL} again.") from e
     if not isinstance(state, dict) or "Mixed_7c.branch_pool.conv.weight" not in state:
         raise CheckpointError(
             f"'{path}' is not the FID Inception weights file (pt_inception-2015-12-05): it lacks the Mixed_7c "
-            f"layers. Download {WEIGHTS_URL}."
-        )
+            f"layers. Download {WEIGHTS_URL}.")
     return state
 
 
@@ -296,11 +264,8 @@ def _download(path):
 
 
 def random_state_dict(seed=0):
-    """A randomly initialised state dict in the FID weights' layout (for tests and smoke runs).
-
-    Convolutions get He-normal weights and BatchNorms near-identity statistics so that the
-    features stay of order one through the 94 layers (the default init lets them vanish).
-    """
+    """A randomly initialised state dict in the FID weights' layout (for tests and smoke runs). He-normal convolutions
+    and near-identity BatchNorms keep the features of order one through the 94 layers (the default init vanishes)."""
     g = torch.Generator().manual_seed(seed)
     net = FIDInceptionV3()
     state = {}

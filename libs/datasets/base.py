@@ -1,9 +1,6 @@
-"""What every dataset shares: the `DatasetBase` description, the two torch Datasets
-(in-memory tensors and image files), the ADM crops and the flip.
-
-Randomness (flips, random crops) is drawn from torch's default generator only, never from
-Python's `random` or numpy's global state: the engine seeds torch in every DataLoader worker
-and saves its state, which is what makes an exact resume possible.
+"""What every dataset shares: `DatasetBase`, the two torch Datasets (in-memory tensors, image files), the ADM crops
+and the flip. Randomness (flips, random crops) comes from torch's default generator only, never Python's `random`
+or numpy's global state: the engine seeds torch in every DataLoader worker and saves its state (exact resume).
 """
 import logging
 import math
@@ -29,17 +26,15 @@ class DatasetBase:
     """A training set plus what the engine needs to know about it.
 
     Attributes:
-        train: torch Dataset whose items are dicts {'x': (C, H, W) float32 in [-1, 1]} plus
-            'y' (int64 scalar) when the data is labelled.
-        data_shape: shape of x0 the network sees: (C, H, W) for pixels, the latent shape
-            (4, H/8, W/8) for kind 'images_for_autoencoder'.
-        kind: 'pixels', 'images_for_autoencoder' (raw images the training script encodes) or
-            'latent_moments' (precomputed autoencoder moments, libs/datasets/features.py).
+        train: torch Dataset of dicts {'x': (C, H, W) float32 in [-1, 1]} plus 'y' (int64 scalar) when labelled.
+        data_shape: x0 as the network sees it: (C, H, W) for pixels, (4, H/8, W/8) for 'images_for_autoencoder'.
+        kind: 'pixels', 'images_for_autoencoder' (raw images the training script encodes) or 'latent_moments'
+            (precomputed autoencoder moments, libs/datasets/features.py).
         num_classes: number of data classes, 0 for unlabelled data.
         image_shape: (C, H, W) of the items' 'x' (equal to data_shape for pixels).
 
-    Nothing here is needed to sample or evaluate: the FID statistics (config.fid.stat) and the class
-    labels to sample (uniform over config.nnet's classes) come from the config.
+    Sampling and evaluation need none of it: the FID statistics (config.fid.stat) and the class labels to sample
+    (uniform over config.nnet's classes) come from the config.
     """
 
     def __init__(self, train, data_shape, kind='pixels', num_classes=0, image_shape=None):
@@ -69,11 +64,8 @@ def uint8_to_unit_range(arr):
 
 
 class TensorImageDataset(Dataset):
-    """Images held in memory.
-
-    images: (N, C, H, W) uint8 in [0, 255] (kept as uint8 to spare memory) or float32 in [-1, 1].
-    labels: (N,) int64 or None.
-    """
+    """Images held in memory. images: (N, C, H, W) uint8 in [0, 255] (kept as uint8 to spare memory) or float32 in
+    [-1, 1]. labels: (N,) int64 or None."""
 
     def __init__(self, images, labels=None, random_flip=False):
         # The dataset classes build both from one checked file (cifar10, digits): an invariant.
@@ -97,11 +89,8 @@ class TensorImageDataset(Dataset):
 
 
 class ImageFileDataset(Dataset):
-    """Images read from files, preprocessed by `transform`.
-
-    transform: PIL RGB image -> PIL image of the training size (crops, resizes; may draw
-    from torch's default RNG).
-    """
+    """Images read from files, preprocessed by `transform`: PIL RGB image -> PIL image of the training size (crops,
+    resizes; may draw from torch's default RNG)."""
 
     def __init__(self, paths, labels=None, transform=None, random_flip=False):
         assert labels is None or len(labels) == len(paths), f"{len(paths)} paths, {len(labels)} labels"  # built together
@@ -186,9 +175,8 @@ def list_images(folder, recursive=True):
 
 
 def _box_halve_then_bicubic(img, smaller_side):
-    """Resize so the smaller side is `smaller_side`: BOX-halve while the image is at least twice
-    as large (better downsampling quality than one big bicubic step), then one BICUBIC resize.
-    This is the preprocessing of guided-diffusion (ADM), which U-ViT reused for ImageNet."""
+    """Resize so the smaller side is `smaller_side`: BOX-halve while at least twice as large (better than one big
+    bicubic step), then one BICUBIC resize. guided-diffusion's (ADM) preprocessing, which U-ViT reused for ImageNet."""
     while min(img.size) >= 2 * smaller_side:
         img = img.resize((img.width // 2, img.height // 2), resample=Image.BOX)
     scale = smaller_side / min(img.size)
@@ -203,9 +191,8 @@ def adm_center_crop(img, size):
 
 
 def adm_random_crop(img, size, min_crop_frac=0.8, max_crop_frac=1.0):
-    """ADM random crop: resize so the smaller side is uniform in
-    [ceil(size / max_crop_frac), ceil(size / min_crop_frac)], then a uniformly placed
-    (size x size) crop. Random numbers come from torch's default generator."""
+    """ADM random crop: resize so the smaller side is uniform in [ceil(size / max_crop_frac), ceil(size /
+    min_crop_frac)], then a uniformly placed (size x size) crop; torch's default generator."""
     lo = math.ceil(size / max_crop_frac)
     hi = math.ceil(size / min_crop_frac)
     smaller_side = int(torch.randint(lo, hi + 1, ()).item())
@@ -216,8 +203,8 @@ def adm_random_crop(img, size, min_crop_frac=0.8, max_crop_frac=1.0):
 
 
 def resolve_kind(kind, resolution, name):
-    """Pick 'pixels' or 'images_for_autoencoder' (default: the autoencoder from 256 pixels up,
-    the resolutions of the paper's latent models) and return (kind, data_shape)."""
+    """Pick 'pixels' or 'images_for_autoencoder' (default: the autoencoder from 256 pixels up, as the paper's latent
+    models) and return (kind, data_shape)."""
     if kind is None:
         kind = 'images_for_autoencoder' if resolution >= 256 else 'pixels'
     if kind == 'pixels':

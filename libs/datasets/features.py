@@ -1,17 +1,16 @@
 """Latent feature datasets: ImageNet 256/512 moments with labels, MS-COCO 256 moments with CLIP contexts.
 
-Items carry the autoencoder moments (mean, logvar), not latents: the engine draws
-z = scale_factor * (mean + std * noise) afresh every step (libs/family.py prepare_batch), as the
-original did. Both the packed format and the original one-file-per-sample layout are read
-(libs/features.py describes them).
+Items carry the autoencoder moments (mean, logvar), not latents: the engine draws z = scale_factor * (mean + std *
+noise) afresh every step (libs/family.py prepare_batch), as the original did. Both the packed format and the
+original one-file-per-sample layout are read (libs/features.py describes them).
 
 Folder layouts (config.dataset.path):
-- imagenet{256,512}_features: the features themselves (packed: manifest.json + shards; original:
-  0.npy, 1.npy, ... each holding (moments, label)). Written by scripts/extract_imagenet_feature.py.
-- mscoco256_features: `train/` and `val/` feature folders (packed, or the original {i}.npy +
-  {i}_{k}.npy), `empty_context.npy` (77, 768), and the visualisation prompts: `vis_prompts.json` +
-  `vis_contexts.npy` (K, 77, 768), or the original `run_vis/{i}.npy` (prompt, context) pairs.
-  Written by scripts/extract_mscoco_feature.py, extract_empty_feature.py, extract_test_prompt_feature.py.
+- imagenet{256,512}_features: the features (packed: manifest.json + shards; original: 0.npy, 1.npy, ... each
+  (moments, label)). Written by scripts/extract_imagenet_feature.py.
+- mscoco256_features: `train/` and `val/` feature folders (packed, or the original {i}.npy + {i}_{k}.npy),
+  `empty_context.npy` (77, 768), and the visualisation prompts: `vis_prompts.json` + `vis_contexts.npy` (K, 77, 768),
+  or the original `run_vis/{i}.npy` (prompt, context) pairs. Written by scripts/extract_mscoco_feature.py,
+  extract_empty_feature.py, extract_test_prompt_feature.py.
 """
 import json
 import logging
@@ -106,10 +105,9 @@ class CaptionedMoments(Dataset):
 class FIDContexts:
     """Contexts for FID sampling: image index i -> one caption context of a val2014 image.
 
-    The original drew them from a shuffled val loader (one random caption per image); here image i
-    gets val image perm[i mod N] and one of its captions, both drawn from a generator seeded with
-    FID_CONTEXT_SEED, so every process and every run (and any batch split) uses the same table.
-    contexts[indices] -> (b, 77, D) float32 tensor for a LongTensor / sequence of indices.
+    The original drew them from a shuffled val loader (one random caption per image); here image i gets val image
+    perm[i mod N] and one of its captions, drawn from a generator seeded with FID_CONTEXT_SEED, so every process, run
+    and batch split uses the same table. contexts[indices] -> (b, 77, D) float32 for a LongTensor / sequence.
     """
 
     def __init__(self, reader, seed=None):
@@ -155,9 +153,8 @@ class _Prompts:
 class ImageNetFeatures(DatasetBase):
     """ImageNet 256 or 512 autoencoder moments (each image and its horizontal flip) with class labels.
 
-    path: the feature folder. resolution: 256 or 512 (implied by the registry name).
-    num_classes: number of data classes (1000; smaller for toy sets). The null class of guidance
-    training is appended by the config (nnet.num_classes = num_classes + 1), not here.
+    path: the feature folder. resolution: 256 or 512 (implied by the registry name). num_classes: data classes (1000;
+    fewer for toy sets); guidance's null class is appended by the config (nnet.num_classes = num_classes + 1).
     """
 
     def __init__(self, path, resolution=256, num_classes=IMAGENET_CLASSES):
@@ -185,11 +182,10 @@ class ImageNetFeatures(DatasetBase):
 class MSCOCOFeatures(DatasetBase):
     """MS-COCO 256 autoencoder moments with the CLIP contexts of every caption.
 
-    path: the folder with train/, val/, empty_context.npy and the visualisation prompts.
-    Attributes beyond DatasetBase: test (val2014 items; None when absent), fid_contexts (the
-    val2014 caption contexts to sample FID images with, indexed by image index; None when absent),
-    empty_context (77, D) float32 numpy (None when absent), vis_prompts (list of K str),
-    vis_contexts (K, 77, D) float32 numpy.
+    path: the folder with train/, val/, empty_context.npy and the visualisation prompts. Attributes beyond
+    DatasetBase: test (val2014 items), fid_contexts (the val2014 caption contexts to sample FID images with, by image
+    index), empty_context (77, D) float32 numpy (each None when absent), vis_prompts (list of K str), vis_contexts
+    (K, 77, D) float32 numpy.
     """
 
     def __init__(self, path, resolution=256):

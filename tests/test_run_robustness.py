@@ -125,27 +125,35 @@ def _alive_in_group(pgid):
         return False
 
 
-def test_corrupt_image_deep_in_the_data_ends_the_run_saves_and_resumes_exactly(images, reference, tmp_path):
-    folder, config_file = images
-    bad = _file_at(folder, (BAD_STEP - 1) * BATCH + 1)
+def _run_with_empty_file(bad, argv, timeout, merge_output):
+    """Run argv in its own process group while `bad` is a 0-byte file (as an interrupted copy leaves), then put
+    its bytes back; kills whatever of the group is left. Returns (process, stderr or stdout+stderr, seconds)."""
     good_bytes = open(bad, "rb").read()
-    workdir = tmp_path / "run"
     try:
         with open(bad, "wb"):
-            pass  # a 0-byte file, as an interrupted copy leaves
+            pass
         start = time.time()
-        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), f"--config={config_file}",
-                                 f"--workdir={workdir}"], cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = subprocess.Popen(argv, cwd=ROOT, env=_env(), stdout=subprocess.PIPE if merge_output else
+                                subprocess.DEVNULL, stderr=subprocess.STDOUT if merge_output else subprocess.PIPE,
+                                text=True, start_new_session=True)
         try:
-            _, err = proc.communicate(timeout=120)
+            out = proc.communicate(timeout=timeout)[0 if merge_output else 1]
         finally:
             if _alive_in_group(proc.pid):
                 os.killpg(proc.pid, signal.SIGKILL)
-        elapsed = time.time() - start
+        return proc, out, time.time() - start
     finally:
         with open(bad, "wb") as f:
             f.write(good_bytes)
+
+
+def test_corrupt_image_deep_in_the_data_ends_the_run_saves_and_resumes_exactly(images, reference, tmp_path):
+    folder, config_file = images
+    bad = _file_at(folder, (BAD_STEP - 1) * BATCH + 1)
+    workdir = tmp_path / "run"
+    proc, err, elapsed = _run_with_empty_file(
+        bad, [sys.executable, os.path.join(ROOT, "train.py"), f"--config={config_file}", f"--workdir={workdir}"],
+        timeout=120, merge_output=False)
     # Before the fix the process printed the error and then waited on its loader workers forever.
     assert proc.returncode == 1, err[-3000:]
     assert elapsed < 90
@@ -378,25 +386,11 @@ def test_a_bad_image_on_another_rank_ends_the_whole_job(images, tmp_path):
     folder, config_file = images
     position = (BAD_STEP - 1) * BATCH + 1  # odd: rank 1's (rank r reads r, r + 2, ...)
     bad = _file_at(folder, position)
-    good_bytes = open(bad, "rb").read()
     workdir = tmp_path / "run"
-    try:
-        with open(bad, "wb"):
-            pass
-        start = time.time()
-        proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                                 os.path.join(ROOT, "train.py"), f"--config={config_file}", f"--workdir={workdir}"],
-                                cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                start_new_session=True)
-        try:
-            out = proc.communicate(timeout=300)[0]
-        finally:
-            if _alive_in_group(proc.pid):
-                os.killpg(proc.pid, signal.SIGKILL)
-        elapsed = time.time() - start
-    finally:
-        with open(bad, "wb") as f:
-            f.write(good_bytes)
+    proc, out, elapsed = _run_with_empty_file(
+        bad, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+              os.path.join(ROOT, "train.py"), f"--config={config_file}", f"--workdir={workdir}"],
+        timeout=300, merge_output=True)
     assert proc.returncode != 0 and elapsed < 200, out[-3000:]
     assert not _alive_in_group(proc.pid)
     assert f"DataError: cannot read image '{bad}'" in out

@@ -102,10 +102,13 @@ class PowerEMA:
         self.averages = [[p.detach().clone() for p in self.online_params] for _ in self.gammas]
 
     @torch.no_grad()
-    def update(self, step: int):
+    def update(self, step: int, applied=None):
+        """One step of every profile after optimizer step `step`; applied: as EMAUpdater.update's, False for a
+        skipped (non-finite) step, which leaves the profiles as they are (no host sync)."""
         src = [p.detach() for p in self.online_params]
         for avg, gamma in zip(self.averages, self.gammas):
-            torch._foreach_lerp_(avg, src, 1.0 - beta(step, gamma))
+            weight = 1.0 - beta(step, gamma)
+            torch._foreach_lerp_(avg, src, weight if applied is None else applied.to(src[0].dtype) * weight)
 
     def state_dict(self):
         """{'sigma_rels', 'averages': [{parameter name: tensor} per width], 'buffers': the online network's}

@@ -153,7 +153,7 @@ def train_step(r: Run, batch, step: int):
     r.lr_scheduler.step()
     r.ema.update(cfg.ema_rate, applied)
     if r.posthoc is not None:
-        r.posthoc.update(step + 1)
+        r.posthoc.update(step + 1, applied)
     if r.aligner is not None:
         r.align_sum += torch.where(applied, align_loss, 0.0)
     r.optimizer.zero_grad(set_to_none=True)

@@ -110,3 +110,17 @@ def test_the_command_writes_a_state_dict_and_refuses_what_it_cannot_reconstruct(
         assert 'widths from' in message
     with pytest.raises(ConfigError, match="no snapshot at step 50"):
         tool.main([f'--workdir={tmp_path}', '--sigma_rel=0.07', '--step=50'])
+
+
+def test_a_skipped_step_leaves_the_profiles_as_they_are():
+    # Like the fixed-rate EMA: a non-finite step (applied False) moves no profile, an applied one does.
+    torch.manual_seed(0)
+    net = nn.Linear(3, 2)
+    ema = PowerEMA(net, (0.05, 0.1))
+    with torch.no_grad():
+        net.weight.add_(1.0)
+    before = [[p.clone() for p in avg] for avg in ema.averages]
+    ema.update(5, torch.tensor(False))
+    assert all(torch.equal(a, b) for avg, old in zip(ema.averages, before) for a, b in zip(avg, old))
+    ema.update(5, torch.tensor(True))
+    assert all(not torch.equal(avg[0], old[0]) for avg, old in zip(ema.averages, before))

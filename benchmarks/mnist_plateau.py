@@ -6,7 +6,7 @@ steps before the loss falls to ~0.05): probes of the weights it kept (`--save_ev
 
 U-ViT gives the network its time and class only as two extra tokens, so a patch token learns them only by
 attending to those tokens. Per kept step this prints, on 512 training digits with fixed t and noise:
-- loss: the training loss (LSimple);
+- loss: the training loss (LSimple), and its means at t < 0.2 and t >= 0.2;
 - +t shuffled: how much the loss rises when the time input is permuted across the batch (0: time unused);
 - +y shuffled: the same for the class labels (0: class unused);
 - +pos shuffled: the same for the patch tokens' position embeddings, permuted among the patches (0: the
@@ -29,6 +29,7 @@ from benchmarks import mnist_reference as bench  # noqa: E402
 from libs.uvit_layers import Attention  # noqa: E402
 
 N_PROBE = 512
+SMALL_T = 0.2  # below it the noise is faint (sigma_t < 0.6) and the target, eps, hard to see
 
 
 def kept_weights(run_dir):
@@ -77,23 +78,28 @@ class AttentionMass:
 
 @torch.no_grad()
 def probe(nnet, x0, y, t, noise):
-    """{loss, t_shuffled, y_shuffled, pos_shuffled, attn_label, attn_time} of `nnet` on the fixed batch; the
-    network is left as it was."""
+    """{loss, loss_small_t, loss_large_t, t_shuffled, y_shuffled, pos_shuffled, attn_label, attn_time} of `nnet`
+    on the fixed batch; the network is left as it was."""
     log_alpha = -0.25 * t ** 2 * (bench.BETA_1 - bench.BETA_0) - 0.5 * t * bench.BETA_0
     alpha = log_alpha.exp()[:, None, None, None]
     xt = alpha * x0 + (1.0 - alpha ** 2).sqrt() * noise
     perm = torch.roll(torch.arange(len(t)), 1)  # every item gets another item's time / label
 
+    def per_item(t_in, labels):  # (N,) the loss of each item
+        return torch.cat([(nnet(xt[i:i + 128], 999.0 * t_in[i:i + 128], y=labels[i:i + 128]) - noise[i:i + 128])
+                          .pow(2).flatten(1).mean(1) for i in range(0, len(t), 128)])
+
     def loss(t_in, labels):
-        return sum((nnet(xt[i:i + 128], 999.0 * t_in[i:i + 128], y=labels[i:i + 128]) - noise[i:i + 128])
-                   .pow(2).sum().item() for i in range(0, len(t), 128)) / noise.numel()
+        return per_item(t_in, labels).mean().item()
 
     mass = AttentionMass(nnet)
-    base = loss(t, y)
+    items = per_item(t, y)
+    base = items.mean().item()
     attn_label, attn_time = mass.largest()
     for h in mass.hooks:
         h.remove()
-    r = {'loss': base, 't_shuffled': loss(t[perm], y) - base, 'y_shuffled': loss(t, y[perm]) - base,
+    r = {'loss': base, 'loss_small_t': items[t < SMALL_T].mean().item(), 'loss_large_t': items[t >= SMALL_T].mean().item(),
+         't_shuffled': loss(t[perm], y) - base, 'y_shuffled': loss(t, y[perm]) - base,
          'attn_label': attn_label, 'attn_time': attn_time}
     pos = nnet.get_parameter(next(n for n, _ in nnet.named_parameters() if n.endswith('pos_embed')))
     kept = pos.detach().clone()
@@ -125,13 +131,13 @@ def main():
             kept = kept_weights(run_dir)
             print(f"\n{side} seed {seed}: {len(kept)} kept steps in {run_dir}")
             if kept:
-                print(f"{'step':>6} {'loss':>7} {'+t shuffled':>11} {'+y shuffled':>11} {'+pos shuffled':>13} "
+                print(f"{'step':>6} {'loss':>7} {'t < 0.2':>7} {'t >= 0.2':>8} {'+t shuffled':>11} {'+y shuffled':>11} {'+pos shuffled':>13} "
                       f"{'attn time':>9} {'attn label':>10}")
             for step, path in kept:
                 nnet = bench.UViT(**bench.NET).eval()
                 nnet.load_state_dict(torch.load(path, map_location='cpu'))
                 r = probe(nnet, *batch)
-                print(f"{step:>6} {r['loss']:>7.4f} {r['t_shuffled']:>11.4f} {r['y_shuffled']:>11.4f} "
+                print(f"{step:>6} {r['loss']:>7.4f} {r['loss_small_t']:>7.4f} {r['loss_large_t']:>8.4f} {r['t_shuffled']:>11.4f} {r['y_shuffled']:>11.4f} "
                       f"{r['pos_shuffled']:>13.4f} "
                       f"{r['attn_time']:>9.3f} {r['attn_label']:>10.3f}", flush=True)
 

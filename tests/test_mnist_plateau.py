@@ -13,7 +13,7 @@ from libs import uvit_layers
 TINY = dict(bench.NET, embed_dim=16, depth=2, num_heads=2)
 
 
-def batch(n=8):
+def batch(n=16):
     g = torch.Generator().manual_seed(0)
     return (torch.rand(n, 3, 14, 14, generator=g) * 2 - 1, torch.arange(n) % 10, torch.rand(n, generator=g),
             torch.randn(n, 3, 14, 14, generator=g))
@@ -63,6 +63,9 @@ def test_probe_shuffles_reveal_what_the_network_reads():
     with torch.no_grad():
         direct = (blind(a * x0 + (1 - a ** 2).sqrt() * noise, 999 * t, y) - noise).pow(2).mean().item()
     assert r['loss'] == pytest.approx(direct, rel=1e-5)
+    small = (t < plateau.SMALL_T).float().mean().item()  # the two t ranges' means weigh into the loss
+    assert 0 < small < 1
+    assert small * r['loss_small_t'] + (1 - small) * r['loss_large_t'] == pytest.approx(r['loss'], rel=1e-5)
 
 
 def test_kept_weights_of_both_sides_and_the_plateau_end(tmp_path, monkeypatch):

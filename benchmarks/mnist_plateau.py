@@ -11,10 +11,12 @@ attending to those tokens. Per kept step this prints, on 512 training digits wit
 - +y shuffled: the same for the class labels (0: class unused);
 - +pos shuffled: the same for the patch tokens' position embeddings, permuted among the patches (0: the
   network is blind to where a patch is);
+- +patches alone: the same when no patch token may attend to another (0: each patch is denoised alone);
 - attn time / attn label: the attention mass the patch tokens put on the time / label token, averaged over
   heads and queries, the largest over the blocks (1 / 51 ~ 0.02 is uniform attention).
 """
 import argparse
+import contextlib
 import glob
 import os
 import re
@@ -26,6 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from benchmarks import mnist_reference as bench  # noqa: E402
+from libs import uvit_layers  # noqa: E402
 from libs.uvit_layers import Attention  # noqa: E402
 
 N_PROBE = 512
@@ -78,7 +81,8 @@ class AttentionMass:
 
 @torch.no_grad()
 def probe(nnet, x0, y, t, noise):
-    """{loss, loss_small_t, loss_large_t, t_shuffled, y_shuffled, pos_shuffled, attn_label, attn_time} of `nnet`
+    """{loss, loss_small_t, loss_large_t, t_shuffled, y_shuffled, pos_shuffled, patches_alone, attn_label,
+    attn_time} of `nnet`
     on the fixed batch; the network is left as it was."""
     log_alpha = -0.25 * t ** 2 * (bench.BETA_1 - bench.BETA_0) - 0.5 * t * bench.BETA_0
     alpha = log_alpha.exp()[:, None, None, None]
@@ -107,7 +111,30 @@ def probe(nnet, x0, y, t, noise):
     pos[:, 2:] = kept[:, patches[torch.randperm(len(patches), generator=torch.Generator().manual_seed(0))]]
     r['pos_shuffled'] = loss(t, y) - base  # the patch tokens' position embeddings permuted among them
     pos.copy_(kept)
+    with patches_alone():
+        r['patches_alone'] = loss(t, y) - base
     return r
+
+
+def alone_attention(q, k, v, scale):
+    """Attention in which a patch token sees only itself and the two condition tokens (label, time), and
+    those only each other: q, k, v (B, h, T, Dh) -> (B, h, T, Dh)."""
+    idx = torch.arange(q.shape[-2])
+    allowed = (idx[:, None] == idx[None, :]) | (idx[None, :] < 2)  # (T, T): key j visible to query i
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~allowed, float('-inf'))
+    return scores.softmax(-1) @ v
+
+
+@contextlib.contextmanager
+def patches_alone():
+    """The U-ViT's attention replaced by `alone_attention` inside the block: no patch reads another
+    (they meet again only in the final 3 x 3 convolution)."""
+    kept = uvit_layers.attention
+    uvit_layers.attention = alone_attention
+    try:
+        yield
+    finally:
+        uvit_layers.attention = kept
 
 
 def main():
@@ -131,14 +158,14 @@ def main():
             kept = kept_weights(run_dir)
             print(f"\n{side} seed {seed}: {len(kept)} kept steps in {run_dir}")
             if kept:
-                print(f"{'step':>6} {'loss':>7} {'t < 0.2':>7} {'t >= 0.2':>8} {'+t shuffled':>11} {'+y shuffled':>11} {'+pos shuffled':>13} "
+                print(f"{'step':>6} {'loss':>7} {'t < 0.2':>7} {'t >= 0.2':>8} {'+t shuffled':>11} {'+y shuffled':>11} {'+pos shuffled':>13} {'+patches alone':>14} "
                       f"{'attn time':>9} {'attn label':>10}")
             for step, path in kept:
                 nnet = bench.UViT(**bench.NET).eval()
                 nnet.load_state_dict(torch.load(path, map_location='cpu'))
                 r = probe(nnet, *batch)
                 print(f"{step:>6} {r['loss']:>7.4f} {r['loss_small_t']:>7.4f} {r['loss_large_t']:>8.4f} {r['t_shuffled']:>11.4f} {r['y_shuffled']:>11.4f} "
-                      f"{r['pos_shuffled']:>13.4f} "
+                      f"{r['pos_shuffled']:>13.4f} {r['patches_alone']:>14.4f} "
                       f"{r['attn_time']:>9.3f} {r['attn_label']:>10.3f}", flush=True)
 
 

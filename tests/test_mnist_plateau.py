@@ -106,3 +106,25 @@ def test_position_probe_leaves_the_network_as_it_was():
     with torch.no_grad():  # patch tokens all at one position embedding: nothing to permute
         nnet.pos_embed[:, 2:] = nnet.pos_embed[:, 2:3]
     assert plateau.probe(nnet, *batch())['pos_shuffled'] == 0.0
+
+
+def test_patches_alone_cuts_what_one_patch_reads_of_another():
+    torch.manual_seed(3)
+    nnet = bench.UViT(**TINY).eval()
+    x0, y, t, _ = batch(2)
+    moved = x0.clone()
+    moved[:, :, :2, :2] += 1.0  # the top-left patch changes
+    with torch.no_grad():
+        far = lambda x: nnet(x, 999 * t, y=y)[:, :, 10:, 10:]  # beyond the final 3 x 3 conv's reach of it
+        assert not torch.allclose(far(x0), far(moved))  # full attention: the far patches read it
+        with plateau.patches_alone():
+            torch.testing.assert_close(far(x0), far(moved), rtol=0, atol=1e-6)
+            alone = nnet(x0, 999 * t, y=y)
+        assert not torch.allclose(alone, nnet(x0, 999 * t, y=y))  # and the kernel is restored
+    T = 2 + 49
+    q, k, v = torch.randn(3, 1, 2, T, 8).unbind(0)
+    out = plateau.alone_attention(q, k, v, scale=8 ** -0.5)
+    w = (q @ k.transpose(-1, -2) * 8 ** -0.5)
+    i = 20  # a patch query: softmax over keys {label, time, itself} only
+    keys = torch.tensor([0, 1, i])
+    torch.testing.assert_close(out[..., i, :], (w[..., i, keys].softmax(-1)[..., None] * v[..., keys, :]).sum(-2))

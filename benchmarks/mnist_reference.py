@@ -6,7 +6,7 @@ sample_class_cond.py (DPM-Solver, guidance) and scored by one real-digit classif
     python benchmarks/mnist_reference.py --steps 4000 --seeds 0,1,2 --jobs 2
 
 Slow: a 4,000-step run of the width-128 network takes ~30 min on one idle core (0.45 s per step), so the six
-runs take ~1.6 h on 2 cores with --jobs 2 (benchmarks/README.md). What it does:
+runs take ~1.7 h on 2 cores with --jobs 2 (benchmarks/README.md). What it does:
 1. writes the 50,000 training digits once as a PNG folder, one subfolder per digit (--cache);
 2. fits a logistic-regression classifier on the 10,000 validation digits at 14 x 14 (the training
    resolution) and prints its accuracy on the 10,000 test digits and on their mirror images;

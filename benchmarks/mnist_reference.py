@@ -16,7 +16,8 @@ runs take ~1.7 h on 2 cores with --jobs 2 (benchmarks/README.md). What it does:
    accuracy is the fraction the classifier reads as the digit they were sampled for (chance 0.1).
 Prints per run the accuracy (and that of the mirrored samples), the final loss (mean over the last 500 steps, or
 the last quarter of a shorter run), the step where the loss plateau ended and the step time; per side their
-mean, spread and range; and the machine. Each finished run leaves <cache>/runs/<run>/result.json, which a
+mean, spread and range; the paired difference of the accuracies and whether it is within the seed spread;
+and the machine. Each finished run leaves <cache>/runs/<run>/result.json, which a
 rerun reads back: --jobs N runs N (side, seed) pairs at once in their own processes, and an interrupted
 benchmark restarts only the unfinished runs. --project_flips / --reference_flips change the horizontal flips of
 one side only; --embed_dim / --depth the network of both sides (the issue's: 128 / 6); --save_every keeps
@@ -283,6 +284,17 @@ def spread(values):
     return f"{statistics.mean(values):.4g} +- {statistics.stdev(values):.2g} ({min(values):.4g}-{max(values):.4g})"
 
 
+def verdict(project, reference):
+    """One line comparing the accuracies of the two sides, paired by seed (a seed builds the same initial
+    network on both): the mean and std of the differences, and whether the mean difference is within the
+    seed spread (no larger than the larger of the two sides' standard deviations)."""
+    diffs = [p - r for p, r in zip(project, reference)]
+    mean, spread_ = statistics.mean(diffs), max(statistics.stdev(project), statistics.stdev(reference))
+    where = 'within' if abs(mean) <= spread_ else ('above' if mean > 0 else 'BELOW')
+    return (f"project - reference accuracy, paired by seed: {mean:+.3f} +- {statistics.stdev(diffs):.3f} "
+            f"(mean +- std of {len(diffs)} differences): the project is {where} the seed spread ({spread_:.3f})")
+
+
 def run_all(a, runs):
     """Each (side, seed) of `runs` in its own process of this script, `a.jobs` at a time (one thread each)."""
     args = [f'--steps={a.steps}', f'--project_flips={a.project_flips}', f'--embed_dim={a.embed_dim}',
@@ -363,6 +375,8 @@ def main():
               f"{spread([r['mirrored_accuracy'] for r in rs])} | loss {spread([r['final_loss'] for r in rs])}"
               f" | plateau ends {[r['plateau_end'] for r in rs]} | step ms {spread([1000 * r['step_s'] for r in rs])}"
               f" | train s {spread([r['train_wall_s'] for r in rs])}")
+    if len(results.get('project', [])) > 1 and len(results.get('reference', [])) == len(results['project']):
+        print(verdict([r['accuracy'] for r in results['project']], [r['accuracy'] for r in results['reference']]))
     if a.json:
         with open(a.json, 'w') as f:
             json.dump({'machine': describe_machine(threads=a.threads), 'steps': a.steps, 'classifier': real_acc,

@@ -96,3 +96,10 @@ def test_reference_loop_warm_up_and_ema(monkeypatch):
     ema2, _, _ = bench.reference_train(x, y, seed=5, steps=2, log_every=1)
     moved = [k for k in init if not torch.equal(ema2[k], init[k])]
     assert moved, "the second step (lr > 0) must move the EMA"
+
+
+def test_verdict_pairs_by_seed_and_compares_with_the_spread():
+    line = bench.verdict([0.100, 0.330, 0.2033], [0.1233, 0.220, 0.190])
+    assert '+0.033 +- 0.069' in line and 'within the seed spread (0.115)' in line
+    assert 'BELOW' in bench.verdict([0.10, 0.11, 0.12], [0.30, 0.31, 0.32])  # spread 0.01, gap -0.2
+    assert 'above' in bench.verdict([0.30, 0.31, 0.32], [0.10, 0.11, 0.12])

@@ -20,7 +20,7 @@ mean, spread and range; the paired difference of the accuracies and whether it i
 and the machine. Each finished run leaves <cache>/runs/<run>/result.json, which a
 rerun reads back: --jobs N runs N (side, seed) pairs at once in their own processes, and an interrupted
 benchmark restarts only the unfinished runs. --project_flips / --reference_flips change the horizontal flips of
-one side only; --embed_dim / --depth the network of both sides (the issue's: 128 / 6); --save_every keeps
+one side only; --embed_dim / --depth the network of both sides (default 128 / 6); --save_every keeps
 weights for benchmarks/mnist_plateau.py.
 """
 import argparse

@@ -250,10 +250,12 @@ def run_one(a, side, seed, data, png, clf, env):
                                                           a.project_flips, env, a.save_every)
         sample_flips = a.project_flips
     else:
-        x_ref = torch.from_numpy(halve(data['train'][0]))[:, None].expand(-1, 3, -1, -1).contiguous()
+        if 'x_ref' not in data:  # halved once per process, for all its reference runs: (N, 3, 14, 14) uint8
+            data['x_ref'] = torch.from_numpy(halve(data['train'][0]))[:, None].expand(-1, 3, -1, -1).contiguous()
         probe_dir = os.path.join(run_dir, 'probe')
-        os.makedirs(probe_dir, exist_ok=True)
-        state, losses, times = reference_train(x_ref, torch.from_numpy(data['train'][1]), seed, a.steps,
+        if a.save_every:
+            os.makedirs(probe_dir, exist_ok=True)
+        state, losses, times = reference_train(data['x_ref'], torch.from_numpy(data['train'][1]), seed, a.steps,
                                                a.reference_flips, save_every=a.save_every, save_dir=probe_dir)
         nnet_path = os.path.join(run_dir, 'nnet_ema.pth')
         torch.save(state, nnet_path)
@@ -278,9 +280,8 @@ def run_tag(a):
 
 def spread(values):
     """'mean +- sample std (min-max)' of a list."""
-    values = [v for v in values if v is not None]
-    if len(values) <= 1:
-        return f"{values[0]:.4g}" if values else '-'
+    if len(values) == 1:
+        return f"{values[0]:.4g}"
     return f"{statistics.mean(values):.4g} +- {statistics.stdev(values):.2g} ({min(values):.4g}-{max(values):.4g})"
 
 
@@ -336,6 +337,8 @@ def main():
     a = p.parse_args()
     seeds = [int(s) for s in a.seeds.split(',')]
     sides = a.sides.split(',')
+    if a.jobs < 1 or a.save_every < 0:
+        p.error(f"--jobs {a.jobs} must be >= 1 and --save_every {a.save_every} >= 0")
     if a.save_every and a.steps % a.save_every:
         p.error(f"--save_every {a.save_every} must divide --steps {a.steps}")
     NET.update(embed_dim=a.embed_dim, depth=a.depth)

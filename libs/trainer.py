@@ -14,7 +14,6 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from typing import Any
 
@@ -29,7 +28,7 @@ from accelerate.utils import set_seed
 
 from libs import resume_policy, tracking
 from libs.autoencoder import get_model
-from libs.checkpoint import checkpoint_path, latest_checkpoint, resume, save_checkpoint
+from libs.checkpoint import checkpoint_path, checkpoint_problems, latest_checkpoint, resume, save_checkpoint
 from libs.config_utils import config_overrides, define_config_flag, parse_and_validate, workdir_for
 from libs.data_loader import ResumableLoader, mix_seed, resolve_num_workers
 from libs.datasets import dataset_kwargs, get_dataset
@@ -47,7 +46,7 @@ from libs.nnet import build_nnet, load_nnet_state_dict
 from libs.optim import build_lr_scheduler, build_optimizer
 from libs.perf import configure_tf32, maybe_compile
 from libs.posthoc_ema import PowerEMA
-from libs.preemption import StopSignals
+from libs.preemption import StopRequested, StopSignals, resume_command
 from libs.repa import alignment_loss, build_alignment
 from libs.sample_grid import save_grid
 from libs.workdir_lock import WorkdirLock
@@ -235,6 +234,35 @@ def save(r: Run, step: int) -> str:
     return path
 
 
+def save_at_stop(r: Run, step: int, last_ckpt) -> str:
+    """The checkpoint of the last finished step when a stop ends the run: `last_ckpt` when it is that step's,
+    else written now. One process: save(). Several: the main process writes alone, with no collective (the
+    others may be inside one of an interrupted evaluation until the launcher ends them)."""
+    path = checkpoint_path(r.ckpt_root, step)
+    if last_ckpt == path and os.path.isdir(path) and not checkpoint_problems(path):
+        return path
+    if r.accelerator.num_processes == 1:
+        return save(r, step)
+    if r.accelerator.is_main_process:
+        write_checkpoint(r, step)
+    return path
+
+
+def redo_unfinished(r: Run, stop, step: int):
+    """On resume at `step`: the grid and evaluation of that step that a stop interrupted (or that never ran),
+    interruptible again: samples/<step>.png missing, or no score of the step in score.json."""
+    cfg = r.config
+    if (step % cfg.train.eval_interval == 0 or step == cfg.train.n_steps) and r.accelerator.is_main_process \
+            and not os.path.exists(os.path.join(r.workdir, 'samples', f"{step}.png")):
+        with stop.interruptible(f"the sample grid of step {step}, redone"):
+            write_grid(r, step)
+    r.accelerator.wait_for_everyone()
+    if (step % cfg.train.save_interval == 0 or step == cfg.train.n_steps) and step not in r.history['fid'] \
+            and step not in r.history['score']:
+        with stop.interruptible(f"the evaluation of step {step}, redone"):
+            evaluate_checkpoint(r, step)
+
+
 def write_grid(r: Run, step: int):
     """samples/<step>.png from the EMA network: one row per class or prompt (main process only)."""
     g = r.config.grid
@@ -408,9 +436,12 @@ def _train(config, workdir: str, family, accelerator):
     r.train_nnet.train()
     bar = tqdm(total=n_steps, initial=step, disable=not is_main, dynamic_ncols=True, desc='train')
     # The loader's workers start under the handlers, then ignore stop signals; they end with the block. An I/O
-    # or data error saves the last finished step first (libs/fatal.py).
+    # or data error saves the last finished step first (libs/fatal.py). Grids and evaluations are interruptible:
+    # a stop there ends the block at once (stop.stopped), the step is saved below and the work reruns on resume.
     with contextlib.closing(bar), StopSignals() as stop, contextlib.closing(iter(loader)) as data_iter, \
             EmergencyCheckpoint(r, lambda s: write_checkpoint(r, s), step) as emergency:
+        if state:
+            redo_unfinished(r, stop, step)
         while step < n_steps:
             loss, grad_norm, applied = train_step(r, [next(data_iter) for _ in range(k)], step)
             step = emergency.step = step + 1
@@ -440,25 +471,28 @@ def _train(config, workdir: str, family, accelerator):
 
             if step % t.eval_interval == 0 or step == n_steps:  # sample grid
                 if is_main:
-                    write_grid(r, step)
+                    with stop.interruptible(f"the sample grid of step {step}"):
+                        write_grid(r, step)
                 accelerator.wait_for_everyone()
             if step % t.save_interval == 0 or step == n_steps:  # checkpoint, then its evaluation
                 last_ckpt = save(r, step)
-                evaluate_checkpoint(r, step)
+                with stop.interruptible(f"the evaluation of step {step}"):
+                    evaluate_checkpoint(r, step)
                 last_log_time = time.time()  # evaluation time is not training throughput
 
             # Stop signal: a checkpoint of this step, then exit (processes agree on logging steps only).
             if stop.should_stop(accelerator, sync=log_now):
-                if last_ckpt != checkpoint_path(r.ckpt_root, step):
-                    last_ckpt = save(r, step)
-                logger.warning("training stopped at step %d (%s); checkpoint saved to '%s'. To resume, rerun the "
-                               "same command: %s", step, stop.received, last_ckpt, ' '.join(sys.argv))
-                preempted = True
-                break
+                raise StopRequested(stop.received)
 
     final = None
-    if not preempted:  # final evaluation: the best checkpoint by FID, with config.sample (guided when configured)
-        final = final_evaluation(r)
+    if not stop.stopped:  # final evaluation: the best checkpoint by FID, with config.sample (guided when configured)
+        with stop, stop.interruptible("the final evaluation"):
+            final = final_evaluation(r)
+    if stop.stopped:
+        last_ckpt, preempted = save_at_stop(r, step, last_ckpt), True
+        logger.warning("training stopped at step %d (%s); checkpoint saved to '%s'. To resume, rerun the same "
+                       "command: %s", step, stop.received, last_ckpt, resume_command())
+    else:
         accelerator.log({f"final/{name}": v for name, v in (final or {}).items() if isinstance(v, (int, float))},
                         step=step)
         logger.info("done at step %d; last checkpoint %s", step, last_ckpt)

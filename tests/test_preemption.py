@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import ml_collections
 import numpy as np
@@ -22,7 +23,7 @@ from configs.digits_uvit_tiny import get_config
 from libs.checkpoint import checkpoint_problems, list_checkpoints
 from libs.data_loader import ResumableLoader
 from libs.family import PIXELS_CONTINUOUS
-from libs.preemption import SIGNALS, StopSignals
+from libs.preemption import SIGNALS, StopSignals, resume_command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_STEPS = 8
@@ -205,3 +206,81 @@ def test_signal_saves_the_last_step_and_the_rerun_resumes_exactly(sig, group, wh
     second = trainer.train(config_for(image_folder), str(tmp_path), PIXELS_CONTINUOUS)
     assert not second["preempted"] and second["step"] == N_STEPS
     _assert_same(_weights(tmp_path / "ckpts" / f"{N_STEPS}.ckpt"), reference)
+
+
+# -- stops during grids and evaluations ------------------------------------------------------------
+
+EVAL_STEPS = 8  # grids and evaluations (the digits score) at steps 4 and 8, then the final evaluation
+
+
+def digits_eval_config():
+    config = get_config()
+    config.nnet.update(embed_dim=32, depth=2, num_heads=2)
+    config.train.update(n_steps=EVAL_STEPS, batch_size=8, log_interval=2, eval_interval=4, save_interval=4)
+    config.lr_scheduler.warmup_steps = 2
+    config.grid.update(n_rows=2, n_cols=2, steps=2)
+    config.fid.update(n_samples=12, steps=2)
+    config.sample.update(n_samples=12, sample_steps=2, mini_batch_size=6)
+    return config
+
+
+def _outputs(workdir):
+    """What a finished run leaves beside its weights: the grids, the scores, the final evaluation."""
+    return {name: (workdir / name).read_bytes() for name in ("samples/4.png", "samples/8.png", "score.json",
+                                                            "final_eval.json")}
+
+
+@pytest.fixture(scope="module")
+def eval_reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("eval_reference")
+    trainer.train(digits_eval_config(), str(workdir), PIXELS_CONTINUOUS)
+    return _weights(workdir / "ckpts" / f"{EVAL_STEPS}.ckpt"), _outputs(workdir)
+
+
+GENERATION_S = 60  # how long the hooked sampling would run if the stop were not honoured
+
+
+@pytest.mark.parametrize("use,stopped,during", [("grid", 4, "the sample grid of step 4"),
+                                                ("fid", 4, "the evaluation of step 4"),
+                                                ("sample", EVAL_STEPS, "the final evaluation")])
+def test_stop_during_grid_or_evaluation_saves_the_step_at_once_and_the_rerun_redoes_it(
+        use, stopped, during, eval_reference, tmp_path, monkeypatch):
+    real_generate_fn, signalled = trainer.Run.generate_fn, []
+
+    def generate_fn(r, protocol, labels, contexts):
+        generate = real_generate_fn(r, protocol, labels, contexts)
+        if protocol != use or signalled:
+            return generate
+
+        def sampling_for_a_minute(indices):  # real sampling work, signalled at its start
+            signalled.append(time.monotonic())
+            os.kill(os.getpid(), signal.SIGTERM)
+            while time.monotonic() < signalled[0] + GENERATION_S:
+                images = generate(indices)
+            return images
+        return sampling_for_a_minute
+
+    monkeypatch.setattr(trainer.Run, "generate_fn", generate_fn)
+    first = trainer.train(digits_eval_config(), str(tmp_path), PIXELS_CONTINUOUS)
+    assert signalled and time.monotonic() - signalled[0] < 15, "the stop waited for the sampling to end"
+    assert first["preempted"] and first["step"] == stopped
+    assert first["checkpoint"] == str(tmp_path / "ckpts" / f"{stopped}.ckpt")
+    assert max(s for s, _ in list_checkpoints(tmp_path / "ckpts")) == stopped
+    assert not checkpoint_problems(first["checkpoint"])
+    log = (tmp_path / "train.log").read_text()
+    assert f"received SIGTERM during {during}: stopping it now" in log
+    assert f"training stopped at step {stopped} (SIGTERM); checkpoint saved to" in log
+    assert not (tmp_path / "final_eval.json").exists()
+    monkeypatch.undo()
+
+    second = trainer.train(digits_eval_config(), str(tmp_path), PIXELS_CONTINUOUS)
+    assert not second["preempted"] and second["step"] == EVAL_STEPS
+    weights, outputs = eval_reference
+    _assert_same(_weights(tmp_path / "ckpts" / f"{EVAL_STEPS}.ckpt"), weights)
+    assert _outputs(tmp_path) == outputs  # the interrupted grid / evaluation was redone, identically
+
+
+def test_resume_hint_is_a_command_that_runs(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert resume_command(["train.py", "--config=configs/digits_uvit_tiny.py", "--workdir=my runs/a"]) == \
+        "python train.py --config=configs/digits_uvit_tiny.py '--workdir=my runs/a'"

@@ -17,7 +17,7 @@ from absl import flags
 
 from libs.errors import ConfigError, exit_on_user_error
 from libs.evaluation import load_models
-from libs.family import Sampler, data_classes
+from libs.family import Sampler, data_classes, describe_guidance
 from libs.sampling_cli import common_flags, generate_batches, parse_flags, sampling_settings, write_images
 
 logger = logging.getLogger("sample_class_cond")
@@ -65,8 +65,8 @@ def main(argv=None):
     sampler = Sampler.for_config(config, family, nnet, device, autoencoder,
                                  family.null_condition(config) if scale > 0 else None, seed=seed)
     generate_fn = sampler.generate_fn(algorithm, steps, scale, labels=labels)
-    logger.info("sampling %d images of classes %s (%s time): %s, %d steps, guidance scale %g, seed %d, on %s",
-                len(labels), class_ids, family.time, algorithm, steps, scale, seed, device)
+    logger.info("sampling %d images of classes %s (%s time): %s, %d steps, %s, seed %d, on %s", len(labels),
+                class_ids, family.time, algorithm, steps, describe_guidance(config, scale), seed, device)
     images = generate_batches(generate_fn, len(labels), fv, device)
     paths = write_images(images, [f"{i:04d}_class{int(c)}" for i, c in enumerate(labels)], fv.output_dir,
                          fv.n_per_class)

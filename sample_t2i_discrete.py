@@ -22,7 +22,7 @@ from absl import flags
 from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder
 from libs.errors import ConfigError, DataError, MissingFileError, exit_on_user_error
 from libs.evaluation import load_models
-from libs.family import Sampler
+from libs.family import Sampler, describe_guidance
 from libs.io_utils import atomic_write_bytes
 from libs.sampling_cli import common_flags, generate_batches, parse_flags, sampling_settings, write_images
 
@@ -80,8 +80,9 @@ def main(argv=None):
     table = contexts.repeat_interleave(fv.n_per_prompt, dim=0)
     generate_fn = Sampler.for_config(config, family, nnet, device, autoencoder, null, seed=seed).generate_fn(
         algorithm, steps, scale, contexts=table)
-    logger.info("sampling %d images for %d prompts: %s, %d steps, guidance scale %g, latent scale %g, seed %d, on %s",
-                len(table), len(prompts), algorithm, steps, scale, autoencoder.scale_factor, seed, device)
+    logger.info("sampling %d images for %d prompts: %s, %d steps, %s, latent scale %g, seed %d, on %s",
+                len(table), len(prompts), algorithm, steps, describe_guidance(config, scale),
+                autoencoder.scale_factor, seed, device)
     images = generate_batches(generate_fn, len(table), fv, device)
     names = [f"{p:03d}_{k:02d}" for p in range(len(prompts)) for k in range(fv.n_per_prompt)]
     n_cols = fv.n_per_prompt if fv.n_per_prompt > 1 else min(len(prompts), 8)

@@ -33,10 +33,12 @@ from libs import fid
 from libs.autoencoder import get_model
 from libs.config_utils import define_config_flag, parse_and_validate
 from libs.data_loader import mix_seed
+from libs.datasets import dataset_kwargs, get_dataset, get_dataset_class
 from libs.datasets.features import caption_contexts
 from libs.errors import ConfigError, InputError, MissingFileError, exit_on_user_error
-from libs.export import check_objective, load_weights
-from libs.family import Sampler
+from libs.export import check_objective, config_of_weights, load_weights
+from libs.family import Sampler, describe_guidance
+from libs.folder_score import MAX_SAMPLES as OFFLINE_SAMPLES
 from libs.io_utils import atomic_path, atomic_write_bytes
 from libs.logging_utils import setup_logging
 from libs.metrics.sample_file import ShardedSampleWriter, to_uint8_hwc
@@ -138,7 +140,8 @@ def _evaluate(accelerator, generate_fn, n_samples, mini_batch_size, seed, option
 def format_metrics(result):
     """'FID 3.4012, IS 210.123 +- 3.210, sFID ...' of a results dict."""
     names = {"fid": "FID", "inception_score": "IS", "sfid": "sFID", "precision": "precision", "recall": "recall",
-             "kid": "KID", "fd_dinov2": "FD-DINOv2", "clip_score": "CLIP score"}
+             "kid": "KID", "fd_dinov2": "FD-DINOv2", "clip_score": "CLIP score", "digit_accuracy": "digit_accuracy",
+             "folder_accuracy": "folder_accuracy", "pixel_fd": "pixel_fd (not FID)"}
     parts = []
     for key, name in names.items():
         if key in result:
@@ -162,12 +165,29 @@ def generate_all(accelerator, generate_fn, n_samples, mini_batch_size) -> torch.
     return out
 
 
+def offline_scorer(config):
+    """The training dataset when it scores samples itself with nothing downloaded (`sample_metric`: digits, an
+    image folder; not FID), else None. Only such datasets are read by an evaluation."""
+    if not hasattr(get_dataset_class(config.dataset.name), "sample_metric"):
+        return None
+    return get_dataset(config.dataset.name, **dataset_kwargs(config))
+
+
+def offline_score(accelerator, data, generate_fn, n_samples, mini_batch_size, labels):
+    """The dataset's own score ({'digit_accuracy' or 'folder_accuracy', 'pixel_fd', 'n'}) of the first
+    min(n_samples, libs.folder_score.MAX_SAMPLES) images, the same on every rank."""
+    n = min(n_samples, OFFLINE_SAMPLES)
+    images = generate_all(accelerator, generate_fn, n, mini_batch_size)
+    return {**data.sample_metric(images, None if labels is None else labels[:n]), "n": n}
+
+
 def load_models(config, family, nnet_path, device, autoencoder_path=None):
     """(network in eval mode, autoencoder or None) on `device` for sampling; the autoencoder (latent
     families) from autoencoder_path or config.autoencoder.pretrained_path, with the config's scale factor."""
-    check_objective(config, nnet_path)  # weights of another objective: one line, before loading
+    check_objective(config, nnet_path, network=True)  # weights of another objective: one line, before loading
+    state = load_weights(nnet_path)[0]  # a missing file is said before the network is built (U-ViT-H: 30 s)
     nnet = build_nnet(config.nnet)
-    load_nnet_state_dict(nnet, load_weights(nnet_path)[0])
+    load_nnet_state_dict(nnet, state)
     nnet = nnet.to(device).eval().requires_grad_(False)
     autoencoder = None
     if family.data == "latents":
@@ -180,7 +200,8 @@ def load_models(config, family, nnet_path, device, autoencoder_path=None):
 
 def define_flags():
     """--config (file + --config.a.b=value overrides), --nnet_path, --output_path, --inception_weights."""
-    define_config_flag("config", help_string="path of the configuration file (configs/X.py)")
+    define_config_flag("config", help_string="path of the configuration file (configs/X.py); default: the config "
+                                             "saved with --nnet_path")
     flags.DEFINE_string("nnet_path", None, "network weights: a .pth state dict or a checkpoint directory "
                                            "(<workdir>/ckpts/<step>.ckpt, whose EMA network is used)", required=True)
     flags.DEFINE_string("output_path", None, "log file to append the evaluation log to")
@@ -216,11 +237,12 @@ def run_evaluation(config, nnet_path, family, output_path=None, inception_weight
     """
     from accelerate import Accelerator  # heavy
 
-    if config is None:
-        raise ConfigError("no config given: pass --config=configs/<name>.py")
+    if config is None:  # the one saved with the weights (a checkpoint's, an export's, a .pth's <stem>.config.json)
+        config = config_of_weights(nnet_path)
     family = family.for_config(config, "eval")
     options = MetricOptions.from_config(config, inception_weights)
-    if not options.reference:
+    offline = None if options.reference else offline_scorer(config)  # no FID reference: the dataset's own score
+    if not options.reference and offline is None:
         raise ConfigError("config.fid.stat names no FID reference statistics, so FID cannot be computed; compute "
                           "them with tools/compute_fid_stats.py and set --config.fid.stat=<file.npz>")
     accelerator = Accelerator()
@@ -238,13 +260,14 @@ def run_evaluation(config, nnet_path, family, output_path=None, inception_weight
             raise MissingFileError(f"guided sampling needs the empty prompt's context {config.dataset.path}/"
                                    f"empty_context.npy: make it with scripts/extract_empty_feature.py")
     nnet, autoencoder = load_models(config, family, nnet_path, device)
-    networks = load_networks(options, device)
+    networks = load_networks(options, device) if offline is None else None
     seeds = parse_seeds(m.get("seeds", ""), int(config.seed))
     labels_kind = m.get("labels", "uniform")
-    logger.info("evaluating %s (%s) on %d process(es), mixed precision %s: %s, %d steps, guidance scale %g, "
+    logger.info("evaluating %s (%s) on %d process(es), mixed precision %s: %s, %d steps, %s, "
                 "%d samples, %s labels, seeds %s, metrics %s", nnet_path, family, accelerator.num_processes,
-                accelerator.mixed_precision, algorithm, steps, scale, s.n_samples, labels_kind, seeds,
-                ",".join(options.names))
+                accelerator.mixed_precision, algorithm, steps, describe_guidance(config, scale), s.n_samples,
+                labels_kind, seeds, ",".join(options.names) if offline is None else
+                f"the offline score of dataset {config.dataset.name!r} (not FID; no FID reference statistics)")
     results = []
     for seed in seeds:
         seeded = config.copy_and_resolve_references()
@@ -255,7 +278,8 @@ def run_evaluation(config, nnet_path, family, output_path=None, inception_weight
         labels = family.sample_labels(seeded, s.n_samples)
         generate_fn = sampler.generate_fn(algorithm, steps, scale, labels, contexts)
         with accelerator.autocast():
-            result = evaluate(accelerator, generate_fn, int(s.n_samples), int(s.mini_batch_size), options.reference,
+            result = offline_score(accelerator, offline, generate_fn, int(s.n_samples), int(s.mini_batch_size),
+                                   labels) if offline is not None else evaluate(accelerator, generate_fn, int(s.n_samples), int(s.mini_batch_size), options.reference,
                               seed, metrics=options, networks=networks, keep_path=s.get("path", "") or None,
                               npz_path=npz_path_for(m.get("npz", ""), seed, len(seeds)), labels=labels,
                               prompts=prompts)
@@ -264,7 +288,9 @@ def run_evaluation(config, nnet_path, family, output_path=None, inception_weight
     record = {"config": config_path or config.dataset.name, "checkpoint": nnet_path,
               "protocol": {"family": str(family), "sampler": algorithm, "steps": steps, "guidance_scale": scale,
                            "labels": labels_kind if family.condition == "label" else family.condition,
-                           "seeds": seeds, "n_samples": int(s.n_samples), "metrics": list(options.names),
+                           "seeds": seeds, "n_samples": int(s.n_samples),
+                           "metrics": list(options.names) if offline is None else
+                           [k for k in results[0] if k not in ("seed", "n")],
                            "inception_resize": options.resize, "reference": options.reference,
                            "processes": accelerator.num_processes,
                            "mixed_precision": accelerator.mixed_precision},

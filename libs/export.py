@@ -139,13 +139,14 @@ def _load_export(folder):
     return state_dict, meta
 
 
-def load_weights(path_or_dir):
+def load_weights(path_or_dir, what="--nnet_path"):
     """(network state dict on the CPU, export meta or None) of what `--nnet_path` / `--init_from` names:
-    a .pth state dict, a `ckpts/<step>.ckpt` directory (its nnet_ema.pth) or an exported folder."""
+    a .pth state dict, a `ckpts/<step>.ckpt` directory (its nnet_ema.pth) or an exported folder. `what`: the
+    flag or key the path came from, for the messages."""
     path = str(path_or_dir)
     if not os.path.exists(path):
         raise MissingFileError(
-            f"--nnet_path '{path}' not found. Give a .pth state dict (e.g. a released U-ViT checkpoint), "
+            f"{what} '{path}' not found. Give a .pth state dict (e.g. a released U-ViT checkpoint), "
             f"a training checkpoint directory workdir/<config>/<hparams>/ckpts/<step>.ckpt or an exported folder.")
     if os.path.isdir(path):
         if is_export(path):
@@ -180,22 +181,88 @@ def build_from_export(folder, **overrides):
                               f"{CONFIG_FILE} ({str(e).split('. Check that')[0]}); {_AGAIN}") from e
     return nnet.eval(), meta
 
+SIDECAR_SUFFIX = ".config.json"  # beside a .pth the tools write: <stem>.config.json, export_meta's entries
+
+
+def sidecar_path(pth):
+    """Where the config of a .pth written by the tools lives: `x.pth` -> `x.config.json`."""
+    return os.path.splitext(str(pth))[0] + SIDECAR_SUFFIX
+
+
+def write_sidecar(pth, config, step=None, source=None):
+    """Write the config a .pth was trained with beside it (export_meta's entries, whole config included),
+    atomically; `saved_config` reads it back, so the .pth carries its objective and network."""
+    meta = export_meta(config, step=step, source=source)
+    with atomic_path(sidecar_path(pth)) as tmp:
+        with open(tmp, "w") as f:
+            f.write(json.dumps(meta, indent=2) + "\n")
+    return sidecar_path(pth)
+
+
+def _checkpoint_config(ckpt):
+    """The config saved in a ckpts/<step>.ckpt's train_state.pth (what that step trained with), or None."""
+    file = os.path.join(ckpt, "train_state.pth")
+    if not os.path.isfile(file):
+        return None
+    try:
+        state = read_state_file(file, weights_only=False)  # the run's own file: history and loader state
+    except UViTError:
+        return None  # a damaged one is reported when its weights are read
+    return state.get("config") if isinstance(state, dict) else None
+
+
 def saved_config(path):
-    """The config (dict) saved with the weights at `path`: an exported folder's config.json, or the run's
-    config.json two levels above a ckpts/<step>.ckpt directory; None for a bare .pth (or a run without one)."""
+    """The config (dict) saved with the weights at `path`, or None when nothing says (a bare .pth, e.g. a
+    released checkpoint): an exported folder's config.json; a ckpts/<step>.ckpt directory's own train_state.pth
+    config (emergency checkpoints included), else its run's config.json two levels up; a .pth's
+    <stem>.config.json (tools/posthoc_ema.py writes one)."""
     path = os.path.normpath(str(path))
     if os.path.isdir(path) and is_export(path):
         return read_export_meta(path)
-    run_config = os.path.join(os.path.dirname(os.path.dirname(path)), "config.json")
-    if os.path.isdir(path) and os.path.basename(os.path.dirname(path)) == "ckpts" and os.path.isfile(run_config):
-        with open(run_config) as f:
-            return json.load(f)
+    if os.path.isdir(path):
+        own = _checkpoint_config(path)
+        if own is not None:
+            return own
+        run_config = os.path.join(os.path.dirname(os.path.dirname(path)), "config.json")
+        if os.path.basename(os.path.dirname(path)) == "ckpts" and os.path.isfile(run_config):
+            with open(run_config) as f:
+                return json.load(f)
+        return None
+    if os.path.isfile(sidecar_path(path)):
+        try:
+            with open(sidecar_path(path)) as f:
+                return json.load(f)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"'{sidecar_path(path)}' (the config of '{path}') is not readable JSON ({e}); "
+                                  f"delete it to use the weights with a --config of your own") from e
     return None
 
 
-def check_objective(config, path, what="--nnet_path"):
+def config_of_weights(path, what="--nnet_path"):
+    """The whole training config (ConfigDict) the weights at `path` carry, for scripts given no --config;
+    ConfigError in one line when they carry none."""
+    if not os.path.exists(str(path)):
+        raise MissingFileError(f"{what} '{path}' not found. Give a ckpts/<step>.ckpt directory, an exported folder "
+                               f"or a .pth state dict.")
+    saved = saved_config(path)
+    # An export's config.json and a sidecar hold the whole config under "config"; a checkpoint's is the config.
+    whole = saved["config"] if isinstance(saved, dict) and isinstance(saved.get("config"), dict) else saved
+    if not whole or "nnet" not in whole:
+        raise ConfigError(f"no --config given and {what} '{path}' carries no training config (a bare .pth): pass "
+                          f"the config it was trained with, --config=configs/<name>.py")
+    logger.info("config: the one saved with %s '%s'", what, path)
+    return ml_collections.ConfigDict(whole)
+
+
+# Network entries that change the weights' shapes: a --config disagreeing with the weights' own is refused.
+_SHAPE_KEYS = ("name", "img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_classes", "clip_dim",
+               "num_clip_token")
+
+
+def check_objective(config, path, what="--nnet_path", network=False):
     """ConfigError (one line) when the weights at `path` were trained with another objective than `config`'s
-    (config.objective, or config.diffusion's time kind); nothing is known of a bare .pth: it passes."""
+    (config.objective, or config.diffusion's time kind), or, with `network`, another network shape (config.nnet;
+    not for an autoguidance network or --init_from, which differ by design); a bare .pth passes."""
     saved = saved_config(path)
     if saved is None:
         return
@@ -205,6 +272,13 @@ def check_objective(config, path, what="--nnet_path"):
         raise ConfigError(f"{what} '{path}' was trained with objective {theirs.describe()} (config.diffusion="
                           f"{diffusion!r}) but this config says {mine.describe()} (config.diffusion="
                           f"{config.get('diffusion', 'continuous')!r}): use the config it was trained with")
+    nnet, theirs_nnet = dict(config.get("nnet", {})), dict(saved.get("nnet", {}))
+    differ = [k for k in _SHAPE_KEYS if network and k in nnet and k in theirs_nnet and nnet[k] != theirs_nnet[k]]
+    if differ:
+        raise ConfigError(f"{what} '{path}' was trained with network " + ", ".join(
+            f"nnet.{k}={theirs_nnet[k]!r}" for k in differ) + " but this config says " + ", ".join(
+            f"nnet.{k}={nnet[k]!r}" for k in differ) + ": use the config it was trained with (or leave --config out "
+            "to use the one saved with it)")
 
 
 def load_guide(config, device):
@@ -217,9 +291,12 @@ def load_guide(config, device):
     if not path:
         return None
     check_objective(config, path, "config.sample.guide_path")
+    state = load_weights(path, "config.sample.guide_path")[0]  # a missing file: said before building anything
     saved = saved_config(path)
     nnet = build_nnet(saved["nnet"] if saved is not None else config.nnet)
-    load_nnet_state_dict(nnet, load_weights(path)[0])
+    load_nnet_state_dict(nnet, state)
+    logger.info("autoguidance: guide network from config.sample.guide_path '%s' (%.2fM parameters)", path,
+                sum(p.numel() for p in nnet.parameters()) / 1e6)
     return nnet.to(device).eval().requires_grad_(False)
 
 
@@ -327,7 +404,7 @@ def export_model(checkpoint_or_pth, out_dir, config, step=None, overwrite=False)
     step: the training step; default: from the checkpoint directory, None for a bare .pth.
     """
     config = _as_config(config)
-    check_objective(config, checkpoint_or_pth, "checkpoint")  # the run's own config says what it trained
+    check_objective(config, checkpoint_or_pth, "checkpoint", network=True)  # what the weights say they are
     state_dict = load_weights(checkpoint_or_pth)[0]
     nnet = build_nnet(config.nnet)
     load_nnet_state_dict(nnet, state_dict)  # a weights / config mismatch fails here, before anything is written

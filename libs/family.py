@@ -54,6 +54,20 @@ def guidance_scale(config) -> float:
     return float(config.sample.scale) if config.sample.cfg else 0.0
 
 
+def describe_guidance(config, scale: float) -> str:
+    """For the sampling log: 'guidance scale 2 (null label / empty prompt), at every noise level' or '... (guide
+    network 'g.pth', autoguidance), for sigma in [0.2, 5]'; 'unguided' for scale 0."""
+    if scale <= 0:
+        return "unguided"
+    s = config.sample
+    guide = s.get('guide_path', '')
+    lo, hi = float(s.get('guidance_sigma_min', 0.0)), float(s.get('guidance_sigma_max', 0.0))
+    against = f"guide network '{guide}', autoguidance" if guide else "null label / empty prompt"
+    interval = (f"for sigma in [{lo:g}, {hi:g}]" if hi > 0 else f"for sigma >= {lo:g}") if lo > 0 or hi > 0 \
+        else "at every noise level"
+    return f"guidance scale {scale:g} ({against}), {interval}"
+
+
 def data_classes(config) -> int:
     """The classes of a label config: config.nnet.num_classes without the null label of guidance training."""
     return int(config.nnet.get('num_classes', -1)) - (1 if config.dataset.cfg else 0)

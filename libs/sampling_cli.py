@@ -10,7 +10,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from libs.config_utils import define_config_flag
-from libs.errors import ConfigError
+from libs.errors import ConfigError, require_path
+from libs.export import config_of_weights
 from libs.family import family_of, guidance_scale
 from libs.io_utils import atomic_path
 from libs.logging_utils import setup_logging
@@ -28,7 +29,8 @@ def common_flags(argv, program):
     argv = list(sys.argv if argv is None else [program, *argv])
     fv = flags.FlagValues()
     define_config_flag("config", help_string="model config file, e.g. configs/imagenet256_uvit_large.py; "
-                       "--config.a.b=value overrides entries", flag_values=fv, sys_argv=argv)
+                       "--config.a.b=value overrides entries; default: the config saved with --nnet_path",
+                       flag_values=fv, sys_argv=argv)
     flags.DEFINE_string("nnet_path", None, "network weights: a .pth state dict or a ckpts/<step>.ckpt directory",
                         flag_values=fv)
     flags.DEFINE_float("scale", None, "guidance scale s of eps_c + s (eps_c - eps_u); default: the config's "
@@ -63,13 +65,15 @@ def parse_flags(fv, argv, doc, condition):
         rest = fv(argv)
     except flags.Error as e:
         raise ConfigError(f"{e}\nRun with --help for the flags.") from e
-    if fv.config is None:
-        raise ConfigError("--config is required, e.g. --config=configs/imagenet256_uvit_large.py")
     if not fv.nnet_path:
         raise ConfigError("--nnet_path is required: the network weights (.pth) or a ckpts/<step>.ckpt directory")
+    require_path(fv.nnet_path, "--nnet_path", "Give a .pth state dict, a ckpts/<step>.ckpt directory or an "
+                 "exported folder (tools/export.py).")  # before any network is built
     if fv.batch_size < 1:
         raise ConfigError(f"--batch_size must be >= 1, got {fv.batch_size}")
-    family = family_of(fv.config)
+    # No --config: the one saved with the weights (a checkpoint's, an export's, a .pth's <stem>.config.json).
+    config = fv.config if fv.config is not None else config_of_weights(fv.nnet_path)
+    family = family_of(config)
     if family.condition != condition:
         raise ConfigError("this config is text-to-image (config.nnet.name='uvit_t2i'): use sample_t2i_discrete.py"
                           if family.condition == 'text' else
@@ -77,8 +81,8 @@ def parse_flags(fv, argv, doc, condition):
                           else "this config is class-conditional, not text-to-image (config.nnet.name='uvit_t2i'): "
                                "use sample_class_cond.py")
     setup_logging(True)
-    configure_tf32(fv.config.tf32)
-    return rest[1:], fv.config, torch.device(fv.device), family
+    configure_tf32(config.tf32)
+    return rest[1:], config, torch.device(fv.device), family
 
 
 def sampling_settings(fv, config):

@@ -39,6 +39,7 @@ from libs.export import load_weights
 from libs.family import Sampler, guidance_scale
 from libs.fatal import EmergencyCheckpoint, log_fatal_errors
 from libs.finetune import init_weights
+from libs.folder_score import MAX_SAMPLES as OFFLINE_SAMPLES
 from libs.io_utils import atomic_write_bytes
 from libs.logging_utils import log_once, setup_logging
 from libs.metrics.suite import MetricOptions
@@ -287,8 +288,10 @@ def sample_scores(r: Run, use: str, n: int, fid: bool):
                                       metrics=MetricOptions.from_config(cfg, always=('fid',)))
             except MissingFileError as e:
                 log_once(logger, f"FID skipped: {e}", logging.WARNING)
-        if hasattr(r.data, 'sample_metric'):
-            metric = r.data.sample_metric(generate_all(r.accelerator, gen, n, cfg.sample.mini_batch_size), labels)
+        if hasattr(r.data, 'sample_metric'):  # the dataset's offline score (digits, an image folder): not FID
+            m = min(n, OFFLINE_SAMPLES)
+            metric = r.data.sample_metric(generate_all(r.accelerator, gen, m, cfg.sample.mini_batch_size),
+                                          None if labels is None else labels[:m])
     return fid_result, metric
 
 

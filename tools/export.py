@@ -6,11 +6,11 @@
     python tools/export.py <checkpoint> <out_dir> --push_to_hub --hub_model_id=<user>/<name>
 
 The network is described by --config (a config file, --config.a.b=value overrides allowed) or, by
-default, by the run's own <workdir>/config.json next to ckpts/ (written by training). The folder is
+default, by the config the weights carry (a checkpoint's own, or the <stem>.config.json beside a .pth that
+tools/posthoc_ema.py writes); a --config contradicting it is refused. The folder is
 written atomically; an existing one is replaced only with --overwrite. --push_to_hub uploads it to
 the Hugging Face Hub (needs the network and a token); nothing is uploaded otherwise.
 """
-import json
 import logging
 import os
 import sys
@@ -21,35 +21,21 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from absl import app, flags
 
 from libs.config_utils import define_config_flag
-from libs.errors import ConfigError, MissingFileError, exit_on_user_error, require_path
-from libs.export import export_model, push_to_hub
+from libs.errors import ConfigError, exit_on_user_error, require_path
+from libs.export import config_of_weights, export_model, push_to_hub
 from libs.logging_utils import setup_logging
 
 logger = logging.getLogger(__name__)
 
 
 def define_flags():
-    define_config_flag("config", None, "training config file (configs/X.py); default: <workdir>/config.json of "
-                       "the run the checkpoint belongs to")
+    define_config_flag("config", None, "training config file (configs/X.py); default: the config saved with the "
+                       "checkpoint")
     flags.DEFINE_integer("step", None, "training step recorded in config.json; default: from the checkpoint directory")
     flags.DEFINE_bool("overwrite", False, "replace an existing export in <out_dir>")
     flags.DEFINE_bool("push_to_hub", False, "upload the folder to the Hugging Face Hub (needs --hub_model_id)")
     flags.DEFINE_string("hub_model_id", None, "Hub repository, <user or org>/<name>")
     flags.DEFINE_bool("hub_private", False, "create the Hub repository as private")
-
-
-def run_config_of(checkpoint):
-    """The config a run wrote next to its ckpts/: <workdir>/ckpts/<step>.ckpt -> <workdir>/config.json."""
-    ckpt_root = os.path.dirname(os.path.normpath(os.path.abspath(checkpoint)))
-    path = os.path.join(os.path.dirname(ckpt_root), "config.json")
-    if os.path.basename(ckpt_root) != "ckpts" or not os.path.isfile(path):
-        raise MissingFileError(f"no run config found for '{checkpoint}' (looked for '{path}'); pass the training "
-                               f"config with --config=configs/<config>.py (and the same --config.a.b overrides)")
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"'{path}' is not readable JSON ({e}); pass --config=configs/<config>.py") from e
 
 
 @exit_on_user_error
@@ -62,7 +48,7 @@ def main(argv):
     f = flags.FLAGS
     if f.push_to_hub and not f.hub_model_id:
         raise ConfigError("--push_to_hub needs --hub_model_id=<user or org>/<name>")
-    config = f.config if f.config is not None else run_config_of(checkpoint)
+    config = f.config if f.config is not None else config_of_weights(checkpoint, "checkpoint")
     folder = export_model(checkpoint, out_dir, config, step=f.step, overwrite=f.overwrite)
     if f.push_to_hub:
         push_to_hub(folder, f.hub_model_id, private=f.hub_private)

@@ -7,14 +7,18 @@
 Images inside a class folder may sit in deeper subfolders. Every image is resized and cropped
 to a square of `resolution` pixels with ADM's preprocessing (BOX-halving, BICUBIC resize of the
 smaller side, centre or random crop), flipped only when asked (random_flip=True). See docs/datasets.md.
+Samples are scored offline against the folder itself (`sample_metric`, libs/folder_score.py; not FID).
 """
 import logging
 import os
 
+import torch
+
 from libs.datasets.base import (IMAGE_EXTENSIONS, DatasetBase, ImageFileDataset, check_dataset_path,
-                                check_resolution, list_images, resolve_kind)
+                                check_resolution, list_images, load_rgb, resolve_kind, uint8_to_unit_range)
 from libs.datasets.imagenet import ADMCrop
 from libs.errors import ConfigError, MissingFileError
+from libs.folder_score import chosen_indices, reference_of
 
 logger = logging.getLogger(__name__)
 
@@ -82,3 +86,21 @@ class ImageFolder(DatasetBase):
             image_shape=(3, resolution, resolution),
         )
         self.resolution = resolution
+        self.path = path
+
+    def sample_metric(self, images, labels=None):
+        """The offline score of samples against this folder (libs/folder_score.py; not FID).
+
+        images: (N, 3, H, W) in [0, 1], N >= 2; labels: (N,) the classes they were sampled for, or None.
+        Returns {'pixel_fd': float, 'folder_accuracy': float in [0, 1] (labelled folders, with labels)}.
+        """
+        return reference_of((self.path, self.resolution), self._reference_images).score(images, labels)
+
+    def _reference_images(self):
+        """(images (n, 3, r, r) in [0, 1], labels or None) of the folder items the score reads: centre-cropped,
+        unflipped, whatever config.dataset.random_crop / random_flip say for training."""
+        data, crop = self.train, ADMCrop(self.resolution, False)
+        labels = None if data.labels is None else data.labels.numpy()
+        chosen = chosen_indices(labels, len(data))
+        images = torch.stack([(uint8_to_unit_range(crop(load_rgb(data.path(int(i))))) + 1) / 2 for i in chosen])
+        return images, None if labels is None else labels[chosen]

@@ -12,6 +12,7 @@
 """
 import functools
 import os
+import sys
 
 
 class UViTError(Exception):
@@ -69,5 +70,19 @@ def exit_on_user_error(main):
             if os.environ.get("UVIT_TRACEBACK"):
                 raise
             raise SystemExit(f"{type(e).__name__}: {e}") from None
+        except BrokenPipeError:  # the reader of the output went away (`| head`): the user's choice, not a bug
+            end_quietly_on_closed_output()
 
     return wrapped
+
+
+def end_quietly_on_closed_output():
+    """Exit with status 141 (128 + SIGPIPE, what a shell reports for a pipeline stage its reader left) and no
+    message: the console streams go to /dev/null first, so the interpreter's final flush cannot fail again."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            os.dup2(devnull, stream.fileno())
+        except (OSError, ValueError, AttributeError):  # a stream without a file descriptor: nothing to redirect
+            pass
+    raise SystemExit(141)

@@ -37,12 +37,16 @@ def log_fatal_errors(log_file: str, rank: int = 0):
     except Exception as e:
         if isinstance(e, UViTError):
             message = f"the run stopped: {type(e).__name__}: {e}"
+        elif isinstance(e, BrokenPipeError):  # e.g. `train.py 2>&1 | head`: the user closed the output
+            message = ("the run stopped: its console output was closed (BrokenPipeError: the program reading it, "
+                       "e.g. `| head`, ended); rerun the same command to resume from its last checkpoint")
         else:
             message = "the run stopped on an internal error (a bug; please report it with this traceback):"
+        quiet = isinstance(e, (UViTError, BrokenPipeError))  # one line; a bug keeps its traceback
         if rank == 0:
-            logger.error(message, exc_info=not isinstance(e, UViTError), extra={'file_only': True})
+            logger.error(message, exc_info=not quiet, extra={'file_only': True})
         else:
-            detail = '' if isinstance(e, UViTError) else '\n' + ''.join(traceback.format_exception(e))
+            detail = '' if quiet else '\n' + ''.join(traceback.format_exception(e))
             stamp = time.strftime('%Y-%m-%d %H:%M:%S')
             with contextlib.suppress(OSError), open(log_file, 'a') as f:
                 f.write(f"[{stamp} ERROR {__name__}] rank {rank}: {message}{detail}\n")

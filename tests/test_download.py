@@ -254,3 +254,27 @@ def test_command_line_mistakes():
         dl.download(['autoencoder_kl'], everything=True)
     with pytest.raises(ConfigError, match="'cifar_uvit': did you mean cifar10_uvit_small.*; unknown name 'zzz'"):
         dl.download(['cifar_uvit', 'zzz'])
+
+
+def test_every_file_that_cannot_be_fetched_is_named_with_its_folder(tmp_path, drive, monkeypatch, caplog):
+    monkeypatch.setattr(dl, 'DRIVE_FILE_URL', 'http://127.0.0.1:9/uc?id={id}')  # nothing listens on port 9
+    drive.folder['fid_stats_cifar10_train_pytorch.npz'] = '1Cifar'  # listed, but Drive cannot be reached
+    with pytest.raises(MissingFileError) as e:
+        dl.download(['celeba64_uvit_small', 'fid_stats_cifar10_train_pytorch', 'autoencoder_kl'], root=str(tmp_path))
+    assert str(e.value) == (
+        "3 of 3 files could not be fetched (the reasons are above): celeba64_uvit_small (to assets/ckpts/), "
+        "fid_stats_cifar10_train_pytorch (to assets/fid_stats/), autoencoder_kl (to assets/stable-diffusion/)")
+    errors = [r.getMessage() for r in caplog.records if r.levelname == 'ERROR']
+    assert len(errors) == 3 and all('\n' not in m for m in errors)
+    assert 'put it at assets/stable-diffusion/autoencoder_kl.pth' in errors[2]
+
+
+def test_a_failed_listing_names_one_folder_per_file(tmp_path, drive, monkeypatch):
+    def offline(**kwargs):
+        raise gdown.exceptions.FileURLRetrievalError("Failed to retrieve folder contents")
+
+    monkeypatch.setattr(gdown, 'download_folder', offline)
+    with pytest.raises(MissingFileError) as e:
+        dl.download(['autoencoder_kl', 'fid_stats_mscoco256_val'], root=str(tmp_path))
+    assert str(e.value).endswith("by hand (autoencoder_kl.pth into assets/stable-diffusion/; "
+                                 "fid_stats_mscoco256_val.npz into assets/fid_stats/)")

@@ -399,3 +399,20 @@ def test_a_bad_image_on_another_rank_ends_the_whole_job(images, tmp_path):
         (BAD_STEP - 1) * BATCH
     log = (workdir / "train.log").read_text()
     assert f"rank 1: the run stopped: DataError: cannot read image '{bad}'" in log  # the cause, from rank 1
+
+
+@pytest.mark.slow  # a train.py process: ~15 s on 2 quiet cores, far more on a loaded machine
+def test_a_closed_output_ends_the_run_quietly(tmp_path):
+    # `train.py 2>&1 | head -3`: the reader leaves after three lines; the run ends with SIGPIPE's status and no
+    # traceback, and train.log says why in one line.
+    cmd = [sys.executable, "train.py", "--config=configs/digits_uvit_tiny.py", f"--workdir={tmp_path}",
+           "--config.nnet.depth=2", "--config.nnet.embed_dim=32", "--config.nnet.num_heads=2",
+           "--config.train.n_steps=200", "--config.train.log_interval=1", "--config.fid.n_samples=0"]
+    shell = " ".join(cmd) + " 2>&1 | head -3; exit ${PIPESTATUS[0]}"
+    out = subprocess.run(["bash", "-c", shell], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 141, out.stdout + out.stderr
+    assert len(out.stdout.splitlines()) == 3 and out.stderr == ""
+    log = (tmp_path / "train.log").read_text()
+    assert "the run stopped: its console output was closed (BrokenPipeError" in log
+    assert "internal error" not in log and "Traceback" not in log

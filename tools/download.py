@@ -238,24 +238,45 @@ def selected(names, everything):
 
 def download(names=(), everything=False, root=ROOT, fetcher=drive_fetch, hub=None):
     """Fetch the named files (or all of them); returns their paths. The shared folder is listed once,
-    only when a file it holds is missing; a listing that fails goes to the Hub mirror when there is one."""
+    only when a file it holds is missing; a listing that fails goes to the Hub mirror when there is one.
+    Every file is tried: one that fails raises its own one-line error; several are each logged, then named
+    together, each with the folder it goes to."""
     files = selected(names, everything)
     todo = [f for f in files if not os.path.exists(os.path.join(root, f.target))]
     ids = {f.name: f.drive_id for f in todo}
     in_folder = [f for f in todo if f.drive_id is None]
+    failed = []  # (file, its error); the files of a failed listing share one
     if in_folder:
         how = (f"download {', '.join(os.path.basename(f.target) for f in in_folder)} from "
-               f"{DRIVE_FOLDER_URL.format(id=FOLDER_ID)} by hand into assets/fid_stats/ and assets/stable-diffusion/")
+               f"{DRIVE_FOLDER_URL.format(id=FOLDER_ID)} by hand ("
+               + "; ".join(f"{os.path.basename(f.target)} into {os.path.dirname(f.target)}/" for f in in_folder) + ")")
+        listing = {}
         try:
             with drive_errors("the folder of FID statistics and autoencoders", how):
                 listing = folder_ids()
         except MissingFileError as e:
             if hub is None:
-                raise
-            logger.warning("%s; using the Hub mirror %s for its files", str(e).split(":")[0], hub.repo)
-            listing = {}
+                failed += [(f, e) for f in in_folder]
+            else:
+                logger.warning("%s; using the Hub mirror %s for its files", str(e).split(":")[0], hub.repo)
         ids.update({f.name: listing.get(os.path.basename(f.target)) for f in in_folder})
-    return [fetch(f, ids.get(f.name), root=root, fetcher=fetcher, hub=hub) for f in files]
+    paths, given_up = [], {f.name for f, _ in failed}
+    for f in files:
+        if f.name in given_up:
+            continue
+        try:
+            paths.append(fetch(f, ids.get(f.name), root=root, fetcher=fetcher, hub=hub))
+        except (MissingFileError, CheckpointError) as e:
+            failed.append((f, e))
+    errors = list(dict.fromkeys(e for _, e in failed))
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        for e in errors:
+            logger.error("%s", e)
+        raise MissingFileError(f"{len(failed)} of {len(files)} files could not be fetched (the reasons are above): "
+                               + ", ".join(f"{f.name} (to {os.path.dirname(f.target)}/)" for f, _ in failed))
+    return paths
 
 
 def define_flags(fv):

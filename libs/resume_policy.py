@@ -100,9 +100,26 @@ def check(saved, new):
         listed = '; '.join(f"{k}: {o!r} -> {n!r}" for k, o, n in refused)
         raise ConfigError(
             f"the workdir's checkpoint {path} was trained with other values of keys that cannot change in a resumed "
-            f"run: {listed}. Put them back, or start a new run in another --workdir (--init_from <checkpoint> "
-            f"starts one from these weights); see docs/robustness.md.")
+            f"run: {listed}. Put them back, or {new_run_advice([k for k, _, _ in refused], path)}; see "
+            f"docs/robustness.md.")
     return applied
+
+
+# Network keys whose change --init_from can adapt (libs/finetune.py, init.resize); any other nnet key changes
+# the weights' shapes or names beyond what it adapts.
+RESIZABLE = ('nnet.num_classes', 'nnet.img_size')
+SAME_WEIGHTS = ('nnet.num_heads', 'nnet.use_checkpoint')  # the same tensors, used differently
+
+
+def new_run_advice(keys, path):
+    """What starts a new run that the refused `keys` allow, as a command fragment that works as written."""
+    rebuilt = [k for k in keys if k.startswith('nnet.') and k not in RESIZABLE + SAME_WEIGHTS]
+    if rebuilt:
+        return (f"start a new run in another --workdir: {', '.join(rebuilt)} changes the network's weights, so none "
+                f"of this run's carry over (--init_from adapts only {' and '.join(RESIZABLE)}, with "
+                f"--config.init.resize=True)")
+    resize = ' --config.init.resize=True' if any(k in RESIZABLE for k in keys) else ''
+    return f"start a new run from these weights in another --workdir: --init_from={path}{resize}"
 
 
 def apply(changes, optimizer, fresh_groups, fresh_base_lrs, lr_scheduler, loader_position, batch_size):

@@ -390,7 +390,8 @@ CASES = [
          ("step 160", "3 step(s) in a row", "max_nonfinite_in_a_row", "100.ckpt", "Lower config.optimizer.lr")),
     Case("resume-changed", "rerunning in a workdir with another network (`--config.nnet.depth=16`; the lr change "
          "beside it is allowed)", resume_changed_network, ConfigError,
-         ("nnet.depth: 6 -> 16", "cannot change in a resumed run", "another --workdir")),
+         ("nnet.depth: 6 -> 16", "cannot change in a resumed run", "another --workdir",
+          "nnet.depth changes the network's weights, so none of this run's carry over")),
     Case("workdir-in-use", "a second run on a workdir a live run holds", workdir_in_use, WorkdirInUseError,
          ("in use by another run", "host <host>, pid <pid>, started <time>", "another --workdir")),
     Case("tracker-folder", "`--config.log_with=tensorboard` where the workdir's `tensorboard` is a file",

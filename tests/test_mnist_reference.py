@@ -103,3 +103,27 @@ def test_verdict_pairs_by_seed_and_compares_with_the_spread():
     assert '+0.033 +- 0.069' in line and 'within the seed spread (0.115)' in line
     assert 'BELOW' in bench.verdict([0.10, 0.11, 0.12], [0.30, 0.31, 0.32])  # spread 0.01, gap -0.2
     assert 'above' in bench.verdict([0.30, 0.31, 0.32], [0.10, 0.11, 0.12])
+
+
+@pytest.mark.parametrize("objective", ["vp", "flow"])
+def test_the_reference_loss_is_the_project_objective(objective):
+    # The benchmark's loop and the project's objective (sde) draw t then eps from one generator: with the same
+    # seed the two losses of one batch must agree, so the side-by-side compares loops, not objectives.
+    from ml_collections import ConfigDict
+    from sde import Objective, build_diffusion
+
+    torch.manual_seed(0)
+    net = bench.UViT(**dict(bench.NET, embed_dim=16, depth=2, num_heads=2))
+    x0, label = torch.rand(4, 3, 14, 14) * 2 - 1, torch.tensor([0, 3, 10, 7])
+    spec = dict(path='linear', prediction='velocity', time_dist='logit_normal') if objective == 'flow' else {}
+    project = build_diffusion('continuous', Objective.of(ConfigDict({'objective': spec})))
+    expected = project.loss(net, x0, generator=torch.Generator().manual_seed(3), y=label).mean()
+    got = bench.reference_loss(net, x0, label, torch.Generator().manual_seed(3), objective)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    # The flow target, written out: velocity eps - x0 at x_t = (1 - t) x0 + t eps, t = sigmoid(N(0, 1)).
+    if objective == 'flow':
+        g = torch.Generator().manual_seed(3)
+        t = 1 / (1 + torch.exp(-torch.randn(4, generator=g)))
+        eps = torch.randn(x0.shape, generator=g)
+        xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
+        torch.testing.assert_close(got, ((net(xt, 999 * t, y=label) - (eps - x0)) ** 2).mean(), rtol=1e-5, atol=1e-6)

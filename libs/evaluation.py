@@ -278,11 +278,15 @@ def run_evaluation(config, nnet_path, family, output_path=None, inception_weight
         labels = family.sample_labels(seeded, s.n_samples)
         generate_fn = sampler.generate_fn(algorithm, steps, scale, labels, contexts)
         with accelerator.autocast():
-            result = offline_score(accelerator, offline, generate_fn, int(s.n_samples), int(s.mini_batch_size),
-                                   labels) if offline is not None else evaluate(accelerator, generate_fn, int(s.n_samples), int(s.mini_batch_size), options.reference,
-                              seed, metrics=options, networks=networks, keep_path=s.get("path", "") or None,
-                              npz_path=npz_path_for(m.get("npz", ""), seed, len(seeds)), labels=labels,
-                              prompts=prompts)
+            if offline is not None:
+                result = offline_score(accelerator, offline, generate_fn, int(s.n_samples), int(s.mini_batch_size),
+                                       labels)
+            else:
+                result = evaluate(accelerator, generate_fn, int(s.n_samples), int(s.mini_batch_size),
+                                  options.reference, seed, metrics=options, networks=networks,
+                                  keep_path=s.get("path", "") or None,
+                                  npz_path=npz_path_for(m.get("npz", ""), seed, len(seeds)), labels=labels,
+                                  prompts=prompts)
         results.append({"seed": seed, **result})
     summary = summarize(results)
     record = {"config": config_path or config.dataset.name, "checkpoint": nnet_path,

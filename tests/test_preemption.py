@@ -24,6 +24,7 @@ from libs.checkpoint import checkpoint_problems, list_checkpoints
 from libs.data_loader import ResumableLoader
 from libs.family import PIXELS_CONTINUOUS
 from libs.preemption import SIGNALS, StopSignals, resume_command
+from tests.test_train import tiny_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_STEPS = 8
@@ -214,13 +215,9 @@ EVAL_STEPS = 8  # grids and evaluations (the digits score) at steps 4 and 8, the
 
 
 def digits_eval_config():
-    config = get_config()
-    config.nnet.update(embed_dim=32, depth=2, num_heads=2)
-    config.train.update(n_steps=EVAL_STEPS, batch_size=8, log_interval=2, eval_interval=4, save_interval=4)
-    config.lr_scheduler.warmup_steps = 2
-    config.grid.update(n_rows=2, n_cols=2, steps=2)
-    config.fid.update(n_samples=12, steps=2)
-    config.sample.update(n_samples=12, sample_steps=2, mini_batch_size=6)
+    config = tiny_config(n_steps=EVAL_STEPS, batch_size=8, log_interval=2, eval_interval=4, save_interval=4)
+    config.fid.n_samples = 12
+    config.sample.update(n_samples=12, mini_batch_size=6)
     return config
 
 

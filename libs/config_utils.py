@@ -21,13 +21,12 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs.base import get_config as base_config
+from libs import training_aids
 from libs.errors import ConfigError
 from libs.export import check_objective
 from libs.metrics.suite import RESIZES, parse_names
 from libs.nnet import NNETS
 from libs.optim import SCHEDULES
-from libs.posthoc_ema import SIGMA_REL_MAX
-from libs.repa import DINOV2
 from libs.sampling import ALGORITHMS, algorithm_problem
 from libs.tracking import LOG_WITH, trackers_for
 from sde import PATHS, TIME_DISTRIBUTIONS, Objective
@@ -386,17 +385,8 @@ def parse_and_validate(config, *, world_size):
                 check_objective(config, path, what)
             except ConfigError as e:
                 fail(key, str(e))
-    sigma_rels = get("posthoc_ema.sigma_rels")
-    if isinstance(sigma_rels, (tuple, list)) and not all(_is_num(v) and 0 < v < SIGMA_REL_MAX for v in sigma_rels):
-        fail("posthoc_ema.sigma_rels", f"each width must lie in (0, {SIGMA_REL_MAX:.4f}) (EDM2 keeps 0.05 and 0.10)")
-    if get("repa.enabled") is True:
-        spec, repa_weights = get("repa.encoder"), get("repa.weights")
-        if isinstance(spec, str) and not (spec in DINOV2 or spec == "torchscript" or (
-                spec.partition(":")[0] in ("timm", "torchvision") and spec.partition(":")[2])):
-            fail("repa.encoder", f"not one of {', '.join(DINOV2)}, 'timm:<name>', 'torchvision:<vit name>', "
-                                 f"'torchscript'")
-        if isinstance(repa_weights, str) and repa_weights and not os.path.isfile(repa_weights):
-            fail("repa.weights", "does not exist: give the encoder's weights file ('' = the torch hub cache, DINOv2)")
+    for key, msg in training_aids.problems(config):  # each aid checks its own section
+        fail(key, msg)
 
     weights = get("fid.inception_weights")
     if weights is not None and not (isinstance(weights, str) and os.path.exists(weights)):

@@ -14,7 +14,7 @@ from libs.errors import ConfigError
 from libs.family import LATENTS_CONTINUOUS, PIXELS_CONTINUOUS, TEXT_LATENTS_DISCRETE
 from libs.trainer import train
 from benchmarks.tiny_models import write_tiny_autoencoder
-from tools import inception
+from libs.metrics import inception
 
 FID_BATCH, GRID_BATCH, FINAL_BATCH = 5, 4, 3  # distinct batch sizes tell the sampling calls apart
 

@@ -33,7 +33,7 @@ from libs.metrics import kid, precision_recall
 from libs.metrics.clip_score import load_clip_scorer
 from libs.metrics.dinov2 import load_dinov2
 from libs.metrics.sample_file import array_shape, images_of_rows, npz_keys, read_rows
-from tools.inception import RESIZES, SPATIAL_DIMS, load_fid_inception
+from libs.metrics.inception import RESIZES, SPATIAL_DIMS, load_fid_inception
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class MetricOptions:
     """What one evaluation computes and from which files (config.metrics; docs/evaluation.md)."""
     names: tuple = ("fid", "is")
     reference: str = ""  # reference batch / statistics .npz ('' = config.fid.stat)
-    resize: str = "pytorch-fid"  # how the Inception network resizes: 'pytorch-fid' | 'adm' (tools/inception.py)
+    resize: str = "pytorch-fid"  # how the Inception network resizes: 'pytorch-fid' | 'adm' (libs/metrics/inception.py)
     is_splits: int = fid.DEFAULT_IS_SPLITS
     kid_subsets: int = kid.DEFAULT_SUBSETS
     kid_subset_size: int = kid.DEFAULT_SUBSET_SIZE

@@ -38,7 +38,7 @@ from libs.ema import EMAUpdater, make_ema
 from libs.errors import ConfigError, MissingFileError, TrainingDivergedError, exit_on_user_error
 from libs.evaluation import evaluate, generate_all
 from libs.export import load_weights
-from libs.family import Sampler, guidance_scale
+from libs.family import guidance_scale
 from libs.fatal import EmergencyCheckpoint, log_fatal_errors
 from libs.finetune import init_weights
 from libs.io_utils import atomic_write_bytes
@@ -49,6 +49,7 @@ from libs.optim import build_lr_scheduler, build_optimizer
 from libs.perf import configure_tf32, maybe_compile
 from libs.preemption import StopSignals
 from libs.sample_grid import save_grid
+from libs.sampling import Sampler
 from libs.workdir_lock import WorkdirLock
 from sde import Objective, build_diffusion
 
@@ -142,7 +143,7 @@ class Run:
         return torch.random.fork_rng(devices=[self.device] if self.device.type == 'cuda' else [])
 
     def generate_fn(self, use, labels, contexts):
-        """The EMA network's generate_fn (libs.family.Sampler) with the protocol `use` of Family.protocol."""
+        """The EMA network's generate_fn (libs.sampling.Sampler) with the protocol `use` of Family.protocol."""
         sampler = Sampler.for_config(self.config, self.family, self.nnet_ema, self.device, self.autoencoder, self.null)
         return sampler.generate_fn(*self.family.protocol(self.config, use), labels=labels, contexts=contexts)
 

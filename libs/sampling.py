@@ -37,7 +37,7 @@ import torch
 
 from dpm_solver_pp import DPM_Solver, _expand_dims, check_start, model_wrapper, solver_dtype
 from libs.data_loader import mix_seed
-from libs.errors import ConfigError, InputError
+from libs.errors import InputError
 from libs.export import load_guide
 from sde import Objective, ScoreModel, _randn_like, build_diffusion, shift_time
 
@@ -272,10 +272,9 @@ class Sampler:
         scale: guidance scale s of eps_c + s (eps_c - eps_u) against `null` (the original's convention);
         0 = unguided. Latents are decoded `decode_chunk` at a time.
         """
-        if scale > 0 and self.null is None and self.guide is None:
-            raise ConfigError("guided sampling (scale > 0) needs the null label / empty context")
-        if self.family.data == 'latents' and self.autoencoder is None:
-            raise ConfigError("decoding latents needs the autoencoder (config.autoencoder.pretrained_path)")
+        # The callers load both from the config (Family.check refuses guidance without an empty context).
+        assert scale <= 0 or self.null is not None or self.guide is not None, "guided sampling needs the null condition"
+        assert self.family.data != 'latents' or self.autoencoder is not None, "decoding latents needs the autoencoder"
         diffusion = self.diffusion or build_diffusion(self.family.time)
         guide = self.guide if scale > 0 else None
 

@@ -85,6 +85,7 @@ class Record:
 
 
 def _recorded(name):
+    """A Run attribute kept in its Record (run.history is run.record.history)."""
     return property(lambda r: getattr(r.record, name), lambda r, v: setattr(r.record, name, v))
 
 

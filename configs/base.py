@@ -178,6 +178,7 @@ def get_config():
         kid_subsets=100,  # KID: subsets (torch-fidelity's defaults)
         kid_subset_size=1000,  # KID: features per subset
         prc_k=3,  # precision/recall: k of the k-NN radii (ADM's evaluator)
+        prc_arithmetic='float64',  # precision/recall distances: 'float64' (the formula) | 'adm' (ADM's float16)
         dinov2_weights='',  # dinov2_vitl14_pretrain.pth; '' = <torch hub dir>/checkpoints/
         dinov2_repo='',  # the facebookresearch/dinov2 hub code; '' = <torch hub dir>/facebookresearch_dinov2_main
         clip='',  # CLIP model folder or hub id for the CLIP score; '' = openai/clip-vit-large-patch14

@@ -23,6 +23,7 @@ from ml_collections import config_flags
 from configs.base import get_config as base_config
 from libs.errors import ConfigError
 from libs.export import check_objective
+from libs.metrics.precision_recall import ARITHMETICS
 from libs.metrics.suite import RESIZES, parse_names
 from libs.nnet import NNETS
 from libs.optim import SCHEDULES
@@ -247,6 +248,7 @@ _CHOICES = {"diffusion": ("continuous", "discrete"), "pred": ("noise_pred",), "t
             "sample.algorithm": ALGORITHMS, "grid.algorithm": ("",) + ALGORITHMS,
             "wandb.mode": ("online", "offline", "disabled"), "log_with": LOG_WITH,
             "metrics.labels": ("uniform", "balanced"), "metrics.resize": RESIZES,
+            "metrics.prc_arithmetic": ARITHMETICS,
             "objective.path": PATHS, "objective.time_dist": TIME_DISTRIBUTIONS}
 
 

@@ -138,6 +138,9 @@ def get_config():
         # (guidance_sigma_min, guidance_sigma_max] (Kynkaanniemi et al. 2024); both 0 = every step (the paper)
         guidance_sigma_min=0.0,
         guidance_sigma_max=0.0,  # 0 = no upper limit
+        # ours: whose sigma decides the interval: 'per_step' (the step's start, for every evaluation of the step:
+        # the authors' sampler, whose FIDs are the comparison) | 'per_evaluation' (each network evaluation's)
+        guidance_interval_rule='per_step',
         # ours: autoguidance (Karras et al. 2024): eps_u is the conditional prediction of this weaker network
         # of the same objective (a ckpts/<step>.ckpt directory, an exported folder, or a .pth of config.nnet's
         # architecture) instead of the unconditional branch; '' = classifier-free guidance

@@ -233,6 +233,7 @@ class Sampler:
     diffusion: Any = None  # what nnet was trained with (sde.build_diffusion); None: the family's default objective
     guide: Any = None  # autoguidance network (config.sample.guide_path), or None
     interval: Any = None  # (sigma_lo, sigma_hi) of guidance (config.sample.guidance_sigma_*), or None
+    interval_rule: str = 'per_step'  # whose sigma decides the interval (config.sample.guidance_interval_rule)
 
     @classmethod
     def for_config(cls, config, family, nnet, device, autoencoder=None, null=None, seed=None):
@@ -242,7 +243,7 @@ class Sampler:
         lo, hi = float(s.get('guidance_sigma_min', 0.0)), float(s.get('guidance_sigma_max', 0.0))
         return cls(family, nnet, family.shape(config), int(config.seed if seed is None else seed), device,
                    autoencoder, null, build_diffusion(family.time, Objective.of(config)), load_guide(config, device),
-                   (lo, hi) if lo > 0 or hi > 0 else None)
+                   (lo, hi) if lo > 0 or hi > 0 else None, s.get('guidance_interval_rule', 'per_step'))
 
     def generate_fn(self, algorithm, steps, scale, labels=None, contexts=None, decode_chunk=50):
         """generate_fn(indices: LongTensor (b,)) -> images (b, 3, H, W) float32 in [0, 1].
@@ -269,7 +270,7 @@ class Sampler:
             with torch.no_grad():
                 x0 = sample(self.nnet, diffusion, per_index_noise(indices, self.seed, self.shape, self.device),
                             algorithm=algorithm, steps=steps, cond=cond, uncond=uncond, scale=scale, guide=guide,
-                            interval=self.interval if scale > 0 else None,
+                            interval=self.interval if scale > 0 else None, interval_rule=self.interval_rule,
                             generator=index_generators(self.seed, indices, self.device)
                             if algorithm in ('euler_maruyama_sde', 'flow_sde') else None)
                 if self.family.data == 'latents':

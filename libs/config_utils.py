@@ -245,7 +245,8 @@ _RANGES = [
 _ANY_LENGTH = {"posthoc_ema.sigma_rels"}  # tuples of any length (the others have their default's)
 _CHOICES = {"diffusion": ("continuous", "discrete"), "pred": ("noise_pred",), "train.mode": ("cond", "uncond"),
             "optimizer.name": ("adamw",), "lr_scheduler.name": SCHEDULES, "nnet.name": tuple(NNETS),
-            "sample.algorithm": ALGORITHMS, "sample.guidance_interval_rule": INTERVAL_RULES, "grid.algorithm": ("",) + ALGORITHMS,
+            "sample.algorithm": ALGORITHMS, "sample.guidance_interval_rule": INTERVAL_RULES,
+            "grid.algorithm": ("",) + ALGORITHMS,
             "wandb.mode": ("online", "offline", "disabled"), "log_with": LOG_WITH,
             "metrics.labels": ("uniform", "balanced"), "metrics.resize": RESIZES,
             "metrics.prc_arithmetic": ARITHMETICS,

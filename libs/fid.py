@@ -1,7 +1,7 @@
 """FID and Inception Score statistics: PNG quantisation, streaming moments, the distances.
 
 FID (Heusel et al. 2017, arXiv 1706.08500) fits a Gaussian to the 2048-d pool3 features of the FID Inception
-network (tools/inception.py) on each image set: d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+network (libs/metrics/inception.py) on each image set: d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
 Inception Score (Salimans et al. 2016, arXiv 1606.03498): IS = exp(E_x KL(p(y|x) || p(y))), averaged over `splits`
 contiguous chunks of the samples.
 
@@ -42,8 +42,12 @@ def quantize_like_png(x):
 
 
 def split_ids(indices, n_total, splits):
-    """IS split of each global sample index: contiguous chunks of n_total // splits, as the original."""
-    return torch.div(torch.as_tensor(indices, dtype=torch.long) * splits, n_total, rounding_mode="floor")
+    """IS split of each global sample index (long (b,)): split k holds the indices in
+    [floor(k n_total / splits), floor((k + 1) n_total / splits)), the slices of Salimans et al.'s reference code
+    and torch-fidelity. Index i is in split k iff floor(k n / s) <= i, i.e. k n < (i + 1) s, so
+    k = floor(((i + 1) s - 1) / n)."""
+    i = torch.as_tensor(indices, dtype=torch.long)
+    return torch.div((i + 1) * splits - 1, int(n_total), rounding_mode="floor")
 
 
 class InceptionStatistics:

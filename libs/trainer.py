@@ -483,6 +483,8 @@ def _train(config, workdir: str, family, accelerator):
 
             # Stop signal: a checkpoint of this step, then exit (processes agree on logging steps only).
             if stop.should_stop(accelerator, sync=log_now):
+                if last_ckpt != checkpoint_path(r.ckpt_root, step):
+                    last_ckpt = save(r, step)  # every process is here: the collective save
                 raise StopRequested(stop.received)
 
     final = None

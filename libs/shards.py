@@ -131,8 +131,7 @@ class ShardWriter:
         features when the shard stores them."""
         moments = np.asarray(moments)
         stop = start + len(moments)
-        # The shapes are the extractor's own (its autoencoder's moments, its encoder's features): asserted. Only
-        # the values come from the data, and a NaN there is the user's to fix.
+        # The shape is the extractor's own (its autoencoder's moments): asserted. A NaN comes from the data.
         assert moments.shape[1:] == self.moments_shape, (moments.shape, self.moments_shape)
         if not np.isfinite(moments).all():
             raise InputError(f"moments of shard {self.index} positions {start}..{stop - 1} hold NaN/inf; "
@@ -143,10 +142,9 @@ class ShardWriter:
             self.labels[start:stop] = np.asarray(labels, dtype=np.int64)
         if self.repa is not None:
             repa = np.asarray(repa) if repa is not None else None
-            assert repa is not None and repa.shape == (stop - start, *self.repa_shape), (self.repa_shape, repa)
-            if not np.isfinite(repa).all():
-                raise InputError(f"encoder features of shard {self.index} positions {start}..{stop - 1} hold NaN/inf; "
-                                 "check the images and the encoder weights.")
+            if repa is None or repa.shape != (stop - start, *self.repa_shape) or not np.isfinite(repa).all():
+                raise InputError(f"this shard stores encoder features of shape {self.repa_shape} per sample; pass "
+                                 f"finite repa= of shape {(stop - start, *self.repa_shape)}.")
             self.repa[start:stop] = repa
         self.filled[start:stop] = True
 

@@ -40,7 +40,7 @@ def common_flags(argv, program):
     flags.DEFINE_string("algorithm", None, "sampler (libs/sampling.py); default config.sample.algorithm",
                         flag_values=fv)
     flags.DEFINE_integer("seed", None, "image i's noise is seeded by (seed, i); default config.seed", flag_values=fv)
-    flags.DEFINE_integer("batch_size", 16, "images per forward pass", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 16, "images per forward pass", lower_bound=1, flag_values=fv)
     flags.DEFINE_string("output_dir", "samples", "folder for the PNGs and grid.png", flag_values=fv)
     flags.DEFINE_string("autoencoder", None, "autoencoder checkpoint; default config.autoencoder.pretrained_path",
                         flag_values=fv)
@@ -69,8 +69,6 @@ def parse_flags(fv, argv, doc, condition):
         raise ConfigError("--nnet_path is required: the network weights (.pth) or a ckpts/<step>.ckpt directory")
     require_path(fv.nnet_path, "--nnet_path", "Give a .pth state dict, a ckpts/<step>.ckpt directory or an "
                  "exported folder (tools/export.py).")  # before any network is built
-    if fv.batch_size < 1:
-        raise ConfigError(f"--batch_size must be >= 1, got {fv.batch_size}")
     # No --config: the one saved with the weights (a checkpoint's, an export's, a .pth's <stem>.config.json).
     config = fv.config if fv.config is not None else config_of_weights(fv.nnet_path)
     family = family_of(config)

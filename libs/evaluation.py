@@ -216,8 +216,8 @@ def main_for(family):
         del argv
         f = flags.FLAGS
         run_evaluation(f.config, f.nnet_path, family, output_path=f.output_path,
-                       inception_weights=f.inception_weights,
-                       config_path=config_flags.get_config_filename(f["config"]))
+                       inception_weights=f.inception_weights,  # no --config: the one the weights carry
+                       config_path=config_flags.get_config_filename(f["config"]) if f.config is not None else None)
     return exit_on_user_error(main)
 
 

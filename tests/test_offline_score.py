@@ -96,3 +96,17 @@ def test_an_own_folder_run_is_scored_in_training_and_by_eval(folder, tmp_path):
     result = run_evaluation(None, str(tmp_path / "ckpts" / "8.ckpt"), PIXELS_CONTINUOUS)
     final = json.loads((tmp_path / "final_eval.json").read_text())
     assert result["folder_accuracy"] == final["folder_accuracy"] and result["pixel_fd"] == final["pixel_fd"]
+
+
+@pytest.mark.slow  # an eval.py process: ~20 s on 2 quiet cores
+def test_eval_py_needs_no_config_for_a_checkpoint(tmp_path):
+    import subprocess
+    import sys
+
+    trainer.train(tiny_digits(), str(tmp_path), PIXELS_CONTINUOUS)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "eval.py", f"--nnet_path={tmp_path / 'ckpts' / '8.ckpt'}"], cwd=root,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    final = json.loads((tmp_path / "final_eval.json").read_text())
+    assert f"digit_accuracy {final['digit_accuracy']:.4f}" in out.stderr.splitlines()[-1]

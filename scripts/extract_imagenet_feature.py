@@ -127,7 +127,9 @@ def autoencoder_moments_shape(autoencoder, args):
 
 def main(argv=None):
     args = parse_args(argv)
-    state = PartialState()
+    # cpu=True without CUDA: processes of `accelerate launch --multi_gpu` (torchrun) form a gloo group; without
+    # it each CPU process would take itself for the only one and write every shard.
+    state = PartialState(cpu=not torch.cuda.is_available())
     setup_logging(state.is_main_process)
     paths, labels, classes = list_imagenet(args.imagenet_train)
     autoencoder = get_model(args.autoencoder).to(state.device)

@@ -145,7 +145,9 @@ def encode_shard(args, state, autoencoder, clip, items, k, start, stop, folder, 
 
 def main(argv=None):
     args = parse_args(argv)
-    state = PartialState()
+    # cpu=True without CUDA: processes of `accelerate launch --multi_gpu` (torchrun) form a gloo group; without
+    # it each CPU process would take itself for the only one and write every shard.
+    state = PartialState(cpu=not torch.cuda.is_available())
     setup_logging(state.is_main_process)
     splits = ["train", "val"] if args.split == "both" else [args.split]
     jobs = [(s, read_coco_captions(os.path.join(args.coco_root, "annotations", SPLITS[s][1]),

@@ -104,6 +104,18 @@ def get_config():
         projector_dim=2048,  # hidden width of the projector MLP (REPA's)
         weight=0.5,  # lambda of loss = diffusion loss + lambda * alignment loss (REPA's 0.5)
     )
+    # ours: fully sharded training (FSDP2, docs/distributed.md): parameters, gradients, AdamW state and EMA split
+    # over the processes instead of replicated (DDP, the default). One shard unit per U-ViT block plus the root.
+    config.fsdp = d(
+        enabled=False,
+        reshard_after_forward=True,  # free each block's gathered weights after its forward (False: keep them for
+        #                              the backward: one all-gather less per block, more memory)
+        replicate=1,  # HSDP: replica groups (e.g. nodes); shards within a group, replicas across. 1 = plain FSDP
+        mixed_precision='bf16',  # 'bf16': bf16 compute, float32 master weights and gradient reduction; 'no': fp32
+        cpu_offload=False,  # keep the shards and AdamW state in host memory (slow; for models beyond the GPUs)
+        meta_init=False,  # build on the meta device, each process draws only its shards (per-module seeds: other
+        #                   initial values than the default full build, the same for any number of processes)
+    )
     config.grad_clip = 0.0  # ours: max global L2 norm of the gradients; 0 = no clipping (as every paper config)
     config.compile = False  # ours: torch.compile the network (first steps are slow while it compiles)
     # ours: TF32 for float32 matmuls AND convolutions on Ampere+ GPUs (no effect on the CPU), in training and in

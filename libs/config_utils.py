@@ -21,8 +21,10 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs.base import get_config as base_config
+from libs import fsdp
 from libs.errors import ConfigError
 from libs.export import check_objective
+
 from libs.metrics.suite import RESIZES, parse_names
 from libs.nnet import NNETS
 from libs.optim import SCHEDULES
@@ -397,6 +399,9 @@ def parse_and_validate(config, *, world_size):
                                  f"'torchscript'")
         if isinstance(repa_weights, str) and repa_weights and not os.path.isfile(repa_weights):
             fail("repa.weights", "does not exist: give the encoder's weights file ('' = the torch hub cache, DINOv2)")
+
+    for key, msg in fsdp.problems(config, world_size):
+        fail(key, msg)
 
     weights = get("fid.inception_weights")
     if weights is not None and not (isinstance(weights, str) and os.path.exists(weights)):

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from libs import resume_policy, tracking
+from libs import fsdp, resume_policy, sharded_checkpoint, tracking
 from libs.autoencoder import get_model
 from libs.checkpoint import checkpoint_path, latest_checkpoint, resume, save_checkpoint
 from libs.config_utils import config_overrides, define_config_flag, parse_and_validate, workdir_for
@@ -147,6 +147,7 @@ def train_step(r: Run, batch, step: int):
     # The norm of the all-reduced gradients: the same on every process, so all skip the same steps.
     trained = r.nnet if r.aligner is None else r.aligner  # the projector is clipped and stepped with the network
     grad_norm = acc.clip_grad_norm_(trained.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    grad_norm = fsdp.full(grad_norm)  # sharded gradients (config.fsdp): their norm is a replicated DTensor
     applied = torch.isfinite(grad_norm)
     r.optimizer.optimizer.found_inf = (~applied).float()  # fused AdamW skips the update (fp16: the scaler sets it)
     r.optimizer.step()
@@ -226,13 +227,33 @@ def load_extra_train_state(r: Run, state: dict, path: str):
 
 
 def save(r: Run, step: int) -> str:
-    """Checkpoint ckpts/<step>.ckpt (rank 0 writes, all ranks take part); never after a divergence."""
+    """Checkpoint ckpts/<step>.ckpt (rank 0 writes, all ranks take part; sharded runs: every rank writes its
+    shards, libs/sharded_checkpoint.py); never after a divergence."""
     check_finite(r, step)
+    if fsdp.enabled(r.config):
+        fids, t = r.history['fid'], r.config.train
+        return sharded_checkpoint.save(
+            r.accelerator, r.ckpt_root, step, nnet=r.nnet, nnet_ema=r.nnet_ema, optimizer=r.optimizer.optimizer,
+            lr_scheduler=r.lr_scheduler, keep_last=t.keep_last_ckpts or None,
+            train_state={'data': r.loader.state_dict(), 'history': r.history, 'scaler': None,
+                         'config': r.config.to_dict()},
+            protect=(min(fids, key=fids.get),) if fids else ())
     path = checkpoint_path(r.ckpt_root, step)
     if r.accelerator.is_main_process:
         write_checkpoint(r, step)
     r.accelerator.wait_for_everyone()
     return path
+
+
+@contextlib.contextmanager
+def for_sampling(r: Run, needed: bool = True):
+    """r, or for a sharded run a shallow copy of r whose nnet_ema is the gathered, unsharded EMA network (every
+    process enters: libs.fsdp.unsharded_copy), so that one process can draw the grid alone; needed=False: r."""
+    if not needed:
+        yield r
+        return
+    with fsdp.unsharded_copy(r.nnet_ema, r.config.nnet, r.device) as ema:
+        yield r if ema is r.nnet_ema else dataclasses.replace(r, nnet_ema=ema)
 
 
 def write_grid(r: Run, step: int):
@@ -322,6 +343,7 @@ def train(config, workdir: str, family):
     # accelerate's own `--cpu --num_processes N` starts a single process unless MPI is set up.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **tracking.accelerator_kwargs(config, workdir))
     parse_and_validate(config, world_size=accelerator.num_processes)  # before any file is written
+    fsdp.check_launch_precision(config, accelerator.mixed_precision)
     # One run per workdir (libs/workdir_lock.py); whatever ends the run is written to train.log (libs/fatal.py).
     with WorkdirLock(accelerator, workdir), log_fatal_errors(os.path.join(workdir, 'train.log'),
                                                               accelerator.process_index):
@@ -356,15 +378,22 @@ def _train(config, workdir: str, family, accelerator):
     # Create model: the same initialisation on every process (and for any number of processes); the EMA
     # copy starts equal to the online network, as the original's.
     set_seed(config.seed)
-    nnet = build_nnet(config.nnet).to(device)
-    nnet_ema = make_ema(nnet)
+    sharded = fsdp.enabled(config)
+    if sharded:  # parameters, gradients, optimizer state and EMA split over the processes (libs/fsdp.py)
+        nnet, nnet_ema, _ = fsdp.build(config, device, accelerator.num_processes)
+    else:
+        nnet = build_nnet(config.nnet).to(device)
+        nnet_ema = make_ema(nnet)
     repa, posthoc = config.get('repa'), config.get('posthoc_ema')  # (configs not built on configs/base.py lack them)
     aligner, encoder = build_alignment(repa, nnet, data, device) if repa and repa.enabled else (None, None)
     trained = nnet if aligner is None else aligner  # REPA trains the projector with the network
     optimizer = build_optimizer(trained, config.optimizer)
     # Not prepared by accelerate, which would step it once per process per optimizer step.
     lr_scheduler = build_lr_scheduler(optimizer, config.lr_scheduler, config.train.n_steps)
-    train_nnet, optimizer = accelerator.prepare(trained, optimizer)
+    if sharded:  # accelerate would wrap the network in DDP: the optimizer alone goes through it
+        train_nnet, optimizer = trained, accelerator.prepare(optimizer)
+    else:
+        train_nnet, optimizer = accelerator.prepare(trained, optimizer)
     logger.info("network %s: %.2fM parameters", config.nnet.name, sum(p.numel() for p in nnet.parameters()) / 1e6)
     r = Run(config=config, workdir=workdir, family=family, accelerator=accelerator, data=data, nnet=nnet,
             nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader,
@@ -381,8 +410,12 @@ def _train(config, workdir: str, family, accelerator):
     changes = resume_policy.check(resume_policy.saved_config(r.ckpt_root, workdir), config.to_dict())
     fresh = ([{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups],
              list(lr_scheduler.base_lrs))
-    last_ckpt, state = resume(r.ckpt_root, nnet=nnet, nnet_ema=nnet_ema, optimizer=optimizer,
-                              lr_scheduler=lr_scheduler)
+    if sharded:
+        last_ckpt, state = sharded_checkpoint.resume(r.ckpt_root, nnet=nnet, nnet_ema=nnet_ema,
+                                                     optimizer=optimizer.optimizer, lr_scheduler=lr_scheduler)
+    else:
+        last_ckpt, state = resume(r.ckpt_root, nnet=nnet, nnet_ema=nnet_ema, optimizer=optimizer,
+                                  lr_scheduler=lr_scheduler)
     step = r.checked = state['step'] if state else 0
     if state:
         # A checkpoint of the original code has no data position: continue after the samples its steps used.
@@ -394,6 +427,10 @@ def _train(config, workdir: str, family, accelerator):
         load_extra_train_state(r, state, last_ckpt)
         logger.info("resuming at step %d from %s%s", step, last_ckpt,
                     f" (--init_from '{config.init.path}' ignored: the run already started)" if config.init.path else '')
+    elif config.init.path and sharded:  # the same, through a full CPU copy (libs.fsdp.load_full)
+        fsdp.load_full(nnet, config.nnet, lambda plain: init_weights(plain, config.init.path, resize=config.init.resize,
+                                                                     null_last=config.dataset.cfg))
+        fsdp.copy_values(nnet_ema, nnet)
     elif config.init.path:  # a new run from given weights: fresh optimizer, step 0, the EMA starts at them
         init_weights(nnet, config.init.path, resize=config.init.resize, null_last=config.dataset.cfg)
         nnet_ema.load_state_dict(nnet.state_dict())
@@ -410,7 +447,8 @@ def _train(config, workdir: str, family, accelerator):
     # The loader's workers start under the handlers, then ignore stop signals; they end with the block. An I/O
     # or data error saves the last finished step first (libs/fatal.py).
     with contextlib.closing(bar), StopSignals() as stop, contextlib.closing(iter(loader)) as data_iter, \
-            EmergencyCheckpoint(r, lambda s: write_checkpoint(r, s), step) as emergency:
+            EmergencyCheckpoint(r, sharded_checkpoint.emergency_write if sharded
+                                else lambda s: write_checkpoint(r, s), step) as emergency:
         while step < n_steps:
             loss, grad_norm, applied = train_step(r, [next(data_iter) for _ in range(k)], step)
             step = emergency.step = step + 1
@@ -439,12 +477,14 @@ def _train(config, workdir: str, family, accelerator):
                 last_log_step, last_log_time = step, now
 
             if step % t.eval_interval == 0 or step == n_steps:  # sample grid
-                if is_main:
-                    write_grid(r, step)
+                with for_sampling(r) as sampling:
+                    if is_main:
+                        write_grid(sampling, step)
                 accelerator.wait_for_everyone()
             if step % t.save_interval == 0 or step == n_steps:  # checkpoint, then its evaluation
                 last_ckpt = save(r, step)
-                evaluate_checkpoint(r, step)
+                with for_sampling(r, needed=config.fid.n_samples > 0) as sampling:
+                    evaluate_checkpoint(sampling, step)
                 last_log_time = time.time()  # evaluation time is not training throughput
 
             # Stop signal: a checkpoint of this step, then exit (processes agree on logging steps only).
@@ -458,7 +498,8 @@ def _train(config, workdir: str, family, accelerator):
 
     final = None
     if not preempted:  # final evaluation: the best checkpoint by FID, with config.sample (guided when configured)
-        final = final_evaluation(r)
+        with for_sampling(r) as sampling:
+            final = final_evaluation(sampling)
         accelerator.log({f"final/{name}": v for name, v in (final or {}).items() if isinstance(v, (int, float))},
                         step=step)
         logger.info("done at step %d; last checkpoint %s", step, last_ckpt)

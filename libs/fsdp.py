@@ -68,6 +68,9 @@ def problems(config, world_size: int):
         return found
     if found == [] and world_size % cfg.replicate:
         found.append(('fsdp.replicate', f"does not divide the {world_size} process(es) into equal shard groups"))
+    if cfg.cpu_offload is True and not torch.cuda.is_available():
+        found.append(('fsdp.cpu_offload', "needs a CUDA device (it keeps the GPU's shards in pinned host memory); "
+                                          "without one the shards are in host memory already: set it to False"))
     if config.get('repa') and config.repa.enabled:
         found.append(('repa.enabled', "REPA is not available with config.fsdp.enabled yet: turn one of them off"))
     if config.get('posthoc_ema') and config.posthoc_ema.snapshot_interval:

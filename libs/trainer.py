@@ -531,7 +531,9 @@ def dry_run(config, workdir: str, family):
     family.check(config, data)
     if family.data == 'latents':
         get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor)
-    nnet = build_nnet(config.nnet)
+    meta = fsdp.enabled(config) and config.fsdp.meta_init and not config.init.path  # no full copy of a large one
+    with torch.device('meta') if meta else contextlib.nullcontext():
+        nnet = build_nnet(config.nnet)
     if config.get('repa') and config.repa.enabled:  # the block, the encoder's files or the stored features
         build_alignment(config.repa, nnet, data, 'cpu')
     if config.init.path:  # the weights fit the network (or can be adapted to it)

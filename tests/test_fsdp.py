@@ -155,7 +155,10 @@ def test_config_problems():
     assert [key for key, _ in fsdp.problems(config, 4)] == ['fsdp.mixed_precision', 'fsdp.replicate', 'repa.enabled']
     with pytest.raises(ConfigError, match='--mixed_precision no'):
         fsdp.check_launch_precision(config, 'bf16')
-    config.fsdp.update(replicate=2, mixed_precision='bf16')
+    if not torch.cuda.is_available():
+        config.fsdp.update(mixed_precision='bf16', replicate=1, cpu_offload=True)
+        assert [key for key, _ in fsdp.problems(config, 4)] == ['fsdp.cpu_offload', 'repa.enabled']
+    config.fsdp.update(replicate=2, mixed_precision='bf16', cpu_offload=False)
     config.repa.enabled = False
     assert fsdp.problems(config, 4) == []
 

@@ -37,15 +37,16 @@ _STAGING = re.compile(r"^\.\d+\.shards\.tmp$")
 
 
 def _state(nnet, nnet_ema, optimizer):
-    """What DCP saves and loads, by parameter name (sharded tensors: each process its own rows)."""
+    """What DCP saves and loads, by parameter name (sharded tensors: each process its own rows). optimizer: a
+    torch optimizer or accelerate's wrapper of one."""
     return {'nnet': get_model_state_dict(nnet), 'nnet_ema': get_model_state_dict(nnet_ema),
-            'optimizer': get_optimizer_state_dict(nnet, optimizer)}
+            'optimizer': get_optimizer_state_dict(nnet, getattr(optimizer, 'optimizer', optimizer))}
 
 
 def save(accelerator, ckpt_root, step, *, nnet, nnet_ema, optimizer, lr_scheduler, train_state, keep_last=None,
          protect=()):
-    """Write `ckpt_root/<step>.ckpt/` of a sharded run (every process calls it) and return its path.
-    optimizer: the torch optimizer of `nnet` (not accelerate's wrapper)."""
+    """Write `ckpt_root/<step>.ckpt/` of a sharded run (every process calls it) and return its path; the keywords
+    are libs.checkpoint.save_checkpoint's, optimizer that of the sharded `nnet`."""
     staging = os.path.join(ckpt_root, f".{int(step)}.shards.tmp")
     if accelerator.is_main_process:
         os.makedirs(ckpt_root, exist_ok=True)
@@ -80,9 +81,9 @@ def latest(ckpt_root):
 
 
 def resume(ckpt_root, *, nnet, nnet_ema, optimizer, lr_scheduler):
-    """Load the newest undamaged sharded checkpoint under ckpt_root into the sharded nnet, nnet_ema and the torch
-    optimizer (every process calls it; any number of processes), and lr_scheduler. Returns (path, train_state
-    with 'step'), or (None, None) when there is none."""
+    """Load the newest undamaged sharded checkpoint under ckpt_root into the sharded nnet, nnet_ema and optimizer
+    (every process calls it; any number of processes), and lr_scheduler: libs.checkpoint.resume for sharded runs.
+    Returns (path, train_state with 'step'), or (None, None) when there is none."""
     path = latest(ckpt_root)
     if path is None:
         return None, None
@@ -96,7 +97,7 @@ def resume(ckpt_root, *, nnet, nnet_ema, optimizer, lr_scheduler):
                               f"there.") from e
     set_model_state_dict(nnet, state['nnet'])
     set_model_state_dict(nnet_ema, state['nnet_ema'])
-    set_optimizer_state_dict(nnet, optimizer, state['optimizer'])
+    set_optimizer_state_dict(nnet, getattr(optimizer, 'optimizer', optimizer), state['optimizer'])
     lr_scheduler.load_state_dict(read_state_file(os.path.join(path, 'lr_scheduler.pth')))
     train_state = (read_state_file(os.path.join(path, 'train_state.pth'), weights_only=False)
                    if os.path.exists(os.path.join(path, 'train_state.pth')) else {})

@@ -34,6 +34,7 @@ import zlib
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
@@ -198,7 +199,6 @@ def build(config, device: torch.device, world_size: int):
 def full_state_dict(nnet: nn.Module, to_all: bool = False) -> dict:
     """The whole network's state dict, gathered (a collective: every process calls it). On the CPU of process 0
     only (the others get {}) unless `to_all`, which gives every process the full tensors on its device."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict  # heavy
     return get_model_state_dict(nnet, options=StateDictOptions(full_state_dict=True, cpu_offload=not to_all))
 
 
@@ -234,7 +234,6 @@ def load_full(nnet: nn.Module, nnet_config, load):
     """Load full weights into a sharded `nnet`: `load(plain)` fills a plain CPU network of nnet_config (e.g.
     libs.finetune.init_weights, which checks and adapts them), whose values every process then keeps its rows of.
     Costs one full network in host memory per process."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict  # heavy
     plain = build_nnet(nnet_config)
     load(plain)
     set_model_state_dict(nnet, plain.state_dict(), options=StateDictOptions(full_state_dict=True))

@@ -84,6 +84,17 @@ for use_checkpoint in (False, True):
     x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.arange(4)
     net(x, t, y).pow(2).mean().backward()
     grads.append({{n: p.grad.full_tensor() for n, p in net.named_parameters()}})
+# HSDP: a (replicate 2 x shard 1) mesh averages the gradients of the two processes' batches as the shard mesh does.
+hsdp = []
+for replicate in (1, 2):
+    config = get_config()
+    config.fsdp.update(enabled=True, mixed_precision='no', replicate=replicate)
+    torch.manual_seed(0)
+    net, _, hsdp_mesh = fsdp.build(config, state.device, state.num_processes)
+    generator = torch.Generator().manual_seed(state.process_index)  # each process its own batch
+    x, t = torch.randn(4, 1, 8, 8, generator=generator), torch.rand(4, generator=generator)
+    net(x, t, torch.arange(4)).pow(2).mean().backward()
+    hsdp.append((tuple(hsdp_mesh.shape), {{n: p.grad.full_tensor() for n, p in net.named_parameters()}}))
 # The >= 2B config: built on the meta device and sharded; nothing is allocated on any process.
 big = config_2b()
 with torch.device('meta'):
@@ -91,10 +102,35 @@ with torch.device('meta'):
 fsdp.shard(net, mesh, big.fsdp)
 params = list(net.parameters())
 torch.save({{'rank': state.process_index, 'world': state.num_processes, 'full': full, 'ema': full_ema,
-            'single': single, 'grads': grads,
+            'single': single, 'grads': grads, 'hsdp': hsdp,
             'big_params': sum(p.numel() for p in params), 'big_all_meta': all(p.is_meta for p in params),
             'big_local': sum(fsdp.local(p).numel() for p in params),
             'big_rows': {{n: (tuple(p.shape), tuple(fsdp.local(p).shape)) for n, p in net.named_parameters()}}}},
+           f"{{out}}/rank{{state.process_index}}.pt")
+'''
+
+COMPILE_WORKER = '''
+import sys
+sys.path.insert(0, {root!r})
+import torch
+from accelerate import PartialState
+from configs.digits_uvit_tiny import get_config
+from libs import fsdp
+
+out = sys.argv[1]
+state = PartialState(cpu=True)
+config = get_config()
+config.fsdp.update(enabled=True, mixed_precision='no')
+torch.manual_seed(0)
+nnet = fsdp.build(config, state.device, state.num_processes)[0].train()
+x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.arange(4)
+runs = []
+for net in (nnet, torch.compile(nnet, backend='eager')):  # dynamo traces through FSDP2's hooks
+    nnet.zero_grad()
+    output = net(x, t, y)
+    output.pow(2).mean().backward()
+    runs.append((output.detach(), {{n: p.grad.full_tensor() for n, p in nnet.named_parameters()}}))
+torch.save({{'rank': state.process_index, 'world': state.num_processes, 'runs': runs}},
            f"{{out}}/rank{{state.process_index}}.pt")
 '''
 
@@ -172,6 +208,10 @@ def test_meta_build_is_the_same_for_any_process_count_and_shards_2b_without_memo
     plain, recomputed = two[0]['grads']  # gradient checkpointing under FSDP2 (bf16): the same gradients
     assert_same(plain, recomputed)
     assert all(g.abs().sum() > 0 for n, g in plain.items() if 'weight' in n)
+    (shard_mesh, sharded), (hsdp_mesh, replicated) = two[0]['hsdp']  # HSDP: replicas average like shards
+    assert shard_mesh == (2,) and hsdp_mesh == (2, 1)
+    assert_same(replicated, sharded, rtol=1e-5, atol=1e-7)
+    assert_same(two[1]['hsdp'][1][1], replicated)
     # The original's init, in distribution: linear weights trunc_normal_(std=.02) (cut at +-2 absolute, i.e. a
     # plain N(0, .02^2): 36,864 draws put the sample std within 0.02 +- 7 standard errors of 0.00007), zero
     # biases, unit LayerNorms.
@@ -254,3 +294,10 @@ def test_sharded_checkpoint_is_refused_by_an_unsharded_run(tmp_path):
     with pytest.raises(CheckpointError, match='fsdp.enabled=True'):
         resume(tmp_path / 'ckpts', nnet=net, nnet_ema=net, optimizer=torch.optim.SGD(net.parameters(), lr=1),
                lr_scheduler=None)
+
+
+@pytest.mark.slow  # torch.compile's tracing in 2 processes: ~40 s on 2 shared cores
+def test_torch_compile_over_the_sharded_network(tmp_path):
+    (eager_out, eager_grads), (compiled_out, compiled_grads) = launch(COMPILE_WORKER, tmp_path, tmp_path, [])[0]['runs']
+    torch.testing.assert_close(compiled_out, eager_out)
+    assert_same(compiled_grads, eager_grads, rtol=1e-5, atol=1e-6)

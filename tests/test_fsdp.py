@@ -236,9 +236,10 @@ def test_sharded_training_matches_ddp_and_resumes_exactly(tmp_path):
     ddp, _ = train(tmp_path, 'ddp')
     full, full_dir = train(tmp_path, 'fsdp', **SHARDED_RUN)
     # The same 20 steps as DDP from the same initial weights, data and noise; only the order of the float sums
-    # of the gradient reduction differs (all-reduce vs reduce-scatter): 20 AdamW steps keep it below 1e-5.
-    assert_same(full[0]['nnet'], ddp[0]['nnet'], rtol=1e-4, atol=1e-5)
-    assert_same(full[0]['ema'], ddp[0]['ema'], rtol=1e-4, atol=1e-5)
+    # of the gradient reduction differs (reduce-scatter vs all-reduce): after 20 AdamW steps the weights differ
+    # by float32 rounding (2.4e-7 at most, measured, for weights up to 3), well within 1e-6 + 1e-5 |w|.
+    assert_same(full[0]['nnet'], ddp[0]['nnet'], rtol=1e-5, atol=1e-6)
+    assert_same(full[0]['ema'], ddp[0]['ema'], rtol=1e-5, atol=1e-6)
     # Each process holds half the parameter and AdamW bytes (rows split in two; odd row counts round up).
     for rank in full:
         assert 0.48 < rank['param_bytes'] / rank['full_param_bytes'] < 0.53

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from configs.digits_uvit_tiny import get_config as digits_config
-from libs import fsdp
+from libs import fsdp, sharded_checkpoint
 from libs.checkpoint import METADATA, SHARDED, checkpoint_problems, list_checkpoints, read_state_file
 from libs.errors import CheckpointError, ConfigError
 from libs.nnet import build_nnet, load_nnet_state_dict
@@ -295,6 +295,14 @@ def test_sharded_checkpoint_is_refused_by_an_unsharded_run(tmp_path):
     with pytest.raises(CheckpointError, match='fsdp.enabled=True'):
         resume(tmp_path / 'ckpts', nnet=net, nnet_ema=net, optimizer=torch.optim.SGD(net.parameters(), lr=1),
                lr_scheduler=None)
+    assert sharded_checkpoint.latest(tmp_path / 'ckpts') == str(ckpt)
+    # ... and an unsharded run's checkpoint (optimizer.pth, no sharded/) is refused by a sharded run.
+    unsharded = tmp_path / 'ckpts' / '20.ckpt'
+    unsharded.mkdir()
+    for name in ('nnet.pth', 'nnet_ema.pth', 'step.pth', 'lr_scheduler.pth', 'optimizer.pth'):
+        torch.save({}, unsharded / name)
+    with pytest.raises(CheckpointError, match='fsdp.enabled=False'):
+        sharded_checkpoint.latest(tmp_path / 'ckpts')
 
 
 @pytest.mark.slow  # torch.compile's tracing in 2 processes: ~40 s on 2 shared cores

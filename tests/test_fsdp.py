@@ -46,14 +46,14 @@ torch.save({{'rank': r.accelerator.process_index, 'world': r.accelerator.num_pro
            f"{{workdir}}/rank{{r.accelerator.process_index}}.pt")
 '''
 
-BUILD_WORKER = '''
+# The start of the workers below: the digits config, in a process of a gloo group.
+WORKER_START = '''
 import sys
 sys.path.insert(0, {root!r})
 import torch
 import torch.distributed as dist
 from accelerate import PartialState
 from torch.distributed.device_mesh import DeviceMesh
-from ml_collections import ConfigDict
 from configs.imagenet512_uvit_2b import get_config as config_2b
 from configs.digits_uvit_tiny import get_config
 from libs import fsdp
@@ -62,6 +62,9 @@ from libs.nnet import build_nnet
 out = sys.argv[1]
 state = PartialState(cpu=True)
 config = get_config()
+'''
+
+BUILD_WORKER = WORKER_START + '''
 config.fsdp.update(enabled=True, meta_init=True)
 nnet, ema, mesh = fsdp.build(config, state.device, state.num_processes)
 full = fsdp.full_state_dict(nnet, to_all=True)
@@ -73,28 +76,25 @@ with torch.device('meta'):
 fsdp.shard(single, alone, config.fsdp)
 fsdp.materialize(single, state.device, config.seed)
 single = {{n: fsdp.local(p).detach().clone() for n, p in single.named_parameters()}}
-# Gradient checkpointing inside the shard units, bf16 policy: the same gradients as without it.
-grads = []
-for use_checkpoint in (False, True):
+
+
+def gradients(nnet_options, fsdp_options):
+    """(mesh shape, whole gradients) of the sharded digits network on a batch of this process's own."""
     config = get_config()
-    config.nnet.update(use_checkpoint=use_checkpoint)
-    config.fsdp.update(enabled=True, mixed_precision='bf16')
+    config.nnet.update(nnet_options)
+    config.fsdp.update(enabled=True, **fsdp_options)
     torch.manual_seed(0)
-    net = fsdp.build(config, state.device, state.num_processes)[0].train()
-    x, t, y = torch.randn(4, 1, 8, 8), torch.rand(4), torch.arange(4)
-    net(x, t, y).pow(2).mean().backward()
-    grads.append({{n: p.grad.full_tensor() for n, p in net.named_parameters()}})
-# HSDP: a (replicate 2 x shard 1) mesh averages the gradients of the two processes' batches as the shard mesh does.
-hsdp = []
-for replicate in (1, 2):
-    config = get_config()
-    config.fsdp.update(enabled=True, mixed_precision='no', replicate=replicate)
-    torch.manual_seed(0)
-    net, _, hsdp_mesh = fsdp.build(config, state.device, state.num_processes)
-    generator = torch.Generator().manual_seed(state.process_index)  # each process its own batch
+    net, _, net_mesh = fsdp.build(config, state.device, state.num_processes)
+    generator = torch.Generator().manual_seed(state.process_index)
     x, t = torch.randn(4, 1, 8, 8, generator=generator), torch.rand(4, generator=generator)
-    net(x, t, torch.arange(4)).pow(2).mean().backward()
-    hsdp.append((tuple(hsdp_mesh.shape), {{n: p.grad.full_tensor() for n, p in net.named_parameters()}}))
+    net.train()(x, t, torch.arange(4)).pow(2).mean().backward()
+    return tuple(net_mesh.shape), {{n: p.grad.full_tensor() for n, p in net.named_parameters()}}
+
+
+# Gradient checkpointing inside the shard units, bf16 policy: the same gradients as without it.
+grads = [gradients({{'use_checkpoint': c}}, {{'mixed_precision': 'bf16'}})[1] for c in (False, True)]
+# HSDP: a (replicate 2 x shard 1) mesh averages the two processes' gradients as the (shard 2) mesh does.
+hsdp = [gradients({{}}, {{'mixed_precision': 'no', 'replicate': r}}) for r in (1, 2)]
 # The >= 2B config: built on the meta device and sharded; nothing is allocated on any process.
 big = config_2b()
 with torch.device('meta'):
@@ -109,17 +109,7 @@ torch.save({{'rank': state.process_index, 'world': state.num_processes, 'full': 
            f"{{out}}/rank{{state.process_index}}.pt")
 '''
 
-COMPILE_WORKER = '''
-import sys
-sys.path.insert(0, {root!r})
-import torch
-from accelerate import PartialState
-from configs.digits_uvit_tiny import get_config
-from libs import fsdp
-
-out = sys.argv[1]
-state = PartialState(cpu=True)
-config = get_config()
+COMPILE_WORKER = WORKER_START + '''
 config.fsdp.update(enabled=True, mixed_precision='no')
 torch.manual_seed(0)
 nnet = fsdp.build(config, state.device, state.num_processes)[0].train()

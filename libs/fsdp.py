@@ -77,6 +77,9 @@ def problems(config, world_size: int):
     if config.get('posthoc_ema') and config.posthoc_ema.snapshot_interval:
         found.append(('posthoc_ema.snapshot_interval', "post-hoc EMA profiles are not available with "
                                                         "config.fsdp.enabled yet: set it to 0"))
+    if config.get('training_aids'):
+        found.append(('training_aids', "training aids are not available with config.fsdp.enabled yet (they see "
+                                       "one unsharded network): set it to ()"))
     return found
 
 

@@ -68,7 +68,10 @@ def _check_x0(x0):
 
 
 PATHS = ("vp", "linear")
-PREDICTIONS = {"vp": ("noise", "v", "x0"), "linear": ("velocity",)}
+PREDICTIONS = {"vp": ("noise", "v", "x0"), "linear": ("velocity", "x0")}
+# x-prediction on the linear path divides by t (the noise level) to get the velocity; JiT clamps it from below
+# by this (Li & He 2025, arXiv 2511.13720: t_eps = 0.05) so the loss weight stays finite near clean data.
+X0_T_MIN = 0.05
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
 
 
@@ -77,7 +80,8 @@ class Objective:
     """What a config trains: config.objective (configs/base.py). The default is the original's LSimple.
 
     path: 'vp' (config.diffusion's VP schedule) or 'linear' (flow matching, `LinearFlow`).
-    prediction: the network's output: 'noise', 'v' or 'x0' on 'vp'; 'velocity' on 'linear'.
+    prediction: the network's output: 'noise', 'v' or 'x0' on 'vp'; 'velocity' or 'x0' on 'linear' (x0: JiT's
+        x-prediction trained with the velocity loss, `LinearFlow.loss`).
     time_dist: training t ~ 'uniform' U(0, 1) or 'logit_normal' sigmoid(N(logit_mean, logit_std^2)) (Esser et
         al. 2024, arXiv 2403.03206); continuous time only (a discrete VP draws n uniform).
     shift: training and sampling time t -> shift t / (1 + (shift - 1) t) of the linear path (Esser et al. 2024,
@@ -347,7 +351,8 @@ class LinearPathSchedule:
 class LinearFlow:
     """Flow matching on the linear path x_t = (1 - t) x0 + t eps, t in [0, 1] (t = 1 is pure noise), the network
     predicting the velocity u = dx_t/dt = eps - x0 (conditional flow matching, Lipman et al. 2022; rectified flow,
-    Liu et al. 2022; SiT "Linear" + velocity, Ma et al. 2024).
+    Liu et al. 2022; SiT "Linear" + velocity, Ma et al. 2024) or, with prediction 'x0', the clean data itself,
+    trained through the velocity it implies (JiT, Li & He 2025, arXiv 2511.13720).
 
     The network sees `time_scale` t: 999 t under config.diffusion='continuous' (as the VP-SDE), 1000 t under
     'discrete' (as the discrete models sample), so every family's network trains unchanged.
@@ -377,8 +382,12 @@ class LinearFlow:
         return -torch.ones_like(t), torch.ones_like(t)
 
     def x0_eps(self, out, x, t):
-        """(x0, eps) = (x - t u, x + (1 - t) u) from the velocity u = `out` at x (B, ...), t (B,)."""
+        """(x0, eps) from the network output `out` at x (B, ...), t (B,): the velocity u gives (x - t u,
+        x + (1 - t) u); an x0 prediction gives (out, (x - (1 - t) out) / t) (unclamped: the samplers never
+        evaluate at t = 0)."""
         t = _expand_dims(t.to(x.dtype), x.ndim)
+        if self.objective.prediction == "x0":
+            return to_x0_eps(out, x, 1.0 - t, t, 1.0, 0.0)
         return x - t * out, x + (1.0 - t) * out
 
     def loss(self, nnet, x0, generator=None, **cond):
@@ -386,12 +395,17 @@ class LinearFlow:
 
         x0: (B, ...). t (`Objective.draw_time`: uniform or logit-normal, then the shift) then eps ~ N(0, I) from
         `generator` or torch's default generator on x0.device; x_t = (1 - t) x0 + t eps.
+        Prediction 'x0' (JiT, Li & He 2025, Alg. 1 in this path's time direction): the network outputs x0_hat and
+        the loss is on the velocity each implies, ((x_t - x0_hat) / t' - (x_t - x0) / t')^2 with t' = max(t,
+        X0_T_MIN), i.e. (x0 - x0_hat)^2 / t'^2, computed in that cancellation-free form.
         """
         _check_x0(x0)
         t = self.objective.draw_time(x0.shape[0], generator, x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         tb = _expand_dims(t, x0.ndim).to(x0.dtype)
         pred = nnet((1.0 - tb) * x0 + tb * eps, self.network_time(t), **cond)
+        if self.objective.prediction == "x0":
+            return _prediction_mse(pred, x0) / t.clamp_min(X0_T_MIN).float().pow(2)  # t' per sample
         return _prediction_mse(pred, eps - x0)
 
 

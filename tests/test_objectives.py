@@ -20,6 +20,8 @@ OBJECTIVES = {"vp/noise": ("continuous", Objective()), "vp/v": ("continuous", Ob
               "vp/x0": ("continuous", Objective(prediction="x0")),
               "discrete vp/v": ("discrete", Objective(prediction="v")),
               "linear/velocity": ("continuous", Objective(path="linear", prediction="velocity"))}
+# The samplers' tests also run JiT's x-prediction on the linear path (its loss has its own test below).
+SAMPLED = {**OBJECTIVES, "linear/x0": ("continuous", Objective(path="linear", prediction="x0"))}
 
 
 def exact_net(d, calls=None):
@@ -87,6 +89,26 @@ def test_loss_equals_its_formula_at_fixed_draws(name):
     torch.testing.assert_close(t_seen.double(), t_in.double())
 
 
+def test_linear_x0_loss_is_jits_velocity_loss():
+    """x-prediction on the linear path: the loss is JiT's (Li & He 2025, Alg. 1) written in its own time direction,
+    z = t_j x + (1 - t_j) e with t_j = 1 - t, v = (x - z) / max(1 - t_j, 0.05), v_pred = (x_pred - z) / max(...)."""
+    d = build_diffusion("continuous", Objective(path="linear", prediction="x0"))
+    x = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    x_pred = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    net = Recorder(x_pred)
+    loss = d.loss(net, x, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    t = torch.rand(64, generator=g)
+    e = torch.randn(64, 1, 4, 4, generator=g)
+    assert (t < 0.05).any() and (t > 0.05).any()  # both sides of the clamp are exercised
+    tj = (1 - t).reshape(-1, 1, 1, 1)
+    z = tj * x + (1 - tj) * e
+    v = (x - z) / (1 - tj).clamp_min(0.05)
+    v_pred = (x_pred - z) / (1 - tj).clamp_min(0.05)
+    torch.testing.assert_close(loss, ((v - v_pred) ** 2).mean(dim=(1, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(net.inputs[0][0], z)
+
+
 def test_default_objective_is_the_original_lsimple():
     """Objective() draws and computes exactly what the paper's ContinuousVP did (bit for bit)."""
     x0 = torch.randn(5, 3, 4, 4)
@@ -125,7 +147,7 @@ def test_logit_normal_and_shift_times():
 
 
 @pytest.mark.parametrize("objective, kind, match", [
-    (Objective(path="linear"), "continuous", "takes 'velocity'"),
+    (Objective(path="linear"), "continuous", "takes 'velocity' or 'x0'"),
     (Objective(prediction="velocity"), "continuous", "takes 'noise' or 'v' or 'x0'"),
     (Objective(time_dist="logit_normal"), "discrete", "draws n uniformly"),
     (Objective(shift=2.0), "continuous", "shift is of the linear path"),
@@ -143,10 +165,10 @@ def test_bad_objectives_are_one_line(objective, kind, match):
 ORDERS = {"euler": 1, "heun": 2, "dpm_solver++_2m": 2, "dpm_solver++_3m": 3}
 
 
-@pytest.mark.parametrize("name", list(OBJECTIVES))
+@pytest.mark.parametrize("name", list(SAMPLED))
 @pytest.mark.parametrize("algorithm", list(ORDERS))
 def test_solver_error_falls_at_its_order(name, algorithm):
-    kind, objective = OBJECTIVES[name]
+    kind, objective = SAMPLED[name]
     d = build_diffusion(kind, objective)
     x_T = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     t_end = 0.0 if (d.path == "linear" and algorithm in ("euler", "heun")) else \

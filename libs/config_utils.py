@@ -21,6 +21,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs.base import get_config as base_config
+from libs.diffusers_autoencoder import SCALINGS
 from libs.errors import ConfigError
 from libs.export import check_objective
 from libs.metrics.suite import RESIZES, parse_names
@@ -247,7 +248,8 @@ _CHOICES = {"diffusion": ("continuous", "discrete"), "pred": ("noise_pred",), "t
             "sample.algorithm": ALGORITHMS, "grid.algorithm": ("",) + ALGORITHMS,
             "wandb.mode": ("online", "offline", "disabled"), "log_with": LOG_WITH,
             "metrics.labels": ("uniform", "balanced"), "metrics.resize": RESIZES,
-            "objective.path": PATHS, "objective.time_dist": TIME_DISTRIBUTIONS}
+            "objective.path": PATHS, "objective.time_dist": TIME_DISTRIBUTIONS,
+            "autoencoder.latent_scaling": SCALINGS}
 
 
 def _type_problems(config, reference, prefix=""):

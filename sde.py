@@ -28,6 +28,7 @@ so the trainer's per-step reseeding makes a resumed run draw what the uninterrup
 """
 import dataclasses
 import logging
+import math
 
 import torch
 
@@ -86,6 +87,9 @@ class Objective:
         al. 2024, arXiv 2403.03206); continuous time only (a discrete VP draws n uniform).
     shift: training and sampling time t -> shift t / (1 + (shift - 1) t) of the linear path (Esser et al. 2024,
         sec. 5.3.2: more noise for high-resolution latents, e.g. 3); 1 = none.
+    shift_base_dim: > 0 derives the shift from the dimension d = C H W of what is generated (`Objective.of`):
+        shift = sqrt(d / shift_base_dim) (`dimension_shift`; Esser et al. 2024 eq. 23 with resolutions counted
+        in values; RAE, Zheng et al. 2025, arXiv 2510.11690, base 4096); 0 = the given `shift`.
     """
     path: str = "vp"
     prediction: str = "noise"
@@ -93,14 +97,23 @@ class Objective:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     shift: float = 1.0
+    shift_base_dim: float = 0.0
 
     @classmethod
     def of(cls, config):
         """The Objective of a config (a ConfigDict or dict, e.g. an exported config.json); no objective section
-        (a config or an export made before objectives existed) is the default."""
+        (a config or an export made before objectives existed) is the default. With shift_base_dim > 0 the shift
+        is derived from the dimension of config's x0 (z_shape, else nnet.in_chans x img_size^2)."""
         section = (config.get("objective") if config is not None else None) or {}
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(section).items() if k in fields})
+        objective = cls(**{k: v for k, v in dict(section).items() if k in fields})
+        if objective.shift_base_dim > 0:
+            if objective.shift != 1.0:
+                raise ConfigError(f"config.objective.shift = {objective.shift!r} and shift_base_dim = "
+                                  f"{objective.shift_base_dim!r}: give the shift or derive it, not both (shift=1)")
+            objective = dataclasses.replace(objective, shift=dimension_shift(generated_dim(config),
+                                                                             objective.shift_base_dim))
+        return objective
 
     def problems(self, time_kind):
         """The ConfigError messages of this objective under config.diffusion = time_kind (empty when fine)."""
@@ -120,6 +133,8 @@ class Objective:
             out.append(f"config.objective.logit_std = {self.logit_std!r}: must be > 0")
         if not self.shift > 0:
             out.append(f"config.objective.shift = {self.shift!r}: must be > 0 (1 = no shift)")
+        if not self.shift_base_dim >= 0:
+            out.append(f"config.objective.shift_base_dim = {self.shift_base_dim!r}: must be >= 0 (0 = the given shift)")
         elif self.shift != 1.0 and self.path != "linear":
             out.append("config.objective.shift: the time shift is of the linear path; set "
                        "config.objective.path='linear' or shift=1")
@@ -128,7 +143,7 @@ class Objective:
     def describe(self):
         """A short name for messages: 'vp/noise', 'linear/velocity (logit_normal, shift 3)'."""
         extra = [self.time_dist] if self.time_dist != "uniform" else []
-        extra += [f"shift {self.shift:g}"] if self.shift != 1.0 else []
+        extra += [f"shift {self.shift:.4g}"] if self.shift != 1.0 else []
         return f"{self.path}/{self.prediction}" + (f" ({', '.join(extra)})" if extra else "")
 
     def draw_time(self, n, generator, device):
@@ -140,6 +155,22 @@ class Objective:
             z = torch.randn(n, generator=generator, device=device, dtype=torch.float32)
             t = torch.sigmoid(self.logit_mean + self.logit_std * z)
         return shift_time(t, self.shift)
+
+
+def generated_dim(config):
+    """C H W of what a config generates: config.z_shape, else nnet (in_chans, img_size, img_size)."""
+    z = config.get("z_shape")
+    if z is not None:
+        return math.prod(int(v) for v in z)
+    nnet = config.get("nnet") or {}
+    return int(nnet.get("in_chans", 3)) * int(nnet.get("img_size")) ** 2
+
+
+def dimension_shift(dim, base_dim):
+    """The resolution-dependent shift of flow time, sqrt(dim / base_dim): Esser et al. 2024 (eq. 23: a shift
+    sqrt(m / n) keeps the noise-to-signal ratio of an n-value image at an m-value one); RAE (Zheng et al. 2025)
+    with n = 4096. dim, base_dim: numbers of values (C H W) generated and of the base."""
+    return math.sqrt(dim / base_dim)
 
 
 def shift_time(t, shift):

@@ -33,6 +33,9 @@ def get_config():
         logit_mean=0.0,
         logit_std=1.0,
         shift=1.0,  # 'linear': time shift s t / (1 + (s - 1) t) in training and sampling (e.g. 3 for 512 px latents)
+        # ours, 'linear': > 0 derives the shift from the generated dimension d = C H W, s = sqrt(d / shift_base_dim)
+        # (SD3; RAE uses 4096); 0 = the given shift
+        shift_base_dim=0.0,
     )
 
     # Stable Diffusion KL-f8 autoencoder; only the latent scripts read it.

@@ -237,6 +237,7 @@ _RANGES = [
     ("> 0", "", "metrics.kid_subsets", "metrics.kid_subset_size", "metrics.prc_k"),
     (">= 0", " (EDM noise level sigma; 0 = no limit)", "sample.guidance_sigma_min", "sample.guidance_sigma_max"),
     ("> 0", "", "objective.logit_std", "objective.shift"),
+    (">= 0", " (0 = the given shift)", "objective.shift_base_dim"),
     (">= -1", " (-1 = min(8, CPU cores per process))", "dataloader.num_workers"),
     (">= 0", " (steps between post-hoc EMA snapshots; 0 = off)", "posthoc_ema.snapshot_interval"),
     ("> 0", "", "repa.resolution", "repa.projector_dim"),

@@ -109,6 +109,32 @@ def test_linear_x0_loss_is_jits_velocity_loss():
     torch.testing.assert_close(net.inputs[0][0], z)
 
 
+def test_dimension_shift_is_sd3s_definition():
+    """shift_base_dim derives the shift sqrt(d / d_base) from the generated C H W (Esser et al. 2024 eq. 23, where
+    the shifted time is t' = s t / (1 + (s - 1) t)); training draws and the sampling grid both use it."""
+    config = base_config()
+    config.z_shape = (16, 32, 32)
+    config.objective.update(path="linear", prediction="velocity", shift_base_dim=4096.0)
+    o = Objective.of(config)
+    assert o.shift == pytest.approx(math.sqrt(16 * 32 * 32 / 4096)) == pytest.approx(2.0)
+    config.z_shape = None
+    config.nnet.update(in_chans=3, img_size=256)
+    assert Objective.of(config).shift == pytest.approx(math.sqrt(3 * 256 * 256 / 4096))
+    t = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    s = o.shift
+    torch.testing.assert_close(o.draw_time(1000, torch.Generator().manual_seed(0), "cpu"), s * t / (1 + (s - 1) * t))
+    # The sampler's grid: Euler with `steps` steps calls the network at the shifted uniform grid.
+    calls = []
+    d = build_diffusion("continuous", o)
+    sample(lambda x, t_in: calls.append(float(t_in[0]) / d.time_scale) or torch.zeros_like(x), d, torch.randn(1, 2),
+           algorithm="euler", steps=4)
+    u = torch.linspace(1, 0, 5, dtype=torch.float64)[:4]
+    assert calls == pytest.approx((s * u / (1 + (s - 1) * u)).tolist())
+    config.objective.shift = 3.0
+    with pytest.raises(ConfigError, match="give the shift or derive it"):
+        Objective.of(config)
+
+
 def test_default_objective_is_the_original_lsimple():
     """Objective() draws and computes exactly what the paper's ContinuousVP did (bit for bit)."""
     x0 = torch.randn(5, 3, 4, 4)

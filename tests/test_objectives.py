@@ -152,7 +152,9 @@ def test_default_objective_is_the_original_lsimple():
 def test_paper_configs_keep_the_default_objective():
     import importlib
     names = [f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))
-             if f.endswith(".py") and f not in ("__init__.py", "base.py", "digits_uvit_tiny_flow.py")]
+             if f.endswith(".py") and f not in ("__init__.py", "base.py", "digits_uvit_tiny_flow.py",
+                                                "imagenet256_uvit_huge_dcae.py", "imagenet256_uvit_large_kl16.py",
+                                                "imagenet256_uvit_base_jit.py")]
     for name in names:
         config = importlib.import_module(f"configs.{name}").get_config()
         assert Objective.of(config) == Objective(), name

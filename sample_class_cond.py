@@ -17,7 +17,8 @@ from absl import flags
 
 from libs.errors import ConfigError, exit_on_user_error
 from libs.evaluation import load_models
-from libs.family import Sampler, data_classes
+from libs.family import data_classes
+from libs.sampling import Sampler
 from libs.sampling_cli import common_flags, generate_batches, parse_flags, sampling_settings, write_images
 
 logger = logging.getLogger("sample_class_cond")

@@ -22,7 +22,7 @@ from absl import flags
 from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder
 from libs.errors import ConfigError, DataError, MissingFileError, exit_on_user_error
 from libs.evaluation import load_models
-from libs.family import Sampler
+from libs.sampling import Sampler
 from libs.io_utils import atomic_write_bytes
 from libs.sampling_cli import common_flags, generate_batches, parse_flags, sampling_settings, write_images
 

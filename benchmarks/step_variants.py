@@ -20,7 +20,6 @@ from libs.family import family_of
 from libs.optim import build_lr_scheduler, build_optimizer
 from libs.perf import maybe_compile
 from libs.trainer import Run, train_step
-from sde import build_diffusion
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
@@ -184,8 +183,7 @@ def trainer_step(nnet, config, precision="fp32", compile=False, compile_backend=
     family = dataclasses.replace(family_of(config), data="pixels")
     r = Run(config=config, workdir=None, family=family, accelerator=accelerator, data=None, nnet=nnet,
             nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=None,
-            diffusion=build_diffusion(family.time), autoencoder=None, null=None,
-            train_nnet=maybe_compile(train_nnet, compile, backend=compile_backend), ema=EMAUpdater(nnet_ema, nnet))
+            autoencoder=None, null=None, train_nnet=maybe_compile(train_nnet, compile, backend=compile_backend))
     counter = itertools.count()
 
     def step(x0, **cond):

@@ -21,14 +21,13 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs.base import get_config as base_config
+from libs import training_aids
 from libs.diffusers_autoencoder import SCALINGS
 from libs.errors import ConfigError
 from libs.export import check_objective
-from libs.metrics.suite import RESIZES, parse_names
-from libs.nnet import NNETS
+from libs.metrics.suite import RESIZES, MetricOptions
+from libs.nnet import NNETS, problems as nnet_problems
 from libs.optim import SCHEDULES
-from libs.posthoc_ema import SIGMA_REL_MAX
-from libs.repa import DINOV2
 from libs.sampling import ALGORITHMS, algorithm_problem
 from libs.tracking import LOG_WITH, trackers_for
 from sde import PATHS, TIME_DISTRIBUTIONS, Objective
@@ -281,27 +280,6 @@ def _nnet_reference(config):
     return {p.name: p.default for p in params if isinstance(p.default, (bool, int, float))}
 
 
-def _check_metrics(get, fail):
-    """config.metrics: known metric names, integer seeds, an .npz sample file, existing network files."""
-    if isinstance(get("metrics.names"), str):
-        try:
-            parse_names(get("metrics.names"))
-        except ConfigError as e:
-            fail("metrics.names", str(e).split(": ", 1)[-1])
-    seeds = get("metrics.seeds")
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = str(seeds)  # --config.metrics.seeds=3 parses as an integer
-    if isinstance(seeds, str) and not all(t.strip().lstrip("-").isdigit() for t in seeds.split(",") if t.strip()):
-        fail("metrics.seeds", "must be comma-separated integers, e.g. 0,1,2 ('' = config.seed)")
-    npz = get("metrics.npz")
-    if isinstance(npz, str) and npz and not npz.endswith(".npz"):
-        fail("metrics.npz", "must end in .npz (the ADM sample file)")
-    for key in ("metrics.reference", "metrics.dinov2_weights"):
-        value = get(key)
-        if isinstance(value, str) and value and not os.path.isfile(value):
-            fail(key, "does not exist: give the path of an existing file ('' = the default)")
-
-
 def parse_and_validate(config, *, world_size):
     """Raise one ConfigError listing every value of the wrong type, out of range or inconsistent, each naming its
     key, and every file the config names that is not there. Sections a config lacks are not checked (eval
@@ -340,18 +318,9 @@ def parse_and_validate(config, *, world_size):
     if isinstance(betas, (tuple, list)) and not all(_is_num(b) and 0 <= b < 1 for b in betas):
         fail("optimizer.betas", "must be two numbers in [0, 1), e.g. (0.99, 0.999)")
 
-    qk_scale = get("nnet.qk_scale")
-    if qk_scale is not None and not (_is_num(qk_scale) and qk_scale > 0):
-        fail("nnet.qk_scale", "must be None (head_dim ** -0.5) or a number > 0")
-    img, patch, embed, heads = (get(f"nnet.{k}") for k in ("img_size", "patch_size", "embed_dim", "num_heads"))
-    if _is_int(img) and _is_int(patch) and img > 0 and patch > 0 and img % patch:
-        divisors = [d for d in range(1, img + 1) if img % d == 0]
-        near = [d for d in divisors if d < patch][-1:] + [d for d in divisors if d > patch][:1]
-        fail("nnet.patch_size", f"does not divide nnet.img_size = {img}: the image must split into whole patches "
-                                f"(use a divisor of {img}: {' or '.join(map(str, near))})")
-    if _is_int(embed) and _is_int(heads) and embed > 0 and heads > 0 and embed % heads:
-        fail("nnet.num_heads", f"does not divide nnet.embed_dim = {embed} (each head gets embed_dim / num_heads "
-                               f"channels)")
+    if isinstance(get("nnet"), _SECTION):  # the networks check their own section
+        for key, msg in nnet_problems(get("nnet")):
+            fail(f"nnet.{key}", msg)
     z_shape = get("z_shape")
     if z_shape is not None:
         if not (isinstance(z_shape, (tuple, list)) and len(z_shape) == 3
@@ -389,23 +358,16 @@ def parse_and_validate(config, *, world_size):
                 check_objective(config, path, what)
             except ConfigError as e:
                 fail(key, str(e))
-    sigma_rels = get("posthoc_ema.sigma_rels")
-    if isinstance(sigma_rels, (tuple, list)) and not all(_is_num(v) and 0 < v < SIGMA_REL_MAX for v in sigma_rels):
-        fail("posthoc_ema.sigma_rels", f"each width must lie in (0, {SIGMA_REL_MAX:.4f}) (EDM2 keeps 0.05 and 0.10)")
-    if get("repa.enabled") is True:
-        spec, repa_weights = get("repa.encoder"), get("repa.weights")
-        if isinstance(spec, str) and not (spec in DINOV2 or spec == "torchscript" or (
-                spec.partition(":")[0] in ("timm", "torchvision") and spec.partition(":")[2])):
-            fail("repa.encoder", f"not one of {', '.join(DINOV2)}, 'timm:<name>', 'torchvision:<vit name>', "
-                                 f"'torchscript'")
-        if isinstance(repa_weights, str) and repa_weights and not os.path.isfile(repa_weights):
-            fail("repa.weights", "does not exist: give the encoder's weights file ('' = the torch hub cache, DINOv2)")
+    for key, msg in training_aids.problems(config):  # each aid checks its own section
+        fail(key, msg)
 
     weights = get("fid.inception_weights")
     if weights is not None and not (isinstance(weights, str) and os.path.exists(weights)):
         fail("fid.inception_weights", "does not exist: give the path of pt_inception-2015-12-05 weights, or None "
                                       "for the default location")
-    _check_metrics(get, fail)
+    if isinstance(get("metrics"), _SECTION):  # the metrics check their own section
+        for key, msg in MetricOptions.problems(get("metrics")):
+            fail(f"metrics.{key}", msg)
     if get("log_with") in LOG_WITH:
         try:
             trackers_for(get("log_with"))  # the tracker's package is installed

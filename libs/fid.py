@@ -1,7 +1,7 @@
 """FID and Inception Score statistics: PNG quantisation, streaming moments, the distances.
 
 FID (Heusel et al. 2017, arXiv 1706.08500) fits a Gaussian to the 2048-d pool3 features of the FID Inception
-network (tools/inception.py) on each image set: d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+network (libs/metrics/inception.py) on each image set: d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
 Inception Score (Salimans et al. 2016, arXiv 1606.03498): IS = exp(E_x KL(p(y|x) || p(y))), averaged over `splits`
 contiguous chunks of the samples.
 

@@ -18,7 +18,7 @@ import os
 import torch
 
 from libs.errors import CheckpointError, MissingFileError
-from libs.features import shard_name
+from libs.shards import shard_name
 from libs.io_utils import atomic_write_bytes
 
 FILE = "latent_stats.json"

@@ -22,6 +22,7 @@ reconstructs a width from them into a plain network state dict.
 """
 import logging
 import math
+import numbers
 import os
 import re
 
@@ -181,3 +182,44 @@ def reconstruct(workdir: str, sigma_rel: float, step=None):
     out.update(headers[-1]['buffers'])  # buffers are not averaged (the network's at that step)
     return out, {'sigma_rel': float(sigma_rel), 'gamma': gamma, 'step': step, 'profile_error': error,
                  'snapshots': len(headers)}
+
+
+class PostHocEMA:
+    """Post-hoc EMA as a training aid (libs/training_aids.py): config.posthoc_ema, the profiles in
+    train_state.pth, a snapshot every snapshot_interval steps and at the last step (main process only)."""
+    section, state_key = 'posthoc_ema', 'posthoc_ema'
+    fresh = 'the post-hoc EMA profiles start at this step (reconstructions assume step 0)'
+
+    def __init__(self, section, nnet, data, device):
+        self.interval = section.snapshot_interval
+        self.posthoc = PowerEMA(nnet, section.sigma_rels)
+
+    @staticmethod
+    def problems(section):
+        """config.posthoc_ema.sigma_rels: each width in EDM2's range."""
+        sigma_rels = section.get('sigma_rels')
+        if isinstance(sigma_rels, (tuple, list)) and not all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < SIGMA_REL_MAX for v in sigma_rels):
+            return [('sigma_rels', f"each width must lie in (0, {SIGMA_REL_MAX:.4f}) (EDM2 keeps 0.05 and 0.10)")]
+        return []
+
+    @staticmethod
+    def enabled(section):
+        return bool(section.snapshot_interval)
+
+    def wrap(self, module):
+        return module
+
+    def losses(self, batch):
+        return {}
+
+    def after_step(self, run, step, applied):
+        self.posthoc.update(step, applied)
+        if run.accelerator.is_main_process and (step % self.interval == 0 or step == run.config.train.n_steps):
+            self.posthoc.save_snapshot(run.workdir, step)  # the one host copy of the profiles per interval
+
+    def state_dict(self):
+        return self.posthoc.state_dict()
+
+    def load_state_dict(self, state):
+        self.posthoc.load_state_dict(state)

@@ -28,19 +28,24 @@ arXiv 2207.12598) or, with `guide=`, a weaker network's conditional prediction (
 2024, arXiv 2406.02507); `interval=(lo, hi)` guides only where lo < sigma <= hi, sigma = s_t / a_t (guidance
 interval, Kynkaanniemi et al. 2024, arXiv 2404.07724); elsewhere out = out_c. The solvers see only the result.
 """
+import dataclasses
 import logging
 import math
+from typing import Any
 
 import torch
 
 from dpm_solver_pp import DPM_Solver, _expand_dims, check_start, model_wrapper, solver_dtype
+from libs.data_loader import mix_seed
 from libs.errors import InputError
-from sde import ScoreModel, _randn_like, shift_time
+from libs.export import load_guide
+from sde import Objective, ScoreModel, _randn_like, build_diffusion, shift_time
 
 logger = logging.getLogger(__name__)
 
 ALGORITHMS = ("dpm_solver", "dpm_solver++_2m", "dpm_solver++_3m", "euler_maruyama_sde", "euler_maruyama_ode", "euler",
               "heun", "flow_sde")
+STOCHASTIC = ("euler_maruyama_sde", "flow_sde")  # the algorithms that draw noise every step (index_generators)
 # Which path each algorithm integrates ('any': every Gaussian path).
 _PATHS = {"dpm_solver": ("vp",), "euler_maruyama_sde": ("vp",), "euler_maruyama_ode": ("vp",), "flow_sde": ("linear",)}
 
@@ -49,6 +54,24 @@ _PATHS = {"dpm_solver": ("vp",), "euler_maruyama_sde": ("vp",), "euler_maruyama_
 CONTINUOUS_T_END = 1e-4
 # End time of DPM-Solver++ on the linear path (lambda = +inf at t = 0): x there is x0 + 1e-3 (eps - x0).
 LINEAR_T_END = 1e-3
+
+
+def per_index_noise(indices, seed: int, shape, device=None) -> torch.Tensor:
+    """(len(indices), *shape) standard normal noise, row k a function of (seed, indices[k]) only: drawn on the
+    CPU, so the same image comes out on any device and any number of processes."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(mix_seed(seed, int(i))))
+                        for i in indices]).to(device)
+
+
+def index_generators(seed, indices, device="cpu"):
+    """One torch.Generator per image, seeded by (seed, i): for noise a sampler draws per step (SDE)."""
+    return [torch.Generator(device=device).manual_seed(mix_seed(seed + 1, int(i))) for i in indices]
+
+
+def to_unit_images(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] -> (B, 3, H, W) float32 in [0, 1] (grey images repeated to RGB)."""
+    x = ((x.float() + 1) / 2).clamp_(0, 1)
+    return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
 
 
 def algorithm_problem(algorithm, path, time_kind):
@@ -216,3 +239,62 @@ def _fixed_step(net_fn, diffusion, x, algorithm, steps, t_end, generator):
             x_next = x + 0.5 * (d + d_next) * (s - t)
         x = x_next
     return x
+
+
+@dataclasses.dataclass
+class Sampler:
+    """A network ready to sample: `generate_fn` turns image indices into images. Image i starts from noise seeded
+    by (seed, i), conditioned on labels[i] / contexts[i]: any split of the indices gives the same images."""
+    family: Any  # libs.family.Family: what the network makes (data, time, condition)
+    nnet: Any
+    shape: tuple  # (C, H, W) of x0
+    seed: int
+    device: Any
+    autoencoder: Any = None  # latent families: decodes x0
+    null: Any = None  # null label / empty context of guidance, or None
+    diffusion: Any = None  # what nnet was trained with (sde.build_diffusion); None: the family's default objective
+    guide: Any = None  # autoguidance network (config.sample.guide_path), or None
+    interval: Any = None  # (sigma_lo, sigma_hi) of guidance (config.sample.guidance_sigma_*), or None
+
+    @classmethod
+    def for_config(cls, config, family, nnet, device, autoencoder=None, null=None, seed=None):
+        """The Sampler of a network trained with `config`: its objective, and config.sample's guidance interval and
+        autoguidance network."""
+        s = config.sample
+        lo, hi = float(s.get('guidance_sigma_min', 0.0)), float(s.get('guidance_sigma_max', 0.0))
+        return cls(family, nnet, family.shape(config), int(config.seed if seed is None else seed), device,
+                   autoencoder, null, build_diffusion(family.time, Objective.of(config)), load_guide(config, device),
+                   (lo, hi) if lo > 0 or hi > 0 else None)
+
+    def generate_fn(self, algorithm, steps, scale, labels=None, contexts=None, decode_chunk=50):
+        """generate_fn(indices: LongTensor (b,)) -> images (b, 3, H, W) float32 in [0, 1].
+
+        scale: guidance scale s of eps_c + s (eps_c - eps_u) against `null` (the original's convention);
+        0 = unguided. Latents are decoded `decode_chunk` at a time.
+        """
+        # The callers load both from the config (Family.check refuses guidance without an empty context).
+        assert scale <= 0 or self.null is not None or self.guide is not None, "guided sampling needs the null condition"
+        assert self.family.data != 'latents' or self.autoencoder is not None, "decoding latents needs the autoencoder"
+        diffusion = self.diffusion or build_diffusion(self.family.time)
+        guide = self.guide if scale > 0 else None
+
+        def generate_fn(indices):
+            indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
+            key, table, dtype = (('y', labels, torch.int64) if labels is not None
+                                 else ('context', contexts, torch.float32))
+            cond = uncond = None
+            if table is not None:  # uncond: the null label / empty context for every image
+                c = torch.as_tensor(table[indices], dtype=dtype, device=self.device)
+                cond = {key: c}
+                uncond = {key: torch.as_tensor(self.null).to(c).expand_as(c)} if scale > 0 and guide is None else None
+            with torch.no_grad():
+                x0 = sample(self.nnet, diffusion, per_index_noise(indices, self.seed, self.shape, self.device),
+                            algorithm=algorithm, steps=steps, cond=cond, uncond=uncond, scale=scale, guide=guide,
+                            interval=self.interval if scale > 0 else None,
+                            generator=index_generators(self.seed, indices, self.device)
+                            if algorithm in STOCHASTIC else None)
+                if self.family.data == 'latents':
+                    ae = self.autoencoder
+                    x0 = ae.decode_in_chunks(x0.to(next(ae.parameters()).dtype), decode_chunk)
+            return to_unit_images(x0)
+        return generate_fn

@@ -14,7 +14,7 @@ import sample_class_cond
 from configs.imagenet256_uvit_base_jit import get_config as jit_config
 from configs.imagenet256_uvit_huge_dcae import get_config as dcae_config
 from configs.imagenet256_uvit_large_kl16 import get_config as kl16_config
-from libs import features as F
+from libs import shards as F
 from libs.autoencoder import get_model
 from libs.datasets.features import ImageNetFeatures
 from libs.family import LATENTS_CONTINUOUS, PIXELS_CONTINUOUS

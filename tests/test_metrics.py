@@ -51,7 +51,7 @@ def test_inception_score_equals_torchmetrics():
 
 
 def test_adm_resize_is_tf1_bilinear():
-    from tools.inception import resize_for_inception, tf1_resize_bilinear
+    from libs.metrics.inception import resize_for_inception, tf1_resize_bilinear
 
     # TF1 (align_corners=False, no half-pixel centres) samples position o * n / size, clamped at the last pixel:
     # on a ramp x[i] = i the output is exactly min(o n / size, n - 1).

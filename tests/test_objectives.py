@@ -331,7 +331,8 @@ def test_config_validation_refuses_an_init_from_of_another_objective(tmp_path):
 
 def test_sampler_of_a_config_knows_its_objective():
     from configs.digits_uvit_tiny_flow import get_config
-    from libs.family import Sampler, family_of
+    from libs.family import family_of
+    from libs.sampling import Sampler
     config = get_config()
     config.sample.update(guidance_sigma_min=0.1, guidance_sigma_max=3.0)
     sampler = Sampler.for_config(config, family_of(config), None, "cpu")

@@ -91,7 +91,7 @@ def test_t2i_matches_manual_pipeline_with_config_scale_factor(tiny):
     """The script's image equals: CLIP contexts -> DPM-Solver with guidance -> decode with the config's 0.23010."""
     from libs.autoencoder import get_model
     from libs.clip import FrozenCLIPEmbedder
-    from libs.family import per_index_noise
+    from libs.sampling import per_index_noise
     from libs.nnet import build_nnet, load_nnet_state_dict
     from libs.sampling import sample
     from sde import build_diffusion

@@ -3,7 +3,7 @@
     python tools/fid_score.py samples/ assets/fid_stats/fid_stats_cifar10_train_pytorch.npz
     python tools/fid_score.py samples/ other_samples/ --batch_size=100 --device=cuda:1
 
-Same network, preprocessing and statistics as pytorch-fid (see tools/inception.py), so the
+Same network, preprocessing and statistics as pytorch-fid (see libs/metrics/inception.py), so the
 number is comparable with the paper's. The math lives in libs/fid.py.
 """
 import logging
@@ -19,7 +19,7 @@ from absl import flags
 from libs import fid
 from libs.errors import MissingFileError, exit_on_user_error
 from tools.cli import parse_flags
-from tools.inception import load_fid_inception
+from libs.metrics.inception import load_fid_inception
 
 logger = logging.getLogger(__name__)
 

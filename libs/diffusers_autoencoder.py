@@ -25,7 +25,7 @@ import os
 import torch
 import torch.nn as nn
 
-from libs.errors import ConfigError, InputError, MissingFileError
+from libs.errors import CheckpointError, ConfigError, InputError, MissingFileError
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ def read_config(folder):
         with open(path) as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read the diffusers config '{path}': {e}") from e
+        raise CheckpointError(f"cannot read the diffusers config '{path}': {e}; download the model again") from e
 
 
 def is_sd_kl_f8(c):
@@ -61,7 +61,7 @@ def is_sd_kl_f8(c):
 def _looks_like_hub_id(name):
     parts = name.split("/")
     return (len(parts) >= 2 and not os.path.isabs(name) and not name.startswith(".") and all(parts)
-            and not os.path.splitext(name)[1] in (".pth", ".ckpt", ".safetensors", ".bin", ".pt"))
+            and os.path.splitext(name)[1] not in (".pth", ".ckpt", ".safetensors", ".bin", ".pt"))
 
 
 def resolve(name):

@@ -38,7 +38,7 @@ def get_config():
         shift_base_dim=0.0,
     )
 
-    # Stable Diffusion KL-f8 autoencoder; only the latent scripts read it.
+    # The autoencoder of latent configs (Stable Diffusion's KL-f8 by default); only the latent scripts read it.
     config.autoencoder = d(
         # path of autoencoder_kl.pth, or (ours) any diffusers autoencoder: a local folder or a Hub id in the
         # local cache, 'org/repo[/subfolder]' (docs/latents.md); '' = none (pixel-space configs)

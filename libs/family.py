@@ -1,6 +1,6 @@
 """What a config trains and samples, decided in one place (`family_of`): a `Family` is three choices.
 
-- data: 'latents' when config.z_shape is set (scale_factor * z of the KL-f8 autoencoder), else 'pixels' ([-1, 1]);
+- data: 'latents' when config.z_shape is set (the scaled latents of config.autoencoder), else 'pixels' ([-1, 1]);
 - time: config.diffusion, 'continuous' (VP-SDE, network sees 999 t) or 'discrete' (SD betas, integer n);
 - condition: 'text' for uvit_t2i (CLIP context (77, 768)), 'none' with config.train.mode='uncond', else 'label'.
 

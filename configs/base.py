@@ -148,6 +148,9 @@ def get_config():
         # (guidance_sigma_min, guidance_sigma_max] (Kynkaanniemi et al. 2024); both 0 = every step (the paper)
         guidance_sigma_min=0.0,
         guidance_sigma_max=0.0,  # 0 = no upper limit
+        # ours: whose sigma decides the interval: 'per_step' (the step's start, for every evaluation of the step:
+        # the authors' sampler, whose FIDs are the comparison) | 'per_evaluation' (each network evaluation's)
+        guidance_interval_rule='per_step',
         # ours: autoguidance (Karras et al. 2024): eps_u is the conditional prediction of this weaker network
         # of the same objective (a ckpts/<step>.ckpt directory, an exported folder, or a .pth of config.nnet's
         # architecture) instead of the unconditional branch; '' = classifier-free guidance
@@ -188,6 +191,7 @@ def get_config():
         kid_subsets=100,  # KID: subsets (torch-fidelity's defaults)
         kid_subset_size=1000,  # KID: features per subset
         prc_k=3,  # precision/recall: k of the k-NN radii (ADM's evaluator)
+        prc_arithmetic='float64',  # precision/recall distances: 'float64' (the formula) | 'adm' (ADM's float16)
         dinov2_weights='',  # dinov2_vitl14_pretrain.pth; '' = <torch hub dir>/checkpoints/
         dinov2_repo='',  # the facebookresearch/dinov2 hub code; '' = <torch hub dir>/facebookresearch_dinov2_main
         clip='',  # CLIP model folder or hub id for the CLIP score; '' = openai/clip-vit-large-patch14

@@ -25,10 +25,11 @@ from libs import training_aids
 from libs.diffusers_autoencoder import SCALINGS
 from libs.errors import ConfigError
 from libs.export import check_objective
+from libs.metrics.precision_recall import ARITHMETICS
 from libs.metrics.suite import RESIZES, MetricOptions
 from libs.nnet import NNETS, problems as nnet_problems
 from libs.optim import SCHEDULES
-from libs.sampling import ALGORITHMS, algorithm_problem
+from libs.sampling import ALGORITHMS, INTERVAL_RULES, algorithm_problem
 from libs.tracking import LOG_WITH, trackers_for
 from sde import PATHS, TIME_DISTRIBUTIONS, Objective
 
@@ -245,9 +246,11 @@ _RANGES = [
 _ANY_LENGTH = {"posthoc_ema.sigma_rels"}  # tuples of any length (the others have their default's)
 _CHOICES = {"diffusion": ("continuous", "discrete"), "pred": ("noise_pred",), "train.mode": ("cond", "uncond"),
             "optimizer.name": ("adamw",), "lr_scheduler.name": SCHEDULES, "nnet.name": tuple(NNETS),
-            "sample.algorithm": ALGORITHMS, "grid.algorithm": ("",) + ALGORITHMS,
+            "sample.algorithm": ALGORITHMS, "sample.guidance_interval_rule": INTERVAL_RULES,
+            "grid.algorithm": ("",) + ALGORITHMS,
             "wandb.mode": ("online", "offline", "disabled"), "log_with": LOG_WITH,
             "metrics.labels": ("uniform", "balanced"), "metrics.resize": RESIZES,
+            "metrics.prc_arithmetic": ARITHMETICS,
             "objective.path": PATHS, "objective.time_dist": TIME_DISTRIBUTIONS,
             "autoencoder.latent_scaling": SCALINGS}
 

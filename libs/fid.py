@@ -42,8 +42,12 @@ def quantize_like_png(x):
 
 
 def split_ids(indices, n_total, splits):
-    """IS split of each global sample index: contiguous chunks of n_total // splits, as the original."""
-    return torch.div(torch.as_tensor(indices, dtype=torch.long) * splits, n_total, rounding_mode="floor")
+    """IS split of each global sample index (long (b,)): split k holds the indices in
+    [floor(k n_total / splits), floor((k + 1) n_total / splits)), the slices of Salimans et al.'s reference code
+    and torch-fidelity. Index i is in split k iff floor(k n / s) <= i, i.e. k n < (i + 1) s, so
+    k = floor(((i + 1) s - 1) / n)."""
+    i = torch.as_tensor(indices, dtype=torch.long)
+    return torch.div((i + 1) * splits - 1, int(n_total), rounding_mode="floor")
 
 
 class InceptionStatistics:

@@ -14,7 +14,9 @@ Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion 
   omega_{t_k, gamma_k}; the EMA of any other width at step T is approximated by the combination
   sum_k c_k snapshot_k whose profile is nearest to omega_{T, gamma*} in L2 over [0, T]: c solves the normal
   equations A c = b with A_jk = <omega_j, omega_k>, b_k = <omega_k, omega*>, in closed form for power
-  functions (`profile_inner`).
+  functions (`profile_inner`), and is then divided by its sum (EDM2's Algorithm 3): the least-squares
+  profile's total weight misses 1 by a little, and every weight of the reconstruction would carry that scale
+  error; rescaled, the combination is a weighted average of the snapshots, as an EMA is.
 
 Training keeps the profiles with `PowerEMA` (one fused torch._foreach_lerp_ per width per step, no host
 sync) and writes snapshots atomically to <workdir>/posthoc_ema/<step>.pth; tools/posthoc_ema.py
@@ -76,11 +78,13 @@ def profile_inner(t1, g1, t2, g2):
 
 def solve_coefficients(snapshot_steps, snapshot_gammas, step, gamma):
     """(c (K,), relative L2 error of the fitted profile): the combination of the K stored profiles
-    (snapshot_steps[k], snapshot_gammas[k]) nearest to the profile (step, gamma)."""
+    (snapshot_steps[k], snapshot_gammas[k]) nearest to the profile (step, gamma), rescaled to sum to 1 (EDM2,
+    Algorithm 3); the error is that of the rescaled combination."""
     t, g = np.asarray(snapshot_steps, np.float64), np.asarray(snapshot_gammas, np.float64)
     A = profile_inner(t[:, None], g[:, None], t[None, :], g[None, :])
     b = profile_inner(t, g, step, gamma)
     c = np.linalg.lstsq(A, b, rcond=None)[0]
+    c = c / c.sum()
     target = profile_inner(step, gamma, step, gamma)
     residual = max(float(c @ A @ c - 2 * c @ b + target), 0.0)
     return c, math.sqrt(residual / target)

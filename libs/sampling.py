@@ -27,6 +27,11 @@ out_u + w (out_c - out_u). out_u is the unconditional branch (classifier-free gu
 arXiv 2207.12598) or, with `guide=`, a weaker network's conditional prediction (autoguidance, Karras et al.
 2024, arXiv 2406.02507); `interval=(lo, hi)` guides only where lo < sigma <= hi, sigma = s_t / a_t (guidance
 interval, Kynkaanniemi et al. 2024, arXiv 2404.07724); elsewhere out = out_c. The solvers see only the result.
+Which sigma decides (`INTERVAL_RULES`): 'per_step' (the default, the authors' sampler): the sigma at the start
+of the solver step, for every evaluation of that step (both of a Heun step, the three of a singlestep
+DPM-Solver step); 'per_evaluation': the sigma of each network evaluation. They differ only at the interval's
+edges and only for solvers that evaluate inside a step (heun, dpm_solver); Euler, Euler-Maruyama and the
+multistep solvers evaluate once per step, at its start.
 """
 import dataclasses
 import logging
@@ -43,6 +48,7 @@ from sde import Objective, ScoreModel, _randn_like, build_diffusion, shift_time
 
 logger = logging.getLogger(__name__)
 
+INTERVAL_RULES = ("per_step", "per_evaluation")
 ALGORITHMS = ("dpm_solver", "dpm_solver++_2m", "dpm_solver++_3m", "euler_maruyama_sde", "euler_maruyama_ode", "euler",
               "heun", "flow_sde")
 STOCHASTIC = ("euler_maruyama_sde", "flow_sde")  # the algorithms that draw noise every step (index_generators)
@@ -140,7 +146,7 @@ def guided_noise_fn(nnet, cond=None, uncond=None, scale=0.0, *, guide=None, inte
 
 
 def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None, uncond=None, scale=0.0,
-           t_end=None, generator=None, guide=None, interval=None):
+           t_end=None, generator=None, guide=None, interval=None, interval_rule="per_step"):
     """Draw samples x0 from noise x_T with one of `ALGORITHMS` (see the module docstring).
 
     nnet(x, timesteps, **cond) -> the prediction of diffusion.objective (eps by default), the network time being
@@ -149,6 +155,7 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
     {'context': c}); scale: U-ViT guidance scale, out = out_c + scale (out_c - out_u) = out_u + w (out_c - out_u)
     with w = scale + 1 (DiT, diffusers). guide: autoguidance network (replaces the unconditional branch).
     interval: (sigma_lo, sigma_hi) of guidance, sigma = s_t / a_t (hi = 0: no upper limit); None = every step.
+    interval_rule: whose sigma decides, 'per_step' (the step's start, the authors') or 'per_evaluation'.
     t_end: end time of the DPM-Solver algorithms (default 1e-4 continuous VP, 1/N discrete VP, 1e-3 linear)
     and of Euler / Heun on VP paths (linear: 0).
     generator: the SDE noise source: None, a torch.Generator, or one generator per sample.
@@ -164,11 +171,20 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
             if torch.is_tensor(v) and (v.ndim == 0 or v.shape[0] != x_T.shape[0]):
                 raise InputError(f"{name}['{k}'] has shape {tuple(v.shape)}; it must be batched like x_T "
                                  f"({x_T.shape[0]} samples along dim 0)")
+    assert interval_rule in INTERVAL_RULES, interval_rule  # config.sample.guidance_interval_rule checked there
     noise_level = None
+    # per_step: the network time of the current step's start, set by the solver as each step begins.
+    step_start = {}
     if interval is not None:
         def noise_level(t_input):
-            a, s = diffusion.coefficients(t_input.to(torch.float64) / diffusion.time_scale)
+            start = step_start.get("t_input")
+            t = t_input if start is None else start.expand_as(t_input)
+            a, s = diffusion.coefficients(t.to(torch.float64) / diffusion.time_scale)
             return s / a
+
+    def on_step(t):
+        if interval is not None and interval_rule == "per_step":
+            step_start["t_input"] = diffusion.network_time(torch.as_tensor(t))
     eps_fn = guided_noise_fn(nnet, cond, uncond, scale, guide=guide, interval=interval, noise_level=noise_level)
     ns = diffusion.schedule
     linear = diffusion.path == "linear"
@@ -182,7 +198,8 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
     if t_end is None:
         t_end = LINEAR_T_END if linear else CONTINUOUS_T_END if continuous else 1.0 / ns.total_N
     if algorithm in ("euler", "heun", "flow_sde"):
-        return _fixed_step(eps_fn, diffusion, x, algorithm, steps, 0.0 if linear else t_end, generator).float()
+        return _fixed_step(eps_fn, diffusion, x, algorithm, steps, 0.0 if linear else t_end, generator,
+                           on_step).float()
 
     if linear:  # DPM-Solver++ through the data prediction x0 = x - t u, defined up to t = 1
         solver = DPM_Solver(_data_prediction(eps_fn, diffusion), ns, algorithm_type="dpmsolver++", model_output="data")
@@ -192,6 +209,12 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
         noise_solver = algorithm == "dpm_solver" and continuous
         solver = DPM_Solver(model_fn, ns, algorithm_type="dpmsolver" if noise_solver else "dpmsolver++")
     if algorithm == "dpm_solver":  # the paper protocols (VP only: algorithm_problem)
+        update = solver.singlestep_dpm_solver_update
+
+        def step_update(x, s, t, order, *args, **kwargs):  # s: the step's start (its first evaluation)
+            on_step(s)
+            return update(x, s, t, order, *args, **kwargs)
+        solver.singlestep_dpm_solver_update = step_update
         x0 = solver.sample(x, steps=steps, t_start=ns.T, t_end=t_end, order=3,
                            skip_type="logSNR" if continuous else "time_uniform", method="singlestep")
     else:
@@ -217,15 +240,18 @@ def _velocity(net_fn, diffusion, x, t):
     return da * x0 + ds * eps, eps
 
 
-def _fixed_step(net_fn, diffusion, x, algorithm, steps, t_end, generator):
+def _fixed_step(net_fn, diffusion, x, algorithm, steps, t_end, generator, on_step=None):
     """Euler / Heun on the path's ODE or Euler-Maruyama on the linear path's SDE (`flow_sde`), `steps` steps on a
-    grid uniform in t from 1 to t_end (shifted by the objective's shift on the linear path)."""
+    grid uniform in t from 1 to t_end (shifted by the objective's shift on the linear path); on_step(t) is
+    called as each step from t begins."""
     grid = torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)
     if diffusion.path == "linear":
         grid = shift_time(grid, float(diffusion.objective.shift))
     grid = grid.to(device=x.device, dtype=x.dtype)
     for i in range(steps):
         t, s = grid[i], grid[i + 1]
+        if on_step is not None:
+            on_step(t)
         d, eps = _velocity(net_fn, diffusion, x, t)
         if algorithm == "flow_sde":
             # Reverse SDE with g^2 = t: drift u - (g^2/2) score = u + eps/2 (score = -eps/t); no noise at the end.
@@ -255,6 +281,7 @@ class Sampler:
     diffusion: Any = None  # what nnet was trained with (sde.build_diffusion); None: the family's default objective
     guide: Any = None  # autoguidance network (config.sample.guide_path), or None
     interval: Any = None  # (sigma_lo, sigma_hi) of guidance (config.sample.guidance_sigma_*), or None
+    interval_rule: str = 'per_step'  # whose sigma decides the interval (config.sample.guidance_interval_rule)
 
     @classmethod
     def for_config(cls, config, family, nnet, device, autoencoder=None, null=None, seed=None):
@@ -264,7 +291,7 @@ class Sampler:
         lo, hi = float(s.get('guidance_sigma_min', 0.0)), float(s.get('guidance_sigma_max', 0.0))
         return cls(family, nnet, family.shape(config), int(config.seed if seed is None else seed), device,
                    autoencoder, null, build_diffusion(family.time, Objective.of(config)), load_guide(config, device),
-                   (lo, hi) if lo > 0 or hi > 0 else None)
+                   (lo, hi) if lo > 0 or hi > 0 else None, s.get('guidance_interval_rule', 'per_step'))
 
     def generate_fn(self, algorithm, steps, scale, labels=None, contexts=None, decode_chunk=50):
         """generate_fn(indices: LongTensor (b,)) -> images (b, 3, H, W) float32 in [0, 1].
@@ -290,7 +317,7 @@ class Sampler:
             with torch.no_grad():
                 x0 = sample(self.nnet, diffusion, per_index_noise(indices, self.seed, self.shape, self.device),
                             algorithm=algorithm, steps=steps, cond=cond, uncond=uncond, scale=scale, guide=guide,
-                            interval=self.interval if scale > 0 else None,
+                            interval=self.interval if scale > 0 else None, interval_rule=self.interval_rule,
                             generator=index_generators(self.seed, indices, self.device)
                             if algorithm in STOCHASTIC else None)
                 if self.family.data == 'latents':

@@ -66,6 +66,7 @@ class MetricOptions:
     kid_subsets: int = kid.DEFAULT_SUBSETS
     kid_subset_size: int = kid.DEFAULT_SUBSET_SIZE
     prc_k: int = precision_recall.DEFAULT_K
+    prc_arithmetic: str = "float64"  # 'float64' | 'adm' (ADM's float16 distances; precision_recall)
     inception_weights: str = None
     dinov2_weights: str = None
     dinov2_repo: str = None
@@ -81,6 +82,7 @@ class MetricOptions:
                    resize=get("resize", "pytorch-fid"), kid_subsets=int(get("kid_subsets", kid.DEFAULT_SUBSETS)),
                    kid_subset_size=int(get("kid_subset_size", kid.DEFAULT_SUBSET_SIZE)),
                    prc_k=int(get("prc_k", precision_recall.DEFAULT_K)),
+                   prc_arithmetic=get("prc_arithmetic", "float64"),
                    inception_weights=inception_weights or config.fid.inception_weights,
                    dinov2_weights=get("dinov2_weights", "") or None, dinov2_repo=get("dinov2_repo", "") or None,
                    clip=get("clip", "") or CLIP_VERSION)
@@ -337,7 +339,8 @@ class MetricSuite:
             out["inception_score"], out["inception_score_std"] = pool.inception_score()
         if "prc" in names:
             out["precision"], out["recall"] = precision_recall.precision_recall(
-                reference["pool"], self.acc.tables["pool"], k=self.options.prc_k, device=device)
+                reference["pool"], self.acc.tables["pool"], k=self.options.prc_k, device=device,
+                arithmetic=self.options.prc_arithmetic)
         if "kid" in names:
             out["kid"], out["kid_std"] = kid.kernel_inception_distance(
                 reference["pool"], self.acc.tables["pool"], self.options.kid_subsets, self.options.kid_subset_size,

@@ -114,6 +114,9 @@ def get_config():
         projector_dim=2048,  # hidden width of the projector MLP (REPA's)
         weight=0.5,  # lambda of loss = diffusion loss + lambda * alignment loss (REPA's 0.5)
     )
+    # ours: more training aids (docs/DESIGN.md, the training-aid seam), each 'package.module:ClassName' of a class
+    # with its own config section; REPA and post-hoc EMA are built in.
+    config.training_aids = ()
     config.grad_clip = 0.0  # ours: max global L2 norm of the gradients; 0 = no clipping (as every paper config)
     config.compile = False  # ours: torch.compile the network (first steps are slow while it compiles)
     # ours: TF32 for float32 matmuls AND convolutions on Ampere+ GPUs (no effect on the CPU), in training and in

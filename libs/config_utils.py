@@ -24,13 +24,14 @@ from configs.base import get_config as base_config
 from libs import training_aids
 from libs.diffusers_autoencoder import SCALINGS
 from libs.errors import ConfigError
-from libs.export import check_objective
+from libs.export import weights_problems
+from libs.metrics.inception import problems as inception_problems
 from libs.metrics.precision_recall import ARITHMETICS
 from libs.metrics.suite import RESIZES, MetricOptions
 from libs.nnet import NNETS, problems as nnet_problems
 from libs.optim import SCHEDULES
 from libs.sampling import ALGORITHMS, INTERVAL_RULES, algorithm_problem
-from libs.tracking import LOG_WITH, trackers_for
+from libs.tracking import LOG_WITH, problems as tracking_problems
 from sde import PATHS, TIME_DISTRIBUTIONS, Objective
 
 _SECTION = (ml_collections.ConfigDict, dict)
@@ -243,6 +244,7 @@ _RANGES = [
     ("> 0", "", "repa.resolution", "repa.projector_dim"),
     ("> 0", " (weight of the alignment loss)", "repa.weight"),
 ]
+_OWNED = {"training_aids"}  # keys whose type their module checks (libs.training_aids.problems)
 _ANY_LENGTH = {"posthoc_ema.sigma_rels"}  # tuples of any length (the others have their default's)
 _CHOICES = {"diffusion": ("continuous", "discrete"), "pred": ("noise_pred",), "train.mode": ("cond", "uncond"),
             "optimizer.name": ("adamw",), "lr_scheduler.name": SCHEDULES, "nnet.name": tuple(NNETS),
@@ -261,7 +263,7 @@ def _type_problems(config, reference, prefix=""):
     for k, default in reference.items():
         key = prefix + k
         found, value = _lookup(config, key)
-        if not found or default is None:
+        if not found or default is None or key in _OWNED:
             continue
         if isinstance(default, _SECTION):
             if isinstance(value, _SECTION):
@@ -350,32 +352,13 @@ def parse_and_validate(config, *, world_size):
     lo, hi = get("sample.guidance_sigma_min"), get("sample.guidance_sigma_max")
     if _is_num(lo) and _is_num(hi) and hi > 0 and lo >= hi:
         fail("sample.guidance_sigma_max", f"must be above sample.guidance_sigma_min = {lo} (or 0: no upper limit)")
-    for key, what in (("init.path", "--init_from"), ("sample.guide_path", "config.sample.guide_path")):
-        path = get(key)
-        if isinstance(path, str) and path and key not in problems:
-            if not os.path.exists(path):
-                fail(key, f"does not exist: {what} takes a ckpts/<step>.ckpt directory, a .pth state dict or an "
-                          "exported folder (tools/export.py)")
-                continue
-            try:
-                check_objective(config, path, what)
-            except ConfigError as e:
-                fail(key, str(e))
-    for key, msg in training_aids.problems(config):  # each aid checks its own section
+    # Each module checks the values it owns: files the config names, the aids' sections, the trackers' packages.
+    owned = [*weights_problems(config), *training_aids.problems(config)]
+    for section, owner in (("fid", inception_problems), ("metrics", MetricOptions.problems)):
+        if isinstance(get(section), _SECTION):
+            owned += [(f"{section}.{key}", msg) for key, msg in owner(get(section))]
+    for key, msg in owned + tracking_problems(get("log_with")):
         fail(key, msg)
-
-    weights = get("fid.inception_weights")
-    if weights is not None and not (isinstance(weights, str) and os.path.exists(weights)):
-        fail("fid.inception_weights", "does not exist: give the path of pt_inception-2015-12-05 weights, or None "
-                                      "for the default location")
-    if isinstance(get("metrics"), _SECTION):  # the metrics check their own section
-        for key, msg in MetricOptions.problems(get("metrics")):
-            fail(f"metrics.{key}", msg)
-    if get("log_with") in LOG_WITH:
-        try:
-            trackers_for(get("log_with"))  # the tracker's package is installed
-        except ConfigError as e:
-            fail("log_with", str(e))
 
     if problems:
         raise ConfigError(next(iter(problems.values())) if len(problems) == 1 else

@@ -69,16 +69,14 @@ class InceptionStatistics:
 
     def update(self, features, logits=None, splits_of_batch=None):
         """features: (b, dims); logits: (b, num_classes) or None; splits_of_batch: (b,) int in [0, splits)."""
-        if features.ndim != 2 or features.shape[1] != self.dims:
-            raise InputError(f"expected features of shape (b, {self.dims}), got {tuple(features.shape)}")
+        assert features.ndim == 2 and features.shape[1] == self.dims, (features.shape, self.dims)  # the Inception's
         f = features.to(self.feature_sum.device, torch.float64)
         self.n += f.shape[0]
         self.feature_sum += f.sum(0)
         self.outer_sum.addmm_(f.t(), f)
         if logits is None or self.splits == 0:
             return
-        if splits_of_batch is None:
-            raise InputError("splits_of_batch is needed with logits (see libs.fid.split_ids)")
+        assert splits_of_batch is not None, "logits need their splits (libs.fid.split_ids)"
         logp = torch.log_softmax(logits.to(self.feature_sum.device, torch.float64), dim=1)
         p = logp.exp()
         s = torch.as_tensor(splits_of_batch, device=p.device, dtype=torch.long)

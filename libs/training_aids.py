@@ -1,7 +1,8 @@
 """The trainer's one seam for training aids: what trains beside the diffusion loss without being an objective.
 
-A training aid is a class with a config section of its own, named in `AIDS` by that section. The trainer
-(libs/trainer.py) knows aids only through this interface:
+A training aid is a class with a config section of its own: the built-in ones in `AIDS` (by that section),
+any other named in `config.training_aids` as 'package.module:ClassName' (imported when the config is checked).
+The trainer (libs/trainer.py) knows aids only through this interface:
 
 - `section` (class attribute): its config section, `state_key`: its key in the checkpoint's train_state.pth,
   `fresh`: what happens when a checkpoint lacks that key (logged as a warning).
@@ -21,6 +22,7 @@ A training aid is a class with a config section of its own, named in `AIDS` by t
 Its public attributes are reachable on the trainer's Run (e.g. `run.aligner` of REPA), for notebooks and tests.
 """
 import functools
+import importlib
 import logging
 
 import ml_collections
@@ -31,18 +33,49 @@ from libs.repa import Alignment
 logger = logging.getLogger(__name__)
 
 AIDS = {aid.section: aid for aid in (PostHocEMA, Alignment)}  # section -> class; the order they are built in
+INTERFACE = ('section', 'state_key', 'fresh', 'problems', 'enabled', 'wrap', 'losses', 'after_step', 'state_dict',
+             'load_state_dict')
+_NAME = "name each aid as 'package.module:ClassName', importable from where the run starts (docs/DESIGN.md)"
+
+
+def _load(name):
+    module, _, cls = name.partition(':')
+    return getattr(importlib.import_module(module), cls)
+
+
+def _name_problem(name):
+    """Why config.training_aids cannot hold `name`, or None."""
+    if not (isinstance(name, str) and name.count(':') == 1):
+        return f"{name!r} is not a class name: {_NAME}"
+    try:
+        cls = _load(name)
+    except (ImportError, AttributeError) as e:
+        return f"cannot import {name!r} ({e}): {_NAME}"
+    missing = [a for a in INTERFACE if not hasattr(cls, a)]
+    return f"{name!r} lacks {', '.join(missing)} of the training-aid interface (docs/DESIGN.md)" if missing else None
+
+
+def classes(config) -> dict:
+    """section -> class of every aid: the built-in `AIDS`, then those config.training_aids names (checked by
+    `problems`), in the order they are built in."""
+    return {**AIDS, **{aid.section: aid for aid in map(_load, config.get('training_aids', ()))}}
 
 
 def problems(config):
-    """(dotted key, message) of each aid section of `config` that its aid refuses."""
-    return [(f"{name}.{key}", msg) for name, aid in AIDS.items()
-            if isinstance(config.get(name), (ml_collections.ConfigDict, dict))
-            for key, msg in aid.problems(config[name])]
+    """(dotted key, message) of what the aids refuse: a name in config.training_aids that is not an importable
+    aid, then each aid's own checks of its section."""
+    names = config.get('training_aids', ())
+    if not isinstance(names, (tuple, list)):
+        return [('training_aids', f"must be a tuple of class names: {_NAME}")]
+    bad = [('training_aids', msg) for msg in map(_name_problem, names) if msg]
+    return bad or [(f"{name}.{key}", msg) for name, aid in classes(config).items()
+                   if isinstance(config.get(name), (ml_collections.ConfigDict, dict))
+                   for key, msg in aid.problems(config[name])]
 
 
 def build(config, nnet, data, device) -> list:
     """The aids `config` switches on (configs without a section leave its aid off)."""
-    return [aid(config[name], nnet, data, device) for name, aid in AIDS.items()
+    return [aid(config[name], nnet, data, device) for name, aid in classes(config).items()
             if config.get(name) and aid.enabled(config[name])]
 
 

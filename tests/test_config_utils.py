@@ -135,8 +135,8 @@ OUT_OF_RANGE = {
     "objective.logit_std": 0.0, "objective.shift": 0.0, "sample.guidance_sigma_min": -1.0,
     "sample.guidance_sigma_max": -1.0, "sample.guide_path": "/no/such/guide.pth",
     "posthoc_ema.sigma_rels": (0.05, 0.3), "posthoc_ema.snapshot_interval": -1, "repa.resolution": 0,
-    "repa.projector_dim": 0, "repa.weight": 0.0, "autoencoder.latent_scaling": "auto",
-    "objective.shift_base_dim": -1.0}
+    "repa.projector_dim": 0, "repa.weight": 0.0, "training_aids": ("no.such.module:Aid",),
+    "autoencoder.latent_scaling": "auto", "objective.shift_base_dim": -1.0}
 # Free values: any number (seeds, guidance scales) or any string the dataset / loader checks where it reads it.
 NO_RANGE = {"seed", "sample.scale", "grid.scale", "autoencoder.pretrained_path", "dataset.name", "sample.path",
             "wandb.project", "compile", "tf32", "optimizer.no_decay_for_embeddings_norms_biases", "dataset.cfg",

@@ -177,6 +177,12 @@ def test_class_cond_errors(tiny):
     t2i_config, t2i_nnet = tiny["t2i"]
     with pytest.raises(ConfigError, match="use sample_t2i_discrete.py"):
         sample_class_cond.main([f"--config={t2i_config}", f"--nnet_path={t2i_nnet}", "--class_ids=0", "--device=cpu"])
+    # Counts below 1 are refused as the flags are parsed, before the config or any weights are read.
+    for flag in ("--n_per_class=0", "--batch_size=0"):
+        with pytest.raises(ConfigError, match=f"^flag {flag}: 0 is not a positive integer"):
+            sample_class_cond.main(cls_args(tiny, out, "--class_ids=0", flag))
+    with pytest.raises(ConfigError, match="^flag --n_per_prompt=0: 0 is not a positive integer"):
+        sample_t2i_discrete.main(t2i_args(tiny, out, "a cat", "--n_per_prompt=0"))
 
 
 def test_class_cond_samples_with_the_config_diffusion(tiny):

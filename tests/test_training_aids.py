@@ -63,15 +63,11 @@ def toy_config(weight=0.05, **train_keys):
     config.fid.n_samples = 0
     config.sample.update(n_samples=8, sample_steps=2, mini_batch_size=8)
     config.output_penalty = ml_collections.ConfigDict({'weight': weight})
+    config.training_aids = (f'{__name__}:OutputPenalty',)  # the one line that adds the aid
     return config
 
 
-@pytest.fixture
-def toy_aid(monkeypatch):
-    monkeypatch.setitem(training_aids.AIDS, 'output_penalty', OutputPenalty)
-
-
-def test_a_toy_aid_trains_resumes_exactly_and_logs_its_metric(tmp_path, toy_aid):
+def test_a_toy_aid_trains_resumes_exactly_and_logs_its_metric(tmp_path):
     straight = train(toy_config(n_steps=6, save_interval=3), str(tmp_path / 'a'), PIXELS_CONTINUOUS)
     train(toy_config(n_steps=3), str(tmp_path / 'b'), PIXELS_CONTINUOUS)
     resumed = train(toy_config(n_steps=6), str(tmp_path / 'b'), PIXELS_CONTINUOUS)
@@ -92,9 +88,29 @@ def test_a_toy_aid_trains_resumes_exactly_and_logs_its_metric(tmp_path, toy_aid)
     assert not all(torch.equal(p, q) for p, q in zip(plain.nnet.parameters(), mid.nnet.parameters()))
 
 
-def test_an_aid_validates_its_own_section(toy_aid):
+def test_an_aid_validates_its_own_section():
     with pytest.raises(ConfigError, match=r"^config.output_penalty.weight = -1.0: must be >= 0 \(0 = off\)$"):
         parse_and_validate(toy_config(weight=-1.0), world_size=1)
+
+
+@pytest.mark.parametrize('name, message', [
+    ('tests.no_such_module:OutputPenalty', r"cannot import 'tests.no_such_module:OutputPenalty' \(No module named "
+                                            r"'tests.no_such_module'\): name each aid as 'package.module:ClassName'"),
+    (f'{__name__}:NoSuchAid', rf"cannot import '{__name__}:NoSuchAid' \(.*NoSuchAid.*\): name each aid as"),
+    ('OutputPenalty', r"'OutputPenalty' is not a class name: name each aid as 'package.module:ClassName'"),
+    (f'{__name__}:toy_config', rf"'{__name__}:toy_config' lacks section, state_key, .* of the training-aid interface"),
+])
+def test_a_name_that_is_no_aid_is_one_line_before_any_work(name, message):
+    config = toy_config()
+    config.training_aids = (name,)
+    with pytest.raises(ConfigError, match=rf"^config.training_aids = \('{name}',\): {message}") as e:
+        parse_and_validate(config, world_size=1)
+    assert '\n' not in str(e.value)
+
+
+def test_the_aids_are_built_in_then_named_in_order():
+    assert list(training_aids.classes(toy_config())) == ['posthoc_ema', 'repa', 'output_penalty']
+    assert training_aids.classes(toy_config())['output_penalty'] is OutputPenalty
 
 
 def test_a_checkpoint_written_before_the_seam_resumes(tmp_path, monkeypatch):

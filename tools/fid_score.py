@@ -33,11 +33,10 @@ def default_num_workers():
 
 
 def statistics_of_path(path, model, batch_size=50, num_workers=0, dims=2048):
-    """(mu, sigma) of an .npz file or of the images in a folder."""
+    """(mu, sigma) of an .npz file or of the images in a folder (that it exists was checked by
+    calculate_fid_given_paths; the folder's reader checks it is one)."""
     if path.endswith(".npz"):
         return fid.load_statistics(path)
-    if not os.path.exists(path):
-        raise MissingFileError(f"'{path}' is neither an existing image folder nor an .npz statistics file")
     stats = fid.dataset_statistics(fid.ImageFolder(path), model(), batch_size=batch_size,
                                    num_workers=num_workers, splits=0, dims=dims, desc=os.path.basename(path.rstrip("/")))
     return stats.mean_and_covariance()

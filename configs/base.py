@@ -33,12 +33,22 @@ def get_config():
         logit_mean=0.0,
         logit_std=1.0,
         shift=1.0,  # 'linear': time shift s t / (1 + (s - 1) t) in training and sampling (e.g. 3 for 512 px latents)
+        # ours, 'linear': > 0 derives the shift from the generated dimension d = C H W, s = sqrt(d / shift_base_dim)
+        # (SD3; RAE uses 4096); 0 = the given shift
+        shift_base_dim=0.0,
     )
 
-    # Stable Diffusion KL-f8 autoencoder; only the latent scripts read it.
+    # The autoencoder of latent configs (Stable Diffusion's KL-f8 by default); only the latent scripts read it.
     config.autoencoder = d(
-        pretrained_path='',  # path of autoencoder_kl.pth; '' = none (pixel-space configs)
+        # path of autoencoder_kl.pth, or (ours) any diffusers autoencoder: a local folder or a Hub id in the
+        # local cache, 'org/repo[/subfolder]' (docs/latents.md); '' = none (pixel-space configs)
+        pretrained_path='',
         scale_factor=0.18215,  # Stable Diffusion's latent scaling (libs/autoencoder.py get_model default)
+        # ours: z = (latent - shift) * scale from 'fixed' (scale_factor, shift 0: the paper's), 'model' (the
+        # diffusers model's scaling_factor / shift_factor / latents_mean, latents_std) or 'data' (per-channel
+        # mean / std of the extracted latents, latent_stats; '' = <dataset.path>/latent_stats.json)
+        latent_scaling='fixed',
+        latent_stats='',
     )
 
     config.train = d(

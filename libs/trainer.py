@@ -29,7 +29,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from libs import fsdp, resume_policy, sharded_checkpoint, tracking, training_aids
-from libs.autoencoder import get_model
+from libs.autoencoder import autoencoder_of
 from libs.checkpoint import checkpoint_path, latest_checkpoint, resume, save_checkpoint
 from libs.config_utils import config_overrides, define_config_flag, parse_and_validate, workdir_for
 from libs.data_loader import ResumableLoader, mix_seed, resolve_num_workers
@@ -367,14 +367,14 @@ def _train(config, workdir: str, family, accelerator):
 
     # Setup data:
     data = get_dataset(config.dataset.name, **dataset_kwargs(config))
-    family.check(config, data)
+    autoencoder = (autoencoder_of(config, image_shape=data.source_image_shape()).to(device)
+                   if family.data == 'latents' else None)
+    family.check(config, data, autoencoder)
     loader = ResumableLoader(
         data.train, batch_size=local_batch, rank=accelerator.process_index, world_size=accelerator.num_processes,
         seed=config.seed, pin_memory=config.dataloader.pin_memory,
         num_workers=resolve_num_workers(config.dataloader.num_workers, int(os.environ.get('LOCAL_WORLD_SIZE', 1))),
         persistent_workers=config.dataloader.persistent_workers)
-    autoencoder = (get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor).to(device)
-                   if family.data == 'latents' else None)
 
     # Create model: the same initialisation on every process (and for any number of processes); the EMA
     # copy starts equal to the online network, as the original's.
@@ -517,9 +517,8 @@ def dry_run(config, workdir: str, family):
     parse_and_validate(config, world_size=int(os.environ.get('WORLD_SIZE', 1)))
     family = family.for_config(config)
     data = get_dataset(config.dataset.name, **dataset_kwargs(config))
-    family.check(config, data)
-    if family.data == 'latents':
-        get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor)
+    autoencoder = autoencoder_of(config, image_shape=data.source_image_shape()) if family.data == 'latents' else None
+    family.check(config, data, autoencoder)
     meta = fsdp.enabled(config) and config.fsdp.meta_init and not config.init.path  # no full copy of a large one
     with torch.device('meta') if meta else contextlib.nullcontext():
         nnet = build_nnet(config.nnet)

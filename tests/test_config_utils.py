@@ -136,7 +136,8 @@ OUT_OF_RANGE = {
     "sample.guidance_sigma_max": -1.0, "sample.guide_path": "/no/such/guide.pth",
     "posthoc_ema.sigma_rels": (0.05, 0.3), "posthoc_ema.snapshot_interval": -1, "repa.resolution": 0,
     "repa.projector_dim": 0, "repa.weight": 0.0, "training_aids": ("no.such.module:Aid",),
-    "fsdp.replicate": 0, "fsdp.mixed_precision": "fp16"}
+    "fsdp.replicate": 0, "fsdp.mixed_precision": "fp16",
+    "autoencoder.latent_scaling": "auto", "objective.shift_base_dim": -1.0}
 # Free values: any number (seeds, guidance scales) or any string the dataset / loader checks where it reads it.
 NO_RANGE = {"seed", "sample.scale", "grid.scale", "autoencoder.pretrained_path", "dataset.name", "sample.path",
             "wandb.project", "compile", "tf32", "optimizer.no_decay_for_embeddings_norms_biases", "dataset.cfg",
@@ -146,7 +147,8 @@ NO_RANGE = {"seed", "sample.scale", "grid.scale", "autoencoder.pretrained_path",
             "fid.stat",  # missing statistics only turn training-time FID off (logged); eval checks them
             "repa.enabled", "repa.block",  # the block is checked against the network when it is built
             "repa.encoder", "repa.weights",  # checked when repa.enabled (test_repa_keys_are_checked_when_on)
-            "fsdp.enabled", "fsdp.reshard_after_forward", "fsdp.cpu_offload", "fsdp.meta_init"}
+            "fsdp.enabled", "fsdp.reshard_after_forward", "fsdp.cpu_offload", "fsdp.meta_init",
+            "autoencoder.latent_stats"}  # read (one line when missing) where the autoencoder is built
 
 
 @pytest.mark.parametrize("key, default", _every_key(), ids=[k for k, _ in _every_key()])

@@ -135,7 +135,9 @@ OUT_OF_RANGE = {
     "objective.logit_std": 0.0, "objective.shift": 0.0, "sample.guidance_sigma_min": -1.0,
     "sample.guidance_sigma_max": -1.0, "sample.guide_path": "/no/such/guide.pth",
     "posthoc_ema.sigma_rels": (0.05, 0.3), "posthoc_ema.snapshot_interval": -1, "repa.resolution": 0,
-    "repa.projector_dim": 0, "repa.weight": 0.0, "training_aids": ("no.such.module:Aid",)}
+    "repa.projector_dim": 0, "repa.weight": 0.0, "training_aids": ("no.such.module:Aid",),
+    "fsdp.replicate": 0, "fsdp.mixed_precision": "fp16",
+    "autoencoder.latent_scaling": "auto", "objective.shift_base_dim": -1.0}
 # Free values: any number (seeds, guidance scales) or any string the dataset / loader checks where it reads it.
 NO_RANGE = {"seed", "sample.scale", "grid.scale", "autoencoder.pretrained_path", "dataset.name", "sample.path",
             "wandb.project", "compile", "tf32", "optimizer.no_decay_for_embeddings_norms_biases", "dataset.cfg",
@@ -144,7 +146,9 @@ NO_RANGE = {"seed", "sample.scale", "grid.scale", "autoencoder.pretrained_path",
             "objective.logit_mean", "metrics.json", "metrics.dinov2_repo", "metrics.clip",  # checked where the file is written / loaded
             "fid.stat",  # missing statistics only turn training-time FID off (logged); eval checks them
             "repa.enabled", "repa.block",  # the block is checked against the network when it is built
-            "repa.encoder", "repa.weights"}  # checked when repa.enabled (test_repa_keys_are_checked_when_on)
+            "repa.encoder", "repa.weights",  # checked when repa.enabled (test_repa_keys_are_checked_when_on)
+            "fsdp.enabled", "fsdp.reshard_after_forward", "fsdp.cpu_offload", "fsdp.meta_init",
+            "autoencoder.latent_stats"}  # read (one line when missing) where the autoencoder is built
 
 
 @pytest.mark.parametrize("key, default", _every_key(), ids=[k for k, _ in _every_key()])

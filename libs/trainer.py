@@ -366,10 +366,10 @@ def _train(config, workdir: str, family, accelerator):
     lr_scheduler = build_lr_scheduler(optimizer, config.lr_scheduler, config.train.n_steps)
     train_nnet, optimizer = accelerator.prepare(trained, optimizer)
     logger.info("network %s: %.2fM parameters", config.nnet.name, sum(p.numel() for p in nnet.parameters()) / 1e6)
+    null = family.null_condition(config, getattr(data, 'empty_context', None))
     r = Run(config=config, workdir=workdir, family=family, accelerator=accelerator, data=data, nnet=nnet,
             nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader,
-            diffusion=build_diffusion(family.time, Objective.of(config)), autoencoder=autoencoder,
-            null=family.null_condition(config, getattr(data, 'empty_context', None)),
+            diffusion=build_diffusion(family.time, Objective.of(config), null), autoencoder=autoencoder, null=null,
             train_nnet=maybe_compile(train_nnet, config.compile),
             p_uncond=float(config.dataset.p_uncond) if config.dataset.cfg else 0.0, ema=EMAUpdater(nnet_ema, nnet),
             nonfinite=torch.zeros(config.train.n_steps + 1, dtype=torch.bool, device=device),

@@ -190,3 +190,17 @@ def test_config_needs_the_second_time_token():
     config.nnet.second_time = True  # a flow-matching network would carry an unused token
     with pytest.raises(ConfigError, match="must be False"):
         parse_and_validate(config, world_size=1)
+
+
+@pytest.mark.parametrize("name,cls", [("digits_uvit_tiny_meanflow", sde.MeanFlow), ("digits_uvit_tiny_shortcut", sde.Shortcut),
+                                      ("imagenet256_uvit_large_meanflow", sde.MeanFlow),
+                                      ("imagenet256_uvit_huge_meanflow", sde.MeanFlow),
+                                      ("imagenet256_uvit_large_shortcut", sde.Shortcut),
+                                      ("imagenet256_uvit_huge_shortcut", sde.Shortcut)])
+def test_few_step_configs_validate_and_build_their_objective(name, cls):
+    import importlib
+    config = importlib.import_module(f"configs.{name}").get_config()
+    parse_and_validate(config, world_size=1)
+    diffusion = sde.build_diffusion(config.diffusion, sde.Objective.of(config))
+    assert type(diffusion) is cls and config.nnet.second_time
+    assert not algorithm_problem(config.sample.algorithm, diffusion.path, config.diffusion)

@@ -17,7 +17,8 @@ from absl import flags
 
 from libs.errors import ConfigError, exit_on_user_error
 from libs.evaluation import load_models
-from libs.family import Sampler, data_classes
+from libs.family import data_classes
+from libs.sampling import Sampler
 from libs.sampling_cli import common_flags, generate_batches, parse_flags, sampling_settings, write_images
 
 logger = logging.getLogger("sample_class_cond")
@@ -31,7 +32,8 @@ def main(argv=None):
     argv, fv = common_flags(argv, "sample_class_cond.py")
     flags.DEFINE_list("class_ids", None, "comma-separated class indices (default: DiT's 8 demo classes for "
                       "1000-class models)", flag_values=fv)
-    flags.DEFINE_integer("n_per_class", 4, "images per class (one grid row per class)", flag_values=fv)
+    flags.DEFINE_integer("n_per_class", 4, "images per class (one grid row per class)", lower_bound=1,
+                         flag_values=fv)
     extra, config, device, family = parse_flags(fv, argv, __doc__, "label")
     if extra:
         raise ConfigError(f"unexpected arguments {extra}; give classes with --class_ids=207,360")
@@ -53,8 +55,6 @@ def main(argv=None):
         raise ConfigError(f"--class_ids {','.join(map(str, bad))}: outside 0..{n_data_classes - 1}, the classes of "
                           f"this model (config.nnet.num_classes={config.nnet.num_classes}"
                           f"{', the last one the null label of guidance' if config.dataset.cfg else ''})")
-    if fv.n_per_class < 1:
-        raise ConfigError(f"--n_per_class must be >= 1, got {fv.n_per_class}")
     algorithm, steps, scale, seed = sampling_settings(fv, config)
     if scale > 0 and not config.dataset.cfg:
         raise ConfigError(f"--scale {scale} needs a model trained with guidance dropout (config.dataset.cfg); "

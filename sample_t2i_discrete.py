@@ -22,7 +22,7 @@ from absl import flags
 from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder
 from libs.errors import ConfigError, DataError, MissingFileError, exit_on_user_error
 from libs.evaluation import load_models
-from libs.family import Sampler
+from libs.sampling import Sampler
 from libs.io_utils import atomic_write_bytes
 from libs.sampling_cli import common_flags, generate_batches, parse_flags, sampling_settings, write_images
 
@@ -52,7 +52,7 @@ def main(argv=None):
     argv, fv = common_flags(argv, "sample_t2i_discrete.py")
     flags.DEFINE_string("prompts_file", None, "text file with one prompt per line (added after the positional "
                         "prompts)", flag_values=fv)
-    flags.DEFINE_integer("n_per_prompt", 1, "images per prompt", flag_values=fv)
+    flags.DEFINE_integer("n_per_prompt", 1, "images per prompt", lower_bound=1, flag_values=fv)
     flags.DEFINE_string("clip", CLIP_VERSION, "CLIP text encoder: hub id (local cache) or directory", flag_values=fv)
     flags.DEFINE_string("empty_context", None, "(77, 768) .npy context of \"\" for guidance (default: encode \"\" "
                         "with --clip)", flag_values=fv)
@@ -61,8 +61,6 @@ def main(argv=None):
         prompts += read_prompts(fv.prompts_file)
     if not prompts:
         raise ConfigError("no prompts: give them as arguments (\"a red bus\" \"a cat\") or with --prompts_file.")
-    if fv.n_per_prompt < 1:
-        raise ConfigError(f"--n_per_prompt must be >= 1, got {fv.n_per_prompt}")
     algorithm, steps, scale, seed = sampling_settings(fv, config)
 
     clip = FrozenCLIPEmbedder(fv.clip, device=device)

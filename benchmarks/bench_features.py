@@ -30,7 +30,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from benchmarks.machine import describe_machine  # noqa: E402
-from libs import features as F  # noqa: E402
+from libs import shards as F  # noqa: E402
 from libs.autoencoder import SD_KL_F8_DDCONFIG, FrozenAutoencoderKL, get_model  # noqa: E402
 from libs.datasets.features import ImageNetFeatures  # noqa: E402
 from benchmarks.tiny_models import write_tiny_autoencoder, write_tiny_clip  # noqa: E402

@@ -18,7 +18,7 @@ import torch
 
 from benchmarks.machine import describe_machine, sync
 from libs import fid
-from tools import inception
+from libs.metrics import inception
 
 
 def images_per_second(device, batch, iters, size):

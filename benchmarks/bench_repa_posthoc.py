@@ -30,7 +30,8 @@ from benchmarks.machine import describe_machine  # noqa: E402
 from configs.digits_uvit_tiny import get_config  # noqa: E402
 from libs.datasets import dataset_kwargs, get_dataset  # noqa: E402
 from libs.evaluation import generate_all, load_models  # noqa: E402
-from libs.family import PIXELS_CONTINUOUS, Sampler  # noqa: E402
+from libs.family import PIXELS_CONTINUOUS  # noqa: E402
+from libs.sampling import Sampler  # noqa: E402
 
 WIDTHS = (0.03, 0.05, 0.08, 0.12, 0.18, 0.25)
 

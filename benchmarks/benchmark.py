@@ -13,7 +13,7 @@ Sections (--only picks one or several, comma-separated; default all):
             forward of 2B) and as two forwards of B (the original).
   features  autoencoder encode (KL-f8, 256x256 -> moments) and FID Inception statistics throughput, default and
             channels-last. Random weights: the speed does not depend on them.
-  data      latent-feature loading, packed memory-mapped vs the original file per sample (libs.features),
+  data      latent-feature loading, packed memory-mapped vs the original file per sample (libs.shards),
             through the training dataset class and a DataLoader.
 
 Every setting of train / sample / features / data runs in a fresh subprocess, so its peak memory is its own: peak
@@ -53,14 +53,14 @@ from libs.autoencoder import SD_EMBED_DIM, SD_KL_F8_DDCONFIG, FrozenAutoencoderK
 from libs.data_loader import ResumableLoader  # noqa: E402
 from libs.datasets.features import LabelledMoments  # noqa: E402
 from libs.ema import EMAUpdater, make_ema  # noqa: E402
-from libs.features import ShardWriter, open_features, plan_shards, write_manifest  # noqa: E402
+from libs.shards import ShardWriter, open_features, plan_shards, write_manifest  # noqa: E402
 from libs.family import family_of  # noqa: E402
 from libs.fid import InceptionStatistics, accumulate  # noqa: E402
 from libs.nnet import NNETS, build_nnet  # noqa: E402
 from libs.perf import configure_tf32, maybe_compile  # noqa: E402
 from libs.sampling import sample  # noqa: E402
 from sde import build_diffusion  # noqa: E402
-from tools.inception import FIDInceptionV3, random_state_dict  # noqa: E402
+from libs.metrics.inception import FIDInceptionV3, random_state_dict  # noqa: E402
 
 SECTIONS = ("train", "ablation", "update", "sample", "features", "data")
 # The paper configs whose network, optimizer and diffusion the benchmark runs.

@@ -1,6 +1,6 @@
 """The digit score against the number of network calls for digits runs of any objective: MeanFlow and shortcut
 models with their own samplers (k calls = k jumps), flow matching with Euler (1, 2, 4 calls) and the demo's Heun
-(13 steps = 25 calls). Everything goes through the engine (libs.family.Sampler) with each run's config.json, so
+(13 steps = 25 calls). Everything goes through the engine (libs.sampling.Sampler) with each run's config.json, so
 the guidance is the run's own: config.sample.scale when config.sample.cfg (one batched forward of the conditional
 and unconditional branches per call), none for MeanFlow, whose guidance is inside its training target.
 
@@ -24,7 +24,8 @@ from benchmarks.machine import describe_machine  # noqa: E402
 from libs.checkpoint import latest_checkpoint  # noqa: E402
 from libs.datasets import dataset_kwargs, get_dataset  # noqa: E402
 from libs.evaluation import load_models  # noqa: E402
-from libs.family import Sampler, family_of, guidance_scale  # noqa: E402
+from libs.family import family_of, guidance_scale  # noqa: E402
+from libs.sampling import Sampler  # noqa: E402
 from sde import Objective  # noqa: E402
 
 

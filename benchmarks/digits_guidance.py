@@ -1,6 +1,6 @@
 """The digit score of a trained digits run under guidance variants: plain classifier-free guidance, guidance
 limited to a noise interval, and autoguidance by a weaker network. Everything goes through the engine
-(libs.family.Sampler, config.sample keys), with the run's own config.json, so the objective is the run's.
+(libs.sampling.Sampler, config.sample keys), with the run's own config.json, so the objective is the run's.
 
     python benchmarks/digits_guidance.py --run workdir/digits_flow [--guide workdir/digits_guide/ckpts/300.ckpt]
         [--n 1000] [--scale 1.0]
@@ -23,7 +23,8 @@ from benchmarks.machine import describe_machine  # noqa: E402
 from libs.checkpoint import latest_checkpoint  # noqa: E402
 from libs.datasets import dataset_kwargs, get_dataset  # noqa: E402
 from libs.evaluation import load_models  # noqa: E402
-from libs.family import Sampler, family_of  # noqa: E402
+from libs.family import family_of  # noqa: E402
+from libs.sampling import Sampler  # noqa: E402
 from sde import Objective  # noqa: E402
 
 

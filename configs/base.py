@@ -115,6 +115,9 @@ def get_config():
         projector_dim=2048,  # hidden width of the projector MLP (REPA's)
         weight=0.5,  # lambda of loss = diffusion loss + lambda * alignment loss (REPA's 0.5)
     )
+    # ours: more training aids (docs/DESIGN.md, the training-aid seam), each 'package.module:ClassName' of a class
+    # with its own config section; REPA and post-hoc EMA are built in.
+    config.training_aids = ()
     config.grad_clip = 0.0  # ours: max global L2 norm of the gradients; 0 = no clipping (as every paper config)
     config.compile = False  # ours: torch.compile the network (first steps are slow while it compiles)
     # ours: TF32 for float32 matmuls AND convolutions on Ampere+ GPUs (no effect on the CPU), in training and in
@@ -149,6 +152,9 @@ def get_config():
         # (guidance_sigma_min, guidance_sigma_max] (Kynkaanniemi et al. 2024); both 0 = every step (the paper)
         guidance_sigma_min=0.0,
         guidance_sigma_max=0.0,  # 0 = no upper limit
+        # ours: whose sigma decides the interval: 'per_step' (the step's start, for every evaluation of the step:
+        # the authors' sampler, whose FIDs are the comparison) | 'per_evaluation' (each network evaluation's)
+        guidance_interval_rule='per_step',
         # ours: autoguidance (Karras et al. 2024): eps_u is the conditional prediction of this weaker network
         # of the same objective (a ckpts/<step>.ckpt directory, an exported folder, or a .pth of config.nnet's
         # architecture) instead of the unconditional branch; '' = classifier-free guidance
@@ -189,6 +195,7 @@ def get_config():
         kid_subsets=100,  # KID: subsets (torch-fidelity's defaults)
         kid_subset_size=1000,  # KID: features per subset
         prc_k=3,  # precision/recall: k of the k-NN radii (ADM's evaluator)
+        prc_arithmetic='float64',  # precision/recall distances: 'float64' (the formula) | 'adm' (ADM's float16)
         dinov2_weights='',  # dinov2_vitl14_pretrain.pth; '' = <torch hub dir>/checkpoints/
         dinov2_repo='',  # the facebookresearch/dinov2 hub code; '' = <torch hub dir>/facebookresearch_dinov2_main
         clip='',  # CLIP model folder or hub id for the CLIP score; '' = openai/clip-vit-large-patch14

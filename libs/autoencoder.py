@@ -289,7 +289,7 @@ def _check_image(x, channels, factor):
     if x.shape[2] % factor or x.shape[3] % factor:
         raise InputError(f"image height and width must be multiples of {factor}; got {tuple(x.shape[2:])}. Crop or resize first.")
     # Checked on the CPU only: on a GPU it would cost a host sync per batch in the training loop.
-    # NaN moments are still caught before anything is written (libs/features.ShardWriter.write).
+    # NaN moments are still caught before anything is written (libs/shards.ShardWriter.write).
     if x.device.type == "cpu" and not torch.isfinite(x).all():
         raise InputError("images contain NaN or infinite values; check the data loader.")
 

@@ -21,15 +21,16 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs.base import get_config as base_config
+from libs import training_aids
 from libs.errors import ConfigError
-from libs.export import check_objective
-from libs.metrics.suite import RESIZES, parse_names
-from libs.nnet import NNETS
+from libs.export import weights_problems
+from libs.metrics.inception import problems as inception_problems
+from libs.metrics.precision_recall import ARITHMETICS
+from libs.metrics.suite import RESIZES, MetricOptions
+from libs.nnet import NNETS, problems as nnet_problems
 from libs.optim import SCHEDULES
-from libs.posthoc_ema import SIGMA_REL_MAX
-from libs.repa import DINOV2
-from libs.sampling import ALGORITHMS, algorithm_problem
-from libs.tracking import LOG_WITH, trackers_for
+from libs.sampling import ALGORITHMS, INTERVAL_RULES, algorithm_problem
+from libs.tracking import LOG_WITH, problems as tracking_problems
 from sde import PATHS, SECOND_TIMES, TIME_DISTRIBUTIONS, TWO_TIME_PATHS, Objective
 
 _SECTION = (ml_collections.ConfigDict, dict)
@@ -241,12 +242,15 @@ _RANGES = [
     ("> 0", "", "repa.resolution", "repa.projector_dim"),
     ("> 0", " (weight of the alignment loss)", "repa.weight"),
 ]
+_OWNED = {"training_aids"}  # keys whose type their module checks (libs.training_aids.problems)
 _ANY_LENGTH = {"posthoc_ema.sigma_rels"}  # tuples of any length (the others have their default's)
 _CHOICES = {"diffusion": ("continuous", "discrete"), "pred": ("noise_pred",), "train.mode": ("cond", "uncond"),
             "optimizer.name": ("adamw",), "lr_scheduler.name": SCHEDULES, "nnet.name": tuple(NNETS),
-            "sample.algorithm": ALGORITHMS, "grid.algorithm": ("",) + ALGORITHMS,
+            "sample.algorithm": ALGORITHMS, "sample.guidance_interval_rule": INTERVAL_RULES,
+            "grid.algorithm": ("",) + ALGORITHMS,
             "wandb.mode": ("online", "offline", "disabled"), "log_with": LOG_WITH,
             "metrics.labels": ("uniform", "balanced"), "metrics.resize": RESIZES,
+            "metrics.prc_arithmetic": ARITHMETICS,
             "objective.path": PATHS, "objective.time_dist": TIME_DISTRIBUTIONS,
             "objective.second_time": SECOND_TIMES}
 
@@ -257,7 +261,7 @@ def _type_problems(config, reference, prefix=""):
     for k, default in reference.items():
         key = prefix + k
         found, value = _lookup(config, key)
-        if not found or default is None:
+        if not found or default is None or key in _OWNED:
             continue
         if isinstance(default, _SECTION):
             if isinstance(value, _SECTION):
@@ -277,27 +281,6 @@ def _nnet_reference(config):
     cls = NNETS.get(_lookup(config, "nnet.name")[1])
     params = inspect.signature(cls.__init__).parameters.values() if cls else ()
     return {p.name: p.default for p in params if isinstance(p.default, (bool, int, float))}
-
-
-def _check_metrics(get, fail):
-    """config.metrics: known metric names, integer seeds, an .npz sample file, existing network files."""
-    if isinstance(get("metrics.names"), str):
-        try:
-            parse_names(get("metrics.names"))
-        except ConfigError as e:
-            fail("metrics.names", str(e).split(": ", 1)[-1])
-    seeds = get("metrics.seeds")
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        seeds = str(seeds)  # --config.metrics.seeds=3 parses as an integer
-    if isinstance(seeds, str) and not all(t.strip().lstrip("-").isdigit() for t in seeds.split(",") if t.strip()):
-        fail("metrics.seeds", "must be comma-separated integers, e.g. 0,1,2 ('' = config.seed)")
-    npz = get("metrics.npz")
-    if isinstance(npz, str) and npz and not npz.endswith(".npz"):
-        fail("metrics.npz", "must end in .npz (the ADM sample file)")
-    for key in ("metrics.reference", "metrics.dinov2_weights"):
-        value = get(key)
-        if isinstance(value, str) and value and not os.path.isfile(value):
-            fail(key, "does not exist: give the path of an existing file ('' = the default)")
 
 
 def parse_and_validate(config, *, world_size):
@@ -338,18 +321,9 @@ def parse_and_validate(config, *, world_size):
     if isinstance(betas, (tuple, list)) and not all(_is_num(b) and 0 <= b < 1 for b in betas):
         fail("optimizer.betas", "must be two numbers in [0, 1), e.g. (0.99, 0.999)")
 
-    qk_scale = get("nnet.qk_scale")
-    if qk_scale is not None and not (_is_num(qk_scale) and qk_scale > 0):
-        fail("nnet.qk_scale", "must be None (head_dim ** -0.5) or a number > 0")
-    img, patch, embed, heads = (get(f"nnet.{k}") for k in ("img_size", "patch_size", "embed_dim", "num_heads"))
-    if _is_int(img) and _is_int(patch) and img > 0 and patch > 0 and img % patch:
-        divisors = [d for d in range(1, img + 1) if img % d == 0]
-        near = [d for d in divisors if d < patch][-1:] + [d for d in divisors if d > patch][:1]
-        fail("nnet.patch_size", f"does not divide nnet.img_size = {img}: the image must split into whole patches "
-                                f"(use a divisor of {img}: {' or '.join(map(str, near))})")
-    if _is_int(embed) and _is_int(heads) and embed > 0 and heads > 0 and embed % heads:
-        fail("nnet.num_heads", f"does not divide nnet.embed_dim = {embed} (each head gets embed_dim / num_heads "
-                               f"channels)")
+    if isinstance(get("nnet"), _SECTION):  # the networks check their own section
+        for key, msg in nnet_problems(get("nnet")):
+            fail(f"nnet.{key}", msg)
     z_shape = get("z_shape")
     if z_shape is not None:
         if not (isinstance(z_shape, (tuple, list)) and len(z_shape) == 3
@@ -383,39 +357,13 @@ def parse_and_validate(config, *, world_size):
     lo, hi = get("sample.guidance_sigma_min"), get("sample.guidance_sigma_max")
     if _is_num(lo) and _is_num(hi) and hi > 0 and lo >= hi:
         fail("sample.guidance_sigma_max", f"must be above sample.guidance_sigma_min = {lo} (or 0: no upper limit)")
-    for key, what in (("init.path", "--init_from"), ("sample.guide_path", "config.sample.guide_path")):
-        path = get(key)
-        if isinstance(path, str) and path and key not in problems:
-            if not os.path.exists(path):
-                fail(key, f"does not exist: {what} takes a ckpts/<step>.ckpt directory, a .pth state dict or an "
-                          "exported folder (tools/export.py)")
-                continue
-            try:
-                check_objective(config, path, what)
-            except ConfigError as e:
-                fail(key, str(e))
-    sigma_rels = get("posthoc_ema.sigma_rels")
-    if isinstance(sigma_rels, (tuple, list)) and not all(_is_num(v) and 0 < v < SIGMA_REL_MAX for v in sigma_rels):
-        fail("posthoc_ema.sigma_rels", f"each width must lie in (0, {SIGMA_REL_MAX:.4f}) (EDM2 keeps 0.05 and 0.10)")
-    if get("repa.enabled") is True:
-        spec, repa_weights = get("repa.encoder"), get("repa.weights")
-        if isinstance(spec, str) and not (spec in DINOV2 or spec == "torchscript" or (
-                spec.partition(":")[0] in ("timm", "torchvision") and spec.partition(":")[2])):
-            fail("repa.encoder", f"not one of {', '.join(DINOV2)}, 'timm:<name>', 'torchvision:<vit name>', "
-                                 f"'torchscript'")
-        if isinstance(repa_weights, str) and repa_weights and not os.path.isfile(repa_weights):
-            fail("repa.weights", "does not exist: give the encoder's weights file ('' = the torch hub cache, DINOv2)")
-
-    weights = get("fid.inception_weights")
-    if weights is not None and not (isinstance(weights, str) and os.path.exists(weights)):
-        fail("fid.inception_weights", "does not exist: give the path of pt_inception-2015-12-05 weights, or None "
-                                      "for the default location")
-    _check_metrics(get, fail)
-    if get("log_with") in LOG_WITH:
-        try:
-            trackers_for(get("log_with"))  # the tracker's package is installed
-        except ConfigError as e:
-            fail("log_with", str(e))
+    # Each module checks the values it owns: files the config names, the aids' sections, the trackers' packages.
+    owned = [*weights_problems(config), *training_aids.problems(config)]
+    for section, owner in (("fid", inception_problems), ("metrics", MetricOptions.problems)):
+        if isinstance(get(section), _SECTION):
+            owned += [(f"{section}.{key}", msg) for key, msg in owner(get(section))]
+    for key, msg in owned + tracking_problems(get("log_with")):
+        fail(key, msg)
 
     if problems:
         raise ConfigError(next(iter(problems.values())) if len(problems) == 1 else

@@ -27,8 +27,7 @@ class EMAUpdater:
     def __init__(self, ema: nn.Module, online: nn.Module):
         ema_params = dict(ema.named_parameters())
         online_params = dict(online.named_parameters())
-        if ema_params.keys() != online_params.keys():
-            raise ValueError("EMA and online networks have different parameters")
+        assert ema_params.keys() == online_params.keys(), "the EMA network is a copy of the online one"
         self.ema_params = [ema_params[k] for k in online_params]
         self.online_params = [online_params[k] for k in online_params]
         self.ema_buffers = list(ema.buffers())

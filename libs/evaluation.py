@@ -2,8 +2,8 @@
 
 `evaluate` is the one scoring path: the eval scripts (through `run_evaluation`) and training's
 periodic FID both call it. Image i of an evaluation is a function of (seed, i) only: the
-caller's `generate_fn` draws its noise with `libs.family.per_index_noise` (or the generators of
-`libs.family.index_generators`), and labels / captions come from tables indexed by i. The indices
+caller's `generate_fn` draws its noise with `libs.sampling.per_index_noise` (or the generators of
+`libs.sampling.index_generators`), and labels / captions come from tables indexed by i. The indices
 0..n_samples-1 are dealt to the processes as rank::world_size, so 1 or 8 processes make the
 same images (up to kernel nondeterminism) and exactly n_samples of them.
 
@@ -36,7 +36,7 @@ from libs.data_loader import mix_seed
 from libs.datasets.features import caption_contexts
 from libs.errors import ConfigError, InputError, MissingFileError, exit_on_user_error
 from libs.export import check_objective, load_weights
-from libs.family import Sampler
+from libs.sampling import Sampler
 from libs.io_utils import atomic_path, atomic_write_bytes
 from libs.logging_utils import setup_logging
 from libs.metrics.sample_file import ShardedSampleWriter, to_uint8_hwc

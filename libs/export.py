@@ -207,6 +207,26 @@ def check_objective(config, path, what="--nnet_path"):
                           f"{config.get('diffusion', 'continuous')!r}): use the config it was trained with")
 
 
+def weights_problems(config):
+    """(key, message) of each weights path of `config` (config.init.path of --init_from, config.sample.guide_path)
+    that is not there or whose model was trained with another objective: what
+    libs.config_utils.parse_and_validate reports before any work."""
+    out = []
+    for section, key, what in (("init", "path", "--init_from"), ("sample", "guide_path", "config.sample.guide_path")):
+        path = (config.get(section) or {}).get(key)
+        if not (isinstance(path, str) and path):
+            continue
+        if not os.path.exists(path):
+            out.append((f"{section}.{key}", f"does not exist: {what} takes a ckpts/<step>.ckpt directory, a .pth state "
+                                            "dict or an exported folder (tools/export.py)"))
+            continue
+        try:
+            check_objective(config, path, what)
+        except ConfigError as e:
+            out.append((f"{section}.{key}", str(e)))
+    return out
+
+
 def load_guide(config, device):
     """The autoguidance network of config.sample.guide_path in eval mode on `device`, or None when unset.
 

@@ -5,18 +5,14 @@
 - condition: 'text' for uvit_t2i (CLIP context (77, 768)), 'none' with config.train.mode='uncond', else 'label'.
 
 `SCRIPTS` names each family's train and eval script; each entry script serves one family (the constants at the
-end) and names the right script for a config of another. `Sampler` is the one image-producing path.
+end) and names the right script for a config of another. Images are made by `libs.sampling.Sampler`.
 """
 import dataclasses
-from typing import Any
 
 import torch
 
-from libs.data_loader import mix_seed
 from libs.errors import ConfigError
-from libs.sampling import sample
-from libs.export import load_guide
-from sde import Objective, build_diffusion
+from sde import Objective
 
 # (train script, eval script) of each (data, time, text?); other combinations have no script.
 SCRIPTS = {
@@ -29,24 +25,6 @@ SCRIPTS = {
 _COND_KEYS = {'label': 'y', 'text': 'context'}
 # Dataset kinds (libs/datasets `data.kind`) each data kind can train on.
 _DATASET_KINDS = {'pixels': ('pixels',), 'latents': ('latent_moments', 'images_for_autoencoder')}
-
-
-def per_index_noise(indices, seed: int, shape, device=None) -> torch.Tensor:
-    """(len(indices), *shape) standard normal noise, row k a function of (seed, indices[k]) only: drawn on the
-    CPU, so the same image comes out on any device and any number of processes."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(mix_seed(seed, int(i))))
-                        for i in indices]).to(device)
-
-
-def index_generators(seed, indices, device="cpu"):
-    """One torch.Generator per image, seeded by (seed, i): for noise a sampler draws per step (SDE)."""
-    return [torch.Generator(device=device).manual_seed(mix_seed(seed + 1, int(i))) for i in indices]
-
-
-def to_unit_images(x: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) in [-1, 1] -> (B, 3, H, W) float32 in [0, 1] (grey images repeated to RGB)."""
-    x = ((x.float() + 1) / 2).clamp_(0, 1)
-    return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
 
 
 def guidance_scale(config) -> float:
@@ -217,66 +195,6 @@ class Family:
             contexts = torch.as_tensor(vis_contexts, dtype=torch.float32)[:n_rows]
             return None, contexts.repeat_interleave(n_cols, dim=0), contexts.shape[0] * n_cols
         return None, None, n_rows * n_cols
-
-
-@dataclasses.dataclass
-class Sampler:
-    """A network ready to sample: `generate_fn` turns image indices into images. Image i starts from noise seeded
-    by (seed, i), conditioned on labels[i] / contexts[i]: any split of the indices gives the same images."""
-    family: Family
-    nnet: Any
-    shape: tuple  # (C, H, W) of x0
-    seed: int
-    device: Any
-    autoencoder: Any = None  # latent families: decodes x0
-    null: Any = None  # null label / empty context of guidance, or None
-    diffusion: Any = None  # what nnet was trained with (sde.build_diffusion); None: the family's default objective
-    guide: Any = None  # autoguidance network (config.sample.guide_path), or None
-    interval: Any = None  # (sigma_lo, sigma_hi) of guidance (config.sample.guidance_sigma_*), or None
-
-    @classmethod
-    def for_config(cls, config, family, nnet, device, autoencoder=None, null=None, seed=None):
-        """The Sampler of a network trained with `config`: its objective, and config.sample's guidance interval and
-        autoguidance network."""
-        s = config.sample
-        lo, hi = float(s.get('guidance_sigma_min', 0.0)), float(s.get('guidance_sigma_max', 0.0))
-        return cls(family, nnet, family.shape(config), int(config.seed if seed is None else seed), device,
-                   autoencoder, null, build_diffusion(family.time, Objective.of(config)), load_guide(config, device),
-                   (lo, hi) if lo > 0 or hi > 0 else None)
-
-    def generate_fn(self, algorithm, steps, scale, labels=None, contexts=None, decode_chunk=50):
-        """generate_fn(indices: LongTensor (b,)) -> images (b, 3, H, W) float32 in [0, 1].
-
-        scale: guidance scale s of eps_c + s (eps_c - eps_u) against `null` (the original's convention);
-        0 = unguided. Latents are decoded `decode_chunk` at a time.
-        """
-        if scale > 0 and self.null is None and self.guide is None:
-            raise ConfigError("guided sampling (scale > 0) needs the null label / empty context")
-        if self.family.data == 'latents' and self.autoencoder is None:
-            raise ConfigError("decoding latents needs the autoencoder (config.autoencoder.pretrained_path)")
-        diffusion = self.diffusion or build_diffusion(self.family.time)
-        guide = self.guide if scale > 0 else None
-
-        def generate_fn(indices):
-            indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
-            key, table, dtype = (('y', labels, torch.int64) if labels is not None
-                                 else ('context', contexts, torch.float32))
-            cond = uncond = None
-            if table is not None:  # uncond: the null label / empty context for every image
-                c = torch.as_tensor(table[indices], dtype=dtype, device=self.device)
-                cond = {key: c}
-                uncond = {key: torch.as_tensor(self.null).to(c).expand_as(c)} if scale > 0 and guide is None else None
-            with torch.no_grad():
-                x0 = sample(self.nnet, diffusion, per_index_noise(indices, self.seed, self.shape, self.device),
-                            algorithm=algorithm, steps=steps, cond=cond, uncond=uncond, scale=scale, guide=guide,
-                            interval=self.interval if scale > 0 else None,
-                            generator=index_generators(self.seed, indices, self.device)
-                            if algorithm in ('euler_maruyama_sde', 'flow_sde') else None)
-                if self.family.data == 'latents':
-                    ae = self.autoencoder
-                    x0 = ae.decode_in_chunks(x0.to(next(ae.parameters()).dtype), decode_chunk)
-            return to_unit_images(x0)
-        return generate_fn
 
 
 PIXELS_CONTINUOUS = Family('pixels', 'continuous', 'label')  # train.py, eval.py

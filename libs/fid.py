@@ -1,7 +1,7 @@
 """FID and Inception Score statistics: PNG quantisation, streaming moments, the distances.
 
 FID (Heusel et al. 2017, arXiv 1706.08500) fits a Gaussian to the 2048-d pool3 features of the FID Inception
-network (tools/inception.py) on each image set: d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
+network (libs/metrics/inception.py) on each image set: d^2 = |mu1 - mu2|^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)).
 Inception Score (Salimans et al. 2016, arXiv 1606.03498): IS = exp(E_x KL(p(y|x) || p(y))), averaged over `splits`
 contiguous chunks of the samples.
 
@@ -42,8 +42,12 @@ def quantize_like_png(x):
 
 
 def split_ids(indices, n_total, splits):
-    """IS split of each global sample index: contiguous chunks of n_total // splits, as the original."""
-    return torch.div(torch.as_tensor(indices, dtype=torch.long) * splits, n_total, rounding_mode="floor")
+    """IS split of each global sample index (long (b,)): split k holds the indices in
+    [floor(k n_total / splits), floor((k + 1) n_total / splits)), the slices of Salimans et al.'s reference code
+    and torch-fidelity. Index i is in split k iff floor(k n / s) <= i, i.e. k n < (i + 1) s, so
+    k = floor(((i + 1) s - 1) / n)."""
+    i = torch.as_tensor(indices, dtype=torch.long)
+    return torch.div((i + 1) * splits - 1, int(n_total), rounding_mode="floor")
 
 
 class InceptionStatistics:
@@ -65,16 +69,14 @@ class InceptionStatistics:
 
     def update(self, features, logits=None, splits_of_batch=None):
         """features: (b, dims); logits: (b, num_classes) or None; splits_of_batch: (b,) int in [0, splits)."""
-        if features.ndim != 2 or features.shape[1] != self.dims:
-            raise InputError(f"expected features of shape (b, {self.dims}), got {tuple(features.shape)}")
+        assert features.ndim == 2 and features.shape[1] == self.dims, (features.shape, self.dims)  # the Inception's
         f = features.to(self.feature_sum.device, torch.float64)
         self.n += f.shape[0]
         self.feature_sum += f.sum(0)
         self.outer_sum.addmm_(f.t(), f)
         if logits is None or self.splits == 0:
             return
-        if splits_of_batch is None:
-            raise InputError("splits_of_batch is needed with logits (see libs.fid.split_ids)")
+        assert splits_of_batch is not None, "logits need their splits (libs.fid.split_ids)"
         logp = torch.log_softmax(logits.to(self.feature_sum.device, torch.float64), dim=1)
         p = logp.exp()
         s = torch.as_tensor(splits_of_batch, device=p.device, dtype=torch.long)

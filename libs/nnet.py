@@ -8,6 +8,8 @@ ones wrapped as {'state_dict': ...}.
 """
 import inspect
 import logging
+import math
+import numbers
 
 import torch
 
@@ -35,6 +37,27 @@ def build_nnet(nnet_config):
         raise ConfigError(f"config.nnet has entries {unknown} that network '{name}' does not take; "
                           f"it takes: {', '.join(sorted(accepted))}")
     return cls(**kwargs)
+
+
+def problems(section):
+    """(key in config.nnet, message) of each value a U-ViT cannot be built with: the patch size must divide the
+    image size, the heads the width, qk_scale be None or > 0 (types are checked by libs.config_utils)."""
+    def integer(v):
+        return isinstance(v, numbers.Integral) and not isinstance(v, bool) and v > 0
+    out, qk_scale = [], section.get('qk_scale')
+    if qk_scale is not None and not (isinstance(qk_scale, numbers.Real) and not isinstance(qk_scale, bool)
+                                     and math.isfinite(qk_scale) and qk_scale > 0):
+        out.append(('qk_scale', "must be None (head_dim ** -0.5) or a number > 0"))
+    img, patch, embed, heads = (section.get(k) for k in ('img_size', 'patch_size', 'embed_dim', 'num_heads'))
+    if integer(img) and integer(patch) and img % patch:
+        divisors = [d for d in range(1, img + 1) if img % d == 0]
+        near = [d for d in divisors if d < patch][-1:] + [d for d in divisors if d > patch][:1]
+        out.append(('patch_size', f"does not divide nnet.img_size = {img}: the image must split into whole patches "
+                                  f"(use a divisor of {img}: {' or '.join(map(str, near))})"))
+    if integer(embed) and integer(heads) and embed % heads:
+        out.append(('num_heads', f"does not divide nnet.embed_dim = {embed} (each head gets embed_dim / num_heads "
+                                 f"channels)"))
+    return out
 
 
 def unwrap_state_dict(state_dict):

@@ -14,7 +14,9 @@ Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion 
   omega_{t_k, gamma_k}; the EMA of any other width at step T is approximated by the combination
   sum_k c_k snapshot_k whose profile is nearest to omega_{T, gamma*} in L2 over [0, T]: c solves the normal
   equations A c = b with A_jk = <omega_j, omega_k>, b_k = <omega_k, omega*>, in closed form for power
-  functions (`profile_inner`).
+  functions (`profile_inner`), and is then divided by its sum (EDM2's Algorithm 3): the least-squares
+  profile's total weight misses 1 by a little, and every weight of the reconstruction would carry that scale
+  error; rescaled, the combination is a weighted average of the snapshots, as an EMA is.
 
 Training keeps the profiles with `PowerEMA` (one fused torch._foreach_lerp_ per width per step, no host
 sync) and writes snapshots atomically to <workdir>/posthoc_ema/<step>.pth; tools/posthoc_ema.py
@@ -22,6 +24,7 @@ reconstructs a width from them into a plain network state dict.
 """
 import logging
 import math
+import numbers
 import os
 import re
 
@@ -75,11 +78,13 @@ def profile_inner(t1, g1, t2, g2):
 
 def solve_coefficients(snapshot_steps, snapshot_gammas, step, gamma):
     """(c (K,), relative L2 error of the fitted profile): the combination of the K stored profiles
-    (snapshot_steps[k], snapshot_gammas[k]) nearest to the profile (step, gamma)."""
+    (snapshot_steps[k], snapshot_gammas[k]) nearest to the profile (step, gamma), rescaled to sum to 1 (EDM2,
+    Algorithm 3); the error is that of the rescaled combination."""
     t, g = np.asarray(snapshot_steps, np.float64), np.asarray(snapshot_gammas, np.float64)
     A = profile_inner(t[:, None], g[:, None], t[None, :], g[None, :])
     b = profile_inner(t, g, step, gamma)
     c = np.linalg.lstsq(A, b, rcond=None)[0]
+    c = c / c.sum()
     target = profile_inner(step, gamma, step, gamma)
     residual = max(float(c @ A @ c - 2 * c @ b + target), 0.0)
     return c, math.sqrt(residual / target)
@@ -181,3 +186,44 @@ def reconstruct(workdir: str, sigma_rel: float, step=None):
     out.update(headers[-1]['buffers'])  # buffers are not averaged (the network's at that step)
     return out, {'sigma_rel': float(sigma_rel), 'gamma': gamma, 'step': step, 'profile_error': error,
                  'snapshots': len(headers)}
+
+
+class PostHocEMA:
+    """Post-hoc EMA as a training aid (libs/training_aids.py): config.posthoc_ema, the profiles in
+    train_state.pth, a snapshot every snapshot_interval steps and at the last step (main process only)."""
+    section, state_key = 'posthoc_ema', 'posthoc_ema'
+    fresh = 'the post-hoc EMA profiles start at this step (reconstructions assume step 0)'
+
+    def __init__(self, section, nnet, data, device):
+        self.interval = section.snapshot_interval
+        self.posthoc = PowerEMA(nnet, section.sigma_rels)
+
+    @staticmethod
+    def problems(section):
+        """config.posthoc_ema.sigma_rels: each width in EDM2's range."""
+        sigma_rels = section.get('sigma_rels')
+        if isinstance(sigma_rels, (tuple, list)) and not all(
+                isinstance(v, numbers.Real) and not isinstance(v, bool) and 0 < v < SIGMA_REL_MAX for v in sigma_rels):
+            return [('sigma_rels', f"each width must lie in (0, {SIGMA_REL_MAX:.4f}) (EDM2 keeps 0.05 and 0.10)")]
+        return []
+
+    @staticmethod
+    def enabled(section):
+        return bool(section.snapshot_interval)
+
+    def wrap(self, module):
+        return module
+
+    def losses(self, batch):
+        return {}
+
+    def after_step(self, run, step, applied):
+        self.posthoc.update(step, applied)
+        if run.accelerator.is_main_process and (step % self.interval == 0 or step == run.config.train.n_steps):
+            self.posthoc.save_snapshot(run.workdir, step)  # the one host copy of the profiles per interval
+
+    def state_dict(self):
+        return self.posthoc.state_dict()
+
+    def load_state_dict(self, state):
+        self.posthoc.load_state_dict(state)

@@ -268,3 +268,50 @@ def build_alignment(repa_config, nnet, data, device):
                 repa_config.weight)
     projector = Projector(nnet.embed_dim, repa_config.projector_dim, shape[1]).to(device)
     return AlignedNetwork(nnet, projector, repa_config.block), encoder
+
+
+class Alignment:
+    """REPA as a training aid (libs/training_aids.py): config.repa, the projector in train_state.pth."""
+    section, state_key, fresh = 'repa', 'repa_projector', 'the REPA projector starts afresh'
+
+    def __init__(self, section, nnet, data, device):
+        self.weight = section.weight
+        self.aligner, self.encoder = build_alignment(section, nnet, data, device)
+
+    @staticmethod
+    def problems(section):
+        """config.repa's encoder name and weights file (when enabled)."""
+        out, spec, weights = [], section.get('encoder'), section.get('weights')
+        if section.get('enabled') is not True:
+            return out
+        if isinstance(spec, str) and not (spec in DINOV2 or spec == 'torchscript' or (
+                spec.partition(':')[0] in ('timm', 'torchvision') and spec.partition(':')[2])):
+            out.append(('encoder', f"not one of {', '.join(DINOV2)}, 'timm:<name>', 'torchvision:<vit name>', "
+                                   f"'torchscript'"))
+        if isinstance(weights, str) and weights and not os.path.isfile(weights):
+            out.append(('weights', "does not exist: give the encoder's weights file ('' = the torch hub cache, "
+                                   "DINOv2)"))
+        return out
+
+    @staticmethod
+    def enabled(section):
+        return bool(section.enabled)
+
+    def wrap(self, module):
+        assert module is self.aligner.nnet, "REPA wraps the network itself"
+        return self.aligner  # the projector is clipped and stepped with the network
+
+    def losses(self, batch):
+        """The alignment loss on the block tokens of the same forward; its target (B, N, E) is the encoder
+        features stored with the latents, or the encoder's of the images."""
+        target = batch['repa'] if 'repa' in batch else self.encoder(batch['x'])
+        return {'align_loss': (self.weight, alignment_loss(self.aligner.projected, target))}
+
+    def after_step(self, run, step, applied):
+        pass
+
+    def state_dict(self):
+        return self.aligner.projector.state_dict()
+
+    def load_state_dict(self, state):
+        self.aligner.projector.load_state_dict(state)

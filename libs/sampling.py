@@ -30,20 +30,31 @@ out_u + w (out_c - out_u). out_u is the unconditional branch (classifier-free gu
 arXiv 2207.12598) or, with `guide=`, a weaker network's conditional prediction (autoguidance, Karras et al.
 2024, arXiv 2406.02507); `interval=(lo, hi)` guides only where lo < sigma <= hi, sigma = s_t / a_t (guidance
 interval, Kynkaanniemi et al. 2024, arXiv 2404.07724); elsewhere out = out_c. The solvers see only the result.
+Which sigma decides (`INTERVAL_RULES`): 'per_step' (the default, the authors' sampler): the sigma at the start
+of the solver step, for every evaluation of that step (both of a Heun step, the three of a singlestep
+DPM-Solver step); 'per_evaluation': the sigma of each network evaluation. They differ only at the interval's
+edges and only for solvers that evaluate inside a step (heun, dpm_solver); Euler, Euler-Maruyama and the
+multistep solvers evaluate once per step, at its start.
 """
+import dataclasses
 import logging
 import math
+from typing import Any
 
 import torch
 
 from dpm_solver_pp import DPM_Solver, _expand_dims, check_start, model_wrapper, solver_dtype
+from libs.data_loader import mix_seed
 from libs.errors import InputError
-from sde import ScoreModel, _randn_like, shift_time
+from libs.export import load_guide
+from sde import Objective, ScoreModel, _randn_like, build_diffusion, shift_time
 
 logger = logging.getLogger(__name__)
 
+INTERVAL_RULES = ("per_step", "per_evaluation")
 ALGORITHMS = ("dpm_solver", "dpm_solver++_2m", "dpm_solver++_3m", "euler_maruyama_sde", "euler_maruyama_ode", "euler",
               "heun", "flow_sde", "meanflow", "shortcut")
+STOCHASTIC = ("euler_maruyama_sde", "flow_sde")  # the algorithms that draw noise every step (index_generators)
 # Which objective's path each algorithm integrates (absent: both Gaussian paths, 'vp' and 'linear').
 _PATHS = {"dpm_solver": ("vp",), "euler_maruyama_sde": ("vp",), "euler_maruyama_ode": ("vp",), "flow_sde": ("linear",),
           "meanflow": ("meanflow",), "shortcut": ("shortcut",)}
@@ -54,6 +65,24 @@ _GAUSSIAN = ("vp", "linear")
 CONTINUOUS_T_END = 1e-4
 # End time of DPM-Solver++ on the linear path (lambda = +inf at t = 0): x there is x0 + 1e-3 (eps - x0).
 LINEAR_T_END = 1e-3
+
+
+def per_index_noise(indices, seed: int, shape, device=None) -> torch.Tensor:
+    """(len(indices), *shape) standard normal noise, row k a function of (seed, indices[k]) only: drawn on the
+    CPU, so the same image comes out on any device and any number of processes."""
+    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(mix_seed(seed, int(i))))
+                        for i in indices]).to(device)
+
+
+def index_generators(seed, indices, device="cpu"):
+    """One torch.Generator per image, seeded by (seed, i): for noise a sampler draws per step (SDE)."""
+    return [torch.Generator(device=device).manual_seed(mix_seed(seed + 1, int(i))) for i in indices]
+
+
+def to_unit_images(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) in [-1, 1] -> (B, 3, H, W) float32 in [0, 1] (grey images repeated to RGB)."""
+    x = ((x.float() + 1) / 2).clamp_(0, 1)
+    return x.expand(-1, 3, -1, -1).contiguous() if x.shape[1] == 1 else x
 
 
 def algorithm_problem(algorithm, path, time_kind):
@@ -122,7 +151,7 @@ def guided_noise_fn(nnet, cond=None, uncond=None, scale=0.0, *, guide=None, inte
 
 
 def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None, uncond=None, scale=0.0,
-           t_end=None, generator=None, guide=None, interval=None):
+           t_end=None, generator=None, guide=None, interval=None, interval_rule="per_step"):
     """Draw samples x0 from noise x_T with one of `ALGORITHMS` (see the module docstring).
 
     nnet(x, timesteps, **cond) -> the prediction of diffusion.objective (eps by default), the network time being
@@ -131,6 +160,7 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
     {'context': c}); scale: U-ViT guidance scale, out = out_c + scale (out_c - out_u) = out_u + w (out_c - out_u)
     with w = scale + 1 (DiT, diffusers). guide: autoguidance network (replaces the unconditional branch).
     interval: (sigma_lo, sigma_hi) of guidance, sigma = s_t / a_t (hi = 0: no upper limit); None = every step.
+    interval_rule: whose sigma decides, 'per_step' (the step's start, the authors') or 'per_evaluation'.
     t_end: end time of the DPM-Solver algorithms (default 1e-4 continuous VP, 1/N discrete VP, 1e-3 linear)
     and of Euler / Heun on VP paths (linear: 0).
     generator: the SDE noise source: None, a torch.Generator, or one generator per sample.
@@ -146,13 +176,22 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
             if torch.is_tensor(v) and (v.ndim == 0 or v.shape[0] != x_T.shape[0]):
                 raise InputError(f"{name}['{k}'] has shape {tuple(v.shape)}; it must be batched like x_T "
                                  f"({x_T.shape[0]} samples along dim 0)")
-    if algorithm in ("meanflow", "shortcut"):
+    assert interval_rule in INTERVAL_RULES, interval_rule  # config.sample.guidance_interval_rule checked there
+    if algorithm in ("meanflow", "shortcut"):  # one evaluation per step: both interval rules agree
         return _two_time_steps(nnet, diffusion, x_T, steps, cond, uncond, scale, guide, interval).float()
     noise_level = None
+    # per_step: the network time of the current step's start, set by the solver as each step begins.
+    step_start = {}
     if interval is not None:
         def noise_level(t_input):
-            a, s = diffusion.coefficients(t_input.to(torch.float64) / diffusion.time_scale)
+            start = step_start.get("t_input")
+            t = t_input if start is None else start.expand_as(t_input)
+            a, s = diffusion.coefficients(t.to(torch.float64) / diffusion.time_scale)
             return s / a
+
+    def on_step(t):
+        if interval is not None and interval_rule == "per_step":
+            step_start["t_input"] = diffusion.network_time(torch.as_tensor(t))
     eps_fn = guided_noise_fn(nnet, cond, uncond, scale, guide=guide, interval=interval, noise_level=noise_level)
     ns = diffusion.schedule
     linear = diffusion.path == "linear"
@@ -166,7 +205,8 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
     if t_end is None:
         t_end = LINEAR_T_END if linear else CONTINUOUS_T_END if continuous else 1.0 / ns.total_N
     if algorithm in ("euler", "heun", "flow_sde"):
-        return _fixed_step(eps_fn, diffusion, x, algorithm, steps, 0.0 if linear else t_end, generator).float()
+        return _fixed_step(eps_fn, diffusion, x, algorithm, steps, 0.0 if linear else t_end, generator,
+                           on_step).float()
 
     if linear:  # DPM-Solver++ through the data prediction x0 = x - t u, defined up to t = 1
         solver = DPM_Solver(_data_prediction(eps_fn, diffusion), ns, algorithm_type="dpmsolver++", model_output="data")
@@ -176,6 +216,12 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
         noise_solver = algorithm == "dpm_solver" and continuous
         solver = DPM_Solver(model_fn, ns, algorithm_type="dpmsolver" if noise_solver else "dpmsolver++")
     if algorithm == "dpm_solver":  # the paper protocols (VP only: algorithm_problem)
+        update = solver.singlestep_dpm_solver_update
+
+        def step_update(x, s, t, order, *args, **kwargs):  # s: the step's start (its first evaluation)
+            on_step(s)
+            return update(x, s, t, order, *args, **kwargs)
+        solver.singlestep_dpm_solver_update = step_update
         x0 = solver.sample(x, steps=steps, t_start=ns.T, t_end=t_end, order=3,
                            skip_type="logSNR" if continuous else "time_uniform", method="singlestep")
     else:
@@ -222,15 +268,18 @@ def _velocity(net_fn, diffusion, x, t):
     return da * x0 + ds * eps, eps
 
 
-def _fixed_step(net_fn, diffusion, x, algorithm, steps, t_end, generator):
+def _fixed_step(net_fn, diffusion, x, algorithm, steps, t_end, generator, on_step=None):
     """Euler / Heun on the path's ODE or Euler-Maruyama on the linear path's SDE (`flow_sde`), `steps` steps on a
-    grid uniform in t from 1 to t_end (shifted by the objective's shift on the linear path)."""
+    grid uniform in t from 1 to t_end (shifted by the objective's shift on the linear path); on_step(t) is
+    called as each step from t begins."""
     grid = torch.linspace(1.0, t_end, steps + 1, dtype=torch.float64)
     if diffusion.path == "linear":
         grid = shift_time(grid, float(diffusion.objective.shift))
     grid = grid.to(device=x.device, dtype=x.dtype)
     for i in range(steps):
         t, s = grid[i], grid[i + 1]
+        if on_step is not None:
+            on_step(t)
         d, eps = _velocity(net_fn, diffusion, x, t)
         if algorithm == "flow_sde":
             # Reverse SDE with g^2 = t: drift u - (g^2/2) score = u + eps/2 (score = -eps/t); no noise at the end.
@@ -244,3 +293,63 @@ def _fixed_step(net_fn, diffusion, x, algorithm, steps, t_end, generator):
             x_next = x + 0.5 * (d + d_next) * (s - t)
         x = x_next
     return x
+
+
+@dataclasses.dataclass
+class Sampler:
+    """A network ready to sample: `generate_fn` turns image indices into images. Image i starts from noise seeded
+    by (seed, i), conditioned on labels[i] / contexts[i]: any split of the indices gives the same images."""
+    family: Any  # libs.family.Family: what the network makes (data, time, condition)
+    nnet: Any
+    shape: tuple  # (C, H, W) of x0
+    seed: int
+    device: Any
+    autoencoder: Any = None  # latent families: decodes x0
+    null: Any = None  # null label / empty context of guidance, or None
+    diffusion: Any = None  # what nnet was trained with (sde.build_diffusion); None: the family's default objective
+    guide: Any = None  # autoguidance network (config.sample.guide_path), or None
+    interval: Any = None  # (sigma_lo, sigma_hi) of guidance (config.sample.guidance_sigma_*), or None
+    interval_rule: str = 'per_step'  # whose sigma decides the interval (config.sample.guidance_interval_rule)
+
+    @classmethod
+    def for_config(cls, config, family, nnet, device, autoencoder=None, null=None, seed=None):
+        """The Sampler of a network trained with `config`: its objective, and config.sample's guidance interval and
+        autoguidance network."""
+        s = config.sample
+        lo, hi = float(s.get('guidance_sigma_min', 0.0)), float(s.get('guidance_sigma_max', 0.0))
+        return cls(family, nnet, family.shape(config), int(config.seed if seed is None else seed), device,
+                   autoencoder, null, build_diffusion(family.time, Objective.of(config)), load_guide(config, device),
+                   (lo, hi) if lo > 0 or hi > 0 else None, s.get('guidance_interval_rule', 'per_step'))
+
+    def generate_fn(self, algorithm, steps, scale, labels=None, contexts=None, decode_chunk=50):
+        """generate_fn(indices: LongTensor (b,)) -> images (b, 3, H, W) float32 in [0, 1].
+
+        scale: guidance scale s of eps_c + s (eps_c - eps_u) against `null` (the original's convention);
+        0 = unguided. Latents are decoded `decode_chunk` at a time.
+        """
+        # The callers load both from the config (Family.check refuses guidance without an empty context).
+        assert scale <= 0 or self.null is not None or self.guide is not None, "guided sampling needs the null condition"
+        assert self.family.data != 'latents' or self.autoencoder is not None, "decoding latents needs the autoencoder"
+        diffusion = self.diffusion or build_diffusion(self.family.time)
+        guide = self.guide if scale > 0 else None
+
+        def generate_fn(indices):
+            indices = torch.as_tensor(indices, dtype=torch.int64).cpu()
+            key, table, dtype = (('y', labels, torch.int64) if labels is not None
+                                 else ('context', contexts, torch.float32))
+            cond = uncond = None
+            if table is not None:  # uncond: the null label / empty context for every image
+                c = torch.as_tensor(table[indices], dtype=dtype, device=self.device)
+                cond = {key: c}
+                uncond = {key: torch.as_tensor(self.null).to(c).expand_as(c)} if scale > 0 and guide is None else None
+            with torch.no_grad():
+                x0 = sample(self.nnet, diffusion, per_index_noise(indices, self.seed, self.shape, self.device),
+                            algorithm=algorithm, steps=steps, cond=cond, uncond=uncond, scale=scale, guide=guide,
+                            interval=self.interval if scale > 0 else None, interval_rule=self.interval_rule,
+                            generator=index_generators(self.seed, indices, self.device)
+                            if algorithm in STOCHASTIC else None)
+                if self.family.data == 'latents':
+                    ae = self.autoencoder
+                    x0 = ae.decode_in_chunks(x0.to(next(ae.parameters()).dtype), decode_chunk)
+            return to_unit_images(x0)
+        return generate_fn

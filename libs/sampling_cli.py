@@ -38,7 +38,7 @@ def common_flags(argv, program):
     flags.DEFINE_string("algorithm", None, "sampler (libs/sampling.py); default config.sample.algorithm",
                         flag_values=fv)
     flags.DEFINE_integer("seed", None, "image i's noise is seeded by (seed, i); default config.seed", flag_values=fv)
-    flags.DEFINE_integer("batch_size", 16, "images per forward pass", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 16, "images per forward pass", lower_bound=1, flag_values=fv)
     flags.DEFINE_string("output_dir", "samples", "folder for the PNGs and grid.png", flag_values=fv)
     flags.DEFINE_string("autoencoder", None, "autoencoder checkpoint; default config.autoencoder.pretrained_path",
                         flag_values=fv)
@@ -67,8 +67,6 @@ def parse_flags(fv, argv, doc, condition):
         raise ConfigError("--config is required, e.g. --config=configs/imagenet256_uvit_large.py")
     if not fv.nnet_path:
         raise ConfigError("--nnet_path is required: the network weights (.pth) or a ckpts/<step>.ckpt directory")
-    if fv.batch_size < 1:
-        raise ConfigError(f"--batch_size must be >= 1, got {fv.batch_size}")
     family = family_of(fv.config)
     if family.condition != condition:
         raise ConfigError("this config is text-to-image (config.nnet.name='uvit_t2i'): use sample_t2i_discrete.py"

@@ -51,6 +51,19 @@ def trackers_for(log_with):
     return names
 
 
+def problems(log_with):
+    """[('log_with', message)] when the tracker package config.log_with needs is not installed: what
+    libs.config_utils.parse_and_validate reports with the config's other mistakes (a value not in LOG_WITH is its
+    choice check's)."""
+    if not (log_with is None or isinstance(log_with, str) and log_with in TRACKERS):
+        return []
+    try:
+        trackers_for(log_with)
+    except ConfigError as e:
+        return [("log_with", str(e))]
+    return []
+
+
 def accelerator_kwargs(config, workdir):
     """Keyword arguments for `Accelerator(...)`: the trackers and where they write."""
     names = trackers_for(config.get("log_with", ""))

@@ -9,6 +9,7 @@ stay on the device until every `log_interval` steps and every checkpoint, where 
 """
 import contextlib
 import dataclasses
+import functools
 import itertools
 import json
 import logging
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from libs import resume_policy, tracking
+from libs import resume_policy, tracking, training_aids
 from libs.autoencoder import get_model
 from libs.checkpoint import checkpoint_path, latest_checkpoint, resume, save_checkpoint
 from libs.config_utils import config_overrides, define_config_flag, parse_and_validate, workdir_for
@@ -37,7 +38,7 @@ from libs.ema import EMAUpdater, make_ema
 from libs.errors import ConfigError, MissingFileError, TrainingDivergedError, exit_on_user_error
 from libs.evaluation import evaluate, generate_all
 from libs.export import load_weights
-from libs.family import Sampler, guidance_scale
+from libs.family import guidance_scale
 from libs.fatal import EmergencyCheckpoint, log_fatal_errors
 from libs.finetune import init_weights
 from libs.io_utils import atomic_write_bytes
@@ -46,10 +47,9 @@ from libs.metrics.suite import MetricOptions
 from libs.nnet import build_nnet, load_nnet_state_dict
 from libs.optim import build_lr_scheduler, build_optimizer
 from libs.perf import configure_tf32, maybe_compile
-from libs.posthoc_ema import PowerEMA
 from libs.preemption import StopSignals
-from libs.repa import alignment_loss, build_alignment
 from libs.sample_grid import save_grid
+from libs.sampling import Sampler
 from libs.workdir_lock import WorkdirLock
 from sde import Objective, build_diffusion
 
@@ -74,6 +74,22 @@ def fid_unavailable(r) -> str:
 
 
 @dataclasses.dataclass
+class Record:
+    """What a run has observed so far."""
+    nonfinite: Any = None  # (n_steps + 1,) bool on the device: step s had a NaN/inf loss or gradients
+    checked: int = 0  # nonfinite is read up to this step
+    bad_steps: set = dataclasses.field(default_factory=set)  # the steps found non-finite so far
+    history: dict = dataclasses.field(default_factory=lambda: {'fid': {}, 'score': {}})
+    logged: list = dataclasses.field(default_factory=list)  # the metrics of every log line of this process's run
+    sums: dict = dataclasses.field(default_factory=dict)  # the aids' loss terms summed since the last log (device)
+
+
+def _recorded(name):
+    """A Run attribute kept in its Record (run.history is run.record.history)."""
+    return property(lambda r: getattr(r.record, name), lambda r, v: setattr(r.record, name, v))
+
+
+@dataclasses.dataclass
 class Run:
     """What the helpers of one training run share (built once by `train`)."""
     config: Any
@@ -86,21 +102,34 @@ class Run:
     optimizer: Any
     lr_scheduler: Any
     loader: Any
-    diffusion: Any
     autoencoder: Any
     null: Any  # null label / empty context of guidance, or None
-    train_nnet: Any = None  # nnet as prepared by accelerate (DDP, compiled): what train_step runs
-    p_uncond: float = 0.0  # probability train_step drops the condition (guidance training)
-    ema: Any = None  # the EMAUpdater of nnet_ema
-    nonfinite: Any = None  # (n_steps + 1,) bool on the device: step s had a NaN/inf loss or gradients
-    checked: int = 0  # nonfinite is read up to this step
-    bad_steps: set = dataclasses.field(default_factory=set)  # the steps found non-finite so far
-    history: dict = dataclasses.field(default_factory=lambda: {'fid': {}, 'score': {}})
-    logged: list = dataclasses.field(default_factory=list)  # the metrics of every log line of this process's run
-    aligner: Any = None  # REPA: libs.repa.AlignedNetwork (network + projector), None when config.repa is off
-    encoder: Any = None  # REPA: the frozen encoder, None when the dataset stores its features
-    align_sum: Any = None  # REPA: the alignment loss summed since the last log line (device)
-    posthoc: Any = None  # post-hoc EMA: libs.posthoc_ema.PowerEMA, None when config.posthoc_ema is off
+    train_nnet: Any = None  # the aids' wrap of nnet as prepared by accelerate (DDP, compiled): what train_step runs
+    aids: list = dataclasses.field(default_factory=list)  # the training aids (libs/training_aids.py)
+    record: Record = dataclasses.field(default_factory=Record)
+    nonfinite, checked, bad_steps, history, logged = map(_recorded, ('nonfinite', 'checked', 'bad_steps', 'history',
+                                                                     'logged'))
+
+    @functools.cached_property
+    def diffusion(self):
+        return build_diffusion(self.family.time, Objective.of(self.config), self.null)
+
+    @functools.cached_property
+    def ema(self):
+        """The EMAUpdater of nnet_ema."""
+        return EMAUpdater(self.nnet_ema, self.nnet)
+
+    @property
+    def p_uncond(self) -> float:
+        """The probability train_step drops the condition (guidance training)."""
+        dataset = self.config.get('dataset')
+        return float(dataset.p_uncond) if dataset and dataset.cfg else 0.0
+
+    def __getattr__(self, name):  # an aid's own public objects, for notebooks and tests
+        for aid in self.__dict__.get('aids', ()):
+            if hasattr(aid, name):
+                return getattr(aid, name)
+        raise AttributeError(f"'Run' object has no attribute '{name}'")
 
     @property
     def ckpt_root(self):
@@ -115,7 +144,7 @@ class Run:
         return torch.random.fork_rng(devices=[self.device] if self.device.type == 'cuda' else [])
 
     def generate_fn(self, use, labels, contexts):
-        """The EMA network's generate_fn (libs.family.Sampler) with the protocol `use` of Family.protocol."""
+        """The EMA network's generate_fn (libs.sampling.Sampler) with the protocol `use` of Family.protocol."""
         sampler = Sampler.for_config(self.config, self.family, self.nnet_ema, self.device, self.autoencoder, self.null)
         return sampler.generate_fn(*self.family.protocol(self.config, use), labels=labels, contexts=contexts)
 
@@ -127,7 +156,7 @@ def train_step(r: Run, batch, step: int):
     cfg, acc = r.config, r.accelerator
     torch.manual_seed(mix_seed(mix_seed(cfg.seed, acc.process_index), step))  # noise, t, dropout of this step
     batches = batch if isinstance(batch, list) else [batch]
-    k, loss, align_loss = len(batches), 0.0, 0.0
+    k, loss, terms = len(batches), 0.0, {}
     for i, micro_batch in enumerate(batches):
         micro_batch = {name: v.to(r.device, non_blocking=True) if torch.is_tensor(v) else v  # from pinned memory
                        for name, v in micro_batch.items()}
@@ -136,43 +165,27 @@ def train_step(r: Run, batch, step: int):
         # Equal micro-batches: the mean of their mean losses is the batch's mean loss, so each backward gets
         # 1 / k of it. DDP all-reduces once, at the last backward (no_sync accumulates locally before it).
         with acc.no_sync(r.train_nnet) if i < k - 1 else contextlib.nullcontext():
-            micro = r.diffusion.loss(r.train_nnet, x0, **cond).mean()
-            if r.aligner is None:
-                acc.backward(micro / k)
-            else:  # REPA: beside the diffusion loss, on the block tokens of the same forward
-                align = alignment_loss(r.aligner.projected, alignment_target(r, micro_batch))
-                acc.backward((micro + cfg.repa.weight * align) / k)
-                align_loss = align_loss + align.detach() / k
+            micro = total = r.diffusion.loss(r.train_nnet, x0, **cond).mean()
+            for aid in r.aids:  # the aids' terms, on the same forward
+                for name, (weight, term) in aid.losses(micro_batch).items():
+                    total = total + weight * term
+                    terms[name] = terms.get(name, 0.0) + term.detach() / k
+            acc.backward(total / k)
         loss = loss + micro.detach() / k
-    # The norm of the all-reduced gradients: the same on every process, so all skip the same steps.
-    trained = r.nnet if r.aligner is None else r.aligner  # the projector is clipped and stepped with the network
-    grad_norm = acc.clip_grad_norm_(trained.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    # The norm of the all-reduced gradients: the same on every process, so all skip the same steps. The aids'
+    # extra parameters (in their wrap of the network) are clipped and stepped with it.
+    grad_norm = acc.clip_grad_norm_(r.train_nnet.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     applied = torch.isfinite(grad_norm)
     r.optimizer.optimizer.found_inf = (~applied).float()  # fused AdamW skips the update (fp16: the scaler sets it)
     r.optimizer.step()
     r.lr_scheduler.step()
     r.ema.update(cfg.ema_rate, applied)
-    if r.posthoc is not None:
-        r.posthoc.update(step + 1, applied)
-    if r.aligner is not None:
-        r.align_sum += torch.where(applied, align_loss, 0.0)
+    for aid in r.aids:
+        aid.after_step(r, step + 1, applied)
+    for name, term in terms.items():
+        r.record.sums[name] = r.record.sums.get(name, 0.0) + torch.where(applied, term, 0.0)
     r.optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm, applied
-
-
-def alignment_target(r: Run, batch) -> torch.Tensor:
-    """REPA's target (B, N, E): the encoder features stored with the latents, or the encoder's of the images."""
-    return batch['repa'] if 'repa' in batch else r.encoder(batch['x'])
-
-
-def extra_train_state(r: Run) -> dict:
-    """What the training aids add to train_state.pth: the REPA projector, the post-hoc EMA profiles."""
-    state = {}
-    if r.aligner is not None:
-        state['repa_projector'] = r.aligner.projector.state_dict()
-    if r.posthoc is not None:
-        state['posthoc_ema'] = r.posthoc.state_dict()
-    return state
 
 
 def check_finite(r: Run, step: int):
@@ -208,21 +221,8 @@ def write_checkpoint(r: Run, step: int) -> str:
                            train_state={'data': r.loader.state_dict(), 'history': r.history,
                                         'scaler': scaler.state_dict() if scaler is not None else None,
                                         'config': r.config.to_dict(),  # what libs.resume_policy compares
-                                        **extra_train_state(r)},
+                                        **training_aids.state_dict(r.aids)},
                            protect=(min(fids, key=fids.get),) if fids else ())
-
-
-def load_extra_train_state(r: Run, state: dict, path: str):
-    """Resume the REPA projector and the post-hoc EMA profiles; a checkpoint without them (written with the
-    aid off) starts them afresh, with a warning; ones the config turned off are ignored."""
-    for on, key, target, what in ((r.aligner is not None, 'repa_projector', r.aligner and r.aligner.projector,
-                                   'the REPA projector starts afresh'),
-                                  (r.posthoc is not None, 'posthoc_ema', r.posthoc,
-                                   'the post-hoc EMA profiles start at this step (reconstructions assume step 0)')):
-        if on and key in state:
-            target.load_state_dict(state[key])
-        elif on:
-            logger.warning("'%s' has no %s: %s", path, key, what)
 
 
 def save(r: Run, step: int) -> str:
@@ -358,23 +358,18 @@ def _train(config, workdir: str, family, accelerator):
     set_seed(config.seed)
     nnet = build_nnet(config.nnet).to(device)
     nnet_ema = make_ema(nnet)
-    repa, posthoc = config.get('repa'), config.get('posthoc_ema')  # (configs not built on configs/base.py lack them)
-    aligner, encoder = build_alignment(repa, nnet, data, device) if repa and repa.enabled else (None, None)
-    trained = nnet if aligner is None else aligner  # REPA trains the projector with the network
+    aids = training_aids.build(config, nnet, data, device)
+    trained = training_aids.wrap(aids, nnet)  # the network and the aids' own trainable parameters
     optimizer = build_optimizer(trained, config.optimizer)
     # Not prepared by accelerate, which would step it once per process per optimizer step.
     lr_scheduler = build_lr_scheduler(optimizer, config.lr_scheduler, config.train.n_steps)
     train_nnet, optimizer = accelerator.prepare(trained, optimizer)
     logger.info("network %s: %.2fM parameters", config.nnet.name, sum(p.numel() for p in nnet.parameters()) / 1e6)
-    null = family.null_condition(config, getattr(data, 'empty_context', None))
     r = Run(config=config, workdir=workdir, family=family, accelerator=accelerator, data=data, nnet=nnet,
-            nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader,
-            diffusion=build_diffusion(family.time, Objective.of(config), null), autoencoder=autoencoder, null=null,
-            train_nnet=maybe_compile(train_nnet, config.compile),
-            p_uncond=float(config.dataset.p_uncond) if config.dataset.cfg else 0.0, ema=EMAUpdater(nnet_ema, nnet),
-            nonfinite=torch.zeros(config.train.n_steps + 1, dtype=torch.bool, device=device),
-            aligner=aligner, encoder=encoder, align_sum=torch.zeros((), device=device),
-            posthoc=PowerEMA(nnet, posthoc.sigma_rels) if posthoc and posthoc.snapshot_interval else None)
+            nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader, autoencoder=autoencoder,
+            null=family.null_condition(config, getattr(data, 'empty_context', None)),
+            train_nnet=maybe_compile(train_nnet, config.compile), aids=aids,
+            record=Record(nonfinite=torch.zeros(config.train.n_steps + 1, dtype=torch.bool, device=device)))
 
     # Resume: network, EMA, optimizer, scheduler, step, data position (the noise is seeded per step). What
     # changed in the config since the checkpoint is refused or applied before any step (libs/resume_policy.py).
@@ -391,7 +386,7 @@ def _train(config, workdir: str, family, accelerator):
             accelerator.scaler.load_state_dict(state['scaler'])
         r.history = resume_policy.merged_history(state.get('history', r.history), workdir, step)
         resume_policy.apply(changes, optimizer, *fresh, lr_scheduler, loader.position, config.train.batch_size)
-        load_extra_train_state(r, state, last_ckpt)
+        training_aids.load_state_dict(aids, state, last_ckpt)
         logger.info("resuming at step %d from %s%s", step, last_ckpt,
                     f" (--init_from '{config.init.path}' ignored: the run already started)" if config.init.path else '')
     elif config.init.path:  # a new run from given weights: fresh optimizer, step 0, the EMA starts at them
@@ -417,9 +412,6 @@ def _train(config, workdir: str, family, accelerator):
             r.nonfinite[step] = ~torch.isfinite(loss) | (~applied if accelerator.scaler is None else False)
             loss_sum += torch.where(applied, loss, 0.0)
             bar.update(1)
-            if r.posthoc is not None and is_main and (step % config.posthoc_ema.snapshot_interval == 0
-                                                      or step == n_steps):
-                r.posthoc.save_snapshot(workdir, step)  # the one host copy of the profiles per interval
 
             log_now = step % t.log_interval == 0 or step == n_steps
             if log_now:  # the hot loop's one host sync per log_interval
@@ -428,9 +420,9 @@ def _train(config, workdir: str, family, accelerator):
                 now, n = time.time(), step - last_log_step
                 metrics = {'loss': mean_loss / n, 'lr': lr_scheduler.get_last_lr()[0], 'grad_norm': mean_norm,
                            'images_per_s': n * t.batch_size / max(now - last_log_time, 1e-9)}
-                if r.aligner is not None:  # REPA: the alignment loss beside the diffusion loss
-                    metrics['align_loss'] = accelerator.reduce(r.align_sum, 'mean').item() / n
-                    r.align_sum.zero_()
+                for name, total in r.record.sums.items():  # the aids' loss terms
+                    metrics[name] = accelerator.reduce(total, 'mean').item() / n
+                r.record.sums.clear()
                 logger.info("step %d/%d: %s", step, n_steps, ', '.join(f"{k} {v:.4g}" for k, v in metrics.items()))
                 r.logged.append({'step': step, **metrics})
                 bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
@@ -491,8 +483,7 @@ def dry_run(config, workdir: str, family):
     if family.data == 'latents':
         get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor)
     nnet = build_nnet(config.nnet)
-    if config.get('repa') and config.repa.enabled:  # the block, the encoder's files or the stored features
-        build_alignment(config.repa, nnet, data, 'cpu')
+    training_aids.build(config, nnet, data, 'cpu')  # what each aid checks of the network, its files and the data
     if config.init.path:  # the weights fit the network (or can be adapted to it)
         init_weights(nnet, config.init.path, resize=config.init.resize, null_last=config.dataset.cfg)
     build_lr_scheduler(build_optimizer(nnet, config.optimizer), config.lr_scheduler, config.train.n_steps)

@@ -5,7 +5,7 @@ short side, centre crop), scaled to [-1, 1], and encoded together with its horiz
 2i holds the moments of image i and entry 2i+1 those of its mirror image, both with the label of
 image i = the index of its class folder among the sorted class folders (torchvision ImageFolder's rule).
 
-Output: the packed format of libs/features.py, shard by shard; a stopped run resumes where it
+Output: the packed format of libs/shards.py, shard by shard; a stopped run resumes where it
 stopped (finished shards are skipped). Several processes split the shards:
 
     python scripts/extract_imagenet_feature.py --imagenet_train=assets/datasets/ImageNet/train \\
@@ -30,7 +30,7 @@ from accelerate import PartialState  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from libs import features  # noqa: E402
+from libs import shards  # noqa: E402
 from libs.autoencoder import DEFAULT_PATH, get_model  # noqa: E402
 from libs.datasets.base import adm_center_crop, list_images, load_rgb, uint8_to_unit_range  # noqa: E402
 from libs.errors import DataError, MissingFileError, exit_on_user_error  # noqa: E402
@@ -83,7 +83,7 @@ def define_flags(fv):
                         flag_values=fv)
     flags.DEFINE_integer("batch_size", 64, "images per forward pass (x2 with the flips)", flag_values=fv)
     flags.DEFINE_integer("shard_size", 2048, "images per shard (the unit of resuming)", flag_values=fv)
-    flags.DEFINE_enum("dtype", "float32", features.STORAGE_DTYPES, "storage precision", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", shards.STORAGE_DTYPES, "storage precision", flag_values=fv)
     flags.DEFINE_integer("num_workers", 8, "image decoding processes per extraction process", flag_values=fv)
     define_repa_encoder(fv)
     flags.DEFINE_enum("autocast", "no", ["no", "fp16", "bf16"],
@@ -100,7 +100,7 @@ def encode_shard(args, state, autoencoder, data, k, start, stop, settings, encod
     loader = DataLoader(torch.utils.data.Subset(data, range(start, stop)), batch_size=args.batch_size,
                         num_workers=args.num_workers, shuffle=False)
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.autocast)
-    with features.ShardWriter(args.output, k, 2 * (stop - start), autoencoder_moments_shape(autoencoder, args),
+    with shards.ShardWriter(args.output, k, 2 * (stop - start), autoencoder_moments_shape(autoencoder, args),
                               dtype=args.dtype, with_labels=True, repa_shape=repa_shape,
                               repa_dtype=args.repa_dtype) as writer:
         pos = 0
@@ -135,8 +135,8 @@ def main(argv=None):
                 "dtype": args.dtype, "autocast": args.autocast, "num_images": len(paths), "flip": True}
     encoder, repa_shape, repa_settings = extraction_encoder(args, args.resolution, state.device)
     settings.update(repa_settings)  # nothing without --repa_encoder: earlier extractions still resume
-    plan = features.plan_shards(len(paths), args.shard_size)
-    todo = features.pending_shards(args.output, plan, state.process_index, state.num_processes, settings)
+    plan = shards.plan_shards(len(paths), args.shard_size)
+    todo = shards.pending_shards(args.output, plan, state.process_index, state.num_processes, settings)
     logger.info("%d images in %d classes -> %d shards; process %d/%d has %d left", len(paths), len(classes),
                 len(plan), state.process_index, state.num_processes, len(todo))
     data = CenterCropped(paths, labels, args.resolution)
@@ -147,7 +147,7 @@ def main(argv=None):
                 bar.update(n)
     state.wait_for_everyone()
     if state.is_main_process:
-        manifest = features.write_manifest(args.output, len(plan), info={**settings, "classes": classes})
+        manifest = shards.write_manifest(args.output, len(plan), info={**settings, "classes": classes})
         logger.info("wrote %d feature entries to %s", manifest["num_samples"], args.output)
 
 

@@ -7,7 +7,7 @@ image (in the order of the annotation file) is encoded by the CLIP text encoder 
 context. This is the original U-ViT preprocessing. Images without captions are skipped (logged).
 
 Expected input layout (--coco_root): train2014/, val2014/, annotations/captions_{train,val}2014.json.
-Output: the packed format of libs/features.py, resumable shard by shard, split across processes by
+Output: the packed format of libs/shards.py, resumable shard by shard, split across processes by
 `accelerate launch`. Then run extract_empty_feature.py and extract_test_prompt_feature.py.
 
     python scripts/extract_mscoco_feature.py --coco_root=assets/datasets/coco --output=assets/datasets/coco256_features
@@ -30,7 +30,7 @@ from accelerate import PartialState  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from libs import features  # noqa: E402
+from libs import shards  # noqa: E402
 from libs.autoencoder import DEFAULT_PATH, get_model  # noqa: E402
 from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder  # noqa: E402
 from libs.datasets.base import load_rgb, uint8_to_unit_range  # noqa: E402
@@ -105,7 +105,7 @@ def define_flags(fv):
     flags.DEFINE_string("clip", CLIP_VERSION, "CLIP text model: hub id (local cache) or directory", flag_values=fv)
     flags.DEFINE_integer("batch_size", 64, "images (and caption batches) per forward pass", flag_values=fv)
     flags.DEFINE_integer("shard_size", 512, "images per shard (the unit of resuming)", flag_values=fv)
-    flags.DEFINE_enum("dtype", "float32", features.STORAGE_DTYPES, "storage precision", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", shards.STORAGE_DTYPES, "storage precision", flag_values=fv)
     flags.DEFINE_integer("num_workers", 8, "image decoding processes per extraction process", flag_values=fv)
     define_repa_encoder(fv)
 
@@ -124,7 +124,7 @@ def encode_shard(args, state, autoencoder, clip, items, k, start, stop, folder, 
     flat = [c for caps in captions for c in caps]
     r = args.resolution // autoencoder.downsample_factor
     context_shape = (clip.max_length, clip.hidden_size)
-    with features.ShardWriter(folder, k, stop - start, (2 * autoencoder.embed_dim, r, r), dtype=args.dtype,
+    with shards.ShardWriter(folder, k, stop - start, (2 * autoencoder.embed_dim, r, r), dtype=args.dtype,
                               num_contexts=len(flat), context_shape=context_shape, repa_shape=repa_shape,
                               repa_dtype=args.repa_dtype) as writer:
         pos = 0
@@ -157,8 +157,8 @@ def main(argv=None):
         folder = os.path.join(args.output, split)
         settings = {"resolution": args.resolution, "autoencoder": os.path.abspath(args.autoencoder),
                     "clip": args.clip, "dtype": args.dtype, "num_images": len(items), **repa_settings}
-        plan = features.plan_shards(len(items), args.shard_size)
-        todo = features.pending_shards(folder, plan, state.process_index, state.num_processes, settings)
+        plan = shards.plan_shards(len(items), args.shard_size)
+        todo = shards.pending_shards(folder, plan, state.process_index, state.num_processes, settings)
         logger.info("%s: %d images -> %d shards; process %d/%d has %d left", split, len(items), len(plan),
                     state.process_index, state.num_processes, len(todo))
         with tqdm(total=sum(b - a for _, a, b in todo), unit="img", desc=split, disable=not state.is_main_process) as bar:
@@ -168,7 +168,7 @@ def main(argv=None):
                     bar.update(n)
         state.wait_for_everyone()
         if state.is_main_process:
-            manifest = features.write_manifest(folder, len(plan), info=settings)
+            manifest = shards.write_manifest(folder, len(plan), info=settings)
             logger.info("%s: wrote %d images to %s", split, manifest["num_samples"], folder)
 
 

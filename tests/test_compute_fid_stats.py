@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from libs.errors import MissingFileError
-from tools import compute_fid_stats, inception
+from libs.metrics import inception
+from tools import compute_fid_stats
 
 
 @pytest.fixture(scope="module")

@@ -129,12 +129,13 @@ OUT_OF_RANGE = {
     "train.grad_accum_steps": 0, "init.path": "/no/such/weights.pth", "log_with": "mlflow",
     "metrics.names": "fid,fdd", "metrics.labels": "even", "metrics.seeds": "1,x", "metrics.npz": "s.tar",
     "metrics.reference": "/no/such/ref.npz", "metrics.resize": "tf", "metrics.kid_subsets": 0,
-    "metrics.kid_subset_size": 0, "metrics.prc_k": 0, "metrics.dinov2_weights": "/no/such/dinov2.pth",
+    "metrics.kid_subset_size": 0, "metrics.prc_k": 0, "metrics.prc_arithmetic": "float16",
+    "metrics.dinov2_weights": "/no/such/dinov2.pth", "sample.guidance_interval_rule": "per_sample",
     "objective.path": "edm", "objective.prediction": "eps", "objective.time_dist": "beta",
     "objective.logit_std": 0.0, "objective.shift": 0.0, "sample.guidance_sigma_min": -1.0,
     "sample.guidance_sigma_max": -1.0, "sample.guide_path": "/no/such/guide.pth",
     "posthoc_ema.sigma_rels": (0.05, 0.3), "posthoc_ema.snapshot_interval": -1, "repa.resolution": 0,
-    "repa.projector_dim": 0, "repa.weight": 0.0}
+    "repa.projector_dim": 0, "repa.weight": 0.0, "training_aids": ("no.such.module:Aid",)}
 # Free values: any number (seeds, guidance scales) or any string the dataset / loader checks where it reads it.
 NO_RANGE = {"seed", "sample.scale", "grid.scale", "autoencoder.pretrained_path", "dataset.name", "sample.path",
             "wandb.project", "compile", "tf32", "optimizer.no_decay_for_embeddings_norms_biases", "dataset.cfg",

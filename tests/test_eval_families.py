@@ -14,7 +14,7 @@ from libs.evaluation import run_evaluation
 from libs.family import LATENTS_CONTINUOUS, LATENTS_DISCRETE, PIXELS_CONTINUOUS, TEXT_LATENTS_DISCRETE, family_of
 from libs.nnet import build_nnet
 from benchmarks.tiny_models import write_tiny_autoencoder
-from tools import inception
+from libs.metrics import inception
 
 TINY_NET = dict(embed_dim=32, depth=2, num_heads=2, mlp_ratio=2)
 CASES = {  # config -> (the eval script's family, the tiny network)

@@ -11,7 +11,7 @@ from PIL import Image
 
 from libs import fid
 from tests.test_eval_scripts import ROOT, TINY_CONFIG, _free_port, _load_config
-from tools import inception
+from libs.metrics import inception
 
 METRICS = "fid,is,sfid,prc,kid"
 

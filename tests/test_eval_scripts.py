@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from libs.errors import CheckpointError
-from tools import inception
+from libs.metrics import inception
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N_SAMPLES = 3  # odd: the two ranks get 2 and 1 images

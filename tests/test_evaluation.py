@@ -9,8 +9,8 @@ from PIL import Image
 import pytorch_fid.inception as pf_inception
 from libs import evaluation, fid
 from libs.errors import InputError, MissingFileError
-from libs.family import index_generators
-from tools import inception
+from libs.sampling import index_generators
+from libs.metrics import inception
 
 
 @pytest.fixture(scope="module")

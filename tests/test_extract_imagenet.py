@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from libs import features as F
+from libs import shards as F
 from libs.autoencoder import get_model
 from libs.errors import ConfigError, DataError, MissingFileError
 from benchmarks.tiny_models import write_tiny_autoencoder

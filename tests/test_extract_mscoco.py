@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from libs import features as F
+from libs import shards as F
 from libs.autoencoder import get_model
 from libs.clip import FrozenCLIPEmbedder
 from libs.datasets import get_dataset

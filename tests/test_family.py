@@ -7,11 +7,12 @@ import os
 import pytest
 import torch
 
-import libs.family
+import libs.sampling
 
 from libs.errors import ConfigError
 from libs.family import (LATENTS_CONTINUOUS, LATENTS_DISCRETE, PIXELS_CONTINUOUS, SCRIPTS, TEXT_LATENTS_DISCRETE,
-                         Family, Sampler, family_of, per_index_noise, to_unit_images)
+                         Family, family_of)
+from libs.sampling import Sampler, per_index_noise, to_unit_images
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The script the original release ran each paper config with (its README and configs).
@@ -201,7 +202,7 @@ def test_generate_with_zero_noise_prediction_matches_closed_form(monkeypatch):
         return -(20 - 0.1) * t ** 2 / 4 - 0.1 * t / 2
     ratio = math.exp(log_alpha(1e-4) - log_alpha(1.0))
     # Small starting noise keeps ratio * x inside [-1, 1].
-    monkeypatch.setattr(libs.family, 'per_index_noise', lambda *args: per_index_noise(*args) * 1e-3)
+    monkeypatch.setattr(libs.sampling, 'per_index_noise', lambda *args: per_index_noise(*args) * 1e-3)
     sampler = Sampler(PIXELS_CONTINUOUS, ZeroEps(), (1, 4, 4), seed=0, device='cpu', null=9)
     images = sampler.generate_fn('dpm_solver', 6, 1.0, labels=torch.tensor([0, 1, 2]))(torch.arange(3))
     noise = per_index_noise(range(3), 0, (1, 4, 4)) * 1e-3

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from libs import features as F
+from libs import shards as F
 from libs.datasets import get_dataset
 from libs.datasets.features import caption_contexts
 from libs.errors import CheckpointError, ConfigError, InputError, MissingFileError

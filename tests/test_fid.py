@@ -14,7 +14,8 @@ import pytorch_fid.fid_score as pf_score
 import pytorch_fid.inception as pf_inception
 from libs import fid
 from libs.errors import ConfigError, InputError, MissingFileError
-from tools import fid_score, inception
+from libs.metrics import inception
+from tools import fid_score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -116,11 +117,14 @@ def test_streaming_statistics_equal_numpy_and_merge_across_processes():
 
 
 def _inception_score_reference(logits, splits):
-    """Salimans et al. 2016, as their reference code: softmax, split in contiguous chunks, exp(mean KL)."""
+    """Salimans et al. 2016, as their reference code (and torch-fidelity's): softmax, split k the rows
+    [k N // splits, (k + 1) N // splits), exp(mean KL) per split."""
     p = np.exp(logits - logits.max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
+    n = len(p)
     scores = []
-    for part in np.array_split(p, splits):
+    for k in range(splits):
+        part = p[k * n // splits:(k + 1) * n // splits]
         py = part.mean(0, keepdims=True)
         scores.append(np.exp(np.mean(np.sum(part * (np.log(part) - np.log(py)), 1))))
     return np.mean(scores), np.std(scores)
@@ -146,6 +150,20 @@ def test_inception_score_matches_formula_and_closed_forms():
     s = fid.InceptionStatistics(dims=4, splits=1, num_classes=k)
     s.update(torch.zeros(5, 4), torch.randn(1, k).repeat(5, 1), torch.zeros(5, dtype=torch.long))
     assert s.inception_score()[0] == pytest.approx(1.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("n", [1005, 1000])
+def test_inception_score_splits_are_salimans_slices(n):
+    # N not a multiple of the splits: the slices [floor(k N / 10), floor((k + 1) N / 10)) give sizes
+    # 100, 101, 100, ... for N = 1005 (another rounding, e.g. 101, 100, ..., moves IS by ~1e-4 relative).
+    rng = np.random.default_rng(n)
+    logits = rng.standard_normal((n, 50)) * 3
+    stats = fid.InceptionStatistics(dims=4, splits=10, num_classes=50)
+    for idx in np.array_split(np.arange(n), 7):
+        stats.update(torch.zeros(len(idx), 4), torch.from_numpy(logits[idx]), fid.split_ids(idx, n, 10))
+    ref_mean, ref_std = _inception_score_reference(logits, 10)
+    mean, std = stats.inception_score()
+    assert mean == pytest.approx(ref_mean, rel=1e-9) and std == pytest.approx(ref_std, rel=1e-6)
 
 
 # -- PNG quantisation and folder statistics ---------------------------------------------------------

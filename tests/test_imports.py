@@ -100,6 +100,13 @@ def test_benchmarks_do_not_import_the_tests():
             assert not [n for n in names if n == "tests" or n.startswith("tests.")], f"{path} imports tests/"
 
 
+def test_the_library_imports_nothing_from_tools():
+    """tools/ are command lines over libs/; what a script and a tool share lives in libs/."""
+    up = {module: [t for t in targets if t.startswith("tools.")] for module, targets in GRAPH.items()
+          if module.startswith("libs.")}
+    assert len(up) > 30 and not any(up.values()), {m: t for m, t in up.items() if t}
+
+
 def test_no_import_cycle():
     cycle = _find_cycle(GRAPH)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)

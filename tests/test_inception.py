@@ -7,7 +7,7 @@ import torch
 
 import pytorch_fid.inception as pf_inception
 from libs.errors import CheckpointError, InputError, MissingFileError
-from tools import inception
+from libs.metrics import inception
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from libs.errors import MissingFileError
 from libs.metrics import clip_score, dinov2
 from benchmarks.tiny_models import write_tiny_clip
-from tools import inception
+from libs.metrics import inception
 
 HUBCONF = '''
 import torch

@@ -1,5 +1,6 @@
 """libs.metrics: each statistic against an independent implementation on the same features (torchmetrics, prdc,
 pytorch-fid's numpy FID), the ADM resize, balanced labels, the ADM sample file, and the one evaluation pass."""
+import dataclasses
 import json
 
 import numpy as np
@@ -39,6 +40,47 @@ def test_precision_recall_equals_prdc_in_blocks():
     assert 0 < p < 1 and 0 < r < 1
 
 
+def _adm_precision_recall(real, fake, k=3):
+    """ADM's evaluator written out in numpy (guided-diffusion evaluations/evaluator.py, ManifoldEstimator and
+    _batch_pairwise_distances): float32 features cast to float16; D = max(|u|^2 - 2 u.v + |v|^2, 0) with
+    tf.square, reduce_sum and matmul giving float16 (sums of float16 values accumulated in float32, as its GPU
+    kernels), the float32 distances used instead when D holds a non-finite value; radius = the (k+1)-th
+    smallest distance of a row within its own set (np.partition), x is inside when D <= some radius."""
+    def pairwise(u, v, dtype):
+        u, v = u.astype(dtype), v.astype(dtype)
+        norm_u = np.square(u).astype(np.float32).sum(1).astype(dtype).reshape(-1, 1)
+        norm_v = np.square(v).astype(np.float32).sum(1).astype(dtype).reshape(1, -1)
+        uv = (u.astype(np.float32) @ v.astype(np.float32).T).astype(dtype)
+        return np.maximum(norm_u - 2 * uv + norm_v, dtype(0))
+
+    def distances(u, v):
+        with np.errstate(over="ignore", invalid="ignore"):  # float16 overflow: the fallback below
+            d = pairwise(u, v, np.float16)
+        return (d if np.all(np.isfinite(d)) else pairwise(u, v, np.float32)).astype(np.float32)
+
+    real, fake = np.float32(real), np.float32(fake)
+    radii = [np.partition(distances(x, x), k, axis=1)[:, k] for x in (real, fake)]
+    precision = np.mean(np.any(distances(fake, real) <= radii[0][None, :], axis=1))
+    recall = np.mean(np.any(distances(real, fake) <= radii[1][None, :], axis=1))
+    return float(precision), float(recall)
+
+
+def test_adm_arithmetic_equals_adms_float16_evaluator():
+    # Inception-like features (non-negative, norms ~ 10-20: float16 keeps 3 digits of distances ~ 100-400).
+    rng = np.random.default_rng(4)
+    moved = 0
+    for trial in range(4):
+        real = np.abs(rng.standard_normal((180, 64))) * 1.5
+        fake = np.abs(rng.standard_normal((160, 64))) * 1.5 + 0.05 * rng.standard_normal((160, 64))
+        ours = precision_recall.precision_recall(real, fake, k=3, block=50, arithmetic="adm")
+        assert ours == _adm_precision_recall(real, fake), trial
+        moved += ours != precision_recall.precision_recall(real, fake, k=3, block=50)
+    assert moved  # the option changes something: float64 places some near-ties differently
+    # Norms beyond float16's range (65504): ADM's fallback to float32 distances.
+    real, fake = rng.standard_normal((40, 16)) * 100, rng.standard_normal((30, 16)) * 100
+    assert precision_recall.precision_recall(real, fake, arithmetic="adm") == _adm_precision_recall(real, fake)
+
+
 def test_inception_score_equals_torchmetrics():
     from torchmetrics.image.inception import InceptionScore
 
@@ -51,7 +93,7 @@ def test_inception_score_equals_torchmetrics():
 
 
 def test_adm_resize_is_tf1_bilinear():
-    from tools.inception import resize_for_inception, tf1_resize_bilinear
+    from libs.metrics.inception import resize_for_inception, tf1_resize_bilinear
 
     # TF1 (align_corners=False, no half-pixel centres) samples position o * n / size, clamped at the last pixel:
     # on a ramp x[i] = i the output is exactly min(o n / size, n - 1).
@@ -160,6 +202,11 @@ def test_one_pass_scores_every_metric_and_writes_the_scored_images(accelerator, 
     again = evaluator.evaluate_files(ref, npz, options, batch_size=9, device="cpu", networks=nets)
     for key in expected:
         assert again[key] == pytest.approx(result[key], rel=1e-6, abs=1e-9), key  # other batches: float32 rounding
+    # ADM's float16 precision/recall through the evaluator's option (the same numbers as ADM's formula).
+    adm = evaluator.evaluate_files(ref, npz, dataclasses.replace(options, names=("prc",), prc_arithmetic="adm"),
+                                   batch_size=9, device="cpu", networks=nets)
+    feats_ref, feats = _features(nets, ref_images)["pool"], _features(nets, scored)["pool"]
+    assert (adm["precision"], adm["recall"]) == _adm_precision_recall(feats_ref, feats)
 
 
 def test_reference_without_the_needed_statistics_fails_before_sampling(accelerator, tmp_path):
@@ -186,11 +233,15 @@ def test_config_metrics_keys_are_validated(tmp_path):
 
     config = imagenet64_uvit_mid.get_config()
     parse_and_validate(config, world_size=1)  # the defaults are valid
+    assert MetricOptions.from_config(config).prc_arithmetic == "float64"
+    config.metrics.prc_arithmetic = "adm"
+    parse_and_validate(config, world_size=1)
+    assert MetricOptions.from_config(config).prc_arithmetic == "adm"
     config.metrics.update(names="fid,fdd", labels="even", seeds="1,x", npz=str(tmp_path / "s.tar"), resize="tf",
-                          kid_subsets=0, reference=str(tmp_path / "absent.npz"))
+                          kid_subsets=0, prc_arithmetic="float16", reference=str(tmp_path / "absent.npz"))
     with pytest.raises(ConfigError) as e:
         parse_and_validate(config, world_size=1)
-    for key in ("names", "labels", "seeds", "npz", "resize", "kid_subsets", "reference"):
+    for key in ("names", "labels", "seeds", "npz", "resize", "kid_subsets", "prc_arithmetic", "reference"):
         assert f"config.metrics.{key} =" in str(e.value), key
 
 

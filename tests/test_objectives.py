@@ -236,6 +236,71 @@ def test_guidance_interval_in_sample_uses_edm_sigma():
     assert guided == [0.5 < s <= 2.0 for s in sigmas] and any(guided) and not all(guided)
 
 
+def gaussian_class_net(d):
+    """Exact velocity of class-conditional Gaussian data x0 ~ N(m y, S0^2 I) on the linear path (null y = 0)."""
+    m = torch.tensor([1.5, -0.8, 0.4], dtype=torch.float64)
+
+    def net(x, t_in, y):
+        t = (t_in.double() / d.time_scale).reshape(-1, 1)
+        mean = m * y.double().reshape(-1, 1)
+        a, s = 1 - t, t
+        v = a ** 2 * S0 ** 2 + s ** 2
+        x0 = mean + a * S0 ** 2 * (x - a * mean) / v
+        eps = (s * (x - a * mean) / v)
+        return (eps - x0).to(x.dtype)
+    return net
+
+
+def authors_heun(net, d, x, y, null, scale, lo, hi, steps):
+    """Kynkaanniemi et al. 2024's sampler rule written out on Heun (Karras et al. 2022, Alg. 1, no churn) over the
+    linear path's ODE dx/dt = u, t uniform from 1 to 0: whether a step is guided is decided ONCE, by the noise
+    level of its start t_cur, sigma = t_cur / (1 - t_cur), for both of its evaluations; the last step is Euler."""
+    ts = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)
+    for t_cur, t_next in zip(ts[:-1], ts[1:]):
+        sigma = t_cur / (1 - t_cur) if t_cur < 1 else math.inf
+        w = scale if lo < sigma <= hi else 0.0
+
+        def velocity(x_, t_):
+            t_in = torch.full((x_.shape[0],), float(t_) * d.time_scale, dtype=torch.float64)
+            c, u = net(x_, t_in, y), net(x_, t_in, null)
+            return c + w * (c - u)
+        d_cur = velocity(x, t_cur)
+        x_next = x + (t_next - t_cur) * d_cur
+        if t_next > 0:
+            x_next = x + (t_next - t_cur) * 0.5 * (d_cur + velocity(x_next, t_next))
+        x = x_next
+    return x
+
+
+def test_per_step_guidance_interval_is_the_authors_heun():
+    d = build_diffusion("continuous", Objective(path="linear", prediction="velocity"))
+    net = gaussian_class_net(d)
+    x_T = torch.randn(6, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    y, null = torch.ones(6), torch.zeros(6)
+    lo, hi, steps = 0.28, 5.42, 13  # EDM2's interval; several Heun steps straddle its edges
+    kw = dict(algorithm="heun", steps=steps, cond={"y": y}, uncond={"y": null}, scale=2.0, interval=(lo, hi))
+    ours = sample(net, d, x_T, **kw)  # per_step: the default
+    theirs = authors_heun(net, d, x_T, y, null, 2.0, lo, hi, steps)
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-6, atol=1e-6)
+    per_evaluation = sample(net, d, x_T, **kw, interval_rule="per_evaluation")
+    assert (per_evaluation - ours).abs().max() > 1e-3  # the two rules differ at the edges
+
+
+def test_per_step_rule_holds_for_the_stages_of_a_singlestep_dpm_solver_step():
+    d = build_diffusion("continuous", Objective())
+    for rule in ("per_step", "per_evaluation"):
+        calls = []
+        sample(branch_net(calls), d, torch.randn(2, 3), algorithm="dpm_solver", steps=12, cond={"y": torch.ones(2)},
+               uncond={"y": torch.zeros(2)}, scale=1.0, interval=(1.0, 20.0), interval_rule=rule)
+        guided = [n == 4 for n, _ in calls]
+        assert len(calls) == 12 and any(guided) and not all(guided)
+        stages = [guided[i:i + 3] for i in range(0, 12, 3)]  # order 3: four steps of three evaluations
+        assert (rule == "per_step") == all(len(set(s)) == 1 for s in stages)
+        if rule == "per_step":  # decided by the step's first evaluation, at its start
+            a, s = d.coefficients(torch.stack([calls[i][1][0] for i in range(0, 12, 3)]).double() / d.time_scale)
+            assert [g[0] for g in stages] == [1.0 < float(v) <= 20.0 for v in s / a]
+
+
 def test_autoguidance_guides_with_the_weaker_network():
     calls = []
     main = lambda x, t, y: torch.full_like(x, 2.0) * y.reshape(-1, 1)  # noqa: E731
@@ -281,11 +346,13 @@ def test_config_validation_refuses_an_init_from_of_another_objective(tmp_path):
 
 def test_sampler_of_a_config_knows_its_objective():
     from configs.digits_uvit_tiny_flow import get_config
-    from libs.family import Sampler, family_of
+    from libs.family import family_of
+    from libs.sampling import Sampler
     config = get_config()
     config.sample.update(guidance_sigma_min=0.1, guidance_sigma_max=3.0)
     sampler = Sampler.for_config(config, family_of(config), None, "cpu")
     assert isinstance(sampler.diffusion, LinearFlow) and sampler.interval == (0.1, 3.0) and sampler.guide is None
+    assert sampler.interval_rule == "per_step"  # the authors' rule by default
     config = ml_collections.ConfigDict(get_config().to_dict())
     config.objective.update(path="vp", prediction="noise")
     config.sample.algorithm = "dpm_solver"

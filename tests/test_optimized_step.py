@@ -16,7 +16,7 @@ from accelerate import Accelerator
 
 from libs import attention
 from libs.data_loader import mix_seed
-from libs.ema import EMAUpdater, make_ema
+from libs.ema import make_ema
 from libs.family import PIXELS_CONTINUOUS
 from libs.nnet import build_nnet
 from libs.optim import build_lr_scheduler, build_optimizer
@@ -50,8 +50,7 @@ def _library_steps(ema_rate=EMA_RATE):
     config = ml_collections.ConfigDict(dict(seed=SEED, grad_clip=0.0, ema_rate=ema_rate))
     r = Run(config=config, workdir=None, family=PIXELS_CONTINUOUS, accelerator=accelerator, data=None, nnet=nnet,
             nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=None,
-            diffusion=build_diffusion("continuous"), autoencoder=None, null=None, train_nnet=train_nnet,
-            ema=EMAUpdater(nnet_ema, nnet))
+            autoencoder=None, null=None, train_nnet=train_nnet)
     losses, applied = [], []
     for step, (x0, y) in enumerate(_batches()):
         loss, _, ok = train_step(r, {"x": x0, "y": y}, step)

@@ -10,7 +10,7 @@ from torch import nn
 
 from libs.errors import ConfigError
 from libs.posthoc_ema import (PowerEMA, gamma_from_sigma_rel, list_snapshots, profile_inner, reconstruct,
-                              sigma_rel_from_gamma)
+                              sigma_rel_from_gamma, solve_coefficients)
 from tools import posthoc_ema as tool
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -124,3 +124,45 @@ def test_a_skipped_step_leaves_the_profiles_as_they_are():
     assert all(torch.equal(a, b) for avg, old in zip(ema.averages, before) for a, b in zip(avg, old))
     ema.update(5, torch.tensor(True))
     assert all(not torch.equal(avg[0], old[0]) for avg, old in zip(ema.averages, before))
+
+
+def _edm2_coefficients(steps, gammas, step, gamma):
+    """EDM2's Algorithm 3 written out (Karras et al. 2024, App. C.3): the inner product of two power profiles
+    (t_a, g_a), (t_b, g_b) is (g_a + 1)(g_b + 1) (t_a / t_b)^e / ((g_a + g_b + 1) max(t_a, t_b)) with e = g_b
+    when t_a < t_b, else -g_a; the normal equations are solved and the solution divided by its sum."""
+    def inner(ta, ga, tb, gb):
+        e = np.where(ta < tb, gb, -ga)
+        return (ga + 1) * (gb + 1) * (ta / tb) ** e / ((ga + gb + 1) * np.maximum(ta, tb))
+    t, g = np.float64(steps)[:, None], np.float64(gammas)[:, None]
+    x = np.linalg.solve(inner(t, g, t.T, g.T), inner(t, g, np.float64(step), np.float64(gamma)))
+    return (x / x.sum())[:, 0]
+
+
+def test_the_reconstruction_is_edm2s_rescaled_one_and_matches_a_float64_ema(tmp_path):
+    # A float64 tiny model, 200 Adam steps, snapshots of widths 0.05 / 0.10 every 10 steps; widths between them
+    # and a little beyond tracked directly in float64 in the same run.
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 1)).double()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    stored, tracked = PowerEMA(net, (0.05, 0.10)), PowerEMA(net, (0.06, 0.085, 0.12))
+    w = torch.randn(6, 1, dtype=torch.float64)
+    for step in range(1, 201):
+        x = torch.randn(32, 6, dtype=torch.float64)
+        loss = ((net(x) - x @ w - 0.5 * torch.randn(32, 1, dtype=torch.float64)) ** 2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        stored.update(step)
+        tracked.update(step)
+        if step % 10 == 0:
+            stored.save_snapshot(str(tmp_path), step)
+    steps = [s for s in range(10, 201, 10) for _ in (0, 1)]
+    gammas = [gamma_from_sigma_rel(s) for _ in range(10, 201, 10) for s in (0.05, 0.10)]
+    direct = tracked.state_dict()['averages']
+    for k, width in enumerate(tracked.sigma_rels):
+        c, _ = solve_coefficients(steps, gammas, 200, gamma_from_sigma_rel(width))
+        assert c.sum() == pytest.approx(1.0, abs=1e-12)
+        np.testing.assert_allclose(c, _edm2_coefficients(steps, gammas, 200, gamma_from_sigma_rel(width)),
+                                   rtol=1e-6, atol=1e-9 * np.abs(c).max())
+        state, _ = reconstruct(str(tmp_path), width)
+        assert _relative(state, direct[k]) <= 1e-4, width

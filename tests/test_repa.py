@@ -11,7 +11,7 @@ from torch import nn
 
 from benchmarks.tiny_models import write_tiny_autoencoder, write_tiny_clip
 from configs.digits_uvit_tiny import get_config
-from libs import features as F
+from libs import shards as F
 from libs.datasets.base import DatasetBase
 from libs.datasets.features import LabelledMoments
 from libs.errors import ConfigError, MissingFileError

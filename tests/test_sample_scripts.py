@@ -91,7 +91,7 @@ def test_t2i_matches_manual_pipeline_with_config_scale_factor(tiny):
     """The script's image equals: CLIP contexts -> DPM-Solver with guidance -> decode with the config's 0.23010."""
     from libs.autoencoder import get_model
     from libs.clip import FrozenCLIPEmbedder
-    from libs.family import per_index_noise
+    from libs.sampling import per_index_noise
     from libs.nnet import build_nnet, load_nnet_state_dict
     from libs.sampling import sample
     from sde import build_diffusion
@@ -177,6 +177,12 @@ def test_class_cond_errors(tiny):
     t2i_config, t2i_nnet = tiny["t2i"]
     with pytest.raises(ConfigError, match="use sample_t2i_discrete.py"):
         sample_class_cond.main([f"--config={t2i_config}", f"--nnet_path={t2i_nnet}", "--class_ids=0", "--device=cpu"])
+    # Counts below 1 are refused as the flags are parsed, before the config or any weights are read.
+    for flag in ("--n_per_class=0", "--batch_size=0"):
+        with pytest.raises(ConfigError, match=f"^flag {flag}: 0 is not a positive integer"):
+            sample_class_cond.main(cls_args(tiny, out, "--class_ids=0", flag))
+    with pytest.raises(ConfigError, match="^flag --n_per_prompt=0: 0 is not a positive integer"):
+        sample_t2i_discrete.main(t2i_args(tiny, out, "a cat", "--n_per_prompt=0"))
 
 
 def test_class_cond_samples_with_the_config_diffusion(tiny):

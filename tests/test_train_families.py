@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import libs.family
+import libs.sampling
 from configs.digits_uvit_tiny import get_config as digits_config
 from configs.imagenet256_uvit_huge import get_config as huge_config
 from configs.mscoco_uvit_small import get_config as mscoco_config
@@ -14,7 +14,7 @@ from libs.errors import ConfigError
 from libs.family import LATENTS_CONTINUOUS, PIXELS_CONTINUOUS, TEXT_LATENTS_DISCRETE
 from libs.trainer import train
 from benchmarks.tiny_models import write_tiny_autoencoder
-from tools import inception
+from libs.metrics import inception
 
 FID_BATCH, GRID_BATCH, FINAL_BATCH = 5, 4, 3  # distinct batch sizes tell the sampling calls apart
 
@@ -25,12 +25,12 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def spy(monkeypatch):
     """Records (batch size, guidance scale) of every sampler call."""
-    calls, real = [], libs.family.sample
+    calls, real = [], libs.sampling.sample
 
     def sample(nnet, diffusion, x_T, **kwargs):
         calls.append((x_T.shape[0], kwargs['scale']))
         return real(nnet, diffusion, x_T, **kwargs)
-    monkeypatch.setattr(libs.family, 'sample', sample)
+    monkeypatch.setattr(libs.sampling, 'sample', sample)
     return calls
 
 

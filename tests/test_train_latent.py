@@ -9,7 +9,7 @@ from PIL import Image
 
 from configs.imagenet256_uvit_huge import get_config as huge_config
 from configs.imagenet256_uvit_large import get_config as large_config
-from libs import features as F
+from libs import shards as F
 from libs.family import LATENTS_CONTINUOUS, LATENTS_DISCRETE
 from libs.trainer import train
 from benchmarks.tiny_models import write_tiny_autoencoder

@@ -28,7 +28,7 @@ from libs.errors import ConfigError, MissingFileError, UViTError
 from libs.logging_utils import setup_logging
 from libs.metrics.suite import (MetricOptions, dataset_batches, load_networks, parse_names, reference_arrays,
                                 reference_file_arrays)
-from tools.inception import load_fid_inception
+from libs.metrics.inception import load_fid_inception
 
 logger = logging.getLogger(__name__)
 

@@ -137,14 +137,15 @@ def check(file, path):
     permission error), of the expected size and sha256 where known."""
     with open(path, "rb") as f:
         head = f.read(512).lstrip().lower()
-    if head.startswith((b"<!doctype html", b"<html")):
-        raise CheckpointError(f"{file.name}: the server sent a web page instead of the file (quota exceeded or "
-                              f"no access); {by_hand(file)}")
     size = os.path.getsize(path)
-    if file.size is not None and size != file.size:
-        raise CheckpointError(f"{file.name}: got {size} bytes, the release's file has {file.size}; {by_hand(file)}")
-    if file.sha256 is not None and sha256_of(path) != file.sha256:
-        raise CheckpointError(f"{file.name}: sha256 differs from the release's file; {by_hand(file)}")
+    # (fails, why), in order: the first that fails is reported; the sha256 is read only when the others pass.
+    rules = ((lambda: head.startswith((b"<!doctype html", b"<html")),
+              "the server sent a web page instead of the file (quota exceeded or no access)"),
+             (lambda: file.size is not None and size != file.size, f"got {size} bytes, the release's file has {file.size}"),
+             (lambda: file.sha256 is not None and sha256_of(path) != file.sha256, "sha256 differs from the release's file"))
+    why = next((why for fails, why in rules if fails()), None)
+    if why:
+        raise CheckpointError(f"{file.name}: {why}; {by_hand(file)}")
 
 
 @contextlib.contextmanager

@@ -26,6 +26,7 @@ from libs import fid
 from libs.errors import ConfigError, MissingFileError, exit_on_user_error
 from libs.evaluation import format_metrics
 from libs.io_utils import atomic_write_bytes
+from libs.metrics import precision_recall
 from libs.metrics.sample_file import array_shape, images_of_rows, npz_keys, read_rows
 from libs.metrics.suite import MetricOptions, MetricSuite, check_reference_dims, load_networks, load_reference, \
     parse_names
@@ -91,6 +92,8 @@ def define_flags(fv):
                         flag_values=fv)
     flags.DEFINE_string("clip", None, "CLIP folder or hub id in the local cache (default: ViT-L/14)", flag_values=fv)
     flags.DEFINE_string("prompts", None, "JSON list of the caption of every sample (CLIP score)", flag_values=fv)
+    flags.DEFINE_enum("prc_arithmetic", "float64", list(precision_recall.ARITHMETICS), "precision/recall distances: "
+                      "'float64' (the formula) or 'adm' (ADM's float16 evaluator; docs/evaluation.md)", flag_values=fv)
     flags.DEFINE_integer("kid_subsets", 100, "KID subsets", flag_values=fv)
     flags.DEFINE_integer("kid_subset_size", 1000, "KID features per subset", flag_values=fv)
     flags.DEFINE_string("json", None, "also write the metrics to this JSON file", flag_values=fv)
@@ -101,7 +104,8 @@ def main(argv=None):
     fv, (reference, samples) = parse_flags(define_flags, argv, __doc__, positional=("reference", "samples"))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     options = MetricOptions(names=parse_names(fv.metrics), resize=fv.resize, kid_subsets=fv.kid_subsets,
-                            kid_subset_size=fv.kid_subset_size, inception_weights=fv.inception_weights,
+                            kid_subset_size=fv.kid_subset_size, prc_arithmetic=fv.prc_arithmetic,
+                            inception_weights=fv.inception_weights,
                             dinov2_weights=fv.dinov2_weights, dinov2_repo=fv.dinov2_repo,
                             **({"clip": fv.clip} if fv.clip else {}))
     prompts = None
@@ -113,7 +117,8 @@ def main(argv=None):
         print(f"{key}: {value}")
     if fv.json:
         record = {"reference": reference, "samples": samples, "metrics": list(options.names),
-                  "inception_resize": options.resize, "results": result}
+                  "inception_resize": options.resize,
+                  "prc_arithmetic": options.prc_arithmetic, "results": result}
         atomic_write_bytes((json.dumps(record, indent=1) + "\n").encode(), fv.json)
     logger.info("%s", format_metrics(result))
     return result

@@ -3,7 +3,7 @@
     python tools/fid_score.py samples/ assets/fid_stats/fid_stats_cifar10_train_pytorch.npz
     python tools/fid_score.py samples/ other_samples/ --batch_size=100 --device=cuda:1
 
-Same network, preprocessing and statistics as pytorch-fid (see tools/inception.py), so the
+Same network, preprocessing and statistics as pytorch-fid (see libs/metrics/inception.py), so the
 number is comparable with the paper's. The math lives in libs/fid.py.
 """
 import logging
@@ -19,7 +19,7 @@ from absl import flags
 from libs import fid
 from libs.errors import MissingFileError, exit_on_user_error
 from tools.cli import parse_flags
-from tools.inception import load_fid_inception
+from libs.metrics.inception import load_fid_inception
 
 logger = logging.getLogger(__name__)
 
@@ -33,11 +33,10 @@ def default_num_workers():
 
 
 def statistics_of_path(path, model, batch_size=50, num_workers=0, dims=2048):
-    """(mu, sigma) of an .npz file or of the images in a folder."""
+    """(mu, sigma) of an .npz file or of the images in a folder (that it exists was checked by
+    calculate_fid_given_paths; the folder's reader checks it is one)."""
     if path.endswith(".npz"):
         return fid.load_statistics(path)
-    if not os.path.exists(path):
-        raise MissingFileError(f"'{path}' is neither an existing image folder nor an .npz statistics file")
     stats = fid.dataset_statistics(fid.ImageFolder(path), model(), batch_size=batch_size,
                                    num_workers=num_workers, splits=0, dims=dims, desc=os.path.basename(path.rstrip("/")))
     return stats.mean_and_covariance()

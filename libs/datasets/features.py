@@ -2,7 +2,7 @@
 
 Items carry the autoencoder moments (mean, logvar), not latents: the engine draws z = scale_factor * (mean + std *
 noise) afresh every step (libs/family.py prepare_batch), as the original did. Both the packed format and the
-original one-file-per-sample layout are read (libs/features.py describes them).
+original one-file-per-sample layout are read (libs/shards.py describes them).
 
 Folder layouts (config.dataset.path):
 - imagenet{256,512}_features: the features (packed: manifest.json + shards; original: 0.npy, 1.npy, ... each
@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 
 from libs.datasets.base import DatasetBase
 from libs.errors import CheckpointError, ConfigError, MissingFileError
-from libs.features import open_features
+from libs.shards import open_features
 
 logger = logging.getLogger(__name__)
 

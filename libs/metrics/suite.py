@@ -33,7 +33,7 @@ from libs.metrics import kid, precision_recall
 from libs.metrics.clip_score import load_clip_scorer
 from libs.metrics.dinov2 import load_dinov2
 from libs.metrics.sample_file import array_shape, images_of_rows, npz_keys, read_rows
-from tools.inception import RESIZES, SPATIAL_DIMS, load_fid_inception
+from libs.metrics.inception import RESIZES, SPATIAL_DIMS, load_fid_inception
 
 logger = logging.getLogger(__name__)
 
@@ -61,11 +61,12 @@ class MetricOptions:
     """What one evaluation computes and from which files (config.metrics; docs/evaluation.md)."""
     names: tuple = ("fid", "is")
     reference: str = ""  # reference batch / statistics .npz ('' = config.fid.stat)
-    resize: str = "pytorch-fid"  # how the Inception network resizes: 'pytorch-fid' | 'adm' (tools/inception.py)
+    resize: str = "pytorch-fid"  # how the Inception network resizes: 'pytorch-fid' | 'adm' (libs/metrics/inception.py)
     is_splits: int = fid.DEFAULT_IS_SPLITS
     kid_subsets: int = kid.DEFAULT_SUBSETS
     kid_subset_size: int = kid.DEFAULT_SUBSET_SIZE
     prc_k: int = precision_recall.DEFAULT_K
+    prc_arithmetic: str = "float64"  # 'float64' | 'adm' (ADM's float16 distances; precision_recall)
     inception_weights: str = None
     dinov2_weights: str = None
     dinov2_repo: str = None
@@ -81,9 +82,34 @@ class MetricOptions:
                    resize=get("resize", "pytorch-fid"), kid_subsets=int(get("kid_subsets", kid.DEFAULT_SUBSETS)),
                    kid_subset_size=int(get("kid_subset_size", kid.DEFAULT_SUBSET_SIZE)),
                    prc_k=int(get("prc_k", precision_recall.DEFAULT_K)),
+                   prc_arithmetic=get("prc_arithmetic", "float64"),
                    inception_weights=inception_weights or config.fid.inception_weights,
                    dinov2_weights=get("dinov2_weights", "") or None, dinov2_repo=get("dinov2_repo", "") or None,
                    clip=get("clip", "") or CLIP_VERSION)
+
+    @staticmethod
+    def problems(section):
+        """(key in config.metrics, message) of each bad value: metric names, integer seeds, an .npz sample file,
+        existing network files (types and choices are checked by libs.config_utils)."""
+        out = []
+        if isinstance(section.get("names"), str):
+            try:
+                parse_names(section["names"])
+            except ConfigError as e:
+                out.append(("names", str(e).split(": ", 1)[-1]))
+        seeds = section.get("seeds")
+        if isinstance(seeds, int) and not isinstance(seeds, bool):
+            seeds = str(seeds)  # --config.metrics.seeds=3 parses as an integer
+        if isinstance(seeds, str) and not all(t.strip().lstrip("-").isdigit() for t in seeds.split(",") if t.strip()):
+            out.append(("seeds", "must be comma-separated integers, e.g. 0,1,2 ('' = config.seed)"))
+        npz = section.get("npz")
+        if isinstance(npz, str) and npz and not npz.endswith(".npz"):
+            out.append(("npz", "must end in .npz (the ADM sample file)"))
+        for key in ("reference", "dinov2_weights"):
+            value = section.get(key)
+            if isinstance(value, str) and value and not os.path.isfile(value):
+                out.append((key, "does not exist: give the path of an existing file ('' = the default)"))
+        return out
 
     def networks(self):
         return {NETWORK_OF[n] for n in self.names}
@@ -313,7 +339,8 @@ class MetricSuite:
             out["inception_score"], out["inception_score_std"] = pool.inception_score()
         if "prc" in names:
             out["precision"], out["recall"] = precision_recall.precision_recall(
-                reference["pool"], self.acc.tables["pool"], k=self.options.prc_k, device=device)
+                reference["pool"], self.acc.tables["pool"], k=self.options.prc_k, device=device,
+                arithmetic=self.options.prc_arithmetic)
         if "kid" in names:
             out["kid"], out["kid_std"] = kid.kernel_inception_distance(
                 reference["pool"], self.acc.tables["pool"], self.options.kid_subsets, self.options.kid_subset_size,

@@ -82,8 +82,7 @@ class ShardWriter:
 
     def __init__(self, folder, index, n, moments_shape, dtype="float32", with_labels=False,
                  num_contexts=None, context_shape=None, repa_shape=None, repa_dtype="float16"):
-        if dtype not in STORAGE_DTYPES:
-            raise InputError(f"feature storage dtype must be one of {STORAGE_DTYPES}, got {dtype!r}.")
+        assert dtype in STORAGE_DTYPES, f"{dtype!r}: the extraction scripts' --dtype flag takes {STORAGE_DTYPES}"
         os.makedirs(folder, exist_ok=True)
         self.folder, self.index, self.n, self.dtype = folder, index, int(n), dtype
         remove_stale_temporaries(folder, index)
@@ -132,15 +131,14 @@ class ShardWriter:
         features when the shard stores them."""
         moments = np.asarray(moments)
         stop = start + len(moments)
-        if moments.shape[1:] != self.moments_shape:
-            raise InputError(f"moments of shape {moments.shape[1:]} do not match the shard's {self.moments_shape}.")
+        # The shape is the extractor's own (its autoencoder's moments): asserted. A NaN comes from the data.
+        assert moments.shape[1:] == self.moments_shape, (moments.shape, self.moments_shape)
         if not np.isfinite(moments).all():
             raise InputError(f"moments of shard {self.index} positions {start}..{stop - 1} hold NaN/inf; "
                              "check the images and the autoencoder weights.")
         self.moments[start:stop] = moments
         if self.labels is not None:
-            if labels is None:
-                raise InputError("this shard stores labels; pass labels=.")
+            assert labels is not None, "this shard stores labels"
             self.labels[start:stop] = np.asarray(labels, dtype=np.int64)
         if self.repa is not None:
             repa = np.asarray(repa) if repa is not None else None
@@ -154,9 +152,7 @@ class ShardWriter:
         """counts: number of captions of each of the shard's n samples (sums to the contexts' rows)."""
         offsets = np.zeros(self.n + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(counts)
-        if len(counts) != self.n or offsets[-1] != len(self.contexts):
-            raise InputError(f"{len(counts)} caption counts summing to {offsets[-1]} do not match the shard's "
-                             f"{self.n} samples and {len(self.contexts)} contexts.")
+        assert len(counts) == self.n and offsets[-1] == len(self.contexts), (len(counts), offsets[-1], self.n)
         self.context_offsets[:] = offsets
         return offsets
 

@@ -207,6 +207,16 @@ class FIDInceptionV3(nn.Module):
                 "spatial": spatial.permute(0, 2, 3, 1).reshape(spatial.shape[0], -1)}
 
 
+def problems(fid):
+    """[('inception_weights', message)] when config.fid names weights that are not there (None: the default
+    location, downloaded when absent): what libs.config_utils.parse_and_validate reports before any work."""
+    weights = fid.get("inception_weights")
+    if weights is not None and not (isinstance(weights, str) and os.path.exists(weights)):
+        return [("inception_weights", "does not exist: give the path of pt_inception-2015-12-05 weights, or None "
+                                      "for the default location")]
+    return []
+
+
 def load_fid_inception(weights_path=None, device=None, download=True):
     """The FID Inception network with its weights loaded (strictly), in eval mode, on `device`.
 

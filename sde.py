@@ -148,22 +148,38 @@ class Objective:
                        "config.objective.path='linear' or shift=1")
         if not 0 <= self.two_time_fraction <= 1:
             out.append(f"config.objective.two_time_fraction = {self.two_time_fraction!r}: must lie in [0, 1]")
-        if self.weight_power < 0 or not self.weight_eps > 0:
-            out.append("config.objective.weight_power must be >= 0 and weight_eps > 0 (the adaptive weight "
-                       "1 / (||delta||^2 + eps)^p)")
+        if not self.weight_power >= 0:
+            out.append(f"config.objective.weight_power = {self.weight_power!r}: must be >= 0 (the adaptive weight "
+                       "1 / (||delta||^2 + weight_eps)^p; 0 = none)")
+        if not self.weight_eps > 0:
+            out.append(f"config.objective.weight_eps = {self.weight_eps!r}: must be > 0")
         if self.second_time not in SECOND_TIMES:
             out.append(f"config.objective.second_time = {self.second_time!r}: not one of "
                        f"{', '.join(map(repr, SECOND_TIMES))}")
         m = self.shortcut_steps
         if not (isinstance(m, int) and m >= 2 and m & (m - 1) == 0):
             out.append(f"config.objective.shortcut_steps = {m!r}: must be a power of 2 >= 2 (e.g. 128)")
-        guided = self.cfg_omega != 1.0 or self.cfg_kappa != 0.0
-        if guided and self.path != "meanflow":
-            out.append("config.objective.cfg_omega / cfg_kappa: guidance inside the target is MeanFlow's; set "
+        if self.guided and self.path != "meanflow":
+            key, value = self.guidance_key()
+            out.append(f"config.objective.{key} = {value!r}: guidance inside the target is MeanFlow's; set "
                        "config.objective.path='meanflow' or cfg_omega=1, cfg_kappa=0")
-        elif guided and not (self.cfg_kappa < 1 and 0 <= self.cfg_t_min <= self.cfg_t_max <= 1):
-            out.append("config.objective.cfg_kappa must be < 1 and 0 <= cfg_t_min <= cfg_t_max <= 1")
+        if not self.cfg_kappa < 1:
+            out.append(f"config.objective.cfg_kappa = {self.cfg_kappa!r}: must be < 1 (effective scale "
+                       "omega / (1 - kappa))")
+        if not 0 <= self.cfg_t_min <= 1:
+            out.append(f"config.objective.cfg_t_min = {self.cfg_t_min!r}: must lie in [0, 1]")
+        if not self.cfg_t_min <= self.cfg_t_max <= 1:
+            out.append(f"config.objective.cfg_t_max = {self.cfg_t_max!r}: must lie in [cfg_t_min, 1]")
         return out
+
+    @property
+    def guided(self):
+        """Whether MeanFlow's target carries guidance (cfg_omega != 1 or cfg_kappa != 0)."""
+        return self.cfg_omega != 1.0 or self.cfg_kappa != 0.0
+
+    def guidance_key(self):
+        """(key, value) of the guidance setting a message about it names: cfg_omega when set, else cfg_kappa."""
+        return ("cfg_omega", self.cfg_omega) if self.cfg_omega != 1.0 else ("cfg_kappa", self.cfg_kappa)
 
     def describe(self):
         """A short name for messages: 'vp/noise', 'linear/velocity (logit_normal, shift 3)'."""
@@ -505,7 +521,7 @@ class MeanFlow(_TwoTimeFlow):
         kappa) u(z, t, t | null) for conditioned samples with cfg_t_min <= t <= cfg_t_max, v elsewhere (dropped
         conditions: the network learns the unguided field there). No gradient. z, v: (B, ...); t: (B,)."""
         o = self.objective
-        if o.cfg_omega == 1.0 and o.cfg_kappa == 0.0:
+        if not o.guided:
             return v
         assert self.null is not None and len(cond) == 1, "checked where the config enters (needs a condition)"
         (key, c), = cond.items()

@@ -351,9 +351,9 @@ def parse_and_validate(config, *, world_size):
         if get("nnet.name") is not None and bool(get("nnet.second_time")) != two_times:
             fail("nnet.second_time", f"must be {two_times} for config.objective.path = {objective.path!r} (the "
                                      "second time token is the few-step objectives' input: 'meanflow', 'shortcut')")
-        if (objective.cfg_omega != 1.0 or objective.cfg_kappa != 0.0) and not get("dataset.cfg"):
-            fail("objective.cfg_omega", "guidance inside the target needs the null condition of guidance training: "
-                                        "set config.dataset.cfg=True (and p_uncond > 0), or cfg_omega=1, cfg_kappa=0")
+        if objective.guided and not get("dataset.cfg"):
+            fail(f"objective.{objective.guidance_key()[0]}", "guidance inside the target needs the null condition of "
+                 "guidance training: set config.dataset.cfg=True (and p_uncond > 0), or cfg_omega=1, cfg_kappa=0")
     lo, hi = get("sample.guidance_sigma_min"), get("sample.guidance_sigma_max")
     if _is_num(lo) and _is_num(hi) and hi > 0 and lo >= hi:
         fail("sample.guidance_sigma_max", f"must be above sample.guidance_sigma_min = {lo} (or 0: no upper limit)")

@@ -135,7 +135,10 @@ OUT_OF_RANGE = {
     "objective.logit_std": 0.0, "objective.shift": 0.0, "sample.guidance_sigma_min": -1.0,
     "sample.guidance_sigma_max": -1.0, "sample.guide_path": "/no/such/guide.pth",
     "posthoc_ema.sigma_rels": (0.05, 0.3), "posthoc_ema.snapshot_interval": -1, "repa.resolution": 0,
-    "repa.projector_dim": 0, "repa.weight": 0.0, "training_aids": ("no.such.module:Aid",)}
+    "repa.projector_dim": 0, "repa.weight": 0.0, "training_aids": ("no.such.module:Aid",),
+    "objective.two_time_fraction": 1.5, "objective.weight_power": -1.0, "objective.weight_eps": 0.0,
+    "objective.cfg_omega": 2.0, "objective.cfg_kappa": 1.0, "objective.cfg_t_min": -0.5, "objective.cfg_t_max": 1.5,
+    "objective.second_time": "s", "objective.shortcut_steps": 100, "nnet.second_time": True}
 # Free values: any number (seeds, guidance scales) or any string the dataset / loader checks where it reads it.
 NO_RANGE = {"seed", "sample.scale", "grid.scale", "autoencoder.pretrained_path", "dataset.name", "sample.path",
             "wandb.project", "compile", "tf32", "optimizer.no_decay_for_embeddings_norms_biases", "dataset.cfg",

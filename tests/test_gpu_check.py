@@ -71,7 +71,7 @@ def test_a_failing_piece_says_why():
 def test_no_piece_starts_once_the_budget_is_spent(capsys):
     assert gpu_check.main(["--device", "cpu", "--tiny", "--budget", "0"]) == 1
     rows = table_rows(capsys.readouterr().out)
-    assert len(rows) == 7 and all(r[6] == "FAILED: not started: the 0 s budget is spent" for r in rows)
+    assert len(rows) == 8 and all(r[6] == "FAILED: not started: the 0 s budget is spent" for r in rows)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")

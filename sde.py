@@ -32,6 +32,7 @@ so the trainer's per-step reseeding makes a resumed run draw what the uninterrup
 """
 import dataclasses
 import logging
+import math
 
 import torch
 
@@ -73,8 +74,11 @@ def _check_x0(x0):
 
 
 PATHS = ("vp", "linear", "meanflow", "shortcut")
-PREDICTIONS = {"vp": ("noise", "v", "x0"), "linear": ("velocity",), "meanflow": ("average_velocity",),
+PREDICTIONS = {"vp": ("noise", "v", "x0"), "linear": ("velocity", "x0"), "meanflow": ("average_velocity",),
                "shortcut": ("velocity",)}
+# x-prediction on the linear path divides by t (the noise level) to get the velocity; JiT clamps it from below
+# by this (Li & He 2025, arXiv 2511.13720: t_eps = 0.05) so the loss weight stays finite near clean data.
+X0_T_MIN = 0.05
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
 SECOND_TIMES = ("t_minus_r", "r")  # MeanFlow's second network time input
 TWO_TIME_PATHS = ("meanflow", "shortcut")  # objectives whose network takes a second time (config.nnet.second_time)
@@ -85,11 +89,15 @@ class Objective:
     """What a config trains: config.objective (configs/base.py). The default is the original's LSimple.
 
     path: 'vp' (config.diffusion's VP schedule) or 'linear' (flow matching, `LinearFlow`).
-    prediction: the network's output: 'noise', 'v' or 'x0' on 'vp'; 'velocity' on 'linear'.
+    prediction: the network's output: 'noise', 'v' or 'x0' on 'vp'; 'velocity' or 'x0' on 'linear' (x0: JiT's
+        x-prediction trained with the velocity loss, `LinearFlow.loss`).
     time_dist: training t ~ 'uniform' U(0, 1) or 'logit_normal' sigmoid(N(logit_mean, logit_std^2)) (Esser et
         al. 2024, arXiv 2403.03206); continuous time only (a discrete VP draws n uniform).
     shift: training and sampling time t -> shift t / (1 + (shift - 1) t) of the linear path (Esser et al. 2024,
         sec. 5.3.2: more noise for high-resolution latents, e.g. 3); 1 = none.
+    shift_base_dim: > 0 derives the shift from the dimension d = C H W of what is generated (`Objective.of`):
+        shift = sqrt(d / shift_base_dim) (`dimension_shift`; Esser et al. 2024 eq. 23 with resolutions counted
+        in values; RAE, Zheng et al. 2025, arXiv 2510.11690, base 4096); 0 = the given `shift`.
 
     The few-step objectives ('meanflow', 'shortcut'; their networks have config.nnet.second_time=True):
     two_time_fraction: the share of each batch trained on the two-time target: MeanFlow's r != t (the rest has
@@ -107,6 +115,7 @@ class Objective:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     shift: float = 1.0
+    shift_base_dim: float = 0.0
     two_time_fraction: float = 0.25
     weight_power: float = 1.0
     weight_eps: float = 1e-3
@@ -120,10 +129,18 @@ class Objective:
     @classmethod
     def of(cls, config):
         """The Objective of a config (a ConfigDict or dict, e.g. an exported config.json); no objective section
-        (a config or an export made before objectives existed) is the default."""
+        (a config or an export made before objectives existed) is the default. With shift_base_dim > 0 the shift
+        is derived from the dimension of config's x0 (z_shape, else nnet.in_chans x img_size^2)."""
         section = (config.get("objective") if config is not None else None) or {}
         fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(section).items() if k in fields})
+        objective = cls(**{k: v for k, v in dict(section).items() if k in fields})
+        if objective.shift_base_dim > 0:
+            if objective.shift != 1.0:
+                raise ConfigError(f"config.objective.shift = {objective.shift!r} and shift_base_dim = "
+                                  f"{objective.shift_base_dim!r}: give the shift or derive it, not both (shift=1)")
+            objective = dataclasses.replace(objective, shift=dimension_shift(generated_dim(config),
+                                                                             objective.shift_base_dim))
+        return objective
 
     def problems(self, time_kind):
         """The ConfigError messages of this objective under config.diffusion = time_kind (empty when fine)."""
@@ -143,6 +160,8 @@ class Objective:
             out.append(f"config.objective.logit_std = {self.logit_std!r}: must be > 0")
         if not self.shift > 0:
             out.append(f"config.objective.shift = {self.shift!r}: must be > 0 (1 = no shift)")
+        if not self.shift_base_dim >= 0:
+            out.append(f"config.objective.shift_base_dim = {self.shift_base_dim!r}: must be >= 0 (0 = the given shift)")
         elif self.shift != 1.0 and self.path == "vp":
             out.append("config.objective.shift: the time shift is of the linear path; set "
                        "config.objective.path='linear' or shift=1")
@@ -184,7 +203,7 @@ class Objective:
     def describe(self):
         """A short name for messages: 'vp/noise', 'linear/velocity (logit_normal, shift 3)'."""
         extra = [self.time_dist] if self.time_dist != "uniform" else []
-        extra += [f"shift {self.shift:g}"] if self.shift != 1.0 else []
+        extra += [f"shift {self.shift:.4g}"] if self.shift != 1.0 else []
         if self.path in TWO_TIME_PATHS:
             extra += [f"{self.two_time_fraction:g} two-time"]
         return f"{self.path}/{self.prediction}" + (f" ({', '.join(extra)})" if extra else "")
@@ -198,6 +217,22 @@ class Objective:
             z = torch.randn(n, generator=generator, device=device, dtype=torch.float32)
             t = torch.sigmoid(self.logit_mean + self.logit_std * z)
         return shift_time(t, self.shift)
+
+
+def generated_dim(config):
+    """C H W of what a config generates: config.z_shape, else nnet (in_chans, img_size, img_size)."""
+    z = config.get("z_shape")
+    if z is not None:
+        return math.prod(int(v) for v in z)
+    nnet = config.get("nnet") or {}
+    return int(nnet.get("in_chans", 3)) * int(nnet.get("img_size")) ** 2
+
+
+def dimension_shift(dim, base_dim):
+    """The resolution-dependent shift of flow time, sqrt(dim / base_dim): Esser et al. 2024 (eq. 23: a shift
+    sqrt(m / n) keeps the noise-to-signal ratio of an n-value image at an m-value one); RAE (Zheng et al. 2025)
+    with n = 4096. dim, base_dim: numbers of values (C H W) generated and of the base."""
+    return math.sqrt(dim / base_dim)
 
 
 def shift_time(t, shift):
@@ -409,7 +444,8 @@ class LinearPathSchedule:
 class LinearFlow:
     """Flow matching on the linear path x_t = (1 - t) x0 + t eps, t in [0, 1] (t = 1 is pure noise), the network
     predicting the velocity u = dx_t/dt = eps - x0 (conditional flow matching, Lipman et al. 2022; rectified flow,
-    Liu et al. 2022; SiT "Linear" + velocity, Ma et al. 2024).
+    Liu et al. 2022; SiT "Linear" + velocity, Ma et al. 2024) or, with prediction 'x0', the clean data itself,
+    trained through the velocity it implies (JiT, Li & He 2025, arXiv 2511.13720).
 
     The network sees `time_scale` t: 999 t under config.diffusion='continuous' (as the VP-SDE), 1000 t under
     'discrete' (as the discrete models sample), so every family's network trains unchanged.
@@ -439,8 +475,12 @@ class LinearFlow:
         return -torch.ones_like(t), torch.ones_like(t)
 
     def x0_eps(self, out, x, t):
-        """(x0, eps) = (x - t u, x + (1 - t) u) from the velocity u = `out` at x (B, ...), t (B,)."""
+        """(x0, eps) from the network output `out` at x (B, ...), t (B,): the velocity u gives (x - t u,
+        x + (1 - t) u); an x0 prediction gives (out, (x - (1 - t) out) / t) (unclamped: the samplers never
+        evaluate at t = 0)."""
         t = _expand_dims(t.to(x.dtype), x.ndim)
+        if self.objective.prediction == "x0":
+            return to_x0_eps(out, x, 1.0 - t, t, 1.0, 0.0)
         return x - t * out, x + (1.0 - t) * out
 
     def loss(self, nnet, x0, generator=None, **cond):
@@ -448,12 +488,17 @@ class LinearFlow:
 
         x0: (B, ...). t (`Objective.draw_time`: uniform or logit-normal, then the shift) then eps ~ N(0, I) from
         `generator` or torch's default generator on x0.device; x_t = (1 - t) x0 + t eps.
+        Prediction 'x0' (JiT, Li & He 2025, Alg. 1 in this path's time direction): the network outputs x0_hat and
+        the loss is on the velocity each implies, ((x_t - x0_hat) / t' - (x_t - x0) / t')^2 with t' = max(t,
+        X0_T_MIN), i.e. (x0 - x0_hat)^2 / t'^2, computed in that cancellation-free form.
         """
         _check_x0(x0)
         t = self.objective.draw_time(x0.shape[0], generator, x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         tb = _expand_dims(t, x0.ndim).to(x0.dtype)
         pred = nnet((1.0 - tb) * x0 + tb * eps, self.network_time(t), **cond)
+        if self.objective.prediction == "x0":
+            return _prediction_mse(pred, x0) / t.clamp_min(X0_T_MIN).float().pow(2)  # t' per sample
         return _prediction_mse(pred, eps - x0)
 
 

@@ -11,7 +11,9 @@ piece or a hang is a row saying so, never a hung check; no piece starts once --b
   sample     sampling throughput of the paper protocol of imagenet256_uvit_huge (its sampler, 50 steps,
              guidance 0.4 as one batched forward of 2B), fp16 autocast as the README's launch command
   run        a short training run in fp16 (GradScaler) and in bf16 on one fixed batch: first and last
-             loss and the non-finite (skipped) steps
+             loss and the non-finite (skipped) steps; then the bf16 run sharded with FSDP2 over the one
+             GPU (config.fsdp's path: bf16 policy, fp32 master weights): its step time and peak memory
+             against the DDP path's row above (one GPU shards nothing: the cost of the machinery)
   tests      the CUDA-only tests (pytest -m cuda)
   fewstep    the training step of MeanFlow and of shortcut models against flow matching on U-ViT-L/2 latents
              (bf16; benchmarks/fewstep_step_time.py): MeanFlow's step time and both ratios
@@ -89,7 +91,7 @@ def worker_run(spec):
     cfg = nnet_config(spec["model"], use_checkpoint=False)
     torch.manual_seed(0)
     step = step_variants.trainer_step(build_nnet(cfg).to(device).train(), paper_config(spec["model"]),
-                                      spec["precision"])
+                                      spec["precision"], sharded=spec.get("sharded", False))
     x0, cond = batch_inputs(cfg, spec["batch"], device)
     losses, skipped = [], torch.zeros((), dtype=torch.int64, device=device)
     start = time.perf_counter()
@@ -181,9 +183,9 @@ def pieces(args):
                 if importlib.util.find_spec("xformers") is not None else
                 {"missing": "xformers is not installed (pip install xformers)"})
 
-    def run(precision):
+    def run(precision, sharded=False):
         return dict(kind="run", spec=dict(model=size["model"], batch=size["batch"], steps=size["run_steps"],
-                                          precision=precision, device=args.device))
+                                          precision=precision, device=args.device, sharded=sharded))
 
     return [
         (f"train {label}, SDPA", TIMEOUTS["train"],
@@ -193,6 +195,8 @@ def pieces(args):
          dict(kind="sample", spec=sample, argv=bench + ["--precision", "fp16"])),
         (f"run {size['run_steps']} steps fp16", TIMEOUTS["run"], run("fp16")),
         (f"run {size['run_steps']} steps bf16", TIMEOUTS["run"], run("bf16")),
+        (f"run {size['run_steps']} steps bf16, FSDP2 on 1 GPU (vs the row above)", TIMEOUTS["run"],
+         run("bf16", sharded=True)),
         ("CUDA-only tests (pytest -m cuda)", TIMEOUTS["tests"], dict(kind="tests", spec=dict(tests=size["tests"]))),
         (f"train {label}, xformers", TIMEOUTS["train"], xformers),
         (f"train {label}, SDPA + torch.compile ({size['compile_backend']})", TIMEOUTS["train+compile"],

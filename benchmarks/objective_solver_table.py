@@ -32,6 +32,7 @@ CASES = {
                               ("euler", "heun", "dpm_solver++_2m", "dpm_solver++_3m")),
     "linear flow, velocity, shift 3": ("continuous", Objective(path="linear", prediction="velocity", shift=3.0),
                                        ("euler", "heun")),
+    "linear flow, x0": ("continuous", Objective(path="linear", prediction="x0"), ("euler", "heun", "dpm_solver++_3m")),
 }
 # Network calls per step (Heun: 2, its last step to t = 0 is Euler).
 NFE = {"heun": lambda steps, to_zero: 2 * steps - (1 if to_zero else 0)}

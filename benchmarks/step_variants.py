@@ -15,7 +15,7 @@ import ml_collections
 import torch
 from accelerate import Accelerator
 
-from libs import attention
+from libs import attention, fsdp
 from libs.ema import EMAUpdater, make_ema
 from libs.family import family_of
 from libs.optim import build_lr_scheduler, build_optimizer
@@ -166,21 +166,30 @@ class TrainStep:
         return loss.detach()
 
 
-def trainer_step(nnet, config, precision="fp32", compile=False, compile_backend="inductor"):
+def trainer_step(nnet, config, precision="fp32", compile=False, compile_backend="inductor", sharded=False):
     """step(x0, **cond) -> (loss, grad_norm, applied): one `libs.trainer.train_step` on a Run built as libs.trainer.train builds it
-    (accelerate-prepared network and AdamW, the config's optimizer, EMA rate, grad clip and diffusion).
+    (accelerate-prepared network and AdamW, the config's optimizer, EMA rate, grad clip and diffusion). sharded: the
+    network and EMA sharded with FSDP2 over this one process, as config.fsdp does (config.nnet must describe nnet).
 
     x0 is given directly (latents for latent configs), so the family is taken as pixel-space (the per-step moment
     sampling, a few elementwise ops, is not timed).
     """
-    accelerator = Accelerator(cpu=next(nnet.parameters()).device.type == "cpu",
-                              mixed_precision={"fp32": "no"}.get(precision, precision))
-    nnet_ema = make_ema(nnet)
+    device = next(nnet.parameters()).device
+    if sharded:  # FSDP2 over this one process (libs/fsdp.py): bf16 through its policy, not accelerate's autocast
+        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision="no")
+        cfg = ml_collections.ConfigDict(dict(reshard_after_forward=True, replicate=1, cpu_offload=False,
+                                             mixed_precision="bf16" if precision == "bf16" else "no"))
+        mesh = fsdp.device_mesh(cfg, 1, device)
+        nnet = fsdp.shard(nnet, mesh, cfg)
+        nnet_ema = fsdp.sharded_ema(nnet, config.nnet, mesh, cfg, device)
+    else:
+        accelerator = Accelerator(cpu=device.type == "cpu", mixed_precision={"fp32": "no"}.get(precision, precision))
+        nnet_ema = make_ema(nnet)
     optimizer = build_optimizer(nnet, config.optimizer)
     # warmup_steps 0: the benchmark's first steps should not run at lr 0 (the speed is the same).
     lr_scheduler = build_lr_scheduler(optimizer, ml_collections.ConfigDict(dict(name="customized", warmup_steps=0)),
                                       config.train.n_steps)
-    train_nnet, optimizer = accelerator.prepare(nnet, optimizer)
+    train_nnet, optimizer = (nnet, accelerator.prepare(optimizer)) if sharded else accelerator.prepare(nnet, optimizer)
     family = dataclasses.replace(family_of(config), data="pixels")
     config = copy.deepcopy(config)
     if config.get("dataset"):  # no null label here: time the step without condition dropping, as before

@@ -33,6 +33,9 @@ def get_config():
         logit_mean=0.0,
         logit_std=1.0,
         shift=1.0,  # 'linear': time shift s t / (1 + (s - 1) t) in training and sampling (e.g. 3 for 512 px latents)
+        # ours, 'linear': > 0 derives the shift from the generated dimension d = C H W, s = sqrt(d / shift_base_dim)
+        # (SD3; RAE uses 4096); 0 = the given shift
+        shift_base_dim=0.0,
         # 'meanflow' (prediction 'average_velocity') and 'shortcut' (prediction 'velocity'): few-step objectives;
         # their network takes a second time token (config.nnet.second_time=True; docs/samplers.md)
         two_time_fraction=0.25,  # share of the batch with r != t (MeanFlow) / on self-consistency (shortcut)
@@ -46,10 +49,17 @@ def get_config():
         shortcut_steps=128,  # shortcut models' finest grid M: step sizes 1/M .. 1 in powers of 2
     )
 
-    # Stable Diffusion KL-f8 autoencoder; only the latent scripts read it.
+    # The autoencoder of latent configs (Stable Diffusion's KL-f8 by default); only the latent scripts read it.
     config.autoencoder = d(
-        pretrained_path='',  # path of autoencoder_kl.pth; '' = none (pixel-space configs)
+        # path of autoencoder_kl.pth, or (ours) any diffusers autoencoder: a local folder or a Hub id in the
+        # local cache, 'org/repo[/subfolder]' (docs/latents.md); '' = none (pixel-space configs)
+        pretrained_path='',
         scale_factor=0.18215,  # Stable Diffusion's latent scaling (libs/autoencoder.py get_model default)
+        # ours: z = (latent - shift) * scale from 'fixed' (scale_factor, shift 0: the paper's), 'model' (the
+        # diffusers model's scaling_factor / shift_factor / latents_mean, latents_std) or 'data' (per-channel
+        # mean / std of the extracted latents, latent_stats; '' = <dataset.path>/latent_stats.json)
+        latent_scaling='fixed',
+        latent_stats='',
     )
 
     config.train = d(
@@ -114,6 +124,18 @@ def get_config():
         block='mid_block',  # a module name: 'mid_block', 'in_blocks.<i>', 'out_blocks.<i>'
         projector_dim=2048,  # hidden width of the projector MLP (REPA's)
         weight=0.5,  # lambda of loss = diffusion loss + lambda * alignment loss (REPA's 0.5)
+    )
+    # ours: fully sharded training (FSDP2, docs/distributed.md): parameters, gradients, AdamW state and EMA split
+    # over the processes instead of replicated (DDP, the default). One shard unit per U-ViT block plus the root.
+    config.fsdp = d(
+        enabled=False,
+        reshard_after_forward=True,  # free each block's gathered weights after its forward (False: keep them for
+        #                              the backward: one all-gather less per block, more memory)
+        replicate=1,  # HSDP: replica groups (e.g. nodes); shards within a group, replicas across. 1 = plain FSDP
+        mixed_precision='bf16',  # 'bf16': bf16 compute, float32 master weights and gradient reduction; 'no': fp32
+        cpu_offload=False,  # keep the shards and AdamW state in host memory (slow; for models beyond the GPUs)
+        meta_init=False,  # build on the meta device, each process draws only its shards (per-module seeds: other
+        #                   initial values than the default full build, the same for any number of processes)
     )
     # ours: more training aids (docs/DESIGN.md, the training-aid seam), each 'package.module:ClassName' of a class
     # with its own config section; REPA and post-hoc EMA are built in.

@@ -7,7 +7,8 @@ the linear path x_t = (1 - t) x0 + t eps with velocity prediction (sde.LinearFlo
 method (13 steps: 25 network calls, the epsilon demo's DPM-Solver budget) and guidance scale 1 in U-ViT's
 convention. The same as a one-key-per-field override of the epsilon demo:
 --config.objective.path=linear --config.objective.prediction=velocity --config.sample.algorithm=heun
---config.sample.sample_steps=13.
+--config.sample.sample_steps=13. JiT's x-prediction on the same path (the network outputs the clean digit, the loss
+is on the implied velocity; benchmarks/README.md compares the two): --config.objective.prediction=x0.
 """
 from configs.digits_uvit_tiny import get_config as digits_config
 

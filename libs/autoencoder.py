@@ -8,7 +8,9 @@ a diagonal Gaussian over a (B, 4, H/8, W/8) latent; a decoder maps back. Paramet
 Beyond the original: the model builds without a checkpoint (random init, for tests); a checkpoint may carry its own
 architecture, ``{'ddconfig': ..., 'embed_dim': ..., 'state_dict': ...}`` (tiny test models); diffusers weights (e.g.
 sd-vae-ft-ema / -mse ``diffusion_pytorch_model.safetensors``, DiT's autoencoders) are converted on load by a tested
-one-to-one table of renaming rules (`diffusers_to_ours_state_dict`).
+one-to-one table of renaming rules (`diffusers_to_ours_state_dict`). Every other diffusers autoencoder (AutoencoderKL of
+other channel counts or blocks, AutoencoderDC) loads through diffusers itself (libs/diffusers_autoencoder.py);
+`autoencoder_of(config)` picks the loader and checks config.z_shape against the model.
 
 Conventions: images (B, 3, H, W) float in [-1, 1]; moments (B, 2 * embed_dim, H/8, W/8) holding
 (mean, logvar) in that order along channels; latents z = scale_factor * (mean + std * noise).
@@ -25,7 +27,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from libs import diffusers_autoencoder
 from libs.errors import CheckpointError, ConfigError, InputError, MissingFileError, require_path
+from libs.latent_stats import FILE as LATENT_STATS_FILE, LatentStats
 
 logger = logging.getLogger(__name__)
 
@@ -247,6 +251,20 @@ class FrozenAutoencoderKL(nn.Module):
         """Frozen: stays in eval mode whatever is asked (the trainer may call .train() on everything)."""
         return super().train(False)
 
+    stochastic = True  # moments are (mean, logvar): `sample` draws a latent
+
+    @property
+    def moment_channels(self):
+        return 2 * self.embed_dim
+
+    def latent_shape(self, image_shape):
+        """(embed_dim, H/f, W/f) of the latents of (3, H, W) images."""
+        return (self.embed_dim, image_shape[-2] // self.downsample_factor, image_shape[-1] // self.downsample_factor)
+
+    def mean_latent(self, moments):
+        """The unscaled posterior mean (B, embed_dim, h, w) of `moments`."""
+        return moments[:, :self.embed_dim]
+
     # -- latent interface -----------------------------------------------------------------------
 
     def encode_moments(self, x):
@@ -294,14 +312,59 @@ def _check_image(x, channels, factor):
         raise InputError("images contain NaN or infinite values; check the data loader.")
 
 
-def get_model(pretrained_path=DEFAULT_PATH, scale_factor=SD_LATENT_SCALE):
+def autoencoder_of(config, path=None, image_shape=None):
+    """The frozen autoencoder of config.autoencoder (weights from `path` when given, e.g. a sampling script's
+    --autoencoder), checked against config.z_shape: the latent channels always, the latent size too when
+    `image_shape` (3, H, W) of the data is known. A disagreement is one ConfigError naming both shapes."""
+    a = config.autoencoder
+    scaling = a.get("latent_scaling", "fixed")
+    stats = None
+    if scaling == "data":
+        stats = LatentStats.load(a.get("latent_stats") or os.path.join(config.dataset.path, LATENT_STATS_FILE))
+    name = path or a.pretrained_path
+    ae = get_model(name, a.scale_factor, latent_scaling=scaling, stats=stats)
+    if scaling == "fixed" and isinstance(ae, diffusers_autoencoder.DiffusersAutoencoder):
+        own = ae.model.config.get("scaling_factor")
+        if own is not None and abs(own - a.scale_factor) > 1e-6 * abs(own):
+            logger.warning("autoencoder %s: config.autoencoder.scale_factor %g is not the model's scaling_factor %g; "
+                           "set config.autoencoder.latent_scaling='model' to use the model's", name, a.scale_factor, own)
+    z = tuple(config.z_shape)
+    expected = ae.latent_shape(image_shape) if image_shape is not None else (ae.embed_dim, *z[1:])
+    if z != tuple(expected):
+        at = f" of {image_shape[-2]}x{image_shape[-1]} images" if image_shape is not None else ""
+        raise ConfigError(f"config.z_shape = {z} but the autoencoder '{name}' gives {tuple(expected)} latents{at}: "
+                          f"set config.z_shape = {tuple(expected)} (and config.nnet.in_chans, img_size to match)")
+    return ae
+
+
+def feature_settings(autoencoder, name, resolution):
+    """What an extraction records of its autoencoder (the manifest's info; resumed shards must match): the name, and
+    for models beyond the SD KL-f8 loader their kind and latent shape (the readers' data shape). SD extractions
+    record what they always did, so theirs still resume."""
+    out = {"autoencoder": os.path.abspath(name) if os.path.exists(name) else name}
+    if isinstance(autoencoder, diffusers_autoencoder.DiffusersAutoencoder):
+        out.update(autoencoder_kind=autoencoder.kind,
+                   latent_shape=list(autoencoder.latent_shape((3, resolution, resolution))))
+    return out
+
+
+def get_model(pretrained_path=DEFAULT_PATH, scale_factor=SD_LATENT_SCALE, latent_scaling="fixed", stats=None):
     """Build the frozen autoencoder from a checkpoint.
 
     pretrained_path: the U-ViT release file (a plain SD KL-f8 state dict), a self-describing dict ``{'ddconfig',
         'embed_dim', 'state_dict'}`` (its architecture is used), a diffusers ``.safetensors`` file (SD KL-f8
-        architecture, or the ``config.json`` next to it) or a diffusers model directory.
-    scale_factor: latent scale; 0.18215 for ImageNet, the MS-COCO config passes 0.23010.
+        architecture, or the ``config.json`` next to it), a diffusers model directory, or a Hugging Face Hub id
+        in the local cache ('org/repo[/subfolder]'). Diffusers models other than the SD KL-f8 family, or with
+        latent_scaling other than 'fixed', load through diffusers (libs/diffusers_autoencoder.py).
+    scale_factor: latent scale of 'fixed' scaling; 0.18215 for ImageNet, the MS-COCO config passes 0.23010.
+    latent_scaling: 'fixed' | 'model' | 'data' (libs/diffusers_autoencoder.py); stats: the LatentStats of 'data'.
     """
+    folder = diffusers_autoencoder.resolve(pretrained_path) if isinstance(pretrained_path, str) else None
+    if folder is not None:
+        c = diffusers_autoencoder.read_config(folder)
+        if c is not None and (latent_scaling != "fixed" or not diffusers_autoencoder.is_sd_kl_f8(c)):
+            return diffusers_autoencoder.load(folder, pretrained_path, latent_scaling, scale_factor, stats)
+        pretrained_path = folder  # the SD KL-f8 family in diffusers layout (possibly in the Hub cache)
     path = require_path(pretrained_path, "autoencoder weights", _WHERE_TO_GET_IT)
     ddconfig, embed_dim = SD_KL_F8_DDCONFIG, SD_EMBED_DIM
     raw = _read_raw(path)

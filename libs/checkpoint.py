@@ -12,6 +12,11 @@ No RNG state is saved: the trainer reseeds from (seed, rank, step) every step.
 
 `nnet_ema.pth` is what `eval*.py --nnet_path` takes, as in the original; `libs.export.load_weights`
 also accepts the `.ckpt` directory itself.
+
+A sharded run's checkpoint (config.fsdp, libs/sharded_checkpoint.py) has the same files and place, but
+its optimizer state lives in `sharded/` (torch.distributed.checkpoint: one file per process plus
+`.metadata`) instead of optimizer.pth, beside the network and EMA shards; nnet.pth and nnet_ema.pth are the
+gathered full networks, so everything that reads a checkpoint's weights reads it unchanged.
 """
 import logging
 import os
@@ -29,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 STATES = ("nnet.pth", "nnet_ema.pth", "optimizer.pth", "lr_scheduler.pth")
 FILES = STATES + ("step.pth", "train_state.pth")  # train_state.pth: absent in the original's checkpoints
+SHARDED = "sharded"  # a sharded run's torch.distributed.checkpoint folder (it replaces optimizer.pth)
+METADATA = ".metadata"  # written by torch.distributed.checkpoint once every process's shards are
 _NAME = re.compile(r"^(\d+)\.ckpt$")
 _TEMPORARY = re.compile(r"^\.\d+\.ckpt\.tmp-")  # libs.io_utils.atomic_path's names for a <step>.ckpt
 
@@ -48,10 +55,13 @@ def checkpoint_problems(path):
     """What is visibly wrong with a checkpoint directory ([] = nothing): missing or truncated files.
     Cheap (reads each file's zip directory only); flipped bytes are caught when the files are read."""
     problems = []
+    sharded = os.path.isdir(os.path.join(path, SHARDED))
+    if sharded and not os.path.isfile(os.path.join(path, SHARDED, METADATA)):
+        problems.append(f"'{os.path.join(path, SHARDED, METADATA)}' is missing")
     for name in FILES:
         file = os.path.join(path, name)
         if not os.path.exists(file):
-            if name != "train_state.pth":
+            if name != "train_state.pth" and not (sharded and name == "optimizer.pth"):
                 problems.append(f"'{file}' is missing")
         elif not zipfile.is_zipfile(file):
             problems.append(f"'{file}' is truncated or corrupt")
@@ -98,13 +108,14 @@ def _write(obj, file, final):
 
 
 def save_checkpoint(ckpt_root, step, *, nnet, nnet_ema, optimizer, lr_scheduler, train_state,
-                    keep_last=None, protect=()):
+                    keep_last=None, protect=(), shards=None):
     """Write `ckpt_root/<step>.ckpt/` atomically (main process only) and return its path.
 
-    nnet, nnet_ema: modules (wrappers are unwrapped); optimizer, lr_scheduler: anything with
-    `state_dict()`; train_state: a dict saved as is. keep_last=K then deletes all but the newest K
-    checkpoints, never those whose step is in `protect` (e.g. the best FID's). A failed write is a
-    SaveError naming the file; the previous checkpoints are untouched.
+    nnet, nnet_ema: modules (wrappers are unwrapped) or state dicts; optimizer, lr_scheduler: anything with
+    `state_dict()`, optimizer None when `shards` holds its state; train_state: a dict saved as is. shards: a
+    finished torch.distributed.checkpoint folder, moved in as `sharded/` (a sharded run's). keep_last=K then
+    deletes all but the newest K checkpoints, never those whose step is in `protect` (e.g. the best FID's). A
+    failed write is a SaveError naming the file; the previous checkpoints are untouched.
     """
     if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
         raise CheckpointError(f"keep_last={keep_last!r} must be a positive integer (or None to keep every checkpoint)")
@@ -112,14 +123,21 @@ def save_checkpoint(ckpt_root, step, *, nnet, nnet_ema, optimizer, lr_scheduler,
     for name in os.listdir(ckpt_root):  # a killed writer's leftovers (one writer per workdir)
         if _TEMPORARY.match(name):
             shutil.rmtree(os.path.join(ckpt_root, name), ignore_errors=True)
-    contents = {"nnet.pth": unwrap_model(nnet).state_dict(), "nnet_ema.pth": unwrap_model(nnet_ema).state_dict(),
-                "optimizer.pth": optimizer.state_dict(), "lr_scheduler.pth": lr_scheduler.state_dict(),
-                "step.pth": int(step), "train_state.pth": dict(train_state)}
+    def weights(net):
+        return net if isinstance(net, dict) else unwrap_model(net).state_dict()
+
+    contents = {"nnet.pth": weights(nnet), "nnet_ema.pth": weights(nnet_ema),
+                "optimizer.pth": optimizer.state_dict() if optimizer is not None else None,
+                "lr_scheduler.pth": lr_scheduler.state_dict(), "step.pth": int(step),
+                "train_state.pth": dict(train_state)}
     path = checkpoint_path(ckpt_root, step)
     with atomic_path(path) as tmp:
         os.makedirs(tmp)
         for name, obj in contents.items():
-            _write(obj, os.path.join(tmp, name), os.path.join(path, name))
+            if obj is not None:
+                _write(obj, os.path.join(tmp, name), os.path.join(path, name))
+        if shards is not None:
+            os.rename(shards, os.path.join(tmp, SHARDED))
         fsync_dir(tmp)
     logger.info("saved checkpoint '%s'", path)
     for i, (old_step, old) in enumerate(list_checkpoints(ckpt_root)):
@@ -163,6 +181,10 @@ def read_checkpoint(path):
 def _apply(states, path, *, nnet, nnet_ema, optimizer, lr_scheduler):
     """Load what `read_checkpoint(path)` returned into the given objects (None = skip); returns the
     train_state with 'step'. A checkpoint that does not fit them is a CheckpointError naming what differs."""
+    if optimizer is not None and "optimizer.pth" not in states:
+        raise CheckpointError(f"'{path}' is a sharded run's checkpoint (its optimizer state is in {SHARDED}/): resume "
+                              f"it with --config.fsdp.enabled=True (any number of processes), or start a new run "
+                              f"from its weights with --init_from {path}")
     for name, target in zip(STATES, (nnet, nnet_ema, optimizer, lr_scheduler)):
         if target is None:
             continue

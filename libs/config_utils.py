@@ -21,7 +21,8 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs.base import get_config as base_config
-from libs import training_aids
+from libs import fsdp, training_aids
+from libs.diffusers_autoencoder import SCALINGS
 from libs.errors import ConfigError
 from libs.export import weights_problems
 from libs.metrics.inception import problems as inception_problems
@@ -237,6 +238,7 @@ _RANGES = [
     ("> 0", "", "metrics.kid_subsets", "metrics.kid_subset_size", "metrics.prc_k"),
     (">= 0", " (EDM noise level sigma; 0 = no limit)", "sample.guidance_sigma_min", "sample.guidance_sigma_max"),
     ("> 0", "", "objective.logit_std", "objective.shift"),
+    (">= 0", " (0 = the given shift)", "objective.shift_base_dim"),
     (">= -1", " (-1 = min(8, CPU cores per process))", "dataloader.num_workers"),
     (">= 0", " (steps between post-hoc EMA snapshots; 0 = off)", "posthoc_ema.snapshot_interval"),
     ("> 0", "", "repa.resolution", "repa.projector_dim"),
@@ -252,7 +254,7 @@ _CHOICES = {"diffusion": ("continuous", "discrete"), "pred": ("noise_pred",), "t
             "metrics.labels": ("uniform", "balanced"), "metrics.resize": RESIZES,
             "metrics.prc_arithmetic": ARITHMETICS,
             "objective.path": PATHS, "objective.time_dist": TIME_DISTRIBUTIONS,
-            "objective.second_time": SECOND_TIMES}
+            "autoencoder.latent_scaling": SCALINGS, "objective.second_time": SECOND_TIMES}
 
 
 def _type_problems(config, reference, prefix=""):
@@ -363,6 +365,8 @@ def parse_and_validate(config, *, world_size):
         if isinstance(get(section), _SECTION):
             owned += [(f"{section}.{key}", msg) for key, msg in owner(get(section))]
     for key, msg in owned + tracking_problems(get("log_with")):
+        fail(key, msg)
+    for key, msg in fsdp.problems(config, world_size):  # sharded training checks its own
         fail(key, msg)
 
     if problems:

@@ -30,7 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from libs import fid
-from libs.autoencoder import get_model
+from libs.autoencoder import autoencoder_of
 from libs.config_utils import define_config_flag, parse_and_validate
 from libs.data_loader import mix_seed
 from libs.datasets.features import caption_contexts
@@ -171,8 +171,7 @@ def load_models(config, family, nnet_path, device, autoencoder_path=None):
     nnet = nnet.to(device).eval().requires_grad_(False)
     autoencoder = None
     if family.data == "latents":
-        autoencoder = get_model(autoencoder_path or config.autoencoder.pretrained_path,
-                                config.autoencoder.scale_factor).to(device)
+        autoencoder = autoencoder_of(config, autoencoder_path).to(device)
     return nnet, autoencoder
 
 

@@ -268,7 +268,8 @@ def export_meta(config, step=None, source=None):
 
     null_class: the label guidance substitutes (num_classes - 1) for class-conditional networks
     trained with guidance dropout (config.dataset.cfg), else None. autoencoder_scale_factor: the
-    latent scale (latent configs, config.z_shape set), else None.
+    latent scale (latent configs, config.z_shape set, with the fixed scaling of SD), else None; autoencoder_scaling:
+    config.autoencoder.latent_scaling of latent configs ('fixed', 'model', 'data'), else None.
     """
     config = _as_config(config)
     nnet = config.nnet.to_dict()
@@ -277,13 +278,15 @@ def export_meta(config, step=None, source=None):
     num_classes = int(nnet.get("num_classes", -1) or -1) if nnet.get("name") == "uvit" else -1
     cfg = bool(config.get("dataset", {}).get("cfg", False))
     latents = config.get("z_shape") is not None
+    scaling = config.get("autoencoder", {}).get("latent_scaling", "fixed")
     sample = config.get("sample", ml_collections.ConfigDict())
     return _jsonable({
         "nnet": nnet,
         "diffusion": diffusion,
         "objective": dataclasses.asdict(Objective.of(config)),
         "z_shape": list(config.z_shape) if latents else None,
-        "autoencoder_scale_factor": float(config.autoencoder.scale_factor) if latents else None,
+        "autoencoder_scale_factor": float(config.autoencoder.scale_factor) if latents and scaling == "fixed" else None,
+        "autoencoder_scaling": scaling if latents else None,
         "null_class": num_classes - 1 if (cfg and num_classes > 0) else None,
         "step": None if step is None else int(step),
         "dataset": config.get("dataset", {}).get("name", ""),
@@ -304,7 +307,9 @@ def model_card(meta, n_params):
     nnet = meta["nnet"]
     kind = ("text-to-image" if nnet["name"] == "uvit_t2i" else
             "class-conditional" if int(nnet.get("num_classes", -1) or -1) > 0 else "unconditional")
-    space = (f"autoencoder latents {tuple(meta['z_shape'])} (scale factor {meta['autoencoder_scale_factor']})"
+    scaling = (f"scale factor {meta['autoencoder_scale_factor']}" if meta.get("autoencoder_scale_factor") is not None
+               else f"latent scaling '{meta.get('autoencoder_scaling')}'")
+    space = (f"autoencoder latents {tuple(meta['z_shape'])} ({scaling})"
              if meta["z_shape"] else f"pixels ({nnet.get('in_chans', 3)} x {nnet['img_size']} x {nnet['img_size']})")
     guidance = (f"- Classifier-free guidance: null class {meta['null_class']}; eps = eps_c + s (eps_c - eps_u).\n"
                 if meta["null_class"] is not None else "")

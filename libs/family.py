@@ -1,6 +1,6 @@
 """What a config trains and samples, decided in one place (`family_of`): a `Family` is three choices.
 
-- data: 'latents' when config.z_shape is set (scale_factor * z of the KL-f8 autoencoder), else 'pixels' ([-1, 1]);
+- data: 'latents' when config.z_shape is set (the scaled latents of config.autoencoder), else 'pixels' ([-1, 1]);
 - time: config.diffusion, 'continuous' (VP-SDE, network sees 999 t) or 'discrete' (SD betas, integer n);
 - condition: 'text' for uvit_t2i (CLIP context (77, 768)), 'none' with config.train.mode='uncond', else 'label'.
 
@@ -81,8 +81,9 @@ class Family:
         script = SCRIPTS[family.key][stage == 'eval']
         raise ConfigError(f"this config is {', '.join(what)}: use {script}")
 
-    def check(self, config, data):
-        """ConfigError when the dataset, network and this family do not fit together."""
+    def check(self, config, data, autoencoder=None):
+        """ConfigError when the dataset, network and this family do not fit together. autoencoder: the latent
+        model that encodes 'images_for_autoencoder' data (their latent shape is its, not the dataset's KL-f8 guess)."""
         if data.kind not in _DATASET_KINDS[self.data]:
             raise ConfigError(f"dataset {config.dataset.name!r} gives {data.kind!r} data, which a "
                               f"{self.data[:-1]}-space config cannot train on; "
@@ -108,10 +109,13 @@ class Family:
             raise ConfigError(f"dataset {config.dataset.name!r} provides no empty_context, needed for guidance "
                               f"(config.dataset.cfg / config.sample.cfg)")
         # The network's geometry against z_shape is a config rule (libs.config_utils); against the data, here.
-        if self.shape(config) != tuple(data.data_shape):
+        data_shape = tuple(data.data_shape)
+        if autoencoder is not None and data.kind == 'images_for_autoencoder':
+            data_shape = tuple(autoencoder.latent_shape(data.image_shape))
+        if self.shape(config) != data_shape:
             keys = 'config.z_shape' if self.data == 'latents' else 'config.nnet.in_chans, img_size'
             raise ConfigError(f"the network takes {self.shape(config)} ({keys}) but dataset "
-                              f"{config.dataset.name!r} gives {tuple(data.data_shape)}: make them equal")
+                              f"{config.dataset.name!r} gives {data_shape}: make them equal")
 
     def shape(self, config) -> tuple:
         """(C, H, W) of x0 the network sees: config.z_shape for latents, (in_chans, img_size, img_size) for pixels."""

@@ -6,17 +6,19 @@ key by key with it:
 
 - REFUSED (the checkpoint would be meaningless or fail to load): the network (`nnet.*`), the diffusion
   (`diffusion`, `pred`, `z_shape`), the dataset's identity (`dataset.name`, `.path`, `.resolution`,
-  `.kind`), the autoencoder (`autoencoder.*`) and the optimizer's parameter grouping
-  (`optimizer.no_decay_for_embeddings_norms_biases`). Also any key this list does not name as safe:
-  a key added by a later change is refused until someone decides it is safe. One ConfigError naming
-  every refused key with old -> new.
+  `.kind`), the autoencoder (`autoencoder.*`), the optimizer's parameter grouping
+  (`optimizer.no_decay_for_embeddings_norms_biases`) and whether the run is sharded (`fsdp.enabled`,
+  `fsdp.meta_init`). Also any key this list does not name as safe: a key added by a later change is
+  refused until someone decides it is safe. One ConfigError naming every refused key with old -> new.
 - APPLIED (safe or intended): `train.*` (n_steps, batch size, intervals, limits, accumulation),
   `optimizer.*` (lr, betas, weight decay), `lr_scheduler.*`, `ema_rate`, `grad_clip`, `seed`, `compile`,
   `tf32`, `log_with`, `wandb.*`, `sample.*`, `grid.*`, `fid.*`, `dataloader.*`, the dataset's
-  augmentation and guidance keys (`dataset.cfg`, `.p_uncond`, `.random_flip`, `.random_crop`). Each is
-  logged in one line with old -> new, and applied for real: the optimizer's hyperparameters and the
-  scheduler's base rates come from the new config, not from the checkpoint. A batch-size change keeps
-  the data position in samples, so the stream continues with the next unseen sample.
+  augmentation and guidance keys (`dataset.cfg`, `.p_uncond`, `.random_flip`, `.random_crop`), the
+  sharding's layout (`fsdp.replicate`, `.reshard_after_forward`, `.mixed_precision`, `.cpu_offload`: a
+  sharded checkpoint loads into any number of processes). Each is logged in one line with old -> new,
+  and applied for real: the optimizer's hyperparameters and the scheduler's base rates come from the new
+  config, not from the checkpoint. A batch-size change keeps the data position in samples, so the stream
+  continues with the next unseen sample.
 - `init.*` is not compared (--init_from is ignored once a run has started, and said so).
 
 Every start writes its resolved config: `config.json` at the first, `config.resume-at-<step>.json` at
@@ -34,10 +36,11 @@ from libs.errors import ConfigError
 logger = logging.getLogger(__name__)
 
 REFUSED = ('nnet.', 'diffusion', 'pred', 'z_shape', 'dataset.name', 'dataset.path', 'dataset.resolution',
-           'dataset.kind', 'autoencoder.', 'optimizer.no_decay_for_embeddings_norms_biases')
+           'dataset.kind', 'autoencoder.', 'optimizer.no_decay_for_embeddings_norms_biases', 'fsdp.enabled',
+           'fsdp.meta_init')
 APPLIED = ('train.', 'optimizer.', 'lr_scheduler.', 'ema_rate', 'grad_clip', 'seed', 'compile', 'tf32',
            'log_with', 'wandb.', 'sample.', 'grid.', 'fid.', 'dataloader.', 'dataset.cfg', 'dataset.p_uncond',
-           'dataset.random_flip', 'dataset.random_crop')
+           'dataset.random_flip', 'dataset.random_crop', 'fsdp.')
 IGNORED = ('init.',)
 OPTIMIZER_KEYS = ('optimizer.', 'lr_scheduler.', 'train.n_steps')  # changes that reset optimizer hyperparameters
 

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from libs import resume_policy, tracking, training_aids
-from libs.autoencoder import get_model
+from libs import fsdp, resume_policy, sharded_checkpoint, tracking, training_aids
+from libs.autoencoder import autoencoder_of
 from libs.checkpoint import checkpoint_path, latest_checkpoint, resume, save_checkpoint
 from libs.config_utils import config_overrides, define_config_flag, parse_and_validate, workdir_for
 from libs.data_loader import ResumableLoader, mix_seed, resolve_num_workers
@@ -175,6 +175,7 @@ def train_step(r: Run, batch, step: int):
     # The norm of the all-reduced gradients: the same on every process, so all skip the same steps. The aids'
     # extra parameters (in their wrap of the network) are clipped and stepped with it.
     grad_norm = acc.clip_grad_norm_(r.train_nnet.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    grad_norm = fsdp.full(grad_norm)  # sharded gradients (config.fsdp): their norm is a replicated DTensor
     applied = torch.isfinite(grad_norm)
     r.optimizer.optimizer.found_inf = (~applied).float()  # fused AdamW skips the update (fp16: the scaler sets it)
     r.optimizer.step()
@@ -213,26 +214,47 @@ def check_finite(r: Run, step: int):
                 f"config.grad_clip (e.g. 1.0), and rerun the same command to resume from it.")
 
 
+def checkpoint_options(r: Run) -> dict:
+    """What every checkpoint of the run saves beside the networks and optimizer: train_state.pth, keep-last and
+    the best FID's step that keep-last never deletes."""
+    fids, scaler = r.history['fid'], r.accelerator.scaler
+    return dict(lr_scheduler=r.lr_scheduler, keep_last=r.config.train.keep_last_ckpts or None,
+                train_state={'data': r.loader.state_dict(), 'history': r.history,
+                             'scaler': scaler.state_dict() if scaler is not None else None,
+                             'config': r.config.to_dict(),  # what libs.resume_policy compares
+                             **training_aids.state_dict(r.aids)},
+                protect=(min(fids, key=fids.get),) if fids else ())
+
+
 def write_checkpoint(r: Run, step: int) -> str:
     """Write ckpts/<step>.ckpt from this process alone, no collective (save(); libs.fatal's emergency one)."""
-    fids, scaler = r.history['fid'], r.accelerator.scaler
     return save_checkpoint(r.ckpt_root, step, nnet=r.nnet, nnet_ema=r.nnet_ema, optimizer=r.optimizer,
-                           lr_scheduler=r.lr_scheduler, keep_last=r.config.train.keep_last_ckpts or None,
-                           train_state={'data': r.loader.state_dict(), 'history': r.history,
-                                        'scaler': scaler.state_dict() if scaler is not None else None,
-                                        'config': r.config.to_dict(),  # what libs.resume_policy compares
-                                        **training_aids.state_dict(r.aids)},
-                           protect=(min(fids, key=fids.get),) if fids else ())
+                           **checkpoint_options(r))
 
 
 def save(r: Run, step: int) -> str:
-    """Checkpoint ckpts/<step>.ckpt (rank 0 writes, all ranks take part); never after a divergence."""
+    """Checkpoint ckpts/<step>.ckpt (rank 0 writes, all ranks take part; sharded runs: every rank writes its
+    shards, libs/sharded_checkpoint.py); never after a divergence."""
     check_finite(r, step)
+    if fsdp.enabled(r.config):
+        return sharded_checkpoint.save(r.accelerator, r.ckpt_root, step, nnet=r.nnet, nnet_ema=r.nnet_ema,
+                                       optimizer=r.optimizer, **checkpoint_options(r))
     path = checkpoint_path(r.ckpt_root, step)
     if r.accelerator.is_main_process:
         write_checkpoint(r, step)
     r.accelerator.wait_for_everyone()
     return path
+
+
+@contextlib.contextmanager
+def for_sampling(r: Run, needed: bool = True):
+    """r, or for a sharded run a shallow copy of r whose nnet_ema is the gathered, unsharded EMA network (every
+    process enters: libs.fsdp.unsharded_copy), so that one process can draw the grid alone; needed=False: r."""
+    if not needed:
+        yield r
+        return
+    with fsdp.unsharded_copy(r.nnet_ema, r.config.nnet, r.device) as ema:
+        yield r if ema is r.nnet_ema else dataclasses.replace(r, nnet_ema=ema)
 
 
 def write_grid(r: Run, step: int):
@@ -322,6 +344,7 @@ def train(config, workdir: str, family):
     # accelerate's own `--cpu --num_processes N` starts a single process unless MPI is set up.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), **tracking.accelerator_kwargs(config, workdir))
     parse_and_validate(config, world_size=accelerator.num_processes)  # before any file is written
+    fsdp.check_launch_precision(config, accelerator.mixed_precision)
     # One run per workdir (libs/workdir_lock.py); whatever ends the run is written to train.log (libs/fatal.py).
     with WorkdirLock(accelerator, workdir), log_fatal_errors(os.path.join(workdir, 'train.log'),
                                                               accelerator.process_index):
@@ -344,26 +367,33 @@ def _train(config, workdir: str, family, accelerator):
 
     # Setup data:
     data = get_dataset(config.dataset.name, **dataset_kwargs(config))
-    family.check(config, data)
+    autoencoder = (autoencoder_of(config, image_shape=data.source_image_shape()).to(device)
+                   if family.data == 'latents' else None)
+    family.check(config, data, autoencoder)
     loader = ResumableLoader(
         data.train, batch_size=local_batch, rank=accelerator.process_index, world_size=accelerator.num_processes,
         seed=config.seed, pin_memory=config.dataloader.pin_memory,
         num_workers=resolve_num_workers(config.dataloader.num_workers, int(os.environ.get('LOCAL_WORLD_SIZE', 1))),
         persistent_workers=config.dataloader.persistent_workers)
-    autoencoder = (get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor).to(device)
-                   if family.data == 'latents' else None)
 
     # Create model: the same initialisation on every process (and for any number of processes); the EMA
     # copy starts equal to the online network, as the original's.
     set_seed(config.seed)
-    nnet = build_nnet(config.nnet).to(device)
-    nnet_ema = make_ema(nnet)
+    sharded = fsdp.enabled(config)
+    if sharded:  # parameters, gradients, optimizer state and EMA split over the processes (libs/fsdp.py)
+        nnet, nnet_ema, _ = fsdp.build(config, device, accelerator.num_processes)
+    else:
+        nnet = build_nnet(config.nnet).to(device)
+        nnet_ema = make_ema(nnet)
     aids = training_aids.build(config, nnet, data, device)
     trained = training_aids.wrap(aids, nnet)  # the network and the aids' own trainable parameters
     optimizer = build_optimizer(trained, config.optimizer)
     # Not prepared by accelerate, which would step it once per process per optimizer step.
     lr_scheduler = build_lr_scheduler(optimizer, config.lr_scheduler, config.train.n_steps)
-    train_nnet, optimizer = accelerator.prepare(trained, optimizer)
+    if sharded:  # accelerate would wrap the network in DDP: the optimizer alone goes through it
+        train_nnet, optimizer = trained, accelerator.prepare(optimizer)
+    else:
+        train_nnet, optimizer = accelerator.prepare(trained, optimizer)
     logger.info("network %s: %.2fM parameters", config.nnet.name, sum(p.numel() for p in nnet.parameters()) / 1e6)
     r = Run(config=config, workdir=workdir, family=family, accelerator=accelerator, data=data, nnet=nnet,
             nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler, loader=loader, autoencoder=autoencoder,
@@ -376,8 +406,8 @@ def _train(config, workdir: str, family, accelerator):
     changes = resume_policy.check(resume_policy.saved_config(r.ckpt_root, workdir), config.to_dict())
     fresh = ([{k: v for k, v in g.items() if k != 'params'} for g in optimizer.param_groups],
              list(lr_scheduler.base_lrs))
-    last_ckpt, state = resume(r.ckpt_root, nnet=nnet, nnet_ema=nnet_ema, optimizer=optimizer,
-                              lr_scheduler=lr_scheduler)
+    last_ckpt, state = (sharded_checkpoint.resume if sharded else resume)(
+        r.ckpt_root, nnet=nnet, nnet_ema=nnet_ema, optimizer=optimizer, lr_scheduler=lr_scheduler)
     step = r.checked = state['step'] if state else 0
     if state:
         # A checkpoint of the original code has no data position: continue after the samples its steps used.
@@ -389,6 +419,10 @@ def _train(config, workdir: str, family, accelerator):
         training_aids.load_state_dict(aids, state, last_ckpt)
         logger.info("resuming at step %d from %s%s", step, last_ckpt,
                     f" (--init_from '{config.init.path}' ignored: the run already started)" if config.init.path else '')
+    elif config.init.path and sharded:  # the same, through a full CPU copy (libs.fsdp.load_full)
+        fsdp.load_full(nnet, config.nnet, lambda plain: init_weights(plain, config.init.path, resize=config.init.resize,
+                                                                     null_last=config.dataset.cfg))
+        fsdp.copy_values(nnet_ema, nnet)
     elif config.init.path:  # a new run from given weights: fresh optimizer, step 0, the EMA starts at them
         init_weights(nnet, config.init.path, resize=config.init.resize, null_last=config.dataset.cfg)
         nnet_ema.load_state_dict(nnet.state_dict())
@@ -405,7 +439,8 @@ def _train(config, workdir: str, family, accelerator):
     # The loader's workers start under the handlers, then ignore stop signals; they end with the block. An I/O
     # or data error saves the last finished step first (libs/fatal.py).
     with contextlib.closing(bar), StopSignals() as stop, contextlib.closing(iter(loader)) as data_iter, \
-            EmergencyCheckpoint(r, lambda s: write_checkpoint(r, s), step) as emergency:
+            EmergencyCheckpoint(r, sharded_checkpoint.emergency_write if sharded
+                                else lambda s: write_checkpoint(r, s), step) as emergency:
         while step < n_steps:
             loss, grad_norm, applied = train_step(r, [next(data_iter) for _ in range(k)], step)
             step = emergency.step = step + 1
@@ -431,12 +466,14 @@ def _train(config, workdir: str, family, accelerator):
                 last_log_step, last_log_time = step, now
 
             if step % t.eval_interval == 0 or step == n_steps:  # sample grid
-                if is_main:
-                    write_grid(r, step)
+                with for_sampling(r) as sampling:
+                    if is_main:
+                        write_grid(sampling, step)
                 accelerator.wait_for_everyone()
             if step % t.save_interval == 0 or step == n_steps:  # checkpoint, then its evaluation
                 last_ckpt = save(r, step)
-                evaluate_checkpoint(r, step)
+                with for_sampling(r, needed=config.fid.n_samples > 0) as sampling:
+                    evaluate_checkpoint(sampling, step)
                 last_log_time = time.time()  # evaluation time is not training throughput
 
             # Stop signal: a checkpoint of this step, then exit (processes agree on logging steps only).
@@ -450,7 +487,8 @@ def _train(config, workdir: str, family, accelerator):
 
     final = None
     if not preempted:  # final evaluation: the best checkpoint by FID, with config.sample (guided when configured)
-        final = final_evaluation(r)
+        with for_sampling(r) as sampling:
+            final = final_evaluation(sampling)
         accelerator.log({f"final/{name}": v for name, v in (final or {}).items() if isinstance(v, (int, float))},
                         step=step)
         logger.info("done at step %d; last checkpoint %s", step, last_ckpt)
@@ -479,10 +517,11 @@ def dry_run(config, workdir: str, family):
     parse_and_validate(config, world_size=int(os.environ.get('WORLD_SIZE', 1)))
     family = family.for_config(config)
     data = get_dataset(config.dataset.name, **dataset_kwargs(config))
-    family.check(config, data)
-    if family.data == 'latents':
-        get_model(config.autoencoder.pretrained_path, config.autoencoder.scale_factor)
-    nnet = build_nnet(config.nnet)
+    autoencoder = autoencoder_of(config, image_shape=data.source_image_shape()) if family.data == 'latents' else None
+    family.check(config, data, autoencoder)
+    meta = fsdp.enabled(config) and config.fsdp.meta_init and not config.init.path  # no full copy of a large one
+    with torch.device('meta') if meta else contextlib.nullcontext():
+        nnet = build_nnet(config.nnet)
     training_aids.build(config, nnet, data, 'cpu')  # what each aid checks of the network, its files and the data
     if config.init.path:  # the weights fit the network (or can be adapted to it)
         init_weights(nnet, config.init.path, resize=config.init.resize, null_last=config.dataset.cfg)

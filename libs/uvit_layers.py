@@ -171,6 +171,18 @@ class UViTBase(nn.Module):
         nn.init.trunc_normal_(self.pos_embed, std=.02)
         self.apply(_init_weights)
 
+    @staticmethod
+    def init_module(module):
+        """Initialise `module`'s own parameters (not its children's) as a build does, in distribution: PyTorch's
+        default (`reset_parameters`), then the original's `_init_weights`; the U-ViT itself: pos_embed
+        trunc-normal(std .02). libs/fsdp.py's meta-device build calls it once per module, seeded per module."""
+        if isinstance(module, UViTBase):
+            nn.init.trunc_normal_(module.pos_embed, std=.02)
+            return
+        if hasattr(module, 'reset_parameters'):
+            module.reset_parameters()
+        _init_weights(module)
+
     def no_weight_decay(self):
         """Parameter names an optimizer should not decay (the original listed it but never used it)."""
         return {"pos_embed"}

@@ -30,8 +30,8 @@ from accelerate import PartialState  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from libs import shards  # noqa: E402
-from libs.autoencoder import DEFAULT_PATH, get_model  # noqa: E402
+from libs import latent_stats, shards  # noqa: E402
+from libs.autoencoder import DEFAULT_PATH, feature_settings, get_model  # noqa: E402
 from libs.datasets.base import adm_center_crop, list_images, load_rgb, uint8_to_unit_range  # noqa: E402
 from libs.errors import DataError, MissingFileError, exit_on_user_error  # noqa: E402
 from libs.logging_utils import setup_logging  # noqa: E402
@@ -103,7 +103,7 @@ def encode_shard(args, state, autoencoder, data, k, start, stop, settings, encod
     with shards.ShardWriter(args.output, k, 2 * (stop - start), autoencoder_moments_shape(autoencoder, args),
                               dtype=args.dtype, with_labels=True, repa_shape=repa_shape,
                               repa_dtype=args.repa_dtype) as writer:
-        pos = 0
+        pos, sums = 0, None
         for x, y in loader:
             x = x.to(state.device)
             both = torch.cat([x, x.flip(-1)])
@@ -115,23 +115,26 @@ def encode_shard(args, state, autoencoder, data, k, start, stop, settings, encod
             inter = torch.stack([moments[:b], moments[b:]], dim=1).flatten(0, 1)
             repa = None if repa is None else torch.stack([repa[:b], repa[b:]], dim=1).flatten(0, 1).numpy()
             writer.write(pos, inter.numpy(), y.repeat_interleave(2).numpy(), repa=repa)
+            sums = latent_stats.add(sums, latent_stats.sums(autoencoder.mean_latent(moments)))
             pos += 2 * b
             yield b
-        writer.commit({"source_range": [start, stop], "settings": settings})
+        writer.commit({"source_range": [start, stop], "settings": settings, "latent_sums": sums})
 
 
 def autoencoder_moments_shape(autoencoder, args):
     r = args.resolution // autoencoder.downsample_factor
-    return (2 * autoencoder.embed_dim, r, r)
+    return (autoencoder.moment_channels, r, r)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    state = PartialState()
+    # cpu=True without CUDA: processes of `accelerate launch --multi_gpu` (torchrun) form a gloo group; without
+    # it each CPU process would take itself for the only one and write every shard.
+    state = PartialState(cpu=not torch.cuda.is_available())
     setup_logging(state.is_main_process)
     paths, labels, classes = list_imagenet(args.imagenet_train)
     autoencoder = get_model(args.autoencoder).to(state.device)
-    settings = {"resolution": args.resolution, "autoencoder": os.path.abspath(args.autoencoder),
+    settings = {"resolution": args.resolution, **feature_settings(autoencoder, args.autoencoder, args.resolution),
                 "dtype": args.dtype, "autocast": args.autocast, "num_images": len(paths), "flip": True}
     encoder, repa_shape, repa_settings = extraction_encoder(args, args.resolution, state.device)
     settings.update(repa_settings)  # nothing without --repa_encoder: earlier extractions still resume
@@ -149,6 +152,10 @@ def main(argv=None):
     if state.is_main_process:
         manifest = shards.write_manifest(args.output, len(plan), info={**settings, "classes": classes})
         logger.info("wrote %d feature entries to %s", manifest["num_samples"], args.output)
+        stats = latent_stats.save_from_shards(args.output, len(plan))
+        if stats is not None:  # per-channel statistics of the posterior means, for latent_scaling='data'
+            logger.info("latent statistics (%s): per-channel std %.3g..%.3g", latent_stats.FILE,
+                        float(stats.std.min()), float(stats.std.max()))
 
 
 if __name__ == "__main__":

@@ -30,8 +30,8 @@ from accelerate import PartialState  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from libs import shards  # noqa: E402
-from libs.autoencoder import DEFAULT_PATH, get_model  # noqa: E402
+from libs import latent_stats, shards  # noqa: E402
+from libs.autoencoder import DEFAULT_PATH, feature_settings, get_model  # noqa: E402
 from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder  # noqa: E402
 from libs.datasets.base import load_rgb, uint8_to_unit_range  # noqa: E402
 from libs.errors import DataError, MissingFileError, exit_on_user_error  # noqa: E402
@@ -124,28 +124,31 @@ def encode_shard(args, state, autoencoder, clip, items, k, start, stop, folder, 
     flat = [c for caps in captions for c in caps]
     r = args.resolution // autoencoder.downsample_factor
     context_shape = (clip.max_length, clip.hidden_size)
-    with shards.ShardWriter(folder, k, stop - start, (2 * autoencoder.embed_dim, r, r), dtype=args.dtype,
+    with shards.ShardWriter(folder, k, stop - start, (autoencoder.moment_channels, r, r), dtype=args.dtype,
                               num_contexts=len(flat), context_shape=context_shape, repa_shape=repa_shape,
                               repa_dtype=args.repa_dtype) as writer:
-        pos = 0
+        pos, sums = 0, None
         for x in loader:
             with torch.no_grad():
-                moments = autoencoder.encode_moments(x.to(state.device)).float().cpu().numpy()
+                moments = autoencoder.encode_moments(x.to(state.device)).float().cpu()
                 repa = encoder(x.to(state.device)).cpu().numpy() if encoder is not None else None
-            writer.write(pos, moments, repa=repa)
+            writer.write(pos, moments.numpy(), repa=repa)
+            sums = latent_stats.add(sums, latent_stats.sums(autoencoder.mean_latent(moments)))
             pos += len(x)
             yield len(x)
         # Contexts go straight into the memory-mapped shard: a shard's captions can be gigabytes.
         writer.set_caption_counts([len(c) for c in captions])
         for i in range(0, len(flat), args.batch_size):
             writer.write_context_rows(i, clip(flat[i:i + args.batch_size]).cpu().numpy())
-        writer.commit({"source_range": [start, stop], "settings": settings, "captions": captions,
+        writer.commit({"source_range": [start, stop], "settings": settings, "captions": captions, "latent_sums": sums,
                        "files": [os.path.basename(items[i][0]) for i in range(start, stop)]})
 
 
 def main(argv=None):
     args = parse_args(argv)
-    state = PartialState()
+    # cpu=True without CUDA: processes of `accelerate launch --multi_gpu` (torchrun) form a gloo group; without
+    # it each CPU process would take itself for the only one and write every shard.
+    state = PartialState(cpu=not torch.cuda.is_available())
     setup_logging(state.is_main_process)
     splits = ["train", "val"] if args.split == "both" else [args.split]
     jobs = [(s, read_coco_captions(os.path.join(args.coco_root, "annotations", SPLITS[s][1]),
@@ -155,7 +158,7 @@ def main(argv=None):
     encoder, repa_shape, repa_settings = extraction_encoder(args, args.resolution, state.device)
     for split, items in jobs:
         folder = os.path.join(args.output, split)
-        settings = {"resolution": args.resolution, "autoencoder": os.path.abspath(args.autoencoder),
+        settings = {"resolution": args.resolution, **feature_settings(autoencoder, args.autoencoder, args.resolution),
                     "clip": args.clip, "dtype": args.dtype, "num_images": len(items), **repa_settings}
         plan = shards.plan_shards(len(items), args.shard_size)
         todo = shards.pending_shards(folder, plan, state.process_index, state.num_processes, settings)
@@ -170,6 +173,7 @@ def main(argv=None):
         if state.is_main_process:
             manifest = shards.write_manifest(folder, len(plan), info=settings)
             logger.info("%s: wrote %d images to %s", split, manifest["num_samples"], folder)
+            latent_stats.save_from_shards(folder, len(plan))  # for latent_scaling="data"
 
 
 if __name__ == "__main__":

@@ -136,6 +136,8 @@ OUT_OF_RANGE = {
     "sample.guidance_sigma_max": -1.0, "sample.guide_path": "/no/such/guide.pth",
     "posthoc_ema.sigma_rels": (0.05, 0.3), "posthoc_ema.snapshot_interval": -1, "repa.resolution": 0,
     "repa.projector_dim": 0, "repa.weight": 0.0, "training_aids": ("no.such.module:Aid",),
+    "fsdp.replicate": 0, "fsdp.mixed_precision": "fp16",
+    "autoencoder.latent_scaling": "auto", "objective.shift_base_dim": -1.0,
     "objective.two_time_fraction": 1.5, "objective.weight_power": -1.0, "objective.weight_eps": 0.0,
     "objective.cfg_omega": 2.0, "objective.cfg_kappa": 1.0, "objective.cfg_t_min": -0.5, "objective.cfg_t_max": 1.5,
     "objective.second_time": "s", "objective.shortcut_steps": 100, "nnet.second_time": True}
@@ -147,7 +149,9 @@ NO_RANGE = {"seed", "sample.scale", "grid.scale", "autoencoder.pretrained_path",
             "objective.logit_mean", "metrics.json", "metrics.dinov2_repo", "metrics.clip",  # checked where the file is written / loaded
             "fid.stat",  # missing statistics only turn training-time FID off (logged); eval checks them
             "repa.enabled", "repa.block",  # the block is checked against the network when it is built
-            "repa.encoder", "repa.weights"}  # checked when repa.enabled (test_repa_keys_are_checked_when_on)
+            "repa.encoder", "repa.weights",  # checked when repa.enabled (test_repa_keys_are_checked_when_on)
+            "fsdp.enabled", "fsdp.reshard_after_forward", "fsdp.cpu_offload", "fsdp.meta_init",
+            "autoencoder.latent_stats"}  # read (one line when missing) where the autoencoder is built
 
 
 @pytest.mark.parametrize("key, default", _every_key(), ids=[k for k, _ in _every_key()])

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAPER_CONFIGS = ['cifar10_uvit_small', 'celeba64_uvit_small', 'imagenet64_uvit_mid', 'imagenet64_uvit_large',
                  'imagenet256_uvit_large', 'imagenet256_uvit_huge', 'imagenet512_uvit_large', 'imagenet512_uvit_huge',
                  'mscoco_uvit_small']
-ALL_CONFIGS = PAPER_CONFIGS + ['digits_uvit_tiny']
+ALL_CONFIGS = PAPER_CONFIGS + ['digits_uvit_tiny', 'imagenet512_uvit_2b']
 
 
 def load_config(name, overrides=None):

@@ -1,4 +1,9 @@
-"""eval.py end to end on a tiny model: 1 process vs `accelerate launch --cpu --num_processes 2`."""
+"""eval.py end to end on a tiny model: 1 process vs 2 CPU processes over gloo.
+
+Two processes for real: `accelerate launch --multi_gpu --num_processes 2` with ACCELERATE_USE_CPU=true (accelerate
+1.x's `--cpu --num_processes 2` starts ONE process unless MPI is set up); the run's JSON record says how many
+processes it had, and the test asserts it."""
+import json
 import importlib.util
 import os
 import re
@@ -64,12 +69,13 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run(root, tag, launcher):
+def _run(root, tag, launcher, env=()):
+    """(n_samples, FID, images, file names, processes of the run's JSON record) of eval.py started by `launcher`."""
     log = root / f"{tag}.log"
     cmd = launcher + [os.path.join(ROOT, "eval.py"), f"--config={root / 'tiny_config.py'}",
                       f"--nnet_path={root / 'nnet.pth'}", f"--inception_weights={root / 'inception.pth'}",
                       f"--output_path={log}", f"--config.sample.path={root / tag}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, **dict(env)}
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     final = log.read_text().strip().splitlines()[-1]
@@ -77,16 +83,18 @@ def _run(root, tag, launcher):
     assert m, final
     assert "sampler=dpm_solver steps=3 scale=0" in final and "tiny_config.py" in final and "nnet.pth" in final
     images = np.stack([np.asarray(Image.open(root / tag / f"{i}.png")) for i in range(N_SAMPLES)]).astype(int)
-    return int(m.group(1)), float(m.group(2)), images, sorted(os.listdir(root / tag))
+    processes = json.loads((root / f"{tag}.log.json").read_text())["protocol"]["processes"]
+    return int(m.group(1)), float(m.group(2)), images, sorted(os.listdir(root / tag)), processes
 
 
 def test_two_processes_score_the_same_images_as_one(setup):
     root, _ = setup
-    n1, fid1, images1, names1 = _run(root, "one", [sys.executable])
-    n2, fid2, images2, names2 = _run(root, "two", [sys.executable, "-m", "accelerate.commands.launch", "--cpu",
-                                                   "--num_processes", "2", "--num_machines", "1",
-                                                   "--mixed_precision", "no", "--dynamo_backend", "no",
-                                                   "--main_process_port", str(_free_port())])
+    n1, fid1, images1, names1, world1 = _run(root, "one", [sys.executable])
+    n2, fid2, images2, names2, world2 = _run(
+        root, "two", [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                      "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                      "--main_process_port", str(_free_port())], env={"ACCELERATE_USE_CPU": "true"})
+    assert (world1, world2) == (1, 2)
     expected_names = sorted(f"{i}.png" for i in range(N_SAMPLES))
     assert n1 == n2 == N_SAMPLES and names1 == names2 == expected_names
     # N distinct samples, and the same ones whatever the process count (up to one 8-bit level of rounding).

@@ -1,6 +1,7 @@
 """scripts/extract_imagenet_feature.py on a tiny ImageNet-style folder with a tiny random autoencoder."""
 import importlib.util
 import os
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +11,7 @@ from libs import shards as F
 from libs.autoencoder import get_model
 from libs.errors import ConfigError, DataError, MissingFileError
 from benchmarks.tiny_models import write_tiny_autoencoder
+from tests.test_train_distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RES = 64  # small crops keep the tiny autoencoder fast; the script is resolution-agnostic (multiples of 8)
@@ -141,12 +143,17 @@ def test_accelerate_launch_two_processes(setup):
     tmp, _, ae_path = setup
     out1, out2 = tmp / "one", tmp / "two"
     run(load_script("extract_imagenet_feature"), tmp, ae_path, out1, "--shard_size=1")
-    subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2",
-                    "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                    os.path.join(ROOT, "scripts", "extract_imagenet_feature.py"),
-                    f"--imagenet_train={tmp / 'train'}", f"--output={out2}", f"--resolution={RES}",
-                    f"--autoencoder={ae_path}", "--batch_size=2", "--num_workers=0", "--shard_size=1"],
-                   check=True, cwd=ROOT, timeout=600)
+    # `--multi_gpu` with ACCELERATE_USE_CPU=true: two gloo processes (`--cpu --num_processes 2` starts one).
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "--main_process_port", str(free_port()),
+                           os.path.join(ROOT, "scripts", "extract_imagenet_feature.py"),
+                           f"--imagenet_train={tmp / 'train'}", f"--output={out2}", f"--resolution={RES}",
+                           f"--autoencoder={ae_path}", "--batch_size=2", "--num_workers=0", "--shard_size=1"],
+                          cwd=ROOT, timeout=600, capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(r"process 0/2 has \d+ left", done.stderr + done.stdout), done.stderr[-3000:]  # world size 2
     a, b = F.open_features(str(out1)), F.open_features(str(out2))
     assert len(a) == len(b)
     for i in range(len(a)):

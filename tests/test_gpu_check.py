@@ -29,7 +29,7 @@ def test_the_dry_run_goes_end_to_end_on_the_cpu():
     assert len(rows) == 8 and "0 piece(s) failed" in out.stdout
     for name, r in rows.items():
         assert r[6].startswith("ok") or (r[6].startswith("missing: xformers") and "xformers" in name), r
-    for name in ("run 3 steps fp16", "run 3 steps bf16"):
+    for name in ("run 3 steps fp16", "run 3 steps bf16", "run 3 steps bf16, FSDP2 on 1 GPU (vs the row above)"):
         assert rows[name][5] == "0"  # non-finite steps: a tiny net at lr 2e-3 does not overflow
         first, last = map(float, re.search(r"loss (\S+) -> (\S+)", rows[name][6]).groups())
         assert 0 < last < first  # three steps on one fixed batch lower its loss

@@ -20,6 +20,8 @@ OBJECTIVES = {"vp/noise": ("continuous", Objective()), "vp/v": ("continuous", Ob
               "vp/x0": ("continuous", Objective(prediction="x0")),
               "discrete vp/v": ("discrete", Objective(prediction="v")),
               "linear/velocity": ("continuous", Objective(path="linear", prediction="velocity"))}
+# The samplers' tests also run JiT's x-prediction on the linear path (its loss has its own test below).
+SAMPLED = {**OBJECTIVES, "linear/x0": ("continuous", Objective(path="linear", prediction="x0"))}
 
 
 def exact_net(d, calls=None):
@@ -87,6 +89,52 @@ def test_loss_equals_its_formula_at_fixed_draws(name):
     torch.testing.assert_close(t_seen.double(), t_in.double())
 
 
+def test_linear_x0_loss_is_jits_velocity_loss():
+    """x-prediction on the linear path: the loss is JiT's (Li & He 2025, Alg. 1) written in its own time direction,
+    z = t_j x + (1 - t_j) e with t_j = 1 - t, v = (x - z) / max(1 - t_j, 0.05), v_pred = (x_pred - z) / max(...)."""
+    d = build_diffusion("continuous", Objective(path="linear", prediction="x0"))
+    x = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    x_pred = torch.randn(64, 1, 4, 4, generator=torch.Generator().manual_seed(2))
+    net = Recorder(x_pred)
+    loss = d.loss(net, x, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    t = torch.rand(64, generator=g)
+    e = torch.randn(64, 1, 4, 4, generator=g)
+    assert (t < 0.05).any() and (t > 0.05).any()  # both sides of the clamp are exercised
+    tj = (1 - t).reshape(-1, 1, 1, 1)
+    z = tj * x + (1 - tj) * e
+    v = (x - z) / (1 - tj).clamp_min(0.05)
+    v_pred = (x_pred - z) / (1 - tj).clamp_min(0.05)
+    torch.testing.assert_close(loss, ((v - v_pred) ** 2).mean(dim=(1, 2, 3)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(net.inputs[0][0], z)
+
+
+def test_dimension_shift_is_sd3s_definition():
+    """shift_base_dim derives the shift sqrt(d / d_base) from the generated C H W (Esser et al. 2024 eq. 23, where
+    the shifted time is t' = s t / (1 + (s - 1) t)); training draws and the sampling grid both use it."""
+    config = base_config()
+    config.z_shape = (16, 32, 32)
+    config.objective.update(path="linear", prediction="velocity", shift_base_dim=4096.0)
+    o = Objective.of(config)
+    assert o.shift == pytest.approx(math.sqrt(16 * 32 * 32 / 4096)) == pytest.approx(2.0)
+    config.z_shape = None
+    config.nnet.update(in_chans=3, img_size=256)
+    assert Objective.of(config).shift == pytest.approx(math.sqrt(3 * 256 * 256 / 4096))
+    t = torch.rand(1000, generator=torch.Generator().manual_seed(0))
+    s = o.shift
+    torch.testing.assert_close(o.draw_time(1000, torch.Generator().manual_seed(0), "cpu"), s * t / (1 + (s - 1) * t))
+    # The sampler's grid: Euler with `steps` steps calls the network at the shifted uniform grid.
+    calls = []
+    d = build_diffusion("continuous", o)
+    sample(lambda x, t_in: calls.append(float(t_in[0]) / d.time_scale) or torch.zeros_like(x), d, torch.randn(1, 2),
+           algorithm="euler", steps=4)
+    u = torch.linspace(1, 0, 5, dtype=torch.float64)[:4]
+    assert calls == pytest.approx((s * u / (1 + (s - 1) * u)).tolist())
+    config.objective.shift = 3.0
+    with pytest.raises(ConfigError, match="give the shift or derive it"):
+        Objective.of(config)
+
+
 def test_default_objective_is_the_original_lsimple():
     """Objective() draws and computes exactly what the paper's ContinuousVP did (bit for bit)."""
     x0 = torch.randn(5, 3, 4, 4)
@@ -104,7 +152,9 @@ def test_default_objective_is_the_original_lsimple():
 def test_paper_configs_keep_the_default_objective():
     import importlib
     names = [f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), "..", "configs"))
-             if f.endswith(".py") and f not in ("__init__.py", "base.py", "digits_uvit_tiny_flow.py")
+             if f.endswith(".py") and f not in ("__init__.py", "base.py", "digits_uvit_tiny_flow.py",
+                                                "imagenet256_uvit_huge_dcae.py", "imagenet256_uvit_large_kl16.py",
+                                                "imagenet256_uvit_base_jit.py")
              and not f.endswith(("_meanflow.py", "_shortcut.py"))]  # the few-step configs: tests/test_fewstep.py
     for name in names:
         config = importlib.import_module(f"configs.{name}").get_config()
@@ -126,7 +176,7 @@ def test_logit_normal_and_shift_times():
 
 
 @pytest.mark.parametrize("objective, kind, match", [
-    (Objective(path="linear"), "continuous", "takes 'velocity'"),
+    (Objective(path="linear"), "continuous", "takes 'velocity' or 'x0'"),
     (Objective(prediction="velocity"), "continuous", "takes 'noise' or 'v' or 'x0'"),
     (Objective(time_dist="logit_normal"), "discrete", "draws n uniformly"),
     (Objective(shift=2.0), "continuous", "shift is of the linear path"),
@@ -144,10 +194,10 @@ def test_bad_objectives_are_one_line(objective, kind, match):
 ORDERS = {"euler": 1, "heun": 2, "dpm_solver++_2m": 2, "dpm_solver++_3m": 3}
 
 
-@pytest.mark.parametrize("name", list(OBJECTIVES))
+@pytest.mark.parametrize("name", list(SAMPLED))
 @pytest.mark.parametrize("algorithm", list(ORDERS))
 def test_solver_error_falls_at_its_order(name, algorithm):
-    kind, objective = OBJECTIVES[name]
+    kind, objective = SAMPLED[name]
     d = build_diffusion(kind, objective)
     x_T = torch.randn(8, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     t_end = 0.0 if (d.path == "linear" and algorithm in ("euler", "heun")) else \

@@ -398,4 +398,5 @@ def test_a_bad_image_on_another_rank_ends_the_whole_job(images, tmp_path):
     assert read_checkpoint(workdir / "ckpts" / f"{BAD_STEP - 1}.ckpt")["train_state.pth"]["data"]["position"] == \
         (BAD_STEP - 1) * BATCH
     log = (workdir / "train.log").read_text()
+    assert "2 process(es) on cpu" in log  # the world size this test claims
     assert f"rank 1: the run stopped: DataError: cannot read image '{bad}'" in log  # the cause, from rank 1

@@ -44,6 +44,14 @@ class DatasetBase:
         self.kind = kind
         self.num_classes = int(num_classes)
 
+    def source_image_shape(self):
+        """(3, H, W) of the images behind the data: the items' images, or (3, R, R) for latent features of a known
+        resolution R; None when unknown (the autoencoder's latent shape is checked against it)."""
+        if self.kind != 'latent_moments':
+            return self.image_shape
+        r = getattr(self, 'resolution', None)
+        return None if r is None else (3, int(r), int(r))
+
     def __repr__(self):
         return (f"{type(self).__name__}(n={len(self.train)}, data_shape={self.data_shape}, kind={self.kind!r}, "
                 f"num_classes={self.num_classes})")

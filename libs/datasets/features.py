@@ -33,8 +33,13 @@ FID_CONTEXT_SEED = 1234  # the configs' seed; fixes which val captions FID image
 VIS_PROMPTS_FILE, VIS_CONTEXTS_FILE = "vis_prompts.json", "vis_contexts.npy"
 
 
-def _latent_shape(moments_shape):
-    c, h, w = moments_shape
+def _latent_shape(reader):
+    """(C, h, w) of the latents of a feature reader: what the extraction recorded (any autoencoder), else the KL
+    layout's (mean, logvar) halves."""
+    recorded = getattr(reader, "manifest", {}).get("info", {}).get("latent_shape")
+    if recorded:
+        return tuple(int(v) for v in recorded)
+    c, h, w = reader.moments_shape
     return (c // 2, h, w)
 
 
@@ -161,11 +166,15 @@ class ImageNetFeatures(DatasetBase):
         how = (f"extract them with `python scripts/extract_imagenet_feature.py --resolution {resolution} "
                f"--imagenet_train <ImageNet train folder> --output {path}` (accelerate launch for several GPUs)")
         reader = open_features(path, how)
-        expected = (8, resolution // 8, resolution // 8)
-        if tuple(reader.moments_shape) != expected:
+        info = getattr(reader, "manifest", {}).get("info", {})
+        if info.get("latent_shape"):  # any autoencoder: the extraction recorded its resolution
+            if info.get("resolution") != resolution:
+                raise ConfigError(f"features in '{path}' were extracted at resolution {info.get('resolution')}, not "
+                                  f"{resolution}; point config.dataset.path at the imagenet{resolution} features.")
+        elif tuple(reader.moments_shape) != (8, resolution // 8, resolution // 8):
             raise ConfigError(f"features in '{path}' have moments of shape {tuple(reader.moments_shape)}, but "
-                              f"resolution {resolution} needs {expected}; point config.dataset.path at the "
-                              f"imagenet{resolution}_features folder.")
+                              f"resolution {resolution} needs {(8, resolution // 8, resolution // 8)}; point "
+                              f"config.dataset.path at the imagenet{resolution}_features folder.")
         if not reader.has_labels:
             raise CheckpointError(f"features in '{path}' carry no class labels; they are not ImageNet features.")
         if reader.layout == "packed":  # cheap here; 2.5M pickled files would take minutes, so not checked
@@ -173,7 +182,7 @@ class ImageNetFeatures(DatasetBase):
             if top >= num_classes:
                 raise ConfigError(f"features in '{path}' have label {top} but num_classes={num_classes}; set "
                                   f"--config.dataset.num_classes={top + 1}.")
-        super().__init__(LabelledMoments(reader), _latent_shape(reader.moments_shape), kind=LATENT_KIND,
+        super().__init__(LabelledMoments(reader), _latent_shape(reader), kind=LATENT_KIND,
                          num_classes=num_classes)
         self.resolution = resolution
         logger.info("ImageNet %d features: %d entries (%s layout) in %s", resolution, len(reader), reader.layout, path)
@@ -202,7 +211,7 @@ class MSCOCOFeatures(DatasetBase):
         test = open_features(val_dir) if os.path.isdir(val_dir) else None
         if test is None:
             logger.warning("no val/ features in %s: FID contexts are unavailable (extract --split val)", path)
-        super().__init__(CaptionedMoments(train), _latent_shape(train.moments_shape), kind=LATENT_KIND)
+        super().__init__(CaptionedMoments(train), _latent_shape(train), kind=LATENT_KIND)
         self.test = None if test is None else CaptionedMoments(test)
         self.fid_contexts = None if test is None else FIDContexts(test)
         self.empty_context = _load_empty_context(path)

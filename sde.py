@@ -12,6 +12,10 @@ samplers, so the two cannot disagree, and maps solver time to the network's time
 - `DiscreteVP`: the "scaled linear" betas of Stable Diffusion (Rombach et al. 2022), n uniform in 1..1000,
   network fed the integer n in training and N t when sampling.
 
+- `MeanFlow`, `Shortcut`: few-step objectives on the same linear path whose network takes a second time input
+  (libs/uvit_layers.py's second time token): MeanFlow's average velocity u(z_t, r, t) (Geng et al. 2025, arXiv
+  2505.13447) and the shortcut model's step-size-conditioned velocity s(z_t, t, d) (Frans et al. 2024, arXiv
+  2410.12557); both sample with x_r = x_t - (t - r) net(x_t, t, second input) in 1, 2 or k network calls.
 - `LinearFlow`: flow matching on the linear interpolant x_t = (1 - t) x0 + t eps (rectified flow, Liu et al.
   2022, arXiv 2209.03003; Lipman et al. 2022, arXiv 2210.02747; SiT's "Linear" path, Ma et al. 2024, arXiv
   2401.08740), the network predicting the velocity dx_t/dt = eps - x0. Its `.schedule` (`LinearPathSchedule`)
@@ -34,6 +38,7 @@ import torch
 
 from dpm_solver_pp import CONTINUOUS_TIME_SCALE, NoiseScheduleVP, _expand_dims, _is_positive_int, solver_dtype
 from libs.errors import ConfigError, InputError
+from libs.nnet import unwrap_model
 
 logger = logging.getLogger(__name__)
 
@@ -68,12 +73,15 @@ def _check_x0(x0):
         raise InputError(f"x0 must be a floating tensor (B, ...), got {getattr(x0, 'shape', type(x0).__name__)}")
 
 
-PATHS = ("vp", "linear")
-PREDICTIONS = {"vp": ("noise", "v", "x0"), "linear": ("velocity", "x0")}
+PATHS = ("vp", "linear", "meanflow", "shortcut")
+PREDICTIONS = {"vp": ("noise", "v", "x0"), "linear": ("velocity", "x0"), "meanflow": ("average_velocity",),
+               "shortcut": ("velocity",)}
 # x-prediction on the linear path divides by t (the noise level) to get the velocity; JiT clamps it from below
 # by this (Li & He 2025, arXiv 2511.13720: t_eps = 0.05) so the loss weight stays finite near clean data.
 X0_T_MIN = 0.05
 TIME_DISTRIBUTIONS = ("uniform", "logit_normal")
+SECOND_TIMES = ("t_minus_r", "r")  # MeanFlow's second network time input
+TWO_TIME_PATHS = ("meanflow", "shortcut")  # objectives whose network takes a second time (config.nnet.second_time)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +98,16 @@ class Objective:
     shift_base_dim: > 0 derives the shift from the dimension d = C H W of what is generated (`Objective.of`):
         shift = sqrt(d / shift_base_dim) (`dimension_shift`; Esser et al. 2024 eq. 23 with resolutions counted
         in values; RAE, Zheng et al. 2025, arXiv 2510.11690, base 4096); 0 = the given `shift`.
+
+    The few-step objectives ('meanflow', 'shortcut'; their networks have config.nnet.second_time=True):
+    two_time_fraction: the share of each batch trained on the two-time target: MeanFlow's r != t (the rest has
+        r = t, flow matching), the shortcut model's self-consistency part (the rest: flow matching at d = 0).
+    weight_power, weight_eps: MeanFlow's adaptive loss weight sg(1 / (||delta||^2 + eps)^p) (p = 0: plain MSE).
+    cfg_omega, cfg_kappa, cfg_t_min, cfg_t_max: MeanFlow's guidance inside the target (its eq. 21): the velocity
+        becomes omega v + kappa u(z_t, t, t | c) + (1 - omega - kappa) u(z_t, t, t | null) for conditioned samples
+        with cfg_t_min <= t <= cfg_t_max (effective scale omega / (1 - kappa)); omega 1, kappa 0: none.
+    second_time: MeanFlow's second network time input, 't_minus_r' (the paper's best) or 'r'.
+    shortcut_steps: the shortcut model's finest grid M: step sizes d = 2^k / M, k = 0 .. log2(M) - 1.
     """
     path: str = "vp"
     prediction: str = "noise"
@@ -98,6 +116,15 @@ class Objective:
     logit_std: float = 1.0
     shift: float = 1.0
     shift_base_dim: float = 0.0
+    two_time_fraction: float = 0.25
+    weight_power: float = 1.0
+    weight_eps: float = 1e-3
+    cfg_omega: float = 1.0
+    cfg_kappa: float = 0.0
+    cfg_t_min: float = 0.0
+    cfg_t_max: float = 1.0
+    second_time: str = "t_minus_r"
+    shortcut_steps: int = 128
 
     @classmethod
     def of(cls, config):
@@ -135,15 +162,50 @@ class Objective:
             out.append(f"config.objective.shift = {self.shift!r}: must be > 0 (1 = no shift)")
         if not self.shift_base_dim >= 0:
             out.append(f"config.objective.shift_base_dim = {self.shift_base_dim!r}: must be >= 0 (0 = the given shift)")
-        elif self.shift != 1.0 and self.path != "linear":
+        elif self.shift != 1.0 and self.path == "vp":
             out.append("config.objective.shift: the time shift is of the linear path; set "
                        "config.objective.path='linear' or shift=1")
+        if not 0 <= self.two_time_fraction <= 1:
+            out.append(f"config.objective.two_time_fraction = {self.two_time_fraction!r}: must lie in [0, 1]")
+        if not self.weight_power >= 0:
+            out.append(f"config.objective.weight_power = {self.weight_power!r}: must be >= 0 (the adaptive weight "
+                       "1 / (||delta||^2 + weight_eps)^p; 0 = none)")
+        if not self.weight_eps > 0:
+            out.append(f"config.objective.weight_eps = {self.weight_eps!r}: must be > 0")
+        if self.second_time not in SECOND_TIMES:
+            out.append(f"config.objective.second_time = {self.second_time!r}: not one of "
+                       f"{', '.join(map(repr, SECOND_TIMES))}")
+        m = self.shortcut_steps
+        if not (isinstance(m, int) and m >= 2 and m & (m - 1) == 0):
+            out.append(f"config.objective.shortcut_steps = {m!r}: must be a power of 2 >= 2 (e.g. 128)")
+        if self.guided and self.path != "meanflow":
+            key, value = self.guidance_key()
+            out.append(f"config.objective.{key} = {value!r}: guidance inside the target is MeanFlow's; set "
+                       "config.objective.path='meanflow' or cfg_omega=1, cfg_kappa=0")
+        if not self.cfg_kappa < 1:
+            out.append(f"config.objective.cfg_kappa = {self.cfg_kappa!r}: must be < 1 (effective scale "
+                       "omega / (1 - kappa))")
+        if not 0 <= self.cfg_t_min <= 1:
+            out.append(f"config.objective.cfg_t_min = {self.cfg_t_min!r}: must lie in [0, 1]")
+        if not self.cfg_t_min <= self.cfg_t_max <= 1:
+            out.append(f"config.objective.cfg_t_max = {self.cfg_t_max!r}: must lie in [cfg_t_min, 1]")
         return out
+
+    @property
+    def guided(self):
+        """Whether MeanFlow's target carries guidance (cfg_omega != 1 or cfg_kappa != 0)."""
+        return self.cfg_omega != 1.0 or self.cfg_kappa != 0.0
+
+    def guidance_key(self):
+        """(key, value) of the guidance setting a message about it names: cfg_omega when set, else cfg_kappa."""
+        return ("cfg_omega", self.cfg_omega) if self.cfg_omega != 1.0 else ("cfg_kappa", self.cfg_kappa)
 
     def describe(self):
         """A short name for messages: 'vp/noise', 'linear/velocity (logit_normal, shift 3)'."""
         extra = [self.time_dist] if self.time_dist != "uniform" else []
         extra += [f"shift {self.shift:.4g}"] if self.shift != 1.0 else []
+        if self.path in TWO_TIME_PATHS:
+            extra += [f"{self.two_time_fraction:g} two-time"]
         return f"{self.path}/{self.prediction}" + (f" ({', '.join(extra)})" if extra else "")
 
     def draw_time(self, n, generator, device):
@@ -440,13 +502,179 @@ class LinearFlow:
         return _prediction_mse(pred, eps - x0)
 
 
+class _TwoTimeFlow(LinearFlow):
+    """The linear path with a network of two time inputs, net(x_t, time_scale t, timesteps2=second, **cond), and
+    its sampler x_r = x_t - (t - r) net(x_t, t, second(r, t)) (`libs.sampling`'s 'meanflow' / 'shortcut')."""
+
+    def second_input(self, r, t):
+        """The network's second time input for a step from t down to r: time_scale (t - r) (MeanFlow's interval,
+        the shortcut model's step size d) or, MeanFlow with second_time='r', time_scale r."""
+        return self.time_scale * (r if self.path == "meanflow" and self.objective.second_time == "r" else t - r)
+
+    def two_time_net(self, nnet, cond):
+        """The network as a function of (z, r, t) (B, ...), (B,), (B,), for forward-mode derivatives."""
+        return lambda z, r, t: nnet(z, self.network_time(t), timesteps2=self.second_input(r, t), **cond)
+
+    def _draw(self, x0, generator):
+        """t (B,) from `Objective.draw_time`, then eps like x0, from `generator` (torch's default: None)."""
+        t = self.objective.draw_time(x0.shape[0], generator, x0.device)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return t, eps
+
+    def n_two_time(self, batch):
+        """How many leading samples of a batch train on the two-time target."""
+        return int(round(self.objective.two_time_fraction * batch))
+
+
+def _slice(cond, n):
+    return {k: v[:n] for k, v in cond.items()}
+
+
+class MeanFlow(_TwoTimeFlow):
+    """MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling", arXiv 2505.13447): the network
+    predicts the average velocity u(z_t, r, t) = 1/(t - r) int_r^t v(z_s, s) ds on z_t = (1 - t) x + t eps, trained
+    on the MeanFlow identity u = v - (t - r) d/dt u with the total derivative d/dt u = v d_z u + d_t u, ONE
+    forward-mode derivative (torch.func.jvp, tangent (v, 0, 1) on (z, r, t)) under stop-gradient.
+
+    Time: t = 1 is noise; one step from t to r is z_r = z_t - (t - r) u(z_t, r, t), so one network call maps noise
+    to data: x = eps - u(eps, 0, 1). (r, t): two logit-normal draws, t the larger (paper sec. 4.3), for the first
+    two_time_fraction of the batch; r = t elsewhere, where the target is v: r = t everywhere IS flow matching.
+    """
+
+    path = "meanflow"
+
+    def __init__(self, time_kind="continuous", objective=None, null=None):
+        super().__init__(time_kind, objective or Objective(path="meanflow", prediction="average_velocity"))
+        self.null = null  # the null label / empty context: guidance inside the target needs it
+
+    def loss(self, nnet, x0, generator=None, **cond):
+        """(B,) float32: sg(w) mean over non-batch dims of (u_target - u(z_t, r, t))^2, w = 1 / (||delta||^2 +
+        weight_eps)^weight_power (`loss_at`). x0: (B, ...). Draws t, eps, then the second times of the leading
+        two_time_fraction of the batch, from `generator` or torch's default generator."""
+        _check_x0(x0)
+        n_two = self.n_two_time(x0.shape[0])
+        t, eps = self._draw(x0, generator)
+        r = t.clone()
+        if n_two:
+            other = self.objective.draw_time(n_two, generator, x0.device)
+            t = torch.cat([torch.maximum(t[:n_two], other), t[n_two:]])
+            r = torch.cat([torch.minimum(r[:n_two], other), r[n_two:]])
+        return self.loss_at(nnet, x0, eps, r, t, cond, n_two)
+
+    def guided_velocity(self, nnet, z, t, v, cond):
+        """The target's velocity with guidance (the paper's eq. 21): omega v + kappa u(z, t, t | c) + (1 - omega -
+        kappa) u(z, t, t | null) for conditioned samples with cfg_t_min <= t <= cfg_t_max, v elsewhere (dropped
+        conditions: the network learns the unguided field there). No gradient. z, v: (B, ...); t: (B,)."""
+        o = self.objective
+        if not o.guided:
+            return v
+        assert self.null is not None and len(cond) == 1, "checked where the config enters (needs a condition)"
+        (key, c), = cond.items()
+        null = torch.as_tensor(self.null).to(c).expand_as(c)
+        if o.cfg_kappa == 0.0:  # the paper's eq. 19 form: the unconditional branch alone (half the cost)
+            u_u = self.two_time_net(nnet, {key: null})(z, t, t).to(v.dtype)
+            guided = o.cfg_omega * v + (1.0 - o.cfg_omega) * u_u
+        else:
+            both = self.two_time_net(nnet, {key: torch.cat([c, null])})
+            tt = torch.cat([t, t])
+            u_c, u_u = both(torch.cat([z, z]), tt, tt).to(v.dtype).chunk(2)
+            guided = o.cfg_omega * v + o.cfg_kappa * u_c + (1.0 - o.cfg_omega - o.cfg_kappa) * u_u
+        on = (c != null).reshape(c.shape[0], -1).any(dim=1) & (t >= o.cfg_t_min) & (t <= o.cfg_t_max)
+        return torch.where(_expand_dims(on, v.ndim), guided, v)
+
+    def loss_at(self, nnet, x0, eps, r, t, cond, n_two=None):
+        """The MeanFlow loss (B,) float32 at given x0, eps (B, ...), r <= t (B,); `n_two` leading samples (default
+        all) may have r != t, the others must have r = t (their target is the velocity itself, no derivative).
+
+        The target v~ - (t - r) (v~ d_z u + d_t u) (v~: `guided_velocity`) comes from one torch.func.jvp of the BARE
+        network under no_grad (stop-gradient); the prediction is a separate forward through `nnet` as given, so a
+        DDP wrapper all-reduces the gradients (a jvp through model.module would bypass it). The per-sample
+        squared error is averaged over the non-batch dims and weighted by sg((||delta||^2 + eps)^-p) with the
+        sum ||delta||^2 (the paper's weight; the mean instead of the paper's sum scales the loss by a constant)."""
+        n_two = x0.shape[0] if n_two is None else n_two
+        tb = _expand_dims(t, x0.ndim).to(x0.dtype)
+        z = (1.0 - tb) * x0 + tb * eps
+        bare = unwrap_model(nnet)
+        with torch.no_grad():
+            v = self.guided_velocity(bare, z, t, eps - x0, cond)
+            target = v
+            if n_two:
+                u = self.two_time_net(bare, _slice(cond, n_two))
+                _, dudt = torch.func.jvp(u, (z[:n_two], r[:n_two], t[:n_two]),
+                                         (v[:n_two], torch.zeros_like(r[:n_two]), torch.ones_like(t[:n_two])))
+                jump = _expand_dims(t[:n_two] - r[:n_two], x0.ndim).to(v.dtype)
+                target = torch.cat([v[:n_two] - jump * dudt.to(v.dtype), v[n_two:]])
+        pred = self.two_time_net(nnet, cond)(z, r, t)
+        mse = _prediction_mse(pred, target)
+        if self.objective.weight_power == 0:
+            return mse
+        squared = mse.detach() * target[0].numel()  # ||delta||^2, summed over the non-batch dims
+        return mse / (squared + self.objective.weight_eps) ** self.objective.weight_power
+
+
+class Shortcut(_TwoTimeFlow):
+    """Shortcut models (Frans et al. 2024, "One Step Diffusion via Shortcut Models", arXiv 2410.12557): the network
+    s(z_t, t, d) is conditioned on the step size d; a step from t is z_{t-d} = z_t - d s(z_t, t, d). Trained on
+    flow matching at d = 0 (target eps - x0) and, for the leading two_time_fraction of the batch (the paper's
+    1/4), on self-consistency: s(z_t, t, 2d) = (s(z_t, t, d) + s(z_{t-d}, t - d, d)) / 2 with z_{t-d} = z_t - d
+    s(z_t, t, d), the target under stop-gradient (two extra forwards, no derivative). d = 2^k / M, k uniform in
+    0 .. log2(M) - 1 (M = shortcut_steps: d from 1/M, 2d up to 1), t uniform on the multiples of 2d in (0, 1].
+    Time: t = 1 is noise (the paper's t = 0), the second input is time_scale d."""
+
+    path = "shortcut"
+
+    def __init__(self, time_kind="continuous", objective=None, null=None):
+        super().__init__(time_kind, objective or Objective(path="shortcut", prediction="velocity"))
+
+    def loss(self, nnet, x0, generator=None, **cond):
+        """(B,) float32 mean over non-batch dims of (target - s(z_t, t, d_in))^2 (`loss_at`). Draws t (flow-matching
+        times), eps, then the level k and grid index of the self-consistency samples, from `generator`."""
+        _check_x0(x0)
+        n_two = self.n_two_time(x0.shape[0])
+        t, eps = self._draw(x0, generator)
+        d = torch.zeros_like(t)
+        if n_two:
+            levels = int(self.objective.shortcut_steps).bit_length() - 1  # log2 M
+            k = torch.randint(0, levels, (n_two,), generator=generator, device=x0.device)
+            d2 = torch.exp2(k.float() + 1) / self.objective.shortcut_steps  # 2d: 2/M .. 1
+            slots = torch.rand(n_two, generator=generator, device=x0.device)  # uniform grid index below
+            n_slots = torch.round(1.0 / d2)
+            t = torch.cat([d2 * (torch.floor(slots * n_slots) + 1), t[n_two:]])
+            d = torch.cat([d2 / 2, d[n_two:]])
+        return self.loss_at(nnet, x0, eps, t, d, cond, n_two)
+
+    def loss_at(self, nnet, x0, eps, t, d, cond, n_two=None):
+        """The shortcut loss (B,) float32 at x0, eps (B, ...), t, d (B,): the leading `n_two` samples (default all)
+        regress s(z_t, t, 2d) on the self-consistency target built from two steps of d (d > 0, t >= 2d), the others
+        s(z_t, t, 0) on eps - x0. The bootstrap forwards use the bare network under no_grad; the prediction runs
+        through `nnet` as given (DDP all-reduces)."""
+        n_two = x0.shape[0] if n_two is None else n_two
+        tb = _expand_dims(t, x0.ndim).to(x0.dtype)
+        z = (1.0 - tb) * x0 + tb * eps
+        target = eps - x0
+        step = d.clone()
+        if n_two:
+            bare, c = unwrap_model(nnet), _slice(cond, n_two)
+            tk, dk = t[:n_two], d[:n_two]
+            with torch.no_grad():
+                s = self.two_time_net(bare, c)
+                first = s(z[:n_two], tk - dk, tk).to(x0.dtype)
+                z_mid = z[:n_two] - _expand_dims(dk, x0.ndim).to(x0.dtype) * first
+                second = s(z_mid, tk - 2 * dk, tk - dk).to(x0.dtype)
+            target = torch.cat([(first + second) / 2, target[n_two:]])
+            step = torch.cat([2 * dk, d[n_two:]])
+        pred = self.two_time_net(nnet, cond)(z, t - step, t)
+        return _prediction_mse(pred, target)
+
+
 DIFFUSIONS = ("continuous", "discrete")
 
 
-def build_diffusion(kind, objective=None):
+def build_diffusion(kind, objective=None, null=None):
     """The diffusion of config.diffusion = kind ('continuous' / 'discrete') trained with `objective` (an
     `Objective`, e.g. Objective.of(config); None = the default, ContinuousVP() / DiscreteVP() as before).
-    A path 'linear' objective gives LinearFlow, whose network time follows `kind`."""
+    A path 'linear' objective gives LinearFlow, whose network time follows `kind`; 'meanflow' / 'shortcut' give
+    MeanFlow / Shortcut (same time); `null` (the null label / empty context) is MeanFlow's guidance target's."""
     # config.diffusion is checked where it enters: parse_and_validate, an export's config.json (libs.export)
     assert kind in DIFFUSIONS, f"unknown diffusion kind '{kind}'; known: {', '.join(DIFFUSIONS)}"
     objective = objective or Objective()
@@ -455,4 +683,6 @@ def build_diffusion(kind, objective=None):
         raise ConfigError("; ".join(problems))
     if objective.path == "linear":
         return LinearFlow(kind, objective)
+    if objective.path in TWO_TIME_PATHS:
+        return {"meanflow": MeanFlow, "shortcut": Shortcut}[objective.path](kind, objective, null)
     return ContinuousVP(objective) if kind == "continuous" else DiscreteVP(objective)

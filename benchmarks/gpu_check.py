@@ -15,6 +15,8 @@ piece or a hang is a row saying so, never a hung check; no piece starts once --b
              GPU (config.fsdp's path: bf16 policy, fp32 master weights): its step time and peak memory
              against the DDP path's row above (one GPU shards nothing: the cost of the machinery)
   tests      the CUDA-only tests (pytest -m cuda)
+  fewstep    the training step of MeanFlow and of shortcut models against flow matching on U-ViT-L/2 latents
+             (bf16; benchmarks/fewstep_step_time.py): MeanFlow's step time and both ratios
 On CUDA each piece is a fresh interpreter (CUDA cannot be forked); on the CPU it is forked from this
 process, which has imported everything once, so the dry run takes seconds, not a minute of imports.
 The table goes to stdout (paste it into benchmarks/README.md with the machine line above it); the exit
@@ -37,7 +39,7 @@ sys.path.insert(0, ROOT)
 
 import torch  # noqa: E402
 
-from benchmarks import benchmark, step_variants  # noqa: E402
+from benchmarks import benchmark, fewstep_step_time, step_variants  # noqa: E402
 from benchmarks.benchmark import (batch_inputs, fmt, header, nnet_config, paper_config, peak_memory_gb, rate,  # noqa: E402
                                   row, run_worker, setup_device, sync)
 from benchmarks.machine import describe_machine  # noqa: E402
@@ -46,11 +48,12 @@ from libs.nnet import build_nnet  # noqa: E402
 
 SIZES = {  # model, train batch, timed steps, warm-up steps, run steps, sample batch, sample steps
     "full": dict(model="H/2-latent", batch=128, steps=10, warmup=3, run_steps=30, sample_batch=64, nfe=50,
-                 tests="tests", compile_backend="inductor"),
+                 tests="tests", compile_backend="inductor", fewstep_model="L/2-latent", fewstep_batch=64),
     "tiny": dict(model="digits-tiny", batch=8, steps=1, warmup=1, run_steps=3, sample_batch=4, nfe=2,
-                 tests="tests/test_attention.py", compile_backend="eager"),
+                 tests="tests/test_attention.py", compile_backend="eager", fewstep_model="digits-tiny",
+                 fewstep_batch=8),
 }
-TIMEOUTS = {"train": 120, "train+compile": 300, "sample": 120, "run": 120, "tests": 240}
+TIMEOUTS = {"train": 120, "train+compile": 300, "sample": 120, "run": 120, "tests": 240, "fewstep": 120}
 SAMPLE_CONFIG = "H/2-latent"  # whose sampling settings are the protocol (imagenet256_uvit_huge)
 
 
@@ -102,6 +105,18 @@ def worker_run(spec):
                 step_s=(time.perf_counter() - start) / spec["steps"], peak_gb=peak_memory_gb(device))
 
 
+def worker_fewstep(spec):
+    """MeanFlow's and the shortcut model's training step against flow matching's (fewstep_step_time)."""
+    device = setup_device(argparse.Namespace(device=spec["device"], threads=0, tf32=1))
+    times = fewstep_step_time.step_times(spec["model"], spec["batch"], device, spec["steps"], spec["rounds"],
+                                         spec["precision"])
+    median = {name: sorted(ts)[len(ts) // 2] for name, ts in times.items()}
+    base = median["flow matching"]
+    return dict(spec, step_s=median["MeanFlow (25% r != t)"], peak_gb=peak_memory_gb(device),
+                meanflow_ratio=median["MeanFlow (25% r != t)"] / base,
+                shortcut_ratio=median["shortcut (25% self-consistency)"] / base, flow_s=base)
+
+
 def execute(job):
     """Run one piece in this process: {'kind': 'train' | 'sample' (benchmark.py's workers, with its flags
     'argv' and the 'attention' backend), 'run' or 'tests', 'spec': ...} -> its result dict."""
@@ -109,6 +124,8 @@ def execute(job):
         return worker_tests(job["spec"]["tests"])
     if job["kind"] == "run":
         return worker_run(job["spec"])
+    if job["kind"] == "fewstep":
+        return worker_fewstep(job["spec"])
     set_attention_backend(job.get("attention", "auto"))
     return benchmark.WORKERS[job["kind"]](benchmark.parse_args(job["argv"]), job["spec"])
 
@@ -184,6 +201,10 @@ def pieces(args):
         (f"train {label}, xformers", TIMEOUTS["train"], xformers),
         (f"train {label}, SDPA + torch.compile ({size['compile_backend']})", TIMEOUTS["train+compile"],
          dict(kind="train", spec=train, argv=bench + ["--precision", "bf16", "--compile"], attention="sdpa")),
+        (f"MeanFlow / shortcut step vs flow matching, {size['fewstep_model']}, batch {size['fewstep_batch']}, bf16",
+         TIMEOUTS["fewstep"], dict(kind="fewstep", spec=dict(model=size["fewstep_model"], batch=size["fewstep_batch"],
+                                                             steps=size["steps"], rounds=3, precision="bf16",
+                                                             device=args.device))),
     ]
 
 
@@ -195,6 +216,10 @@ def cells(r):
         summary = f"{r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped"
         summary += f" ({', '.join(r['failures'][:3])})" if r["failures"] else ""
         return ["-"] * 5 + [("ok: " if r["failed"] == 0 and r["exit"] in (0, 5) else "FAILED: ") + summary]
+    if "meanflow_ratio" in r:
+        return [fmt(r["step_s"], 3), rate(r["batch"] / r["step_s"]), fmt(r["peak_gb"]), "-", "-",
+                f"ok: MeanFlow {r['meanflow_ratio']:.2f}x, shortcut {r['shortcut_ratio']:.2f}x flow matching's "
+                f"{r['flow_s']:.3f} s"]
     if "first_loss" in r:
         return [fmt(r["step_s"], 3), rate(r["batch"] / r["step_s"]), fmt(r["peak_gb"]), "-", str(r["nonfinite"]),
                 f"ok: loss {r['first_loss']:.4f} -> {r['last_loss']:.4f}"]

@@ -36,6 +36,17 @@ def get_config():
         # ours, 'linear': > 0 derives the shift from the generated dimension d = C H W, s = sqrt(d / shift_base_dim)
         # (SD3; RAE uses 4096); 0 = the given shift
         shift_base_dim=0.0,
+        # 'meanflow' (prediction 'average_velocity') and 'shortcut' (prediction 'velocity'): few-step objectives;
+        # their network takes a second time token (config.nnet.second_time=True; docs/samplers.md)
+        two_time_fraction=0.25,  # share of the batch with r != t (MeanFlow) / on self-consistency (shortcut)
+        weight_power=1.0,  # MeanFlow's adaptive loss weight 1 / (||delta||^2 + weight_eps)^p; 0 = plain MSE
+        weight_eps=1e-3,
+        cfg_omega=1.0,  # MeanFlow's guidance inside the target (omega, kappa; 1, 0 = none), for cfg_t_min <= t <= cfg_t_max
+        cfg_kappa=0.0,
+        cfg_t_min=0.0,
+        cfg_t_max=1.0,
+        second_time='t_minus_r',  # MeanFlow's second time input: 't_minus_r' | 'r'
+        shortcut_steps=128,  # shortcut models' finest grid M: step sizes 1/M .. 1 in powers of 2
     )
 
     # The autoencoder of latent configs (Stable Diffusion's KL-f8 by default); only the latent scripts read it.

@@ -11,6 +11,12 @@ Precision: q, k, v reach the kernel in their own dtype. Unlike the original U-Vi
 them to float32 under autocast, which would keep the flash kernels from running; the math path takes
 its softmax in at least float32. qk_scale is honoured by every backend (the original's SDPA and
 xformers paths ignored it; no published config sets it).
+
+Forward-mode derivatives (torch.func.jvp, as MeanFlow's training target needs): the fused kernels have none
+(SDPA raises NotImplementedError under forward AD), so under a torch.func transform the fast backends run
+inside `FastAttention`, an autograd.Function whose primal output is the fast kernel's and whose tangent is
+the exact JVP of softmax attention, computed in blocks of query rows so that its extra memory stays bounded
+(said once in the log). 'math' is differentiated by torch directly.
 """
 import logging
 import os
@@ -107,6 +113,66 @@ def _math(q, k, v, scale):
     return attn @ v  # (B, H, L, Dh)
 
 
+# Query rows per block of the JVP rule: a block holds (B, H, rows, L) attention weights in float32.
+JVP_BLOCK_ELEMENTS = 1 << 24
+
+
+def attention_jvp(q, k, v, dq, dk, dv, scale, out):
+    """The exact tangent of out = softmax(S) v, S = scale q k^T, along (dq, dk, dv): with P = softmax(S) and
+    dS = scale (dq k^T + q dk^T), d out = P dv + (P * dS) v - rowsum(P * dS) out.
+
+    All (B, H, L, Dh); `out` is the primal output (the fast kernel's). Computed in at least float32 over blocks
+    of query rows (JVP_BLOCK_ELEMENTS weights each). Returns (B, H, L, Dh) in out's dtype.
+    """
+    work = torch.promote_types(q.dtype, torch.float32)
+    B, H, L, _ = q.shape
+    rows = max(1, JVP_BLOCK_ELEMENTS // max(1, B * H * k.shape[-2]))
+    k_, v_, dk_, dv_ = (x.to(work) for x in (k, v, dk, dv))
+    blocks = []
+    for i in range(0, L, rows):
+        qi, dqi, oi = (x[:, :, i:i + rows].to(work) for x in (q, dq, out))
+        p = ((qi @ k_.transpose(-2, -1)) * scale).softmax(dim=-1)  # (B, H, rows, L)
+        p_ds = p * ((dqi @ k_.transpose(-2, -1) + qi @ dk_.transpose(-2, -1)) * scale)  # (B, H, rows, L)
+        blocks.append(p @ dv_ + p_ds @ v_ - p_ds.sum(-1, keepdim=True) * oi)  # (B, H, rows, Dh)
+    return torch.cat(blocks, dim=2).to(out.dtype)
+
+
+class FastAttention(torch.autograd.Function):
+    """A fast kernel with an exact forward-mode rule (`attention_jvp`) and a backward that differentiates the
+    explicit softmax, so torch.func.jvp / vjp / grad all work through it. Inputs as `attention`."""
+
+    @staticmethod
+    def forward(q, k, v, scale, backend):
+        return KERNELS[backend](q, k, v, scale)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, scale, _ = inputs
+        ctx.scale = scale
+        ctx.save_for_forward(q, k, v, output)
+        ctx.save_for_backward(q, k, v)
+
+    @staticmethod
+    def jvp(ctx, dq, dk, dv, _scale, _backend):
+        q, k, v, out = ctx.saved_tensors
+        zero = torch.zeros_like
+        return attention_jvp(q, k, v, zero(q) if dq is None else dq, zero(k) if dk is None else dk,
+                             zero(v) if dv is None else dv, ctx.scale, out)
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v = ctx.saved_tensors
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+            out = _math(*leaves, ctx.scale)
+        return (*torch.autograd.grad(out, leaves, grad), None, None)
+
+
+def _transformed(x):
+    """True for a tensor inside a torch.func transform (jvp, vmap, grad), where fused kernels lack a rule."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+
+
 # Looked up at call time (not bound at import) so tests can wrap a kernel and see what it receives.
 KERNELS = {"sdpa": lambda q, k, v, scale: F.scaled_dot_product_attention(q, k, v, scale=scale),
            "xformers": _xformers_attention, "math": _math}
@@ -123,4 +189,8 @@ def attention(q, k, v, scale=None):
     backend = resolve_backend(q.device)
     if not torch.compiler.is_compiling():  # logging inside a compiled graph would break it
         log_once(logger, f"attention backend: {backend} (requested '{get_attention_backend()}')")
+        if backend != "math" and _transformed(q):
+            log_once(logger, f"attention under torch.func: {backend}'s output with the exact JVP rule "
+                             "(libs.attention.attention_jvp, explicit weights in blocks of query rows)")
+            return FastAttention.apply(q, k, v, scale, backend)
     return KERNELS[backend](q, k, v, scale)

@@ -32,7 +32,7 @@ from libs.nnet import NNETS, problems as nnet_problems
 from libs.optim import SCHEDULES
 from libs.sampling import ALGORITHMS, INTERVAL_RULES, algorithm_problem
 from libs.tracking import LOG_WITH, problems as tracking_problems
-from sde import PATHS, TIME_DISTRIBUTIONS, Objective
+from sde import PATHS, SECOND_TIMES, TIME_DISTRIBUTIONS, TWO_TIME_PATHS, Objective
 
 _SECTION = (ml_collections.ConfigDict, dict)
 
@@ -275,7 +275,7 @@ _CHOICES = {"diffusion": ("continuous", "discrete"), "pred": ("noise_pred",), "t
             "metrics.labels": ("uniform", "balanced"), "metrics.resize": RESIZES,
             "metrics.prc_arithmetic": ARITHMETICS,
             "objective.path": PATHS, "objective.time_dist": TIME_DISTRIBUTIONS,
-            "autoencoder.latent_scaling": SCALINGS}
+            "autoencoder.latent_scaling": SCALINGS, "objective.second_time": SECOND_TIMES}
 
 
 def _type_problems(config, reference, prefix=""):
@@ -370,6 +370,13 @@ def parse_and_validate(config, *, world_size):
                 msg = algorithm_problem(get(key), objective.path, get("diffusion"))
                 if msg:
                     fail(key, msg)
+        two_times = objective.path in TWO_TIME_PATHS
+        if get("nnet.name") is not None and bool(get("nnet.second_time")) != two_times:
+            fail("nnet.second_time", f"must be {two_times} for config.objective.path = {objective.path!r} (the "
+                                     "second time token is the few-step objectives' input: 'meanflow', 'shortcut')")
+        if objective.guided and not get("dataset.cfg"):
+            fail(f"objective.{objective.guidance_key()[0]}", "guidance inside the target needs the null condition of "
+                 "guidance training: set config.dataset.cfg=True (and p_uncond > 0), or cfg_omega=1, cfg_kappa=0")
     lo, hi = get("sample.guidance_sigma_min"), get("sample.guidance_sigma_max")
     if _is_num(lo) and _is_num(hi) and hi > 0 and lo >= hi:
         fail("sample.guidance_sigma_max", f"must be above sample.guidance_sigma_min = {lo} (or 0: no upper limit)")

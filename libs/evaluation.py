@@ -207,6 +207,8 @@ def define_flags():
     flags.DEFINE_string("output_path", None, "log file to append the evaluation log to")
     flags.DEFINE_string("inception_weights", None, "pt_inception-2015-12-05-6726825d.pth; default: the torch hub "
                                                    "cache (config.fid.inception_weights when set)")
+    flags.DEFINE_integer("steps", None, "sampler steps (network calls of the one-step samplers 'meanflow' / "
+                                        "'shortcut'); default config.sample.sample_steps")
 
 
 def main_for(family):
@@ -214,6 +216,8 @@ def main_for(family):
     def main(argv):
         del argv
         f = flags.FLAGS
+        if f.steps is not None and f.config is not None:
+            f.config.sample.sample_steps = f.steps  # checked (> 0) with the config, where it enters
         run_evaluation(f.config, f.nnet_path, family, output_path=f.output_path,
                        inception_weights=f.inception_weights,  # no --config: the one the weights carry
                        config_path=config_flags.get_config_filename(f["config"]) if f.config is not None else None)

@@ -268,7 +268,7 @@ def check_objective(config, path, what="--nnet_path", network=False):
         return
     mine, theirs = Objective.of(config), Objective.of(saved)
     diffusion = saved.get("diffusion", "continuous")
-    if mine != theirs or (theirs.path == "linear" and diffusion != config.get("diffusion", "continuous")):
+    if mine != theirs or (theirs.path != "vp" and diffusion != config.get("diffusion", "continuous")):
         raise ConfigError(f"{what} '{path}' was trained with objective {theirs.describe()} (config.diffusion="
                           f"{diffusion!r}) but this config says {mine.describe()} (config.diffusion="
                           f"{config.get('diffusion', 'continuous')!r}): use the config it was trained with")

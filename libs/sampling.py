@@ -17,6 +17,9 @@ Algorithms (`ALGORITHMS`):
   (VP: to the DPM-Solver end time); Heun: 2 network calls per step, the last step to t = 0 is Euler.
 - 'flow_sde': Euler-Maruyama on the reverse SDE of the linear path with diffusion g_t^2 = s_t = t (SiT's "sigma"
   form, Ma et al. 2024, arXiv 2401.08740), noise-free last step: dx = (u + eps/2) dt + sqrt(t) dw, t: 1 -> 0.
+- 'meanflow', 'shortcut': the few-step models (sde.MeanFlow, sde.Shortcut), `steps` network calls on a grid
+  uniform in t from 1 to 0: x_r = x_t - (t - r) net(x_t, t, second input (t - r, or r)); steps=1 maps noise to
+  data in one call. Each samples only models of its own objective.
 Every solver takes the network's prediction of any objective (sde.Objective): the DPM-Solver family through
 eps (VP) or the data prediction (linear path, where eps does not determine x0 at t = 1).
 
@@ -50,10 +53,12 @@ logger = logging.getLogger(__name__)
 
 INTERVAL_RULES = ("per_step", "per_evaluation")
 ALGORITHMS = ("dpm_solver", "dpm_solver++_2m", "dpm_solver++_3m", "euler_maruyama_sde", "euler_maruyama_ode", "euler",
-              "heun", "flow_sde")
+              "heun", "flow_sde", "meanflow", "shortcut")
 STOCHASTIC = ("euler_maruyama_sde", "flow_sde")  # the algorithms that draw noise every step (index_generators)
-# Which path each algorithm integrates ('any': every Gaussian path).
-_PATHS = {"dpm_solver": ("vp",), "euler_maruyama_sde": ("vp",), "euler_maruyama_ode": ("vp",), "flow_sde": ("linear",)}
+# Which objective's path each algorithm integrates (absent: both Gaussian paths, 'vp' and 'linear').
+_PATHS = {"dpm_solver": ("vp",), "euler_maruyama_sde": ("vp",), "euler_maruyama_ode": ("vp",), "flow_sde": ("linear",),
+          "meanflow": ("meanflow",), "shortcut": ("shortcut",)}
+_GAUSSIAN = ("vp", "linear")
 
 # End times of the paper protocols: continuous models stop at t = 1e-4 (eval.py), discrete ones at t = 1/N,
 # the smallest time seen in training (network input 1).
@@ -85,9 +90,9 @@ def algorithm_problem(algorithm, path, time_kind):
     line naming the ones that can)."""
     if algorithm not in ALGORITHMS:
         return f"unknown sampling algorithm '{algorithm}'; known: {', '.join(ALGORITHMS)}"
-    if path not in _PATHS.get(algorithm, (path,)):
-        fits = [a for a in ALGORITHMS if path in _PATHS.get(a, (path,))]
-        return (f"'{algorithm}' samples {' or '.join(_PATHS[algorithm])}-path models, not this {path}-path one "
+    if path not in _PATHS.get(algorithm, _GAUSSIAN):
+        fits = [a for a in ALGORITHMS if path in _PATHS.get(a, _GAUSSIAN)]
+        return (f"'{algorithm}' samples {' or '.join(_PATHS.get(algorithm, _GAUSSIAN))}-path models, not this {path}-path one "
                 f"(config.objective.path); use one of {', '.join(fits)}")
     if algorithm.startswith("euler_maruyama") and time_kind != "continuous":
         return (f"'{algorithm}' needs a continuous-time diffusion; use 'dpm_solver' or "
@@ -172,6 +177,8 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
                 raise InputError(f"{name}['{k}'] has shape {tuple(v.shape)}; it must be batched like x_T "
                                  f"({x_T.shape[0]} samples along dim 0)")
     assert interval_rule in INTERVAL_RULES, interval_rule  # config.sample.guidance_interval_rule checked there
+    if algorithm in ("meanflow", "shortcut"):  # one evaluation per step: both interval rules agree
+        return _two_time_steps(nnet, diffusion, x_T, steps, cond, uncond, scale, guide, interval).float()
     noise_level = None
     # per_step: the network time of the current step's start, set by the solver as each step begins.
     step_start = {}
@@ -222,6 +229,27 @@ def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None,
                            skip_type="logSNR", method="multistep", lower_order_final=True)
     logger.debug("%s: %d network calls for %d steps", algorithm, solver.nfe, steps)
     return x0.float()
+
+
+def _two_time_steps(nnet, diffusion, x_T, steps, cond, uncond, scale, guide, interval):
+    """`steps` jumps x_r = x_t - (t - r) f(x_t, t, second(r, t)) on a grid uniform in t from 1 to 0 (sde.MeanFlow,
+    sde.Shortcut); f is the network with guidance (`guided_noise_fn`). The guidance interval reads the noise
+    level of the linear path, sigma = t / (1 - t). Returns x at t = 0 (B, ...) in the solver dtype."""
+    def noise_level(t_input):
+        t = t_input.to(torch.float64) / diffusion.time_scale
+        return t / (1.0 - t)
+
+    x = x_T.to(solver_dtype(x_T.dtype))
+    grid = torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
+    for t, r in zip(grid[:-1], grid[1:]):
+        second = diffusion.second_input(r, t)  # a scalar: the network broadcasts it over the (guided) batch
+
+        def with_second(net):
+            return None if net is None else lambda z, t_input, **c: net(z, t_input, timesteps2=second, **c)
+        fn = guided_noise_fn(with_second(nnet), cond, uncond, scale, guide=with_second(guide),
+                             interval=interval, noise_level=noise_level)
+        x = x - (t - r) * fn(x, diffusion.network_time(t).expand(x.shape[0])).to(x.dtype)
+    return x
 
 
 def _data_prediction(net_fn, diffusion):

@@ -113,7 +113,7 @@ class Run:
 
     @functools.cached_property
     def diffusion(self):
-        return build_diffusion(self.family.time, Objective.of(self.config))
+        return build_diffusion(self.family.time, Objective.of(self.config), self.null)
 
     @functools.cached_property
     def ema(self):

@@ -22,9 +22,9 @@ class UViT(UViTBase):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, depth=12, num_heads=12,
                  mlp_ratio=4., qkv_bias=False, qk_scale=None, norm_layer=nn.LayerNorm, mlp_time_embed=False,
-                 num_classes=-1, use_checkpoint=False, conv=True, skip=True):
+                 num_classes=-1, use_checkpoint=False, conv=True, skip=True, second_time=False):
         super().__init__(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim,
-                         mlp_time_embed=mlp_time_embed)
+                         mlp_time_embed=mlp_time_embed, second_time=second_time)
         self.num_classes = num_classes
         if num_classes > 0:
             self.label_emb = nn.Embedding(num_classes, embed_dim)
@@ -32,20 +32,20 @@ class UViT(UViTBase):
                           mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, qk_scale=qk_scale, norm_layer=norm_layer,
                           use_checkpoint=use_checkpoint, conv=conv, skip=skip)
 
-    def forward(self, x, timesteps, y=None):
+    def forward(self, x, timesteps, y=None, timesteps2=None):
         """Predict the noise in x.
 
         x: (B, in_chans, img_size, img_size); timesteps: (B,) or a scalar, the raw time values
         the scripts pass (999 t for continuous models, n or 1000 t for discrete ones);
-        y: (B,) int64 labels in [0, num_classes) for class models, None otherwise.
+        y: (B,) int64 labels in [0, num_classes) for class models, None otherwise;
+        timesteps2: the second time input (B,) or a scalar, only for networks built with second_time.
         Returns (B, in_chans, img_size, img_size).
         """
         self._check_image(x)
-        timesteps = self._check_timesteps(timesteps, x)
         self._check_labels(y, x.shape[0])
 
         patches = self.patch_embed(x)  # (B, L, D)
-        tokens = [self._time_token(timesteps), patches]  # (B, 1, D), (B, L, D)
+        tokens = [self._time_tokens(timesteps, timesteps2, x), patches]  # (B, 1 or 2, D), (B, L, D)
         if self.num_classes > 0:
             tokens.insert(0, self.label_emb(y).unsqueeze(1))  # (B, 1, D) first
         x = torch.cat(tokens, dim=1)  # (B, extras + L, D)

@@ -20,16 +20,17 @@ from libs.attention import attention
 from libs.errors import InputError
 
 
-def timestep_embedding(timesteps, dim, max_period=10000):
+def timestep_embedding(timesteps, dim, max_period=10000, dtype=torch.float32):
     """Sinusoidal embedding [cos(t f) | sin(t f)] of (B,) time values (e.g. 999 t or n in 1..1000) -> (B, dim).
 
     The transformer position encoding (Vaswani et al. 2017) applied to time, as in DDPM (Ho et al. 2020):
-    f_i = max_period ** (-i / half), i < half = dim // 2, plus a zero column when dim is odd. Always float32:
-    the published models were trained so, and low precision would blur large t.
+    f_i = max_period ** (-i / half), i < half = dim // 2, plus a zero column when dim is odd. float32 (the
+    published models were trained so, and low precision would blur large t) unless `dtype` says float64 (float64
+    networks: derivative checks then see the time path exactly).
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / half)  # (half,)
-    args = timesteps.float()[:, None] * freqs[None]  # (B, half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=dtype, device=timesteps.device) / half)  # (half,)
+    args = timesteps.to(dtype)[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2 * half)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)  # (B, dim)
@@ -134,18 +135,27 @@ class UViTBase(nn.Module):
     the even depth below it, a quirk of the original kept so configs and checkpoints mean the same here.
     """
 
-    def __init__(self, img_size, patch_size, in_chans, embed_dim, mlp_time_embed):
+    def __init__(self, img_size, patch_size, in_chans, embed_dim, mlp_time_embed, second_time=False):
         super().__init__()
         attention_backends.prepare()  # fail early on a bad UVIT_ATTENTION; import xformers outside forward
         self.img_size, self.patch_size, self.in_chans, self.embed_dim = img_size, patch_size, in_chans, embed_dim
         self.num_patches = (img_size // patch_size) ** 2
         self.patch_embed = PatchEmbed(patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
-        self.time_embed = nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(),
-                                        nn.Linear(4 * embed_dim, embed_dim)) if mlp_time_embed else nn.Identity()
+
+        def time_mlp():
+            return nn.Sequential(nn.Linear(embed_dim, 4 * embed_dim), nn.SiLU(),
+                                 nn.Linear(4 * embed_dim, embed_dim)) if mlp_time_embed else nn.Identity()
+        self.time_embed = time_mlp()
+        # The second time input of the few-step objectives (sde.MeanFlow: t - r or r; sde.Shortcut: the step d),
+        # one more token; absent otherwise, so the published layouts are untouched.
+        self.second_time = bool(second_time)
+        if self.second_time:
+            self.time2_embed = time_mlp()
 
     def _build_trunk(self, extras, depth, num_heads, mlp_ratio, qkv_bias, qk_scale, norm_layer,
                      use_checkpoint, conv, skip):
         """Register pos_embed, the blocks and the head, then initialise every weight."""
+        extras += self.second_time  # the second time token follows the first
         self.extras, self.depth = extras, depth
         self.pos_embed = nn.Parameter(torch.zeros(1, extras + self.num_patches, self.embed_dim))
         block = dict(dim=self.embed_dim, num_heads=num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias,
@@ -196,13 +206,29 @@ class UViTBase(nn.Module):
             raise InputError(f"timesteps must have shape ({B},) (one per image) or be a scalar, got {tuple(timesteps.shape)}")
         return timesteps
 
-    def _time_token(self, timesteps):
-        """timesteps: (B,) -> (B, 1, D)."""
+    def _time_token(self, timesteps, embed=None):
+        """timesteps: (B,) -> (B, 1, D) through `embed` (default time_embed)."""
         # The sinusoid is float32; cast it to the parameter dtype so that a float64 (or bf16)
         # model works (the original crashed in float64 with mlp_time_embed). Under autocast the
         # parameters stay float32, so this is a no-op and autocast decides the Linear's precision.
-        emb = timestep_embedding(timesteps, self.embed_dim).to(self.pos_embed.dtype)  # (B, D)
-        return self.time_embed(emb).unsqueeze(1)  # (B, 1, D)
+        exact = torch.float64 if self.pos_embed.dtype == torch.float64 else torch.float32
+        emb = timestep_embedding(timesteps, self.embed_dim, dtype=exact).to(self.pos_embed.dtype)  # (B, D)
+        return (embed or self.time_embed)(emb).unsqueeze(1)  # (B, 1, D)
+
+    def _time_tokens(self, timesteps, timesteps2, x):
+        """[time token] or, with second_time, [time token, second time token]: (B, 1 or 2, D). timesteps2: (B,),
+        a scalar, or None (networks without second_time only)."""
+        token = self._time_token(self._check_timesteps(timesteps, x))
+        if not self.second_time:
+            if timesteps2 is not None:
+                raise InputError(f"this {type(self).__name__} has no second time input (built with "
+                                 "second_time=False) but got timesteps2; drop it, or build with second_time=True")
+            return token
+        if timesteps2 is None:
+            raise InputError(f"this {type(self).__name__} takes a second time input (second_time=True: MeanFlow / "
+                             "shortcut objectives); pass timesteps2 (B,)")
+        token2 = self._time_token(self._check_timesteps(timesteps2, x), self.time2_embed)
+        return torch.cat([token, token2], dim=1)  # (B, 2, D)
 
     def _trunk(self, x):
         """x: (B, T, D) tokens, the first `extras` of them condition tokens -> (B, C, H, W)."""

@@ -137,7 +137,10 @@ OUT_OF_RANGE = {
     "posthoc_ema.sigma_rels": (0.05, 0.3), "posthoc_ema.snapshot_interval": -1, "repa.resolution": 0,
     "repa.projector_dim": 0, "repa.weight": 0.0, "training_aids": ("no.such.module:Aid",),
     "fsdp.replicate": 0, "fsdp.mixed_precision": "fp16",
-    "autoencoder.latent_scaling": "auto", "objective.shift_base_dim": -1.0}
+    "autoencoder.latent_scaling": "auto", "objective.shift_base_dim": -1.0,
+    "objective.two_time_fraction": 1.5, "objective.weight_power": -1.0, "objective.weight_eps": 0.0,
+    "objective.cfg_omega": 2.0, "objective.cfg_kappa": 1.0, "objective.cfg_t_min": -0.5, "objective.cfg_t_max": 1.5,
+    "objective.second_time": "s", "objective.shortcut_steps": 100, "nnet.second_time": True}
 # Free values: any number (seeds, guidance scales) or any string the dataset / loader checks where it reads it.
 NO_RANGE = {"seed", "sample.scale", "grid.scale", "autoencoder.pretrained_path", "dataset.name", "sample.path",
             "wandb.project", "compile", "tf32", "optimizer.no_decay_for_embeddings_norms_biases", "dataset.cfg",

@@ -26,7 +26,7 @@ def test_the_dry_run_goes_end_to_end_on_the_cpu():
                           "--tiny"], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stdout + out.stderr[-2000:]
     rows = {r[0]: r for r in table_rows(out.stdout)}
-    assert len(rows) == 8 and "0 piece(s) failed" in out.stdout
+    assert len(rows) == 9 and "0 piece(s) failed" in out.stdout
     for name, r in rows.items():
         assert r[6].startswith("ok") or (r[6].startswith("missing: xformers") and "xformers" in name), r
     for name in ("run 3 steps fp16", "run 3 steps bf16", "run 3 steps bf16, FSDP2 on 1 GPU (vs the row above)"):
@@ -36,6 +36,8 @@ def test_the_dry_run_goes_end_to_end_on_the_cpu():
     train = next(r for n, r in rows.items() if n.startswith("train") and n.endswith("SDPA"))
     assert float(train[1]) > 0 and float(train[2]) > 0 and float(train[3]) > 0
     assert re.match(r"ok: 0 passed, 0 failed, \d+ skipped", rows["CUDA-only tests (pytest -m cuda)"][6])
+    fewstep = next(r for n, r in rows.items() if n.startswith("MeanFlow / shortcut step"))
+    assert re.match(r"ok: MeanFlow \d+\.\d+x, shortcut \d+\.\d+x flow matching's", fewstep[6]) and float(fewstep[1]) > 0
 
 
 def test_a_hanging_piece_is_killed_with_its_children():
@@ -69,7 +71,7 @@ def test_a_failing_piece_says_why():
 def test_no_piece_starts_once_the_budget_is_spent(capsys):
     assert gpu_check.main(["--device", "cpu", "--tiny", "--budget", "0"]) == 1
     rows = table_rows(capsys.readouterr().out)
-    assert len(rows) == 8 and all(r[6] == "FAILED: not started: the 0 s budget is spent" for r in rows)
+    assert len(rows) == 9 and all(r[6] == "FAILED: not started: the 0 s budget is spent" for r in rows)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")

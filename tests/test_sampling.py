@@ -47,7 +47,7 @@ def label_net(calls):
 
 def test_algorithm_list():
     assert ALGORITHMS == ("dpm_solver", "dpm_solver++_2m", "dpm_solver++_3m", "euler_maruyama_sde",
-                          "euler_maruyama_ode", "euler", "heun", "flow_sde")
+                          "euler_maruyama_ode", "euler", "heun", "flow_sde", "meanflow", "shortcut")
 
 
 @pytest.mark.parametrize("kind", ["continuous", "discrete"])

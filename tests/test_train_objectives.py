@@ -81,3 +81,28 @@ def test_two_process_flow_training_stays_in_sync(tmp_path):
                                                'train.grad_accum_steps': 2, 'objective.path': 'linear',
                                                'objective.prediction': 'velocity', 'sample.algorithm': 'heun'})
     assert torch.equal(ranks[0]['params'], ranks[1]['params']) and torch.equal(ranks[0]['ema'], ranks[1]['ema'])
+
+
+FEW_STEP = {'meanflow': {'path': 'meanflow', 'prediction': 'average_velocity', 'time_dist': 'logit_normal',
+                         'cfg_omega': 2.0, 'two_time_fraction': 0.5},
+            'shortcut': {'path': 'shortcut', 'prediction': 'velocity', 'two_time_fraction': 0.5}}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('name', sorted(FEW_STEP))
+def test_few_step_resume_is_exact(tmp_path, name):
+    """A run stopped at step 2 and resumed to 4 ends bit for bit as the straight run, with MeanFlow's JVP target
+    (and its guidance) and the shortcut model's bootstrap target on."""
+    def config(**keys):
+        c = objective_config(FEW_STEP[name], log_interval=2, **keys)
+        c.nnet.second_time = True
+        c.sample.update(algorithm=name, sample_steps=1)
+        c.fid.steps = c.grid.steps = 1
+        return c
+    straight = train(config(n_steps=4, save_interval=2), str(tmp_path / 'a'), PIXELS_CONTINUOUS)
+    train(config(n_steps=2), str(tmp_path / 'b'), PIXELS_CONTINUOUS)
+    resumed = train(config(n_steps=4), str(tmp_path / 'b'), PIXELS_CONTINUOUS)
+    a, b = straight['run'], resumed['run']
+    assert a.diffusion.path == name
+    assert torch.equal(params(b.nnet), params(a.nnet)) and torch.equal(params(b.nnet_ema), params(a.nnet_ema))
+    assert [m['loss'] for m in b.logged] == [m['loss'] for m in a.logged if m['step'] > 2]

@@ -545,7 +545,8 @@ def _jvp(net, f, primals, tangents):
         if zero:
             module = net
             net = lambda *args, **kwargs: torch.func.functional_call(module, zero, args, kwargs)  # noqa: E731
-        out = fwAD.unpack_dual(f(net, *(p if d is None else fwAD.make_dual(p, d) for p, d in zip(primals, tangents))))
+        duals = (p if d is None else fwAD.make_dual(p, d) for p, d in zip(primals, tangents))
+        out = fwAD.unpack_dual(f(net, *duals))
     return torch.zeros_like(out.primal) if out.tangent is None else out.tangent
 
 
@@ -620,8 +621,8 @@ class MeanFlow(_TwoTimeFlow):
             target = v
             if n_two:
                 c = _slice(cond, n_two)
-                dudt = _jvp(bare, lambda net, *zrt: self.two_time_net(net, c)(*zrt), (z[:n_two], r[:n_two], t[:n_two]),
-                            (v[:n_two], None, torch.ones_like(t[:n_two])))
+                dudt = _jvp(bare, lambda net, *zrt: self.two_time_net(net, c)(*zrt),
+                            (z[:n_two], r[:n_two], t[:n_two]), (v[:n_two], None, torch.ones_like(t[:n_two])))
                 jump = _expand_dims(t[:n_two] - r[:n_two], x0.ndim).to(v.dtype)
                 target = torch.cat([v[:n_two] - jump * dudt.to(v.dtype), v[n_two:]])
         pred = self.two_time_net(nnet, cond)(z, r, t)

@@ -14,9 +14,9 @@ xformers paths ignored it; no published config sets it).
 
 Forward-mode derivatives (as MeanFlow's training target needs; torch.func.jvp or torch.autograd.forward_ad's dual
 tensors): the fused kernels have none (SDPA raises NotImplementedError under forward AD), so under a torch.func
-transform or on a dual tensor the fast backends run inside `FastAttention`, an autograd.Function whose primal output is the fast kernel's and whose tangent is
-the exact JVP of softmax attention, computed in blocks of query rows so that its extra memory stays bounded
-(said once in the log). 'math' is differentiated by torch directly.
+transform or on a dual tensor the fast backends run inside `FastAttention`, an autograd.Function whose primal
+output is the fast kernel's and whose tangent is the exact JVP of softmax attention, computed in blocks of query
+rows so that its extra memory stays bounded (said once in the log). 'math' is differentiated by torch directly.
 """
 import logging
 import os

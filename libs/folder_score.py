@@ -56,6 +56,10 @@ class FolderReference:
             n_test = max(1, int(len(order) * HELD_OUT))
             features = grey_thumbnails(images, self.size)
             fit, test = order[n_test:], order[:n_test]
+            if not len(np.unique(labels[fit])) == len(np.unique(labels)) >= 2:
+                logger.info("folder score: folder_accuracy is off: %d real images in %d classes are too few to "
+                            "fit a classifier on every class and test it", len(labels), len(np.unique(labels)))
+                return
             self.classifier = LogisticRegression(max_iter=1000).fit(features[fit], labels[fit])
             self.real_accuracy = float((self.classifier.predict(features[test]) == labels[test]).mean())
             logger.info("folder score: a logistic regression on %dx%d grey thumbnails of %d real images reads %d "

@@ -125,6 +125,9 @@ def test_pixel_jit_config_trains_and_samples(tmp_path):
     config.train.update(n_steps=2, batch_size=2, log_interval=1, eval_interval=1000, save_interval=1000)
     config.lr_scheduler.warmup_steps = 1
     config.grid.update(n_rows=2, n_cols=1, steps=2)
+    # The folder's offline score samples at each checkpoint and at the end: a few images, not 1,000 at 256 px.
+    config.fid.n_samples = 0
+    config.sample.update(n_samples=4, mini_batch_size=4, sample_steps=2)
     out = train(config, str(tmp_path / "run"), PIXELS_CONTINUOUS)
     assert out["run"].diffusion.objective.prediction == "x0"
     assert out["step"] == 2 and all(np.isfinite(m["loss"]) for m in out["run"].logged)

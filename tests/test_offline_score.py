@@ -65,6 +65,18 @@ def test_the_folder_score_reads_real_images_as_their_class_and_noise_as_far(fold
     assert score["pixel_fd"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
+
+def test_a_folder_too_small_for_a_classifier_is_scored_by_pixel_fd_alone(tmp_path):
+    """One image per class cannot both fit and test a classifier: the score leaves folder_accuracy out (logged)
+    instead of ending the run at its evaluation."""
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (tmp_path / f"class{c}").mkdir()
+        Image.fromarray(pattern(c, rng)).convert("RGB").save(tmp_path / f"class{c}" / "0.png")
+    data = get_dataset("image_folder", path=str(tmp_path), resolution=12)
+    score = data.sample_metric(torch.rand(4, 3, 12, 12), torch.tensor([0, 1, 0, 1]))
+    assert set(score) == {"pixel_fd"} and score["pixel_fd"] > 0
+
 def tiny_digits():
     config = get_config()
     config.nnet.update(embed_dim=32, depth=2, num_heads=2)

@@ -35,6 +35,7 @@ import logging
 import math
 
 import torch
+import torch.autograd.forward_ad as fwAD
 
 from dpm_solver_pp import CONTINUOUS_TIME_SCALE, NoiseScheduleVP, _expand_dims, _is_positive_int, solver_dtype
 from libs.errors import ConfigError, InputError
@@ -530,11 +531,30 @@ def _slice(cond, n):
     return {k: v[:n] for k, v in cond.items()}
 
 
+def _jvp(net, f, primals, tangents):
+    """The derivative of f(net, *primals) along `tangents` (None: a zero tangent, that input stays a plain tensor):
+    one forward pass on torch.autograd.forward_ad's dual tensors; zeros where the output does not depend on the
+    inputs. net (a module) runs with its vector parameters (biases, norm scales) as dual tensors of zero tangent:
+    an absent tangent becomes torch's ZeroTensor, whose every operation goes through Python (~0.1 ms each on the
+    CPU). Its matrices stay plain, where a zero tangent would cost a matmul. Sharded (DTensor) parameters are left
+    to FSDP's hooks."""
+    with fwAD.dual_level():
+        params = net.named_parameters() if isinstance(net, torch.nn.Module) else ()
+        zero = {name: fwAD.make_dual(p, torch.zeros_like(p)) for name, p in params
+                if p.ndim < 2 and type(p) is torch.nn.Parameter}
+        if zero:
+            module = net
+            net = lambda *args, **kwargs: torch.func.functional_call(module, zero, args, kwargs)  # noqa: E731
+        duals = (p if d is None else fwAD.make_dual(p, d) for p, d in zip(primals, tangents))
+        out = fwAD.unpack_dual(f(net, *duals))
+    return torch.zeros_like(out.primal) if out.tangent is None else out.tangent
+
+
 class MeanFlow(_TwoTimeFlow):
     """MeanFlow (Geng et al. 2025, "Mean Flows for One-step Generative Modeling", arXiv 2505.13447): the network
     predicts the average velocity u(z_t, r, t) = 1/(t - r) int_r^t v(z_s, s) ds on z_t = (1 - t) x + t eps, trained
     on the MeanFlow identity u = v - (t - r) d/dt u with the total derivative d/dt u = v d_z u + d_t u, ONE
-    forward-mode derivative (torch.func.jvp, tangent (v, 0, 1) on (z, r, t)) under stop-gradient.
+    forward-mode derivative (dual tensors, tangent (v, 0, 1) on (z, r, t)) under stop-gradient.
 
     Time: t = 1 is noise; one step from t to r is z_r = z_t - (t - r) u(z_t, r, t), so one network call maps noise
     to data: x = eps - u(eps, 0, 1). (r, t): two logit-normal draws, t the larger (paper sec. 4.3), for the first
@@ -586,11 +606,12 @@ class MeanFlow(_TwoTimeFlow):
         """The MeanFlow loss (B,) float32 at given x0, eps (B, ...), r <= t (B,); `n_two` leading samples (default
         all) may have r != t, the others must have r = t (their target is the velocity itself, no derivative).
 
-        The target v~ - (t - r) (v~ d_z u + d_t u) (v~: `guided_velocity`) comes from one torch.func.jvp of the BARE
-        network under no_grad (stop-gradient); the prediction is a separate forward through `nnet` as given, so a
-        DDP wrapper all-reduces the gradients (a jvp through model.module would bypass it). The per-sample
-        squared error is averaged over the non-batch dims and weighted by sg((||delta||^2 + eps)^-p) with the
-        sum ||delta||^2 (the paper's weight; the mean instead of the paper's sum scales the loss by a constant)."""
+        The target v~ - (t - r) (v~ d_z u + d_t u) (v~: `guided_velocity`) comes from one forward-mode derivative
+        (`_jvp`) of the BARE network under no_grad (stop-gradient); the prediction is a separate forward through
+        `nnet` as given, so a DDP wrapper all-reduces the gradients (a jvp through model.module would bypass it).
+        The per-sample squared error is averaged over the non-batch dims and weighted by sg((||delta||^2 +
+        eps)^-p) with the sum ||delta||^2 (the paper's weight; the mean instead of the paper's sum scales the loss
+        by a constant)."""
         n_two = x0.shape[0] if n_two is None else n_two
         tb = _expand_dims(t, x0.ndim).to(x0.dtype)
         z = (1.0 - tb) * x0 + tb * eps
@@ -599,9 +620,9 @@ class MeanFlow(_TwoTimeFlow):
             v = self.guided_velocity(bare, z, t, eps - x0, cond)
             target = v
             if n_two:
-                u = self.two_time_net(bare, _slice(cond, n_two))
-                _, dudt = torch.func.jvp(u, (z[:n_two], r[:n_two], t[:n_two]),
-                                         (v[:n_two], torch.zeros_like(r[:n_two]), torch.ones_like(t[:n_two])))
+                c = _slice(cond, n_two)
+                dudt = _jvp(bare, lambda net, *zrt: self.two_time_net(net, c)(*zrt),
+                            (z[:n_two], r[:n_two], t[:n_two]), (v[:n_two], None, torch.ones_like(t[:n_two])))
                 jump = _expand_dims(t[:n_two] - r[:n_two], x0.ndim).to(v.dtype)
                 target = torch.cat([v[:n_two] - jump * dudt.to(v.dtype), v[n_two:]])
         pred = self.two_time_net(nnet, cond)(z, r, t)

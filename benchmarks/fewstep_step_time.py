@@ -1,6 +1,6 @@
 """Training-step time of the few-step objectives against flow matching on the same network: zero_grad, the
 objective's loss, backward, AdamW, in the order the trainer runs them. MeanFlow's overhead is its forward-mode
-derivative (torch.func.jvp on the two_time_fraction of the batch with r != t) and, with guidance inside the
+derivative (dual tensors, on the two_time_fraction of the batch with r != t) and, with guidance inside the
 target, one unconditional forward; the shortcut model's is two no-grad forwards on its self-consistency quarter.
 
     python benchmarks/fewstep_step_time.py --models digits-tiny,S/2-cifar10 --batch 64,8   # the CPU table

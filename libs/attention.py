@@ -12,16 +12,17 @@ them to float32 under autocast, which would keep the flash kernels from running;
 its softmax in at least float32. qk_scale is honoured by every backend (the original's SDPA and
 xformers paths ignored it; no published config sets it).
 
-Forward-mode derivatives (torch.func.jvp, as MeanFlow's training target needs): the fused kernels have none
-(SDPA raises NotImplementedError under forward AD), so under a torch.func transform the fast backends run
-inside `FastAttention`, an autograd.Function whose primal output is the fast kernel's and whose tangent is
-the exact JVP of softmax attention, computed in blocks of query rows so that its extra memory stays bounded
-(said once in the log). 'math' is differentiated by torch directly.
+Forward-mode derivatives (as MeanFlow's training target needs; torch.func.jvp or torch.autograd.forward_ad's dual
+tensors): the fused kernels have none (SDPA raises NotImplementedError under forward AD), so under a torch.func
+transform or on a dual tensor the fast backends run inside `FastAttention`, an autograd.Function whose primal
+output is the fast kernel's and whose tangent is the exact JVP of softmax attention, computed in blocks of query
+rows so that its extra memory stays bounded (said once in the log). 'math' is differentiated by torch directly.
 """
 import logging
 import os
 
 import torch
+import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 
 from libs.errors import ConfigError
@@ -169,8 +170,9 @@ class FastAttention(torch.autograd.Function):
 
 
 def _transformed(x):
-    """True for a tensor inside a torch.func transform (jvp, vmap, grad), where fused kernels lack a rule."""
-    return torch._C._functorch.is_functorch_wrapped_tensor(x)
+    """True for a tensor inside a torch.func transform (jvp, vmap, grad) or carrying a forward-mode tangent (a dual
+    tensor of torch.autograd.forward_ad), where fused kernels lack a rule."""
+    return torch._C._functorch.is_functorch_wrapped_tensor(x) or fwAD.unpack_dual(x).tangent is not None
 
 
 # Looked up at call time (not bound at import) so tests can wrap a kernel and see what it receives.
@@ -189,8 +191,8 @@ def attention(q, k, v, scale=None):
     backend = resolve_backend(q.device)
     if not torch.compiler.is_compiling():  # logging inside a compiled graph would break it
         log_once(logger, f"attention backend: {backend} (requested '{get_attention_backend()}')")
-        if backend != "math" and _transformed(q):
-            log_once(logger, f"attention under torch.func: {backend}'s output with the exact JVP rule "
+        if backend != "math" and any(map(_transformed, (q, k, v))):
+            log_once(logger, f"attention under forward-mode AD: {backend}'s output with the exact JVP rule "
                              "(libs.attention.attention_jvp, explicit weights in blocks of query rows)")
             return FastAttention.apply(q, k, v, scale, backend)
     return KERNELS[backend](q, k, v, scale)

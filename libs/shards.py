@@ -52,8 +52,7 @@ def shard_name(index):
 
 def plan_shards(num_items, shard_size):
     """Split items 0..num_items-1 into consecutive shards: list of (shard_index, start, stop)."""
-    if shard_size < 1:
-        raise InputError(f"shard size must be >= 1, got {shard_size}.")
+    assert shard_size >= 1, shard_size  # the extraction scripts' --shard_size flag has lower_bound=1
     return [(k, s, min(s + shard_size, num_items)) for k, s in enumerate(range(0, num_items, shard_size))]
 
 
@@ -131,20 +130,22 @@ class ShardWriter:
         features when the shard stores them."""
         moments = np.asarray(moments)
         stop = start + len(moments)
-        # The shape is the extractor's own (its autoencoder's moments): asserted. A NaN comes from the data.
+        # The shapes are the extractor's own (its autoencoder's moments, its encoder's features): asserted. A NaN
+        # comes from the data.
         assert moments.shape[1:] == self.moments_shape, (moments.shape, self.moments_shape)
-        if not np.isfinite(moments).all():
-            raise InputError(f"moments of shard {self.index} positions {start}..{stop - 1} hold NaN/inf; "
-                             "check the images and the autoencoder weights.")
+        assert (labels is not None) == (self.labels is not None), "labels= exactly when the shard stores labels"
+        repa = None if repa is None else np.asarray(repa)
+        want = None if self.repa is None else (stop - start, *self.repa_shape)
+        assert want == getattr(repa, "shape", None), f"this shard stores encoder features of shape {want}"
+        nonfinite = [name for name, a in (("moments", moments), ("encoder features", repa))
+                     if a is not None and not np.isfinite(a).all()]
+        if nonfinite:
+            raise InputError(f"{' and '.join(nonfinite)} of shard {self.index} positions {start}..{stop - 1} hold "
+                             "NaN/inf; check the images and the autoencoder (and encoder) weights.")
         self.moments[start:stop] = moments
         if self.labels is not None:
-            assert labels is not None, "this shard stores labels"
             self.labels[start:stop] = np.asarray(labels, dtype=np.int64)
         if self.repa is not None:
-            repa = np.asarray(repa) if repa is not None else None
-            if repa is None or repa.shape != (stop - start, *self.repa_shape) or not np.isfinite(repa).all():
-                raise InputError(f"this shard stores encoder features of shape {self.repa_shape} per sample; pass "
-                                 f"finite repa= of shape {(stop - start, *self.repa_shape)}.")
             self.repa[start:stop] = repa
         self.filled[start:stop] = True
 
@@ -167,8 +168,7 @@ class ShardWriter:
     def commit(self, record=None):
         """Rename the arrays into place, then write the shard record (the completion marker). record: JSON-able
         facts kept with the shard ('source_range' and 'settings', which pending_shards checks on resume)."""
-        if not self.filled.all():
-            raise InputError(f"shard {self.index}: {int((~self.filled).sum())} of {self.n} samples were never written.")
+        assert self.filled.all(), f"shard {self.index}: {int((~self.filled).sum())} samples were never written"
         self._close(None, None, None)
         record = dict(record or {})
         record.update(index=self.index, n=self.n, moments_shape=list(self.moments_shape), dtype=self.dtype)
@@ -213,9 +213,8 @@ def write_manifest(folder, num_shards, info=None):
         with open(os.path.join(folder, shard_name(k) + ".json")) as f:
             shards.append(json.load(f))
     first = shards[0]
-    if any(s["moments_shape"] != first["moments_shape"] or s["dtype"] != first["dtype"] for s in shards):
-        raise CheckpointError(f"shards in '{folder}' disagree on moments shape or dtype: they come from different "
-                              "extractions. Delete the folder and extract again.")
+    # pending_shards refused every finished shard of other settings (resolution, autoencoder, dtype) on resume
+    assert all(s["moments_shape"] == first["moments_shape"] and s["dtype"] == first["dtype"] for s in shards)
     manifest = dict(format=FORMAT_NAME, version=FORMAT_VERSION, num_samples=sum(s["n"] for s in shards),
                     moments_shape=first["moments_shape"], dtype=first["dtype"],
                     has_labels=os.path.isfile(os.path.join(folder, shard_name(0) + ".labels.npy")),
@@ -240,10 +239,11 @@ class PackedFeatures:
             with open(path) as f:
                 m = json.load(f)
         except (OSError, ValueError) as e:
-            raise CheckpointError(f"cannot read the feature manifest '{path}': {e}. Run the extraction again "
-                                  "(it resumes) to rewrite it.") from e
-        if m.get("format") != FORMAT_NAME or m.get("version") != FORMAT_VERSION:
-            raise CheckpointError(f"'{path}' is not a {FORMAT_NAME} v{FORMAT_VERSION} manifest.")
+            m = e
+        if not isinstance(m, dict) or m.get("format") != FORMAT_NAME or m.get("version") != FORMAT_VERSION:
+            why = m if isinstance(m, Exception) else f"not a {FORMAT_NAME} v{FORMAT_VERSION} manifest"
+            raise CheckpointError(f"cannot read the feature manifest '{path}' ({why}). Run the extraction again "
+                                  "(it resumes) to rewrite it.")
         self.folder = folder
         self.manifest = m
         self.moments_shape = tuple(m["moments_shape"])
@@ -275,8 +275,7 @@ class PackedFeatures:
         return self._maps[key]
 
     def _locate(self, i):
-        if not 0 <= i < len(self):
-            raise IndexError(f"feature index {i} out of range [0, {len(self)})")
+        assert 0 <= i < len(self), f"feature index {i} out of range [0, {len(self)})"  # the datasets' own indices
         k = bisect.bisect_right(self._starts, i) - 1
         return k, i - int(self._starts[k])
 
@@ -291,8 +290,7 @@ class PackedFeatures:
     def _gather(self, indices, part, dtype):
         """Rows `indices` of array `part` across shards, one fancy-indexing read per shard touched."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
-        if len(idx) and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(f"feature indices out of range [0, {len(self)})")
+        assert not len(idx) or 0 <= idx.min() <= idx.max() < len(self), f"feature indices outside [0, {len(self)})"
         shard = np.searchsorted(np.asarray(self._starts[1:]), idx, side="right")
         first = self._map(int(shard[0]), part) if len(idx) else None
         out = np.empty((len(idx), *(first.shape[1:] if first is not None else ())), dtype=dtype)
@@ -324,8 +322,7 @@ class PackedFeatures:
     def context(self, i, c):
         k, j = self._locate(i)
         off = self._map(k, "context_offsets")
-        if not 0 <= c < off[j + 1] - off[j]:
-            raise IndexError(f"sample {i} has {int(off[j + 1] - off[j])} captions, asked for caption {c}")
+        assert 0 <= c < off[j + 1] - off[j], f"sample {i} has {int(off[j + 1] - off[j])} captions, asked for {c}"
         return np.array(self._map(k, "contexts")[off[j] + c], dtype=np.float32)
 
     def caption(self, i, c):
@@ -364,8 +361,7 @@ class PerFileFeatures:
                     if m:
                         i = int(m.group(1))
                         captions[i] = captions.get(i, 0) + 1
-        if count == 0:
-            raise MissingFileError(f"no feature files ('0.npy', '1.npy', ...) in '{folder}'.")
+        assert count > 0, folder  # open_features found its 0.npy
         self._n = count
         self.has_contexts = bool(captions)
         # Caption counts only for text sets: 2.5M ImageNet entries would carry a useless 20 MB array.
@@ -394,8 +390,7 @@ class PerFileFeatures:
         return obj
 
     def moments(self, i):
-        if not 0 <= i < self._n:
-            raise IndexError(f"feature index {i} out of range [0, {self._n})")
+        assert 0 <= i < self._n, f"feature index {i} out of range [0, {self._n})"
         obj = self._load(i)
         return obj[0] if isinstance(obj, tuple) else np.asarray(obj, dtype=np.float32)
 
@@ -420,13 +415,14 @@ class PerFileFeatures:
 
 def open_features(folder, how="run the feature extraction script first"):
     """The reader of `folder`: packed when it has manifest.json, else the original per-file layout."""
-    if not os.path.isdir(folder):
-        raise MissingFileError(f"feature folder '{folder}' does not exist; {how}.")
     if os.path.isfile(os.path.join(folder, MANIFEST)):
         return PackedFeatures(folder)
     if os.path.isfile(os.path.join(folder, "0.npy")):
         return PerFileFeatures(folder)
-    if any(n.startswith("shard_") for n in os.listdir(folder)):
-        raise MissingFileError(f"'{folder}' holds shards but no {MANIFEST}: the extraction did not finish; "
-                               f"{how} again (finished shards are kept).")
-    raise MissingFileError(f"'{folder}' holds no features ({MANIFEST} or 0.npy); {how}.")
+    if not os.path.isdir(folder):
+        why = "does not exist"
+    elif any(n.startswith("shard_") for n in os.listdir(folder)):
+        why = f"holds shards but no {MANIFEST}: the extraction did not finish; finished shards are kept"
+    else:
+        why = f"holds no features ({MANIFEST} or 0.npy)"
+    raise MissingFileError(f"feature folder '{folder}' {why}; {how}.")

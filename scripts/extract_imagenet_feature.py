@@ -82,7 +82,8 @@ def define_flags(fv):
     flags.DEFINE_string("autoencoder", DEFAULT_PATH, "autoencoder checkpoint (see libs/autoencoder.py)",
                         flag_values=fv)
     flags.DEFINE_integer("batch_size", 64, "images per forward pass (x2 with the flips)", flag_values=fv)
-    flags.DEFINE_integer("shard_size", 2048, "images per shard (the unit of resuming)", flag_values=fv)
+    flags.DEFINE_integer("shard_size", 2048, "images per shard (the unit of resuming)", lower_bound=1,
+                         flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", shards.STORAGE_DTYPES, "storage precision", flag_values=fv)
     flags.DEFINE_integer("num_workers", 8, "image decoding processes per extraction process", flag_values=fv)
     define_repa_encoder(fv)

@@ -104,7 +104,8 @@ def define_flags(fv):
                         flag_values=fv)
     flags.DEFINE_string("clip", CLIP_VERSION, "CLIP text model: hub id (local cache) or directory", flag_values=fv)
     flags.DEFINE_integer("batch_size", 64, "images (and caption batches) per forward pass", flag_values=fv)
-    flags.DEFINE_integer("shard_size", 512, "images per shard (the unit of resuming)", flag_values=fv)
+    flags.DEFINE_integer("shard_size", 512, "images per shard (the unit of resuming)", lower_bound=1,
+                         flag_values=fv)
     flags.DEFINE_enum("dtype", "float32", shards.STORAGE_DTYPES, "storage precision", flag_values=fv)
     flags.DEFINE_integer("num_workers", 8, "image decoding processes per extraction process", flag_values=fv)
     define_repa_encoder(fv)

@@ -64,13 +64,11 @@ def write_export(out_dir, state_dict, meta, card, overwrite=False):
     An existing non-empty `out_dir` is replaced only with `overwrite`, and only when it is an export.
     """
     out_dir = os.path.abspath(str(out_dir))
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        if not overwrite:
-            raise CheckpointError(f"'{out_dir}' already exists and is not empty; choose a new folder, or pass "
-                                  f"--overwrite to replace an earlier export there")
-        if not is_export(out_dir):
-            raise CheckpointError(f"'{out_dir}' exists and is not an exported model; refusing to replace it: "
-                                  f"choose a new folder")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not (
+            overwrite and is_export(out_dir)):
+        raise CheckpointError(f"'{out_dir}' exists and is not an exported model; refusing to replace it: choose a new "
+                              "folder" if overwrite else f"'{out_dir}' already exists and is not empty; choose a new "
+                              "folder, or pass --overwrite to replace an earlier export there")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     with atomic_path(out_dir) as tmp:
         os.makedirs(tmp)
@@ -89,32 +87,33 @@ def write_export(out_dir, state_dict, meta, card, overwrite=False):
 def read_export_meta(folder):
     """config.json of an exported folder, checked for the format; MissingFileError / CheckpointError otherwise."""
     folder = str(folder)
-    if not os.path.isdir(folder):
-        raise MissingFileError(f"exported model folder '{folder}' not found; {_AGAIN}")
     missing = [f for f in REQUIRED_FILES if not os.path.isfile(os.path.join(folder, f))]
     if missing:
-        raise MissingFileError(f"'{folder}' is not a complete exported model: {' and '.join(missing)} missing; "
-                               f"copy the whole folder, or {_AGAIN}")
+        what = (f"is not a complete exported model: {' and '.join(missing)} missing; copy the whole folder, or"
+                if os.path.isdir(folder) else "not found;")
+        raise MissingFileError(f"exported model folder '{folder}' {what} {_AGAIN}")
     file = os.path.join(folder, CONFIG_FILE)
     try:
         with open(file) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"'{file}' is not readable JSON ({e}); {_AGAIN}") from e
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"'{file}' is not the config of an exported U-ViT (no \"format\": \"{FORMAT}\"); "
-                              f"{_AGAIN}")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise CheckpointError(f"'{file}' has format_version {version!r}; this code reads up to {FORMAT_VERSION}: "
-                              f"update the code or {_AGAIN}")
+        meta = e
+    # Each thing a reader needs, named at once when wrong: the format, its version, the network and the time kind.
     problems = []
-    if not isinstance(meta.get("nnet"), dict) or "name" not in meta["nnet"]:
-        problems.append("no \"nnet\" entry with the network's name and kwargs")
-    if meta.get("diffusion") not in DIFFUSIONS:
-        problems.append(f"\"diffusion\" is {meta.get('diffusion')!r}, not one of {DIFFUSIONS}")
+    if isinstance(meta, Exception):
+        problems.append(f"not readable JSON ({meta})")
+    elif not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        problems.append(f"not the config of an exported U-ViT (no \"format\": \"{FORMAT}\")")
+    else:
+        version = meta.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            problems.append(f"format_version {version!r}: this code reads up to {FORMAT_VERSION} (update the code)")
+        if not isinstance(meta.get("nnet"), dict) or "name" not in meta["nnet"]:
+            problems.append("no \"nnet\" entry with the network's name and kwargs")
+        if meta.get("diffusion") not in DIFFUSIONS:
+            problems.append(f"\"diffusion\" is {meta.get('diffusion')!r}, not one of {DIFFUSIONS}")
     if problems:
-        raise CheckpointError(f"'{file}' is incomplete: {'; '.join(problems)}; {_AGAIN}")
+        raise CheckpointError(f"'{file}': {'; '.join(problems)}; {_AGAIN}")
     return meta
 
 
@@ -144,25 +143,22 @@ def load_weights(path_or_dir, what="--nnet_path"):
     a .pth state dict, a `ckpts/<step>.ckpt` directory (its nnet_ema.pth) or an exported folder. `what`: the
     flag or key the path came from, for the messages."""
     path = str(path_or_dir)
-    if not os.path.exists(path):
+    if os.path.isdir(path) and is_export(path):
+        return _load_export(path)
+    file = os.path.join(path, "nnet_ema.pth") if os.path.isdir(path) else path
+    if not os.path.exists(file):
         raise MissingFileError(
-            f"{what} '{path}' not found. Give a .pth state dict (e.g. a released U-ViT checkpoint), "
+            f"{what} '{path}' {'is a directory without nnet_ema.pth' if os.path.isdir(path) else 'not found'}. "
+            f"Give a .pth state dict (e.g. a released U-ViT checkpoint), "
             f"a training checkpoint directory workdir/<config>/<hparams>/ckpts/<step>.ckpt or an exported folder.")
-    if os.path.isdir(path):
-        if is_export(path):
-            return _load_export(path)
-        path = os.path.join(path, "nnet_ema.pth")
-        if not os.path.exists(path):
-            raise MissingFileError(f"'{path_or_dir}' is a directory without nnet_ema.pth; give a ckpts/<step>.ckpt "
-                                   f"directory, an exported folder or a .pth file.")
     try:
-        state = read_state_file(path)
+        state = read_state_file(file)
     except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and containers
-        raise CheckpointError(f"'{path}' is not a plain state dict of tensors ({str(e).splitlines()[0]}); "
-                              f"--nnet_path takes a network state dict such as nnet_ema.pth.") from e
+        state = e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CheckpointError(f"'{path}' holds a {type(state).__name__}, not a network state dict (name -> tensor); "
-                              f"--nnet_path takes nnet_ema.pth or a ckpts/<step>.ckpt directory.")
+        what = (f"is not a plain state dict of tensors ({str(state).splitlines()[0]})" if isinstance(state, Exception)
+                else f"holds a {type(state).__name__}, not a network state dict (name -> tensor)")
+        raise CheckpointError(f"'{file}' {what}; --nnet_path takes nnet_ema.pth or a ckpts/<step>.ckpt directory.")
     return state, None
 
 
@@ -328,11 +324,8 @@ class PushError(UViTError, OSError):
 
 
 def _as_config(config):
-    if isinstance(config, ml_collections.ConfigDict):
-        return config
-    if isinstance(config, dict):
-        return ml_collections.ConfigDict(config)
-    raise ConfigError(f"export needs the training config (a ConfigDict or dict), got {type(config).__name__}")
+    """A ConfigDict of the training config (a ConfigDict or dict)."""
+    return config if isinstance(config, ml_collections.ConfigDict) else ml_collections.ConfigDict(config)
 
 
 def _jsonable(value):

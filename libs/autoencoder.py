@@ -26,6 +26,8 @@ import zipfile
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from libs import diffusers_autoencoder
 from libs.errors import CheckpointError, ConfigError, InputError, MissingFileError, require_path
@@ -225,8 +227,7 @@ class FrozenAutoencoderKL(nn.Module):
     def __init__(self, ddconfig, embed_dim, pretrained_path=None, scale_factor=SD_LATENT_SCALE):
         super().__init__()
         ddconfig = dict(ddconfig)
-        if not ddconfig.get("double_z", True):
-            raise ConfigError("FrozenAutoencoderKL needs ddconfig['double_z'] = True (the encoder must output mean and logvar).")
+        assert ddconfig.get("double_z", True), "the encoder must output mean and logvar (get_model checks the files)"
         self.ddconfig = ddconfig
         self.embed_dim = int(embed_dim)
         self.scale_factor = float(scale_factor)
@@ -301,15 +302,13 @@ class FrozenAutoencoderKL(nn.Module):
 
 
 def _check_image(x, channels, factor):
-    if not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != channels:
-        shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
-        raise InputError(f"images must be a (B, {channels}, H, W) tensor in [-1, 1]; got {shape}.")
-    if x.shape[2] % factor or x.shape[3] % factor:
-        raise InputError(f"image height and width must be multiples of {factor}; got {tuple(x.shape[2:])}. Crop or resize first.")
-    # Checked on the CPU only: on a GPU it would cost a host sync per batch in the training loop.
+    shape = tuple(x.shape) if torch.is_tensor(x) else type(x).__name__
+    # NaN/inf checked on the CPU only: on a GPU it would cost a host sync per batch in the training loop.
     # NaN moments are still caught before anything is written (libs/shards.ShardWriter.write).
-    if x.device.type == "cpu" and not torch.isfinite(x).all():
-        raise InputError("images contain NaN or infinite values; check the data loader.")
+    if (not torch.is_tensor(x) or x.dim() != 4 or x.shape[1] != channels or x.shape[2] % factor or x.shape[3] % factor
+            or (x.device.type == "cpu" and not torch.isfinite(x).all())):
+        raise InputError(f"images must be a (B, {channels}, H, W) tensor in [-1, 1] without NaN or inf values, "
+                         f"height and width multiples of {factor} (crop or resize first); got {shape}.")
 
 
 def autoencoder_of(config, path=None, image_shape=None):
@@ -369,10 +368,11 @@ def get_model(pretrained_path=DEFAULT_PATH, scale_factor=SD_LATENT_SCALE, latent
     ddconfig, embed_dim = SD_KL_F8_DDCONFIG, SD_EMBED_DIM
     raw = _read_raw(path)
     if isinstance(raw, dict) and "ddconfig" in raw:
-        try:
-            ddconfig, embed_dim = dict(raw["ddconfig"]), int(raw["embed_dim"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"'{path}' has a 'ddconfig' entry but no valid 'embed_dim': {e}") from e
+        ddconfig, embed_dim = raw["ddconfig"], raw.get("embed_dim")
+        if not isinstance(ddconfig, dict) or not ddconfig.get("double_z", True) or not isinstance(embed_dim, int):
+            raise CheckpointError(f"'{path}' has a 'ddconfig' entry but is not a KL autoencoder's self-describing file: "
+                                  "it needs a dict 'ddconfig' with double_z = True (mean and logvar) and an integer "
+                                  "'embed_dim'")
     else:
         config_json = _diffusers_config_path(path)
         if config_json is not None:
@@ -424,26 +424,15 @@ def ddconfig_from_diffusers_config(config_json):
     return ddconfig, ddconfig["z_channels"]
 
 
-def _torch_load(path):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise CheckpointError(f"cannot read autoencoder checkpoint '{path}' (truncated or corrupt?): {e}. "
-                              f"Download it again. {_WHERE_TO_GET_IT}") from e
-
-
 def _read_raw(path):
     """The object stored at `path`: a torch-loaded object or a safetensors state dict."""
     st = _safetensors_file(path)
-    if st is None:
-        return _torch_load(path)
-    from safetensors import SafetensorError  # heavy: only diffusers-format files need it
-    from safetensors.torch import load_file  # heavy
-
     try:
-        return load_file(st)
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"cannot read safetensors file '{st}' (truncated or corrupt?): {e}") from e
+        return torch.load(path, map_location="cpu", weights_only=True) if st is None else load_file(st)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError,
+            SafetensorError) as e:
+        raise CheckpointError(f"cannot read autoencoder checkpoint '{st or path}' (truncated or corrupt?): {e}. "
+                              f"Download it again. {_WHERE_TO_GET_IT}") from e
 
 
 def read_state_dict(path, num_resolutions=len(SD_KL_F8_DDCONFIG["ch_mult"])):
@@ -480,19 +469,15 @@ def load_strict(model, state_dict, source="state dict", assign=False):
     unexpected = [k for k in state_dict if k not in own]
     wrong = [f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or wrong:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[:3]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
-        if wrong:
-            parts.append(f"{len(wrong)} with another shape (e.g. {wrong[:3]})")
-        raise CheckpointError(f"autoencoder checkpoint {source} does not match the model ({model.ddconfig}): "
-                              + "; ".join(parts) + ". Is it a KL-f8 autoencoder with this configuration?")
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not _all_finite(v)]
-    if bad:
-        raise CheckpointError(f"autoencoder checkpoint {source} holds NaN/inf in {bad[:3]}; it is corrupt, download it again.")
+    nonfinite = [k for k, v in state_dict.items() if v.is_floating_point() and not _all_finite(v)]
+    parts = [f"{len(keys)} {what} (e.g. {keys[:3]})" for keys, what in (
+        (missing, "missing"), (unexpected, "unexpected"), (wrong, "with another shape"), (nonfinite, "holding NaN/inf"))
+        if keys]
+    if parts:
+        fix = ("it is corrupt: download it again" if len(parts) == 1 and nonfinite else
+               "is it a KL-f8 autoencoder with this configuration?")
+        raise CheckpointError(f"autoencoder checkpoint {source} does not fit the model ({model.ddconfig}): "
+                              + "; ".join(parts) + f"; {fix}")
     model.load_state_dict(state_dict, strict=True, assign=assign)
 
 

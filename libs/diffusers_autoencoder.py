@@ -191,9 +191,7 @@ def load(folder, name, latent_scaling="model", scale_factor=None, stats=None):
     """The DiffusersAutoencoder of a diffusers folder. latent_scaling: 'model' | 'data' | 'fixed' (module docstring);
     stats: the LatentStats of 'data'; scale_factor: the number of 'fixed'. `name`: the config's name, for messages."""
     c = read_config(folder)
-    if c is None:
-        raise MissingFileError(f"'{folder}' has no config.json: config.autoencoder.pretrained_path must name a "
-                               "diffusers autoencoder folder (config.json + diffusion_pytorch_model.safetensors)")
+    assert c is not None, f"'{folder}' has no config.json (libs.autoencoder.get_model reads it first)"
     kind = c.get("_class_name")
     if kind not in SUPPORTED:
         raise ConfigError(f"'{name}' is a diffusers {kind!r}; supported autoencoders: {', '.join(SUPPORTED)}")

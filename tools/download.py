@@ -153,11 +153,12 @@ def drive_errors(subject, how):
     """Turn a network failure or a refusal by Google Drive into a one-line MissingFileError."""
     try:
         yield
-    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as e:
-        raise MissingFileError(f"cannot reach Google Drive ({type(e).__name__}) for {subject}: {how}") from e
-    except (gdown.exceptions.DownloadError, requests.exceptions.HTTPError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise MissingFileError(f"Google Drive refused {subject} ({reason}): {how}") from e
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, gdown.exceptions.DownloadError,
+            requests.exceptions.HTTPError) as e:
+        offline = isinstance(e, (requests.exceptions.ConnectionError, requests.exceptions.Timeout))
+        reason = str(e).strip().splitlines()[0] if str(e).strip() and not offline else type(e).__name__
+        raise MissingFileError((f"cannot reach Google Drive ({reason}) for {subject}" if offline else
+                                f"Google Drive refused {subject} ({reason})") + f": {how}") from e
 
 
 def folder_ids(folder_id=FOLDER_ID):
@@ -208,15 +209,19 @@ def fetch(file, drive_id, root=ROOT, fetcher=drive_fetch, hub=None):
         return target
     os.makedirs(os.path.dirname(target), exist_ok=True)
     partial = target + ".unverified"  # same folder, so the final rename is atomic
-    try:
-        if drive_id is None:
-            raise MissingFileError(f"{file.name} is not in the release's Google Drive listing: {by_hand(file)}")
-        with drive_errors(file.name, by_hand(file)):
-            _place(file, partial, lambda out: fetcher(drive_id, out))
-    except (MissingFileError, CheckpointError) as e:
+    error = None
+    if drive_id is None:
+        error = MissingFileError(f"{file.name} is not in the release's Google Drive listing: {by_hand(file)}")
+    else:
+        try:
+            with drive_errors(file.name, by_hand(file)):
+                _place(file, partial, lambda out: fetcher(drive_id, out))
+        except (MissingFileError, CheckpointError) as e:
+            error = e
+    if error is not None:
         if hub is None:
-            raise
-        logger.warning("%s; trying the Hub mirror %s", str(e).split(":")[0], hub.repo)
+            raise error
+        logger.warning("%s; trying the Hub mirror %s", str(error).split(":")[0], hub.repo)
         _place(file, partial, lambda out: hub_fetch(hub, file, out))
     os.replace(partial, target)
     logger.info("%s: %s (%d bytes, sha256 %s)", file.name, file.target, os.path.getsize(target), sha256_of(target))
@@ -225,9 +230,7 @@ def fetch(file, drive_id, root=ROOT, fetcher=drive_fetch, hub=None):
 
 def selected(names, everything):
     """The ReleaseFiles named on the command line (or all of them), validated before any download."""
-    if everything == bool(names):
-        raise ConfigError("name the files to fetch, or give --all (and no names); --help lists the names")
-    problems = []
+    problems = ["name the files to fetch, or give --all (and no names)"] if everything == bool(names) else []
     for n in names:
         if n not in BY_NAME:
             close = difflib.get_close_matches(n, BY_NAME, n=1, cutoff=0.5)
@@ -291,13 +294,12 @@ def define_flags(fv):
 
 def hub_of(repo, revision):
     """The Hub mirror the flags name, or None; the revision must be a full commit hash."""
-    if repo is None:
-        if revision is not None:
-            raise ConfigError("--hub_revision needs --hub_repo=<user or org>/<name>")
+    if repo is None and revision is None:
         return None
-    if revision is None or not _COMMIT.match(revision):
-        raise ConfigError(f"--hub_revision={revision} must be the mirror's full commit hash (40 hex digits, from "
-                          f"the repository's history on huggingface.co), so a moved branch cannot change the files")
+    if repo is None or revision is None or not _COMMIT.match(revision):
+        raise ConfigError(f"--hub_repo=<user or org>/<name> (got {repo}) needs --hub_revision, the mirror's full commit "
+                          f"hash (40 hex digits, from the repository's history on huggingface.co; got {revision}), so "
+                          "a moved branch cannot change the files")
     return Hub(repo, revision)
 
 

@@ -31,8 +31,7 @@ def quantize_like_png(x):
     """x: (B, 3, H, W) float in [0, 1] -> float32 equal to a save_image PNG read back by ToTensor: save_image stores
     uint8(clamp(255 x + 0.5, 0, 255)) (round half up, in float32), ToTensor divides by 255; so in-process FID equals
     FID on the PNGs."""
-    if not torch.is_tensor(x) or x.ndim != 4:
-        raise InputError(f"expected images as a (B, 3, H, W) tensor, got {type(x).__name__} of shape {tuple(getattr(x, 'shape', ()))}")
+    assert x.ndim == 4, x.shape  # the evaluation's and the tools' own image batches
     x = x.float()
     if not torch.isfinite(x).all():
         bad = (~torch.isfinite(x)).flatten(1).any(1).nonzero().flatten().tolist()
@@ -133,12 +132,13 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, device=None):
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
-    if mu1.shape != (d,) or mu2.shape != (d,) or s1.shape != (d, d) or s2.shape != (d, d):
-        raise InputError(f"mismatched FID statistics: mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape}; "
-                         f"both sides must come from the same Inception layer (2048-d pool3)")
-    for name, a in (("mu1", mu1), ("sigma1", s1), ("mu2", mu2), ("sigma2", s2)):
-        if not np.isfinite(a).all():
-            raise InputError(f"FID statistics {name} contain NaN or inf")
+    problems = [f"mismatched shapes mu {mu1.shape} vs {mu2.shape}, sigma {s1.shape} vs {s2.shape} (both sides must "
+                "come from the same Inception layer, 2048-d pool3)"] if (mu1.shape, mu2.shape, s1.shape, s2.shape) != (
+        (d,), (d,), (d, d), (d, d)) else []
+    problems += [f"{name} contains NaN or inf" for name, a in (("mu1", mu1), ("sigma1", s1), ("mu2", mu2),
+                                                                ("sigma2", s2)) if not np.isfinite(a).all()]
+    if problems:
+        raise InputError(f"FID statistics: {'; '.join(problems)}")
     a, b = (torch.from_numpy(m).to(device or "cpu") for m in (s1, s2))
     a, b = (a + a.T) / 2, (b + b.T) / 2
     for other, factored in ((a, b), (b, a)):
@@ -175,13 +175,14 @@ def load_statistics(path):
     try:
         with np.load(path) as f:
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)
-    except Exception as e:
-        raise ConfigError(f"cannot read FID statistics '{path}' ({type(e).__name__}: {e}); it must be an .npz with "
-                         f"arrays 'mu' (2048,) and 'sigma' (2048, 2048). Recompute it with tools/compute_fid_stats.py") from e
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ConfigError(f"FID statistics '{path}' have mu {mu.shape} and sigma {sigma.shape}; expected (D,) and (D, D)")
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ConfigError(f"FID statistics '{path}' contain NaN or inf; recompute them with tools/compute_fid_stats.py")
+        problem = (f"mu {mu.shape} and sigma {sigma.shape}, expected (D,) and (D, D)"
+                   if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]) else
+                   None if np.isfinite(mu).all() and np.isfinite(sigma).all() else "NaN or inf")
+    except Exception as e:  # a truncated or foreign file fails in many ways inside numpy
+        problem = f"cannot read it ({type(e).__name__}: {e})"
+    if problem:
+        raise ConfigError(f"FID statistics '{path}': {problem}; it must be an .npz with finite arrays 'mu' (2048,) and "
+                          "'sigma' (2048, 2048). Recompute it with tools/compute_fid_stats.py")
     return mu, sigma
 
 
@@ -210,13 +211,17 @@ class ImageFolder(torch.utils.data.Dataset):
     """The images of one folder (not recursive), sorted by name, as float (3, H, W) in [0, 1], read like
     pytorch-fid: PIL -> RGB -> ToTensor."""
 
+    where = ""  # where the images are looked for, below the folder (for the message)
+
     def __init__(self, path):
-        if not os.path.isdir(path):
-            raise MissingFileError(f"image folder '{path}' does not exist")
-        self.files = sorted(os.path.join(path, f) for f in os.listdir(path)
-                            if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
+        self.files = self.list_files(path) if os.path.isdir(path) else None
         if not self.files:
-            raise MissingFileError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder '{path}'")
+            raise MissingFileError(f"image folder '{path}' does not exist" if self.files is None else
+                                   f"no images in folder '{path}'{self.where}")
+
+    @staticmethod
+    def list_files(path):
+        return sorted(os.path.join(path, f) for f in os.listdir(path) if f.rsplit(".", 1)[-1].lower() in IMAGE_EXTENSIONS)
 
     def __len__(self):
         return len(self.files)

@@ -23,8 +23,8 @@ from accelerate import Accelerator
 from libs import fid
 from libs.config_utils import define_config_flag
 from libs.datasets import dataset_kwargs, get_dataset
-from libs.datasets.base import IMAGE_EXTENSIONS, list_images
-from libs.errors import ConfigError, MissingFileError, UViTError
+from libs.datasets.base import list_images
+from libs.errors import ConfigError, UViTError
 from libs.logging_utils import setup_logging
 from libs.metrics.suite import (MetricOptions, dataset_batches, load_networks, parse_names, reference_arrays,
                                 reference_file_arrays)
@@ -54,12 +54,11 @@ class NestedImageFolder(fid.ImageFolder):
     """fid.ImageFolder over a folder and its subfolders: an `image_folder` dataset with one subfolder per class
     (hidden files and folders skipped, as the dataset does), read as fid.ImageFolder reads its images."""
 
-    def __init__(self, path):
-        if not os.path.isdir(path):
-            raise MissingFileError(f"image folder '{path}' does not exist")
-        self.files = list_images(path, recursive=True)
-        if not self.files:
-            raise MissingFileError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder '{path}' or its subfolders")
+    where = " or its subfolders"
+
+    @staticmethod
+    def list_files(path):
+        return list_images(path, recursive=True)
 
 
 def dataset_images(config):

@@ -50,24 +50,23 @@ def get_dataset(name, **kwargs):
     """
     cls = get_dataset_class(name)
     implied = _IMPLIED_KWARGS.get(name, {})
-    for key, value in implied.items():
-        if key in kwargs and kwargs[key] != value:
-            raise ConfigError(f"dataset {name!r} implies {key}={value!r}, but config.dataset.{key}={kwargs[key]!r}; "
-                              f"remove it or pick the dataset name that matches.")
+    problems = [f"implies {key}={value!r}, but config.dataset.{key}={kwargs[key]!r} (remove it or pick the dataset "
+                "name that matches)" for key, value in implied.items() if key in kwargs and kwargs[key] != value]
     kwargs = {**implied, **kwargs}
     params = inspect.signature(cls.__init__).parameters
     takes_var_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     accepted = [p for p in params if p != 'self' and params[p].kind is not inspect.Parameter.VAR_KEYWORD]
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown and not takes_var_kwargs:
-        raise ConfigError(f"dataset {name!r} does not take {', '.join(map(repr, unknown))}; "
-                          f"it accepts: {', '.join(accepted) or 'no arguments'}."
-                          + (" The FID statistics are config.fid.stat." if 'fid_stat' in unknown else ""))
+        problems.append(f"does not take {', '.join(map(repr, unknown))}; it accepts: "
+                        f"{', '.join(accepted) or 'no arguments'}"
+                        + (" (the FID statistics are config.fid.stat)" if 'fid_stat' in unknown else ""))
     missing = [p for p in accepted if params[p].default is inspect.Parameter.empty
                and params[p].kind is not inspect.Parameter.VAR_POSITIONAL and p not in kwargs]
     if missing:
-        raise ConfigError(f"dataset {name!r} needs {', '.join(map(repr, missing))} "
-                          f"(set config.dataset.{missing[0]}).")
+        problems.append(f"needs {', '.join(map(repr, missing))} (set config.dataset.{missing[0]})")
+    if problems:
+        raise ConfigError(f"dataset {name!r} {'; '.join(problems)}.")
     return cls(**kwargs)
 
 

@@ -215,15 +215,13 @@ def resolve_kind(kind, resolution, name):
     models) and return (kind, data_shape)."""
     if kind is None:
         kind = 'images_for_autoencoder' if resolution >= 256 else 'pixels'
-    if kind == 'pixels':
-        return kind, (3, resolution, resolution)
-    if kind == 'images_for_autoencoder':
-        if resolution % LATENT_DOWNSAMPLE:
-            raise ConfigError(f"{name}: resolution {resolution} must be a multiple of {LATENT_DOWNSAMPLE} "
-                              "to be encoded by the KL-f8 autoencoder.")
-        r = resolution // LATENT_DOWNSAMPLE
-        return kind, (LATENT_CHANNELS, r, r)
-    raise ConfigError(f"{name}: kind must be 'pixels' or 'images_for_autoencoder', got {kind!r}.")
+    r = resolution // LATENT_DOWNSAMPLE
+    shapes = {'pixels': (3, resolution, resolution), 'images_for_autoencoder': (LATENT_CHANNELS, r, r)}
+    if kind not in shapes or (kind == 'images_for_autoencoder' and resolution % LATENT_DOWNSAMPLE):
+        raise ConfigError(f"{name}: kind must be 'pixels' or 'images_for_autoencoder', the latter with a resolution "
+                          f"that is a multiple of {LATENT_DOWNSAMPLE} (the KL-f8 autoencoder's downsampling); got "
+                          f"kind {kind!r}, resolution {resolution}.")
+    return kind, shapes[kind]
 
 
 def check_resolution(resolution, name):
@@ -234,10 +232,8 @@ def check_resolution(resolution, name):
 
 def check_dataset_path(path, name, how):
     """`path` as a str; ConfigError when config.dataset.path is unset, MissingFileError when absent."""
-    if path is None or (isinstance(path, str) and not path.strip()):
-        raise ConfigError(f"{name}: config.dataset.path is not set. {how}")
-    if not isinstance(path, (str, os.PathLike)):
-        raise ConfigError(f"{name}: config.dataset.path must be a folder path, got {path!r}.")
+    if not isinstance(path, (str, os.PathLike)) or not str(os.fspath(path)).strip():
+        raise ConfigError(f"{name}: config.dataset.path is not set to a folder path (got {path!r}). {how}")
     path = os.fspath(path)
     if not os.path.exists(path):
         raise MissingFileError(f"{name}: dataset folder '{path}' does not exist. {how}")

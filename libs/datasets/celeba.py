@@ -97,8 +97,6 @@ class CelebA(DatasetBase):
             raise ConfigError(f"celeba: split must be one of {sorted(SPLITS)}, got {split!r}.")
         root = find_celeba_root(check_dataset_path(path, 'celeba', HOW_TO_PREPARE))
         files = list_images(os.path.join(root, IMAGES_DIR), recursive=False)
-        if not files:
-            raise MissingFileError(f"no images in '{os.path.join(root, IMAGES_DIR)}'. {HOW_TO_PREPARE}")
         if SPLITS[split] is not None:
             partition = read_partition(root)
             if partition is None:
@@ -106,9 +104,9 @@ class CelebA(DatasetBase):
                     f"CelebA split list ({' or '.join(PARTITION_FILES)}) not found in '{root}', needed for "
                     f"split={split!r}. Put it there, or set config.dataset.split='all' to use every image.")
             files = [f for f in files if partition.get(os.path.basename(f)) == SPLITS[split]]
-            if not files:
-                raise MissingFileError(f"no images of split {split!r} in '{os.path.join(root, IMAGES_DIR)}' "
-                                       f"according to the split list. {HOW_TO_PREPARE}")
+        if not files:
+            of_split = "" if SPLITS[split] is None else f" of split {split!r} (by the split list)"
+            raise MissingFileError(f"no images{of_split} in '{os.path.join(root, IMAGES_DIR)}'. {HOW_TO_PREPARE}")
         logger.info("CelebA: %d images (split %s) from %s", len(files), split, root)
         super().__init__(train=ImageFileDataset(files, labels=None, transform=CelebAFaceCrop(resolution),
                                                 random_flip=random_flip),

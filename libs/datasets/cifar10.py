@@ -62,15 +62,15 @@ def read_batch(file):
         labels = batch.get(b'labels', batch.get('labels'))
         data = np.asarray(data, dtype=np.uint8)
         labels = np.asarray(labels, dtype=np.int64)
+        n = len(labels)
+        problem = (f"expected data of shape ({n}, 3072), got {data.shape}" if data.shape != (n, 3 * CIFAR10_SIZE ** 2)
+                   else "labels outside 0..9" if n and (labels.min() < 0 or labels.max() >= CIFAR10_NUM_CLASSES)
+                   else None)
     except Exception as e:  # a truncated or foreign file can fail in many ways inside pickle
-        raise DataError(f"CIFAR10 batch '{file}' is corrupt or not a CIFAR10 python batch ({type(e).__name__}: {e}). "
-                         f"Re-download it. {HOW_TO_PREPARE}") from e
-    n = len(labels)
-    if data.ndim != 2 or data.shape != (n, 3 * CIFAR10_SIZE * CIFAR10_SIZE):
-        raise DataError(f"CIFAR10 batch '{file}': expected data of shape ({n}, 3072), got {data.shape}. "
-                         f"Re-download it. {HOW_TO_PREPARE}")
-    if n and (labels.min() < 0 or labels.max() >= CIFAR10_NUM_CLASSES):
-        raise DataError(f"CIFAR10 batch '{file}': labels outside 0..9. Re-download it.")
+        problem = f"{type(e).__name__}: {e}"
+    if problem:
+        raise DataError(f"CIFAR10 batch '{file}' is corrupt or not a CIFAR10 python batch ({problem}). "
+                        f"Re-download it. {HOW_TO_PREPARE}")
     return torch.from_numpy(data.reshape(n, 3, CIFAR10_SIZE, CIFAR10_SIZE)), torch.from_numpy(labels)
 
 

@@ -36,11 +36,9 @@ class Digits(DatasetBase):
 
     def __init__(self, resolution=DIGITS_SIZE, interpolation='nearest'):
         if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < DIGITS_SIZE \
-                or resolution % DIGITS_SIZE:
-            raise ConfigError(f"digits: resolution must be a multiple of {DIGITS_SIZE} (8, 16, 32, ...), "
-                              f"got {resolution!r}.")
-        if interpolation not in INTERPOLATIONS:
-            raise ConfigError(f"digits: interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}.")
+                or resolution % DIGITS_SIZE or interpolation not in INTERPOLATIONS:
+            raise ConfigError(f"digits: resolution must be a multiple of {DIGITS_SIZE} (8, 16, 32, ...) and "
+                              f"interpolation one of {INTERPOLATIONS}; got {resolution!r} and {interpolation!r}.")
         images, labels = load_digits_arrays()
         x = torch.as_tensor(images, dtype=torch.float32).unsqueeze(1)  # (N, 1, 8, 8) in 0..16
         x = x / (DIGITS_MAX_VALUE / 2) - 1.0

@@ -167,21 +167,23 @@ class ImageNetFeatures(DatasetBase):
                f"--imagenet_train <ImageNet train folder> --output {path}` (accelerate launch for several GPUs)")
         reader = open_features(path, how)
         info = getattr(reader, "manifest", {}).get("info", {})
+        folder = f"point config.dataset.path at the imagenet{resolution}_features folder"
+        problems = []
         if info.get("latent_shape"):  # any autoencoder: the extraction recorded its resolution
             if info.get("resolution") != resolution:
-                raise ConfigError(f"features in '{path}' were extracted at resolution {info.get('resolution')}, not "
-                                  f"{resolution}; point config.dataset.path at the imagenet{resolution} features.")
+                problems.append(f"were extracted at resolution {info.get('resolution')}, not {resolution} ({folder})")
         elif tuple(reader.moments_shape) != (8, resolution // 8, resolution // 8):
-            raise ConfigError(f"features in '{path}' have moments of shape {tuple(reader.moments_shape)}, but "
-                              f"resolution {resolution} needs {(8, resolution // 8, resolution // 8)}; point "
-                              f"config.dataset.path at the imagenet{resolution}_features folder.")
+            problems.append(f"have moments of shape {tuple(reader.moments_shape)}, but resolution {resolution} needs "
+                            f"{(8, resolution // 8, resolution // 8)} ({folder})")
         if not reader.has_labels:
-            raise CheckpointError(f"features in '{path}' carry no class labels; they are not ImageNet features.")
-        if reader.layout == "packed":  # cheap here; 2.5M pickled files would take minutes, so not checked
+            problems.append("carry no class labels: they are not ImageNet features")
+        elif reader.layout == "packed":  # cheap here; 2.5M pickled files would take minutes, so not checked
             top = int(reader.labels().max())
             if top >= num_classes:
-                raise ConfigError(f"features in '{path}' have label {top} but num_classes={num_classes}; set "
-                                  f"--config.dataset.num_classes={top + 1}.")
+                problems.append(f"have label {top} but num_classes={num_classes} (set "
+                                f"--config.dataset.num_classes={top + 1})")
+        if problems:
+            raise ConfigError(f"features in '{path}' {'; '.join(problems)}.")
         super().__init__(LabelledMoments(reader), _latent_shape(reader), kind=LATENT_KIND,
                          num_classes=num_classes)
         self.resolution = resolution
@@ -225,12 +227,9 @@ class MSCOCOFeatures(DatasetBase):
 def caption_contexts(path):
     """(FIDContexts of <path>/val, the empty prompt's context (77, D) float32 or None): what text-to-image
     evaluation samples with. Opens neither the training features nor anything else."""
-    val_dir = os.path.join(path, "val")
-    if not os.path.isdir(val_dir):
-        raise MissingFileError(f"MS-COCO val2014 caption features '{val_dir}' not found: text-to-image evaluation "
-                               f"samples with them. Extract them with `python scripts/extract_mscoco_feature.py "
-                               f"--split val --output {path}` (or download them into that folder).")
-    return FIDContexts(open_features(val_dir)), _load_empty_context(path)
+    how = (f"text-to-image evaluation samples with the MS-COCO val2014 caption features: extract them with `python "
+           f"scripts/extract_mscoco_feature.py --split val --output {path}` (or download them into that folder)")
+    return FIDContexts(open_features(os.path.join(path, "val"), how)), _load_empty_context(path)
 
 
 def _load_empty_context(path):

@@ -63,12 +63,10 @@ class ImageNet(DatasetBase):
         kind, data_shape = resolve_kind(kind, resolution, 'imagenet')
         path = check_dataset_path(path, 'imagenet', HOW_TO_PREPARE)
         train_dir = os.path.join(path, 'train')
-        if not os.path.isdir(train_dir):
-            if os.path.basename(os.path.normpath(path)) != 'train':
-                raise MissingFileError(f"imagenet: no train/ folder in '{path}'. {HOW_TO_PREPARE}")
+        if not os.path.isdir(train_dir) and os.path.basename(os.path.normpath(path)) == 'train':
             train_dir = path
         logger.info("imagenet: listing the images under %s", train_dir)
-        files = list_images(train_dir, recursive=True)
+        files = list_images(train_dir, recursive=True) if os.path.isdir(train_dir) else []
         if not files:
             raise MissingFileError(f"imagenet: no images under '{train_dir}'. {HOW_TO_PREPARE}")
         synsets = [synset_of(f) for f in files]

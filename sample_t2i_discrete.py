@@ -20,7 +20,7 @@ import torch
 from absl import flags
 
 from libs.clip import CLIP_VERSION, FrozenCLIPEmbedder
-from libs.errors import ConfigError, DataError, MissingFileError, exit_on_user_error
+from libs.errors import ConfigError, DataError, exit_on_user_error, require_path
 from libs.evaluation import load_models
 from libs.family import describe_guidance
 from libs.sampling import Sampler
@@ -32,17 +32,15 @@ logger = logging.getLogger("sample_t2i_discrete")
 
 def read_prompts(path):
     """Non-empty lines of a UTF-8 text file."""
-    if not os.path.isfile(path):
-        raise MissingFileError(f"prompts file '{path}' not found (one prompt per line).")
-    with open(path, encoding="utf-8") as f:
+    with open(require_path(path, "prompts file", "Give a UTF-8 text file with one prompt per line."),
+              encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
 
 
 def load_empty_context(path, shape):
     """(77, D) float32 tensor from an .npy file; DataError when it does not fit the network."""
-    if not os.path.isfile(path):
-        raise MissingFileError(f"--empty_context '{path}' not found; make it with scripts/extract_empty_feature.py "
-                               "or leave the flag out to encode \"\" with CLIP.")
+    require_path(path, "--empty_context", "Make it with scripts/extract_empty_feature.py or leave the flag out to "
+                 "encode \"\" with CLIP.")
     c = torch.from_numpy(np.asarray(np.load(path), dtype=np.float32))
     if tuple(c.shape) != tuple(shape):
         raise DataError(f"--empty_context '{path}' has shape {tuple(c.shape)}, the network takes {tuple(shape)}.")

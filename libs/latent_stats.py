@@ -17,7 +17,7 @@ import os
 
 import torch
 
-from libs.errors import CheckpointError, MissingFileError
+from libs.errors import CheckpointError, require_path
 from libs.shards import shard_name
 from libs.io_utils import atomic_write_bytes
 
@@ -63,19 +63,19 @@ class LatentStats:
     @classmethod
     def load(cls, path):
         """From a latent_stats.json; MissingFileError / CheckpointError in one line."""
-        if not os.path.isfile(path):
-            raise MissingFileError(f"latent statistics '{path}' not found: the extraction writes {FILE} beside the "
-                                   "features (scripts/extract_imagenet_feature.py); point config.autoencoder.latent_stats "
-                                   "at it")
+        require_path(path, "latent statistics", f"The extraction writes {FILE} beside the features "
+                     "(scripts/extract_imagenet_feature.py); point config.autoencoder.latent_stats at it")
         try:
             with open(path) as f:
                 r = json.load(f)
             mean, std = (torch.tensor(r[k], dtype=torch.float64) for k in ("mean", "std"))
             count = int(r["count"])
+            problem = (None if mean.shape == std.shape and mean.ndim == 1 and bool((std > 0).all()) else
+                       "mean and std must be lists of one length, std positive")
         except (OSError, ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"cannot read latent statistics '{path}': {e}; extract them again") from e
-        if mean.shape != std.shape or mean.ndim != 1 or not bool((std > 0).all()):
-            raise CheckpointError(f"latent statistics '{path}' need equal-length mean and positive std lists")
+            problem = str(e)
+        if problem:
+            raise CheckpointError(f"cannot read latent statistics '{path}': {problem}; extract them again")
         return cls(mean, std, count)
 
 

@@ -87,15 +87,16 @@ def sampling_settings(fv, config):
     """(algorithm, steps, scale, seed) from the flags, defaulting to config.sample and config.seed."""
     s = config.sample
     scale = fv.scale if fv.scale is not None else guidance_scale(config)
-    if not math.isfinite(scale) or scale < 0:
-        raise ConfigError(f"--scale must be a finite number >= 0, got {scale}")
     steps = fv.steps if fv.steps is not None else int(s.sample_steps)
-    if steps < 1:
-        raise ConfigError(f"--steps must be >= 1, got {steps}")
     algorithm = fv.algorithm or s.algorithm
-    problem = algorithm_problem(algorithm, Objective.of(config).path, config.diffusion)  # before any loading
-    if problem:
-        raise ConfigError(f"--algorithm: {problem}")
+    # The flags, or the config's values they default to (these scripts do not run parse_and_validate): all
+    # problems in one line, before any loading.
+    problems = [] if math.isfinite(scale) and scale >= 0 else [f"--scale must be a finite number >= 0, got {scale}"]
+    problems += [f"--steps must be >= 1, got {steps}"] if steps < 1 else []
+    problem = algorithm_problem(algorithm, Objective.of(config).path, config.diffusion)
+    problems += [f"--algorithm: {problem}"] if problem else []
+    if problems:
+        raise ConfigError("; ".join(problems))
     return algorithm, steps, scale, config.seed if fv.seed is None else fv.seed
 
 

@@ -16,7 +16,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from libs.errors import CheckpointError, MissingFileError
+from libs.errors import CheckpointError, require_path
 
 logger = logging.getLogger(__name__)
 
@@ -59,15 +59,12 @@ def load_dinov2(weights_path=None, repo_dir=None, device=None):
     (defaults: the torch hub cache). A missing file is a MissingFileError saying what to put where."""
     repo_dir = repo_dir or default_repo_dir()
     weights_path = weights_path or default_weights_path()
-    if not os.path.isfile(os.path.join(repo_dir, "hubconf.py")):
-        raise MissingFileError(
-            f"the DINOv2 code is not in the torch hub cache '{repo_dir}': on a machine with network run "
-            f"`python -c \"import torch; torch.hub.load('facebookresearch/dinov2', '{HUB_ENTRY}')\"` and copy "
-            f"{torch.hub.get_dir()} here, or give the folder with hubconf.py (--config.metrics.dinov2_repo, "
-            f"tools/evaluator.py --dinov2_repo)")
-    if not os.path.isfile(weights_path):
-        raise MissingFileError(f"DINOv2 weights not found at '{weights_path}': download {WEIGHTS_URL} and put it "
-                               f"there, or give its path (--config.metrics.dinov2_weights, tools/evaluator.py --dinov2_weights)")
+    require_path(os.path.join(repo_dir, "hubconf.py"), "the DINOv2 code (its hubconf.py, in the torch hub cache)",
+                 f"On a machine with network run `python -c \"import torch; torch.hub.load('facebookresearch/dinov2', "
+                 f"'{HUB_ENTRY}')\"` and copy {torch.hub.get_dir()} here, or give the folder with hubconf.py "
+                 "(--config.metrics.dinov2_repo, tools/evaluator.py --dinov2_repo)")
+    require_path(weights_path, "DINOv2 weights", f"Download {WEIGHTS_URL} and put it there, or give its path "
+                 "(--config.metrics.dinov2_weights, tools/evaluator.py --dinov2_weights)")
     model = torch.hub.load(repo_dir, HUB_ENTRY, source="local", pretrained=False, verbose=False)
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)

@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models.inception import BasicConv2d, InceptionA, InceptionB, InceptionC, InceptionD, InceptionE
 
-from libs.errors import CheckpointError, InputError, MissingFileError
+from libs.errors import CheckpointError, InputError, require_path
 
 logger = logging.getLogger(__name__)
 
@@ -233,21 +233,18 @@ def load_weights(path, download=False):
     (absent, not downloadable) or CheckpointError (unreadable file)."""
     if not os.path.exists(path) and download:
         _download(path)
-    if not os.path.exists(path):
-        raise MissingFileError(
-            f"FID Inception weights not found at '{path}'. Download {WEIGHTS_URL} "
-            f"(the pytorch-fid port of TF's inception-2015-12-05) and put it there, or pass its location "
-            f"(--inception_weights / weights_path=...). Default location: {default_weights_path()}")
+    require_path(path, "FID Inception weights", f"Download {WEIGHTS_URL} (the pytorch-fid port of TF's "
+                 "inception-2015-12-05) and put it there, or pass its location (--inception_weights / "
+                 f"weights_path=...). Default location: {default_weights_path()}")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CheckpointError(
-            f"could not read the FID Inception weights '{path}' ({type(e).__name__}: {e}). The file is corrupt or "
-            f"truncated: delete it and download {WEIGHTS_URL} again.") from e
+    except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
+        state = e
     if not isinstance(state, dict) or "Mixed_7c.branch_pool.conv.weight" not in state:
-        raise CheckpointError(
-            f"'{path}' is not the FID Inception weights file (pt_inception-2015-12-05): it lacks the Mixed_7c "
-            f"layers. Download {WEIGHTS_URL}.")
+        what = (f"could not be read ({type(state).__name__}: {state}): it is corrupt or truncated"
+                if isinstance(state, Exception) else "lacks the Mixed_7c layers")
+        raise CheckpointError(f"'{path}' is not the FID Inception weights file (pt_inception-2015-12-05): it {what}. "
+                              f"Delete it and download {WEIGHTS_URL}.")
     return state
 
 

@@ -320,11 +320,9 @@ def run_evaluation(config, nnet_path, family, output_path=None, inception_weight
 
 
 def parse_seeds(text, default):
-    """'0,1,2' -> [0, 1, 2]; '' -> [default] (parse_and_validate checked they are integers); ConfigError for a
-    repeated seed."""
+    """'0,1,2' -> [0, 1, 2]; '' -> [default] (parse_and_validate checked they are distinct integers)."""
     seeds = [int(t) for t in str(text).split(",") if t.strip()]
-    if len(set(seeds)) != len(seeds):
-        raise ConfigError(f"config.metrics.seeds = {text!r} repeats a seed")
+    assert len(set(seeds)) == len(seeds), text
     return seeds or [default]
 
 

@@ -75,11 +75,10 @@ def resize_for_inception(x, resize="pytorch-fid"):
     'pytorch-fid' (the default, U-ViT's and the paper's FIDs): torch bilinear (align_corners=False), then 2 x - 1.
     'adm': the ADM evaluator's TF graph on uint8 pixels p = 255 x: `tf1_resize_bilinear`, then (p - 128) / 128.
     """
+    assert resize in RESIZES, resize  # config.metrics.resize and tools/evaluator.py's --resize are checked choices
     if resize == "pytorch-fid":
         return 2 * F.interpolate(x.float(), size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear", align_corners=False) - 1
-    if resize == "adm":
-        return (tf1_resize_bilinear(x.float().mul(255).round(), INPUT_SIZE) - 128) / 128
-    raise InputError(f"resize must be one of {RESIZES}, got {resize!r}")
+    return (tf1_resize_bilinear(x.float().mul(255).round(), INPUT_SIZE) - 128) / 128
 
 
 def _tf_avg_pool(x):
@@ -163,10 +162,8 @@ class FIDInceptionV3(nn.Module):
         as pytorch-fid does."""
         if x.ndim != 4 or x.shape[1] != 3:
             raise InputError(f"the FID Inception network expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
-        if dims not in FEATURE_DIMS:
-            raise InputError(f"dims must be one of {FEATURE_DIMS} (2048 = pool3, the FID standard), got {dims}")
-        if with_logits and dims != 2048:
-            raise InputError("logits are only available with dims=2048")
+        # the library's own arguments (tools/fid_score.py's --dims is an enum of FEATURE_DIMS)
+        assert dims in FEATURE_DIMS and (dims == 2048 or not with_logits), (dims, with_logits)
         x = resize_for_inception(x)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))  # (B, 64, 147, 147)
         x = F.max_pool2d(x, kernel_size=3, stride=2)  # (B, 64, 73, 73)
@@ -192,8 +189,7 @@ class FIDInceptionV3(nn.Module):
         One forward for FID / precision / recall / KID (pool3), IS (unbiased logits) and sFID (spatial).
         With resize='pytorch-fid', 'pool' and 'logits' equal `forward(x, with_logits=True)` bit for bit.
         """
-        if x.ndim != 4 or x.shape[1] != 3:
-            raise InputError(f"the FID Inception network expects images of shape (B, 3, H, W), got {tuple(x.shape)}")
+        assert x.ndim == 4 and x.shape[1] == 3, x.shape  # the metric suite's batches (libs/metrics/suite.py)
         x = resize_for_inception(x, resize)
         x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
         x = F.max_pool2d(x, kernel_size=3, stride=2)

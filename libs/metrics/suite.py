@@ -100,8 +100,10 @@ class MetricOptions:
         seeds = section.get("seeds")
         if isinstance(seeds, int) and not isinstance(seeds, bool):
             seeds = str(seeds)  # --config.metrics.seeds=3 parses as an integer
-        if isinstance(seeds, str) and not all(t.strip().lstrip("-").isdigit() for t in seeds.split(",") if t.strip()):
-            out.append(("seeds", "must be comma-separated integers, e.g. 0,1,2 ('' = config.seed)"))
+        if isinstance(seeds, str):
+            seeds = [t.strip() for t in seeds.split(",") if t.strip()]
+            if not all(t.lstrip("-").isdigit() for t in seeds) or len({int(t) for t in seeds}) != len(seeds):
+                out.append(("seeds", "must be distinct comma-separated integers, e.g. 0,1,2 ('' = config.seed)"))
         npz = section.get("npz")
         if isinstance(npz, str) and npz and not npz.endswith(".npz"):
             out.append(("npz", "must end in .npz (the ADM sample file)"))
@@ -331,9 +333,7 @@ class MetricSuite:
             if m in names:
                 mu, sigma = self.acc.moments[MOMENTS[m][0]].mean_and_covariance()
                 ref_mu, ref_sigma = reference[m]
-                if ref_mu.shape != mu.shape:
-                    raise ConfigError(f"the reference statistics for {m} are {ref_mu.shape[0]}-d but the features are "
-                                      f"{mu.shape[0]}-d; recompute them with tools/compute_fid_stats.py")
+                assert ref_mu.shape == mu.shape, (m, ref_mu.shape, mu.shape)  # check_reference_dims, before sampling
                 out[m] = fid.frechet_distance(mu, sigma, ref_mu, ref_sigma, device=gpu)
         if "is" in names:
             out["inception_score"], out["inception_score_std"] = pool.inception_score()

@@ -80,17 +80,12 @@ def to_digit_pixels(images):
     """
     x = torch.as_tensor(np.asarray(images) if not torch.is_tensor(images) else images)
     x = x.detach().to('cpu', torch.float64)
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise InputError(f"digits metric: expected images of shape (N, 1, H, W) or (N, 3, H, W), "
-                         f"got {tuple(x.shape)}")
-    if x.shape[0] < 2:
-        raise InputError(f"digits metric: need at least 2 images to fit a covariance, got {x.shape[0]}")
-    if x.shape[2] < DIGITS_SIZE or x.shape[3] < DIGITS_SIZE:
-        raise InputError(f"digits metric: images must be at least 8x8, got {tuple(x.shape[2:])}")
-    lo, hi = float(x.min()), float(x.max())
-    if lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE:
-        raise InputError(f"digits metric: images must be in [0, 1] (got values in [{lo:.3f}, {hi:.3f}]); "
-                         "map network outputs with ((x + 1) / 2).clamp(0, 1).")
+    lo, hi = (float(x.min()), float(x.max())) if x.numel() else (0.0, 0.0)
+    if (x.ndim != 4 or x.shape[1] not in (1, 3) or x.shape[0] < 2 or min(x.shape[2:]) < DIGITS_SIZE
+            or lo < -_RANGE_TOLERANCE or hi > 1 + _RANGE_TOLERANCE):
+        raise InputError(f"digits metric: expected N >= 2 images (a covariance) of shape (N, 1 or 3, H, W), H and W "
+                         f">= 8, values in [0, 1] (map network outputs with ((x + 1) / 2).clamp(0, 1)); got shape "
+                         f"{tuple(x.shape)}, values in [{lo:.3f}, {hi:.3f}]")
     x = x.mean(dim=1, keepdim=True)
     if x.shape[2:] != (DIGITS_SIZE, DIGITS_SIZE):
         x = F.adaptive_avg_pool2d(x, DIGITS_SIZE)

@@ -33,8 +33,7 @@ MAX_SAMPLES = 1000  # samples scored per evaluation: enough for a 64-d covarianc
 def grey_thumbnails(images, size):
     """images (N, 1 or 3, H, W) in [0, 1] -> (N, min(size, H) ** 2) float64: channels averaged, area-pooled."""
     x = torch.as_tensor(images).detach().to('cpu', torch.float64)
-    if x.ndim != 4 or x.shape[1] not in (1, 3):
-        raise InputError(f"folder score: expected images (N, 1 or 3, H, W), got {tuple(x.shape)}")
+    assert x.ndim == 4 and x.shape[1] in (1, 3), x.shape  # the dataset's images, or score's checked samples
     x = x.mean(dim=1, keepdim=True)
     if x.shape[-1] > size or x.shape[-2] > size:
         x = F.adaptive_avg_pool2d(x, size)
@@ -69,8 +68,9 @@ class FolderReference:
     def score(self, images, labels=None):
         """{'pixel_fd': float >= 0, 'folder_accuracy': float in [0, 1] (with labels and a labelled folder)} of
         samples (N >= 2, 1 or 3, H, W) in [0, 1] and the classes they were sampled for."""
-        if len(images) < 2:
-            raise InputError(f"folder score: need at least 2 images to fit a covariance, got {len(images)}")
+        if images.ndim != 4 or images.shape[1] not in (1, 3) or len(images) < 2:
+            raise InputError(f"folder score: expected images (N, 1 or 3, H, W) with N >= 2 (a covariance), got "
+                             f"{tuple(images.shape)}")
         mu, sigma = gaussian_stats(grey_thumbnails(images, FD_SIZE))
         result = {'pixel_fd': max(frechet_distance(mu, sigma, self.mu, self.sigma), 0.0)}
         if labels is not None and self.classifier is not None:

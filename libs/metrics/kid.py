@@ -32,12 +32,10 @@ def kernel_inception_distance(real, fake, subsets=DEFAULT_SUBSETS, subset_size=D
     generator seeded with `seed`, so the value is a function of the two feature sets (in index order) only.
     """
     real, fake = (torch.as_tensor(np.asarray(a)).to(device or "cpu", torch.float64) for a in (real, fake))
-    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise InputError(f"KID needs two (n, d) feature sets of the same d, got {tuple(real.shape)} and "
-                         f"{tuple(fake.shape)}")
     m = min(subset_size, len(real), len(fake))
-    if m < 2:
-        raise InputError(f"KID needs at least 2 features on each side, got {len(real)} and {len(fake)}")
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1] or m < 2:
+        raise InputError(f"KID needs two (n, d) feature sets of the same d, n >= 2 (and subset_size >= 2), got "
+                         f"{tuple(real.shape)} and {tuple(fake.shape)}")
     g = torch.Generator().manual_seed(seed)
     values = []
     for _ in range(subsets):

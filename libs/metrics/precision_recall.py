@@ -44,8 +44,7 @@ def _adm_squared_distances(a, b):
 
 def manifold_radii(features, k=DEFAULT_K, block=4096, distances=_squared_distances):
     """(n,) squared distance from each row of features (n, d) to its k-th nearest other row."""
-    if len(features) <= k:
-        raise InputError(f"precision/recall with k = {k} needs more than {k} features per set, got {len(features)}")
+    assert len(features) > k, (len(features), k)  # precision_recall checks its sets
     radii = [torch.kthvalue(distances(features[s:s + block], features), k + 1, dim=1).values
              for s in range(0, len(features), block)]  # k + 1: the row itself is at distance 0
     return torch.cat(radii)
@@ -64,9 +63,9 @@ def precision_recall(real, fake, k=DEFAULT_K, block=4096, device=None, arithmeti
     dtype, distances = ((torch.float64, _squared_distances) if arithmetic == "float64"
                         else (torch.float32, _adm_squared_distances))
     real, fake = (torch.as_tensor(a).to(device or "cpu", dtype) for a in (real, fake))
-    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
-        raise InputError(f"precision/recall needs two (n, d) feature sets of the same d, got {tuple(real.shape)} "
-                         f"and {tuple(fake.shape)}")
+    if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1] or min(len(real), len(fake)) <= k:
+        raise InputError(f"precision/recall with k = {k} needs two (n, d) feature sets of the same d, n > k, got "
+                         f"{tuple(real.shape)} and {tuple(fake.shape)}")
     real_radii, fake_radii = (manifold_radii(x, k, block, distances) for x in (real, fake))
     precision = _inside(fake, real, real_radii, block, distances).double().mean()
     recall = _inside(real, fake, fake_radii, block, distances).double().mean()

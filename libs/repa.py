@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from libs.errors import ConfigError, MissingFileError
+from libs.errors import ConfigError, require_path
 
 logger = logging.getLogger(__name__)
 
@@ -113,9 +113,8 @@ def check_block(nnet: nn.Module, block: str):
 # -- encoders -----------------------------------------------------------------------------------------
 
 def _read_weights(path: str, what: str):
-    if not path or not os.path.isfile(path):
-        raise MissingFileError(f"{what} weights '{path}' not found: put the encoder's weights file there and set "
-                               f"config.repa.weights to its path")
+    require_path(path or None, f"{what} weights", "Put the encoder's weights file there and set config.repa.weights "
+                 "to its path")
     if path.endswith('.safetensors'):
         from safetensors.torch import load_file  # optional
         return load_file(path)
@@ -128,11 +127,9 @@ def _read_weights(path: str, what: str):
 
 def _dinov2(name: str, weights: str):
     hub = torch.hub.get_dir()
-    code = os.path.join(hub, 'facebookresearch_dinov2_main')
-    if not os.path.isdir(code):
-        raise MissingFileError(f"the DINOv2 code is not in the torch hub cache ('{code}'): run "
-                               f"torch.hub.load('facebookresearch/dinov2', '{name}') once where there is internet "
-                               f"and copy {hub} here (or set TORCH_HOME)")
+    code = require_path(os.path.join(hub, 'facebookresearch_dinov2_main'), "the DINOv2 code (in the torch hub cache)",
+                        f"Run torch.hub.load('facebookresearch/dinov2', '{name}') once where there is internet and "
+                        f"copy {hub} here (or set TORCH_HOME)")
     weights = weights or os.path.join(hub, 'checkpoints', f'{name}_pretrain.pth')
     state = _read_weights(weights, f"DINOv2 {name}")
     model = torch.hub.load(code, name, source='local', pretrained=False)
@@ -181,9 +178,8 @@ class Encoder(nn.Module):
         elif kind == 'torchvision' and name:
             model, self._features = _torchvision(name, weights)
         elif spec == 'torchscript':
-            if not weights or not os.path.isfile(weights):
-                raise MissingFileError(f"TorchScript encoder '{weights}' not found: save one with "
-                                       f"torch.jit.save and set config.repa.weights to its path")
+            require_path(weights or None, "TorchScript encoder", "Save one with torch.jit.save and set "
+                         "config.repa.weights to its path")
             model, self._features = torch.jit.load(weights, map_location='cpu'), lambda m, x: m(x)
         else:
             raise ConfigError(f"config.repa.encoder={spec!r}: use one of {', '.join(DINOV2)}, 'timm:<name>', "

@@ -47,12 +47,7 @@ class FrozenCLIPEmbedder(nn.Module):
         from transformers import CLIPTextModel, CLIPTokenizer  # heavy
 
         source = _resolve(version)
-        looks_like_path = version.startswith(("/", ".", "~")) or version.count("/") > 1
-        if looks_like_path and not os.path.isdir(source):
-            raise MissingFileError(
-                f"CLIP folder '{version}' does not exist. Give a folder holding a CLIPTokenizer and a CLIPTextModel "
-                f"(e.g. `huggingface-cli download {CLIP_VERSION} --local-dir {LOCAL_CLIP_DIR}`) or a hub id.")
-        try:
+        try:  # a folder that does not exist fails here too, as a hub id not in the cache
             self.tokenizer = CLIPTokenizer.from_pretrained(source, local_files_only=not allow_download)
             self.transformer = CLIPTextModel.from_pretrained(source, local_files_only=not allow_download)
         except (OSError, ValueError) as e:
@@ -83,10 +78,8 @@ class FrozenCLIPEmbedder(nn.Module):
         """text: a prompt or a list of B prompts -> (B, max_length, hidden) float32 on self.device."""
         if isinstance(text, str):
             text = [text]
-        if not isinstance(text, (list, tuple)) or not all(isinstance(t, str) for t in text):
-            raise InputError(f"prompts must be a string or a list of strings; got {type(text).__name__}.")
-        if len(text) == 0:
-            raise InputError("no prompts given.")
+        if not isinstance(text, (list, tuple)) or not text or not all(isinstance(t, str) for t in text):
+            raise InputError(f"prompts must be a string or a non-empty list of strings; got {text!r:.80}.")
         tokens = self.tokenizer(list(text), truncation=True, max_length=self.max_length, padding="max_length",
                                 return_length=False, return_overflowing_tokens=False, return_tensors="pt")
         input_ids = tokens["input_ids"].to(self.device)

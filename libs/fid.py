@@ -216,7 +216,7 @@ class ImageFolder(torch.utils.data.Dataset):
     def __init__(self, path):
         self.files = self.list_files(path) if os.path.isdir(path) else None
         if not self.files:
-            raise MissingFileError(f"image folder '{path}' does not exist" if self.files is None else
+            raise MissingFileError(f"image folder '{path}' does not exist (or is not a folder)" if self.files is None else
                                    f"no images in folder '{path}'{self.where}")
 
     @staticmethod

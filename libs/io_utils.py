@@ -56,15 +56,12 @@ def atomic_path(path):
         else:
             os.replace(tmp, path)
         fsync_dir(parent)
-    except SaveError:
-        # Already says which file failed and why (raised inside the block): do not wrap it twice.
+    except BaseException as e:
         _remove(tmp)
-        raise
-    except OSError as e:
-        _remove(tmp)
-        raise SaveError(f"could not write '{path}': {e.strerror or e}. The previous version, if any, is unchanged.") from e
-    except BaseException:
-        _remove(tmp)
+        # An OSError becomes a SaveError naming the file; a SaveError raised inside the block already does.
+        if isinstance(e, OSError) and not isinstance(e, SaveError):
+            raise SaveError(f"could not write '{path}': {e.strerror or e}. The previous version, if any, is "
+                            "unchanged.") from e
         raise
 
 

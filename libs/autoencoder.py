@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from libs import diffusers_autoencoder
-from libs.errors import CheckpointError, ConfigError, InputError, MissingFileError, require_path
+from libs.errors import CheckpointError, ConfigError, InputError, require_path
 from libs.latent_stats import FILE as LATENT_STATS_FILE, LatentStats
 
 logger = logging.getLogger(__name__)
@@ -391,10 +391,8 @@ class _Preloaded(str):
 
 def _safetensors_file(path):
     if os.path.isdir(path):
-        f = os.path.join(path, "diffusion_pytorch_model.safetensors")
-        if not os.path.isfile(f):
-            raise MissingFileError(f"'{path}' is a directory without diffusion_pytorch_model.safetensors. {_WHERE_TO_GET_IT}")
-        return f
+        return require_path(os.path.join(path, "diffusion_pytorch_model.safetensors"), "the directory's "
+                            "diffusion_pytorch_model.safetensors", _WHERE_TO_GET_IT)
     return path if path.endswith(".safetensors") else None
 
 

@@ -28,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from libs.checkpoint import read_state_file
-from libs.errors import CheckpointError, ConfigError, MissingFileError, UViTError
+from libs.errors import CheckpointError, ConfigError, MissingFileError, UViTError, require_path
 from libs.io_utils import atomic_path, fsync_dir, sha256_of
 from libs.nnet import build_nnet, load_nnet_state_dict
 from sde import DIFFUSIONS, Objective
@@ -237,9 +237,7 @@ def saved_config(path):
 def config_of_weights(path, what="--nnet_path"):
     """The whole training config (ConfigDict) the weights at `path` carry, for scripts given no --config;
     ConfigError in one line when they carry none."""
-    if not os.path.exists(str(path)):
-        raise MissingFileError(f"{what} '{path}' not found. Give a ckpts/<step>.ckpt directory, an exported folder "
-                               f"or a .pth state dict.")
+    require_path(str(path), what, "Give a ckpts/<step>.ckpt directory, an exported folder or a .pth state dict.")
     saved = saved_config(path)
     # An export's config.json and a sidecar hold the whole config under "config"; a checkpoint's is the config.
     whole = saved["config"] if isinstance(saved, dict) and isinstance(saved.get("config"), dict) else saved

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from libs.errors import ConfigError, DataError, InputError, MissingFileError
+from libs.errors import ConfigError, DataError, InputError, MissingFileError, require_path
 from libs.io_utils import atomic_savez
 
 logger = logging.getLogger(__name__)
@@ -167,11 +167,9 @@ def _warn_if_negative(eigenvalues, what):
 
 def load_statistics(path):
     """(mu, sigma) float64 from an .npz with arrays 'mu' and 'sigma' (pytorch-fid / upstream format)."""
-    if path is None or not os.path.isfile(path):
-        raise MissingFileError(
-            f"FID reference statistics not found at '{path}'. Download the published file into assets/fid_stats/ "
-            f"(see docs/evaluation.md) or compute it from your images: python tools/compute_fid_stats.py --path=<image folder> "
-            f"--output={path}")
+    require_path(path, "FID reference statistics", "Download the published file into assets/fid_stats/ (see "
+                 "docs/evaluation.md) or compute it from your images: python tools/compute_fid_stats.py "
+                 f"--path=<image folder> --output={path}")
     try:
         with np.load(path) as f:
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from libs.datasets.base import DatasetBase, TensorImageDataset
-from libs.errors import ConfigError, DataError, MissingFileError
+from libs.errors import ConfigError, DataError, MissingFileError, require_path
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +52,7 @@ def find_batches_dir(path):
 
 def read_batch(file):
     """One pickle batch -> (images (n, 3, 32, 32) uint8, labels (n,) int64)."""
-    if not os.path.isfile(file):
-        raise MissingFileError(f"CIFAR10 batch '{file}' is missing. {HOW_TO_PREPARE}")
+    require_path(file, "CIFAR10 batch", HOW_TO_PREPARE)
     try:
         with open(file, 'rb') as f:
             # The release was pickled by Python 2: byte-string keys, hence encoding='bytes'.

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from libs.datasets.base import DatasetBase
-from libs.errors import CheckpointError, ConfigError, MissingFileError
+from libs.errors import CheckpointError, ConfigError, require_path
 from libs.shards import open_features
 
 logger = logging.getLogger(__name__)
@@ -200,11 +200,9 @@ class MSCOCOFeatures(DatasetBase):
     """
 
     def __init__(self, path, resolution=256):
-        if not os.path.isdir(path):
-            raise MissingFileError(
-                f"MS-COCO features folder '{path}' does not exist. Extract them with `python "
-                f"scripts/extract_mscoco_feature.py --coco_root <COCO folder> --output {path}`, then "
-                f"scripts/extract_empty_feature.py and scripts/extract_test_prompt_feature.py with --output {path}.")
+        require_path(path, "MS-COCO features folder", f"Extract them with `python scripts/extract_mscoco_feature.py "
+                     f"--coco_root <COCO folder> --output {path}`, then scripts/extract_empty_feature.py and "
+                     f"scripts/extract_test_prompt_feature.py with --output {path}.")
         train = open_features(os.path.join(path, "train"),
                               f"run `python scripts/extract_mscoco_feature.py --split train --output {path}`")
         if not train.has_contexts:

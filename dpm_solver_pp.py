@@ -46,11 +46,6 @@ METHODS = ("singlestep", "multistep", "singlestep_fixed", "adaptive")
 CONTINUOUS_TIME_SCALE = 999.0
 
 
-def _known(kind, value, known):
-    if value not in known:
-        raise InputError(f"unknown {kind} '{value}'; known: {', '.join(known)}")
-
-
 def solver_dtype(dtype):
     """float64 stays float64; every other dtype (float32, float16, bfloat16) is solved in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -102,25 +97,21 @@ class NoiseScheduleVP:
 
     def __init__(self, schedule="discrete", betas=None, alphas_cumprod=None, continuous_beta_0=0.1,
                  continuous_beta_1=20.0):
-        _known("noise schedule", schedule, SCHEDULES)
+        # The schedules are built by sde.py from fixed tables and constants: a bad one is a caller's bug.
+        assert schedule in SCHEDULES, f"unknown noise schedule '{schedule}'; known: {', '.join(SCHEDULES)}"
         self.schedule, self.total_N, self.T = schedule, 1000, 1.0
         if schedule == "discrete":
-            if (betas is None) == (alphas_cumprod is None):
-                raise InputError("NoiseScheduleVP('discrete') needs exactly one of betas= or alphas_cumprod=")
-            name, table = ("betas", betas) if betas is not None else ("alphas_cumprod", alphas_cumprod)
-            table = torch.as_tensor(table).to(torch.float64)
-            if table.ndim != 1 or table.shape[0] < 2:
-                raise InputError(f"{name} must be a 1-D table with at least 2 entries, got shape {tuple(table.shape)}")
-            if not torch.isfinite(table).all() or (table <= 0).any() or (table >= 1).any():
-                raise InputError(f"{name} must be finite and strictly inside (0, 1)")
+            assert (betas is None) != (alphas_cumprod is None), "give exactly one of betas= or alphas_cumprod="
+            table = torch.as_tensor(betas if betas is not None else alphas_cumprod).to(torch.float64)
+            assert table.ndim == 1 and table.shape[0] >= 2, f"the table must be 1-D, got shape {tuple(table.shape)}"
+            assert torch.isfinite(table).all() and ((table > 0) & (table < 1)).all(), "betas must lie in (0, 1)"
             log_alphas = 0.5 * (torch.cumsum(torch.log1p(-table), dim=0) if betas is not None else torch.log(table))
             self.total_N = log_alphas.shape[0]
             self.t_array = torch.arange(1, self.total_N + 1, dtype=torch.float64) / self.total_N  # (N,) t_n = n/N
             self.log_alpha_array = log_alphas  # (N,)
             self._table_cache = {}
         elif schedule == "linear":
-            if not (0 <= continuous_beta_0 < continuous_beta_1):
-                raise InputError(f"linear schedule needs 0 <= beta_0 < beta_1, got {continuous_beta_0}, {continuous_beta_1}")
+            assert 0 <= continuous_beta_0 < continuous_beta_1, (continuous_beta_0, continuous_beta_1)
             self.beta_0, self.beta_1 = float(continuous_beta_0), float(continuous_beta_1)
         else:
             s = self.cosine_s = 0.008
@@ -215,7 +206,7 @@ def model_wrapper(model, noise_schedule, model_type="noise", network_time=None):
     model_type: 'noise' (eps), 'x_start' (x0), 'v' (alpha eps - sigma x0, Salimans & Ho 2022) or 'score'
         (grad log p_t = -eps / sigma_t). network_time: t (B,) -> network input (B,); default `default_network_time`.
     """
-    _known("model_type", model_type, MODEL_TYPES)
+    assert model_type in MODEL_TYPES, f"unknown model_type '{model_type}'; known: {', '.join(MODEL_TYPES)}"
     ns = noise_schedule
     to_input = network_time if network_time is not None else default_network_time(ns)
 
@@ -244,16 +235,13 @@ class DPM_Solver:
 
     def __init__(self, model_fn, noise_schedule, algorithm_type="dpmsolver++", correcting_x0_fn=None,
                  thresholding_max_val=1.0, dynamic_thresholding_ratio=0.995, model_output="noise"):
-        _known("algorithm_type", algorithm_type, ALGORITHM_TYPES)
-        _known("model_output", model_output, ("noise", "data"))
-        if model_output == "data" and algorithm_type != "dpmsolver++":
-            raise InputError("model_output='data' needs algorithm_type='dpmsolver++' (the data-prediction solver)")
+        assert algorithm_type in ALGORITHM_TYPES, f"unknown algorithm_type '{algorithm_type}'"
+        # The noise-prediction solver never forms x0: a data output or an x0 correction needs 'dpmsolver++'.
+        assert model_output in ("noise", "data") and (model_output == "noise" or algorithm_type == "dpmsolver++")
+        assert correcting_x0_fn is None or algorithm_type == "dpmsolver++", "x0 corrections need 'dpmsolver++'"
         self.model_output = model_output
         if correcting_x0_fn == "dynamic_thresholding":
             correcting_x0_fn = self.dynamic_thresholding_fn
-        if correcting_x0_fn is not None and algorithm_type == "dpmsolver":
-            # The noise-prediction solver never forms x0, so a correction would silently do nothing.
-            raise InputError("correcting_x0_fn acts on data predictions; use algorithm_type='dpmsolver++' with it")
         self.model = lambda x, t: model_fn(x, t.expand(x.shape[0]))
         self.noise_schedule, self.algorithm_type = noise_schedule, algorithm_type
         self.predict_x0 = algorithm_type == "dpmsolver++"
@@ -383,8 +371,7 @@ class DPM_Solver:
         """Adaptive step size (Lu et al. 2022a, Appendix C, Algorithm 3), order k-1 paired with order k: a step is
         accepted when the RMS of (x_high - x_low) / max(atol, rtol max(|x_low|, |x_prev|)) is <= 1 for every
         sample; h <- min(theta h E^{-1/order}, lambda_0 - lambda_s). Returns x at t_0."""
-        if order not in (2, 3):
-            raise InputError(f"the adaptive solver pairs orders 1/2 or 2/3; order must be 2 or 3, got {order}")
+        assert order in (2, 3), f"the adaptive solver pairs orders 1/2 or 2/3; order must be 2 or 3, got {order}"
         ns = self.noise_schedule
         s, t_end, h = (torch.tensor(float(v), dtype=x.dtype, device=x.device) for v in (t_T, t_0, h_init))
         lambda_s, lambda_0 = ns.marginal_lambda(s), ns.marginal_lambda(t_end)
@@ -417,16 +404,16 @@ class DPM_Solver:
         denoise_to_zero: one more call, returning the data prediction at t_end. return_intermediate: also return
         the list of states after every outer step (first: x).
         """
-        _known("method", method, METHODS)
-        _known("skip_type", skip_type, SKIP_TYPES)
-        if order not in (1, 2, 3):
-            raise InputError(f"order must be 1, 2 or 3, got {order}")
+        # libs.sampling picks method, order and grid from its algorithm: a bad one is a caller's bug.
+        assert method in METHODS, f"unknown method '{method}'; known: {', '.join(METHODS)}"
+        assert skip_type in SKIP_TYPES, f"unknown skip_type '{skip_type}'; known: {', '.join(SKIP_TYPES)}"
+        assert order in (1, 2, 3) and (method != "singlestep_fixed" or steps >= order), f"order {order}"
         check_start(x, None if method == "adaptive" else steps)
         ns = self.noise_schedule
         t_0 = 1.0 / ns.total_N if t_end is None else float(t_end)
         t_T = ns.T if t_start is None else float(t_start)
-        if not (0.0 < t_0 < t_T <= ns.T * (1.0 + 1e-6)):  # tolerance: times that went through float32
-            raise InputError(f"need 0 < t_end < t_start <= T = {ns.T}, got t_end={t_0}, t_start={t_T}")
+        # tolerance: times that went through float32
+        assert 0.0 < t_0 < t_T <= ns.T * (1.0 + 1e-6), f"need 0 < t_end < t_start <= T, got {t_0}, {t_T}"
         # Solver state in float32 or better: low-precision x (or autocast outputs) would lose the small
         # differences the higher-order corrections are made of.
         out_dtype = x.dtype
@@ -456,8 +443,6 @@ class DPM_Solver:
                 outer, orders = self.get_orders_and_timesteps_for_singlestep_solver(steps, order, skip_type, t_T, t_0,
                                                                                    device, dtype)
             else:
-                if steps < order:
-                    raise InputError(f"singlestep_fixed needs steps >= order, got steps={steps}, order={order}")
                 orders = [order] * (steps // order)
                 outer = self.get_time_steps(skip_type, t_T, t_0, len(orders), device, dtype)
             for s, t, step_order in zip(outer[:-1], outer[1:], orders):

@@ -1,33 +1,17 @@
-"""Diffusion processes of U-ViT: the continuous VP-SDE, the discrete Stable-Diffusion schedule and the linear
-flow-matching path, each with its training objective (`Objective`: what the network predicts, how t is drawn).
+"""Diffusion processes of U-ViT and their training objectives (`Objective`: what the network predicts, how t is
+drawn). Each owns ONE `dpm_solver_pp.NoiseScheduleVP`-like `.schedule`, read by its loss and by the samplers alike,
+and maps solver time to the network's time input (`.network_time`).
 
-Each class owns ONE `dpm_solver_pp.NoiseScheduleVP` (`.schedule`) used by both its training loss and the
-samplers, so the two cannot disagree, and maps solver time to the network's time input (`.network_time`).
+- `ContinuousVP`: the VP-SDE of Song et al. 2021 (arXiv 2011.13456), linear schedule beta 0.1 -> 20, t in [0, 1],
+  network fed 999 t; LSimple (Ho et al. 2020, arXiv 2006.11239); reverse SDE, PF-ODE, Euler-Maruyama.
+- `DiscreteVP`: Stable Diffusion's "scaled linear" betas (Rombach et al. 2022), n uniform in 1..1000.
+- `LinearFlow`: flow matching on x_t = (1 - t) x0 + t eps (Liu et al. 2022, arXiv 2209.03003; Lipman et al. 2022,
+  arXiv 2210.02747; SiT, Ma et al. 2024, arXiv 2401.08740), predicting the velocity eps - x0.
+- `MeanFlow` (Geng et al. 2025, arXiv 2505.13447), `Shortcut` (Frans et al. 2024, arXiv 2410.12557): few-step
+  objectives on the linear path whose network takes a second time input.
 
-- `ContinuousVP`: the VP-SDE of Song et al. 2021 ("Score-Based Generative Modeling through Stochastic
-  Differential Equations", arXiv 2011.13456), dx = -beta(t) x/2 dt + sqrt(beta(t)) dw, t in [0, 1], with the
-  linear schedule (beta 0.1 -> 20). Training loss LSimple (Ho et al. 2020, arXiv 2006.11239):
-  t ~ U(0, 1), network fed 999 t. Reverse SDE, probability-flow ODE and the original's Euler-Maruyama
-  sampler.
-- `DiscreteVP`: the "scaled linear" betas of Stable Diffusion (Rombach et al. 2022), n uniform in 1..1000,
-  network fed the integer n in training and N t when sampling.
-
-- `MeanFlow`, `Shortcut`: few-step objectives on the same linear path whose network takes a second time input
-  (libs/uvit_layers.py's second time token): MeanFlow's average velocity u(z_t, r, t) (Geng et al. 2025, arXiv
-  2505.13447) and the shortcut model's step-size-conditioned velocity s(z_t, t, d) (Frans et al. 2024, arXiv
-  2410.12557); both sample with x_r = x_t - (t - r) net(x_t, t, second input) in 1, 2 or k network calls.
-- `LinearFlow`: flow matching on the linear interpolant x_t = (1 - t) x0 + t eps (rectified flow, Liu et al.
-  2022, arXiv 2209.03003; Lipman et al. 2022, arXiv 2210.02747; SiT's "Linear" path, Ma et al. 2024, arXiv
-  2401.08740), the network predicting the velocity dx_t/dt = eps - x0. Its `.schedule` (`LinearPathSchedule`)
-  has the NoiseScheduleVP interface, so DPM-Solver++ runs on it through the data prediction.
-
-Every path is Gaussian, x_t = a_t x0 + s_t eps, and every prediction (noise eps, data x0, Salimans & Ho's
-v = a_t eps - s_t x0, the velocity a_t' x0 + s_t' eps) is c1 x0 + c2 eps: `to_x0_eps` turns any of them into
-(x0, eps) by solving the 2x2 system, so the samplers need not know what the network predicts.
-The default objective (config.objective of configs/base.py: VP, noise prediction, t uniform) is the original's
-LSimple, computed exactly as before.
-
-Randomness goes through torch generators only (the original drew the discrete n with numpy's global RNG),
+Every path is Gaussian, x_t = a_t x0 + s_t eps, and every prediction is c1 x0 + c2 eps: `to_x0_eps` solves the 2x2
+system, so the samplers need not know what the network predicts. Randomness goes through torch generators only,
 so the trainer's per-step reseeding makes a resumed run draw what the uninterrupted one drew.
 """
 import dataclasses
@@ -38,7 +22,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from dpm_solver_pp import CONTINUOUS_TIME_SCALE, NoiseScheduleVP, _expand_dims, _is_positive_int, solver_dtype
-from libs.errors import ConfigError, InputError
+from libs.errors import ConfigError
 from libs.nnet import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -64,14 +48,14 @@ def _noised_mse(nnet, x0, eps, log_alpha, t_input, cond, prediction="noise"):
 
 def _prediction_mse(pred, target):
     """(B,) float32 mean over non-batch dims of (target - pred)^2."""
-    if pred.shape != target.shape:
-        raise InputError(f"the network returned shape {tuple(pred.shape)}, expected the input shape {tuple(target.shape)}")
+    # config parsing (nnet_problems) and Family.check make the network's output the shape of its input
+    assert pred.shape == target.shape, f"the network returned shape {tuple(pred.shape)}, not {tuple(target.shape)}"
     return (target.float() - pred.float()).pow(2).reshape(target.shape[0], -1).mean(dim=1)
 
 
 def _check_x0(x0):
-    if not torch.is_tensor(x0) or not x0.is_floating_point() or x0.ndim < 2:
-        raise InputError(f"x0 must be a floating tensor (B, ...), got {getattr(x0, 'shape', type(x0).__name__)}")
+    # x0 comes from Family.prepare_batch, which always gives a floating batch
+    assert torch.is_tensor(x0) and x0.is_floating_point() and x0.ndim >= 2, f"x0 must be (B, ...) floating: {x0!r}"
 
 
 PATHS = ("vp", "linear", "meanflow", "shortcut")
@@ -367,8 +351,7 @@ def _randn_like(x, generator):
     """N(0, I) like x from None / one generator / one generator per sample."""
     if generator is None or isinstance(generator, torch.Generator):
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    if len(generator) != x.shape[0]:
-        raise InputError(f"got {len(generator)} generators for a batch of {x.shape[0]}; give one per sample")
+    assert len(generator) == x.shape[0], f"{len(generator)} generators for a batch of {x.shape[0]}: one per sample"
     return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
 
 

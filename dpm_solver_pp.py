@@ -1,29 +1,26 @@
-"""DPM-Solver and DPM-Solver++ for VP diffusion models, with the public API of the official code.
+"""DPM-Solver and DPM-Solver++ for Gaussian diffusion paths, with the public API of the official code.
 
 - `NoiseScheduleVP`: alpha_t, sigma_t (x_t = alpha_t x0 + sigma_t eps), lambda_t = log(alpha_t / sigma_t), t(lambda).
-- `model_wrapper(...)`: a network (noise / x0 / v / score prediction) -> `model_fn(x, t_continuous)` -> eps.
-  Classifier-free guidance is applied before wrapping (`libs.sampling.guided_noise_fn`): one implementation.
+- `model_wrapper(...)`: a network (noise / x0 / v / score prediction) -> `model_fn(x, t_continuous)` -> eps;
+  guidance is applied before wrapping (`libs.sampling.guided_noise_fn`).
 - `DPM_Solver`: the exponential-integrator solvers of the probability-flow ODE.
 
-Written from the papers: Lu et al. 2022, "DPM-Solver", arXiv 2206.00927 (noise-prediction solvers of orders
-1-3, eq. 3.7, Algorithms 1-2, DPM-Solver-fast order lists and adaptive step size, Appendix C); Lu et al. 2022,
-"DPM-Solver++", arXiv 2211.01095 (data-prediction solvers, singlestep and multistep); Nichol & Dhariwal 2021,
+Written from Lu et al. 2022, "DPM-Solver", arXiv 2206.00927 (orders 1-3, eq. 3.7, Algorithms 1-2, DPM-Solver-fast
+and adaptive step size, Appendix C); Lu et al. 2022, "DPM-Solver++", arXiv 2211.01095; Nichol & Dhariwal 2021,
 arXiv 2102.09672 (cosine schedule); Saharia et al. 2022, arXiv 2205.11487 (dynamic thresholding).
 
-Both parameterisations share one update: the exact solutions x_t = (alpha_t/alpha_s) x_s - alpha_t int
-e^{-lambda} eps d lambda (DPM-Solver eq. 3.4) and x_t = (sigma_t/sigma_s) x_s + sigma_t int e^{lambda} x0 d lambda
-(DPM-Solver++ eq. 8) differ by alpha <-> sigma, lambda -> -lambda. So updates are written in
+The exact solutions x_t = (alpha_t/alpha_s) x_s - alpha_t int e^{-lambda} eps d lambda (DPM-Solver eq. 3.4) and
+x_t = (sigma_t/sigma_s) x_s + sigma_t int e^{lambda} x0 d lambda (DPM-Solver++ eq. 8) differ by alpha <-> sigma,
+lambda -> -lambda, so both are written in
     ratio = keep_t / keep_s, mu_t, H:  noise prediction keep = alpha, mu = sigma, H = +h;
                                        data prediction  keep = sigma, mu = alpha, H = -h   (h = lambda_t - lambda_s)
 with psi_1(H) = e^H - 1, psi_2 = psi_1/H - 1, psi_3 = psi_2/H - 1/2.
 
-Deliberate differences from the official code: network time defaults to U-ViT's (999 t continuous, N t
-discrete; `default_network_time`); solver arithmetic in float32 for half-precision x / outputs, float64 for
-float64 x; multistep warm-up works for any number of steps, also steps < order; multistep order 3 weights the
-second divided difference by the exact 2 psi_3 (the official code and diffusers use psi_3, leaving their 3M
-second order); U-ViT never used that path. Additions: `model_output='data'` (the model returns x0) and a logSNR
-grid for paths whose lambda is -inf at t_start (the linear flow path: an exact first step from pure noise), so
-DPM-Solver++ runs on any Gaussian path (sde.LinearPathSchedule).
+Differences from the official code: network time defaults to U-ViT's (`default_network_time`); arithmetic in
+float32 for half-precision inputs, float64 for float64; multistep warm-up for any number of steps; multistep order
+3 weights the second divided difference by the exact 2 psi_3 (the official code and diffusers use psi_3, leaving
+their 3M second order; U-ViT never used that path). Additions: `model_output='data'` and a logSNR grid for paths
+whose lambda is -inf at t_start, so DPM-Solver++ runs on the linear flow path (sde.LinearPathSchedule).
 """
 import logging
 import math

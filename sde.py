@@ -236,7 +236,6 @@ def to_x0_eps(pred, x, a, s, c1, c2):
     return (c2 * x - s * pred) / det, (a * pred - c1 * x) / det
 
 
-
 class ScoreModel:
     """Adapter from a network to eps and score at continuous time t.
 

@@ -53,9 +53,12 @@ def _prediction_mse(pred, target):
     return (target.float() - pred.float()).pow(2).reshape(target.shape[0], -1).mean(dim=1)
 
 
-def _check_x0(x0):
-    # x0 comes from Family.prepare_batch, which always gives a floating batch
-    assert torch.is_tensor(x0) and x0.is_floating_point() and x0.ndim >= 2, f"x0 must be (B, ...) floating: {x0!r}"
+def _time_and_noise(objective, x0, generator):
+    """(t (B,) float32 from `Objective.draw_time`, eps ~ N(0, I) like x0 (B, ...)), drawn in that order from
+    `generator` (None: torch's default on x0.device)."""
+    assert x0.is_floating_point() and x0.ndim >= 2, f"x0 must be a floating (B, ...) batch, got {x0.dtype}"
+    t = objective.draw_time(x0.shape[0], generator, x0.device)
+    return t, torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
 
 
 PATHS = ("vp", "linear", "meanflow", "shortcut")
@@ -237,11 +240,8 @@ def to_x0_eps(pred, x, a, s, c1, c2):
 
 
 class ScoreModel:
-    """Adapter from a network to eps and score at continuous time t.
-
-    eps_net(x, t_input, **cond) -> the diffusion's prediction (eps for the default objective) with t_input = diffusion.network_time(t) (999 t for ContinuousVP).
-    x: (B, ...); t: (B,) in [0, 1]. Outputs are in x's dtype (network outputs are upcast).
-    """
+    """Adapter from a network to eps and score at continuous time t: eps_net(x, t_input, **cond) -> the diffusion's
+    prediction, t_input = diffusion.network_time(t). x: (B, ...); t: (B,) in [0, 1]; outputs in x's dtype."""
 
     def __init__(self, eps_net, diffusion, **cond):
         self.eps_net, self.diffusion, self.cond = eps_net, diffusion, cond
@@ -304,9 +304,7 @@ class ContinuousVP(_VPPath):
         as the original) from `generator` or torch's default generator on x0.device. x_t = alpha_t x0 + sigma_t
         eps; target: eps (the default), x0 or v = alpha_t eps - sigma_t x0 (config.objective.prediction).
         """
-        _check_x0(x0)
-        t = self.objective.draw_time(x0.shape[0], generator, x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t, eps = _time_and_noise(self.objective, x0, generator)
         return _noised_mse(nnet, x0, eps, self.schedule.marginal_log_mean_coeff(t), self.network_time(t), cond,
                            self.objective.prediction)
 
@@ -388,7 +386,7 @@ class DiscreteVP(_VPPath):
         `generator` or torch's default generator on x0.device (the original used numpy's global RNG for n).
         x_n = sqrt(abar_n) x0 + sqrt(1 - abar_n) eps.
         """
-        _check_x0(x0)
+        assert x0.is_floating_point() and x0.ndim >= 2, f"x0 must be a floating (B, ...) batch, got {x0.dtype}"
         n = torch.randint(1, self.N + 1, (x0.shape[0],), generator=generator, device=x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         return _noised_mse(nnet, x0, eps, self.schedule.tables(x0.device, torch.float64)[1][n - 1], n, cond,
@@ -425,14 +423,9 @@ class LinearPathSchedule:
 
 
 class LinearFlow:
-    """Flow matching on the linear path x_t = (1 - t) x0 + t eps, t in [0, 1] (t = 1 is pure noise), the network
-    predicting the velocity u = dx_t/dt = eps - x0 (conditional flow matching, Lipman et al. 2022; rectified flow,
-    Liu et al. 2022; SiT "Linear" + velocity, Ma et al. 2024) or, with prediction 'x0', the clean data itself,
-    trained through the velocity it implies (JiT, Li & He 2025, arXiv 2511.13720).
-
-    The network sees `time_scale` t: 999 t under config.diffusion='continuous' (as the VP-SDE), 1000 t under
-    'discrete' (as the discrete models sample), so every family's network trains unchanged.
-    """
+    """Flow matching on x_t = (1 - t) x0 + t eps, t in [0, 1] (t = 1: pure noise), the network predicting the
+    velocity u = eps - x0 or, with prediction 'x0', x0 itself trained through the velocity it implies (JiT, Li & He
+    2025, arXiv 2511.13720). The network sees time_scale t: 999 t ('continuous'), 1000 t ('discrete')."""
 
     path = "linear"
 
@@ -475,9 +468,7 @@ class LinearFlow:
         the loss is on the velocity each implies, ((x_t - x0_hat) / t' - (x_t - x0) / t')^2 with t' = max(t,
         X0_T_MIN), i.e. (x0 - x0_hat)^2 / t'^2, computed in that cancellation-free form.
         """
-        _check_x0(x0)
-        t = self.objective.draw_time(x0.shape[0], generator, x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t, eps = _time_and_noise(self.objective, x0, generator)
         tb = _expand_dims(t, x0.ndim).to(x0.dtype)
         pred = nnet((1.0 - tb) * x0 + tb * eps, self.network_time(t), **cond)
         if self.objective.prediction == "x0":
@@ -497,12 +488,6 @@ class _TwoTimeFlow(LinearFlow):
     def two_time_net(self, nnet, cond):
         """The network as a function of (z, r, t) (B, ...), (B,), (B,), for forward-mode derivatives."""
         return lambda z, r, t: nnet(z, self.network_time(t), timesteps2=self.second_input(r, t), **cond)
-
-    def _draw(self, x0, generator):
-        """t (B,) from `Objective.draw_time`, then eps like x0, from `generator` (torch's default: None)."""
-        t = self.objective.draw_time(x0.shape[0], generator, x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return t, eps
 
     def n_two_time(self, batch):
         """How many leading samples of a batch train on the two-time target."""
@@ -553,9 +538,8 @@ class MeanFlow(_TwoTimeFlow):
         """(B,) float32: sg(w) mean over non-batch dims of (u_target - u(z_t, r, t))^2, w = 1 / (||delta||^2 +
         weight_eps)^weight_power (`loss_at`). x0: (B, ...). Draws t, eps, then the second times of the leading
         two_time_fraction of the batch, from `generator` or torch's default generator."""
-        _check_x0(x0)
         n_two = self.n_two_time(x0.shape[0])
-        t, eps = self._draw(x0, generator)
+        t, eps = _time_and_noise(self.objective, x0, generator)
         r = t.clone()
         if n_two:
             other = self.objective.draw_time(n_two, generator, x0.device)
@@ -632,9 +616,8 @@ class Shortcut(_TwoTimeFlow):
     def loss(self, nnet, x0, generator=None, **cond):
         """(B,) float32 mean over non-batch dims of (target - s(z_t, t, d_in))^2 (`loss_at`). Draws t (flow-matching
         times), eps, then the level k and grid index of the self-consistency samples, from `generator`."""
-        _check_x0(x0)
         n_two = self.n_two_time(x0.shape[0])
-        t, eps = self._draw(x0, generator)
+        t, eps = _time_and_noise(self.objective, x0, generator)
         d = torch.zeros_like(t)
         if n_two:
             levels = int(self.objective.shortcut_steps).bit_length() - 1  # log2 M

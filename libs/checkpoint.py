@@ -185,11 +185,10 @@ def _apply(states, path, *, nnet, nnet_ema, optimizer, lr_scheduler):
                 load_nnet_state_dict(unwrap_model(target), states[name])
             else:
                 target.load_state_dict(states[name])
-        except CheckpointError as e:
-            raise CheckpointError(f"{name} from '{path}': {e}") from e
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"{name} from '{path}' does not fit this {type(target).__name__} (different "
-                                  f"parameters or settings than the run that wrote it): {e}") from e
+        except (CheckpointError, ValueError, KeyError, RuntimeError) as e:  # CheckpointError: it already says why
+            why = "" if isinstance(e, CheckpointError) else (f" does not fit this {type(target).__name__} (different "
+                                                             "parameters or settings than the run that wrote it)")
+            raise CheckpointError(f"{name} from '{path}'{why}: {e}") from e
     if "train_state.pth" not in states:
         logger.warning("'%s' has no train_state.pth (written by the original code?): the data position is "
                        "estimated from the step.", path)

@@ -134,19 +134,13 @@ def guided_noise_fn(nnet, cond=None, uncond=None, scale=0.0, *, guide=None, inte
 
 def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None, uncond=None, scale=0.0,
            t_end=None, generator=None, guide=None, interval=None, interval_rule="per_step"):
-    """Draw samples x0 from noise x_T with one of `ALGORITHMS` (see the module docstring).
+    """Draw samples x0 (B, ...) float32 from noise x_T (B, ...) with one of `ALGORITHMS` (the module docstring).
 
-    nnet(x, timesteps, **cond) -> the prediction of diffusion.objective (eps by default), the network time being
-    diffusion.network_time(t). diffusion: sde.ContinuousVP, sde.DiscreteVP or sde.LinearFlow (build_diffusion).
-    x_T: (B, ...) standard normal noise. cond / uncond: dicts of batched keyword arguments ({'y': y} or
-    {'context': c}); scale: U-ViT guidance scale, out = out_c + scale (out_c - out_u) = out_u + w (out_c - out_u)
-    with w = scale + 1 (DiT, diffusers). guide: autoguidance network (replaces the unconditional branch).
-    interval: (sigma_lo, sigma_hi) of guidance, sigma = s_t / a_t (hi = 0: no upper limit); None = every step.
-    interval_rule: whose sigma decides, 'per_step' (the step's start, the authors') or 'per_evaluation'.
-    t_end: end time of the DPM-Solver algorithms (default 1e-4 continuous VP, 1/N discrete VP, 1e-3 linear)
-    and of Euler / Heun on VP paths (linear: 0).
-    generator: the SDE noise source: None, a torch.Generator, or one generator per sample.
-    Returns x0 (B, ...) float32.
+    nnet(x, diffusion.network_time(t), **cond) -> the prediction of diffusion.objective (sde.build_diffusion).
+    cond / uncond: dicts of batched keyword arguments ({'y': y} or {'context': c}); scale, guide, interval
+    (sigma_lo, sigma_hi; hi = 0: no upper limit), interval_rule: guidance (`guided_noise_fn`, the module docstring).
+    t_end: end time of the DPM-Solver algorithms (default 1e-4 continuous VP, 1/N discrete VP, 1e-3 linear) and of
+    Euler / Heun on VP paths (linear: 0). generator: the SDE noise, None, a torch.Generator or one per sample.
     """
     problem = algorithm_problem(algorithm, diffusion.path, diffusion.time_kind)
     assert not problem, problem  # config.sample.algorithm and --algorithm are checked where they enter

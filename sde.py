@@ -22,7 +22,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 
 from dpm_solver_pp import CONTINUOUS_TIME_SCALE, NoiseScheduleVP, _expand_dims, _is_positive_int, solver_dtype
-from libs.errors import ConfigError
+from libs.errors import ConfigError, InputError
 from libs.nnet import unwrap_model
 
 logger = logging.getLogger(__name__)
@@ -48,15 +48,20 @@ def _noised_mse(nnet, x0, eps, log_alpha, t_input, cond, prediction="noise"):
 
 def _prediction_mse(pred, target):
     """(B,) float32 mean over non-batch dims of (target - pred)^2."""
-    # config parsing (nnet_problems) and Family.check make the network's output the shape of its input
-    assert pred.shape == target.shape, f"the network returned shape {tuple(pred.shape)}, not {tuple(target.shape)}"
+    if pred.shape != target.shape:
+        raise InputError(f"the network returned shape {tuple(pred.shape)}, expected the input shape {tuple(target.shape)}")
     return (target.float() - pred.float()).pow(2).reshape(target.shape[0], -1).mean(dim=1)
+
+
+def _check_x0(x0):
+    if not torch.is_tensor(x0) or not x0.is_floating_point() or x0.ndim < 2:
+        raise InputError(f"x0 must be a floating tensor (B, ...), got {getattr(x0, 'shape', type(x0).__name__)}")
 
 
 def _time_and_noise(objective, x0, generator):
     """(t (B,) float32 from `Objective.draw_time`, eps ~ N(0, I) like x0 (B, ...)), drawn in that order from
     `generator` (None: torch's default on x0.device)."""
-    assert x0.is_floating_point() and x0.ndim >= 2, f"x0 must be a floating (B, ...) batch, got {x0.dtype}"
+    _check_x0(x0)
     t = objective.draw_time(x0.shape[0], generator, x0.device)
     return t, torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
 
@@ -348,7 +353,8 @@ def _randn_like(x, generator):
     """N(0, I) like x from None / one generator / one generator per sample."""
     if generator is None or isinstance(generator, torch.Generator):
         return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-    assert len(generator) == x.shape[0], f"{len(generator)} generators for a batch of {x.shape[0]}: one per sample"
+    if len(generator) != x.shape[0]:
+        raise InputError(f"got {len(generator)} generators for a batch of {x.shape[0]}; give one per sample")
     return torch.stack([torch.randn(x.shape[1:], generator=g, device=x.device, dtype=x.dtype) for g in generator])
 
 
@@ -386,7 +392,7 @@ class DiscreteVP(_VPPath):
         `generator` or torch's default generator on x0.device (the original used numpy's global RNG for n).
         x_n = sqrt(abar_n) x0 + sqrt(1 - abar_n) eps.
         """
-        assert x0.is_floating_point() and x0.ndim >= 2, f"x0 must be a floating (B, ...) batch, got {x0.dtype}"
+        _check_x0(x0)
         n = torch.randint(1, self.N + 1, (x0.shape[0],), generator=generator, device=x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         return _noised_mse(nnet, x0, eps, self.schedule.tables(x0.device, torch.float64)[1][n - 1], n, cond,

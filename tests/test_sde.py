@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from libs.errors import InputError
 from sde import ContinuousVP, DiscreteVP, ScoreModel, build_diffusion, stable_diffusion_beta_schedule
 
 S = 0.5
@@ -164,9 +165,9 @@ def test_loss_under_bf16_autocast_is_float32():
 
 def test_loss_validation():
     d = ContinuousVP()
-    with pytest.raises(AssertionError, match="x0"):
+    with pytest.raises(InputError, match="x0"):
         d.loss(lambda x, t: x, torch.zeros(4, 3, dtype=torch.int64))
-    with pytest.raises(AssertionError, match="shape"):
+    with pytest.raises(InputError, match="shape"):
         d.loss(lambda x, t: x[:, :1], torch.zeros(4, 3))
 
 
@@ -285,7 +286,7 @@ def test_euler_maruyama_per_sample_generators_make_samples_batch_independent():
     full = d.euler_maruyama(sm, x, 20, generator=gens([10, 11, 12]))
     alone = d.euler_maruyama(sm, x[1:2], 20, generator=gens([11]))
     torch.testing.assert_close(full[1:2], alone)
-    with pytest.raises(AssertionError, match="one per sample"):
+    with pytest.raises(InputError, match="one per sample"):
         d.euler_maruyama(sm, x, 20, generator=gens([1, 2]))
     with pytest.raises(AssertionError, match="steps"):
         d.euler_maruyama(sm, x, 0)

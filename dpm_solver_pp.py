@@ -94,14 +94,17 @@ class NoiseScheduleVP:
 
     def __init__(self, schedule="discrete", betas=None, alphas_cumprod=None, continuous_beta_0=0.1,
                  continuous_beta_1=20.0):
-        # The schedules are built by sde.py from fixed tables and constants: a bad one is a caller's bug.
+        # Options are a programmer's choice (sde.py's are fixed), asserted; a caller's tensors are InputErrors.
         assert schedule in SCHEDULES, f"unknown noise schedule '{schedule}'; known: {', '.join(SCHEDULES)}"
         self.schedule, self.total_N, self.T = schedule, 1000, 1.0
         if schedule == "discrete":
             assert (betas is None) != (alphas_cumprod is None), "give exactly one of betas= or alphas_cumprod="
-            table = torch.as_tensor(betas if betas is not None else alphas_cumprod).to(torch.float64)
-            assert table.ndim == 1 and table.shape[0] >= 2, f"the table must be 1-D, got shape {tuple(table.shape)}"
-            assert torch.isfinite(table).all() and ((table > 0) & (table < 1)).all(), "betas must lie in (0, 1)"
+            name, table = ("betas", betas) if betas is not None else ("alphas_cumprod", alphas_cumprod)
+            table = torch.as_tensor(table).to(torch.float64)
+            if table.ndim != 1 or table.shape[0] < 2:
+                raise InputError(f"{name} must be a 1-D table with at least 2 entries, got shape {tuple(table.shape)}")
+            if not torch.isfinite(table).all() or (table <= 0).any() or (table >= 1).any():
+                raise InputError(f"{name} must be finite and strictly inside (0, 1)")
             log_alphas = 0.5 * (torch.cumsum(torch.log1p(-table), dim=0) if betas is not None else torch.log(table))
             self.total_N = log_alphas.shape[0]
             self.t_array = torch.arange(1, self.total_N + 1, dtype=torch.float64) / self.total_N  # (N,) t_n = n/N

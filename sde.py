@@ -324,14 +324,11 @@ class ContinuousVP(_VPPath):
         return -0.5 * beta * x - 0.5 * beta * score_model.score(x, t)
 
     def euler_maruyama(self, score_model, x_T, steps, sde=True, generator=None):
-        """Euler-Maruyama on the reverse SDE (sde=True) or Euler on the PF-ODE, with the original's grid.
-
-        Grid: {0} + linspace(1e-3, 1, steps), walked down from t = 1: exactly `steps` network calls, each at
-        the upper end t of its step [s, t]; x <- x + drift(x, t)(s - t) + sqrt(beta(t)) sqrt(t - s) z, no noise
-        on the last step (to s = 0) nor for the ODE.
-        x_T: (B, ...) at t = 1. generator: None (torch default on x_T's device), a torch.Generator, or a
-        sequence of B generators (one per sample, so a sample's path does not depend on its batch).
-        Returns x at t = 0 in x_T's dtype (at least float32).
+        """Euler-Maruyama on the reverse SDE (sde=True) or Euler on the PF-ODE, on the original's grid {0} +
+        linspace(1e-3, 1, steps) walked down from t = 1: `steps` network calls, each at the upper end t of its step
+        [s, t]; x <- x + drift(x, t)(s - t) + sqrt(beta(t)) sqrt(t - s) z, no noise on the last step nor for the ODE.
+        x_T: (B, ...) at t = 1. generator: None, a torch.Generator, or B generators (one per sample, so a sample's
+        path does not depend on its batch). Returns x at t = 0 (B, ...) in x_T's dtype (at least float32).
         """
         assert _is_positive_int(steps), f"steps = {steps!r}: checked >= 1 where it enters"
         x = x_T.to(solver_dtype(x_T.dtype))

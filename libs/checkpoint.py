@@ -4,19 +4,11 @@ Layout (the original U-ViT's, plus train_state.pth: data position, FID history, 
 
     ckpt_root/<step>.ckpt/  nnet.pth  nnet_ema.pth  optimizer.pth  lr_scheduler.pth  step.pth  train_state.pth
 
-A checkpoint is written into a hidden temporary directory, every file fsynced, then renamed into
-place (EDM2's write-then-rename), so a `<step>.ckpt` directory is complete whatever kills the writer;
-a killed writer's temporary is removed by the next save. Damage after the fact is caught when the
-files are read: truncation by the zip directory, flipped bytes by the zip CRC-32 of every record.
-No RNG state is saved: the trainer reseeds from (seed, rank, step) every step.
-
-`nnet_ema.pth` is what `eval*.py --nnet_path` takes, as in the original; `libs.export.load_weights`
-also accepts the `.ckpt` directory itself.
-
-A sharded run's checkpoint (config.fsdp, libs/sharded_checkpoint.py) has the same files and place, but
-its optimizer state lives in `sharded/` (torch.distributed.checkpoint: one file per process plus
-`.metadata`) instead of optimizer.pth, beside the network and EMA shards; nnet.pth and nnet_ema.pth are the
-gathered full networks, so everything that reads a checkpoint's weights reads it unchanged.
+Written into a hidden temporary directory, every file fsynced, then renamed into place (EDM2's write-then-rename);
+a killed writer's temporary is removed by the next save. Damage found on reading: truncation by the zip
+directory, flipped bytes by each record's CRC-32. No RNG state: the trainer reseeds from (seed, rank, step).
+A sharded run's checkpoint (libs/sharded_checkpoint.py) keeps its optimizer state in `sharded/` (one file per
+process plus `.metadata`) instead of optimizer.pth; its nnet.pth and nnet_ema.pth are the gathered networks.
 """
 import logging
 import os
@@ -193,11 +185,10 @@ def _apply(states, path, *, nnet, nnet_ema, optimizer, lr_scheduler):
                 load_nnet_state_dict(unwrap_model(target), states[name])
             else:
                 target.load_state_dict(states[name])
-        except CheckpointError as e:
-            raise CheckpointError(f"{name} from '{path}': {e}") from e
-        except (ValueError, KeyError, RuntimeError) as e:
-            raise CheckpointError(f"{name} from '{path}' does not fit this {type(target).__name__} (different "
-                                  f"parameters or settings than the run that wrote it): {e}") from e
+        except (CheckpointError, ValueError, KeyError, RuntimeError) as e:  # CheckpointError: it already says why
+            why = "" if isinstance(e, CheckpointError) else (f" does not fit this {type(target).__name__} (different "
+                                                             "parameters or settings than the run that wrote it)")
+            raise CheckpointError(f"{name} from '{path}'{why}: {e}") from e
     if "train_state.pth" not in states:
         logger.warning("'%s' has no train_state.pth (written by the original code?): the data position is "
                        "estimated from the step.", path)

@@ -1,11 +1,6 @@
-"""Config flags and validation: every mistake in a config or an override is caught before any work.
-
-- `define_config_flag()`: ml_collections' `DEFINE_config_file` whose overrides are checked as the flags are
-  parsed: a key the config lacks (a typo) names the closest keys, a value of the wrong type the expected type.
-- `parse_and_validate(config, world_size=...)`: each key of configs/base.py must have its default's type, each
-  network argument the type of the constructor's default; then ranges, names and combinations. One
-  ConfigError, one line, naming every bad key.
-- `workdir_for(config_path, overrides)`: the original's default run directory.
+"""Config flags and validation: every mistake in a config or an override is caught before any work, in one line
+naming every bad key (`define_config_flag` at flag parsing, `parse_and_validate` before training); `workdir_for`:
+the original's default run directory.
 """
 import ast
 import difflib

@@ -1,10 +1,9 @@
 """Infinite, resumable, rank-sharded data loading.
 
-The global sample stream concatenates per-epoch permutations of the dataset, epoch e seeded with (seed, e).
-The position in it counts samples consumed by all processes together; rank r of W takes entries r, r + W, ...
-of each global batch. Saving the position resumes the exact data order, whatever the number of workers.
-Augmentation (flips, crops) draws from torch's default CPU generator, seeded per item from (seed, stream
-position): sample k of the stream gets the same flip in any run.
+The global sample stream concatenates per-epoch permutations, epoch e seeded with (seed, e); its position counts
+the samples all processes consumed, rank r of W taking entries r, r + W, ... of each global batch, so saving the
+position resumes the exact order whatever the number of workers. Augmentation draws from torch's CPU generator
+seeded per item from (seed, stream position).
 """
 import logging
 import os

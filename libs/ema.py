@@ -1,8 +1,6 @@
-"""Exponential moving average of a network's weights.
-
-ema <- rate * ema + (1 - rate) * online, applied after every optimizer step with one fused
-`torch._foreach_lerp_` over all parameters instead of a Python loop (lerp(a, b, w) = a + w (b - a),
-so w = 1 - rate). The EMA copy starts equal to the online network, as in the original.
+"""Exponential moving average of a network's weights: ema <- rate * ema + (1 - rate) * online after every
+optimizer step, one fused `torch._foreach_lerp_` (w = 1 - rate) over all parameters; it starts at the online
+network, as the original's.
 """
 import copy
 

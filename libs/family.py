@@ -4,8 +4,7 @@
 - time: config.diffusion, 'continuous' (VP-SDE, network sees 999 t) or 'discrete' (SD betas, integer n);
 - condition: 'text' for uvit_t2i (CLIP context (77, 768)), 'none' with config.train.mode='uncond', else 'label'.
 
-`SCRIPTS` names each family's train and eval script; each entry script serves one family (the constants at the
-end) and names the right script for a config of another. Images are made by `libs.sampling.Sampler`.
+Each entry script serves one family (`SCRIPTS`, the constants at the end) and names the right one for another's.
 """
 import dataclasses
 

@@ -1,10 +1,8 @@
 """Network registry and a strict state-dict loader with a readable mismatch report.
 
-`build_nnet(config.nnet)` maps the config's `name` to a class and passes every other entry as a
-keyword. `load_nnet_state_dict(model, sd)` loads strictly and, when the checkpoint does not fit,
-raises CheckpointError naming the missing / unexpected keys and differing shapes. It accepts
-state dicts saved from DDP ('module.' prefix) or torch.compile ('_orig_mod.' prefix) wrappers and
-ones wrapped as {'state_dict': ...}.
+`build_nnet(config.nnet)` maps `name` to a class and passes every other entry as a keyword.
+`load_nnet_state_dict(model, sd)` loads strictly, or raises CheckpointError naming the missing / unexpected keys
+and differing shapes; it accepts DDP ('module.') and torch.compile ('_orig_mod.') prefixes and {'state_dict': ...}.
 """
 import inspect
 import logging
@@ -81,8 +79,6 @@ def unwrap_model(model):
         if not isinstance(inner, torch.nn.Module):
             return model
         model = inner
-
-
 
 
 def _listing(title, items):

@@ -1,9 +1,8 @@
 """AdamW with optional no-decay parameter groups, and the learning-rate schedules.
 
-The original passes `nnet.parameters()` as one group, so weight decay also hits biases,
-LayerNorms and `pos_embed`; that stays the default. The fused implementation (CUDA, CPU) runs the
-whole update in one kernel and honours `optimizer.found_inf`, which the trainer uses to skip a step
-with non-finite gradients without a host sync. The values are checked by libs.config_utils.
+The original passes `nnet.parameters()` as one group (weight decay also hits biases, LayerNorms and
+`pos_embed`): the default. The fused implementation honours `optimizer.found_inf`, with which the trainer skips
+a step with non-finite gradients without a host sync.
 """
 import logging
 import math

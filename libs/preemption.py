@@ -1,13 +1,10 @@
 """Stop signals: finish the step, save a checkpoint, exit; rerunning the same command resumes.
 
-SIGTERM (cluster preemption, `scancel`, torchrun forwarding its own), SIGINT (Ctrl-C) and SIGUSR1 (an
-advance warning such as Slurm's `--signal=USR1@120`) all mean the same: stop after the current step
-with a checkpoint of it. Work that can be redone from a checkpoint (evaluation, sampling, grid drawing)
-runs inside `StopSignals.interruptible()`: there a signal raises `StopRequested` at once, so a stop does
-not wait for an hour of FID sampling; the caller saves the last finished step and the work reruns on resume.
-Data-loader workers ignore the three (`ignore_stop_signals`), so a signal to the whole process group reaches
-the training loop only. Repeats are logged and ignored (launchers
-forward what the terminal already sent); SIGQUIT (Ctrl-\\) or SIGKILL end a run at once.
+SIGTERM (preemption, `scancel`, torchrun forwarding its own), SIGINT (Ctrl-C) and SIGUSR1 (an advance warning
+such as Slurm's `--signal=USR1@120`) all mean: stop after the current step with a checkpoint of it. Work that can
+be redone (evaluation, sampling, grids) runs inside `StopSignals.interruptible()`, where a signal raises
+`StopRequested` at once and the work reruns on resume. Data-loader workers ignore the three
+(`ignore_stop_signals`); repeats are logged and ignored; SIGQUIT (Ctrl-\\) or SIGKILL end a run at once.
 """
 import contextlib
 import logging

@@ -1,40 +1,27 @@
-"""One entry point for every sampler: the paper protocols, multistep DPM-Solver++ and Euler-Maruyama.
+"""One entry point for every sampler: the paper protocols, multistep DPM-Solver++, Euler-Maruyama and the rest.
 
     x0 = sample(nnet, diffusion, x_T, algorithm='dpm_solver', steps=50, cond={'y': y}, uncond={'y': null}, scale=0.4)
 
-Algorithms (`ALGORITHMS`):
-- 'dpm_solver': the U-ViT paper protocol of the diffusion's time kind (the original's eval scripts):
-  continuous -> DPM-Solver (noise prediction), singlestep order 3, logSNR grid, t from 1 to 1e-4;
-  discrete -> DPM-Solver++ (data prediction), singlestep order 3, time-uniform grid, t from 1 to 1/N.
-  Both use exactly `steps` network calls. Kept as published so published checkpoints give published samples.
-- 'dpm_solver++_2m', 'dpm_solver++_3m': multistep DPM-Solver++ (Lu et al. 2022b) on a logSNR grid over the
-  same time range, `steps` network calls; lower error than the paper protocols at the same cost
-  (benchmarks/solver_error_table.py).
-- 'euler_maruyama_sde', 'euler_maruyama_ode': the original's Euler-Maruyama on the reverse SDE / Euler on the
-  probability-flow ODE (its sde.py sampler), continuous VP diffusions only.
-- 'euler', 'heun': Euler / Heun (Karras et al. 2022, Alg. 1) on the ODE dx/dt = a_t' x0 + s_t' eps of any
-  Gaussian path, `steps` steps uniform in t (linear path: shifted by config.objective.shift) from t = 1 to 0
-  (VP: to the DPM-Solver end time); Heun: 2 network calls per step, the last step to t = 0 is Euler.
-- 'flow_sde': Euler-Maruyama on the reverse SDE of the linear path with diffusion g_t^2 = s_t = t (SiT's "sigma"
-  form, Ma et al. 2024, arXiv 2401.08740), noise-free last step: dx = (u + eps/2) dt + sqrt(t) dw, t: 1 -> 0.
-- 'meanflow', 'shortcut': the few-step models (sde.MeanFlow, sde.Shortcut), `steps` network calls on a grid
-  uniform in t from 1 to 0: x_r = x_t - (t - r) net(x_t, t, second input (t - r, or r)); steps=1 maps noise to
-  data in one call. Each samples only models of its own objective.
-Every solver takes the network's prediction of any objective (sde.Objective): the DPM-Solver family through
-eps (VP) or the data prediction (linear path, where eps does not determine x0 at t = 1).
+Algorithms (`ALGORITHMS`), each `steps` network calls unless said:
+- 'dpm_solver': the U-ViT paper protocol (the original's eval scripts), kept as published: continuous ->
+  DPM-Solver, singlestep order 3, logSNR grid, t from 1 to 1e-4; discrete -> DPM-Solver++, singlestep order 3,
+  time-uniform grid, t from 1 to 1/N.
+- 'dpm_solver++_2m', 'dpm_solver++_3m': multistep DPM-Solver++ (Lu et al. 2022b) on a logSNR grid, same range.
+- 'euler_maruyama_sde', 'euler_maruyama_ode': the original's Euler-Maruyama (reverse SDE) / Euler (PF-ODE),
+  continuous VP only.
+- 'euler', 'heun': Euler / Heun (Karras et al. 2022, Alg. 1) on dx/dt = a_t' x0 + s_t' eps of any Gaussian path,
+  uniform in t (shifted by config.objective.shift on the linear path); Heun: 2 calls per step, Euler last.
+- 'flow_sde': Euler-Maruyama on the linear path's reverse SDE with g_t^2 = t (SiT, Ma et al. 2024, arXiv
+  2401.08740): dx = (u + eps/2) dt + sqrt(t) dw, t: 1 -> 0, no noise on the last step.
+- 'meanflow', 'shortcut': the few-step models (sde.MeanFlow, sde.Shortcut), x_r = x_t - (t - r) net(x_t, t,
+  second input) on a grid uniform in t; each samples only models of its own objective.
 
 Guidance is implemented once, in `guided_noise_fn`, on the network's output whatever it predicts (every
-prediction is affine in it with condition-free coefficients, so guiding eps, x0, v or the velocity is the same
-thing). U-ViT's convention: out = out_c + scale (out_c - out_u), i.e. w = scale + 1 in DiT's / diffusers'
-out_u + w (out_c - out_u). out_u is the unconditional branch (classifier-free guidance, Ho & Salimans 2022,
-arXiv 2207.12598) or, with `guide=`, a weaker network's conditional prediction (autoguidance, Karras et al.
-2024, arXiv 2406.02507); `interval=(lo, hi)` guides only where lo < sigma <= hi, sigma = s_t / a_t (guidance
-interval, Kynkaanniemi et al. 2024, arXiv 2404.07724); elsewhere out = out_c. The solvers see only the result.
-Which sigma decides (`INTERVAL_RULES`): 'per_step' (the default, the authors' sampler): the sigma at the start
-of the solver step, for every evaluation of that step (both of a Heun step, the three of a singlestep
-DPM-Solver step); 'per_evaluation': the sigma of each network evaluation. They differ only at the interval's
-edges and only for solvers that evaluate inside a step (heun, dpm_solver); Euler, Euler-Maruyama and the
-multistep solvers evaluate once per step, at its start.
+prediction is affine in it with condition-free coefficients): out = out_c + scale (out_c - out_u), out_u the
+unconditional branch (Ho & Salimans 2022, arXiv 2207.12598) or a weaker network (autoguidance, Karras et al. 2024,
+arXiv 2406.02507); `interval=(lo, hi)` guides only where lo < sigma = s_t / a_t <= hi (Kynkaanniemi et al. 2024,
+arXiv 2404.07724). `INTERVAL_RULES`: 'per_step' (the authors') takes the sigma at the start of the solver step for
+all its evaluations, 'per_evaluation' each evaluation's own; they differ only for heun and dpm_solver.
 """
 import dataclasses
 import logging
@@ -101,13 +88,10 @@ def algorithm_problem(algorithm, path, time_kind):
 
 
 def guided_noise_fn(nnet, cond=None, uncond=None, scale=0.0, *, guide=None, interval=None, noise_level=None):
-    """The network's prediction f(x, t_input) with guidance in U-ViT's convention (the module docstring).
-
-    out = out_c + scale * (out_c - out_u), i.e. DiT / diffusers' / the official DPM-Solver's
-    out_u + w (out_c - out_u) with w = scale + 1
-    (the original's configs: scale 0.4 / 0.7 for ImageNet 256 / 512, 1.0 for MS-COCO). With scale > 0 the
-    conditional and unconditional passes are ONE forward on the concatenated batch [x; x], [t; t],
-    [cond[k]; uncond[k]] for every keyword k. scale == 0 makes only the conditional call.
+    """The network's prediction f(x, t_input) with guidance in U-ViT's convention, out = out_c + scale (out_c - out_u),
+    i.e. out_u + w (out_c - out_u) with w = scale + 1 in DiT's / diffusers' (the original's configs: scale 0.4 / 0.7
+    for ImageNet 256 / 512, 1.0 for MS-COCO). With scale > 0 both passes are ONE forward on [x; x], [t; t],
+    [cond[k]; uncond[k]]; scale == 0 makes only the conditional call.
     guide: autoguidance, out_u = guide(x, t_input, **cond) (a weaker network; uncond unused).
     interval: (lo, hi): guide only the samples whose noise_level(t_input) (B,) is in (lo, hi] (hi = 0: no upper
     limit); a call with none of them makes only the conditional call.
@@ -148,23 +132,15 @@ def guided_noise_fn(nnet, cond=None, uncond=None, scale=0.0, *, guide=None, inte
     return eps_fn
 
 
-
-
 def sample(nnet, diffusion, x_T, *, algorithm="dpm_solver", steps=50, cond=None, uncond=None, scale=0.0,
            t_end=None, generator=None, guide=None, interval=None, interval_rule="per_step"):
-    """Draw samples x0 from noise x_T with one of `ALGORITHMS` (see the module docstring).
+    """Draw samples x0 (B, ...) float32 from noise x_T (B, ...) with one of `ALGORITHMS` (the module docstring).
 
-    nnet(x, timesteps, **cond) -> the prediction of diffusion.objective (eps by default), the network time being
-    diffusion.network_time(t). diffusion: sde.ContinuousVP, sde.DiscreteVP or sde.LinearFlow (build_diffusion).
-    x_T: (B, ...) standard normal noise. cond / uncond: dicts of batched keyword arguments ({'y': y} or
-    {'context': c}); scale: U-ViT guidance scale, out = out_c + scale (out_c - out_u) = out_u + w (out_c - out_u)
-    with w = scale + 1 (DiT, diffusers). guide: autoguidance network (replaces the unconditional branch).
-    interval: (sigma_lo, sigma_hi) of guidance, sigma = s_t / a_t (hi = 0: no upper limit); None = every step.
-    interval_rule: whose sigma decides, 'per_step' (the step's start, the authors') or 'per_evaluation'.
-    t_end: end time of the DPM-Solver algorithms (default 1e-4 continuous VP, 1/N discrete VP, 1e-3 linear)
-    and of Euler / Heun on VP paths (linear: 0).
-    generator: the SDE noise source: None, a torch.Generator, or one generator per sample.
-    Returns x0 (B, ...) float32.
+    nnet(x, diffusion.network_time(t), **cond) -> the prediction of diffusion.objective (sde.build_diffusion).
+    cond / uncond: dicts of batched keyword arguments ({'y': y} or {'context': c}); scale, guide, interval
+    (sigma_lo, sigma_hi; hi = 0: no upper limit), interval_rule: guidance (`guided_noise_fn`, the module docstring).
+    t_end: end time of the DPM-Solver algorithms (default 1e-4 continuous VP, 1/N discrete VP, 1e-3 linear) and of
+    Euler / Heun on VP paths (linear: 0). generator: the SDE noise, None, a torch.Generator or one per sample.
     """
     problem = algorithm_problem(algorithm, diffusion.path, diffusion.time_kind)
     assert not problem, problem  # config.sample.algorithm and --algorithm are checked where they enter

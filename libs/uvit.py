@@ -1,9 +1,5 @@
-"""U-ViT for unconditional and class-conditional diffusion (Bao et al., arXiv 2209.12152).
-
-All inputs are tokens: [label token (class models only), time token, patch tokens] go through
-a ViT whose shallow and deep blocks are joined by long skips; the patch tokens are read out as
-an image of the input's shape (the noise prediction). The shared pieces live in
-libs/uvit_layers.py; this file adds the label token and the input checks.
+"""U-ViT for unconditional and class-conditional diffusion (Bao et al., arXiv 2209.12152): the trunk of
+libs/uvit_layers.py plus the label token and the input checks. Tokens: [label (class models), time, patches].
 """
 import torch
 import torch.nn as nn

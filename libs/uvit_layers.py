@@ -1,13 +1,9 @@
-"""The pieces of U-ViT, in the order the paper's figure reads them (Bao et al., "All are Worth
-Words: A ViT Backbone for Diffusion Models", arXiv 2209.12152, Fig. 1):
+"""The pieces of U-ViT (Bao et al., "All are Worth Words: A ViT Backbone for Diffusion Models", arXiv
+2209.12152, Fig. 1) and `UViTBase`, the trunk both networks share (libs/uvit.py, libs/uvit_t2i.py). Module and
+parameter names are the original release's, so its checkpoints load strictly.
 
-time embedding -> patch embedding -> transformer block (attention + MLP, with a long skip) ->
-unpatchify; then `UViTBase`, the trunk both networks share (libs/uvit.py, libs/uvit_t2i.py):
-position embedding, in-blocks, middle block, out-blocks fusing the long skips, and the head.
-
-Module and parameter names are those of the original release, so its checkpoints load strictly.
-Notation in shape comments: B batch, C image channels, H, W image size, p patch size,
-L = (H / p) * (W / p) patch tokens, T = extras + L tokens, D width, h heads, Dh = D / h.
+Shapes: B batch, C image channels, H, W image size, p patch size, L = (H / p) * (W / p) patch tokens,
+T = extras + L tokens, D width, h heads, Dh = D / h.
 """
 import math
 

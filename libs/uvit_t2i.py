@@ -1,7 +1,5 @@
-"""U-ViT for text-to-image diffusion (Bao et al., arXiv 2209.12152, MS-COCO models).
-
-The same trunk as libs/uvit.py; the condition is a sequence of CLIP text-encoder states, each
-mapped to one token by `context_embed`. Token order: [time token, context tokens, patch tokens].
+"""U-ViT for text-to-image diffusion (Bao et al., arXiv 2209.12152, MS-COCO models): the trunk of
+libs/uvit_layers.py with one token per CLIP text-encoder state (`context_embed`). Tokens: [time, context, patches].
 """
 import torch
 import torch.nn as nn

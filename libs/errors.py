@@ -4,11 +4,15 @@
     subclass: ConfigError, MissingFileError, DataError, CheckpointError, ... Its message names the value
     and says the fix; scripts print it as one line (`exit_on_user_error`). It is raised once, where the
     value enters: config parsing (libs.config_utils.parse_and_validate), flag parsing (libs.sampling_cli,
-    the scripts' main), the reader of the file.
-(b) A wrong argument handed to a public model, sampler or metric API by the caller's code (a tensor of the
-    wrong shape, dtype or range) raises `InputError`: not a UViTError, so it keeps its traceback.
+    the scripts' main), the reader of the file. A reader checks what it read in one place and names every
+    problem in one message (not one raise per key, shape or dtype).
+(b) A wrong argument handed by a researcher's own code to a public API (a tensor of the wrong shape, dtype or
+    range) raises `InputError`: not a UViTError, so it keeps its traceback. The public APIs are the networks'
+    forward, the autoencoders' encode/decode, libs.sampling.sample and the metric functions.
 (c) What the code itself guarantees (a value checked at its boundary, a shape the library built) is an
-    `assert`: the internals trust the boundary checks and do not repeat them.
+    `assert`: the internals trust the boundary checks and do not repeat them. So are the arguments of
+    functions only the library calls, with values it built or validated (the feature-shard writer and
+    readers, the Inception network's dims, quantize_like_png, ...): a wrong one is a bug in the caller.
 """
 import functools
 import os

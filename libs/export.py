@@ -126,15 +126,15 @@ def _load_export(folder):
     meta = read_export_meta(folder)
     weights = os.path.join(str(folder), WEIGHTS_FILE)
     recorded = meta.get("weights_sha256")
-    if recorded is not None and sha256_of(weights) != recorded:
-        raise CheckpointError(f"'{weights}' is not the file this export wrote (its sha256 differs from the one in "
-                              f"{CONFIG_FILE}): it is truncated, corrupt or was replaced; copy the folder again or "
-                              f"{_AGAIN}")
     try:
-        state_dict = load_file(weights, device="cpu")
+        state_dict = load_file(weights, device="cpu") if recorded in (None, sha256_of(weights)) else None
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"'{weights}' cannot be read as safetensors ({str(e).splitlines()[0]}); "
-                              f"copy the folder again or {_AGAIN}") from e
+        state_dict = e
+    if not isinstance(state_dict, dict):
+        why = (f"its sha256 differs from the one in {CONFIG_FILE}: it is truncated, corrupt or was replaced"
+               if state_dict is None else f"it cannot be read as safetensors: {str(state_dict).splitlines()[0]}")
+        raise CheckpointError(f"'{weights}' is not the file this export wrote ({why}); copy the folder again or "
+                              f"{_AGAIN}")
     return state_dict, meta
 
 

@@ -76,10 +76,11 @@ def dataset_images(config):
 def compute(output, path=None, config=None, batch_size=50, num_workers=0, weights_path=None, splits=0, metrics="",
             resize="pytorch-fid"):
     """Write the statistics of `path` (an image folder) or `config` (its training set) to `output`."""
-    if (path is None) == (config is None):
-        raise ConfigError("give exactly one of --path (an image folder) and --config (a dataset config)")
-    if not output.endswith(".npz"):
-        raise ConfigError(f"--output must end in .npz (got {output!r})")
+    problems = ["give exactly one of --path (an image folder) and --config (a dataset config)"] if (
+        (path is None) == (config is None)) else []
+    problems += [] if output.endswith(".npz") else [f"--output must end in .npz (got {output!r})"]
+    if problems:
+        raise ConfigError("; ".join(problems))
     accelerator = Accelerator()
     if path is not None:
         # Loose images: that folder alone (pytorch-fid's reading); none: the class subfolders of an image_folder.

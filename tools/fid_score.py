@@ -44,11 +44,11 @@ def statistics_of_path(path, model, batch_size=50, num_workers=0, dims=2048):
 
 def calculate_fid_given_paths(paths, batch_size=50, device=None, dims=2048, weights_path=None, num_workers=None):
     """FID between paths[0] and paths[1] (folders of images or .npz statistics files)."""
-    if len(paths) != 2:
-        raise MissingFileError(f"give exactly two paths (image folders or .npz files), got {len(paths)}")
-    for p in paths:
-        if not os.path.exists(p):
-            raise MissingFileError(f"'{p}' does not exist: give an image folder or an .npz with 'mu' and 'sigma'")
+    missing = [p for p in paths if not os.path.exists(p)]
+    if len(paths) != 2 or missing:
+        raise MissingFileError(f"give two existing paths, image folders or .npz files with 'mu' and 'sigma' (got "
+                               f"{len(paths)}" + (f"; does not exist: {', '.join(map(repr, missing))})" if missing
+                                                  else ")"))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     num_workers = default_num_workers() if num_workers is None else num_workers
     net = None

@@ -32,7 +32,7 @@ logger = logging.getLogger("sample_t2i_discrete")
 
 def read_prompts(path):
     """Non-empty lines of a UTF-8 text file."""
-    with open(require_path(path, "prompts file", "Give a UTF-8 text file with one prompt per line."),
+    with open(require_path(path, "prompts file", "Give a UTF-8 text file with one prompt per line.", kind='file'),
               encoding="utf-8") as f:
         return [line.strip() for line in f if line.strip()]
 
@@ -40,7 +40,7 @@ def read_prompts(path):
 def load_empty_context(path, shape):
     """(77, D) float32 tensor from an .npy file; DataError when it does not fit the network."""
     require_path(path, "--empty_context", "Make it with scripts/extract_empty_feature.py or leave the flag out to "
-                 "encode \"\" with CLIP.")
+                 "encode \"\" with CLIP.", kind='file')
     c = torch.from_numpy(np.asarray(np.load(path), dtype=np.float32))
     if tuple(c.shape) != tuple(shape):
         raise DataError(f"--empty_context '{path}' has shape {tuple(c.shape)}, the network takes {tuple(shape)}.")

@@ -392,7 +392,7 @@ class _Preloaded(str):
 def _safetensors_file(path):
     if os.path.isdir(path):
         return require_path(os.path.join(path, "diffusion_pytorch_model.safetensors"), "the directory's "
-                            "diffusion_pytorch_model.safetensors", _WHERE_TO_GET_IT)
+                            "diffusion_pytorch_model.safetensors", _WHERE_TO_GET_IT, kind='file')
     return path if path.endswith(".safetensors") else None
 
 

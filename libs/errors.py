@@ -52,14 +52,17 @@ class DataError(UViTError, ValueError):
     the wrong thing; the message names it. Not an InputError: the file is the user's, not the caller's code."""
 
 
-def require_path(path, what, how):
-    """Return `path` if it exists, else raise MissingFileError.
+def require_path(path, what, how, kind=None):
+    """Return `path` if it exists (as a file for kind='file', a folder for kind='folder'), else raise
+    MissingFileError naming it.
 
     what: a noun phrase naming the thing ("CIFAR10 python batches").
     how: what the user should do to put it there ("download ... and extract it to ...").
     """
     if path is None or not os.path.exists(path):
         raise MissingFileError(f"{what} not found at '{path}'. {how}")
+    if not {None: os.path.exists, 'file': os.path.isfile, 'folder': os.path.isdir}[kind](path):
+        raise MissingFileError(f"{what} at '{path}' is not a {kind}. {how}")
     return path
 
 

@@ -64,11 +64,13 @@ def write_export(out_dir, state_dict, meta, card, overwrite=False):
     An existing non-empty `out_dir` is replaced only with `overwrite`, and only when it is an export.
     """
     out_dir = os.path.abspath(str(out_dir))
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)) and not (
-            overwrite and is_export(out_dir)):
-        raise CheckpointError(f"'{out_dir}' exists and is not an exported model; refusing to replace it: choose a new "
-                              "folder" if overwrite else f"'{out_dir}' already exists and is not empty; choose a new "
-                              "folder, or pass --overwrite to replace an earlier export there")
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        if not overwrite:
+            raise CheckpointError(f"'{out_dir}' already exists and is not empty; choose a new folder, or pass "
+                                  f"--overwrite to replace an earlier export there")
+        if not is_export(out_dir):
+            raise CheckpointError(f"'{out_dir}' exists and is not an exported model; refusing to replace it: "
+                                  f"choose a new folder")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     with atomic_path(out_dir) as tmp:
         os.makedirs(tmp)
@@ -97,12 +99,10 @@ def read_export_meta(folder):
         with open(file) as f:
             meta = json.load(f)
     except (OSError, ValueError) as e:
-        meta = e
+        raise CheckpointError(f"'{file}' is not readable JSON ({e}); {_AGAIN}") from e
     # Each thing a reader needs, named at once when wrong: the format, its version, the network and the time kind.
     problems = []
-    if isinstance(meta, Exception):
-        problems.append(f"not readable JSON ({meta})")
-    elif not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         problems.append(f"not the config of an exported U-ViT (no \"format\": \"{FORMAT}\")")
     else:
         version = meta.get("format_version")
@@ -126,15 +126,15 @@ def _load_export(folder):
     meta = read_export_meta(folder)
     weights = os.path.join(str(folder), WEIGHTS_FILE)
     recorded = meta.get("weights_sha256")
-    try:
-        state_dict = load_file(weights, device="cpu") if recorded in (None, sha256_of(weights)) else None
-    except (SafetensorError, OSError, ValueError) as e:
-        state_dict = e
-    if not isinstance(state_dict, dict):
-        why = (f"its sha256 differs from the one in {CONFIG_FILE}: it is truncated, corrupt or was replaced"
-               if state_dict is None else f"it cannot be read as safetensors: {str(state_dict).splitlines()[0]}")
-        raise CheckpointError(f"'{weights}' is not the file this export wrote ({why}); copy the folder again or "
+    if recorded is not None and sha256_of(weights) != recorded:
+        raise CheckpointError(f"'{weights}' is not the file this export wrote (its sha256 differs from the one in "
+                              f"{CONFIG_FILE}): it is truncated, corrupt or was replaced; copy the folder again or "
                               f"{_AGAIN}")
+    try:
+        state_dict = load_file(weights, device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"'{weights}' cannot be read as safetensors ({str(e).splitlines()[0]}); "
+                              f"copy the folder again or {_AGAIN}") from e
     return state_dict, meta
 
 
@@ -154,11 +154,11 @@ def load_weights(path_or_dir, what="--nnet_path"):
     try:
         state = read_state_file(file)
     except pickle.UnpicklingError as e:  # weights_only refuses anything but tensors and containers
-        state = e
+        raise CheckpointError(f"'{file}' is not a plain state dict of tensors ({str(e).splitlines()[0]}); "
+                              f"--nnet_path takes a network state dict such as nnet_ema.pth.") from e
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        what = (f"is not a plain state dict of tensors ({str(state).splitlines()[0]})" if isinstance(state, Exception)
-                else f"holds a {type(state).__name__}, not a network state dict (name -> tensor)")
-        raise CheckpointError(f"'{file}' {what}; --nnet_path takes nnet_ema.pth or a ckpts/<step>.ckpt directory.")
+        raise CheckpointError(f"'{file}' holds a {type(state).__name__}, not a network state dict (name -> tensor); "
+                              f"--nnet_path takes nnet_ema.pth or a ckpts/<step>.ckpt directory.")
     return state, None
 
 

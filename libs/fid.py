@@ -169,7 +169,7 @@ def load_statistics(path):
     """(mu, sigma) float64 from an .npz with arrays 'mu' and 'sigma' (pytorch-fid / upstream format)."""
     require_path(path, "FID reference statistics", "Download the published file into assets/fid_stats/ (see "
                  "docs/evaluation.md) or compute it from your images: python tools/compute_fid_stats.py "
-                 f"--path=<image folder> --output={path}")
+                 f"--path=<image folder> --output={path}", kind='file')
     try:
         with np.load(path) as f:
             mu, sigma = f["mu"].astype(np.float64), f["sigma"].astype(np.float64)

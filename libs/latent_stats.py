@@ -64,7 +64,7 @@ class LatentStats:
     def load(cls, path):
         """From a latent_stats.json; MissingFileError / CheckpointError in one line."""
         require_path(path, "latent statistics", f"The extraction writes {FILE} beside the features "
-                     "(scripts/extract_imagenet_feature.py); point config.autoencoder.latent_stats at it")
+                     "(scripts/extract_imagenet_feature.py); point config.autoencoder.latent_stats at it", kind='file')
         try:
             with open(path) as f:
                 r = json.load(f)

@@ -114,7 +114,7 @@ def check_block(nnet: nn.Module, block: str):
 
 def _read_weights(path: str, what: str):
     require_path(path or None, f"{what} weights", "Put the encoder's weights file there and set config.repa.weights "
-                 "to its path")
+                 "to its path", kind='file')
     if path.endswith('.safetensors'):
         from safetensors.torch import load_file  # optional
         return load_file(path)
@@ -129,7 +129,7 @@ def _dinov2(name: str, weights: str):
     hub = torch.hub.get_dir()
     code = require_path(os.path.join(hub, 'facebookresearch_dinov2_main'), "the DINOv2 code (in the torch hub cache)",
                         f"Run torch.hub.load('facebookresearch/dinov2', '{name}') once where there is internet and "
-                        f"copy {hub} here (or set TORCH_HOME)")
+                        f"copy {hub} here (or set TORCH_HOME)", kind='folder')
     weights = weights or os.path.join(hub, 'checkpoints', f'{name}_pretrain.pth')
     state = _read_weights(weights, f"DINOv2 {name}")
     model = torch.hub.load(code, name, source='local', pretrained=False)
@@ -179,7 +179,7 @@ class Encoder(nn.Module):
             model, self._features = _torchvision(name, weights)
         elif spec == 'torchscript':
             require_path(weights or None, "TorchScript encoder", "Save one with torch.jit.save and set "
-                         "config.repa.weights to its path")
+                         "config.repa.weights to its path", kind='file')
             model, self._features = torch.jit.load(weights, map_location='cpu'), lambda m, x: m(x)
         else:
             raise ConfigError(f"config.repa.encoder={spec!r}: use one of {', '.join(DINOV2)}, 'timm:<name>', "

@@ -239,11 +239,11 @@ class PackedFeatures:
             with open(path) as f:
                 m = json.load(f)
         except (OSError, ValueError) as e:
-            m = e
-        if not isinstance(m, dict) or m.get("format") != FORMAT_NAME or m.get("version") != FORMAT_VERSION:
-            why = m if isinstance(m, Exception) else f"not a {FORMAT_NAME} v{FORMAT_VERSION} manifest"
-            raise CheckpointError(f"cannot read the feature manifest '{path}' ({why}). Run the extraction again "
-                                  "(it resumes) to rewrite it.")
+            raise CheckpointError(f"cannot read the feature manifest '{path}': {e}. Run the extraction again "
+                                  "(it resumes) to rewrite it.") from e
+        if m.get("format") != FORMAT_NAME or m.get("version") != FORMAT_VERSION:
+            raise CheckpointError(f"'{path}' is not a {FORMAT_NAME} v{FORMAT_VERSION} manifest. Run the extraction "
+                                  "again (it resumes) to rewrite it.")
         self.folder = folder
         self.manifest = m
         self.moments_shape = tuple(m["moments_shape"])

@@ -118,6 +118,9 @@ def test_missing_encoder_files_say_what_to_put_where(tmp_path, monkeypatch):
         Encoder('torchscript', str(tmp_path / 'none.pt'))
     with pytest.raises(MissingFileError, match="config.repa.weights"):
         Encoder('timm:vit_tiny_patch16_224', str(tmp_path / 'none.pth'))
+    # A folder where the weights file belongs is refused the same way, before torch tries to read it.
+    with pytest.raises(MissingFileError, match=f"TorchScript encoder at '{tmp_path}' is not a file"):
+        Encoder('torchscript', str(tmp_path))
 
 
 def test_the_stored_encoder_features_are_written_and_read_exactly(tmp_path):

@@ -52,7 +52,7 @@ def find_batches_dir(path):
 
 def read_batch(file):
     """One pickle batch -> (images (n, 3, 32, 32) uint8, labels (n,) int64)."""
-    require_path(file, "CIFAR10 batch", HOW_TO_PREPARE)
+    require_path(file, "CIFAR10 batch", HOW_TO_PREPARE, kind='file')
     try:
         with open(file, 'rb') as f:
             # The release was pickled by Python 2: byte-string keys, hence encoding='bytes'.

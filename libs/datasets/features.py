@@ -202,7 +202,7 @@ class MSCOCOFeatures(DatasetBase):
     def __init__(self, path, resolution=256):
         require_path(path, "MS-COCO features folder", f"Extract them with `python scripts/extract_mscoco_feature.py "
                      f"--coco_root <COCO folder> --output {path}`, then scripts/extract_empty_feature.py and "
-                     f"scripts/extract_test_prompt_feature.py with --output {path}.")
+                     f"scripts/extract_test_prompt_feature.py with --output {path}.", kind='folder')
         train = open_features(os.path.join(path, "train"),
                               f"run `python scripts/extract_mscoco_feature.py --split train --output {path}`")
         if not train.has_contexts:

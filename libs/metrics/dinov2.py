@@ -62,9 +62,9 @@ def load_dinov2(weights_path=None, repo_dir=None, device=None):
     require_path(os.path.join(repo_dir, "hubconf.py"), "the DINOv2 code (its hubconf.py, in the torch hub cache)",
                  f"On a machine with network run `python -c \"import torch; torch.hub.load('facebookresearch/dinov2', "
                  f"'{HUB_ENTRY}')\"` and copy {torch.hub.get_dir()} here, or give the folder with hubconf.py "
-                 "(--config.metrics.dinov2_repo, tools/evaluator.py --dinov2_repo)")
+                 "(--config.metrics.dinov2_repo, tools/evaluator.py --dinov2_repo)", kind='file')
     require_path(weights_path, "DINOv2 weights", f"Download {WEIGHTS_URL} and put it there, or give its path "
-                 "(--config.metrics.dinov2_weights, tools/evaluator.py --dinov2_weights)")
+                 "(--config.metrics.dinov2_weights, tools/evaluator.py --dinov2_weights)", kind='file')
     model = torch.hub.load(repo_dir, HUB_ENTRY, source="local", pretrained=False, verbose=False)
     try:
         state = torch.load(weights_path, map_location="cpu", weights_only=True)

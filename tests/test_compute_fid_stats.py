@@ -2,6 +2,8 @@
 equal those of the same images in one flat folder (read by fid.ImageFolder, pytorch-fid's way)."""
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -61,3 +63,13 @@ def test_a_folder_without_images_names_itself(tmp_path):
     with pytest.raises(MissingFileError, match="or its subfolders"):
         compute_fid_stats.NestedImageFolder(str(tmp_path / "empty"))
     assert os.path.isdir(tmp_path / "empty")
+
+
+def test_the_script_ends_a_missing_folder_in_one_line(tmp_path):
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "compute_fid_stats.py")
+    done = subprocess.run([sys.executable, script, f"--path={tmp_path / 'nope'}", f"--output={tmp_path / 'x.npz'}"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines() == [f"MissingFileError: image folder '{tmp_path / 'nope'}' does not "
+                                                f"exist (or is not a folder)"]
+    assert not os.path.exists(tmp_path / "x.npz")

@@ -9,11 +9,11 @@ import sys
 import pytest
 import torch
 
-from tests.test_train_distributed import ROOT, free_port
+from tests.test_train_distributed import ROOT, as_worker, free_port
 
 pytestmark = pytest.mark.slow
 
-WORKER = '''
+WORKER = as_worker('''
 import copy, json, sys
 sys.path.insert(0, {root!r})
 import torch
@@ -50,7 +50,7 @@ for _ in range(3):
     both.backward(); opt_alone.step(); opt_alone.zero_grad()
 flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])
 torch.save({{'rank': rank, 'world': world, 'params': flat(net), 'alone': flat(alone), 'init': init}}, f"{{out}}/rank{{rank}}.pt")
-'''
+''')
 
 OBJECTIVES = {'meanflow': {'path': 'meanflow', 'prediction': 'average_velocity', 'cfg_omega': 2.0, 'cfg_kappa': 0.3},
               'shortcut': {'path': 'shortcut', 'prediction': 'velocity'}}

@@ -18,11 +18,11 @@ from libs import fsdp, sharded_checkpoint
 from libs.checkpoint import METADATA, SHARDED, checkpoint_problems, list_checkpoints, read_state_file
 from libs.errors import CheckpointError, ConfigError
 from libs.nnet import build_nnet, load_nnet_state_dict
-from tests.test_train_distributed import free_port
+from tests.test_train_distributed import as_worker, free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-TRAIN_WORKER = '''
+TRAIN_WORKER = as_worker('''
 import json, sys
 sys.path.insert(0, {root!r})
 import torch
@@ -44,7 +44,7 @@ torch.save({{'rank': r.accelerator.process_index, 'world': r.accelerator.num_pro
             'optimizer_bytes': sum(fsdp.local(t).numel() * t.element_size() for t in optimizer_state),
             'full_param_bytes': sum(p.numel() * p.element_size() for p in r.nnet.parameters())}},
            f"{{workdir}}/rank{{r.accelerator.process_index}}.pt")
-'''
+''')
 
 # The start of the workers below: the digits config, in a process of a gloo group.
 WORKER_START = '''
@@ -64,7 +64,7 @@ state = PartialState(cpu=True)
 config = get_config()
 '''
 
-BUILD_WORKER = WORKER_START + '''
+BUILD_WORKER = as_worker(WORKER_START + '''
 config.fsdp.update(enabled=True, meta_init=True)
 nnet, ema, mesh = fsdp.build(config, state.device, state.num_processes)
 full = fsdp.full_state_dict(nnet, to_all=True)
@@ -107,9 +107,9 @@ torch.save({{'rank': state.process_index, 'world': state.num_processes, 'full': 
             'big_local': sum(fsdp.local(p).numel() for p in params),
             'big_rows': {{n: (tuple(p.shape), tuple(fsdp.local(p).shape)) for n, p in net.named_parameters()}}}},
            f"{{out}}/rank{{state.process_index}}.pt")
-'''
+''')
 
-COMPILE_WORKER = WORKER_START + '''
+COMPILE_WORKER = as_worker(WORKER_START + '''
 config.fsdp.update(enabled=True, mixed_precision='no')
 torch.manual_seed(0)
 nnet = fsdp.build(config, state.device, state.num_processes)[0].train()
@@ -122,7 +122,7 @@ for net in (nnet, torch.compile(nnet, backend='eager')):  # dynamo traces throug
     runs.append((output.detach(), {{n: p.grad.full_tensor() for n, p in nnet.named_parameters()}}))
 torch.save({{'rank': state.process_index, 'world': state.num_processes, 'runs': runs}},
            f"{{out}}/rank{{state.process_index}}.pt")
-'''
+''')
 
 # The digits demo, small enough for 2 shared cores: 20 steps of a depth-2 width-32 U-ViT at batch 16.
 OVERRIDES = {'nnet.embed_dim': 32, 'nnet.depth': 2, 'nnet.num_heads': 2, 'train.batch_size': 16,

@@ -11,13 +11,31 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
+import torch.distributed as dist
 
 from libs.checkpoint import checkpoint_problems
+from libs.errors import exit_on_user_error
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-WORKER = '''
+
+def as_worker(body):
+    """The script of a worker process: `body` (a module's code, formatted later with {root}), then an exit that
+    skips the interpreter's finalization once the work is saved. torch keeps some process groups alive in its own
+    globals (a device mesh's, a first DDP model's), and gloo's threads torn down during finalization can abort a
+    worker whose work succeeded (SIGABRT, "terminate called without an active exception"). The scripts release
+    their group before they return (libs.errors.release_process_group, tested below)."""
+    return body + """
+import os, sys
+sys.stdout.flush()
+sys.stderr.flush()
+os._exit(0)
+"""
+
+
+WORKER = as_worker('''
 import json, sys
 sys.path.insert(0, {root!r})
 import torch
@@ -35,7 +53,7 @@ torch.save({{'rank': r.accelerator.process_index, 'world': r.accelerator.num_pro
             'params': torch.cat([p.detach().flatten() for p in r.nnet.parameters()]),
             'ema': torch.cat([p.detach().flatten() for p in r.nnet_ema.parameters()])}},
            f"{{workdir}}/rank{{r.accelerator.process_index}}.pt")
-'''
+''')
 
 OVERRIDES = {'nnet.embed_dim': 32, 'nnet.depth': 2, 'nnet.num_heads': 2, 'train.batch_size': 16,
              'train.log_interval': 1, 'train.eval_interval': 1000, 'lr_scheduler.warmup_steps': 1,
@@ -81,3 +99,26 @@ def test_two_process_training_and_resume(tmp_path):
     log = (workdir / 'train.log').read_text()
     assert 'resuming at step 2' in log
     assert log.count('saved checkpoint') == 2  # rank 0 alone logs and writes
+
+
+def gloo_threads():
+    """The names of this process's gloo threads (Linux: /proc names every thread)."""
+    tasks = '/proc/self/task'
+    return [name for name in (open(f'{tasks}/{t}/comm').read().strip() for t in os.listdir(tasks)) if 'gloo' in name]
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc/self/task'), reason='thread names are read from /proc (Linux)')
+def test_a_script_that_ends_well_releases_its_process_group_and_gloo_threads():
+    def main():
+        dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
+        held = {'group': dist.group.WORLD}  # what a training run's objects do (a DDP reducer holds the group)
+        held['self'] = held  # in a reference cycle: only the collector frees it
+        assert gloo_threads()
+        return 'done'
+
+    try:
+        assert exit_on_user_error(main)() == 'done'
+        assert not dist.is_initialized() and not gloo_threads()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

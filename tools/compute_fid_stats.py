@@ -24,7 +24,7 @@ from libs import fid
 from libs.config_utils import define_config_flag
 from libs.datasets import dataset_kwargs, get_dataset
 from libs.datasets.base import list_images
-from libs.errors import ConfigError, UViTError
+from libs.errors import ConfigError, exit_on_user_error
 from libs.logging_utils import setup_logging
 from libs.metrics.suite import (MetricOptions, dataset_batches, load_networks, parse_names, reference_arrays,
                                 reference_file_arrays)
@@ -105,16 +105,13 @@ def compute(output, path=None, config=None, batch_size=50, num_workers=0, weight
     return stats
 
 
+@exit_on_user_error
 def main(argv):
     del argv
     f = flags.FLAGS
     setup_logging(int(os.environ.get("RANK", 0)) == 0)
-    try:
-        compute(f.output, path=f.path, config=f.config, batch_size=f.batch_size, num_workers=f.num_workers,
-                weights_path=f.inception_weights, metrics=f.metrics, resize=f.resize)
-    except UViTError as e:
-        logger.error("%s", e)
-        sys.exit(1)
+    compute(f.output, path=f.path, config=f.config, batch_size=f.batch_size, num_workers=f.num_workers,
+            weights_path=f.inception_weights, metrics=f.metrics, resize=f.resize)
 
 
 def define_flags():

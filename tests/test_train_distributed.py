@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -107,18 +108,32 @@ def gloo_threads():
     return [name for name in (open(f'{tasks}/{t}/comm').read().strip() for t in os.listdir(tasks)) if 'gloo' in name]
 
 
+def within_seconds(condition, seconds=10):
+    """Whether condition() holds within `seconds`: threads name themselves once they run, and leave /proc just
+    after they are joined."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 @pytest.mark.skipif(not os.path.isdir('/proc/self/task'), reason='thread names are read from /proc (Linux)')
 def test_a_script_that_ends_well_releases_its_process_group_and_gloo_threads():
+    before = len(gloo_threads())  # an earlier test's group that torch keeps in its own globals
+
     def main():
         dist.init_process_group('gloo', store=dist.HashStore(), rank=0, world_size=1)
         held = {'group': dist.group.WORLD}  # what a training run's objects do (a DDP reducer holds the group)
         held['self'] = held  # in a reference cycle: only the collector frees it
-        assert gloo_threads()
+        assert within_seconds(lambda: len(gloo_threads()) > before), 'the gloo group started no thread'
         return 'done'
 
     try:
         assert exit_on_user_error(main)() == 'done'
-        assert not dist.is_initialized() and not gloo_threads()
+        assert not dist.is_initialized()
+        assert within_seconds(lambda: len(gloo_threads()) == before), gloo_threads()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
